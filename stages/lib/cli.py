@@ -1,0 +1,27 @@
+"""The thin command line every stage's main() shares: paths in, params file, logging.
+
+Paths come from dvc.yaml's `cmd` (the one place they are written); params come from
+the params file named there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+
+def parse_paths(doc: str | None, *names: str) -> argparse.Namespace:
+    """Parse `--params PATH` and `--<name> PATH` for each name; all are required."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True, help="params file (params.yaml)")
+    for name in names:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A fixed thread count keeps CPU float reductions, and so outputs, repeatable.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return args

@@ -1,0 +1,130 @@
+"""Record schemas and content-hash ids shared by every stage.
+
+Ids are content hashes, so joins never touch text and the same content always gets the
+same id on any machine:
+
+    prompt_id     = H("prompt", normalised prompt text)
+    generation_id = H("generation", prompt_id, model fingerprint, sampling params, sample index)
+    pair_id       = H("pair", prompt_id, chosen generation_id, rejected generation_id)
+
+Schemas are explicit and versioned (`SCHEMA_VERSION` in each schema's metadata); a
+reader checks that a file's columns and types match before it trusts a single row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+ID_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any data size
+
+
+def content_id(kind: str, *parts: str) -> str:
+    """A hex digest of `kind` and `parts`, unambiguous under concatenation."""
+    h = hashlib.sha256(kind.encode())
+    for part in parts:
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:ID_HEX_CHARS]
+
+
+def normalise_prompt(text: str) -> str:
+    """NFC, strip, and collapse runs of whitespace: what counts as 'the same prompt'."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def prompt_id(normalised_prompt: str) -> str:
+    return content_id("prompt", normalised_prompt)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the one serialisation that ids hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def generation_id(pid: str, model_fingerprint: str, sampling: dict[str, Any], sample_index: int) -> str:
+    return content_id("generation", pid, model_fingerprint, canonical_json(sampling), str(sample_index))
+
+
+def pair_id(pid: str, chosen_id: str, rejected_id: str) -> str:
+    return content_id("pair", pid, chosen_id, rejected_id)
+
+
+def split_of(pid: str, eval_fraction: float) -> str:
+    """'eval' or 'train', a pure function of the prompt id.
+
+    Every stage that needs a split (bootstrap's training data, seed's prompt sets)
+    calls this, so evaluation prompts can never appear in any training set.
+    """
+    bucket = int(pid[:8], 16) / 0x100000000
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"distillflow.schema": name, "distillflow.schema_version": SCHEMA_VERSION})
+
+
+PROMPT_SCHEMA = schema(
+    "prompt",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        # Verifiable ground truth where the source has one (the toy task); null otherwise.
+        pa.field("reference", pa.string(), nullable=True),
+        pa.field("category", pa.string(), nullable=True),
+        # Where the prompt came from: "toy", "hf", "jsonl" or "parquet", plus the locator.
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_ref", pa.string(), nullable=False),
+    ],
+)
+
+GENERATION_SCHEMA = schema(
+    "generation",
+    [
+        pa.field("generation_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # "stop" or "length"
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("response_tokens", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # model fingerprint
+        pa.field("engine", pa.string(), nullable=False),  # e.g. "transformers 5.23.0"
+        pa.field("sampling", pa.string(), nullable=False),  # canonical JSON, seed included
+    ],
+)
+
+PAIR_SCHEMA = schema(
+    "pair",
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("chosen_id", pa.string(), nullable=False),
+        pa.field("rejected_id", pa.string(), nullable=False),
+        # TRL's preference format: prompt, chosen (teacher), rejected (student).
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("reference", pa.string(), nullable=True),
+        pa.field("category", pa.string(), nullable=True),
+        pa.field("chosen_finish_reason", pa.string(), nullable=False),
+        pa.field("rejected_finish_reason", pa.string(), nullable=False),
+        pa.field("chosen_tokens", pa.int32(), nullable=False),
+        pa.field("rejected_tokens", pa.int32(), nullable=False),
+    ],
+)
+
+
+def with_reason(base: pa.Schema, name: str) -> pa.Schema:
+    """The quarantine schema for `base`: every column plus the reason it was dropped."""
+    return schema(name, [*base, pa.field("reason", pa.string(), nullable=False)])
+
+
+PAIR_QUARANTINE_SCHEMA = with_reason(PAIR_SCHEMA, "pair_quarantine")

@@ -1,0 +1,20 @@
+"""teacher: sample the teacher's responses ("chosen") for every training prompt.
+
+    python -m stages.teacher --params params.yaml --prompts data/seed --models data/bootstrap \
+        --out data/teacher --metrics metrics/teacher.json
+
+Reads `models.teacher`, `models.trust_remote_code`, `models.dtype` and the `teacher`
+sampling section; writes data/teacher/generations.parquet and its manifest. The
+shared logic lives in stages/lib/genstage.py (the student stage is the same with the
+student model).
+"""
+
+from __future__ import annotations
+
+from stages.lib import genstage
+
+SECTIONS = genstage.sections("teacher")
+PARAMS = tuple(SECTIONS)
+
+if __name__ == "__main__":
+    genstage.main("teacher", __doc__)
