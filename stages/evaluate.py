@@ -99,6 +99,8 @@ def kl_on_responses(teacher: torch.nn.Module, student: torch.nn.Module, tok: Any
         if n:
             total += losses.forward_kl(s_logits, t_logits, b.response_mask, reduction="token_mean").item() * n
             tokens += n
+    if tokens == 0:
+        raise ValueError("evaluate: the teacher's eval responses have no tokens to score KL on (every response empty and truncated); raise evaluate.max_new_tokens or check the teacher")
     return total / tokens
 
 

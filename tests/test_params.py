@@ -1,0 +1,107 @@
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from stages import bootstrap, curate, evaluate, pairs, seed, student, teacher, train
+from stages.lib import params
+from stages.lib.config import GenerationParams, TaskParams
+
+from .conftest import ROOT
+
+STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, train, evaluate)}
+PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float
+    mode: Literal["a", "b"]
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    count: int
+    flag: bool
+    inner: Inner
+    tags: tuple[str, ...]
+    maybe: int | None
+
+
+GOOD = {"name": "x", "count": 3, "flag": True, "inner": {"rate": 1, "mode": "a"}, "tags": ["p", "q"], "maybe": None}
+
+
+def test_build_converts_nested_values() -> None:
+    o = params.build(Outer, GOOD, "sec")
+    assert o == Outer("x", 3, True, Inner(1.0, "a"), ("p", "q"), None)
+    assert isinstance(o.inner.rate, float)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"typo": 1}, r"unknown key\(s\) \['sec.typo'\]"),
+        ({"inner": {"rate": 1.0, "mode": "a", "extra": 2}}, r"sec.inner: unknown key\(s\) \['sec.inner.extra'\]"),
+        ({"count": "3"}, "sec.count: expected an integer, got '3'"),
+        ({"count": True}, "sec.count: expected an integer, got True"),
+        ({"flag": "yes"}, "sec.flag: expected true or false"),
+        ({"inner": {"rate": 1.0, "mode": "c"}}, r"sec.inner.mode: 'c' is not one of \['a', 'b'\]"),
+        ({"tags": "p"}, "sec.tags: expected a list"),
+        ({"name": None}, "sec.name: expected a string, got None"),
+        ({"maybe": "1"}, "sec.maybe: expected an integer"),
+    ],
+)
+def test_build_rejects_bad_values_naming_the_key(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        params.build(Outer, {**GOOD, **change}, "sec")
+
+
+def test_build_rejects_missing_key() -> None:
+    data = dict(GOOD)
+    del data["count"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['sec.count'\]"):
+        params.build(Outer, data, "sec")
+
+
+def test_range_checks_name_the_key() -> None:
+    good = {"engine": "transformers", "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "num_samples": 1, "seed": 0, "tensor_parallel_size": 1}
+    params.build(GenerationParams, good, "teacher")
+    with pytest.raises(ValueError, match="teacher: top_p: must be in"):
+        params.build(GenerationParams, {**good, "top_p": 0.0}, "teacher")
+    with pytest.raises(ValueError, match="teacher: num_samples: greedy decoding"):
+        params.build(GenerationParams, {**good, "temperature": 0.0, "num_samples": 2}, "teacher")
+    with pytest.raises(ValueError, match="task: skills: unknown skill 'divide'"):
+        params.build(TaskParams, {"skills": ["divide"], "max_digits": 2, "min_len": 1, "max_len": 2, "alphabet": "ab", "eval_fraction": 0.1}, "task")
+
+
+def test_load_sections_names_the_file_and_missing_dotted_key(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"models": {"teacher": {"name": "toy", "revision": None}}}))
+    with pytest.raises(ValueError, match=f"{f}: missing key 'models.student'"):
+        params.load_sections(f, train.SECTIONS)
+
+
+def test_load_rejects_non_mapping_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping of sections"):
+        params.load_yaml(f)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_profile_loads_strictly_for_every_stage(profile: Path, stage: str) -> None:
+    params.load_sections(profile, STAGES[stage].SECTIONS)
+
+
+@pytest.mark.parametrize("profile", PROFILES[1:], ids=lambda p: p.name)
+def test_profiles_have_the_same_keys_as_params_yaml(profile: Path) -> None:
+    def keys(node: object, prefix: str = "") -> set[str]:
+        if isinstance(node, dict):
+            return {k2 for k, v in node.items() for k2 in keys(v, f"{prefix}{k}.")} | {prefix.rstrip(".")}
+        return {prefix.rstrip(".")}
+
+    assert keys(params.load_yaml(profile)) == keys(params.load_yaml(ROOT / "params.yaml"))

@@ -1,0 +1,91 @@
+"""The whole DAG under `dvc repro` on the smoke profile, in a temporary copy of the repo.
+
+Slow tier (about a minute and a half on 2 cores), run in CI. It checks what a new user
+meets: every stage runs, outputs and metrics exist and agree, a second repro does
+nothing, and `dvc exp run -S` reruns exactly the stages downstream of the param.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@.-]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
+    sh(dst, "git", "init", "-q")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "commit", "-qm", "smoke")
+    return dst
+
+
+def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "train", "evaluate"}
+    ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    for name in ("teacher", "student_initial", "student_distilled"):
+        assert 0.0 <= ev[name]["accuracy"]["exact_match"] <= 1.0
+    assert ev["student_distilled"]["kl_teacher_student"] > 0
+    seed_m = json.loads((repo / "metrics" / "seed.json").read_text())
+    assert pq.read_table(repo / "data" / "seed" / "train.parquet").num_rows == seed_m["train"] == 96
+    assert ev["eval_prompts"] == seed_m["eval"] == 32
+    cur = json.loads((repo / "metrics" / "curate.json").read_text())
+    assert cur["pairs_in"] == cur["kept"] + cur["quarantined"]
+    assert pq.read_table(repo / "data" / "curate" / "curated.parquet").num_rows == cur["kept"]
+    assert pq.read_table(repo / "data" / "curate" / "quarantine.parquet").num_rows == cur["quarantined"]
+    assert (repo / "data" / "train" / "model" / "model.safetensors").is_file()
+    lines = (repo / "plots" / "train.csv").read_text().splitlines()
+    assert lines[0].startswith("step,epoch,loss,skl,srkl,beta") and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())["steps"] + 1
+    manifest = json.loads((repo / "data" / "train" / "manifest.json").read_text())
+    assert manifest["inputs"]["pairs"]["sha256"] == json.loads((repo / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["sha256"]
+    shown = sh(repo, "dvc", "metrics", "show", "--json")
+    assert "student_distilled" in shown
+
+
+def test_second_repro_is_a_no_op(repo: Path) -> None:
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) == set()
+    assert "Data and pipelines are up to date" in out
+    assert "changed" not in sh(repo, "dvc", "status")
+
+
+def test_training_param_reruns_only_train_and_evaluate(repo: Path) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "first run")
+    out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.005")
+    assert ran(out) == {"train", "evaluate"}
+
+
+def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -> None:
+    out = sh(repo, "dvc", "exp", "run", "-S", "teacher.temperature=0.8")
+    assert ran(out) == {"teacher", "pairs", "curate", "train", "evaluate"}
