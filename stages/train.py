@@ -3,33 +3,58 @@
     python -m stages.train --params params.yaml --pairs data/curate --models data/bootstrap \
         --out data/train --metrics metrics/train.json --plot plots/train.csv
 
-The objective is DistiLLM-2's contrastive loss (../shared/design/METHOD.md), per pair i:
+`train.method` picks the objective (stages/lib/objectives.py): `distillm2` (default),
+`distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
+DistiLLM-2 objective (../shared/design/METHOD.md), per pair i:
 
-    L_i = (1 - beta) * SKL_seq(chosen_i; alpha) + beta * SRKL_seq(rejected_i; alpha)
+    L_i = (1 - beta) * SKL_seq(chosen_i; alpha_t,i) + beta * SRKL_seq(rejected_i; alpha_s,i)
 
-skew forward KL on the teacher's response (chosen), skew reverse KL on the student's
-response (rejected), each a mean over the response's tokens, then a mean over pairs
-(`reduction: sequence_mean`; `token_mean` pools all tokens of the batch instead).
-beta follows a linear ramp (see `beta_at`), logged every step with the loss parts.
-The distilled student is saved with save_pretrained (safetensors) in out/model.
+with beta rising on a schedule and alpha adapted per sequence (switches:
+`train.distillm2.contrastive`, `.beta_ramp`, `.adaptive_alpha`). Every optimizer step
+is logged to the plot file (loss, its parts, beta, alpha mean/min/max).
+
+Memory: with `logits: chunked` the loss is computed chunk by chunk from the models'
+final hidden states, so full (B, T, V) logits never exist. Long runs save a resumable
+checkpoint every `checkpoint_every` steps into `<out>.checkpoints/`; a killed run picks
+up from it (when params, data and models are unchanged) and ends with the same
+weights as an uninterrupted run. The distilled student is saved with save_pretrained
+(safetensors) in out/model.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import random
+import shutil
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm import tqdm
 
-from stages.lib import cli, encoding, lineage, losses, models, params, records, training
+from stages.lib import cli, encoding, lineage, models, params, records, training
 from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import atomic_dir, atomic_path, read_rows, write_json
+from stages.lib.io import atomic_dir, atomic_path, digest_path, read_rows, write_json
+from stages.lib.objectives import (
+    METHODS,
+    NEEDS_REJECTED,
+    NEEDS_TEACHER,
+    AlphaCurriculum,
+    Context,
+    DistiLLM2Params,
+    DistiLLMParams,
+    DPKDParams,
+    GKDParams,
+    Heads,
+    Method,
+    MethodParams,
+    Side,
+)
 from stages.lib.params import check
 
 log = logging.getLogger("train")
@@ -39,29 +64,37 @@ log = logging.getLogger("train")
 class TrainParams:
     """params.yaml `train`."""
 
-    method: Literal["distillm2"]
+    method: Method
     seed: int
     epochs: int
-    batch_size: int
+    batch_size: int  # pairs per micro-batch
+    grad_accum_steps: int  # micro-batches per optimizer step
     lr: float
     warmup_steps: int
     max_grad_norm: float
-    alpha: float  # skew of both divergences (DistiLLM-2's alpha_0 = 0.1)
-    beta_start: float  # beta weighs the student-response (SRKL) term
-    beta_end: float
-    beta_ramp_start: float  # fraction of training where the linear ramp begins
-    beta_ramp_end: float  # ... and where it reaches beta_end (then holds)
     reduction: Literal["sequence_mean", "token_mean"]
-    detach_mixture_student: bool  # official DistiLLM-2 code: true; DistiLLM v1: false
+    logits: Literal["full", "chunked"]  # chunked: never materialise (B, T, V) logits
+    chunk_size: int  # tokens per loss chunk
+    device: Literal["cpu", "cuda"]
+    bf16_autocast: bool
+    gradient_checkpointing: bool
+    checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
+    distillm2: DistiLLM2Params
+    distillm: DistiLLMParams
+    gkd: GKDParams
+    dpkd: DPKDParams
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
         check(self.lr > 0, "lr", "must be > 0")
-        check(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")
-        check(0.0 <= self.beta_start <= 1.0 and 0.0 <= self.beta_end <= 1.0, "beta_start", "beta_start and beta_end must be in [0, 1]")
-        check(0.0 <= self.beta_ramp_start <= self.beta_ramp_end <= 1.0, "beta_ramp_start", "need 0 <= beta_ramp_start <= beta_ramp_end <= 1")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
+
+    def method_params(self) -> MethodParams:
+        return MethodParams(self.method, self.reduction, self.distillm2, self.distillm, self.gkd, self.dpkd)
 
 
 SECTIONS: dict[str, Any] = {
@@ -72,21 +105,6 @@ SECTIONS: dict[str, Any] = {
     "train": TrainParams,
 }
 PARAMS = tuple(SECTIONS)
-
-
-def beta_at(step: int, total: int, p: TrainParams) -> float:
-    """beta at `step` of `total`: beta_start until the ramp, linear, then beta_end.
-
-    The paper's single-round schedule clip(tau/T, 0.5, 1) is start 0.5, end 1.0,
-    ramp 0.5 -> 1.0; the official code's is start 0.5, end 0.75, ramp 0.0 -> 0.5.
-    """
-    frac = step / max(1, total - 1)
-    if frac <= p.beta_ramp_start or p.beta_ramp_end == p.beta_ramp_start:
-        return p.beta_start if frac <= p.beta_ramp_start else p.beta_end
-    if frac >= p.beta_ramp_end:
-        return p.beta_end
-    x = (frac - p.beta_ramp_start) / (p.beta_ramp_end - p.beta_ramp_start)
-    return p.beta_start + x * (p.beta_end - p.beta_start)
 
 
 def encode_pairs(tok: Any, pairs: list[dict[str, Any]]) -> list[tuple[list[int], list[int], list[int]]]:
@@ -100,54 +118,146 @@ def encode_pairs(tok: Any, pairs: list[dict[str, Any]]) -> list[tuple[list[int],
     return out
 
 
-def distillm2_loss(student: torch.nn.Module, teacher: torch.nn.Module, chosen: encoding.Batch, rejected: encoding.Batch, vocab: int, beta: float, p: TrainParams) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DistiLLM-2 loss of one batch of pairs, and its parts for logging."""
-    parts = {}
-    for name, batch in (("skl", chosen), ("srkl", rejected)):
-        s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab]  # (B, T, V)
-        with torch.no_grad():
-            t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab]
-        if name == "skl":
-            parts[name] = losses.skew_forward_kl(s_logits, t_logits, batch.response_mask, p.alpha, reduction=p.reduction)
-        else:
-            parts[name] = losses.skew_reverse_kl(s_logits, t_logits, batch.response_mask, p.alpha, reduction=p.reduction, detach_mixture_student=p.detach_mixture_student)
-    loss = (1.0 - beta) * parts["skl"] + beta * parts["srkl"]
-    return loss, {k: v.item() for k, v in parts.items()}
+def heads_of(student: torch.nn.Module, teacher: torch.nn.Module, vocab: int, p: TrainParams) -> Heads:
+    """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    for name, head in (("student", s_head), ("teacher", t_head)):
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"models.{name}: output layer is {type(head).__name__}, not a Linear head; distillflow computes logits as hidden @ W.T")
+    cut = lambda b: None if b is None else b[:vocab]  # noqa: E731
+    return Heads(s_head.weight[:vocab], cut(s_head.bias), t_head.weight[:vocab], cut(t_head.bias), p.logits == "chunked", p.chunk_size, p.reduction)
 
 
-def run(student: torch.nn.Module, teacher: torch.nn.Module, tok_s: Any, tok_t: Any, pairs: list[dict[str, Any]], p: TrainParams) -> list[dict[str, float]]:
-    """Train `student` in place; returns one log row per optimizer step."""
+def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
+    """Final hidden states (B, T, H), after the model's last norm: logits = head(hidden)."""
+    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: str, role: str) -> None:
+    """Refuse models whose logits are not head(final hidden) (e.g. logit soft-capping)."""
+    full = model(input_ids=batch.input_ids[:1].to(device), attention_mask=batch.attention_mask[:1].to(device)).logits
+    mine = model.get_output_embeddings()(hidden(model, encoding.Batch(batch.input_ids[:1], batch.attention_mask[:1], batch.response_mask[:1], batch.targets[:1]), device))
+    if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
+        raise ValueError(f"models.{role}: logits are not the LM head applied to the final hidden state (soft-capping or scaling?); this model is not supported")
+
+
+def run_key(p: TrainParams, pairs_digest: str, student_fp: str, teacher_fp: str) -> str:
+    """What a checkpoint must match to be resumed: params, data and both models."""
+    blob = records.canonical_json({"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def plan(n_pairs: int, p: TrainParams) -> list[list[list[int]]]:
+    """Optimizer steps, each a list of micro-batches of pair indices.
+
+    The shuffle of each epoch is a pure function of (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+    steps: list[list[list[int]]] = []
+    for epoch in range(p.epochs):
+        order = list(range(n_pairs))
+        random.Random(p.seed * 1000 + epoch).shuffle(order)
+        micro = [order[s : s + p.batch_size] for s in range(0, n_pairs, p.batch_size)]
+        steps.extend(micro[s : s + p.grad_accum_steps] for s in range(0, len(micro), p.grad_accum_steps))
+    return steps
+
+
+def run(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    tok_s: Any,
+    tok_t: Any,
+    pairs: list[dict[str, Any]],
+    p: TrainParams,
+    checkpoint_dir: Path | None = None,
+    key: str = "",
+    on_step: Callable[[int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train `student` in place; returns one log row per optimizer step.
+
+    With `checkpoint_dir` and `p.checkpoint_every`, saves resumable state there and
+    resumes from a checkpoint whose key equals `key`. `on_step(step)` is called after
+    each optimizer step (progress hooks; tests use it to simulate a crash).
+    """
     vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
+    if not pairs:
+        raise ValueError("train: no pairs to train on")
+    student.to(p.device)
+    teacher.to(p.device)
     encoded = encode_pairs(tok_s, pairs)
-    steps_per_epoch = (len(encoded) + p.batch_size - 1) // p.batch_size
-    total = steps_per_epoch * p.epochs
+    steps = plan(len(encoded), p)
+    total = len(steps)
     training.seed_everything(p.seed)
     opt, sched = training.optimizer_and_schedule(student, p.lr, p.warmup_steps, total)
-    rng = random.Random(p.seed)
+    curriculum = AlphaCurriculum(p.distillm2)
+    mp = p.method_params()
+    method = METHODS[p.method]
+    heads = heads_of(student, teacher, vocab, p)
+    if p.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     student.train()
     teacher.eval()
-    log_rows = []
-    bar = tqdm(total=total, desc="train distillm2", unit="step", mininterval=5.0)
-    step = 0
-    for epoch in range(p.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order), p.batch_size):
-            idx = order[start : start + p.batch_size]
+    start, log_rows = 0, []
+    ckpt = checkpoint_dir / "state.pt" if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=p.device, weights_only=True)
+        if state["key"] != key:
+            log.warning("train: ignoring checkpoint %s from another configuration (params, data or models changed)", ckpt)
+        else:
+            student.load_state_dict(state["student"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            curriculum.gaps_t, curriculum.gaps_s = state["curriculum"]["gaps_t"], state["curriculum"]["gaps_s"]
+            start, log_rows = state["step"], state["log"]
+            log.info("train: resuming at step %d of %d from %s", start, total, ckpt)
+    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)
+    check_head_is_plain(student, first, p.device, "student")
+    if NEEDS_TEACHER[p.method]:
+        check_head_is_plain(teacher, first, p.device, "teacher")
+    autocast = torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
+    bar = tqdm(total=total, initial=start, desc=f"train {p.method}", unit="step", mininterval=5.0)
+    for step in range(start, total):
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        loss_sum = 0.0
+        for idx in steps[step]:
             chosen = encoding.collate([(encoded[i][0], encoded[i][1]) for i in idx], tok_s.pad_token_id)
             rejected = encoding.collate([(encoded[i][0], encoded[i][2]) for i in idx], tok_s.pad_token_id)
-            beta = beta_at(step, total, p)
-            loss, parts = distillm2_loss(student, teacher, chosen, rejected, vocab, beta, p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), p.max_grad_norm)
-            opt.step()
-            sched.step()
-            log_rows.append({"step": step, "epoch": epoch, "loss": loss.item(), **parts, "beta": beta, "alpha": p.alpha, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item()})
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", beta=f"{beta:.3f}")
+            with autocast:
+                sides = []
+                for batch, needed in ((chosen, True), (rejected, NEEDS_REJECTED[p.method])):
+                    if not needed:
+                        sides.append(Side(torch.empty(0), None, batch.response_mask[:0], batch.targets[:0]))
+                        continue
+                    s_h = hidden(student, batch, p.device)
+                    with torch.no_grad():
+                        t_h = hidden(teacher, batch, p.device) if NEEDS_TEACHER[p.method] else None
+                    sides.append(Side(s_h, t_h, batch.response_mask.to(p.device), batch.targets.to(p.device)))
+                ctx = Context(sides[0], sides[1], heads, mp, step, total, p.seed, curriculum)
+                loss, logs = method(ctx)
+            (loss / len(steps[step])).backward()
+            loss_sum += float(loss.detach())
+            for k, v in logs.items():
+                parts[k] = parts.get(k, 0.0) + v / len(steps[step])
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), p.max_grad_norm)
+        opt.step()
+        sched.step()
+        log_rows.append({"step": step, "loss": loss_sum / len(steps[step]), **parts, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
+        if ckpt is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
+            state = {"key": key, "step": step + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "curriculum": curriculum.state(), "log": log_rows}
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ckpt) as tmp:
+                torch.save(state, tmp)
+        if on_step is not None:
+            on_step(step)
     bar.close()
+    if p.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
     student.eval()
     return log_rows
 
@@ -158,6 +268,16 @@ def write_plot(path: Path, rows: list[dict[str, float]]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str, Any]:
+    """Metrics: the tail-averaged loss and the last values of the schedule knobs."""
+    tail = rows[-min(10, len(rows)) :]
+    out: dict[str, Any] = {"method": method, "pairs": n_pairs, "steps": len(rows), "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6)}
+    for k in ("beta", "alpha_t_mean", "alpha_s_mean"):
+        if k in rows[-1]:
+            out[f"final_{k}"] = round(rows[-1][k], 6)
+    return out
 
 
 def main() -> None:
@@ -172,18 +292,14 @@ def main() -> None:
     teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
     tok_s = models.load_tokenizer(s_ref, args.models / "student", trust)
     tok_t = models.load_tokenizer(t_ref, args.models / "teacher", trust)
+    key = run_key(p, digest_path(src), models.fingerprint(s_ref, args.models / "student"), models.fingerprint(t_ref, args.models / "teacher"))
+    ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()
-    rows = run(student, teacher, tok_s, tok_t, pairs, p)
-    log.info("train: %d steps on %d pairs in %.1fs, final loss %.4f", len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
-    tail = rows[-min(10, len(rows)) :]
-    metrics = {
-        "pairs": len(pairs),
-        "steps": len(rows),
-        "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6),
-        "final_beta": round(rows[-1]["beta"], 6),
-    }
+    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key)
+    log.info("train: %s, %d steps on %d pairs in %.1fs, final loss %.4f", p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
+    metrics = summary(rows, len(pairs), p.method)
     with atomic_dir(args.out) as tmp:
-        training.save_model(student, tok_s, tmp / "model")
+        training.save_model(student.to("cpu"), tok_s, tmp / "model")
         lineage.write_manifest(
             tmp, "train", used,
             inputs={"pairs": src, "student": args.models / "student" if s_ref.name == "toy" else args.models / "manifest.json",
@@ -194,6 +310,8 @@ def main() -> None:
         )
     write_plot(args.plot, rows)
     write_json(args.metrics, metrics)
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # the run is complete: its resume state is no longer needed
 
 
 if __name__ == "__main__":

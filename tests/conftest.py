@@ -31,3 +31,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model = models.build_toy_model(arch, len(tok), tok, seed=seed, max_positions=64)
         training.save_model(model, tok, root / role)
     return root
+
+
+@pytest.fixture(scope="session")
+def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_models, but the teacher has had 80 SFT steps on the toy task, so it is
+    confident on right answers where the student is not (what adaptive alpha reacts to)."""
+    from stages import bootstrap
+    from stages.lib.config import ModelParams, ModelsParams, TaskParams
+
+    root = tmp_path_factory.mktemp("taught_models")
+    task = TaskParams(skills=("add", "reverse", "sort", "upper"), max_digits=1, min_len=2, max_len=3, alphabet="abc", eval_fraction=0.1)
+    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2)
+    p = bootstrap.BootstrapParams(seed=0, max_positions=64,
+                                  teacher=bootstrap.ToyModelParams(hidden_size=32, intermediate_size=64, steps=80, **size),
+                                  student=bootstrap.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size))
+    toy = ModelParams("toy", None)
+    bootstrap.run(ModelsParams(toy, toy, False, "float32"), task, p, root)
+    return root

@@ -57,7 +57,8 @@ def test_dvc_params_are_exactly_what_the_stage_reads(stage: str) -> None:
 @pytest.mark.parametrize("stage", EXPECTED)
 def test_code_deps_are_exactly_the_import_closure(stage: str) -> None:
     code_deps = {d for d in DVC[stage]["deps"] if d.startswith("stages/")}
-    assert code_deps == closure(stage)
+    want = closure(stage)
+    assert code_deps == want, f"dvc.yaml {stage}: missing {sorted(want - code_deps)}, not imported {sorted(code_deps - want)}"
 
 
 @pytest.mark.parametrize("stage", EXPECTED)

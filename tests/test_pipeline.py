@@ -65,7 +65,7 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     assert pq.read_table(repo / "data" / "curate" / "quarantine.parquet").num_rows == cur["quarantined"]
     assert (repo / "data" / "train" / "model" / "model.safetensors").is_file()
     lines = (repo / "plots" / "train.csv").read_text().splitlines()
-    assert lines[0].startswith("step,epoch,loss,skl,srkl,beta") and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())["steps"] + 1
+    assert lines[0].startswith("step,loss,chosen_term,rejected_term,beta,alpha_t_mean,alpha_t_min,alpha_t_max") and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())["steps"] + 1
     manifest = json.loads((repo / "data" / "train" / "manifest.json").read_text())
     assert manifest["inputs"]["pairs"]["sha256"] == json.loads((repo / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["sha256"]
     shown = sh(repo, "dvc", "metrics", "show", "--json")
@@ -89,3 +89,23 @@ def test_training_param_reruns_only_train_and_evaluate(repo: Path) -> None:
 def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -> None:
     out = sh(repo, "dvc", "exp", "run", "-S", "teacher.temperature=0.8")
     assert ran(out) == {"teacher", "pairs", "curate", "train", "evaluate"}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.method=sft"],
+        ["train.method=kd"],
+        ["train.method=gkd"],
+        ["train.method=distillm"],
+        ["train.method=dpkd"],
+        ["train.distillm2.contrastive=false", "train.distillm2.beta_ramp=false", "train.distillm2.adaptive_alpha=false", "train.logits=full"],
+    ],
+    ids=lambda o: ",".join(o),
+)
+def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: list[str]) -> None:
+    out = sh(repo, "dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)])
+    assert ran(out) == {"train", "evaluate"}
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    method = next((o.split("=")[1] for o in overrides if o.startswith("train.method=")), "distillm2")
+    assert metrics["method"] == method and metrics["steps"] > 0

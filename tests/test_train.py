@@ -1,40 +1,27 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from stages import train
 from stages.lib import models
+from stages.lib.objectives import AlphaCurriculum, BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
 
 from .test_curate import pair
 
+D2 = DistiLLM2Params(contrastive=True, beta_ramp=True, adaptive_alpha=True, alpha_0=0.1, alpha_min=0.01, alpha_eps=1e-5,
+                     reference_batches=2, beta=BetaSchedule(0.5, 1.0, 0.5, 1.0), detach_mixture_student=True)
+
 
 def tp(**kw: object) -> train.TrainParams:
-    base = dict(method="distillm2", seed=0, epochs=2, batch_size=4, lr=0.01, warmup_steps=1, max_grad_norm=1.0, alpha=0.1,
-                beta_start=0.5, beta_end=1.0, beta_ramp_start=0.5, beta_ramp_end=1.0, reduction="sequence_mean", detach_mixture_student=True)
+    base = dict(method="distillm2", seed=0, epochs=2, batch_size=4, grad_accum_steps=1, lr=0.01, warmup_steps=1, max_grad_norm=1.0,
+                reduction="sequence_mean", logits="chunked", chunk_size=16, device="cpu", bf16_autocast=False, gradient_checkpointing=False,
+                checkpoint_every=0, distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1))
     return train.TrainParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def test_beta_schedule_paper_and_official_shapes() -> None:
-    paper = tp()  # clip(tau / T, 0.5, 1): flat at 0.5 for the first half, then linear to 1
-    betas = [train.beta_at(s, 101, paper) for s in range(101)]
-    assert betas[0] == betas[50] == 0.5 and betas[100] == 1.0
-    assert betas[75] == pytest.approx(0.75)
-    assert all(b1 <= b2 for b1, b2 in zip(betas, betas[1:]))
-    official = tp(beta_start=0.5, beta_end=0.75, beta_ramp_start=0.0, beta_ramp_end=0.5)
-    assert train.beta_at(0, 101, official) == 0.5
-    assert train.beta_at(25, 101, official) == pytest.approx(0.625)
-    assert train.beta_at(100, 101, official) == 0.75
-    constant = tp(beta_start=0.5, beta_end=0.5)
-    assert {train.beta_at(s, 10, constant) for s in range(10)} == {0.5}
-
-
-def test_bad_train_params_name_the_key() -> None:
-    with pytest.raises(ValueError, match="alpha: must be in"):
-        tp(alpha=1.0)
-    with pytest.raises(ValueError, match="beta_ramp_start"):
-        tp(beta_ramp_start=0.8, beta_ramp_end=0.2)
+PAIRS = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 else "stop") for i in range(8)]
 
 
 def load(folder: Path) -> tuple[torch.nn.Module, object]:
@@ -42,54 +29,154 @@ def load(folder: Path) -> tuple[torch.nn.Module, object]:
     return models.load_model(ref, folder, False, "float32"), models.load_tokenizer(ref, folder, False)
 
 
-def test_distillation_lowers_the_loss_moves_only_the_student_and_logs_every_step(tiny_models: Path) -> None:
+def fresh(tiny_models: Path) -> tuple:
     student, tok_s = load(tiny_models / "student")
     teacher, tok_t = load(tiny_models / "teacher")
-    t_before = [p.detach().clone() for p in teacher.parameters()]
-    s_before = [p.detach().clone() for p in student.parameters()]
-    pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 else "stop") for i in range(8)]
-    rows = train.run(student, teacher, tok_s, tok_t, pairs, tp(epochs=15, beta_start=0.5, beta_end=0.5))
-    assert len(rows) == 15 * 2
-    assert [r["step"] for r in rows] == list(range(30))
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    first, last = sum(r["loss"] for r in rows[:4]) / 4, sum(r["loss"] for r in rows[-4:]) / 4
-    assert last < 0.8 * first, (first, last)
-    assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
-    for r in rows:
-        assert r["loss"] == pytest.approx(0.5 * r["skl"] + 0.5 * r["srkl"], rel=1e-5)
+    return student, teacher, tok_s, tok_t
 
 
-def test_beta_rises_during_a_real_run(tiny_models: Path) -> None:
-    student, tok_s = load(tiny_models / "student")
-    teacher, tok_t = load(tiny_models / "teacher")
-    rows = train.run(student, teacher, tok_s, tok_t, [pair(i) for i in range(8)], tp(epochs=3))
+def test_beta_schedule_paper_and_official_shapes() -> None:
+    paper = BetaSchedule(0.5, 1.0, 0.5, 1.0)  # clip(tau / T, 0.5, 1)
+    betas = [paper.at(s, 101) for s in range(101)]
+    assert betas[0] == betas[50] == 0.5 and betas[100] == 1.0
+    assert betas[75] == pytest.approx(0.75)
+    assert all(b1 <= b2 for b1, b2 in zip(betas, betas[1:]))
+    official = BetaSchedule(0.5, 0.75, 0.0, 0.5)
+    assert official.at(0, 101) == 0.5 and official.at(25, 101) == pytest.approx(0.625) and official.at(100, 101) == 0.75
+    with pytest.raises(ValueError, match="ramp_start"):
+        BetaSchedule(0.5, 1.0, 0.8, 0.2)
+
+
+def test_alpha_curriculum_formula() -> None:
+    cur = AlphaCurriculum(D2)
+    gap = torch.tensor([0.2, 0.1, 0.05, 0.0, -0.3])
+    # While the reference is measured, alpha stays at alpha_0.
+    for _ in range(2):
+        a_t, a_s = cur.alphas(gap, gap)
+        assert torch.all(a_t == 0.1)
+    assert cur.ready and cur.gaps_t == [pytest.approx(0.01)] * 2
+    a_t, _ = cur.alphas(gap, gap)
+    m = 0.01
+    expected = [min(0.1, max(0.01, 1 - 0.9 * m / (g + 1e-5))) for g in (0.2, 0.1, 0.05)]
+    assert a_t[:3].tolist() == pytest.approx(expected)
+    assert a_t[3:].tolist() == [pytest.approx(0.1)] * 2  # no positive gap: alpha_0
+    off = AlphaCurriculum(replace(D2, adaptive_alpha=False))
+    assert torch.all(off.alphas(gap, gap)[0] == 0.1)
+
+
+def test_bad_train_params_name_the_key() -> None:
+    with pytest.raises(ValueError, match="grad_accum_steps: must be >= 1"):
+        tp(grad_accum_steps=0)
+    with pytest.raises(ValueError, match="alpha_0: need 0 < alpha_min <= alpha_0 < 1"):
+        replace(D2, alpha_0=1.0)
+
+
+def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_student(taught_models: Path) -> None:
+    """The released DistiLLM-2 code never ran its curriculum; ours must move alpha and beta."""
+    student, teacher, tok_s, tok_t = fresh(taught_models)
+    t_before = [q.detach().clone() for q in teacher.parameters()]
+    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=12))
+    assert len(rows) == 24 and [r["step"] for r in rows] == list(range(24))
     betas = [r["beta"] for r in rows]
     assert betas[0] == 0.5 and betas[-1] == 1.0 and betas == sorted(betas)
+    assert rows[0]["alpha_t_mean"] == rows[0]["alpha_t_max"] == pytest.approx(0.1)  # reference batches
+    moved = [r for r in rows[2:] if r["alpha_t_min"] < 0.1 - 1e-6 or r["alpha_s_min"] < 0.1 - 1e-6]
+    assert moved, "adaptive alpha never left alpha_0"
+    assert all(0.01 - 1e-6 <= r[k] <= 0.1 + 1e-6 for r in rows for k in ("alpha_t_min", "alpha_t_max", "alpha_s_min", "alpha_s_max"))
+    for r in rows:
+        assert r["loss"] == pytest.approx((1 - r["beta"]) * r["chosen_term"] + r["beta"] * r["rejected_term"], rel=1e-4, abs=1e-6)
+    assert sum(r["loss"] for r in rows[-4:]) < sum(r["loss"] for r in rows[:4])
+    assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
 
 
-def test_training_is_deterministic(tiny_models: Path) -> None:
-    out = []
-    for _ in range(2):
-        student, tok_s = load(tiny_models / "student")
-        teacher, tok_t = load(tiny_models / "teacher")
-        out.append([r["loss"] for r in train.run(student, teacher, tok_s, tok_t, [pair(i) for i in range(6)], tp(epochs=2))])
-    assert out[0] == out[1]
+@pytest.mark.parametrize("method", ["sft", "kd", "gkd", "distillm", "dpkd"])
+def test_every_baseline_trains(tiny_models: Path, method: str) -> None:
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    before = [q.detach().clone() for q in student.parameters()]
+    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=6))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    if method != "dpkd":  # DPKD's margin loss need not fall monotonically on 8 pairs; it must move
+        assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
 
 
-def test_different_tokenizers_fail_clearly(tiny_models: Path, tmp_path: Path) -> None:
-    student, tok_s = load(tiny_models / "student")
-    teacher, tok_t = load(tiny_models / "teacher")
+def test_gkd_mixes_student_data_at_lambda(tiny_models: Path) -> None:
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    rows = train.run(student, teacher, tok_s, tok_t, PAIRS * 4, tp(method="gkd", epochs=3, batch_size=8))
+    share = sum(r["student_fraction"] for r in rows) / len(rows)
+    assert 0.3 < share < 0.7
+
+
+@pytest.mark.parametrize("method", ["distillm2", "gkd", "kd", "sft", "dpkd"])
+def test_chunked_hidden_path_equals_full_logits_path(tiny_models: Path, method: str) -> None:
+    """Same loss curve, and the same first-step gradient to 1e-6, with and without full logits."""
+    curves, grads = {}, {}
+    for mode in ("full", "chunked"):
+        student, teacher, tok_s, tok_t = fresh(tiny_models)
+        first: list[torch.Tensor] = []
+
+        def grab(step: int) -> None:
+            if step == 0:
+                first.extend(q.grad.detach().clone() for q in student.parameters())
+
+        rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, logits=mode, chunk_size=5, epochs=2), on_step=grab)
+        curves[mode], grads[mode] = [r["loss"] for r in rows], first
+    assert curves["full"] == pytest.approx(curves["chunked"], rel=1e-5, abs=1e-6)
+    for a, b in zip(grads["full"], grads["chunked"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tiny_models: Path) -> None:
+    """batch 4 x 2 micro-batches == batch 8 in one go (same pairs per step, mean of equal halves)."""
+    curves = []
+    for bs, accum in ((8, 1), (4, 2)):
+        student, teacher, tok_s, tok_t = fresh(tiny_models)
+        p = tp(batch_size=bs, grad_accum_steps=accum, epochs=3, distillm2=replace(D2, adaptive_alpha=False))
+        curves.append([r["loss"] for r in train.run(student, teacher, tok_s, tok_t, PAIRS, p)])
+    assert len(curves[0]) == len(curves[1]) == 3
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_path: Path) -> None:
+    p = tp(epochs=4, checkpoint_every=2)
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    straight = train.run(student, teacher, tok_s, tok_t, PAIRS, p)
+    expected = [q.detach().clone() for q in student.parameters()]
+
+    def crash(step: int) -> None:
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash)
+    assert (tmp_path / "state.pt").is_file()
+    student, teacher, tok_s, tok_t = fresh(tiny_models)  # a new process: weights from disk again
+    resumed = train.run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert all(torch.equal(a, b) for a, b in zip(expected, student.parameters()))
+
+
+def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_path: Path) -> None:
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "old", on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else None)
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
+    assert rows[0]["step"] == 0 and len(rows) == 8
+
+
+def test_different_tokenizers_fail_clearly(tiny_models: Path) -> None:
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
     tok_t.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizers differ"):
-        train.run(student, teacher, tok_s, tok_t, [pair(0)], tp())
+        train.run(student, teacher, tok_s, tok_t, PAIRS, tp())
 
 
 def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path) -> None:
     """One family, padded output layers of different widths (like 151,936 vs 152,064)."""
-    student, tok_s = load(tiny_models / "student")
-    teacher, tok_t = load(tiny_models / "teacher")
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
     teacher.resize_token_embeddings(teacher.config.vocab_size + 28)
     assert teacher.config.vocab_size != student.config.vocab_size
-    rows = train.run(student, teacher, tok_s, tok_t, [pair(i) for i in range(4)], tp(epochs=1))
+    rows = train.run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
