@@ -19,6 +19,11 @@ checkpoint every `checkpoint_every` steps into `<out>.checkpoints/`; a killed ru
 up from it (when params, data and models are unchanged) and ends with the same
 weights as an uninterrupted run. The distilled student is saved with save_pretrained
 (safetensors) in out/model.
+
+Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.train ...`
+(gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
+batch (stages/lib/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
+for GPUs.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, Callable, Literal
 import torch
 from tqdm import tqdm
 
-from stages.lib import cli, encoding, lineage, models, params, records, training
+from stages.lib import cli, distributed, encoding, lineage, models, params, records, training
 from stages.lib.config import Dtype, ModelParams
 from stages.lib.io import atomic_dir, atomic_path, digest_path, read_rows, write_json
 from stages.lib.objectives import (
@@ -212,6 +217,17 @@ def run(
             curriculum.gaps_t, curriculum.gaps_s = state["curriculum"]["gaps_t"], state["curriculum"]["gaps_s"]
             start, log_rows = state["step"], state["log"]
             log.info("train: resuming at step %d of %d from %s", start, total, ckpt)
+    rank, world = distributed.rank_and_size()
+    if world > 1:
+        short = [len(m) for st in steps for m in st if len(m) < world]
+        if short:
+            raise ValueError(f"train: under torchrun every micro-batch needs at least {world} pairs (one per process); {len(short)} have fewer (e.g. {short[0]}): pick train.batch_size so that the last batch of an epoch ({len(encoded)} pairs) is not that small")
+
+        def global_mean(x: torch.Tensor) -> float:
+            total, count = distributed.sum_floats([float(x.sum()), float(x.numel())])
+            return total / count
+
+        curriculum.mean = global_mean
     first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)
     check_head_is_plain(student, first, p.device, "student")
     if NEEDS_TEACHER[p.method]:
@@ -220,9 +236,13 @@ def run(
     bar = tqdm(total=total, initial=start, desc=f"train {p.method}", unit="step", mininterval=5.0)
     for step in range(start, total):
         opt.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
-        loss_sum = 0.0
-        for idx in steps[step]:
+        logged: dict[str, float] = {}
+        for micro, global_idx in enumerate(steps[step]):
+            positions = distributed.shard(list(range(len(global_idx))), rank, world)
+            idx = [global_idx[i] for i in positions]
+            # This process's share of the micro-batch, and of the step's micro-batches:
+            # scaling by it makes the averaged gradient the single-process gradient.
+            share = len(idx) / len(global_idx) / len(steps[step])
             chosen = encoding.collate([(encoded[i][0], encoded[i][1]) for i in idx], tok_s.pad_token_id)
             rejected = encoding.collate([(encoded[i][0], encoded[i][2]) for i in idx], tok_s.pad_token_id)
             with autocast:
@@ -235,19 +255,21 @@ def run(
                     with torch.no_grad():
                         t_h = hidden(teacher, batch, p.device) if NEEDS_TEACHER[p.method] else None
                     sides.append(Side(s_h, t_h, batch.response_mask.to(p.device), batch.targets.to(p.device)))
-                ctx = Context(sides[0], sides[1], heads, mp, step, total, p.seed, curriculum)
+                ctx = Context(sides[0], sides[1], heads, mp, step, total, p.seed, curriculum, micro, positions, len(global_idx))
                 loss, logs = method(ctx)
-            (loss / len(steps[step])).backward()
-            loss_sum += float(loss.detach())
-            for k, v in logs.items():
-                parts[k] = parts.get(k, 0.0) + v / len(steps[step])
+            (loss * share * world).backward()
+            for k, v in {"loss": float(loss.detach()), **logs}.items():
+                logged[k] = logged.get(k, 0.0) + v * share
+        distributed.average_gradients(list(student.parameters()))
+        keys = sorted(logged)
+        logged = dict(zip(keys, distributed.sum_floats([logged[k] for k in keys])))
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), p.max_grad_norm)
         opt.step()
         sched.step()
-        log_rows.append({"step": step, "loss": loss_sum / len(steps[step]), **parts, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        log_rows.append({"step": step, "loss": logged.pop("loss"), **logged, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)})
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
-        if ckpt is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
+        if ckpt is not None and rank == 0 and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
             state = {"key": key, "step": step + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "curriculum": curriculum.state(), "log": log_rows}
             ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +310,7 @@ def main() -> None:
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
     src = args.pairs / "curated.parquet"
     pairs = read_rows(src, records.PAIR_SCHEMA)
+    distributed.init_from_env(p.device)
     student = models.load_model(s_ref, args.models / "student", trust, dtype)
     teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
     tok_s = models.load_tokenizer(s_ref, args.models / "student", trust)
@@ -296,6 +319,10 @@ def main() -> None:
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()
     rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key)
+    rank, _ = distributed.rank_and_size()
+    distributed.finish()
+    if rank != 0:
+        return  # every process holds the same weights and logs; one writes them
     log.info("train: %s, %d steps on %d pairs in %.1fs, final loss %.4f", p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
     metrics = summary(rows, len(pairs), p.method)
     with atomic_dir(args.out) as tmp:

@@ -180,3 +180,46 @@ def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path
     assert teacher.config.vocab_size != student.config.vocab_size
     rows = train.run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2` (gloo, CPU) vs one process, same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from stages.lib import io, records
+
+    from .conftest import ROOT
+
+    pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y", rf="length" if i % 3 else "stop") for i in range(16)]
+    io.write_table(tmp_path / "curate" / "curated.parquet", pairs, records.PAIR_SCHEMA)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["train"].update(epochs=2, batch_size=4, grad_accum_steps=2, checkpoint_every=0, chunk_size=8)
+    params["train"]["distillm2"]["reference_batches"] = 1
+    params["train"]["gkd"]["lmbda"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    curves, weights = {}, {}
+    for name, launcher in (("single", [sys.executable, "-m", "stages.train"]),
+                           ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "stages.train"])):
+        out = tmp_path / name
+        cmd = [*launcher, "--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "curate"), "--models", str(taught_models),
+               "--out", str(out / "train"), "--metrics", str(out / "m.json"), "--plot", str(out / "plot.csv")]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = (out / "plot.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        curves[name] = [dict(zip(header, map(float, ln.split(",")))) for ln in lines[1:]]
+        weights[name] = load_file(out / "train" / "model" / "model.safetensors")
+        assert json.loads((out / "m.json").read_text())["steps"] == 4
+    assert len(curves["single"]) == len(curves["torchrun"]) == 4
+    for a, b in zip(curves["single"], curves["torchrun"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["alpha_t_mean"] == pytest.approx(b["alpha_t_mean"], rel=1e-5)
+    for k in weights["single"]:
+        torch.testing.assert_close(weights["single"][k], weights["torchrun"][k], rtol=1e-4, atol=1e-6)

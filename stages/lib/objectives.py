@@ -230,6 +230,8 @@ class AlphaCurriculum:
     p: DistiLLM2Params
     gaps_t: list[float] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)
+    # Batch mean of a (B,) tensor; under torchrun, the mean over every rank's sequences.
+    mean: Callable[[Tensor], float] = lambda x: float(x.mean())
 
     @property
     def ready(self) -> bool:
@@ -245,8 +247,8 @@ class AlphaCurriculum:
         if not self.p.adaptive_alpha:
             return torch.full_like(gap_t, self.p.alpha_0), torch.full_like(gap_s, self.p.alpha_0)
         if not self.ready:
-            self.gaps_t.append(float(gap_t.mean()))
-            self.gaps_s.append(float(gap_s.mean()))
+            self.gaps_t.append(self.mean(gap_t))
+            self.gaps_s.append(self.mean(gap_s))
             return torch.full_like(gap_t, self.p.alpha_0), torch.full_like(gap_s, self.p.alpha_0)
         m_t = sum(self.gaps_t) / len(self.gaps_t)
         m_s = sum(self.gaps_s) / len(self.gaps_s)
@@ -271,6 +273,9 @@ class Context:
     total_steps: int
     seed: int
     curriculum: AlphaCurriculum
+    micro: int  # index of this micro-batch within the optimizer step
+    positions: list[int]  # this process's pairs' positions in the global micro-batch
+    global_size: int  # pairs in the global micro-batch (all ranks)
 
 
 Result = tuple[Tensor, dict[str, float]]
@@ -298,13 +303,14 @@ def kd(c: Context) -> Result:
 def gkd(c: Context) -> Result:
     """JSD(beta) on the student's response for a lambda share of pairs, else the teacher's.
 
-    The share is drawn per pair from a generator seeded by (seed, step), so reruns and
-    resumed runs see the same mix. Both sides' terms are weighted by their share of the
-    batch, so the total is a mean over all pairs (or all their tokens).
+    The share is drawn per pair of the global micro-batch from a generator seeded by
+    (seed, step, micro-batch), so reruns, resumed runs and torchrun runs see the same
+    mix. Both sides' terms are weighted by their share of the batch, so the total is a
+    mean over all pairs (or all their tokens).
     """
-    B = c.chosen.mask.shape[0]
-    rng = random.Random(c.seed * 1_000_003 + c.step)
-    on_student = torch.tensor([rng.random() < c.p.gkd.lmbda for _ in range(B)])
+    rng = random.Random((c.seed * 1_000_003 + c.step) * 1_009 + c.micro)
+    draws = [rng.random() < c.p.gkd.lmbda for _ in range(c.global_size)]
+    on_student = torch.tensor([draws[i] for i in c.positions], device=c.chosen.mask.device)
     teacher_side = Side(c.chosen.s_hidden, c.chosen.t_hidden, c.chosen.mask & ~on_student[:, None], c.chosen.targets)
     student_side = Side(c.rejected.s_hidden, c.rejected.t_hidden, c.rejected.mask & on_student[:, None], c.rejected.targets)
     if c.p.reduction == "token_mean":
