@@ -139,11 +139,19 @@ def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.
     return out.last_hidden_state
 
 
+def side(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: encoding.Batch, device: str) -> Side:
+    """One batch through the student (with gradients) and the teacher (without), if needed."""
+    s_h = hidden(student, batch, device)
+    with torch.no_grad():
+        t_h = hidden(teacher, batch, device) if teacher is not None else None
+    return Side(s_h, t_h, batch.response_mask.to(device), batch.targets.to(device))
+
+
 @torch.no_grad()
 def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: str, role: str) -> None:
     """Refuse models whose logits are not head(final hidden) (e.g. logit soft-capping)."""
-    full = model(input_ids=batch.input_ids[:1].to(device), attention_mask=batch.attention_mask[:1].to(device)).logits
-    mine = model.get_output_embeddings()(hidden(model, encoding.Batch(batch.input_ids[:1], batch.attention_mask[:1], batch.response_mask[:1], batch.targets[:1]), device))
+    full = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    mine = model.get_output_embeddings()(hidden(model, batch, device))
     if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
         raise ValueError(f"models.{role}: logits are not the LM head applied to the final hidden state (soft-capping or scaling?); this model is not supported")
 
@@ -152,6 +160,30 @@ def run_key(p: TrainParams, pairs_digest: str, student_fp: str, teacher_fp: str)
     """What a checkpoint must match to be resumed: params, data and both models."""
     blob = records.canonical_json({"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp})
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_checkpoint(ckpt: Path, key: str, device: str, student: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LambdaLR, curriculum: AlphaCurriculum) -> tuple[int, list[dict[str, float]]]:
+    """Restore a run saved by `save_checkpoint`; (next step, log rows so far), or (0, [])
+    when the checkpoint belongs to another configuration."""
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    if state["key"] != key:
+        log.warning("train: ignoring checkpoint %s from another configuration (params, data or models changed)", ckpt)
+        return 0, []
+    student.load_state_dict(state["student"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    curriculum.gaps_t, curriculum.gaps_s = state["curriculum"]["gaps_t"], state["curriculum"]["gaps_s"]
+    return state["step"], state["log"]
+
+
+def save_checkpoint(ckpt: Path, key: str, step: int, student: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LambdaLR, curriculum: AlphaCurriculum, log_rows: list[dict[str, float]]) -> None:
+    state = {"key": key, "step": step, "student": student.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "curriculum": curriculum.state(), "log": log_rows}
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt) as tmp:
+        torch.save(state, tmp)
 
 
 def plan(n_pairs: int, p: TrainParams) -> list[list[list[int]]]:
@@ -207,15 +239,8 @@ def run(
     start, log_rows = 0, []
     ckpt = checkpoint_dir / "state.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=p.device, weights_only=True)
-        if state["key"] != key:
-            log.warning("train: ignoring checkpoint %s from another configuration (params, data or models changed)", ckpt)
-        else:
-            student.load_state_dict(state["student"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            curriculum.gaps_t, curriculum.gaps_s = state["curriculum"]["gaps_t"], state["curriculum"]["gaps_s"]
-            start, log_rows = state["step"], state["log"]
+        start, log_rows = load_checkpoint(ckpt, key, p.device, student, opt, sched, curriculum)
+        if start:
             log.info("train: resuming at step %d of %d from %s", start, total, ckpt)
     rank, world = distributed.rank_and_size()
     if world > 1:
@@ -228,7 +253,7 @@ def run(
             return total / count
 
         curriculum.mean = global_mean
-    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)
+    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
     check_head_is_plain(student, first, p.device, "student")
     if NEEDS_TEACHER[p.method]:
         check_head_is_plain(teacher, first, p.device, "teacher")
@@ -246,16 +271,11 @@ def run(
             chosen = encoding.collate([(encoded[i][0], encoded[i][1]) for i in idx], tok_s.pad_token_id)
             rejected = encoding.collate([(encoded[i][0], encoded[i][2]) for i in idx], tok_s.pad_token_id)
             with autocast:
-                sides = []
-                for batch, needed in ((chosen, True), (rejected, NEEDS_REJECTED[p.method])):
-                    if not needed:
-                        sides.append(Side(torch.empty(0), None, batch.response_mask[:0], batch.targets[:0]))
-                        continue
-                    s_h = hidden(student, batch, p.device)
-                    with torch.no_grad():
-                        t_h = hidden(teacher, batch, p.device) if NEEDS_TEACHER[p.method] else None
-                    sides.append(Side(s_h, t_h, batch.response_mask.to(p.device), batch.targets.to(p.device)))
-                ctx = Context(sides[0], sides[1], heads, mp, step, total, p.seed, curriculum, micro, positions, len(global_idx))
+                on_chosen = side(student, teacher if NEEDS_TEACHER[p.method] else None, chosen, p.device)
+                # sft never looks at the student's responses: an empty side, no forward pass
+                on_rejected = (side(student, teacher if NEEDS_TEACHER[p.method] else None, rejected, p.device) if NEEDS_REJECTED[p.method]
+                               else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0]))
+                ctx = Context(on_chosen, on_rejected, heads, mp, step, total, p.seed, curriculum, micro, positions, len(global_idx))
                 loss, logs = method(ctx)
             (loss * share * world).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
@@ -270,11 +290,7 @@ def run(
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
         if ckpt is not None and rank == 0 and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
-            state = {"key": key, "step": step + 1, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "curriculum": curriculum.state(), "log": log_rows}
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(ckpt) as tmp:
-                torch.save(state, tmp)
+            save_checkpoint(ckpt, key, step + 1, student, opt, sched, curriculum, log_rows)
         if on_step is not None:
             on_step(step)
     bar.close()
