@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "train", "evaluate")
+STAGES = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate")
 
 
 def check(path: Path) -> int:

@@ -1,7 +1,7 @@
 """train: distil the teacher into the student on the curated pairs.
 
-    python -m stages.train --params params.yaml --pairs data/curate --models data/bootstrap \
-        --out data/train --metrics metrics/train.json --plot plots/train.csv
+    python -m stages.train --params params.yaml --pairs data/curate --scores data/score \
+        --models data/bootstrap --out data/train --metrics metrics/train.json --plot plots/train.csv
 
 `train.method` picks the objective (stages/lib/objectives.py): `distillm2` (default),
 `distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from stages.lib import cli, distributed, encoding, lineage, models, params, records, training
 from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import atomic_dir, atomic_path, digest_path, read_rows, write_json
+from stages.lib.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, write_json
 from stages.lib.objectives import (
     METHODS,
     NEEDS_REJECTED,
@@ -59,6 +59,7 @@ from stages.lib.objectives import (
     Method,
     MethodParams,
     Side,
+    TopK,
 )
 from stages.lib.params import check
 
@@ -84,6 +85,7 @@ class TrainParams:
     bf16_autocast: bool
     gradient_checkpointing: bool
     checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
+    teacher_signal: Literal["online", "topk"]  # topk: data/score's top-k log-probs, no teacher model
     distillm2: DistiLLM2Params
     distillm: DistiLLMParams
     gkd: GKDParams
@@ -112,25 +114,48 @@ SECTIONS: dict[str, Any] = {
 PARAMS = tuple(SECTIONS)
 
 
-def encode_pairs(tok: Any, pairs: list[dict[str, Any]]) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt ids, chosen ids, rejected ids) per pair; eos only where the model stopped."""
-    out = []
-    for pr in pairs:
-        p_ids = encoding.prompt_ids(tok, pr["prompt"])
-        c_ids = encoding.response_ids(tok, pr["chosen"], eos=pr["chosen_finish_reason"] == "stop")
-        r_ids = encoding.response_ids(tok, pr["rejected"], eos=pr["rejected_finish_reason"] == "stop")
-        out.append((p_ids, c_ids, r_ids))
+def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: int, p: TrainParams) -> Heads:
+    """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
+    heads = {"student": student.get_output_embeddings(), "teacher": teacher.get_output_embeddings() if teacher is not None else None}
+    for name, head in heads.items():
+        if head is not None and not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"models.{name}: output layer is {type(head).__name__}, not a Linear head; distillflow computes logits as hidden @ W.T")
+    cut = lambda t: None if t is None else t[:vocab]  # noqa: E731
+    s_head, t_head = heads["student"], heads["teacher"]
+    return Heads(s_head.weight[:vocab], cut(s_head.bias), cut(t_head.weight) if t_head is not None else None,
+                 cut(t_head.bias) if t_head is not None else None, p.logits == "chunked", p.chunk_size, p.reduction, topk=teacher is None)
+
+
+# (pair_id, side) -> (k, top-k ids (positions, k), top-k log-probs (positions, k), target log-probs (positions,))
+Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def index_scores(rows: list[dict[str, Any]]) -> Scores:
+    out: Scores = {}
+    for r in rows:
+        n, k = r["positions"], r["k"]
+        out[(r["pair_id"], r["side"])] = (k, torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
+                                          torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
+                                          torch.tensor(r["target_logprob"], dtype=torch.float32))
     return out
 
 
-def heads_of(student: torch.nn.Module, teacher: torch.nn.Module, vocab: int, p: TrainParams) -> Heads:
-    """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    for name, head in (("student", s_head), ("teacher", t_head)):
-        if not isinstance(head, torch.nn.Linear):
-            raise ValueError(f"models.{name}: output layer is {type(head).__name__}, not a Linear head; distillflow computes logits as hidden @ W.T")
-    cut = lambda b: None if b is None else b[:vocab]  # noqa: E731
-    return Heads(s_head.weight[:vocab], cut(s_head.bias), t_head.weight[:vocab], cut(t_head.bias), p.logits == "chunked", p.chunk_size, p.reduction)
+def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) -> TopK:
+    """The stored teacher signal of a batch, laid out densely over (B, T) positions."""
+    B, T = batch.response_mask.shape
+    k = next(iter(scores.values()))[0]
+    ids = torch.zeros((B, T, k), dtype=torch.long)
+    lps = torch.zeros((B, T, k), dtype=torch.float32)
+    target = torch.zeros((B, T), dtype=torch.float32)
+    for row, key in enumerate(keys):
+        if key not in scores:
+            raise DataError(f"data/score: no teacher scores for pair {key[0]} ({key[1]}); rerun the score stage")
+        _, i, lp, tg = scores[key]
+        m = batch.response_mask[row]
+        if int(m.sum()) != i.shape[0]:
+            raise DataError(f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, the tokenizer gives {int(m.sum())}")
+        ids[row, m], lps[row, m], target[row, m] = i, lp, tg
+    return TopK(ids, lps, target)
 
 
 def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
@@ -139,12 +164,14 @@ def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.
     return out.last_hidden_state
 
 
-def side(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: encoding.Batch, device: str) -> Side:
+def side(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: encoding.Batch, device: str, topk: TopK | None = None) -> Side:
     """One batch through the student (with gradients) and the teacher (without), if needed."""
     s_h = hidden(student, batch, device)
     with torch.no_grad():
         t_h = hidden(teacher, batch, device) if teacher is not None else None
-    return Side(s_h, t_h, batch.response_mask.to(device), batch.targets.to(device))
+    if topk is not None:
+        topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
+    return Side(s_h, t_h, batch.response_mask.to(device), batch.targets.to(device), topk)
 
 
 @torch.no_grad()
@@ -211,19 +238,28 @@ def run(
     checkpoint_dir: Path | None = None,
     key: str = "",
     on_step: Callable[[int], None] | None = None,
+    scores: Scores | None = None,
 ) -> list[dict[str, float]]:
     """Train `student` in place; returns one log row per optimizer step.
 
     With `checkpoint_dir` and `p.checkpoint_every`, saves resumable state there and
     resumes from a checkpoint whose key equals `key`. `on_step(step)` is called after
-    each optimizer step (progress hooks; tests use it to simulate a crash).
+    each optimizer step (progress hooks; tests use it to simulate a crash). With
+    `p.teacher_signal == "topk"`, `teacher` is None and `scores` holds the teacher's
+    stored top-k signal (stages/score.py).
     """
-    vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
+    offline = p.teacher_signal == "topk"
+    if offline != (teacher is None) or offline != (scores is not None):
+        raise ValueError("train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores")
     if not pairs:
         raise ValueError("train: no pairs to train on")
+    if scores is not None and not scores:
+        raise ValueError("train.teacher_signal is topk but data/score holds no scores: set score.k > 0")
+    vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size if teacher is not None else len(tok_t))
     student.to(p.device)
-    teacher.to(p.device)
-    encoded = encode_pairs(tok_s, pairs)
+    if teacher is not None:
+        teacher.to(p.device)
+    encoded = [encoding.encode_pair(tok_s, pr) for pr in pairs]
     steps = plan(len(encoded), p)
     total = len(steps)
     training.seed_everything(p.seed)
@@ -235,7 +271,8 @@ def run(
     if p.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.train()
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     start, log_rows = 0, []
     ckpt = checkpoint_dir / "state.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.is_file():
@@ -255,8 +292,9 @@ def run(
         curriculum.mean = global_mean
     first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
     check_head_is_plain(student, first, p.device, "student")
-    if NEEDS_TEACHER[p.method]:
+    if NEEDS_TEACHER[p.method] and teacher is not None:
         check_head_is_plain(teacher, first, p.device, "teacher")
+    online_teacher = teacher if NEEDS_TEACHER[p.method] else None
     autocast = torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
     bar = tqdm(total=total, initial=start, desc=f"train {p.method}", unit="step", mininterval=5.0)
     for step in range(start, total):
@@ -270,10 +308,13 @@ def run(
             share = len(idx) / len(global_idx) / len(steps[step])
             chosen = encoding.collate([(encoded[i][0], encoded[i][1]) for i in idx], tok_s.pad_token_id)
             rejected = encoding.collate([(encoded[i][0], encoded[i][2]) for i in idx], tok_s.pad_token_id)
+            keys = [pairs[i]["pair_id"] for i in idx]
+            topk_c = topk_of(chosen, [(k, "chosen") for k in keys], scores) if scores is not None else None
+            topk_r = topk_of(rejected, [(k, "rejected") for k in keys], scores) if scores is not None and NEEDS_REJECTED[p.method] else None
             with autocast:
-                on_chosen = side(student, teacher if NEEDS_TEACHER[p.method] else None, chosen, p.device)
+                on_chosen = side(student, online_teacher, chosen, p.device, topk_c)
                 # sft never looks at the student's responses: an empty side, no forward pass
-                on_rejected = (side(student, teacher if NEEDS_TEACHER[p.method] else None, rejected, p.device) if NEEDS_REJECTED[p.method]
+                on_rejected = (side(student, online_teacher, rejected, p.device, topk_r) if NEEDS_REJECTED[p.method]
                                else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0]))
                 ctx = Context(on_chosen, on_rejected, heads, mp, step, total, p.seed, curriculum, micro, positions, len(global_idx))
                 loss, logs = method(ctx)
@@ -319,7 +360,7 @@ def summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "models", "out", "metrics", "plot")
+    args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot")
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
@@ -328,13 +369,18 @@ def main() -> None:
     pairs = read_rows(src, records.PAIR_SCHEMA)
     distributed.init_from_env(p.device)
     student = models.load_model(s_ref, args.models / "student", trust, dtype)
-    teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
+    scores: Scores | None = None
+    teacher: torch.nn.Module | None = None
+    if p.teacher_signal == "topk":
+        scores = index_scores(read_rows(args.scores / "topk.parquet", records.TOPK_SCHEMA))  # the teacher model is never loaded
+    else:
+        teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
     tok_s = models.load_tokenizer(s_ref, args.models / "student", trust)
     tok_t = models.load_tokenizer(t_ref, args.models / "teacher", trust)
     key = run_key(p, digest_path(src), models.fingerprint(s_ref, args.models / "student"), models.fingerprint(t_ref, args.models / "teacher"))
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()
-    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key)
+    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key, scores=scores)
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:
@@ -345,7 +391,8 @@ def main() -> None:
         training.save_model(student.to("cpu"), tok_s, tmp / "model")
         lineage.write_manifest(
             tmp, "train", used,
-            inputs={"pairs": src, "student": args.models / "student" if s_ref.name == "toy" else args.models / "manifest.json",
+            inputs={"pairs": src, **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
+                    "student": args.models / "student" if s_ref.name == "toy" else args.models / "manifest.json",
                     "teacher": args.models / "teacher" if t_ref.name == "toy" else args.models / "manifest.json"},
             outputs={},
             counts=metrics,

@@ -12,7 +12,7 @@ from .test_params import STAGES
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-EXPECTED = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "train", "evaluate"]
+EXPECTED = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
 
 
 def lib_imports(path: Path) -> set[str]:
@@ -83,4 +83,5 @@ def test_graph_edges() -> None:
         ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
         ("seed", "teacher"), ("seed", "student"), ("seed", "pairs"), ("seed", "evaluate"),
         ("teacher", "pairs"), ("student", "pairs"), ("pairs", "curate"), ("curate", "train"), ("train", "evaluate"),
+        ("curate", "score"), ("bootstrap", "score"), ("score", "train"),
     }

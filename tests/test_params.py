@@ -5,13 +5,13 @@ from typing import Literal
 import pytest
 import yaml
 
-from stages import bootstrap, curate, evaluate, pairs, seed, student, teacher, train
+from stages import bootstrap, curate, evaluate, pairs, score, seed, student, teacher, train
 from stages.lib import params
 from stages.lib.config import GenerationParams, TaskParams
 
 from .conftest import ROOT
 
-STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, train, evaluate)}
+STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate)}
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
 
 

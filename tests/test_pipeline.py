@@ -51,7 +51,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "train", "evaluate"}
+    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"}
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for name in ("teacher", "student_initial", "student_distilled"):
         assert 0.0 <= ev[name]["accuracy"]["exact_match"] <= 1.0
@@ -88,7 +88,7 @@ def test_training_param_reruns_only_train_and_evaluate(repo: Path) -> None:
 
 def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -> None:
     out = sh(repo, "dvc", "exp", "run", "-S", "teacher.temperature=0.8")
-    assert ran(out) == {"teacher", "pairs", "curate", "train", "evaluate"}
+    assert ran(out) == {"teacher", "pairs", "curate", "score", "train", "evaluate"}
 
 
 @pytest.mark.parametrize(
@@ -99,6 +99,7 @@ def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -
         ["train.method=gkd"],
         ["train.method=distillm"],
         ["train.method=dpkd"],
+        ["train.method=distillm2", "train.teacher_signal=topk"],
         ["train.method=distillm2", "train.distillm2.contrastive=false", "train.distillm2.beta_ramp=false", "train.distillm2.adaptive_alpha=false", "train.logits=full"],
     ],
     ids=lambda o: ",".join(o),

@@ -17,7 +17,7 @@ D2 = DistiLLM2Params(contrastive=True, beta_ramp=True, adaptive_alpha=True, alph
 def tp(**kw: object) -> train.TrainParams:
     base = dict(method="distillm2", seed=0, epochs=2, batch_size=4, grad_accum_steps=1, lr=0.01, warmup_steps=1, max_grad_norm=1.0,
                 reduction="sequence_mean", logits="chunked", chunk_size=16, device="cpu", bf16_autocast=False, gradient_checkpointing=False,
-                checkpoint_every=0, distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1))
+                checkpoint_every=0, teacher_signal="online", distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1))
     return train.TrainParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -208,7 +208,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
     for name, launcher in (("single", [sys.executable, "-m", "stages.train"]),
                            ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "stages.train"])):
         out = tmp_path / name
-        cmd = [*launcher, "--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "curate"), "--models", str(taught_models),
+        cmd = [*launcher, "--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "curate"), "--scores", str(tmp_path / "score"), "--models", str(taught_models),
                "--out", str(out / "train"), "--metrics", str(out / "m.json"), "--plot", str(out / "plot.csv")]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]

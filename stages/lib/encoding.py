@@ -26,6 +26,16 @@ def response_ids(tok: PreTrainedTokenizerBase, response: str, eos: bool) -> list
     return [*ids, tok.eos_token_id] if eos else ids
 
 
+def encode_pair(tok: PreTrainedTokenizerBase, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) of a preference pair; eos only where the
+    model stopped. Train and score both call this, so their positions line up."""
+    return (
+        prompt_ids(tok, pair["prompt"]),
+        response_ids(tok, pair["chosen"], eos=pair["chosen_finish_reason"] == "stop"),
+        response_ids(tok, pair["rejected"], eos=pair["rejected_finish_reason"] == "stop"),
+    )
+
+
 @dataclass(frozen=True)
 class Batch:
     """A right-padded training batch.

@@ -1016,8 +1016,10 @@ TAIL_FLOOR = -60.0
 def _tail_logprob(logprobs: Tensor) -> Tensor:
     """log(1 - sum exp(logprobs)) over the last dim, floored at TAIL_FLOOR."""
     covered = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)  # log of the top-k mass
-    # log(1 - e^c) computed stably: log(-expm1(c)); -expm1(0) = 0 hits the floor.
-    return torch.log(-torch.expm1(covered)).clamp(min=TAIL_FLOOR)
+    # log(1 - e^c) computed stably as log(-expm1(c)). The floor is applied before the
+    # log, so an empty tail (c = 0) gets a finite value and a zero, not NaN, gradient.
+    tail = (-torch.expm1(covered)).clamp(min=math.exp(TAIL_FLOOR))
+    return torch.log(tail)
 
 
 def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:

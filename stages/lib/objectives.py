@@ -20,7 +20,7 @@ hidden states so that full (B, T, V) logits of both models never exist
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -125,19 +125,35 @@ class MethodParams:
 # ---------------------------------------------------------------- the models' side
 
 
-@dataclass
+@dataclass(frozen=True)
+class TopK:
+    """The offline teacher signal of one batch (stages/score.py), dense over positions.
+
+    ids, logprobs (B, T, k): the teacher's k most likely next tokens and their
+    log-probs; target (B, T): the teacher's log-prob of the actual next token.
+    Positions outside the response mask hold zeros.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    target: Tensor
+
+
+@dataclass(frozen=True)
 class Side:
     """One batch of sequences (the chosen or the rejected responses) through both models.
 
     s_hidden (B, T, H_s) carries gradients; t_hidden (B, T, H_t) is None when the
-    method does not need the teacher; mask (B, T) marks the positions that predict a
-    response token, targets (B, T) holds that token.
+    method does not need the teacher or the teacher signal is offline (t_topk);
+    mask (B, T) marks the positions that predict a response token, targets (B, T)
+    holds that token.
     """
 
     s_hidden: Tensor
     t_hidden: Tensor | None
     mask: Tensor
     targets: Tensor
+    t_topk: TopK | None = None
 
 
 @dataclass(frozen=True)
@@ -156,14 +172,58 @@ class Heads:
 
     s_weight: Tensor  # (V, H_s)
     s_bias: Tensor | None
-    t_weight: Tensor  # (V, H_t)
+    t_weight: Tensor | None  # (V, H_t); None with the offline top-k signal
     t_bias: Tensor | None
     chunked: bool
     chunk_size: int
     reduction: str
+    topk: bool  # teacher distributions come from Side.t_topk, not from a teacher model
+
+    def _reduce(self, per_token: Tensor, seq: Tensor, num_seqs: int) -> Tensor:
+        """token_mean or sequence_mean of per-token values (n,) with sequence ids (n,)."""
+        if per_token.numel() == 0:
+            return per_token.sum()
+        if self.reduction == "token_mean":
+            return per_token.mean()
+        sums = per_token.new_zeros(num_seqs).index_add(0, seq, per_token)
+        counts = per_token.new_zeros(num_seqs).index_add(0, seq, torch.ones_like(per_token))
+        present = counts > 0
+        return (sums[present] / counts[present]).mean()
+
+    def _topk_divergence(self, t: Term) -> Tensor:
+        """One term against the bucketed top-k teacher (losses.topk_buckets), chunked.
+
+        Each chunk's (c, V) student logits are recomputed in the backward rather than
+        kept, so memory stays at chunk x V as on the online path.
+        """
+        side = t.side
+        assert side.t_topk is not None
+        rows = side.s_hidden[side.mask]  # (N, H)
+        ids, lps = side.t_topk.ids[side.mask], side.t_topk.logprobs[side.mask]  # (N, k)
+        seq = torch.nonzero(side.mask)[:, 0]
+        kwargs = dict(t.kwargs)
+        alpha = kwargs.pop("alpha", None)
+        alpha_rows = alpha[seq] if isinstance(alpha, Tensor) else None
+
+        def chunk(h: Tensor, i: Tensor, lp: Tensor, a: Tensor | None) -> Tensor:
+            s_b, t_b = losses.topk_buckets(F.linear(h, self.s_weight, self.s_bias), i, lp)
+            extra = {} if alpha is None else {"alpha": a if a is not None else alpha}
+            return t.divergence(s_b, t_b, None, reduction="none", chunk_size=None, **kwargs, **extra)
+
+        parts = []
+        for s in range(0, rows.shape[0], self.chunk_size):
+            sl = slice(s, s + self.chunk_size)
+            a = alpha_rows[sl] if alpha_rows is not None else None
+            parts.append(checkpoint(chunk, rows[sl], ids[sl], lps[sl], a, use_reentrant=False))
+        per_token = torch.cat(parts) if parts else rows.new_zeros((0,), dtype=torch.float32)
+        return self._reduce(per_token, seq, side.mask.shape[0])
 
     def divergences(self, terms: list[Term]) -> tuple[Tensor, list[float]]:
         """sum_k weight_k * divergence_k, and each divergence's value for logging."""
+        if self.topk:
+            values = [self._topk_divergence(t) for t in terms]
+            total = sum((t.weight * v for t, v in zip(terms, values)), values[0].new_zeros(()))
+            return total, [float(v.detach()) for v in values]
         if self.chunked:
             hidden_terms = [
                 losses.HiddenTerm(t.side.s_hidden, t.side.t_hidden, t.side.mask, t.divergence, t.weight, self.reduction, t.kwargs)
@@ -187,9 +247,15 @@ class Heads:
         Chunked over the response tokens (each chunk's (c, V) logits recomputed in the
         backward rather than kept), so it is as memory-safe as the divergences.
         """
+        if teacher and self.topk:
+            assert side.t_topk is not None
+            token_lp = side.t_topk.target[side.mask].float()
+            seq = torch.nonzero(side.mask)[:, 0]
+            total = token_lp.new_zeros(side.mask.shape[0]).index_add(0, seq, token_lp)
+            return total / side.mask.sum(1).clamp(min=1).to(token_lp.dtype)
         hidden = side.t_hidden if teacher else side.s_hidden
         weight, bias = (self.t_weight, self.t_bias) if teacher else (self.s_weight, self.s_bias)
-        assert hidden is not None
+        assert hidden is not None and weight is not None
         rows = hidden[side.mask]  # (N, H)
         labels = side.targets[side.mask]  # (N,)
         seq = torch.nonzero(side.mask)[:, 0]  # (N,) sequence of each row
@@ -311,8 +377,8 @@ def gkd(c: Context) -> Result:
     rng = random.Random((c.seed * 1_000_003 + c.step) * 1_009 + c.micro)
     draws = [rng.random() < c.p.gkd.lmbda for _ in range(c.global_size)]
     on_student = torch.tensor([draws[i] for i in c.positions], device=c.chosen.mask.device)
-    teacher_side = Side(c.chosen.s_hidden, c.chosen.t_hidden, c.chosen.mask & ~on_student[:, None], c.chosen.targets)
-    student_side = Side(c.rejected.s_hidden, c.rejected.t_hidden, c.rejected.mask & on_student[:, None], c.rejected.targets)
+    teacher_side = replace(c.chosen, mask=c.chosen.mask & ~on_student[:, None])
+    student_side = replace(c.rejected, mask=c.rejected.mask & on_student[:, None])
     if c.p.reduction == "token_mean":
         n_t, n_s = float(teacher_side.mask.sum()), float(student_side.mask.sum())
     else:

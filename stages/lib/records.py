@@ -128,3 +128,17 @@ def with_reason(base: pa.Schema, name: str) -> pa.Schema:
 
 
 PAIR_QUARANTINE_SCHEMA = with_reason(PAIR_SCHEMA, "pair_quarantine")
+
+# The teacher's offline signal (stages/score.py), one row per pair and side.
+TOPK_SCHEMA = schema(
+    "teacher_topk",
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),  # "chosen" | "rejected"
+        pa.field("positions", pa.int32(), nullable=False),  # response positions scored
+        pa.field("k", pa.int32(), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),  # positions * k
+        pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),  # positions * k, descending per position
+        pa.field("target_logprob", pa.list_(pa.float32()), nullable=False),  # positions
+    ],
+)

@@ -1,0 +1,107 @@
+"""score: the teacher's offline signal on every curated pair (top-k log-probs).
+
+    python -m stages.score --params params.yaml --pairs data/curate --models data/bootstrap \
+        --out data/score --metrics metrics/score.json
+
+For both responses of each pair (chosen and rejected), at every response position: the
+teacher's `score.k` most likely next tokens with their log-probs, and its log-prob of
+the token actually there. With `train.teacher_signal: topk` the train stage reads this
+instead of loading the teacher, and compares the student with the teacher over those
+k tokens plus one "everything else" bucket (losses.topk_buckets: the approximation
+error, measured in tests/test_losses_topk.py, shrinks as k grows).
+
+`score.k: 0` switches scoring off (the teacher is not loaded; an empty topk.parquet is
+written), for runs that keep the online teacher. Output rows (one per pair and side):
+pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
+target_logprob (positions).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from stages.lib import cli, encoding, lineage, models, params, records
+from stages.lib.config import Dtype, ModelParams
+from stages.lib.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.params import check
+
+log = logging.getLogger("score")
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """params.yaml `score`."""
+
+    k: int  # 0 = off
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+SECTIONS: dict[str, Any] = {
+    "models.teacher": ModelParams,
+    "models.trust_remote_code": bool,
+    "models.dtype": Dtype,
+    "score": ScoreParams,
+}
+PARAMS = tuple(SECTIONS)
+
+
+@torch.no_grad()
+def run(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> list[dict[str, Any]]:
+    """Top-k rows for every (pair, side), in pair order, chosen before rejected."""
+    vocab = len(tok)
+    if p.k > vocab:
+        raise ValueError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
+    device = next(teacher.parameters()).device
+    seqs = []
+    for pr in pairs:
+        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
+        seqs += [(pr["pair_id"], "chosen", (prompt, chosen)), (pr["pair_id"], "rejected", (prompt, rejected))]
+    rows = []
+    for s in tqdm(range(0, len(seqs), p.batch_size), desc="score teacher", unit="batch", mininterval=5.0):
+        chunk = seqs[s : s + p.batch_size]
+        b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
+        logits = teacher(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits[..., :vocab]
+        for i, (pid, side, _) in enumerate(chunk):
+            m = b.response_mask[i].to(device)
+            lp = torch.log_softmax(logits[i][m].float(), dim=-1)  # (positions, V)
+            top = lp.topk(p.k, dim=-1)
+            target = lp.gather(-1, b.targets[i].to(device)[m][:, None]).squeeze(-1)
+            rows.append({
+                "pair_id": pid, "side": side, "positions": int(m.sum()), "k": p.k,
+                "topk_ids": top.indices.flatten().tolist(), "topk_logprobs": top.values.flatten().tolist(),
+                "target_logprob": target.tolist(),
+            })
+    return rows
+
+
+def main() -> None:
+    args = cli.parse_paths(__doc__, "pairs", "models", "out", "metrics")
+    used = params.load_sections(args.params, SECTIONS)
+    p: ScoreParams = used["score"]
+    ref = used["models.teacher"].ref()
+    src = args.pairs / "curated.parquet"
+    pairs = read_rows(src, records.PAIR_SCHEMA)
+    rows: list[dict[str, Any]] = []
+    if p.k > 0:
+        teacher = models.load_model(ref, args.models / "teacher", used["models.trust_remote_code"], used["models.dtype"])
+        tok = models.load_tokenizer(ref, args.models / "teacher", used["models.trust_remote_code"])
+        rows = run(teacher, tok, pairs, p)
+    counts = {"pairs": len(pairs), "rows": len(rows), "k": p.k, "positions": sum(r["positions"] for r in rows)}
+    with atomic_dir(args.out) as tmp:
+        n = write_table(tmp / "topk.parquet", rows, records.TOPK_SCHEMA)
+        lineage.write_manifest(tmp, "score", used, inputs={"pairs": src}, outputs={"topk.parquet": n}, counts=counts,
+                               extra={"teacher": models.describe(ref, args.models / "teacher")})
+    write_json(args.metrics, counts)
+    log.info("score: k=%d, %d rows, %d positions", p.k, counts["rows"], counts["positions"])
+
+
+if __name__ == "__main__":
+    main()
