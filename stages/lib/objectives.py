@@ -310,8 +310,6 @@ class AlphaCurriculum:
 
     def alphas(self, gap_t: Tensor, gap_s: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sequence (alpha_t, alpha_s) for this batch; records gaps until ready."""
-        if not self.p.adaptive_alpha:
-            return torch.full_like(gap_t, self.p.alpha_0), torch.full_like(gap_s, self.p.alpha_0)
         if not self.ready:
             self.gaps_t.append(self.mean(gap_t))
             self.gaps_s.append(self.mean(gap_s))
@@ -404,11 +402,16 @@ def distillm(c: Context) -> Result:
 def distillm2(c: Context) -> Result:
     d = c.p.distillm2
     beta = d.beta.at(c.step, c.total_steps) if d.beta_ramp else d.beta.start
-    with torch.no_grad():
-        # Geometric-mean token probabilities of each response under both models.
-        gap_t = c.heads.seq_logprob(c.chosen, teacher=True).exp() - c.heads.seq_logprob(c.chosen, teacher=False).exp()
-        gap_s = c.heads.seq_logprob(c.rejected, teacher=False).exp() - c.heads.seq_logprob(c.rejected, teacher=True).exp()
-    alpha_t, alpha_s = c.curriculum.alphas(gap_t, gap_s)
+    if d.adaptive_alpha:
+        with torch.no_grad():
+            # Geometric-mean token probabilities of each response under both models.
+            gap_t = c.heads.seq_logprob(c.chosen, teacher=True).exp() - c.heads.seq_logprob(c.chosen, teacher=False).exp()
+            gap_s = c.heads.seq_logprob(c.rejected, teacher=False).exp() - c.heads.seq_logprob(c.rejected, teacher=True).exp()
+        alpha_t, alpha_s = c.curriculum.alphas(gap_t, gap_s)
+    else:  # no log-prob passes needed: alpha stays at alpha_0
+        device = c.chosen.mask.device
+        alpha_t = torch.full((c.chosen.mask.shape[0],), d.alpha_0, device=device)
+        alpha_s = torch.full((c.rejected.mask.shape[0],), d.alpha_0, device=device)
     on_chosen = losses.skew_forward_kl if d.contrastive else losses.skew_reverse_kl
     chosen_kw = {"alpha": alpha_t} if d.contrastive else {"alpha": alpha_t, "detach_mixture_student": d.detach_mixture_student}
     loss, (a, b) = c.heads.divergences([
