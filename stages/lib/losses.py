@@ -187,8 +187,11 @@ def _sequence_ids(rows: Tensor | None, lead_shape: torch.Size, device: torch.dev
     return torch.div(flat, lead_shape[1], rounding_mode="floor")
 
 
-def _reduce(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, reduction: str) -> Tensor:
-    """Apply a reduction to per-token values (n,) (n > 0 for the means)."""
+def reduce_tokens(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, reduction: str) -> Tensor:
+    """Apply a reduction to per-token values (n,) (n > 0 for the means).
+
+    Shared with stages/lib/objectives.py (the top-k path), so both paths reduce alike.
+    """
     if reduction == "none":
         return per_token
     if reduction == "token_mean":
@@ -200,7 +203,7 @@ def _reduce(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, reduction:
     return (sums[present] / counts[present].to(per_token.dtype)).mean()
 
 
-def _run_chunks(
+def run_chunks(
     kernel: Callable[..., Tensor], tensors: list[Tensor | None], chunk_size: int | None
 ) -> Tensor:
     """Apply ``kernel`` over row chunks of ``tensors`` and concatenate the (n,) results.
@@ -262,11 +265,11 @@ def _masked_divergence(
     if student.shape[0] == 0 and reduction != "none":
         return _zero_loss(student_logits)
 
-    per_token = _run_chunks(kernel, [student, teacher, coef_rows], chunk_size)
+    per_token = run_chunks(kernel, [student, teacher, coef_rows], chunk_size)
     seq_ids = (
         _sequence_ids(rows, lead_shape, student.device) if reduction == "sequence_mean" else None
     )
-    return _reduce(per_token, seq_ids, lead_shape[0], reduction)
+    return reduce_tokens(per_token, seq_ids, lead_shape[0], reduction)
 
 
 # ----------------------------------------------------------------------- row kernels
@@ -627,7 +630,7 @@ class _HeadDivergences(torch.autograd.Function):
             else:
                 # Same reduction code as the logits path, so values agree bit for bit.
                 parts.append(
-                    _reduce(torch.cat(values), term.seq_ids, term.num_seqs, term.reduction)
+                    reduce_tokens(torch.cat(values), term.seq_ids, term.num_seqs, term.reduction)
                 )
         parts_t = torch.stack(parts)  # (K,)
         total = sum(
@@ -953,7 +956,7 @@ def _sequence_logprob(
         ((selected_labels >= 0) & (selected_labels < vocab)).all()
     ):
         raise ValueError(f"labels at masked-in positions must be token ids in [0, {vocab})")
-    per_token = _run_chunks(
+    per_token = run_chunks(
         _token_logprob_rows, [_select_rows(logits, rows), selected_labels], chunk_size
     )
     batch = logits.shape[0]

@@ -25,7 +25,6 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from stages.lib import losses
 from stages.lib.params import check
@@ -179,17 +178,6 @@ class Heads:
     reduction: str
     topk: bool  # teacher distributions come from Side.t_topk, not from a teacher model
 
-    def _reduce(self, per_token: Tensor, seq: Tensor, num_seqs: int) -> Tensor:
-        """token_mean or sequence_mean of per-token values (n,) with sequence ids (n,)."""
-        if per_token.numel() == 0:
-            return per_token.sum()
-        if self.reduction == "token_mean":
-            return per_token.mean()
-        sums = per_token.new_zeros(num_seqs).index_add(0, seq, per_token)
-        counts = per_token.new_zeros(num_seqs).index_add(0, seq, torch.ones_like(per_token))
-        present = counts > 0
-        return (sums[present] / counts[present]).mean()
-
     def _topk_divergence(self, t: Term) -> Tensor:
         """One term against the bucketed top-k teacher (losses.topk_buckets), chunked.
 
@@ -210,13 +198,10 @@ class Heads:
             extra = {} if alpha is None else {"alpha": a if a is not None else alpha}
             return t.divergence(s_b, t_b, None, reduction="none", chunk_size=None, **kwargs, **extra)
 
-        parts = []
-        for s in range(0, rows.shape[0], self.chunk_size):
-            sl = slice(s, s + self.chunk_size)
-            a = alpha_rows[sl] if alpha_rows is not None else None
-            parts.append(checkpoint(chunk, rows[sl], ids[sl], lps[sl], a, use_reentrant=False))
-        per_token = torch.cat(parts) if parts else rows.new_zeros((0,), dtype=torch.float32)
-        return self._reduce(per_token, seq, side.mask.shape[0])
+        if rows.shape[0] == 0:  # no response token in this term: 0, still in the graph
+            return side.s_hidden.sum() * 0.0
+        per_token = losses.run_chunks(chunk, [rows, ids, lps, alpha_rows], self.chunk_size)
+        return losses.reduce_tokens(per_token, seq, side.mask.shape[0], self.reduction)
 
     def divergences(self, terms: list[Term]) -> tuple[Tensor, list[float]]:
         """sum_k weight_k * divergence_k, and each divergence's value for logging."""
@@ -247,32 +232,22 @@ class Heads:
         Chunked over the response tokens (each chunk's (c, V) logits recomputed in the
         backward rather than kept), so it is as memory-safe as the divergences.
         """
+        seq = torch.nonzero(side.mask)[:, 0]  # (N,) sequence of each response token
         if teacher and self.topk:
             assert side.t_topk is not None
-            token_lp = side.t_topk.target[side.mask].float()
-            seq = torch.nonzero(side.mask)[:, 0]
-            total = token_lp.new_zeros(side.mask.shape[0]).index_add(0, seq, token_lp)
-            return total / side.mask.sum(1).clamp(min=1).to(token_lp.dtype)
-        hidden = side.t_hidden if teacher else side.s_hidden
-        weight, bias = (self.t_weight, self.t_bias) if teacher else (self.s_weight, self.s_bias)
-        assert hidden is not None and weight is not None
-        rows = hidden[side.mask]  # (N, H)
-        labels = side.targets[side.mask]  # (N,)
-        seq = torch.nonzero(side.mask)[:, 0]  # (N,) sequence of each row
+            token_lp = side.t_topk.target[side.mask].float()  # stored by the score stage
+        else:
+            hidden = side.t_hidden if teacher else side.s_hidden
+            weight, bias = (self.t_weight, self.t_bias) if teacher else (self.s_weight, self.s_bias)
+            assert hidden is not None and weight is not None
 
-        def chunk_lp(h: Tensor, y: Tensor) -> Tensor:
-            logits = F.linear(h, weight, bias).float()
-            return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+            def chunk_lp(h: Tensor, y: Tensor) -> Tensor:
+                logits = F.linear(h, weight, bias).float()
+                return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
 
-        parts = []
-        for s in range(0, rows.shape[0], self.chunk_size):
-            h, y = rows[s : s + self.chunk_size], labels[s : s + self.chunk_size]
-            parts.append(checkpoint(chunk_lp, h, y, use_reentrant=False) if h.requires_grad else chunk_lp(h, y))
-        token_lp = torch.cat(parts) if parts else rows.new_zeros((0,), dtype=torch.float32)
-        B = side.mask.shape[0]
-        total = torch.zeros(B, dtype=token_lp.dtype, device=token_lp.device).index_add(0, seq, token_lp)
-        count = side.mask.sum(1).clamp(min=1).to(token_lp.dtype)
-        return total / count
+            token_lp = losses.run_chunks(chunk_lp, [hidden[side.mask], side.targets[side.mask]], self.chunk_size)
+        total = token_lp.new_zeros(side.mask.shape[0]).index_add(0, seq, token_lp)
+        return total / side.mask.sum(1).clamp(min=1).to(token_lp.dtype)
 
 
 # ---------------------------------------------------------------- adaptive alpha
