@@ -392,8 +392,8 @@ def main() -> None:
         lineage.write_manifest(
             tmp, "train", used,
             inputs={"pairs": src, **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
-                    "student": args.models / "student" if s_ref.name == "toy" else args.models / "manifest.json",
-                    "teacher": args.models / "teacher" if t_ref.name == "toy" else args.models / "manifest.json"},
+                    "student": models.lineage_input(s_ref, args.models, "student"),
+                    "teacher": models.lineage_input(t_ref, args.models, "teacher")},
             outputs={},
             counts=metrics,
             extra={"initial_student": models.describe(s_ref, args.models / "student"), "teacher": models.describe(t_ref, args.models / "teacher")},

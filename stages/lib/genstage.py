@@ -58,7 +58,7 @@ def main(role: str, doc: str | None) -> None:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(
             tmp, role, used,
-            inputs={"prompts": prompt_file, "model": args.models / role if ref.name == "toy" else args.models / "manifest.json"},
+            inputs={"prompts": prompt_file, "model": models.lineage_input(ref, args.models, role)},
             outputs={"generations.parquet": n},
             counts=counts,
             extra={"model": models.describe(ref, args.models / role), "engine": rows[0]["engine"] if rows else None},

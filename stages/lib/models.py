@@ -108,6 +108,12 @@ def resolve(ref: ModelRef, toy_dir: Path) -> tuple[str, str | None]:
     return ref.name, ref.revision
 
 
+def lineage_input(ref: ModelRef, bootstrap_dir: Path, role: str) -> Path:
+    """The file that identifies a model among a stage's inputs: the toy model's folder,
+    or bootstrap's manifest, which holds a real model's fingerprint."""
+    return bootstrap_dir / role if ref.name == "toy" else bootstrap_dir / "manifest.json"
+
+
 def load_tokenizer(ref: ModelRef, toy_dir: Path, trust_remote_code: bool) -> PreTrainedTokenizerFast:
     where, revision = resolve(ref, toy_dir)
     tok = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
