@@ -38,8 +38,11 @@ def check(path: Path) -> int:
 def stages(dvc_yaml: Path) -> int:
     spec = yaml.safe_load(dvc_yaml.read_text())["stages"]
     for name, stage in spec.items():
+        each = ""
+        if "foreach" in stage:  # a template: one stage per entry of the list it iterates
+            each, stage = f" (one per entry of {stage['foreach']})", stage["do"]
         data = [d for d in stage["deps"] if not d.startswith("stages/")]
-        print(f"{name}: params {stage['params']}; reads {data or '-'}; writes {stage['outs']}")
+        print(f"{name}{each}: params {stage['params']}; reads {data or '-'}; writes {stage['outs']}")
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import random
 import shutil
@@ -67,6 +68,13 @@ log = logging.getLogger("train")
 
 
 @dataclass(frozen=True)
+class RoundParams:
+    """One entry of params.yaml `train.rounds`: an on-policy round after the first."""
+
+    previous: str  # the train output this round starts from (dvc.yaml passes it as --previous)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """params.yaml `train`."""
 
@@ -90,8 +98,20 @@ class TrainParams:
     distillm: DistiLLMParams
     gkd: GKDParams
     dpkd: DPKDParams
+    # Batched on-policy rounds after the first (Algorithm 1), keyed r2..rE; dvc.yaml's
+    # round_* stages iterate over it (DVC templates cannot count). Keys are names, not
+    # numbers: DVC's foreach silently skips integer keys, and `-S` cannot write quoted ones.
+    rounds: dict[str, RoundParams]
+
+    @property
+    def total_rounds(self) -> int:
+        """E: the first round (the train stage) plus one per `rounds` entry."""
+        return 1 + len(self.rounds)
 
     def __post_init__(self) -> None:
+        want = [f"r{e}" for e in range(2, 2 + len(self.rounds))]
+        check(sorted(self.rounds, key=lambda k: (len(k), k)) == want, "rounds",
+              f"must be keyed r2..rE, one per round after the first, i.e. {want}; got {list(self.rounds)}")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
@@ -213,7 +233,12 @@ def save_checkpoint(ckpt: Path, key: str, step: int, student: torch.nn.Module, o
         torch.save(state, tmp)
 
 
-def plan(n_pairs: int, p: TrainParams) -> list[list[list[int]]]:
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of round e: `train.seed` itself in round 1, a distinct one after."""
+    return seed + 7919 * (round_index - 1)
+
+
+def plan(n_pairs: int, p: TrainParams, seed: int) -> list[list[list[int]]]:
     """Optimizer steps, each a list of micro-batches of pair indices.
 
     The shuffle of each epoch is a pure function of (seed, epoch), so a resumed run
@@ -222,7 +247,7 @@ def plan(n_pairs: int, p: TrainParams) -> list[list[list[int]]]:
     steps: list[list[list[int]]] = []
     for epoch in range(p.epochs):
         order = list(range(n_pairs))
-        random.Random(p.seed * 1000 + epoch).shuffle(order)
+        random.Random(seed * 1000 + epoch).shuffle(order)
         micro = [order[s : s + p.batch_size] for s in range(0, n_pairs, p.batch_size)]
         steps.extend(micro[s : s + p.grad_accum_steps] for s in range(0, len(micro), p.grad_accum_steps))
     return steps
@@ -239,6 +264,8 @@ def run(
     key: str = "",
     on_step: Callable[[int], None] | None = None,
     scores: Scores | None = None,
+    round_index: int = 1,
+    curriculum: AlphaCurriculum | None = None,
 ) -> list[dict[str, float]]:
     """Train `student` in place; returns one log row per optimizer step.
 
@@ -247,7 +274,15 @@ def run(
     each optimizer step (progress hooks; tests use it to simulate a crash). With
     `p.teacher_signal == "topk"`, `teacher` is None and `scores` holds the teacher's
     stored top-k signal (stages/score.py).
+
+    On-policy rounds: `round_index` e (1..E, E = `p.total_rounds`) places this run at
+    training progress (e - 1 + step / T) / E for the beta schedule, so beta rises
+    across all rounds as in the paper's clip(e/E + tau/T, beta_0, 1), and changes the
+    shuffle seed. `curriculum`, when given, is used and left holding the reference
+    gaps for the caller to save (later rounds start from round 1's reference m).
     """
+    if not 1 <= round_index <= p.total_rounds:
+        raise ValueError(f"train: round {round_index} is outside 1..{p.total_rounds} (train.rounds has {len(p.rounds)} entries)")
     offline = p.teacher_signal == "topk"
     if offline != (teacher is None) or offline != (scores is not None):
         raise ValueError("train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores")
@@ -260,11 +295,13 @@ def run(
     if teacher is not None:
         teacher.to(p.device)
     encoded = [encoding.encode_pair(tok_s, pr) for pr in pairs]
-    steps = plan(len(encoded), p)
+    seed = round_seed(p.seed, round_index)
+    steps = plan(len(encoded), p, seed)
     total = len(steps)
-    training.seed_everything(p.seed)
+    training.seed_everything(seed)
     opt, sched = training.optimizer_and_schedule(student, p.lr, p.warmup_steps, total)
-    curriculum = AlphaCurriculum(p.distillm2)
+    if curriculum is None:
+        curriculum = AlphaCurriculum(p.distillm2)
     mp = p.method_params()
     method = METHODS[p.method]
     heads = heads_of(student, teacher, vocab, p)
@@ -316,7 +353,7 @@ def run(
                 # sft never looks at the student's responses: an empty side, no forward pass
                 on_rejected = (side(student, online_teacher, rejected, p.device, topk_r) if NEEDS_REJECTED[p.method]
                                else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0]))
-                ctx = Context(on_chosen, on_rejected, heads, mp, step, total, p.seed, curriculum, micro, positions, len(global_idx))
+                ctx = Context(on_chosen, on_rejected, heads, mp, step, total, seed, curriculum, micro, positions, len(global_idx), round_index, p.total_rounds)
                 loss, logs = method(ctx)
             (loss * share * world).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
@@ -359,44 +396,71 @@ def summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str
     return out
 
 
+def previous_round(previous: Path, p: TrainParams) -> tuple[int, AlphaCurriculum]:
+    """(this round's number, the curriculum carried over) for `--previous DIR`, the
+    train output of the round before; checks it is the entry params.yaml names."""
+    manifest_file = previous / "manifest.json"
+    if not manifest_file.is_file():
+        raise DataError(f"{previous}: no manifest.json; --previous must be a train stage's output folder")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("stage") != "train" or "round" not in manifest:
+        raise DataError(f"{manifest_file}: not a train stage's manifest (stage {manifest.get('stage')!r}); --previous must be a train stage's output folder")
+    e = manifest["round"] + 1
+    entry = p.rounds.get(f"r{e}")
+    if entry is None or Path(entry.previous) != previous:
+        raise ValueError(f"train.rounds: {previous} holds round {e - 1}, so this is round {e}, but train.rounds.r{e} is {entry}; "
+                         f"r{e} must have previous: {previous}")
+    state = json.loads((previous / "curriculum.json").read_text())
+    curriculum = AlphaCurriculum(p.distillm2)
+    curriculum.gaps_t, curriculum.gaps_s = state["gaps_t"], state["gaps_s"]
+    return e, curriculum
+
+
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot")
+    args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot", optional=("previous",))
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
+    s_dir, s_input = args.models / "student", models.lineage_input(s_ref, args.models, "student")
+    round_index, curriculum = 1, AlphaCurriculum(p.distillm2)
+    if args.previous is not None:  # an on-policy round after the first: start from the last round's student
+        round_index, curriculum = previous_round(args.previous, p)
+        s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     src = args.pairs / "curated.parquet"
     pairs = read_rows(src, records.PAIR_SCHEMA)
     distributed.init_from_env(p.device)
-    student = models.load_model(s_ref, args.models / "student", trust, dtype)
+    student = models.load_model(s_ref, s_dir, trust, dtype)
     scores: Scores | None = None
     teacher: torch.nn.Module | None = None
     if p.teacher_signal == "topk":
         scores = index_scores(read_rows(args.scores / "topk.parquet", records.TOPK_SCHEMA))  # the teacher model is never loaded
     else:
         teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
-    tok_s = models.load_tokenizer(s_ref, args.models / "student", trust)
+    tok_s = models.load_tokenizer(s_ref, s_dir, trust)
     tok_t = models.load_tokenizer(t_ref, args.models / "teacher", trust)
-    key = run_key(p, digest_path(src), models.fingerprint(s_ref, args.models / "student"), models.fingerprint(t_ref, args.models / "teacher"))
+    key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, args.models / "teacher"))
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()
-    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key, scores=scores)
+    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key, scores=scores, round_index=round_index, curriculum=curriculum)
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:
         return  # every process holds the same weights and logs; one writes them
-    log.info("train: %s, %d steps on %d pairs in %.1fs, final loss %.4f", p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
-    metrics = summary(rows, len(pairs), p.method)
+    log.info("train: round %d of %d, %s, %d steps on %d pairs in %.1fs, final loss %.4f", round_index, p.total_rounds, p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
+    metrics = {"round": round_index, **summary(rows, len(pairs), p.method)}
     with atomic_dir(args.out) as tmp:
         training.save_model(student.to("cpu"), tok_s, tmp / "model")
+        write_json(tmp / "curriculum.json", curriculum.state())
         lineage.write_manifest(
             tmp, "train", used,
             inputs={"pairs": src, **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
-                    "student": models.lineage_input(s_ref, args.models, "student"),
+                    "student": s_input,
                     "teacher": models.lineage_input(t_ref, args.models, "teacher")},
-            outputs={},
+            outputs={"curriculum.json": len(curriculum.gaps_t)},
             counts=metrics,
-            extra={"initial_student": models.describe(s_ref, args.models / "student"), "teacher": models.describe(t_ref, args.models / "teacher")},
+            extra={"round": round_index, "rounds": p.total_rounds,
+                   "initial_student": models.describe(s_ref, s_dir), "teacher": models.describe(t_ref, args.models / "teacher")},
         )
     write_plot(args.plot, rows)
     write_json(args.metrics, metrics)

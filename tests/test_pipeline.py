@@ -5,6 +5,7 @@ meets: every stage runs, outputs and metrics exist and agree, a second repro doe
 nothing, and `dvc exp run -S` reruns exactly the stages downstream of the param.
 """
 
+import csv
 import json
 import os
 import re
@@ -111,3 +112,33 @@ def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: lis
     # `dvc exp run -S` leaves its change in the workspace, so each case names its method.
     method = next(o.split("=")[1] for o in overrides if o.startswith("train.method="))
     assert metrics["method"] == method and metrics["steps"] > 0
+
+
+def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path) -> None:
+    """train.rounds adds Algorithm 1's rounds: round 2 samples round 1's student again,
+    rebuilds pairs, curates, scores, trains from that student and evaluates, all under
+    data/rounds/r2/. Last in this file: it leaves E = 2 in the workspace."""
+    # the method cases above leave their switches in the workspace: set them back
+    defaults = ["train.method=distillm2", "train.teacher_signal=online", "train.logits=chunked",
+                *(f"train.distillm2.{k}=true" for k in ("contrastive", "beta_ramp", "adaptive_alpha"))]
+    out = sh(repo, "dvc", "exp", "run", *(a for o in defaults for a in ("-S", o)), "-S", "++train.rounds.r2={previous: data/train}")
+    # round 1's train reruns too: with E = 2 its beta ramp covers the first half only
+    assert ran(out) == {"train", "evaluate", *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate"))}
+    r2 = repo / "data" / "rounds" / "r2"
+    gens = pq.read_table(r2 / "student" / "generations.parquet").to_pylist()
+    round1_student = json.loads((repo / "data" / "train" / "manifest.json").read_text())
+    sampled = json.loads((r2 / "student" / "manifest.json").read_text())
+    assert sampled["inputs"]["model"]["path"] == "data/train/model"
+    assert {g["model"] for g in gens} == {sampled["model"]["fingerprint"]} != {round1_student["initial_student"]["fingerprint"]}
+    pairs = pq.read_table(r2 / "pairs" / "pairs.parquet").to_pylist()
+    assert {p["rejected_id"] for p in pairs} <= {g["generation_id"] for g in gens}
+    trained = json.loads((r2 / "train" / "manifest.json").read_text())
+    assert (trained["round"], trained["rounds"], round1_student["round"], round1_student["rounds"]) == (2, 2, 1, 2)
+    assert trained["inputs"]["student"]["path"] == "data/train/model"
+    assert trained["initial_student"]["fingerprint"] == sampled["model"]["fingerprint"]
+    beta = lambda f: [float(r["beta"]) for r in csv.DictReader(f.open())]  # noqa: E731
+    b1, b2 = beta(repo / "plots" / "train.csv"), beta(repo / "plots" / "rounds" / "r2" / "train.csv")
+    assert max(b1) == 0.5 and b2[0] == 0.5 and b2[-1] == 1.0 and b2 == sorted(b2)
+    ev = json.loads((repo / "metrics" / "rounds" / "r2" / "evaluate.json").read_text())
+    assert ev["eval_prompts"] == 32 and "kl_teacher_student" in ev["student_distilled"]
+    assert ran(sh(repo, "dvc", "repro")) == set()

@@ -17,7 +17,7 @@ D2 = DistiLLM2Params(contrastive=True, beta_ramp=True, adaptive_alpha=True, alph
 def tp(**kw: object) -> train.TrainParams:
     base = dict(method="distillm2", seed=0, epochs=2, batch_size=4, grad_accum_steps=1, lr=0.01, warmup_steps=1, max_grad_norm=1.0,
                 reduction="sequence_mean", logits="chunked", chunk_size=16, device="cpu", bf16_autocast=False, gradient_checkpointing=False,
-                checkpoint_every=0, teacher_signal="online", distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1))
+                checkpoint_every=0, teacher_signal="online", distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1), rounds={})
     return train.TrainParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -45,6 +45,28 @@ def test_beta_schedule_paper_and_official_shapes() -> None:
     assert official.at(0, 101) == 0.5 and official.at(25, 101) == pytest.approx(0.625) and official.at(100, 101) == 0.75
     with pytest.raises(ValueError, match="ramp_start"):
         BetaSchedule(0.5, 1.0, 0.8, 0.2)
+
+
+def test_beta_schedule_spans_on_policy_rounds() -> None:
+    """With E rounds, beta follows one ramp over all of them (the paper's e/E + tau/T)."""
+    paper = BetaSchedule(0.5, 1.0, 0.5, 1.0)
+    assert [paper.at(s, 11, 1, 2) for s in (0, 10)] == [0.5, 0.5]  # round 1 of 2: first half, beta held
+    assert paper.at(0, 11, 2, 2) == 0.5 and paper.at(5, 11, 2, 2) == pytest.approx(0.75) and paper.at(10, 11, 2, 2) == 1.0
+    assert paper.at(0, 7, 3, 3) == pytest.approx(0.5 + 0.5 * (2 / 3 - 0.5) / 0.5)
+    assert paper.at(5, 11) == paper.at(5, 11, 1, 1)  # one round: the plain schedule
+
+
+def test_rounds_must_be_keyed_r2_to_rE_with_string_keys() -> None:
+    assert tp(rounds={"r2": train.RoundParams("data/train"), "r3": train.RoundParams("data/rounds/r2/train")}).total_rounds == 3
+    for bad in ({"r3": train.RoundParams("x")}, {"r2": train.RoundParams("x"), "r4": train.RoundParams("y")}, {"2": train.RoundParams("x")}):
+        with pytest.raises(ValueError, match=r"rounds: must be keyed r2..rE, one per round after the first"):
+            tp(rounds=bad)
+    from stages.lib import params
+
+    raw = {"previous": "data/train"}
+    with pytest.raises(ValueError, match=r"train.rounds: keys must be strings, got int 2; quote them"):
+        params._convert({2: raw}, dict[str, train.RoundParams], "train.rounds")
+    assert params._convert({"2": raw}, dict[str, train.RoundParams], "train.rounds") == {"2": train.RoundParams("data/train")}
 
 
 def test_alpha_curriculum_formula() -> None:
@@ -229,3 +251,27 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
         assert a["alpha_t_mean"] == pytest.approx(b["alpha_t_mean"], rel=1e-5)
     for k in weights["single"]:
         torch.testing.assert_close(weights["single"][k], weights["torchrun"][k], rtol=1e-4, atol=1e-6)
+
+
+def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Path) -> None:
+    import json
+
+    from stages.lib.io import DataError
+
+    prev = tmp_path / "train"
+    prev.mkdir()
+    p = tp(rounds={"r2": train.RoundParams(str(prev))})
+    with pytest.raises(DataError, match="no manifest.json; --previous must be a train stage's output folder"):
+        train.previous_round(prev, p)
+    (prev / "manifest.json").write_text(json.dumps({"stage": "curate"}))
+    with pytest.raises(DataError, match="not a train stage's manifest"):
+        train.previous_round(prev, p)
+    (prev / "manifest.json").write_text(json.dumps({"stage": "train", "round": 2}))
+    with pytest.raises(ValueError, match=r"holds round 2, so this is round 3, but train.rounds.r3 is None"):
+        train.previous_round(prev, p)
+    (prev / "manifest.json").write_text(json.dumps({"stage": "train", "round": 1}))
+    (prev / "curriculum.json").write_text(json.dumps({"gaps_t": [0.2, 0.3], "gaps_s": [0.1, 0.1]}))
+    e, cur = train.previous_round(prev, p)
+    assert e == 2 and cur.ready and cur.gaps_t == [0.2, 0.3]
+    with pytest.raises(ValueError, match="r2 must have previous"):
+        train.previous_round(prev, tp(rounds={"r2": train.RoundParams("elsewhere")}))

@@ -38,14 +38,22 @@ def run(role: str, ref: ModelRef, trust_remote_code: bool, dtype: str, p: Genera
 
 
 def main(role: str, doc: str | None) -> None:
-    """`python -m stages.<role> --params P --prompts data/seed --models data/bootstrap --out data/<role>`."""
-    args = cli.parse_paths(doc, "prompts", "models", "out", "metrics")
+    """`python -m stages.<role> --params P --prompts data/seed --models data/bootstrap --out data/<role>`.
+
+    `--previous DIR` (on-policy rounds) samples DIR/model, the student a previous
+    round's train stage wrote, instead of `models.<role>`.
+    """
+    args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous",))
     used = params.load_sections(args.params, sections(role))
-    ref: ModelRef = used[f"models.{role}"].ref()
     p: GenerationParams = used[role]
+    if args.previous is None:
+        ref: ModelRef = used[f"models.{role}"].ref()
+        model_dir, model_input = args.models / role, models.lineage_input(ref, args.models, role)
+    else:
+        ref, model_dir, model_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     prompt_file = args.prompts / "train.parquet"
     prompts = read_rows(prompt_file, records.PROMPT_SCHEMA)
-    rows = run(role, ref, used["models.trust_remote_code"], used["models.dtype"], p, prompts, args.models / role)
+    rows = run(role, ref, used["models.trust_remote_code"], used["models.dtype"], p, prompts, model_dir)
     finish = {reason: sum(r["finish_reason"] == reason for r in rows) for reason in ("stop", "length")}
     counts = {
         "prompts": len(prompts),
@@ -58,10 +66,10 @@ def main(role: str, doc: str | None) -> None:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(
             tmp, role, used,
-            inputs={"prompts": prompt_file, "model": models.lineage_input(ref, args.models, role)},
+            inputs={"prompts": prompt_file, "model": model_input},
             outputs={"generations.parquet": n},
             counts=counts,
-            extra={"model": models.describe(ref, args.models / role), "engine": rows[0]["engine"] if rows else None},
+            extra={"model": models.describe(ref, model_dir), "engine": rows[0]["engine"] if rows else None},
         )
     write_json(args.metrics, counts)
     log.info("%s: %d generations, %d stopped, %d hit max_new_tokens", role, len(rows), finish["stop"], finish["length"])

@@ -50,8 +50,10 @@ class BetaSchedule:
         check(0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0, "start", "beta start and end must be in [0, 1]")
         check(0.0 <= self.ramp_start <= self.ramp_end <= 1.0, "ramp_start", "need 0 <= ramp_start <= ramp_end <= 1")
 
-    def at(self, step: int, total: int) -> float:
-        frac = step / max(1, total - 1)
+    def at(self, step: int, total: int, round_index: int = 1, rounds: int = 1) -> float:
+        """beta at `step` of `total` in on-policy round `round_index` of `rounds`: the
+        ramp runs over the whole training, (round - 1 + step / total) / rounds."""
+        frac = (round_index - 1 + step / max(1, total - 1)) / rounds
         if frac <= self.ramp_start:
             return self.start
         if frac >= self.ramp_end:
@@ -315,6 +317,8 @@ class Context:
     micro: int  # index of this micro-batch within the optimizer step
     positions: list[int]  # this process's pairs' positions in the global micro-batch
     global_size: int  # pairs in the global micro-batch (all ranks)
+    round_index: int  # on-policy round, 1..rounds
+    rounds: int
 
 
 Result = tuple[Tensor, dict[str, float]]
@@ -376,7 +380,7 @@ def distillm(c: Context) -> Result:
 
 def distillm2(c: Context) -> Result:
     d = c.p.distillm2
-    beta = d.beta.at(c.step, c.total_steps) if d.beta_ramp else d.beta.start
+    beta = d.beta.at(c.step, c.total_steps, c.round_index, c.rounds) if d.beta_ramp else d.beta.start
     if d.adaptive_alpha:
         with torch.no_grad():
             # Geometric-mean token probabilities of each response under both models.
