@@ -5,13 +5,13 @@ from typing import Literal
 import pytest
 import yaml
 
-from stages import bootstrap, curate, evaluate, pairs, score, seed, student, teacher, train
+from stages import bootstrap, compare, curate, evaluate, pairs, report, score, seed, student, teacher, train
 from stages.lib import params
 from stages.lib.config import GenerationParams, TaskParams
 
 from .conftest import ROOT
 
-STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate)}
+STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)}
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
 
 
@@ -67,8 +67,20 @@ def test_build_rejects_missing_key() -> None:
 
 
 def test_range_checks_name_the_key() -> None:
-    good = {"engine": "transformers", "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "num_samples": 1, "seed": 0, "tensor_parallel_size": 1}
+    api = {"base_url": None, "model": None, "api_key_env": None, "max_concurrency": 2, "requests_per_second": 1.0, "max_retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "cache_dir": "c"}
+    good = {"engine": "transformers", "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "num_samples": 1, "seed": 0, "tensor_parallel_size": 1,
+            "device": "cpu", "stop": [], "shard_size": 16, "workers": 1, "openai": api}
     params.build(GenerationParams, good, "teacher")
+    with pytest.raises(ValueError, match="teacher: shard_size: must be a multiple of batch_size"):
+        params.build(GenerationParams, {**good, "shard_size": 12}, "teacher")
+    with pytest.raises(ValueError, match="teacher: openai: engine openai needs openai.base_url"):
+        params.build(GenerationParams, {**good, "engine": "openai"}, "teacher")
+    with pytest.raises(ValueError, match=r"teacher.openai: api_key_env: must be the NAME of an environment variable"):
+        params.build(GenerationParams, {**good, "openai": {**api, "api_key_env": "sk-abc123"}}, "teacher")
+    with pytest.raises(ValueError, match="teacher: device: the vllm engine runs on GPUs"):
+        params.build(GenerationParams, {**good, "engine": "vllm"}, "teacher")
+    with pytest.raises(ValueError, match="teacher: missing key"):
+        params.build(GenerationParams, {k: v for k, v in good.items() if k != "workers"}, "teacher")
     with pytest.raises(ValueError, match="teacher: top_p: must be in"):
         params.build(GenerationParams, {**good, "top_p": 0.0}, "teacher")
     with pytest.raises(ValueError, match="teacher: num_samples: greedy decoding"):
@@ -94,12 +106,16 @@ def test_load_rejects_non_mapping_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_profile_loads_strictly_for_every_stage(profile: Path, stage: str) -> None:
-    params.load_sections(profile, STAGES[stage].SECTIONS)
+    if stage == "compare":  # a matrix: each cell reads its own compare.runs entry
+        for run in params.load_yaml(profile)["compare"]["runs"]:
+            params.load_sections(profile, compare.sections(run))
+    else:
+        params.load_sections(profile, STAGES[stage].SECTIONS)
 
 
 @pytest.mark.parametrize("profile", PROFILES[1:], ids=lambda p: p.name)
 def test_profiles_have_the_same_keys_as_params_yaml(profile: Path) -> None:
-    free = {"train.rounds"}  # a mapping of data (the on-policy rounds), not of keys
+    free = {"train.rounds", "compare.runs"}  # mappings of data (rounds, comparison runs), not of keys
 
     def keys(node: object, prefix: str = "") -> set[str]:
         if isinstance(node, dict) and prefix.rstrip(".") not in free:

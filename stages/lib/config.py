@@ -58,18 +58,66 @@ class TaskParams:
         return ToyTaskConfig(self.skills, self.max_digits, self.min_len, self.max_len, self.alphabet)
 
 
+Engine = Literal["transformers", "vllm", "openai"]
+Device = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class OpenAIParams:
+    """`<role>.openai`: an OpenAI-compatible endpoint as a black-box model (`engine: openai`).
+
+    Unused by the other engines, but present in every params file (one shape for all).
+    The key itself never appears in params: `api_key_env` names the environment
+    variable that holds it (null: send none, for local servers).
+    """
+
+    base_url: str | None  # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
+    model: str | None  # the endpoint's model id
+    api_key_env: str | None
+    max_concurrency: int  # requests in flight at once
+    requests_per_second: float  # request starts per second, retries included
+    max_retries: int  # per request, on 408/409/429/5xx, timeouts and connection errors
+    backoff_s: float  # first retry's wait, doubled per retry (a Retry-After header wins)
+    timeout_s: float  # per request
+    cache_dir: str  # per-request response files (outside any DVC out): a rerun never pays twice
+
+    def __post_init__(self) -> None:
+        check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        check(self.requests_per_second > 0.0, "requests_per_second", "must be > 0")
+        check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        check(self.backoff_s >= 0.0, "backoff_s", "must be >= 0")
+        check(self.timeout_s > 0.0, "timeout_s", "must be > 0")
+        check(bool(self.cache_dir), "cache_dir", "name a folder for the response cache")
+        if self.api_key_env is not None:
+            check(
+                self.api_key_env.replace("_", "").isalnum() and not self.api_key_env[0].isdigit(),
+                "api_key_env",
+                f"must be the NAME of an environment variable (letters, digits, _), not a key; got {self.api_key_env[:4]!r}...",
+            )
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    """params.yaml `teacher` / `student`: how responses are sampled."""
+    """params.yaml `teacher` / `student`: how responses are sampled (stages/lib/generation.py).
 
-    engine: Literal["transformers", "vllm"]
-    batch_size: int
+    Every key is required in a params file (the strict loader checks); the defaults of
+    the last five fields only serve code that builds one directly for plain in-process
+    transformers generation (evaluate's greedy decoding, tests).
+    """
+
+    engine: Engine
+    batch_size: int  # transformers: prompts per generate call (the seeding unit)
     max_new_tokens: int
     temperature: float  # 0 means greedy
     top_p: float
     num_samples: int
     seed: int
-    tensor_parallel_size: int  # vllm only; must be 1 for transformers
+    tensor_parallel_size: int  # vllm only; must be 1 otherwise
+    device: Device = "cpu"  # transformers only; vllm runs on cuda
+    stop: tuple[str, ...] = ()  # a response ends before the first of these strings
+    shard_size: int = 0  # prompts per resumable shard; 0 = one shard (no resume points)
+    workers: int = 1  # processes that generate shards at once (CPU cores, or GPUs each)
+    openai: OpenAIParams | None = None
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -80,3 +128,16 @@ class GenerationParams:
         check(not (self.temperature == 0.0 and self.num_samples > 1), "num_samples", "greedy decoding (temperature 0) gives one distinct sample; set num_samples: 1")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.engine == "vllm" or self.tensor_parallel_size == 1, "tensor_parallel_size", "only the vllm engine shards a model; use 1 with transformers")
+        check(self.engine != "vllm" or self.device == "cuda", "device", "the vllm engine runs on GPUs; set device: cuda")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        check(self.shard_size >= 0, "shard_size", "must be >= 0 (0 = one shard)")
+        check(
+            self.engine != "transformers" or self.shard_size % self.batch_size == 0,
+            "shard_size",
+            f"must be a multiple of batch_size ({self.batch_size}) with the transformers engine, so a shard holds whole batches and sharding never changes an output",
+        )
+        check(self.workers >= 1, "workers", "must be >= 1")
+        if self.engine == "openai":
+            check(self.workers == 1, "workers", "the openai engine runs requests concurrently in one process; use openai.max_concurrency and workers: 1")
+            check(self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,
+                  "openai", "engine openai needs openai.base_url and openai.model")
