@@ -1,5 +1,6 @@
 """The teacher stage and the transformers generation engine, on a tiny real model."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def gp(**kw: object) -> GenerationParams:
 
 
 def teacher_gen(tiny_models: Path, ps: list[dict], p: GenerationParams) -> list[dict]:
-    return genstage.run("teacher", models.ModelRef("toy", None), False, "float32", p, ps, tiny_models / "teacher")
+    with tempfile.TemporaryDirectory() as work:  # fresh shards each call: nothing resumed
+        return genstage.run("teacher", models.ModelRef("toy", None), False, "float32", p, ps, tiny_models / "teacher", Path(work) / "shards")
 
 
 def test_sampling_is_seeded_and_records_are_complete(tiny_models: Path) -> None:

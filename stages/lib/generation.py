@@ -1,23 +1,33 @@
-"""One generation interface, two engines, one record schema.
+"""One generation interface, three engines, one record schema.
 
-`generate(...)` takes prompt records and returns generation records
-(records.GENERATION_SCHEMA rows), `num_samples` per prompt, in prompt order.
+An engine has a `name` ("transformers 5.23.0") and `generate(prompts, shard)`, which
+returns generation records (records.GENERATION_SCHEMA rows), `num_samples` per
+prompt, for the prompts of one `Shard`, in the shard's order. `plan_shards` cuts a
+prompt list into shards; stages/lib/shards.py runs them resumably, in one process or
+several; stages/lib/genstage.py opens the engine a params section names.
 
-- transformers (default; CPU or GPU): prompts sorted by token length and cut into
-  batches (length bucketing, so little compute goes to padding), left-padded,
-  KV-cached `generate`, seeded per batch so the same params give the same outputs.
-- vllm (extra `distillflow[vllm]`, GPU): `LLM(...).generate` with `SamplingParams`,
-  prompts rendered through the same chat template.
+- transformers (default; CPU or GPU, here): prompts sorted by token length and cut
+  into batches (length bucketing, so little compute goes to padding), left-padded,
+  KV-cached `generate`, stop strings, n samples per prompt. Seeded per batch by the
+  batch's index in the whole run, so a batch gives the same outputs whichever shard,
+  process or machine generates it, and the same params give the same outputs.
+- vllm (extra `distillflow[vllm]`, GPU): `LLM(...).generate` with one `SamplingParams`
+  per prompt (seeded by the prompt), prompts rendered through the same chat template
+  and handed over as token ids.
+- openai (stages/lib/openai_engine.py): any OpenAI-compatible endpoint.
 
-Either way each record says why generation stopped ("stop": an eos token; "length":
-max_new_tokens reached) and how many tokens the prompt and response have.
+Each record says why generation stopped ("stop": an eos token or a stop string;
+"length": max_new_tokens reached) and how many tokens the prompt and the response
+have (the response's count includes the eos token or the stop string's tokens, i.e.
+what the engine generated; the text holds neither).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -29,17 +39,94 @@ from stages.lib.encoding import prompt_ids
 
 log = logging.getLogger(__name__)
 
+Prompts = Mapping[int, dict[str, Any]] | Sequence[dict[str, Any]]  # prompt records by position
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A resumable unit of work: some prompts (positions in the run's prompt list)."""
+
+    index: int
+    prompts: tuple[int, ...]  # in generation order (transformers: length-sorted)
+    first_batch: int  # transformers: the run-wide index of the shard's first batch (its seed)
+
+
+class Engine(Protocol):
+    name: str  # engine and version, recorded in every generation
+
+    def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]: ...
+
+
+# How each engine derives its random seeds from `seed` (the manifest records this).
+SEEDING = {
+    "transformers": "torch.manual_seed(seed * 1000003 + b) before batch b; batches cut every batch_size from the prompts sorted by (prompt tokens, position)",
+    "vllm": "LLM(seed=seed); SamplingParams.seed = sample_seed(seed, prompt_id) per prompt, its n samples from that stream",
+    "openai": "request seed = sample_seed(seed, prompt_id, sample_index) per request (servers honour it on a best-effort basis; the response cache makes reruns exact)",
+}
+
+
+def sample_seed(seed: int, *parts: str) -> int:
+    """A 31-bit seed from the run's seed and a prompt (and sample): independent of
+    which shard, process or batch a prompt lands in."""
+    return int(records.content_id("sample-seed", str(seed), *parts)[:8], 16) & 0x7FFFFFFF
+
+
+def engine_version(engine: str) -> str:
+    """The engine string records carry, e.g. "transformers 5.23.0" (the openai engine
+    names the client library's version; the endpoint is in the model fingerprint)."""
+    return f"{engine} {version(engine)}"
+
 
 def sampling_record(p: GenerationParams) -> dict[str, Any]:
-    """What determines an output besides the model and prompt: hashed into ids."""
-    return {
+    """What determines an output besides the model and prompt: hashed into ids.
+
+    Only what changes outputs is here: not workers (a batch or a request gives the same
+    output in any process), not the transformers engine's shard_size (shards hold whole
+    batches). A setting at its neutral value (no stop strings, transformers on cpu) is
+    left out, so ids made before the setting existed stay valid.
+    """
+    rec: dict[str, Any] = {
         "temperature": p.temperature,
         "top_p": p.top_p,
         "max_new_tokens": p.max_new_tokens,
         "num_samples": p.num_samples,
         "seed": p.seed,
-        "batch_size": p.batch_size,
     }
+    if p.engine == "transformers":
+        rec["batch_size"] = p.batch_size  # batches are the seeding unit
+        if p.device != "cpu":
+            rec["device"] = p.device  # other kernels and another random stream
+    else:
+        rec["engine"] = p.engine
+    if p.engine == "vllm":
+        # vLLM's kernels are not batch-invariant: what is generated together can change
+        # the numerics, and a shard is one `LLM.generate` call.
+        rec["shard_size"] = p.shard_size
+        rec["tensor_parallel_size"] = p.tensor_parallel_size
+    if p.stop:
+        rec["stop"] = list(p.stop)
+    return rec
+
+
+def plan_shards(p: GenerationParams, lengths: Sequence[int] | None, n: int) -> list[Shard]:
+    """Cut `n` prompts into shards of `p.shard_size` (0: one shard).
+
+    transformers: prompts sorted by token length (`lengths`) first, so each shard is a
+    run of whole length-sorted batches, the batches an unsharded run would make.
+    """
+    if p.engine == "transformers":
+        if lengths is None or len(lengths) != n:
+            raise ValueError("plan_shards: the transformers engine needs every prompt's token length")
+        order = length_order(lengths)
+    else:
+        order = list(range(n))
+    size = p.shard_size or max(n, 1)
+    return [Shard(s, tuple(order[start : start + size]), start // p.batch_size) for s, start in enumerate(range(0, n, size))]
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Prompt positions sorted by token length (ties by position): length bucketing."""
+    return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
 
 
 def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
@@ -53,7 +140,8 @@ def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def _record(prompt: dict[str, Any], k: int, text: str, finish: str, n_prompt: int, n_resp: int, fp: str, engine: str, sampling: dict[str, Any]) -> dict[str, Any]:
+def record(prompt: dict[str, Any], k: int, text: str, finish: str, n_prompt: int, n_resp: int, fp: str, engine: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    """One GENERATION_SCHEMA row."""
     return {
         "generation_id": records.generation_id(prompt["prompt_id"], fp, sampling, k),
         "prompt_id": prompt["prompt_id"],
@@ -68,7 +156,94 @@ def _record(prompt: dict[str, Any], k: int, text: str, finish: str, n_prompt: in
     }
 
 
-@torch.no_grad()
+def cut_at_stop_string(tok: PreTrainedTokenizerBase, ids: list[int], text: str, stop: Sequence[str]) -> tuple[str, int] | None:
+    """(text before the first stop string, tokens generated through its end), or None.
+
+    The token count is the shortest prefix of `ids` whose text holds a stop string
+    (binary search: at most log2(len) decodes).
+    """
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if not hits:
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        prefix = tok.decode(ids[:mid], skip_special_tokens=True)
+        if any(s in prefix for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return text[: min(hits)], lo
+
+
+class TransformersEngine:
+    """Batched, length-bucketed, left-padded, KV-cached `generate` on one model.
+
+    `ignore_eos` (benchmarks only) generates exactly max_new_tokens per response, as
+    vLLM's option of that name does, so throughput comparisons count equal work.
+    """
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, p: GenerationParams, fingerprint: str, ignore_eos: bool = False, desc: str = "generate") -> None:
+        self.model, self.tok, self.p, self.fingerprint = model, tok, p, fingerprint
+        self.name = engine_version("transformers")
+        self.sampling = sampling_record(p)
+        self.ends = stop_ids(model, tok)
+        self.ignore_eos = ignore_eos
+        self.desc = desc
+
+    @torch.no_grad()
+    def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]:
+        p, tok = self.p, self.tok
+        device = next(self.model.parameters()).device
+        encoded = {i: prompt_ids(tok, prompts[i]["prompt"]) for i in shard.prompts}
+        batches = [shard.prompts[s : s + p.batch_size] for s in range(0, len(shard.prompts), p.batch_size)]
+        greedy = p.temperature == 0.0
+        rows: list[dict[str, Any]] = []
+        for j, idx in enumerate(tqdm(batches, desc=self.desc, unit="batch", mininterval=2.0)):
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attn[row, width - len(encoded[i]) :] = 1
+            # One seed per batch, from its index in the whole run: reruns repeat exactly,
+            # and a batch's outputs do not depend on the shard or process it runs in.
+            torch.manual_seed(p.seed * 1_000_003 + shard.first_batch + j)
+            extra: dict[str, Any] = {}
+            if p.stop:
+                extra.update(stop_strings=list(p.stop), tokenizer=tok)
+            if self.ignore_eos:
+                extra.update(min_new_tokens=p.max_new_tokens)
+            generated = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=p.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else p.temperature,
+                top_p=None if greedy else p.top_p,
+                top_k=None,
+                num_return_sequences=p.num_samples,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=sorted(self.ends),
+                **extra,
+            )[:, width:].cpu()
+            for row, i in enumerate(idx):
+                for k in range(p.num_samples):
+                    new = generated[row * p.num_samples + k].tolist()
+                    stop_at = next((t for t, token in enumerate(new) if token in self.ends), None)
+                    if stop_at is None:
+                        body, finish, n_resp = new, "length", len(new)
+                    else:
+                        body, finish, n_resp = new[:stop_at], "stop", stop_at + 1
+                    text = tok.decode(body, skip_special_tokens=True)
+                    cut = cut_at_stop_string(tok, body, text, p.stop) if p.stop else None
+                    if cut is not None:
+                        text, n_resp = cut
+                        finish = "stop"
+                    rows.append(record(prompts[i], k, text, finish, len(encoded[i]), n_resp, self.fingerprint, self.name, self.sampling))
+        return rows
+
+
 def generate_transformers(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -77,93 +252,64 @@ def generate_transformers(
     fingerprint: str,
     desc: str = "generate",
 ) -> list[dict[str, Any]]:
-    """Batched, length-bucketed, left-padded generation with the transformers engine."""
-    engine = f"transformers {version('transformers')}"
-    sampling = sampling_record(p)
-    ends = stop_ids(model, tok)
-    encoded = [prompt_ids(tok, pr["prompt"]) for pr in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    out: dict[int, list[dict[str, Any]]] = {}
-    device = next(model.parameters()).device
-    batches = [order[s : s + p.batch_size] for s in range(0, len(order), p.batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", mininterval=2.0)):
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attn[row, width - len(encoded[i]) :] = 1
-        # One seed per batch: reruns with the same params and prompts repeat exactly.
-        torch.manual_seed(p.seed * 1_000_003 + b)
-        greedy = p.temperature == 0.0
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=p.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else p.temperature,
-            top_p=None if greedy else p.top_p,
-            top_k=None,
-            num_return_sequences=p.num_samples,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=sorted(ends),
-        )[:, width:].cpu()
-        for row, i in enumerate(idx):
-            rows = []
-            for k in range(p.num_samples):
-                new = generated[row * p.num_samples + k].tolist()
-                stop_at = next((j for j, t in enumerate(new) if t in ends), None)
-                if stop_at is None:
-                    body, finish, n_resp = new, "length", len(new)
-                else:
-                    body, finish, n_resp = new[:stop_at], "stop", stop_at + 1
-                text = tok.decode(body, skip_special_tokens=True)
-                rows.append(_record(prompts[i], k, text, finish, len(encoded[i]), n_resp, fingerprint, engine, sampling))
-            out[i] = rows
-    return [r for i in range(len(prompts)) for r in out[i]]
+    """All of `prompts` in this process, in one shard; records in prompt order."""
+    engine = TransformersEngine(model, tok, p, fingerprint, desc=desc)
+    shard = Shard(0, tuple(length_order([len(prompt_ids(tok, pr["prompt"])) for pr in prompts])), 0)
+    rows = engine.generate(prompts, shard)
+    by_prompt = {i: rows[j * p.num_samples : (j + 1) * p.num_samples] for j, i in enumerate(shard.prompts)}
+    return [r for i in range(len(prompts)) for r in by_prompt[i]]
 
 
-def generate_vllm(
-    where: str,
-    revision: str | None,
-    tok: PreTrainedTokenizerBase,
-    prompts: Sequence[dict[str, Any]],
-    p: GenerationParams,
-    fingerprint: str,
-    dtype: str,
-    trust_remote_code: bool,
-) -> list[dict[str, Any]]:
-    """Generation with vLLM's offline API (`LLM.generate`), same records as above.
+class VllmEngine:
+    """vLLM's offline API (`LLM.generate`), same records as the transformers engine.
 
     Prompts are rendered to token ids with the same chat template as the transformers
     engine and handed over as token prompts, so both engines see identical inputs.
+    Tensor parallelism is `tensor_parallel_size` GPUs per engine; data parallelism is
+    `workers` engines, each in its own process on its own GPUs (shards.py), which is
+    what vLLM's offline data-parallel example does for dense models.
     """
-    from vllm import LLM, SamplingParams  # optional extra: imported only when chosen
 
-    engine = f"vllm {version('vllm')}"
-    sampling = sampling_record(p)
-    llm = LLM(
-        model=where,
-        revision=revision,
-        tokenizer=where,
-        tokenizer_revision=revision,
-        dtype=dtype,
-        seed=p.seed,
-        tensor_parallel_size=p.tensor_parallel_size,
-        trust_remote_code=trust_remote_code,
-    )
-    params = SamplingParams(
-        n=p.num_samples,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        max_tokens=p.max_new_tokens,
-        seed=p.seed,
-    )
-    encoded = [prompt_ids(tok, pr["prompt"]) for pr in prompts]
-    results = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params)
-    rows = []
-    for pr, ids, res in zip(prompts, encoded, results):
-        for k, o in enumerate(res.outputs):
-            finish = "stop" if o.finish_reason == "stop" else "length"
-            rows.append(_record(pr, k, o.text, finish, len(ids), len(o.token_ids), fingerprint, engine, sampling))
-    return rows
+    def __init__(self, where: str, revision: str | None, tok: PreTrainedTokenizerBase, p: GenerationParams, fingerprint: str, dtype: str, trust_remote_code: bool) -> None:
+        from vllm import LLM  # optional extra: imported only when chosen
+
+        self.tok, self.p, self.fingerprint = tok, p, fingerprint
+        self.name = engine_version("vllm")
+        self.sampling = sampling_record(p)
+        self.llm = LLM(
+            model=where,
+            revision=revision,
+            tokenizer=where,
+            tokenizer_revision=revision,
+            dtype=dtype,
+            seed=p.seed,
+            tensor_parallel_size=p.tensor_parallel_size,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def sampling_params(self, prompt_id: str) -> Any:
+        from vllm import SamplingParams
+
+        p = self.p
+        return SamplingParams(
+            n=p.num_samples,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            max_tokens=p.max_new_tokens,
+            seed=sample_seed(p.seed, prompt_id),
+            stop=list(p.stop) or None,
+        )
+
+    def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]:
+        chosen = [prompts[i] for i in shard.prompts]
+        encoded = [prompt_ids(self.tok, pr["prompt"]) for pr in chosen]
+        results = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], [self.sampling_params(pr["prompt_id"]) for pr in chosen])
+        rows = []
+        for pr, ids, res in zip(chosen, encoded, results, strict=True):
+            if len(res.outputs) != self.p.num_samples:
+                raise RuntimeError(f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected num_samples={self.p.num_samples}")
+            for k, o in enumerate(res.outputs):
+                if o.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected 'stop' or 'length')")
+                rows.append(record(pr, k, o.text, o.finish_reason, len(ids), len(o.token_ids), self.fingerprint, self.name, self.sampling))
+        return rows

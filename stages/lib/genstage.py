@@ -4,19 +4,28 @@ The two stages differ only in which model (`models.teacher` / `models.student`) 
 which sampling section (`teacher` / `student`) they use; both write
 generations.parquet (records.GENERATION_SCHEMA) and manifest.json into their output
 folder.
+
+Generation runs in resumable shards (stages/lib/shards.py) under `<out>.shards/`
+beside the output folder; the folder is removed once the output is written. A run
+killed half-way and started again generates only the shards it had not finished, and
+writes the same bytes an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.lib import cli, lineage, models, params, records
+from stages.lib import cli, lineage, models, params, records, shards
 from stages.lib.config import Dtype, GenerationParams, ModelParams
+from stages.lib.encoding import prompt_ids
+from stages.lib.generation import SEEDING, Engine, Shard, TransformersEngine, VllmEngine, engine_version, plan_shards, sampling_record
+from stages.lib.io import atomic_dir, digest_path, read_rows, write_json, write_table
 from stages.lib.models import ModelRef
-from stages.lib.generation import generate_transformers, generate_vllm
-from stages.lib.io import atomic_dir, read_rows, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +35,143 @@ def sections(role: str) -> dict[str, Any]:
     return {f"models.{role}": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype, role: GenerationParams}
 
 
-def run(role: str, ref: ModelRef, trust_remote_code: bool, dtype: str, p: GenerationParams, prompts: list[dict[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
-    """Generate `p.num_samples` responses per prompt with the `role` model."""
-    fp = models.fingerprint(ref, model_dir)
-    tok = models.load_tokenizer(ref, model_dir, trust_remote_code)
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to open an engine, picklable for worker processes."""
+
+    p: GenerationParams
+    ref: ModelRef
+    model_dir: Path
+    trust_remote_code: bool
+    dtype: str
+    fingerprint: str
+
+
+def fingerprint(p: GenerationParams, ref: ModelRef, model_dir: Path) -> str:
+    """The `model` column: a local model's digest or hub id, or the API endpoint's model."""
+    if p.engine == "openai":
+        from stages.lib.openai_engine import fingerprint as api_fingerprint
+
+        assert p.openai is not None  # GenerationParams checks it for engine openai
+        return api_fingerprint(p.openai)
+    return models.fingerprint(ref, model_dir)
+
+
+def open_engine(spec: EngineSpec) -> Engine:
+    """Load the engine `spec.p.engine` names (in each worker process, when several)."""
+    p = spec.p
+    if p.engine == "openai":
+        from stages.lib.openai_engine import OpenAIEngine  # the openai client is an optional extra
+
+        return OpenAIEngine(p)
+    tok = models.load_tokenizer(spec.ref, spec.model_dir, spec.trust_remote_code)
     if p.engine == "vllm":
-        where, revision = models.resolve(ref, model_dir)
-        return generate_vllm(where, revision, tok, prompts, p, fp, dtype, trust_remote_code)
-    model = models.load_model(ref, model_dir, trust_remote_code, dtype)
-    return generate_transformers(model, tok, prompts, p, fp, desc=f"{role} generate")
+        where, revision = models.resolve(spec.ref, spec.model_dir)
+        return VllmEngine(where, revision, tok, p, spec.fingerprint, spec.dtype, spec.trust_remote_code)
+    model = models.load_model(spec.ref, spec.model_dir, spec.trust_remote_code, spec.dtype).to(p.device)
+    return TransformersEngine(model, tok, p, spec.fingerprint)
+
+
+def plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
+    """The run's shards; the transformers engine buckets by prompt length in tokens."""
+    lengths = None
+    if spec.p.engine == "transformers":
+        tok = models.load_tokenizer(spec.ref, spec.model_dir, spec.trust_remote_code)
+        lengths = [len(prompt_ids(tok, pr["prompt"])) for pr in prompts]
+    return plan_shards(spec.p, lengths, len(prompts))
+
+
+def code_digest() -> dict[str, str]:
+    """The generation code's files: shards made by other code are not resumed."""
+    from stages.lib import config, encoding, generation, io, openai_engine
+
+    mods = [sys.modules[__name__], config, encoding, generation, io, models, openai_engine, records, shards]
+    return {Path(m.__file__).name: digest_path(Path(m.__file__)) for m in mods if m.__file__ is not None}
+
+
+def run(
+    role: str,
+    ref: ModelRef,
+    trust_remote_code: bool,
+    dtype: str,
+    p: GenerationParams,
+    prompts: list[dict[str, Any]],
+    model_dir: Path,
+    work: Path,
+    part: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate `p.num_samples` responses per prompt with the `role` model, resumably.
+
+    Shards go to `work`; finished ones found there (for the same model, params, prompts
+    and code) are reused. `part=(k, n)` generates only shards k, k + n, k + 2n, ... and
+    returns no records (one of n machines sharing `work`; a full run gathers after).
+    """
+    spec = EngineSpec(p, ref, model_dir, trust_remote_code, dtype, fingerprint(p, ref, model_dir))
+    planned = plan(spec, prompts)
+    key = {
+        "role": role,
+        "model": spec.fingerprint,
+        "engine": engine_version(p.engine),
+        "sampling": sampling_record(p),
+        "shard_size": p.shard_size,
+        "prompts": records.content_id("prompt-list", *(pr["prompt_id"] for pr in prompts)),
+        "plan": records.content_id("shard-plan", records.canonical_json([list(s.prompts) for s in planned])),
+        "code": code_digest(),
+    }
+    shards.prepare(work, key)
+    mine = planned if part is None else [s for s in planned if s.index % part[1] == part[0]]
+    gpus = 0 if p.engine == "openai" or (p.engine == "transformers" and p.device == "cpu") else p.tensor_parallel_size
+    shards.generate(work, mine, prompts, open_engine, spec, p.workers, gpus)
+    if part is not None:
+        return []
+    return shards.gather(work, planned, prompts, p.num_samples)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    used: dict[str, Any]
+    p: GenerationParams
+    ref: ModelRef
+    model_dir: Path
+    model_input: Path
+    prompt_file: Path
+    prompts: list[dict[str, Any]]
+
+
+def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, previous: Path | None) -> Inputs:
+    """Params, model and prompts of the `role` stage. `previous` (on-policy rounds)
+    samples previous/model, the student a previous round's train stage wrote."""
+    used = params.load_sections(params_file, sections(role))
+    if previous is None:
+        ref: ModelRef = used[f"models.{role}"].ref()
+        model_dir, model_input = models_dir / role, models.lineage_input(ref, models_dir, role)
+    else:
+        ref, model_dir, model_input = models.ModelRef(str(previous / "model"), None), Path(), previous / "model"
+    prompt_file = prompts_dir / "train.parquet"
+    return Inputs(used, used[role], ref, model_dir, model_input, prompt_file, read_rows(prompt_file, records.PROMPT_SCHEMA))
+
+
+def work_dir(out: Path) -> Path:
+    """Where a stage writing `out` keeps its shards: beside it, never inside a DVC out."""
+    return out.with_name(out.name + ".shards")
+
+
+def generate_part(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, out: Path, part: int, parts: int, previous: Path | None = None) -> None:
+    """Generate shards part, part + parts, ... of the stage writing `out`, into its
+    work folder, and nothing else: for an orchestrator (e.g. Prefect tasks mapped over
+    `part` on several machines sharing the folder); the stage run afterwards finds
+    those shards done and only gathers them."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
+    i = inputs(role, params_file, prompts_dir, models_dir, previous)
+    run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], i.p, i.prompts, i.model_dir, work_dir(out), part=(part, parts))
+
+
+def describe_model(p: GenerationParams, ref: ModelRef, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if p.engine == "openai":
+        assert p.openai is not None
+        return {"endpoint": p.openai.base_url, "model": p.openai.model, "fingerprint": rows[0]["model"] if rows else None}
+    return models.describe(ref, model_dir)
 
 
 def main(role: str, doc: str | None) -> None:
@@ -44,19 +181,12 @@ def main(role: str, doc: str | None) -> None:
     round's train stage wrote, instead of `models.<role>`.
     """
     args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous",))
-    used = params.load_sections(args.params, sections(role))
-    p: GenerationParams = used[role]
-    if args.previous is None:
-        ref: ModelRef = used[f"models.{role}"].ref()
-        model_dir, model_input = args.models / role, models.lineage_input(ref, args.models, role)
-    else:
-        ref, model_dir, model_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
-    prompt_file = args.prompts / "train.parquet"
-    prompts = read_rows(prompt_file, records.PROMPT_SCHEMA)
-    rows = run(role, ref, used["models.trust_remote_code"], used["models.dtype"], p, prompts, model_dir)
+    i = inputs(role, args.params, args.prompts, args.models, args.previous)
+    p, work = i.p, work_dir(args.out)
+    rows = run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], p, i.prompts, i.model_dir, work)
     finish = {reason: sum(r["finish_reason"] == reason for r in rows) for reason in ("stop", "length")}
     counts = {
-        "prompts": len(prompts),
+        "prompts": len(i.prompts),
         "generations": len(rows),
         "finish_reason": finish,
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
@@ -65,11 +195,19 @@ def main(role: str, doc: str | None) -> None:
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(
-            tmp, role, used,
-            inputs={"prompts": prompt_file, "model": model_input},
+            tmp, role, i.used,
+            inputs={"prompts": i.prompt_file, "model": i.model_input},
             outputs={"generations.parquet": n},
             counts=counts,
-            extra={"model": models.describe(ref, model_dir), "engine": rows[0]["engine"] if rows else None},
+            extra={
+                "model": describe_model(p, i.ref, i.model_dir, rows),
+                # engine and version, the sampling record hashed into every generation id,
+                # and how the seeds were derived from it
+                "engine": rows[0]["engine"] if rows else engine_version(p.engine),
+                "sampling": sampling_record(p),
+                "seeding": SEEDING[p.engine],
+            },
         )
     write_json(args.metrics, counts)
+    shutil.rmtree(work)
     log.info("%s: %d generations, %d stopped, %d hit max_new_tokens", role, len(rows), finish["stop"], finish["length"])

@@ -1,0 +1,227 @@
+"""Sharded, resumable generation (stages/lib/shards.py) and the engines' shared parts,
+on tiny real models: sharding, worker processes and a SIGKILL never change an output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from stages import seed
+from stages.lib import generation, genstage, io, models, records, shards
+from stages.lib.config import GenerationParams
+from stages.lib.encoding import prompt_ids
+from stages.lib.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
+
+from .conftest import ROOT
+from .test_bootstrap import TASK
+from .test_seed import seed_params
+from .test_teacher import gp, prompts
+
+TOY = models.ModelRef("toy", None)
+
+
+def run(tiny_models: Path, ps: list[dict], p: GenerationParams, work: Path, part: tuple[int, int] | None = None) -> list[dict]:
+    return genstage.run("teacher", TOY, False, "float32", p, ps, tiny_models / "teacher", work, part=part)
+
+
+def test_shards_hold_whole_length_sorted_batches() -> None:
+    p = gp(batch_size=2, shard_size=4)
+    lengths = [5, 3, 9, 3, 7, 1, 2]
+    planned = plan_shards(p, lengths, 7)
+    assert [s.prompts for s in planned] == [(5, 6, 1, 3), (0, 4, 2)]
+    assert [s.first_batch for s in planned] == [0, 2]
+    assert [s.prompts for s in plan_shards(gp(batch_size=2, shard_size=0), lengths, 7)] == [(5, 6, 1, 3, 0, 4, 2)]
+    # other engines keep prompt order: their seeds follow the prompt, not the batch
+    api = plan_shards(gp(engine="vllm", device="cuda", shard_size=3), None, 7)
+    assert [s.prompts for s in api] == [(0, 1, 2), (3, 4, 5), (6,)]
+
+
+def test_knobs_that_cannot_change_outputs_stay_out_of_ids() -> None:
+    base = sampling_record(gp())
+    assert base == {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6, "num_samples": 2, "seed": 7, "batch_size": 4}  # as before issue 7
+    assert sampling_record(gp(shard_size=8, workers=2)) == base
+    assert sampling_record(gp(stop=("\n",)))["stop"] == ["\n"]
+    assert sampling_record(gp(device="cuda"))["device"] == "cuda"
+    assert "shard_size" in sampling_record(gp(engine="vllm", device="cuda", shard_size=8))  # vLLM is not batch-invariant
+
+
+def test_sharded_run_equals_one_shard_and_the_plain_engine(tiny_models: Path, tmp_path: Path) -> None:
+    ps = prompts(14)
+    whole = run(tiny_models, ps, gp(shard_size=0), tmp_path / "a")
+    sharded = run(tiny_models, ps, gp(shard_size=4), tmp_path / "b")
+    assert sharded == whole and len(whole) == 28
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", use_safetensors=True)
+    tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
+    assert generate_transformers(model, tok, ps, gp(), models.fingerprint(TOY, tiny_models / "teacher")) == whole
+    assert len(list((tmp_path / "b").glob("shard-*.done"))) == 4
+
+
+def test_two_worker_processes_give_the_one_process_output(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ps = prompts(16)
+    one = run(tiny_models, ps, gp(shard_size=4, workers=1), tmp_path / "one")
+    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+        two = run(tiny_models, ps, gp(shard_size=4, workers=2), tmp_path / "two")
+    assert two == one
+    assert sum("generated shard" in m for m in caplog.messages) == 4
+
+
+def test_parts_on_several_machines_then_a_gathering_run(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What an orchestrator does: part k of n on each machine, then one run gathers."""
+    ps = prompts(12)
+    p = gp(shard_size=4)
+    assert run(tiny_models, ps, p, tmp_path / "w", part=(0, 2)) == []
+    assert sorted(m.name for m in (tmp_path / "w").glob("*.done")) == ["shard-00000.done", "shard-00002.done"]
+    run(tiny_models, ps, p, tmp_path / "w", part=(1, 2))
+    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+        gathered = run(tiny_models, ps, p, tmp_path / "w")
+    assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
+    assert gathered == run(tiny_models, ps, p, tmp_path / "fresh")
+
+
+def test_shards_of_other_params_are_never_reused(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ps = prompts(8)
+    run(tiny_models, ps, gp(shard_size=4, seed=7), tmp_path / "w")
+    with caplog.at_level(logging.WARNING, logger="stages.lib.shards"):
+        other = run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w")
+    assert any("made for other inputs, params or code" in m for m in caplog.messages)
+    assert other == run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "fresh")
+
+
+def test_a_shard_that_differs_from_its_marker_is_generated_again(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ps = prompts(8)
+    p = gp(shard_size=4)
+    good = run(tiny_models, ps, p, tmp_path / "w")
+    rows = io.read_rows(shards.shard_file(tmp_path / "w", 1), records.GENERATION_SCHEMA)
+    io.write_table(shards.shard_file(tmp_path / "w", 1), [{**r, "response": "tampered"} for r in rows], records.GENERATION_SCHEMA)
+    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+        assert run(tiny_models, ps, p, tmp_path / "w") == good
+    assert any("differs from its marker's digest; generating shard 1 again" in m for m in caplog.messages)
+    assert any("1 of 2 shards already done (skipped), 1 to generate" in m for m in caplog.messages)
+
+
+def test_stop_strings_cut_responses_where_the_plain_run_reaches_them(tiny_models: Path, tmp_path: Path) -> None:
+    """Same seeds, same random numbers per step: a response with stop strings is the
+    plain response cut before the first stop string."""
+    ps = prompts(12)
+    same = dict(num_samples=1, max_new_tokens=12)
+    plain = run(tiny_models, ps, gp(**same), tmp_path / "a")
+    # the most common two-character piece of the plain responses: some responses hold it
+    pieces = Counter(r["response"][j : j + 2] for r in plain for j in range(len(r["response"]) - 1))
+    stop = pieces.most_common(1)[0][0]
+    cut = run(tiny_models, ps, gp(stop=(stop,), **same), tmp_path / "b")
+    hit = 0
+    for a, b in zip(plain, cut, strict=True):
+        if stop in a["response"]:
+            hit += 1
+            at = a["response"].index(stop)
+            assert b["response"] == a["response"][:at] and b["finish_reason"] == "stop"
+            # counted through the stop string's end (one token per character, or more
+            # where the model emitted special tokens, which decoding drops), never past it
+            assert at + len(stop) <= b["response_tokens"] <= a["response_tokens"]
+        else:
+            assert (b["response"], b["finish_reason"], b["response_tokens"]) == (a["response"], a["finish_reason"], a["response_tokens"])
+    assert hit >= 2
+
+
+def test_stop_string_token_count_is_the_shortest_prefix_holding_it(tiny_models: Path) -> None:
+    tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
+    ids = tok("abXYcdXY", add_special_tokens=False)["input_ids"]
+    assert generation.cut_at_stop_string(tok, ids, "abXYcdXY", ["XY", "cd"]) == ("ab", 4)
+    assert generation.cut_at_stop_string(tok, ids, "abXYcdXY", ["zz"]) is None
+
+
+def test_seeds_follow_the_prompt_not_the_shard() -> None:
+    assert sample_seed(2, "p1") == sample_seed(2, "p1") != sample_seed(3, "p1")
+    assert sample_seed(2, "p1", "0") != sample_seed(2, "p1", "1")
+    assert 0 <= sample_seed(2, "p1") < 2**31
+
+
+def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in `vllm` module (vLLM needs a GPU; the real engine is tested in
+    tests/test_teacher.py where one exists): checks what the engine asks of the offline
+    API and how it turns the answers into records. Not a check of vLLM itself."""
+    calls: dict = {}
+
+    class SamplingParams:
+        def __init__(self, **kw: object) -> None:
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw: object) -> None:
+            calls["llm"] = kw
+
+        def generate(self, prompts: list[dict], params: list[SamplingParams]) -> list:
+            calls["prompts"], calls["params"] = prompts, params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"r{k}", token_ids=[1] * (k + 1), finish_reason=("stop", "length")[k % 2]) for k in range(sp.kw["n"])]) for sp in params]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    monkeypatch.setattr(generation, "version", lambda name: "0.0-fake")
+    ps = prompts(3)
+    p = gp(engine="vllm", device="cuda", stop=("\n\n",), tensor_parallel_size=2, shard_size=0)
+    tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
+    engine = generation.VllmEngine(str(tiny_models / "teacher"), None, tok, p, "fp", "bfloat16", False)
+    rows = engine.generate(ps, Shard(0, (2, 0, 1), 0))
+    assert calls["llm"] == {"model": str(tiny_models / "teacher"), "revision": None, "tokenizer": str(tiny_models / "teacher"), "tokenizer_revision": None,
+                            "dtype": "bfloat16", "seed": 7, "tensor_parallel_size": 2, "trust_remote_code": False}
+    assert calls["prompts"] == [{"prompt_token_ids": prompt_ids(tok, ps[i]["prompt"])} for i in (2, 0, 1)]
+    assert [c.kw for c in calls["params"]] == [{"n": 2, "temperature": 1.0, "top_p": 0.9, "max_tokens": 6, "seed": sample_seed(7, ps[i]["prompt_id"]), "stop": ["\n\n"]} for i in (2, 0, 1)]
+    assert [(r["prompt_id"], r["sample_index"], r["response"], r["finish_reason"], r["response_tokens"]) for r in rows[:2]] == [(ps[2]["prompt_id"], 0, "r0", "stop", 1), (ps[2]["prompt_id"], 1, "r1", "length", 2)]
+    assert rows[0]["engine"] == "vllm 0.0-fake" and json.loads(rows[0]["sampling"])["engine"] == "vllm"
+
+
+# --- the stage killed with SIGKILL and started again -------------------------------
+
+
+def stage_setup(tmp_path: Path, tiny_models: Path, **teacher: object) -> list[str]:
+    sp = seed_params(num_train=48, num_eval=1)
+    train, _, _, _ = seed.run(TASK, sp, seed.source_rows(TASK, sp))
+    io.write_table(tmp_path / "seed" / "train.parquet", train, records.PROMPT_SCHEMA)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["teacher"].update(teacher)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return [sys.executable, "-m", "stages.teacher", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "seed"), "--models", str(tiny_models)]
+
+
+def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run(tmp_path: Path, tiny_models: Path) -> None:
+    cmd = stage_setup(tmp_path, tiny_models, batch_size=4, shard_size=4, num_samples=2, max_new_tokens=16)  # 48 prompts: 12 shards
+    out, work = tmp_path / "out", tmp_path / "out.shards"
+    args = [*cmd, "--out", str(out), "--metrics", str(tmp_path / "m.json")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(work.glob("*.done")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the stage ended (code {proc.returncode}) or stalled before finishing a shard")
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a crash would
+    assert proc.wait() == -signal.SIGKILL
+    done = sorted(m.name for m in work.glob("*.done"))
+    assert 1 <= len(done) < 12, f"killed too late: {len(done)} shards done"
+    assert not out.exists()
+
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)
+    log = resumed.stderr
+    assert f"{len(done)} of 12 shards already done (skipped), {12 - len(done)} to generate" in log
+    assert log.count("generated shard") == 12 - len(done)
+    generated = {f"shard-{int(line.split('generated shard ')[1].split()[0]):05d}.done" for line in log.splitlines() if "generated shard" in line}
+    assert generated.isdisjoint(done)
+    assert not work.exists()  # removed once the output is written
+
+    clean = subprocess.run([*cmd, "--out", str(tmp_path / "clean"), "--metrics", str(tmp_path / "m2.json")], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "0 of 12 shards already done" in clean.stderr
+    for name in ("generations.parquet", "manifest.json"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert (tmp_path / "m.json").read_bytes() == (tmp_path / "m2.json").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"].startswith("transformers ") and manifest["sampling"]["seed"] == 2 and "manual_seed" in manifest["seeding"]
