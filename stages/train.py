@@ -416,6 +416,20 @@ def previous_round(previous: Path, p: TrainParams) -> tuple[int, AlphaCurriculum
     return e, curriculum
 
 
+def load_inputs(p: TrainParams, s_ref: models.ModelRef, s_dir: Path, t_ref: models.ModelRef, t_dir: Path, scores_dir: Path, trust: bool, dtype: str
+                ) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
+    """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
+    None): with `teacher_signal: topk` the teacher model is never loaded."""
+    student = models.load_model(s_ref, s_dir, trust, dtype)
+    scores: Scores | None = None
+    teacher: torch.nn.Module | None = None
+    if p.teacher_signal == "topk":
+        scores = index_scores(read_rows(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+    else:
+        teacher = models.load_model(t_ref, t_dir, trust, dtype)
+    return student, teacher, models.load_tokenizer(s_ref, s_dir, trust), models.load_tokenizer(t_ref, t_dir, trust), scores
+
+
 def main() -> None:
     args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot", optional=("previous",))
     used = params.load_sections(args.params, SECTIONS)
@@ -430,15 +444,7 @@ def main() -> None:
     src = args.pairs / "curated.parquet"
     pairs = read_rows(src, records.PAIR_SCHEMA)
     distributed.init_from_env(p.device)
-    student = models.load_model(s_ref, s_dir, trust, dtype)
-    scores: Scores | None = None
-    teacher: torch.nn.Module | None = None
-    if p.teacher_signal == "topk":
-        scores = index_scores(read_rows(args.scores / "topk.parquet", records.TOPK_SCHEMA))  # the teacher model is never loaded
-    else:
-        teacher = models.load_model(t_ref, args.models / "teacher", trust, dtype)
-    tok_s = models.load_tokenizer(s_ref, s_dir, trust)
-    tok_t = models.load_tokenizer(t_ref, args.models / "teacher", trust)
+    student, teacher, tok_s, tok_t, scores = load_inputs(p, s_ref, s_dir, t_ref, args.models / "teacher", args.scores, trust, dtype)
     key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, args.models / "teacher"))
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()

@@ -13,11 +13,13 @@ from .test_params import STAGES
 RAW = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
+COMPARISON = ["compare", "report"]
 ROUND = ["round_student", "round_pairs", "round_curate", "round_score", "round_train", "round_evaluate"]
-EXPECTED = BASE + ROUND
-# The round_* groups are `foreach: ${train.rounds}` templates; static checks read them
-# instantiated for round 2 (tests/test_pipeline.py runs them through DVC itself).
-ROUND_2 = {"${key}": "r2", "${item.previous}": "data/train"}
+EXPECTED = BASE + COMPARISON + ROUND
+# The round_* groups are `foreach: ${train.rounds}` templates and compare a matrix over
+# compare.runs x compare.seeds; static checks read them instantiated for round 2 and
+# the cell (kd, 1) (tests/test_pipeline.py runs them through DVC itself).
+ROUND_2 = {"${key}": "r2", "${item.previous}": "data/train", "${item.run}": "kd", "${item.seed}": "1"}
 
 
 def instantiate(node: object) -> object:
@@ -32,7 +34,7 @@ def instantiate(node: object) -> object:
     return node
 
 
-DVC = {name: instantiate(spec["do"]) if "foreach" in spec else spec for name, spec in RAW.items()}
+DVC = {name: instantiate(spec["do"]) if "foreach" in spec else instantiate(spec) for name, spec in RAW.items()}
 
 
 def module(stage: str) -> str:
@@ -41,12 +43,14 @@ def module(stage: str) -> str:
 
 
 def lib_imports(path: Path) -> set[str]:
-    """stages.lib modules a file imports, anywhere in it (lazy imports included)."""
+    """stages.lib and stage modules a file imports, anywhere in it (lazy imports included)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "stages.lib":
-                found.update(f"stages.lib.{a.name}" for a in node.names)
+            if node.module in ("stages.lib", "stages"):
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif node.module.startswith("stages.") and not node.module.startswith("stages.lib."):
+                found.add(node.module)  # from stages.compare import RunParams
             elif node.module.startswith("stages.lib."):
                 found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -69,6 +73,10 @@ def closure(stage: str) -> set[str]:
 def test_stage_names_agree_everywhere() -> None:
     assert list(DVC) == EXPECTED
     assert all(RAW[name]["foreach"] == "${train.rounds}" for name in ROUND)
+    assert set(RAW["compare"]["matrix"]) == {"run", "seed"}
+    for name in COMPARISON:
+        assert (ROOT / "stages" / f"{name}.py").is_file() and (ROOT / "tests" / f"test_{name}.py").is_file()
+    assert "compare" in PARAMS
     for name in BASE:
         assert name in PARAMS, f"params.yaml has no section {name!r}"
         assert (ROOT / "stages" / f"{name}.py").is_file()
@@ -77,7 +85,7 @@ def test_stage_names_agree_everywhere() -> None:
 
 @pytest.mark.parametrize("stage", EXPECTED)
 def test_dvc_params_are_exactly_what_the_stage_reads(stage: str) -> None:
-    assert DVC[stage]["params"] == list(STAGES[module(stage)].PARAMS)
+    assert DVC[stage]["params"] == instantiate(list(STAGES[module(stage)].PARAMS))
 
 
 @pytest.mark.parametrize("stage", EXPECTED)
@@ -94,11 +102,12 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     argv = shlex.split(spec["cmd"])
     assert argv[:3] == ["python", "-m", f"stages.{module(stage)}"]
     args = dict(zip(argv[3::2], argv[4::2]))
-    outs = set(spec["outs"]) | {next(iter(m)) for m in spec.get("metrics", [])} | {next(iter(p)) for p in spec.get("plots", [])}
+    name = lambda o: o if isinstance(o, str) else next(iter(o))  # noqa: E731  (an out with options is {path: {...}})
+    outs = {name(o) for o in spec["outs"]} | {name(m) for m in spec.get("metrics", [])} | {name(p) for p in spec.get("plots", [])}
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
-    out_flags = {"--out", "--metrics", "--plot"}
+    out_flags, value_flags = {"--out", "--metrics", "--plot"}, {"--run", "--seed"}  # compare's matrix values
     assert {v for k, v in args.items() if k in out_flags} == outs
-    assert {v for k, v in args.items() if k not in out_flags | {"--params"}} == data_deps
+    assert {v for k, v in args.items() if k not in out_flags | value_flags | {"--params"}} == data_deps
     assert args["--params"] == "params.yaml"
 
 
@@ -117,9 +126,12 @@ def test_a_round_runs_its_base_stage_on_the_round_paths(stage: str) -> None:
 
 
 def test_graph_edges() -> None:
-    at = lambda name: f"{name}@r2" if name in ROUND else name  # noqa: E731
-    producers = {out: at(name) for name, s in DVC.items() for out in s["outs"]}
+    at = lambda name: f"{name}@r2" if name in ROUND else "compare@kd-1" if name == "compare" else name  # noqa: E731
+    producers = {out if isinstance(out, str) else next(iter(out)): at(name) for name, s in DVC.items() for out in s["outs"]}
+    producers |= {next(iter(m)): at(name) for name, s in DVC.items() for m in s.get("metrics", [])}
     edges = {(producers[d], at(name)) for name, s in DVC.items() for d in s["deps"] if d in producers}
+    # a dep on a folder holding other stages' outputs (report reads metrics/compare/)
+    edges |= {(producers[o], at(name)) for name, s in DVC.items() for d in s["deps"] for o in producers if o.startswith(d + "/")}
     assert edges == {
         ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
         ("seed", "teacher"), ("seed", "student"), ("seed", "pairs"), ("seed", "evaluate"),
@@ -131,4 +143,7 @@ def test_graph_edges() -> None:
         ("round_pairs@r2", "round_curate@r2"), ("round_curate@r2", "round_score@r2"), ("bootstrap", "round_score@r2"),
         ("round_curate@r2", "round_train@r2"), ("round_score@r2", "round_train@r2"), ("bootstrap", "round_train@r2"), ("train", "round_train@r2"),
         ("seed", "round_evaluate@r2"), ("bootstrap", "round_evaluate@r2"), ("round_train@r2", "round_evaluate@r2"),
+        # the comparison: every cell reads what train reads (plus the eval prompts); the report reads every cell
+        ("curate", "compare@kd-1"), ("score", "compare@kd-1"), ("bootstrap", "compare@kd-1"), ("seed", "compare@kd-1"),
+        ("compare@kd-1", "report"), ("evaluate", "report"),
     }

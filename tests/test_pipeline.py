@@ -35,6 +35,15 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w@.-]+)'", output))
 
 
+def restored(output: str) -> set[str]:
+    """Stages DVC's run-cache restored without running (same command, deps and params as an earlier run)."""
+    return set(re.findall(r"Stage '([\w@.-]+)' is cached - skipping run", output))
+
+
+# The smoke profile's comparison: runs kd and distillm2, seed 1.
+COMPARISON = {"compare@kd-1", "compare@distillm2-1", "report"}
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("repo")
@@ -52,7 +61,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"}
+    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for name in ("teacher", "student_initial", "student_distilled"):
         assert 0.0 <= ev[name]["accuracy"]["exact_match"] <= 1.0
@@ -71,6 +80,11 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     assert manifest["inputs"]["pairs"]["sha256"] == json.loads((repo / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["sha256"]
     shown = sh(repo, "dvc", "metrics", "show", "--json")
     assert "student_distilled" in shown
+    table = list(csv.DictReader((repo / "reports" / "comparison" / "table.csv").open()))
+    assert {r["run"] for r in table} == {"kd", "distillm2"} and all(r["seeds"] == "1" for r in table)
+    cell = json.loads((repo / "metrics" / "compare" / "kd-1.json").read_text())
+    assert f"{float(table[[r['run'] for r in table].index('kd')]['exact_match_mean']):.4f}" == f"{cell['student']['accuracy']['exact_match']:.4f}"
+    assert (repo / "reports" / "comparison" / "exact_match.png").is_file() and "Against the paper" in (repo / "reports" / "comparison" / "README.md").read_text()
 
 
 def test_second_repro_is_a_no_op(repo: Path) -> None:
@@ -84,12 +98,12 @@ def test_training_param_reruns_only_train_and_evaluate(repo: Path) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first run")
     out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.005")
-    assert ran(out) == {"train", "evaluate"}
+    assert ran(out) == {"train", "evaluate"} | COMPARISON  # the comparison cells share train's settings
 
 
 def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -> None:
     out = sh(repo, "dvc", "exp", "run", "-S", "teacher.temperature=0.8")
-    assert ran(out) == {"teacher", "pairs", "curate", "score", "train", "evaluate"}
+    assert ran(out) == {"teacher", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
 
 
 @pytest.mark.parametrize(
@@ -107,7 +121,10 @@ def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -
 )
 def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: list[str]) -> None:
     out = sh(repo, "dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)])
-    assert ran(out) == {"train", "evaluate"}
+    # the comparison sets its own method and switches, but shares train's other settings
+    shared = any(o.startswith(("train.teacher_signal", "train.logits")) for o in overrides)
+    # (the report redraws its teacher / initial-student lines from metrics/evaluate.json)
+    assert ran(out) == {"train", "evaluate", "report"} | (COMPARISON if shared else set())
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     # `dvc exp run -S` leaves its change in the workspace, so each case names its method.
     method = next(o.split("=")[1] for o in overrides if o.startswith("train.method="))
@@ -123,7 +140,9 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
                 *(f"train.distillm2.{k}=true" for k in ("contrastive", "beta_ramp", "adaptive_alpha"))]
     out = sh(repo, "dvc", "exp", "run", *(a for o in defaults for a in ("-S", o)), "-S", "++train.rounds.r2={previous: data/train}")
     # round 1's train reruns too: with E = 2 its beta ramp covers the first half only
-    assert ran(out) == {"train", "evaluate", *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate"))}
+    # logits and teacher_signal go back to what the comparison cells ran with earlier: DVC's run-cache restores them
+    assert ran(out) == {"train", "evaluate", "report", *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate"))}
+    assert restored(out) == COMPARISON - {"report"}
     r2 = repo / "data" / "rounds" / "r2"
     gens = pq.read_table(r2 / "student" / "generations.parquet").to_pylist()
     round1_student = json.loads((repo / "data" / "train" / "manifest.json").read_text())

@@ -14,15 +14,18 @@ from pathlib import Path
 import torch
 
 
-def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = ()) -> argparse.Namespace:
-    """Parse `--params PATH` and `--<name> PATH` for each name (required), and
-    `--<name> PATH` for each `optional` name (None when absent)."""
+def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = (), values: dict[str, type] | None = None) -> argparse.Namespace:
+    """Parse `--params PATH` and `--<name> PATH` for each name (required),
+    `--<name> PATH` for each `optional` name (None when absent), and `--<name> VALUE`
+    of the given type for each of `values` (required; e.g. a matrix stage's seed)."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     parser.add_argument("--params", type=Path, required=True, help="params file (params.yaml)")
     for name in names:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
     for name in optional:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, default=None)
+    for name, typ in (values or {}).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A fixed thread count keeps CPU float reductions, and so outputs, repeatable.

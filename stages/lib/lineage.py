@@ -21,14 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def code_files(stage: str) -> list[Path]:
-    """The stage's module and the stages.lib modules loaded in this process.
+    """The stage's module and the stages.lib and stage modules loaded in this process.
 
     Called from a stage's main() after its imports, so sys.modules holds exactly
     what the stage can execute. (Run as `python -m stages.X`, the stage module is
     `__main__`, so its file is named directly.)
     """
     files = [ROOT / "stages" / f"{stage}.py"]
-    for n in sorted(n for n in sys.modules if n.startswith("stages.lib.")):
+    # stages.lib modules, and other stage modules a stage reuses (compare runs train's loop)
+    loaded = [n for n in sys.modules if n.startswith("stages.") and n not in ("stages.lib", f"stages.{stage}")]
+    for n in sorted(loaded):
         file = getattr(sys.modules[n], "__file__", None)
         if file is None:
             raise RuntimeError(f"module {n} has no file to digest")
