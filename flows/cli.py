@@ -2,16 +2,22 @@
 
     distillflow check [PARAMS_FILE]   validate a params file for every stage (strict)
     distillflow stages                list the DAG's stages with the params keys each reads
+    distillflow run [--target STAGE] [-S key=value ...]
+                                      run the DVC pipeline as a Prefect flow (flows/pipeline.py)
+    distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
+                                      serve that flow as a deployment with a schedule
 
-The pipeline itself runs with `dvc repro` (see README); Prefect flows come next
-(issue 4) and will hang off this same command.
+The pipeline runs with `dvc repro` or, scheduled, observed and with parallel branches,
+with `distillflow run` (see README, "Running under Prefect"); both keep dvc.lock current.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -46,6 +52,63 @@ def stages(dvc_yaml: Path) -> int:
     return 0
 
 
+def _print_summary(summary: dict, total: float) -> None:
+    print(f"{'stage':<28} {'outcome':<11} {'seconds':>8}")
+    for name, entry in summary.get("stages", {}).items():
+        seconds = entry.get("seconds")
+        print(f"{name:<28} {entry['outcome']:<11} {'-' if seconds is None else f'{seconds:.1f}':>8}")
+    started, invoked, imported = summary.get("flow_started"), summary["invoked"], summary["imported"]
+    before = ""
+    if started:
+        before = (f"; {started - invoked:.1f} s before the flow body started: {imported - invoked:.1f} s imports, "
+                  f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) and flow-run creation")
+    print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
+    temporary local server for the run)."""
+    invoked = time.time()
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.dvc_ops import StageError
+    from flows.pipeline import PipelineFailed, distill
+
+    imported = time.time()
+    flow = distill.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.jobs))
+    rc = 0
+    try:
+        summary = flow(target=args.target, overrides=args.set_params, root=str(args.root.resolve()), retries=args.retries, retry_delay_s=args.retry_delay,
+                       retry_stages=args.retry_stages)
+    except PipelineFailed as exc:
+        summary, rc = exc.summary, 1
+        print(f"distillflow run failed: {exc}", file=sys.stderr)
+    except (StageError, KeyError) as exc:  # a bad override or target, a missing dependency: nothing to summarise
+        print(f"distillflow run failed: {exc}", file=sys.stderr)
+        return 1
+    summary["invoked"], summary["imported"] = invoked, imported
+    _print_summary(summary, time.time() - invoked)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return rc
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the flow as a deployment with a cron schedule, executing its runs here."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        print("distillflow serve: no PREFECT_API_URL. Schedules need a running Prefect server (the temporary one that "
+              "`distillflow run` starts runs no scheduler): start `prefect server start` and set PREFECT_API_URL.", file=sys.stderr)
+        return 2
+    from flows.pipeline import distill
+
+    params = {"target": args.target, "overrides": args.set_params, "root": str(args.root.resolve()),
+              "retries": args.retries, "retry_delay_s": args.retry_delay, "retry_stages": args.retry_stages}
+    distill.serve(name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,9 +116,29 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
     s = sub.add_parser("stages", help="list the stages of dvc.yaml")
     s.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    for cmd, text in (("run", "run the DVC pipeline as a Prefect flow"), ("serve", "serve the flow as a deployment with a cron schedule")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--target", help="a stage (or foreach group): run it and what it depends on; default: every stage")
+        p.add_argument("-S", "--set-param", dest="set_params", action="append", default=[], metavar="[FILE:]KEY=VALUE",
+                       help="change a param before running, as `dvc exp run -S` does (the change stays in the params file)")
+        p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
+        p.add_argument("--retries", type=int, default=2, help="retries of generation and training stages (default 2)")
+        p.add_argument("--retry-delay", type=float, default=10.0, help="first retry delay in seconds, doubling after (default 10)")
+        p.add_argument("--retry-stage", dest="retry_stages", action="append", metavar="PATTERN",
+                       help="stages (fnmatch pattern, repeatable) that get retries; default: those that load models")
+    r = sub.choices["run"]
+    r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
+    r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")
+    v = sub.choices["serve"]
+    v.add_argument("--name", default="distillflow-serve", help="deployment name (default distillflow-serve)")
+    v.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 daily)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(args.params)
+    if args.command == "run":
+        return run(args)
+    if args.command == "serve":
+        return serve(args)
     return stages(args.dvc_yaml)
 
 
