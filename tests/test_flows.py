@@ -1,0 +1,660 @@
+"""The DVC pipeline as a Prefect flow (flows/), on a real `prefect server start`, real
+DVC and the real stages.
+
+Slow tier, run in CI. One temporary copy of the repo on the smoke profile goes
+through a sequence of runs (cold, all cached, no server, one training param, one
+teacher param with the teacher killed once, params reverted), then a deployment from
+prefect.yaml run by a worker and `distillflow serve`; the on-policy rounds' foreach
+stages are read (not run) in a second copy. A tiny DVC project with `foreach` stages
+checks stage names with `@`, a stage that fails once, one that always fails and a
+DVC cache that lost outputs. Prefect's state lives in a temporary PREFECT_HOME;
+nothing touches the user's Prefect profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from flows.report import artifact_key
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+# The issue's nine stages; the tests take the full stage list (and what a param change
+# must rerun) from DVC itself, so stages added to dvc.yaml later are expected too.
+NINE = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate")
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def base_env(home: Path, api_url: str | None) -> dict[str, str]:
+    """This process's environment without any Prefect setting of the user's, plus an
+    isolated PREFECT_HOME and, when given, the server's API URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(home),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["PATH"] = str(Path(PY).parent) + os.pathsep + env.get("PATH", "")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def sh(cwd: Path, env: dict[str, str], *cmd: str, timeout: float = 600) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done.stdout + done.stderr
+
+
+def run_flow(repo: Path, env: dict[str, str], *args: str, expect_rc: int = 0) -> tuple[dict[str, Any], str]:
+    """`distillflow run ARGS` in the repo; returns its JSON summary and its output."""
+    summary = repo.parent / f"summary-{time.monotonic_ns()}.json"
+    cmd = [PY, "-m", "flows.cli", "run", "--retry-delay", "1", "--summary", str(summary), *args]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    if done.returncode != expect_rc or not summary.is_file():
+        raise AssertionError(f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), summary written: {summary.is_file()}:\n{out[-6000:]}")
+    return json.loads(summary.read_text()), out
+
+
+def outcomes(summary: dict[str, Any]) -> dict[str, str]:
+    return {name: entry["outcome"] for name, entry in summary["stages"].items()}
+
+
+def with_outcome(summary: dict[str, Any], outcome: str) -> set[str]:
+    return {name for name, o in outcomes(summary).items() if o == outcome}
+
+
+def copy_repo(dst: Path) -> Path:
+    """The repo's tracked and untracked (not ignored) files, minus outputs and dvc.lock,
+    with the smoke profile as params.yaml, committed to a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
+    return dst
+
+
+def git_commit(repo: Path, env: dict[str, str]) -> None:
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-qm", "start")
+
+
+def dvc_dag(repo: Path, env: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
+    """The stages and edges (upstream -> downstream) `dvc dag --dot` draws."""
+    dot = sh(repo, env, PY, "-m", "dvc", "dag", "--dot")
+    return set(re.findall(r'^"([^"]+)";$', dot, re.MULTILINE)), set(re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot))
+
+
+def dvc_dag_edges(repo: Path, env: dict[str, str]) -> set[tuple[str, str]]:
+    return dvc_dag(repo, env)[1]
+
+
+def stages_of(repo: Path, env: dict[str, str]) -> set[str]:
+    return dvc_dag(repo, env)[0]
+
+
+def dvc_stages(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per stage, as DVC resolves it: the params keys it declares, and whether DVC's
+    run-cache can restore it (no `cache: false` out besides metrics and plots)."""
+    code = ("import json\nfrom dvc.repo import Repo\nfrom dvc.dependency.param import ParamsDependency\n"
+            "print(json.dumps({s.name: {'params': [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params],"
+            " 'run_cache': all(o.use_cache or o.is_metric or o.is_plot for o in s.outs)} for s in Repo('.').index.stages}))")
+    return json.loads(sh(repo, env, PY, "-c", code).strip().splitlines()[-1])
+
+
+def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
+    """What DVC reruns when params `keys` change: the stages declaring them and
+    everything downstream of those in `dvc dag`."""
+    covers = lambda d, k: k == d or k.startswith(d + ".") or d.startswith(k + ".")
+    found = {name for name, info in dvc_stages(repo, env).items() if any(covers(d, k) for d in info["params"] for k in keys)}
+    edges = dvc_dag_edges(repo, env)
+    todo = list(found)
+    while todo:
+        cur = todo.pop()
+        for up, down in edges:
+            if up == cur and down not in found:
+                found.add(down)
+                todo.append(down)
+    return found
+
+
+def assert_dvc_agrees(repo: Path, env: dict[str, str]) -> None:
+    """After a Prefect run, DVC sees everything up to date: `dvc status` is clean and
+    `dvc repro` runs nothing."""
+    status = sh(repo, env, PY, "-m", "dvc", "status")
+    assert "Data and pipelines are up to date" in status, status
+    repro = sh(repo, env, PY, "-m", "dvc", "repro")
+    assert "Running stage" not in repro and "Data and pipelines are up to date" in repro, repro
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- Prefect's REST API ------------------------------------------------------------
+
+
+def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    r = httpx.post(url + path, json=body, timeout=30) if body is not None else httpx.get(url + path, timeout=30)
+    if r.status_code >= 400:
+        raise AssertionError(f"Prefect API {path}: {r.status_code} {r.text[:2000]}")
+    return r.json()
+
+
+def task_runs(url: str, flow_run_id: str) -> list[dict[str, Any]]:
+    return api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
+
+
+def prefect_edges(runs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """The task graph Prefect recorded: an edge from each `wait_for` upstream task run."""
+    name = {r["id"]: r["name"] for r in runs}
+    return {(name[i["id"]], r["name"]) for r in runs for i in r["task_inputs"].get("wait_for", [])}
+
+
+def artifacts(url: str, flow_run_id: str) -> dict[str, str]:
+    found = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    return {a["key"]: a["data"] if isinstance(a["data"], str) else json.dumps(a["data"]) for a in found}
+
+
+def wait_flow_run(url: str, flow_run_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = api(url, f"/flow_runs/{flow_run_id}")
+        if run["state"]["type"] in FINAL:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s: {run['state']}")
+
+
+def wait_deployment(url: str, name: str, proc: subprocess.Popen, log: Path, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited {proc.returncode} before deployment {name} appeared:\n{log.read_text()[-4000:]}")
+        r = httpx.get(f"{url}/deployments/name/{name}", timeout=30)
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(1)
+    raise AssertionError(f"deployment {name} did not appear within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process this test started in its own session (its process group)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def prefect_deploy(repo: Path, env: dict[str, str]) -> str:
+    """`prefect deploy --all` from prefect.yaml.
+
+    Known upstream fault, measured with the pinned prefect 3.8.8 + fastapi 0.154: the
+    CLI creates the deployment, then its check for online workers sends
+    `"limit": null` to /work_pools/<pool>/workers/filter, which this FastAPI rejects
+    (422), and it exits 1. Exactly that failure is accepted, after the creation
+    message; any other failure fails the test.
+    """
+    done = subprocess.run([PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=repo, env={**env, "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert "Deployment 'distillflow/nightly' successfully created" in out, out[-4000:]
+    if done.returncode != 0:
+        assert "422 Unprocessable Entity" in out and "/workers/filter" in out, out[-4000:]
+    return out
+
+
+# --- fixtures ----------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = base_env(home, None)
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"prefect server start exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prefect server not healthy after 180 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield Server(url, base_env(home, url))
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("flows") / "repo")
+    git_commit(repo, server.env)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def cold(smoke: Path, server: Server) -> dict[str, Any]:
+    """The first (cold) run, and what it left, for the later tests to compare with."""
+    started = time.monotonic()
+    summary, out = run_flow(smoke, server.env)
+    return {"summary": summary, "out": out, "seconds": time.monotonic() - started,
+            "lock": yaml.safe_load((smoke / "dvc.lock").read_text()), "evaluate": (smoke / "metrics" / "evaluate.json").read_text()}
+
+
+def snapshot(repo: Path) -> dict[str, tuple[int, int]]:
+    """inode and mtime of every output file and folder: any rewrite changes them."""
+    found = {}
+    for top in ("data", "metrics", "plots"):
+        for p in [repo / top, *(repo / top).rglob("*")]:
+            if ".checkpoints" not in p.as_posix():
+                st = p.stat()
+                found[p.relative_to(repo).as_posix()] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+# --- the smoke pipeline --------------------------------------------------------------
+
+
+def test_cold_run_runs_every_stage_with_the_dvc_dag_and_parallel_generation(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    summary = cold["summary"]
+    stages = stages_of(smoke, server.env)
+    assert set(NINE) <= stages
+    assert outcomes(summary) == {n: "ran" for n in stages}
+    teacher, student = summary["stages"]["teacher"], summary["stages"]["student"]
+    assert teacher["started"] < student["finished"] and student["started"] < teacher["finished"], \
+        f"teacher and student generation did not overlap: {teacher}, {student}"
+
+    runs = task_runs(server.url, summary["flow_run_id"])
+    assert sorted(r["name"] for r in runs) == sorted(stages)
+    assert prefect_edges(runs) == dvc_dag_edges(smoke, server.env)
+    by_name = {r["name"]: r for r in runs}
+    t, s = by_name["teacher"], by_name["student"]
+    assert t["start_time"] < s["end_time"] and s["start_time"] < t["end_time"], "Prefect saw teacher and student run one after the other"
+    retries = {n: by_name[n]["empirical_policy"]["retries"] for n in NINE}
+    assert retries == {"bootstrap": 2, "seed": 2, "teacher": 2, "student": 2, "pairs": 0, "curate": 0, "score": 2, "train": 2, "evaluate": 2}
+
+    arts = artifacts(server.url, summary["flow_run_id"])
+    assert {artifact_key(n) for n in stages} | {"distillflow-run"} <= set(arts)
+    for name in stages:
+        assert arts[artifact_key(name)].startswith(f"# Stage `{name}`: ran"), arts[artifact_key(name)][:200]
+    for name in ("seed", "curate"):
+        m = json.loads((smoke / "metrics" / f"{name}.json").read_text())
+        md = arts[f"stage-{name}"]
+        for reason, count in m["dropped_by_reason"].items():
+            assert f"| dropped_by_reason | {reason} | {count} |" in md, md
+        assert f"quarantined {m['quarantined']} = sum of drops by reason {m['quarantined']}: reconciled" in md, md
+    rows = json.loads((smoke / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["rows"]
+    assert "| data/curate/curated.parquet |" in arts["stage-curate"] and f"| {rows} |" in arts["stage-curate"]
+    ev = json.loads((smoke / "metrics" / "evaluate.json").read_text())
+    assert f"| teacher.accuracy.exact_match | {ev['teacher']['accuracy']['exact_match']} |" in arts["stage-evaluate"]
+    assert "Running stage" not in cold["out"] and "python -m stages.teacher" in cold["out"]  # the stage's own output, through the run logger
+
+    assert_dvc_agrees(smoke, server.env)
+    assert "/teacher" in (smoke / "data" / ".gitignore").read_text().splitlines()  # as `dvc repro` writes it
+
+
+def test_second_run_is_all_cached_and_runs_no_stage_code(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    before = snapshot(smoke)
+    summary, _ = run_flow(smoke, server.env)
+    stages = stages_of(smoke, server.env)
+    assert outcomes(summary) == {n: "cached" for n in stages}
+    runs = task_runs(server.url, summary["flow_run_id"])
+    assert {r["name"]: r["state"]["name"] for r in runs} == {n: "Cached" for n in stages}
+    assert snapshot(smoke) == before, "an output was rewritten"
+    assert_dvc_agrees(smoke, server.env)
+
+
+def test_flow_works_with_no_server_configured_and_restores_missing_outputs(smoke: Path, tmp_path: Path) -> None:
+    env = base_env(tmp_path / "prefect-home", None)
+    assert "PREFECT_API_URL" not in env
+    lock = yaml.safe_load((smoke / "dvc.lock").read_text())
+    shutil.rmtree(smoke / "data" / "teacher")
+    (smoke / "metrics" / "teacher.json").unlink()
+    summary, out = run_flow(smoke, env)
+    assert "Starting temporary server" in out
+    assert outcomes(summary) == {**{n: "cached" for n in stages_of(smoke, env)}, "teacher": "restored"}
+    assert (smoke / "data" / "teacher" / "generations.parquet").is_file() and (smoke / "metrics" / "teacher.json").is_file()
+    assert yaml.safe_load((smoke / "dvc.lock").read_text()) == lock
+    assert_dvc_agrees(smoke, env)
+
+
+def test_training_param_reruns_train_and_evaluate_only(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    summary, out = run_flow(smoke, server.env, "-S", "train.lr=0.005")
+    rerun = affected_by(smoke, server.env, "train.lr")
+    assert rerun & set(NINE) == {"train", "evaluate"}
+    assert with_outcome(summary, "ran") == rerun
+    assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - rerun
+    assert yaml.safe_load((smoke / "params.yaml").read_text())["train"]["lr"] == 0.005
+    assert "params.yaml: train.lr: 0.003 -> 0.005" in out
+    assert_dvc_agrees(smoke, server.env)
+
+
+class Killer(threading.Thread):
+    """Kills the first `python -m stages.<stage>` process running in `repo` once it has
+    run `after` seconds: a flaky GPU stage, for real."""
+
+    def __init__(self, repo: Path, stage: str, after: float):
+        super().__init__(daemon=True)
+        self.repo, self.argv, self.after = str(repo.resolve()), ["-m", f"stages.{stage}"], after
+        self.killed: int | None = None
+        self.done = threading.Event()
+
+    def find(self) -> int | None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if argv[1:3] == self.argv and os.readlink(proc / "cwd") == self.repo:
+                    return int(proc.name)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue  # the process ended while we looked
+        return None
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            pid = self.find()
+            if pid is not None:
+                time.sleep(self.after)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue  # it finished first; wait for the next one
+                self.killed = pid
+                return
+            time.sleep(0.05)
+
+
+def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_retried(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    killer = Killer(smoke, "teacher", after=1.0)
+    killer.start()
+    try:
+        summary, out = run_flow(smoke, server.env, "-S", "teacher.temperature=0.8")
+    finally:
+        killer.done.set()
+        killer.join(10)
+    assert killer.killed, "the teacher process was never seen running"
+    rerun = affected_by(smoke, server.env, "teacher.temperature")
+    assert rerun & set(NINE) == {"teacher", "pairs", "curate", "score", "train", "evaluate"}
+    assert with_outcome(summary, "ran") == rerun
+    assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - rerun >= {"bootstrap", "seed", "student"}
+    assert summary["stages"]["teacher"]["attempts"] == 2
+    runs = {r["name"]: r for r in task_runs(server.url, summary["flow_run_id"])}
+    assert runs["teacher"]["run_count"] == 2 and runs["teacher"]["state"]["type"] == "COMPLETED"
+    assert "was killed by signal 9" in out and "attempt 1 failed; removed its partial output" in out
+    assert not list((smoke / "data").glob(".teacher.*")), "the killed attempt left temporary files"
+    assert_dvc_agrees(smoke, server.env)
+
+
+def test_reverting_params_restores_every_output_from_the_dvc_cache(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    summary, _ = run_flow(smoke, server.env, "-S", "teacher.temperature=1.0", "-S", "train.lr=0.003")
+    changed = affected_by(smoke, server.env, "teacher.temperature", "train.lr")
+    # a stage with a `cache: false` out other than metrics/plots has no run-cache entry:
+    # DVC reruns it, and so does the flow
+    uncacheable = {n for n, info in dvc_stages(smoke, server.env).items() if not info["run_cache"]}
+    assert with_outcome(summary, "ran") == changed & uncacheable
+    assert with_outcome(summary, "restored") == changed - uncacheable >= {"teacher", "pairs", "curate", "score", "train", "evaluate"}
+    assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - changed >= {"bootstrap", "seed", "student"}
+    recorded = lambda lock: {n: e for n, e in lock["stages"].items() if n not in uncacheable}
+    assert recorded(yaml.safe_load((smoke / "dvc.lock").read_text())) == recorded(cold["lock"])
+    assert (smoke / "metrics" / "evaluate.json").read_text() == cold["evaluate"]
+    assert_dvc_agrees(smoke, server.env)
+
+
+def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.rounds drives dvc.yaml's foreach round_* stages: with rounds r2 and r3 the
+    flow's DAG has round_<stage>@r2/@r3 wired exactly as `dvc dag` wires them. (The
+    cold run above already runs the real matrix stages compare@<run>-<seed>.)"""
+    from flows.dag import load_dag
+    from flows.dvc_ops import apply_overrides
+
+    repo = copy_repo(tmp_path / "repo")
+    git_commit(repo, server.env)
+    changes = apply_overrides(repo, ["++train.rounds.r2={previous: data/train}", "++train.rounds.r3={previous: data/rounds/r2/train}"])
+    assert "params.yaml: train.rounds.r3.previous: '<unset>' -> 'data/rounds/r2/train'" in changes
+    monkeypatch.chdir(repo)
+    dag = load_dag(repo)
+    rounds = {f"round_{s}@{r}" for s in ("student", "pairs", "curate", "score", "train", "evaluate") for r in ("r2", "r3")}
+    assert rounds <= set(dag.stages)
+    nodes, edges = dvc_dag(repo, server.env)
+    assert set(dag.stages) == nodes and dag.edges == edges
+    assert ("round_train@r2", "round_student@r3") in dag.edges
+    assert dag.closure(["round_student"]) == [n for n in dag.stages if n in set(dag.closure(["round_student@r3"]))]
+
+
+def test_deployment_from_prefect_yaml_runs_on_a_worker(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    env = server.env
+    sh(smoke, env, PY, "-m", "prefect", "work-pool", "create", "distillflow", "--type", "process")
+    prefect_deploy(smoke, env)
+    dep = api(server.url, "/deployments/name/distillflow/nightly")
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    assert dep["parameters"]["target"] is None and dep["parameters"]["overrides"] == []
+    log = smoke.parent / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "distillflow"], cwd=smoke, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = json.dumps({"target": "pairs", "overrides": ["pairs.max_pairs_per_prompt=2"], "retry_delay_s": 1})
+        started = sh(smoke, {**env, "COLUMNS": "250"}, PY, "-m", "prefect", "deployment", "run", "distillflow/nightly", "--params", params)
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", started)
+        assert run_id, started
+        final = wait_flow_run(server.url, run_id.group(1), timeout=300)
+    finally:
+        stop(worker)
+    assert final["state"]["type"] == "COMPLETED", f"{final['state']}\n{log.read_text()[-4000:]}"
+    assert final["parameters"]["target"] == "pairs"
+    states = {r["name"]: r["state"]["name"] for r in task_runs(server.url, final["id"])}
+    assert states == {"bootstrap": "Cached", "seed": "Cached", "teacher": "Cached", "student": "Cached", "pairs": "Completed"}
+    assert yaml.safe_load((smoke / "params.yaml").read_text())["pairs"]["max_pairs_per_prompt"] == 2
+    assert "Data and pipelines are up to date" in sh(smoke, env, PY, "-m", "dvc", "status", "pairs")
+
+
+def test_serve_creates_a_scheduled_deployment_and_runs_it(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+    log = smoke.parent / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PY, "-m", "flows.cli", "serve", "--name", "smoke-serve", "--cron", "30 4 * * *", "--target", "seed", "--retry-delay", "1"],
+                                cwd=smoke, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dep = wait_deployment(server.url, "distillflow/smoke-serve", proc, log, timeout=120)
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["30 4 * * *"]
+        assert dep["parameters"]["target"] == "seed"
+        run = api(server.url, f"/deployments/{dep['id']}/create_flow_run", {})
+        final = wait_flow_run(server.url, run["id"], timeout=300)
+    finally:
+        stop(proc)
+    assert final["state"]["type"] == "COMPLETED", f"{final['state']}\n{log.read_text()[-4000:]}"
+    assert {r["name"]: r["state"]["name"] for r in task_runs(server.url, run["id"])} == {"seed": "Cached"}
+
+
+def test_serve_without_a_server_says_what_is_missing(smoke: Path, tmp_path: Path) -> None:
+    done = subprocess.run([PY, "-m", "flows.cli", "serve"], cwd=smoke, env=base_env(tmp_path, None), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
+
+
+# --- a tiny DVC project: foreach stages, a flaky stage, a failing stage ----------------
+
+TINY_DVC_YAML = """\
+stages:
+  prep:
+    cmd: python prep.py
+    deps: [prep.py]
+    params: [prep]
+    outs: [out/prep.txt]
+  round:
+    foreach: [1, 2]
+    do:
+      cmd: python round.py ${item}
+      deps: [round.py, out/prep.txt]
+      params: [rounds]
+      outs:
+        - out/round${item}.txt
+  report:
+    cmd: python report.py
+    deps: [report.py, out/round1.txt, out/round2.txt]
+    outs: [out/report.txt]
+    metrics:
+      - metrics/report.json:
+          cache: false
+"""
+
+TINY_SCRIPTS = {
+    "prep.py": """\
+import yaml
+n = yaml.safe_load(open("params.yaml"))["prep"]["n"]
+open("out/prep.txt", "w").write("".join(f"{i}\\n" for i in range(n)))
+""",
+    # Writes its output in place, not atomically: a failure leaves a partial file.
+    "round.py": """\
+import os, sys, yaml
+i = int(sys.argv[1])
+p = yaml.safe_load(open("params.yaml"))["rounds"]
+rows = [int(x) * p["scale"] * i for x in open("out/prep.txt")]
+with open(f"out/round{i}.txt", "w") as f:
+    f.write(f"{rows[0]}\\n")
+    f.flush()
+    marker = os.environ.get("FLAKY_MARKER")
+    if i == p["fail_round"] or (marker and i == 2 and not os.path.exists(marker)):
+        if marker:
+            open(marker, "w").close()
+        sys.exit(f"round {i} failed on purpose")
+    f.write("".join(f"{r}\\n" for r in rows[1:]))
+""",
+    "report.py": """\
+import json
+rows = [int(x) for i in (1, 2) for x in open(f"out/round{i}.txt")]
+odd = sum(r % 2 for r in rows)
+open("out/report.txt", "w").write(f"{sum(rows)}\\n")
+json.dump({"rows": len(rows), "kept": len(rows) - odd, "quarantined": odd, "dropped_by_reason": {"odd": odd}}, open("metrics/report.json", "w"))
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    (repo / "out").mkdir(parents=True)
+    (repo / "metrics").mkdir()
+    (repo / "dvc.yaml").write_text(TINY_DVC_YAML)
+    (repo / "params.yaml").write_text("prep:\n  n: 5\nrounds:\n  scale: 3\n  fail_round: 0\n")
+    for name, text in TINY_SCRIPTS.items():
+        (repo / name).write_text(text)
+    sh(repo, server.env, "git", "init", "-q")
+    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
+    sh(repo, server.env, "git", "add", "-A")
+    sh(repo, server.env, "git", "commit", "-qm", "tiny")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tiny_env(server: Server) -> dict[str, str]:
+    return {**server.env, "PYTHONPATH": str(ROOT)}  # `python -m flows.cli` from this checkout
+
+
+def test_foreach_stages_are_tasks_named_as_dvc_names_them(tiny: Path, tiny_env: dict[str, str], server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.dag import load_dag
+
+    monkeypatch.chdir(tiny)
+    dag = load_dag(tiny)
+    assert list(dag.stages) == ["prep", "round@1", "round@2", "report"]
+    assert dag.edges == dvc_dag_edges(tiny, server.env)
+    assert dag.closure(["round"]) == ["prep", "round@1", "round@2"]
+
+    env = {**tiny_env, "FLAKY_MARKER": str(tiny.parent / "flaky-marker")}
+    summary, out = run_flow(tiny, env, "--retry-stage", "round*")
+    assert outcomes(summary) == {"prep": "ran", "round@1": "ran", "round@2": "ran", "report": "ran"}
+    assert summary["stages"]["round@2"]["attempts"] == 2
+    assert "round 2 failed on purpose" in out and "removed its partial output: ['out/round2.txt']" in out
+    assert (tiny / "out" / "round2.txt").read_text().split() == [str(v * 3 * 2) for v in range(5)]
+    runs = task_runs(server.url, summary["flow_run_id"])
+    assert prefect_edges(runs) == dag.edges
+    arts = artifacts(server.url, summary["flow_run_id"])
+    assert artifact_key("round@2") in arts and "# Stage `round@2`: ran" in arts[artifact_key("round@2")]
+    assert "| dropped_by_reason | odd |" in arts["stage-report"]
+    assert_dvc_agrees(tiny, server.env)
+
+
+def test_a_failed_stage_leaves_no_partial_output_and_the_next_run_resumes(tiny: Path, tiny_env: dict[str, str], server: Server) -> None:
+    summary, out = run_flow(tiny, tiny_env, "-S", "rounds.fail_round=2", expect_rc=1)
+    assert outcomes(summary) == {"prep": "cached", "round@1": "ran", "round@2": "failed", "report": "not-run"}
+    assert "stages failed: round@2" in out and "round 2 failed on purpose" in out
+    assert not (tiny / "out" / "round2.txt").exists(), "the failed stage left a partial output"
+    status = sh(tiny, server.env, PY, "-m", "dvc", "status")
+    assert "round@1" not in status and "round@2" in status  # what finished is recorded
+
+    summary, _ = run_flow(tiny, tiny_env, "-S", "rounds.fail_round=0")
+    assert outcomes(summary) == {"prep": "cached", "round@1": "restored", "round@2": "restored", "report": "cached"}
+    assert_dvc_agrees(tiny, server.env)
+
+
+def test_a_cache_hit_whose_outputs_dvc_no_longer_holds_runs_the_stage_again(tiny: Path, tiny_env: dict[str, str]) -> None:
+    """A Prefect cache record outlives the DVC cache (gc, another checkout): the stage
+    whose outputs are gone from both the workspace and the DVC cache runs again."""
+    shutil.rmtree(tiny / ".dvc" / "cache")
+    (tiny / "out" / "report.txt").unlink()
+    summary, out = run_flow(tiny, tiny_env)
+    assert outcomes(summary) == {"prep": "cached", "round@1": "cached", "round@2": "cached", "report": "ran"}
+    assert "outputs are neither in the workspace nor in the DVC cache; running it again" in out
+    assert (tiny / "out" / "report.txt").is_file()
+    assert_dvc_agrees(tiny, tiny_env)
+
+
+def test_a_second_run_in_the_same_checkout_is_refused(tiny: Path, tiny_env: dict[str, str]) -> None:
+    import fcntl
+
+    lock = tiny / ".dvc" / "tmp" / "distillflow-run.lock"
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        done = subprocess.run([PY, "-m", "flows.cli", "run"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "another distillflow run holds" in done.stderr, done.stderr[-3000:]
+
+
+def test_an_unknown_override_key_is_an_error_naming_it(tiny: Path, tiny_env: dict[str, str]) -> None:
+    done = subprocess.run([PY, "-m", "flows.cli", "run", "-S", "rounds.nope=1"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "rounds.nope" in done.stderr, done.stderr[-3000:]
