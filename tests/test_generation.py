@@ -68,6 +68,15 @@ def test_sharded_run_equals_one_shard_and_the_plain_engine(tiny_models: Path, tm
     assert len(list((tmp_path / "b").glob("shard-*.done"))) == 4
 
 
+def test_gpu_workers_get_consecutive_device_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert shards._gpu_groups(2, 2) == ["0,1", "2,3"]
+    assert shards._gpu_groups(4, 1) == ["0", "1", "2", "3"]
+    assert shards._gpu_groups(2, 0) is None  # CPU workers
+    with pytest.raises(ValueError, match=r"workers: 3 workers x 2 GPU\(s\) each \(tensor_parallel_size\) need 6 GPUs; 4 visible"):
+        shards._gpu_groups(3, 2)
+
+
 def test_two_worker_processes_give_the_one_process_output(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ps = prompts(16)
     one = run(tiny_models, ps, gp(shard_size=4, workers=1), tmp_path / "one")
@@ -192,6 +201,21 @@ def stage_setup(tmp_path: Path, tiny_models: Path, **teacher: object) -> list[st
     params["teacher"].update(teacher)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return [sys.executable, "-m", "stages.teacher", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "seed"), "--models", str(tiny_models)]
+
+
+def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(tmp_path: Path, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stage_setup(tmp_path, tiny_models, batch_size=8, shard_size=16, max_new_tokens=4)  # 48 prompts: 3 shards
+    where = dict(params_file=tmp_path / "params.yaml", prompts_dir=tmp_path / "seed", models_dir=tiny_models, out=tmp_path / "out")
+    with pytest.raises(ValueError, match="part must be in 0..1, got 2"):
+        genstage.generate_part("teacher", part=2, parts=2, **where)
+    for k in (0, 1):
+        genstage.generate_part("teacher", part=k, parts=2, **where)
+    assert len(list((tmp_path / "out.shards").glob("*.done"))) == 3 and not (tmp_path / "out").exists()
+    i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
+    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+        rows = genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "out.shards")
+    assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
+    assert rows == genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "fresh")
 
 
 def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run(tmp_path: Path, tiny_models: Path) -> None:

@@ -92,5 +92,11 @@ def test_vllm_engine_when_available(tiny_models: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("vllm needs a GPU")
     ps = prompts(4)
-    rows = teacher_gen(tiny_models, ps, gp(engine="vllm", num_samples=1))
-    assert len(rows) == 4 and all(r["engine"].startswith("vllm ") for r in rows)
+    p = gp(engine="vllm", device="cuda", num_samples=2, shard_size=2)
+    rows = teacher_gen(tiny_models, ps, p)
+    assert len(rows) == 8 and all(r["engine"].startswith("vllm ") for r in rows)
+    assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(pr["prompt_id"], k) for pr in ps for k in (0, 1)]
+    # the same chat template, handed over as the same token ids as the transformers engine
+    assert [r["prompt_tokens"] for r in rows] == [r["prompt_tokens"] for r in teacher_gen(tiny_models, ps, gp(num_samples=2))]
+    assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["response_tokens"] <= 6 for r in rows)
+    assert teacher_gen(tiny_models, ps, p) == rows  # per-prompt seeds: a rerun repeats
