@@ -6,7 +6,8 @@ toy task's prompts. Random weights emit eos at random, so every method is held t
 exactly `--max-new-tokens` new tokens per prompt (eos suppressed: `min_new_tokens`
 for `generate`, `ignore_eos` for our engine, no eos id for continuous batching), and
 the benchmark checks the token count of every method. Methods, measured side by side
-in one process (torch threads `--threads`), best of `--repeats` after a warm-up:
+in one process (torch threads `--threads`): a warm-up run each, then `--repeats` rounds
+that time every method once in turn (load from other jobs falls on all alike):
 
 - one at a time: `model.generate` per prompt (on the first `--single` prompts);
 - plain batched generate: prompts in their given order, `--batch-size` per call, left-padded;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -70,17 +72,20 @@ def toy_prompts(n: int) -> list[dict[str, Any]]:
     return [{"prompt_id": f"p{i}", "prompt": ex.prompt} for i, ex in zip(range(n), toytask.generate(task, 0))]
 
 
-def best_of(repeats: int, fn: Callable[[], int]) -> tuple[float, int]:
-    """(best seconds, new tokens) over `repeats` timed runs after one warm-up run."""
-    tokens = fn()
-    best = float("inf")
+def interleaved(repeats: int, fns: list[Callable[[], int]]) -> tuple[list[int], list[list[float]]]:
+    """(new tokens, seconds per round) per function: one warm-up run each, then
+    `repeats` rounds that time every function once, in turn, so that load from other
+    jobs on the machine falls on all of them alike."""
+    tokens = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        got = fn()
-        best = min(best, time.perf_counter() - t)
-        if got != tokens:
-            raise RuntimeError(f"token count changed between runs: {tokens} then {got}")
-    return best, tokens
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            got = fn()
+            times[k].append(time.perf_counter() - t)
+            if got != tokens[k]:
+                raise RuntimeError(f"token count changed between runs: {tokens[k]} then {got}")
+    return tokens, times
 
 
 def left_padded(tok: Any, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +140,8 @@ def cpu_table(args: argparse.Namespace) -> None:
 
     engine = TransformersEngine(model, tok, p, "bench", ignore_eos=True, desc="ours")
     planned = plan_shards(p, [len(e) for e in encoded], len(encoded))
+    if len(planned) < args.workers:
+        raise ValueError(f"{len(planned)} shards for {args.workers} workers: lower --batches-per-shard or raise --prompts")
 
     def ours() -> int:
         return sum(r["response_tokens"] for s in planned for r in engine.generate(prompts, s))
@@ -158,19 +165,22 @@ def cpu_table(args: argparse.Namespace) -> None:
         (f"ours: {args.workers} worker processes (incl. start-up)", ours_workers),
     ]
     print(f"toy teacher ({n_params / 1e3:.0f}k params, random weights), {len(prompts)} toy prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
-          f"{T} new tokens each (eos suppressed), sampling at temperature 1, CPU, torch threads={args.threads}, best of {args.repeats} after a warm-up")
-    header = f"{'method':<52} {'new tokens':>10} {'seconds':>8} {'tokens/s':>10} {'vs one at a time':>17}"
+          f"{T} new tokens each (eos suppressed), sampling at temperature 1, CPU, torch threads={args.threads}; "
+          f"{args.repeats} interleaved rounds after a warm-up. tokens/s: median round (best round); "
+          f"vs one at a time: median over rounds of the ratio within the round")
+    header = f"{'method':<52} {'new tokens':>10} {'median s':>8} {'tokens/s':>18} {'vs one at a time':>17}"
     print(header)
     print("-" * len(header))
-    base = None
-    for name, fn in rows:
-        seconds, tokens = best_of(args.repeats, fn)
+    tokens, times = interleaved(args.repeats, [fn for _, fn in rows])
+    for (name, _), n, ts in zip(rows, tokens, times):
         want = T * (args.single if name.startswith("one") else len(prompts))
-        if tokens != want:
-            raise RuntimeError(f"{name}: {tokens} new tokens, expected {want}: the comparison would not be fair")
-        rate = tokens / seconds
-        base = base or rate
-        print(f"{name:<52} {tokens:>10} {seconds:>8.2f} {rate:>10.0f} {rate / base:>16.1f}x", flush=True)
+        if n != want:
+            raise RuntimeError(f"{name}: {n} new tokens, expected {want}: the comparison would not be fair")
+    base = [tokens[0] / t for t in times[0]]
+    for (name, _), n, ts in zip(rows, tokens, times):
+        ratio = statistics.median(n / t / b for t, b in zip(ts, base))
+        rates = f"{n / statistics.median(ts):.0f} ({n / min(ts):.0f})"
+        print(f"{name:<52} {n:>10} {statistics.median(ts):>8.2f} {rates:>18} {ratio:>16.1f}x", flush=True)
 
 
 def gpu_table(args: argparse.Namespace) -> None:
@@ -197,7 +207,8 @@ def gpu_table(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         return n
 
-    seconds, tokens = best_of(args.repeats, ours)
+    (tokens,), (ts,) = interleaved(args.repeats, [ours])
+    seconds = statistics.median(ts)
     # bytes read: per batch and decode step, every weight once plus the KV cache so far
     kv_per_token = 2 * L * kv * (H // heads) * 2  # K and V, bf16
     read = 0
@@ -209,7 +220,7 @@ def gpu_table(args: argparse.Namespace) -> None:
             read += weight_bytes + len(batch) * (width + t) * kv_per_token
     gbs = read / seconds / 1e9
     name = torch.cuda.get_device_name()
-    print(f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens each (eos suppressed), batch {B}, best of {args.repeats}")
+    print(f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens each (eos suppressed), batch {B}, median of {args.repeats} runs")
     header = f"{'method':<40} {'new tokens':>10} {'seconds':>8} {'tokens/s':>10} {'est. GB/s read':>14} {'of peak':>8}"
     print(header)
     print("-" * len(header))
@@ -222,18 +233,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1024)
     parser.add_argument("--single", type=int, default=64, help="prompts for the one-at-a-time row")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches-per-shard", type=int, default=4)
+    parser.add_argument("--batches-per-shard", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the stages use min(2, cores))")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-prompts", type=int, default=2048)
     parser.add_argument("--gpu-batch-size", type=int, default=256)
     parser.add_argument("--gpu-new-tokens", type=int, default=128)
     parser.add_argument("--peak-gbs", type=float, default=4800.0, help="the GPU's peak memory bandwidth (H200: 4800)")
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.single, args.batch_size, args.batches_per_shard, args.repeats = 64, 4, 16, 2, 1
+        args.prompts, args.single, args.batch_size, args.batches_per_shard, args.repeats = 64, 4, 16, 1, 1
         args.gpu_prompts, args.gpu_new_tokens = 64, 16
     cpu_table(args)
     if torch.cuda.is_available():
