@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate")
+# Stage modules; the round_* stages run the same modules, compare one cell per compare.runs entry.
+STAGES = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate", "compare", "report")
 
 
 def check(path: Path) -> int:
@@ -32,7 +33,14 @@ def check(path: Path) -> int:
     for name in STAGES:
         module = importlib.import_module(f"stages.{name}")
         try:
-            params.load_sections(path, module.SECTIONS)
+            if name == "compare":  # a matrix: each run reads its own compare.runs entry
+                runs = params.select(params.load_yaml(path), "compare.runs", str(path))
+                if not isinstance(runs, dict):
+                    raise ValueError(f"{path}: compare.runs: expected a mapping of run names, got {type(runs).__name__}")
+                for run in runs:
+                    params.load_sections(path, module.sections(run))
+            else:
+                params.load_sections(path, module.SECTIONS)
         except ValueError as exc:
             failures += 1
             print(f"{name}: {exc}", file=sys.stderr)
@@ -47,6 +55,8 @@ def stages(dvc_yaml: Path) -> int:
         each = ""
         if "foreach" in stage:  # a template: one stage per entry of the list it iterates
             each, stage = f" (one per entry of {stage['foreach']})", stage["do"]
+        elif "matrix" in stage:  # one stage per combination of the lists
+            each = f" (one per combination of {' x '.join(stage['matrix'].values())})"
         data = [d for d in stage["deps"] if not d.startswith("stages/")]
         print(f"{name}{each}: params {stage['params']}; reads {data or '-'}; writes {stage['outs']}")
     return 0

@@ -123,3 +123,16 @@ def test_profiles_have_the_same_keys_as_params_yaml(profile: Path) -> None:
         return {prefix.rstrip(".")}
 
     assert keys(params.load_yaml(profile)) == keys(params.load_yaml(ROOT / "params.yaml"))
+
+
+def test_distillflow_check_covers_every_stage_module_and_each_comparison_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flows import cli
+
+    assert cli.main(["check", str(ROOT / "profiles" / "smoke.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: ok" in out for name in STAGES)
+    bad = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    bad["compare"]["runs"]["kd"]["disable"] = ["beta_ramp"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
+    assert cli.main(["check", str(tmp_path / "p.yaml")]) == 1
+    assert "compare.runs.kd: disable: switches belong to distillm2, not kd" in capsys.readouterr().err
