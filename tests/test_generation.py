@@ -106,6 +106,10 @@ def test_shards_of_other_params_are_never_reused(tiny_models: Path, tmp_path: Pa
         other = run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w")
     assert any("made for other inputs, params or code" in m for m in caplog.messages)
     assert other == run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "fresh")
+    (tmp_path / "w" / "plan.json").unlink()  # shards nobody can vouch for
+    with caplog.at_level(logging.WARNING, logger="stages.lib.shards"):
+        assert run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w") == other
+    assert any("files without a plan.json" in m for m in caplog.messages)
 
 
 def test_a_shard_that_differs_from_its_marker_is_generated_again(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

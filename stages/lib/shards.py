@@ -57,6 +57,9 @@ def prepare(work: Path, key: dict[str, Any]) -> None:
     if plan.is_file() and plan.read_text() != text:
         log.warning("%s: its shards were made for other inputs, params or code; removing them and starting over", work)
         shutil.rmtree(work)
+    elif not plan.is_file() and work.exists() and any(work.iterdir()):
+        log.warning("%s: files without a plan.json (not written by this code); removing them and starting over", work)
+        shutil.rmtree(work)
     if not plan.is_file():
         work.mkdir(parents=True, exist_ok=True)
         with atomic_path(plan) as tmp:
