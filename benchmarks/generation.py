@@ -146,7 +146,8 @@ def cpu_table(args: argparse.Namespace) -> None:
     def ours() -> int:
         return sum(r["response_tokens"] for s in planned for r in engine.generate(prompts, s))
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    scratch = tempfile.TemporaryDirectory(prefix="bench-generation-")  # removed at the end
+    tmp = Path(scratch.name)
     training.save_model(model, tok, tmp / "model")
     spec = BenchSpec(tmp / "model", p)
 
@@ -171,7 +172,8 @@ def cpu_table(args: argparse.Namespace) -> None:
     header = f"{'method':<52} {'new tokens':>10} {'median s':>8} {'tokens/s':>18} {'vs one at a time':>17}"
     print(header)
     print("-" * len(header))
-    tokens, times = interleaved(args.repeats, [fn for _, fn in rows])
+    with scratch:
+        tokens, times = interleaved(args.repeats, [fn for _, fn in rows])
     for (name, _), n, ts in zip(rows, tokens, times):
         want = T * (args.single if name.startswith("one") else len(prompts))
         if n != want:
