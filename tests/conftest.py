@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 # No hub in tests, ever: everything is built locally.
@@ -49,3 +51,15 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     toy = ModelParams("toy", None)
     bootstrap.run(ModelsParams(toy, toy, False, "float32"), task, p, root)
     return root
+
+
+def copy_repo(dst: Path) -> Path:
+    """The repo's tracked and untracked (not ignored) files, minus outputs and dvc.lock,
+    with the smoke profile as params.yaml, committed to a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
+    return dst

@@ -33,7 +33,7 @@ import yaml
 
 from flows.report import artifact_key
 
-from .conftest import ROOT
+from .conftest import ROOT, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -82,18 +82,6 @@ def outcomes(summary: dict[str, Any]) -> dict[str, str]:
 
 def with_outcome(summary: dict[str, Any], outcome: str) -> set[str]:
     return {name for name, o in outcomes(summary).items() if o == outcome}
-
-
-def copy_repo(dst: Path) -> Path:
-    """The repo's tracked and untracked (not ignored) files, minus outputs and dvc.lock,
-    with the smoke profile as params.yaml, committed to a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
-    return dst
 
 
 def git_commit(repo: Path, env: dict[str, str]) -> None:

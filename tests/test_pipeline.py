@@ -9,14 +9,13 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import ROOT
+from .conftest import copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +45,7 @@ COMPARISON = {"compare@kd-1", "compare@distillm2-1", "report"}
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
+    dst = copy_repo(tmp_path_factory.mktemp("repo"))
     sh(dst, "git", "init", "-q")
     sh(dst, "git", "add", "-A")
     sh(dst, "git", "commit", "-qm", "smoke")
