@@ -50,7 +50,14 @@ class StageError(RuntimeError):
 
 class StageCommandFailed(StageError):
     def __init__(self, stage: str, cmd: str, returncode: int, tail: list[str]):
-        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
+        if returncode < 0:
+            how = f"was killed by signal {-returncode}"
+        elif 128 < returncode <= 128 + 64:
+            # The stage shell forked the command instead of exec'ing it (which shells do
+            # depends on the shell and the command), and reports a killed child as 128+N.
+            how = f"exited with {returncode}: its process was killed by signal {returncode - 128}"
+        else:
+            how = f"exited with {returncode}"
         lines = "\n".join(tail)
         super().__init__(f"stage {stage!r}: command {how}: {cmd}\nlast output lines:\n{lines}")
         self.stage, self.cmd, self.returncode = stage, cmd, returncode

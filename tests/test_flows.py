@@ -31,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+from flows import dvc_ops
 from flows.report import artifact_key
 
 from .conftest import ROOT, copy_repo
@@ -399,6 +400,13 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
+def test_a_killed_command_is_named_whether_or_not_the_shell_forked_it() -> None:
+    # exec'd by the shell: Popen sees the signal; forked: the shell exits 128+N
+    assert "was killed by signal 9" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", -9, []))
+    assert "exited with 137: its process was killed by signal 9" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", 137, []))
+    assert "exited with 1:" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", 1, []))
+
+
 def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_retried(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
     killer = Killer(smoke, "teacher", after=1.0)
     killer.start()
@@ -415,7 +423,7 @@ def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_ret
     assert summary["stages"]["teacher"]["attempts"] == 2
     runs = {r["name"]: r for r in task_runs(server.url, summary["flow_run_id"])}
     assert runs["teacher"]["run_count"] == 2 and runs["teacher"]["state"]["type"] == "COMPLETED"
-    assert "was killed by signal 9" in out and "attempt 1 failed; removed its partial output" in out
+    assert "killed by signal 9" in out and "attempt 1 failed; removed its partial output" in out
     assert not list((smoke / "data").glob(".teacher.*")), "the killed attempt left temporary files"
     assert_dvc_agrees(smoke, server.env)
 
