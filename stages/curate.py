@@ -1,26 +1,107 @@
 """curate: filter the pairs; every drop counted by reason and kept in quarantine.
 
-    python -m stages.curate --params params.yaml --pairs data/pairs --out data/curate \
-        --metrics metrics/curate.json
+    python -m stages.curate --params params.yaml --pairs data/pairs --prompts data/seed \
+        --out data/curate --metrics metrics/curate.json --docs reports/quality/curate
 
-Each filter is a small function of one pair (and the filter's state) that returns
-None to keep it or a reason string to drop it; the first reason wins. Outputs:
-curated.parquet (records.PAIR_SCHEMA), quarantine.parquet (the same columns plus
-`reason`), manifest.json. Counts reconcile: pairs in = kept + quarantined.
+The pairs stream through in Arrow record batches (`quality.batch_rows` rows), so memory
+is bounded by the batch plus the filters' state (ids seen, MinHash LSH bands).
+
+1. The input gate (stages/lib/quality.py, kind `pair`): a row that fails a row-level
+   expectation (null field, repeated pair id, a prompt id that is not a seed training
+   prompt, ...) is quarantined with the reason `gate:<expectation>:<column>`; a
+   table-level failure (eval prompts among the pairs, too many duplicates) stops the
+   stage.
+2. The filters, in order; each is a function of one pair (and its own state) that
+   returns None to keep it or the reason to drop it; the first reason wins:
+   empty and truncated responses, length bounds, the response length ratio, degenerate
+   repetition (word n-gram repetition ratio of the chosen response), teacher
+   correctness where the prompt has a reference answer, decontamination against the
+   eval prompts (word n-gram overlap), the student-matches-teacher policy, exact
+   duplicates, near duplicates (MinHash LSH, datasketch), and category balancing.
+3. The output gate (kind `curated`) checks what will train; any failure stops the stage.
+
+Outputs: curated.parquet (records.PAIR_SCHEMA), quarantine.parquet (the same columns
+plus `reason`), manifest.json, and Data Docs under --docs. Counts reconcile:
+pairs in = kept + quarantined.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Literal
 
-from stages.lib import cli, lineage, params, records, toytask
-from stages.lib.io import atomic_dir, read_rows, write_json, write_table
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.lib import cli, lineage, params, quality, records, toytask
+from stages.lib.io import DataError, atomic_dir, read_table, write_json
 from stages.lib.params import check
 
 log = logging.getLogger("curate")
+
+
+@dataclass(frozen=True)
+class NearDuplicateParams:
+    """params.yaml `curate.near_duplicates`: MinHash LSH over word n-gram shingles of
+    prompt + chosen response (word, not character, shingles: templated prompts that
+    differ only in their operands are different tasks, not near duplicates)."""
+
+    enabled: bool
+    threshold: float  # estimated Jaccard similarity at or above which a pair is a near duplicate
+    num_perm: int
+    shingle_words: int
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.threshold <= 1.0, "threshold", "must be in (0, 1]")
+        check(self.num_perm >= 2, "num_perm", "must be >= 2")
+        check(self.shingle_words >= 1, "shingle_words", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RepetitionParams:
+    """params.yaml `curate.repetition`: degenerate repetition in the chosen response."""
+
+    ngram: int  # word n-gram size
+    max_ratio: float  # 1 - distinct/total n-grams above this drops the pair
+    min_ngrams: int  # responses with fewer n-grams are not judged
+
+    def __post_init__(self) -> None:
+        check(self.ngram >= 1, "ngram", "must be >= 1")
+        check(0.0 <= self.max_ratio <= 1.0, "max_ratio", "must be in [0, 1]")
+        check(self.min_ngrams >= 1, "min_ngrams", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DecontaminationParams:
+    """params.yaml `curate.decontamination`: a training prompt that shares too many word
+    n-grams with any eval prompt is dropped. A prompt shorter than `ngram` words is one
+    n-gram (so an exact match is always caught)."""
+
+    enabled: bool
+    ngram: int
+    max_overlap: float  # share of the prompt's n-grams found among the eval prompts'
+
+    def __post_init__(self) -> None:
+        check(self.ngram >= 1, "ngram", "must be >= 1")
+        check(0.0 <= self.max_overlap < 1.0, "max_overlap", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BalanceParams:
+    """params.yaml `curate.balance`: at most `max_per_value` pairs per value of `key`
+    (kept in input order); key null = off."""
+
+    key: Literal["category"] | None
+    max_per_value: int | None
+
+    def __post_init__(self) -> None:
+        if self.key is not None:
+            check(self.max_per_value is not None and self.max_per_value >= 1, "max_per_value", "must be >= 1 when balance.key is set")
 
 
 @dataclass(frozen=True)
@@ -32,31 +113,103 @@ class CurateParams:
     drop_empty_rejected: bool
     drop_truncated_chosen: bool  # the teacher hit max_new_tokens
     drop_truncated_rejected: bool  # the student hit max_new_tokens (often useful signal)
+    min_chosen_tokens: int
     max_chosen_tokens: int
     max_rejected_tokens: int
+    max_length_ratio: float  # (longer + 1) / (shorter + 1) of the two responses' token counts
     require_correct_chosen: bool  # where a reference answer exists (the toy task)
+    student_matches_teacher: Literal["keep", "drop"]  # pairs whose rejected text equals the chosen
+    repetition: RepetitionParams
+    decontamination: DecontaminationParams
+    near_duplicates: NearDuplicateParams
+    balance: BalanceParams
 
     def __post_init__(self) -> None:
-        check(self.max_chosen_tokens >= 1, "max_chosen_tokens", "must be >= 1")
+        check(self.min_chosen_tokens >= 0, "min_chosen_tokens", "must be >= 0")
+        check(self.max_chosen_tokens >= max(1, self.min_chosen_tokens), "max_chosen_tokens", "must be >= 1 and >= min_chosen_tokens")
         check(self.max_rejected_tokens >= 1, "max_rejected_tokens", "must be >= 1")
+        check(self.max_length_ratio >= 1.0, "max_length_ratio", "must be >= 1")
+        check(self.student_matches_teacher in ("keep", "drop"), "student_matches_teacher", "must be keep or drop")
 
 
-SECTIONS: dict[str, Any] = {"curate": CurateParams}
+SECTIONS: dict[str, Any] = {"curate": CurateParams, "quality": quality.QualityParams}
 PARAMS = tuple(SECTIONS)
 
 Filter = Callable[[dict[str, Any]], "str | None"]
+_WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def filters(p: CurateParams) -> list[Filter]:
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    """Word n-grams; a text shorter than n words is one n-gram (itself)."""
+    if len(tokens) < n:
+        return [tuple(tokens)] if tokens else []
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition_ratio(text: str, n: int) -> tuple[float, int]:
+    """(1 - distinct/total word n-grams, total); 0 for text with no repeats."""
+    tokens = words(text)
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0, 0
+    return 1.0 - len(set(grams)) / len(grams), len(grams)
+
+
+def eval_ngrams(eval_prompts: list[str], n: int) -> set[tuple[str, ...]]:
+    return {g for p in eval_prompts for g in ngrams(words(p), n)}
+
+
+class NearDuplicates:
+    """MinHash LSH (datasketch) over word n-gram shingles of prompt + chosen: a pair whose
+    estimated Jaccard similarity to an earlier kept pair reaches the threshold is a
+    near duplicate. Only kept pairs are indexed."""
+
+    def __init__(self, p: NearDuplicateParams):
+        from datasketch import MinHash, MinHashLSH
+
+        self.p = p
+        self.lsh = MinHashLSH(threshold=p.threshold, num_perm=p.num_perm)
+        self._base = MinHash(num_perm=p.num_perm, seed=1)
+        self._minhash = MinHash
+        self._n = 0
+
+    def signature(self, text: str) -> Any:
+        shingles = {" ".join(g).encode("utf-8") for g in ngrams(words(text), self.p.shingle_words)}
+        m = self._minhash(num_perm=self.p.num_perm, seed=1, permutations=self._base.permutations, scheme=self._base.scheme)
+        m.update_batch(sorted(shingles))
+        return m
+
+    def check(self, pair: dict[str, Any]) -> str | None:
+        m = self.signature(pair["prompt"] + "\n" + pair["chosen"])
+        if self.lsh.query(m):
+            return "near_duplicate"
+        self.lsh.insert(self._n, m, check_duplication=False)
+        self._n += 1
+        return None
+
+
+def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
     """The enabled filters, in order. Each returns None (keep) or a drop reason."""
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[str] = set()
 
     def duplicate(pair: dict[str, Any]) -> str | None:
-        key = (pair["prompt_id"], pair["chosen"], pair["rejected"])
+        key = records.content_id("pair-content", pair["prompt_id"], pair["chosen"], pair["rejected"])
         if key in seen:
             return "duplicate_pair"
         seen.add(key)
         return None
+
+    def ratio(x: dict[str, Any]) -> str | None:
+        a, b = x["chosen_tokens"] + 1, x["rejected_tokens"] + 1
+        return "length_ratio" if max(a, b) / min(a, b) > p.max_length_ratio else None
+
+    def repetitive(x: dict[str, Any]) -> str | None:
+        share, total = repetition_ratio(x["chosen"], p.repetition.ngram)
+        return "repetitive_chosen" if total >= p.repetition.min_ngrams and share > p.repetition.max_ratio else None
 
     out: list[Filter] = []
     if p.drop_empty_chosen:
@@ -67,47 +220,156 @@ def filters(p: CurateParams) -> list[Filter]:
         out.append(lambda x: "truncated_chosen" if x["chosen_finish_reason"] == "length" else None)
     if p.drop_truncated_rejected:
         out.append(lambda x: "truncated_rejected" if x["rejected_finish_reason"] == "length" else None)
+    out.append(lambda x: "chosen_too_short" if x["chosen_tokens"] < p.min_chosen_tokens else None)
     out.append(lambda x: "chosen_too_long" if x["chosen_tokens"] > p.max_chosen_tokens else None)
     out.append(lambda x: "rejected_too_long" if x["rejected_tokens"] > p.max_rejected_tokens else None)
+    out.append(ratio)
+    out.append(repetitive)
     if p.require_correct_chosen:
         out.append(lambda x: "chosen_incorrect" if x["reference"] is not None and not toytask.is_correct(x["chosen"], x["reference"]) else None)
+    if p.decontamination.enabled:
+        d = p.decontamination
+        grams = eval_ngrams(eval_prompts, d.ngram)
+
+        def contaminated(x: dict[str, Any]) -> str | None:
+            mine = ngrams(words(x["prompt"]), d.ngram)
+            return "eval_overlap" if mine and sum(g in grams for g in mine) / len(mine) > d.max_overlap else None
+
+        out.append(contaminated)
+    if p.student_matches_teacher == "drop":
+        out.append(lambda x: "student_matches_teacher" if x["rejected"].strip() == x["chosen"].strip() else None)
     if p.drop_duplicates:
-        out.append(duplicate)  # last: a pair dropped for another reason does not mask a later copy
+        out.append(duplicate)  # after the content filters: a pair dropped for another reason does not mask a later copy
+    if p.near_duplicates.enabled:
+        out.append(NearDuplicates(p.near_duplicates).check)
+    if p.balance.key is not None:
+        per_value: Counter[Any] = Counter()
+        key, cap = p.balance.key, p.balance.max_per_value
+
+        def balance(x: dict[str, Any]) -> str | None:
+            if per_value[x[key]] >= (cap or 0):
+                return f"over_{key}_quota"
+            per_value[x[key]] += 1
+            return None
+
+        out.append(balance)  # last: only pairs that survive everything else count toward the quota
     return out
 
 
-def run(p: CurateParams, pairs: list[dict[str, Any]]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(kept, quarantined with `reason`, counts)."""
-    active = filters(p)
-    kept: list[dict] = []
-    quarantine: list[dict] = []
-    reasons: Counter[str] = Counter()
-    for pair in pairs:
-        reason = next((r for f in active if (r := f(pair)) is not None), None)
-        if reason is None:
-            kept.append(pair)
-        else:
-            reasons[reason] += 1
-            quarantine.append({**pair, "reason": reason})
-    if len(kept) + len(quarantine) != len(pairs):  # the reconciliation the metrics promise
+class Curator:
+    """The filters applied to a stream of pairs; counts by reason."""
+
+    def __init__(self, p: CurateParams, eval_prompts: list[str]):
+        self.active = filters(p, eval_prompts)
+        self.reasons: Counter[str] = Counter()
+        self.pairs_in = self.kept = 0
+
+    def split(self, pairs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+        kept: list[dict] = []
+        quarantine: list[dict] = []
+        for pair in pairs:
+            self.pairs_in += 1
+            reason = next((r for f in self.active if (r := f(pair)) is not None), None)
+            if reason is None:
+                kept.append(pair)
+            else:
+                self.reasons[reason] += 1
+                quarantine.append({**pair, "reason": reason})
+        self.kept += len(kept)
+        return kept, quarantine
+
+
+def run(p: CurateParams, pairs: list[dict[str, Any]], eval_prompts: list[str] | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(kept, quarantined with `reason`, counts) for an in-memory list of pairs (the
+    filters only; main() adds the gates and streams)."""
+    c = Curator(p, eval_prompts or [])
+    kept, quarantine = c.split(pairs)
+    counts = {"pairs_in": c.pairs_in, "kept": c.kept, "quarantined": len(quarantine), "dropped_by_reason": dict(sorted(c.reasons.items()))}
+    if counts["kept"] + counts["quarantined"] != counts["pairs_in"]:
         raise AssertionError("curate: counts do not reconcile")
-    counts = {"pairs_in": len(pairs), "kept": len(kept), "quarantined": len(quarantine), "dropped_by_reason": dict(sorted(reasons.items()))}
     return kept, quarantine, counts
 
 
+class ParquetSink:
+    """Write record batches to one Parquet file as they come (zstd, no statistics, so
+    the bytes are a function of the rows and their batching)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema, self.rows = path, schema, 0
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd", write_statistics=False)
+
+    def write(self, rows: list[dict[str, Any]] | pa.Table) -> None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
+        if table.num_rows:
+            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+            self.rows += table.num_rows
+
+    def close(self) -> int:
+        self._writer.close()
+        return self.rows
+
+
+def pair_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """The pairs file in record batches, its schema checked first (io.read_table's rules)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (is the upstream stage's output missing?)")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    want = records.PAIR_SCHEMA
+    got = pf.schema_arrow
+    missing = sorted(set(want.names) - set(got.names))
+    extra = sorted(set(got.names) - set(want.names))
+    if missing or extra:
+        raise DataError(f"{path}: columns do not match schema 'pair': missing {missing}, unexpected {extra}")
+    for f in want:
+        if got.field(f.name).type != f.type:
+            raise DataError(f"{path}: column {f.name!r} has type {got.field(f.name).type}, expected {f.type}")
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=want.names):
+            yield pa.Table.from_batches([batch]).cast(want)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: the Parquet data is damaged or truncated ({exc})") from exc
+
+
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "out", "metrics")
+    args = cli.parse_paths(__doc__, "pairs", "prompts", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
+    p, q = used["curate"], used["quality"]
     src = args.pairs / "pairs.parquet"
-    kept, quarantine, counts = run(used["curate"], read_rows(src, records.PAIR_SCHEMA))
-    if not kept:
-        raise ValueError(f"curate: every one of the {counts['pairs_in']} pairs was dropped ({counts['dropped_by_reason']}); nothing to train on; relax params.yaml `curate` or fix the generations upstream")
+    files = {"pairs": src, "train_prompts": args.prompts / "train.parquet", "eval_prompts": args.prompts / "eval.parquet"}
+    train_ids = read_table(files["train_prompts"], records.PROMPT_SCHEMA).column("prompt_id").combine_chunks()
+    evals = read_table(files["eval_prompts"], records.PROMPT_SCHEMA)
+    curator = Curator(p, evals.column("prompt").to_pylist())
+    gates = quality.StageGates(q, args.docs)
+    gate_in = gates.gate("pairs", src, "pair", quarantine=True, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
+    gate_out = gates.gate("curated", args.out / "curated.parquet", "curated", quarantine=False, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
     with atomic_dir(args.out) as tmp:
-        outputs = {
-            "curated.parquet": write_table(tmp / "curated.parquet", kept, records.PAIR_SCHEMA),
-            "quarantine.parquet": write_table(tmp / "quarantine.parquet", quarantine, records.PAIR_QUARANTINE_SCHEMA),
+        kept_sink = ParquetSink(tmp / "curated.parquet", records.PAIR_SCHEMA)
+        bad_sink = ParquetSink(tmp / "quarantine.parquet", records.PAIR_QUARANTINE_SCHEMA)
+        for batch in pair_batches(src, q.batch_rows):
+            passed, gate_bad = gate_in.check(batch)
+            kept, dropped = curator.split(passed.to_pylist())
+            kept_table = pa.Table.from_pylist(kept, schema=records.PAIR_SCHEMA)
+            gate_out.check(kept_table)
+            kept_sink.write(kept_table)
+            bad_sink.write(gate_bad + dropped)
+        outputs = {"curated.parquet": kept_sink.close(), "quarantine.parquet": bad_sink.close()}
+        validation = gates.finish()
+        reasons = Counter(curator.reasons) + Counter(gate_in.reasons)
+        counts = {
+            "pairs_in": gate_in.rows_in,
+            "kept": outputs["curated.parquet"],
+            "quarantined": outputs["quarantine.parquet"],
+            "dropped_by_reason": dict(sorted(reasons.items())),
+            "gates": quality.summary(validation),
         }
-        lineage.write_manifest(tmp, "curate", used, inputs={"pairs": src}, outputs=outputs, counts=counts)
+        if counts["kept"] + counts["quarantined"] != counts["pairs_in"]:  # the reconciliation the metrics promise
+            raise AssertionError(f"curate: counts do not reconcile: {counts}")
+        if not counts["kept"]:
+            raise ValueError(f"curate: every one of the {counts['pairs_in']} pairs was dropped ({counts['dropped_by_reason']}); nothing to train on; relax params.yaml `curate` or fix the generations upstream")
+        lineage.write_manifest(tmp, "curate", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation})
     write_json(args.metrics, counts)
     log.info("curate: kept %d of %d pairs; dropped %s", counts["kept"], counts["pairs_in"], counts["dropped_by_reason"])
 

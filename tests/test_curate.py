@@ -1,22 +1,43 @@
+import dataclasses
+
 import pytest
 
 from stages import curate
+from stages.lib import records
 
 from .test_pairs import prompt
 
-ALL_ON = curate.CurateParams(
-    drop_duplicates=True, drop_empty_chosen=True, drop_empty_rejected=True, drop_truncated_chosen=True,
-    drop_truncated_rejected=True, max_chosen_tokens=10, max_rejected_tokens=10, require_correct_chosen=True,
+OFF = curate.CurateParams(
+    drop_duplicates=False, drop_empty_chosen=False, drop_empty_rejected=False, drop_truncated_chosen=False,
+    drop_truncated_rejected=False, min_chosen_tokens=0, max_chosen_tokens=100, max_rejected_tokens=100,
+    max_length_ratio=1000.0, require_correct_chosen=False, student_matches_teacher="keep",
+    repetition=curate.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
+    decontamination=curate.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
+    near_duplicates=curate.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
+    balance=curate.BalanceParams(key=None, max_per_value=None),
+)
+ALL_ON = dataclasses.replace(
+    OFF, drop_duplicates=True, drop_empty_chosen=True, drop_empty_rejected=True, drop_truncated_chosen=True,
+    drop_truncated_rejected=True, min_chosen_tokens=1, max_chosen_tokens=10, max_rejected_tokens=10, max_length_ratio=4.0,
+    require_correct_chosen=True, student_matches_teacher="drop",
+    repetition=curate.RepetitionParams(ngram=2, max_ratio=0.5, min_ngrams=4),
+    decontamination=curate.DecontaminationParams(enabled=True, ngram=3, max_overlap=0.5),
+    near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=64, shingle_words=2),
 )
 
 
-def pair(i: int = 0, chosen: str = "1", rejected: str = "9", cf: str = "stop", rf: str = "stop", ct: int = 2, rt: int = 2, reference: str | None = "1") -> dict:
+def pair(i: int = 0, chosen: str = "1", rejected: str = "9", cf: str = "stop", rf: str = "stop", ct: int = 2, rt: int = 2, reference: str | None = "1", category: str = "add", text: str | None = None) -> dict:
     pr = prompt(i)
+    p = text or pr["prompt"]
+    pid = records.prompt_id(p) if text else pr["prompt_id"]
     return {
-        "pair_id": f"p{i}{chosen}{rejected}", "prompt_id": pr["prompt_id"], "chosen_id": "c", "rejected_id": "r",
-        "prompt": pr["prompt"], "chosen": chosen, "rejected": rejected, "reference": reference, "category": "add",
+        "pair_id": records.pair_id(pid, chosen, rejected + str(i)), "prompt_id": pid, "chosen_id": "c", "rejected_id": "r",
+        "prompt": p, "chosen": chosen, "rejected": rejected, "reference": reference, "category": category,
         "chosen_finish_reason": cf, "rejected_finish_reason": rf, "chosen_tokens": ct, "rejected_tokens": rt,
     }
+
+
+REPEAT = "the cat sat the cat sat the cat sat the cat sat"
 
 
 @pytest.mark.parametrize(
@@ -26,15 +47,22 @@ def pair(i: int = 0, chosen: str = "1", rejected: str = "9", cf: str = "stop", r
         (pair(rejected=""), "empty_rejected"),
         (pair(cf="length"), "truncated_chosen"),
         (pair(rf="length"), "truncated_rejected"),
+        (pair(ct=0), "chosen_too_short"),
         (pair(ct=11), "chosen_too_long"),
         (pair(rt=11), "rejected_too_long"),
+        (pair(ct=1, rt=9), "length_ratio"),  # (9+1)/(1+1) = 5 > 4
+        (pair(chosen=REPEAT, reference=None), "repetitive_chosen"),
         (pair(chosen="2"), "chosen_incorrect"),
+        (pair(text="What is the capital of France today?"), "eval_overlap"),
+        (pair(rejected="1"), "student_matches_teacher"),
     ],
 )
 def test_each_filter_gives_its_reason(row: dict, reason: str) -> None:
-    kept, quarantine, counts = curate.run(ALL_ON, [row])
+    evals = ["Tell me: what is the capital of France?"]
+    kept, quarantine, counts = curate.run(ALL_ON, [row], evals)
     assert kept == [] and [q["reason"] for q in quarantine] == [reason]
     assert quarantine[0]["pair_id"] == row["pair_id"]  # the whole row is kept, with the reason
+    assert counts["pairs_in"] == counts["kept"] + counts["quarantined"] == 1
 
 
 def test_clean_pair_is_kept_and_no_reference_means_no_correctness_check() -> None:
@@ -43,15 +71,54 @@ def test_clean_pair_is_kept_and_no_reference_means_no_correctness_check() -> Non
 
 
 def test_duplicates_dropped_after_first_and_counts_reconcile() -> None:
+    on = dataclasses.replace(ALL_ON, near_duplicates=OFF.near_duplicates)
     rows = [pair(0), pair(0), pair(1, chosen="7"), pair(0)]
-    kept, quarantine, counts = curate.run(ALL_ON, rows)
+    _kept, quarantine, counts = curate.run(on, rows)
     assert [q["reason"] for q in quarantine] == ["duplicate_pair", "chosen_incorrect", "duplicate_pair"]
     assert counts == {"pairs_in": 4, "kept": 1, "quarantined": 3, "dropped_by_reason": {"chosen_incorrect": 1, "duplicate_pair": 2}}
 
 
-def test_disabled_filters_keep_everything() -> None:
-    off = curate.CurateParams(False, False, False, False, False, 100, 100, False)
-    rows = [pair(chosen=""), pair(cf="length"), pair(chosen="wrong")]
-    kept, quarantine, _ = curate.run(off, rows)
-    assert len(kept) == 3 and not quarantine
+def test_near_duplicates_are_caught_by_minhash_but_templated_prompts_are_not() -> None:
+    on = dataclasses.replace(OFF, near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=128, shingle_words=2))
+    base = "Write a short poem about the sea at night with stars and a quiet boat drifting home"
+    rows = [
+        pair(0, text=base, chosen="a poem", reference=None),
+        pair(1, text=base + " please", chosen="a poem", reference=None),  # one word more: Jaccard 15/16
+        pair(2, text="Reverse the word abc.", chosen="cba", reference=None),
+        pair(3, text="Reverse the word abd.", chosen="dba", reference=None),  # same template, another task
+    ]
+    kept, quarantine, _ = curate.run(on, rows)
+    assert [q["prompt"] for q in quarantine] == [base + " please"] and quarantine[0]["reason"] == "near_duplicate"
+    assert len(kept) == 3
 
+
+def test_balance_caps_each_category_in_input_order() -> None:
+    on = dataclasses.replace(OFF, balance=curate.BalanceParams(key="category", max_per_value=2))
+    rows = [pair(i, category="add" if i % 3 else "sort") for i in range(9)]
+    kept, _quarantine, counts = curate.run(on, rows)
+    assert [r["category"] for r in kept] == ["sort", "add", "add", "sort"]
+    assert counts["dropped_by_reason"] == {"over_category_quota": 5}
+
+
+def test_student_matches_teacher_policy_keep_keeps_them() -> None:
+    kept, _, _ = curate.run(OFF, [pair(rejected="1")])
+    assert len(kept) == 1
+
+
+def test_disabled_filters_keep_everything() -> None:
+    rows = [pair(chosen=""), pair(cf="length"), pair(chosen="wrong"), pair(chosen=REPEAT)]
+    kept, quarantine, _ = curate.run(OFF, rows)
+    assert len(kept) == 4 and not quarantine
+
+
+def test_repetition_ratio_and_ngrams() -> None:
+    assert curate.repetition_ratio("a b c d", 2) == (0.0, 3)
+    share, total = curate.repetition_ratio(REPEAT, 3)
+    assert total == 10 and share == pytest.approx(1 - 3 / 10)
+    assert curate.ngrams(["x", "y"], 3) == [("x", "y")]  # shorter than n: itself, so exact matches count
+
+
+@pytest.mark.parametrize("bad, field", [("max_length_ratio", 0.5), ("student_matches_teacher", "sometimes"), ("min_chosen_tokens", -1)])
+def test_bad_params_name_the_field(bad: str, field: object) -> None:
+    with pytest.raises(ValueError, match=bad):
+        dataclasses.replace(OFF, **{bad: field})

@@ -105,7 +105,7 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     name = lambda o: o if isinstance(o, str) else next(iter(o))  # noqa: E731  (an out with options is {path: {...}})
     outs = {name(o) for o in spec["outs"]} | {name(m) for m in spec.get("metrics", [])} | {name(p) for p in spec.get("plots", [])}
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
-    out_flags, value_flags = {"--out", "--metrics", "--plot"}, {"--run", "--seed"}  # compare's matrix values
+    out_flags, value_flags = {"--out", "--metrics", "--plot", "--docs"}, {"--run", "--seed"}  # compare's matrix values
     assert {v for k, v in args.items() if k in out_flags} == outs
     assert {v for k, v in args.items() if k not in out_flags | value_flags | {"--params"}} == data_deps
     assert args["--params"] == "params.yaml"
@@ -135,12 +135,12 @@ def test_graph_edges() -> None:
     assert edges == {
         ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
         ("seed", "teacher"), ("seed", "student"), ("seed", "pairs"), ("seed", "evaluate"),
-        ("teacher", "pairs"), ("student", "pairs"), ("pairs", "curate"), ("curate", "train"), ("train", "evaluate"),
+        ("teacher", "pairs"), ("student", "pairs"), ("pairs", "curate"), ("seed", "curate"), ("curate", "train"), ("train", "evaluate"),
         ("curate", "score"), ("bootstrap", "score"), ("score", "train"),
         # round 2 (instantiated): the student is sampled again from round 1's model
         ("train", "round_student@r2"), ("seed", "round_student@r2"), ("bootstrap", "round_student@r2"),
         ("seed", "round_pairs@r2"), ("teacher", "round_pairs@r2"), ("round_student@r2", "round_pairs@r2"),
-        ("round_pairs@r2", "round_curate@r2"), ("round_curate@r2", "round_score@r2"), ("bootstrap", "round_score@r2"),
+        ("round_pairs@r2", "round_curate@r2"), ("seed", "round_curate@r2"), ("round_curate@r2", "round_score@r2"), ("bootstrap", "round_score@r2"),
         ("round_curate@r2", "round_train@r2"), ("round_score@r2", "round_train@r2"), ("bootstrap", "round_train@r2"), ("train", "round_train@r2"),
         ("seed", "round_evaluate@r2"), ("bootstrap", "round_evaluate@r2"), ("round_train@r2", "round_evaluate@r2"),
         # the comparison: every cell reads what train reads (plus the eval prompts); the report reads every cell
