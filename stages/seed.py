@@ -19,20 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.lib import cli, lineage, params, records, toytask
 from stages.lib.config import TaskParams
-from stages.lib.io import DataError, atomic_dir, write_json, write_table
+from stages.lib.io import DataError, atomic_dir, write_json
 from stages.lib.params import check
+from stages.lib.stream import ParquetSink, RowSink
 
 log = logging.getLogger("seed")
+
+# Rows per Parquet row group. Outputs up to this size are one row group, the layout
+# (and bytes) io.write_table gave before seed streamed; larger ones are several.
+BATCH_ROWS = 65_536
 
 QUARANTINE_SCHEMA = records.schema(
     "prompt_quarantine",
@@ -147,83 +154,142 @@ def source_rows(task: TaskParams, p: SeedParams) -> Iterator[Raw]:
     return _hf_rows(s)
 
 
-def run(task: TaskParams, p: SeedParams, rows: Iterator[Raw]) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
-    """Split `rows` into (train, eval, quarantine, counts).
+class Pool:
+    """A uniform sample of up to `size` train prompts (reservoir sampling, seeded):
+    synthesis draws its few-shot examples from it without holding every prompt."""
 
-    Reading stops once both quotas are full; a toy stream is endless, so it gives up
-    after 50x the quota with an error instead of looping forever.
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.rng = size, random.Random(seed)
+        self.items: list[tuple[str, str]] = []  # (prompt_id, prompt)
+        self.offered = 0
+
+    def offer(self, pid: str, text: str) -> None:
+        self.offered += 1
+        if len(self.items) < self.size:
+            self.items.append((pid, text))
+            return
+        j = self.rng.randrange(self.offered)
+        if j < self.size:
+            self.items[j] = (pid, text)
+
+
+@dataclass
+class SeedResult:
+    counts: dict[str, Any]
+    seen: set[bytes]  # 16-byte ids of every valid source prompt (kept or over quota)
+    pool: Pool | None
+
+
+def _reason(p: SeedParams, raw: Any, error: str | None) -> tuple[str | None, str]:
+    """(drop reason or None, normalised text) of one raw row."""
+    if error is not None:
+        return error, ""  # the reader's own reason (invalid_json, missing_field, ...)
+    if not isinstance(raw, str):
+        return ("not_a_string" if raw is not None else "null_prompt"), ""
+    text = records.normalise_prompt(raw)
+    if not text:
+        return "empty_prompt", text
+    if len(text) > p.max_prompt_chars:
+        return "prompt_too_long", text
+    return None, text
+
+
+def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink, evals: RowSink, quarantine: RowSink, pool: Pool | None = None) -> SeedResult:
+    """Stream `rows` into the train, eval and quarantine sinks, in source order.
+
+    Memory is the dedup set (16 bytes of id per valid prompt) plus the sinks'
+    buffers. Reading stops once both quotas are full; a toy stream is endless, so it
+    gives up after 50x the quota with an error instead of looping forever. Each id is
+    kept at most once and its split is a function of the id, so no prompt can be in
+    both sets. `pool`, when given, samples the train prompts for synthesis.
     """
-    train: list[dict] = []
-    evals: list[dict] = []
-    quarantine: list[dict] = []
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     reasons: Counter[str] = Counter()
-    read = unused = 0
+    read = unused = n_train = n_eval = quarantined = 0
     limit = 50 * (p.num_train + p.num_eval) if p.source.kind == "toy" else None
     for ref, raw, reference, category, error in rows:
-        if len(train) >= p.num_train and len(evals) >= p.num_eval:
+        if n_train >= p.num_train and n_eval >= p.num_eval:
             break
         if limit is not None and read >= limit:
-            raise ValueError(f"seed: the toy task yielded only {len(train)} train / {len(evals)} eval distinct prompts in {read} draws; widen `task` or lower seed.num_train / seed.num_eval")
+            raise ValueError(f"seed: the toy task yielded only {n_train} train / {n_eval} eval distinct prompts in {read} draws; widen `task` or lower seed.num_train / seed.num_eval")
         read += 1
-        reason = error  # the reader's own reason (invalid_json, missing_field, ...)
-        if reason is None and not isinstance(raw, str):
-            reason = "not_a_string" if raw is not None else "null_prompt"
-        text = records.normalise_prompt(raw) if reason is None else ""
-        if reason is None and not text:
-            reason = "empty_prompt"
-        if reason is None and len(text) > p.max_prompt_chars:
-            reason = "prompt_too_long"
+        reason, text = _reason(p, raw, error)
         pid = records.prompt_id(text) if reason is None else None
-        if pid is not None and pid in seen:
+        key = bytes.fromhex(pid) if pid is not None else b""
+        if pid is not None and key in seen:
             reason = "duplicate_prompt"
         if reason is not None:
             reasons[reason] += 1
-            quarantine.append({"source_ref": ref, "prompt": raw if isinstance(raw, str) else None, "prompt_id": pid, "reason": reason})
+            quarantined += 1
+            quarantine.write([{"source_ref": ref, "prompt": raw if isinstance(raw, str) else None, "prompt_id": pid, "reason": reason}])
             continue
         assert pid is not None
-        seen.add(pid)
+        seen.add(key)
         split = records.split_of(pid, task.eval_fraction)
-        bucket, quota = (evals, p.num_eval) if split == "eval" else (train, p.num_train)
-        if len(bucket) >= quota:
+        if (split == "eval" and n_eval >= p.num_eval) or (split == "train" and n_train >= p.num_train):
             unused += 1  # valid, but its split's quota is already full
             continue
-        bucket.append({
-            "prompt_id": pid,
-            "prompt": text,
-            "split": split,
-            "reference": reference,
-            "category": category,
-            "source": p.source.kind,
-            "source_ref": ref,
-        })
-    if not train or not evals:
-        raise DataError(f"seed: source {p.source.kind} {p.source.path or ''} gave {len(train)} train and {len(evals)} eval prompts; both sets need at least one")
-    overlap = {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}
-    if overlap:  # impossible by construction; checked because evaluation depends on it
-        raise AssertionError(f"seed: {len(overlap)} prompts in both train and eval")
+        row = {"prompt_id": pid, "prompt": text, "split": split, "reference": reference, "category": category, "source": p.source.kind, "source_ref": ref}
+        if split == "eval":
+            evals.write([row])
+            n_eval += 1
+        else:
+            train.write([row])
+            n_train += 1
+            if pool is not None:
+                pool.offer(pid, text)
+    if not n_train or not n_eval:
+        raise DataError(f"seed: source {p.source.kind} {p.source.path or ''} gave {n_train} train and {n_eval} eval prompts; both sets need at least one")
     counts = {
         "read": read,
-        "train": len(train),
-        "eval": len(evals),
-        "quarantined": len(quarantine),
+        "train": n_train,
+        "eval": n_eval,
+        "quarantined": quarantined,
         "unused_over_quota": unused,
         "dropped_by_reason": dict(sorted(reasons.items())),
     }
-    return train, evals, quarantine, counts
+    return SeedResult(counts, seen, pool)
+
+
+class ListSink:
+    """A RowSink that keeps its rows in a list: for small sets and tests."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.rows = 0
+
+    def write(self, rows: Sequence[dict[str, Any]] | pa.Table | pa.RecordBatch) -> None:
+        new = rows.to_pylist() if isinstance(rows, (pa.Table, pa.RecordBatch)) else list(rows)
+        self.items.extend(new)
+        self.rows += len(new)
+
+
+def run(task: TaskParams, p: SeedParams, rows: Iterator[Raw]) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """`stream` into lists: (train, eval, quarantine, counts). For small sets (tests,
+    other stages' fixtures); main() streams to Parquet instead."""
+    train, evals, quarantine = ListSink(), ListSink(), ListSink()
+    result = stream(task, p, rows, train, evals, quarantine)
+    return train.items, evals.items, quarantine.items, result.counts
+
+
+def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw], batch_rows: int = BATCH_ROWS) -> tuple[SeedResult, dict[str, int]]:
+    """`stream` into folder/{train,eval,quarantine}.parquet; (result, rows per file)."""
+    with (
+        ParquetSink(folder / "train.parquet", records.PROMPT_SCHEMA, batch_rows) as train,
+        ParquetSink(folder / "eval.parquet", records.PROMPT_SCHEMA, batch_rows) as evals,
+        ParquetSink(folder / "quarantine.parquet", QUARANTINE_SCHEMA, batch_rows) as quarantine,
+    ):
+        result = stream(task, p, rows, train, evals, quarantine)
+    return result, {"train.parquet": train.rows, "eval.parquet": evals.rows, "quarantine.parquet": quarantine.rows}
 
 
 def main() -> None:
     args = cli.parse_paths(__doc__, "out", "metrics")
     sections = params.load_sections(args.params, SECTIONS)
     task, p = sections["task"], sections["seed"]
-    train, evals, quarantine, counts = run(task, p, source_rows(task, p))
     with atomic_dir(args.out) as tmp:
-        outputs = {
-            "train.parquet": write_table(tmp / "train.parquet", train, records.PROMPT_SCHEMA),
-            "eval.parquet": write_table(tmp / "eval.parquet", evals, records.PROMPT_SCHEMA),
-            "quarantine.parquet": write_table(tmp / "quarantine.parquet", quarantine, QUARANTINE_SCHEMA),
-        }
+        result, outputs = stream_to(tmp, task, p, source_rows(task, p))
+        counts = result.counts
         inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
         lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts)
     write_json(args.metrics, counts)
