@@ -17,11 +17,13 @@ manifest.json; counts reconcile: read = train + eval + quarantined + unused_over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +31,10 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lib import cli, lineage, params, records, toytask
-from stages.lib.config import TaskParams
+from stages.lib import cli, lineage, models, params, records, toytask
+from stages.lib.config import Device, Dtype, GenerationParams, ModelParams, TaskParams
 from stages.lib.io import DataError, atomic_dir, write_json
+from stages.lib.models import ModelRef
 from stages.lib.params import check
 from stages.lib.stream import ParquetSink, RowSink
 
@@ -72,6 +75,35 @@ class SourceParams:
 
 
 @dataclass(frozen=True)
+class SynthesisParams:
+    """params.yaml `seed.synthesis`: self-instruct expansion of the train prompts by
+    the teacher (`models.teacher`), off by default."""
+
+    enabled: bool
+    num_prompts: int  # synthetic prompts to keep, at most
+    max_attempts: int  # teacher generations, at most (each gives one candidate)
+    few_shot: int  # train prompts shown as examples per attempt
+    engine: Literal["transformers", "vllm"]
+    device: Device
+    batch_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int  # example draws and sampling
+
+    def __post_init__(self) -> None:
+        check(self.num_prompts >= 1, "num_prompts", "must be >= 1")
+        check(self.max_attempts >= self.num_prompts, "max_attempts", "must be >= num_prompts")
+        check(self.few_shot >= 1, "few_shot", "must be >= 1")
+
+    def generation(self) -> GenerationParams:
+        return GenerationParams(self.engine, self.batch_size, self.max_new_tokens, self.temperature, self.top_p, 1, self.seed, 1, self.device)
+
+
+SYNTHESIS_OFF = SynthesisParams(False, 1, 1, 1, "transformers", "cpu", 1, 1, 1.0, 1.0, 0)
+
+
+@dataclass(frozen=True)
 class SeedParams:
     """params.yaml `seed`."""
 
@@ -80,14 +112,17 @@ class SeedParams:
     num_train: int
     num_eval: int
     max_prompt_chars: int
+    synthesis: SynthesisParams = SYNTHESIS_OFF  # params files always give it (strict loader)
 
     def __post_init__(self) -> None:
         check(self.num_train >= 1, "num_train", "must be >= 1")
         check(self.num_eval >= 1, "num_eval", "must be >= 1")
         check(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
+        check(not self.synthesis.enabled or self.synthesis.few_shot <= self.num_train, "synthesis.few_shot", "must be <= num_train (examples are train prompts)")
 
 
-SECTIONS: dict[str, type] = {"task": TaskParams, "seed": SeedParams}
+# models.*: the teacher that synthesis samples (read only when seed.synthesis.enabled).
+SECTIONS: dict[str, Any] = {"task": TaskParams, "seed": SeedParams, "models.teacher": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype}
 PARAMS = tuple(SECTIONS)
 
 # A raw row: (source_ref, raw prompt value, reference answer, category, reader error)
@@ -272,28 +307,235 @@ def run(task: TaskParams, p: SeedParams, rows: Iterator[Raw]) -> tuple[list[dict
     return train.items, evals.items, quarantine.items, result.counts
 
 
-def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw], batch_rows: int = BATCH_ROWS) -> tuple[SeedResult, dict[str, int]]:
-    """`stream` into folder/{train,eval,quarantine}.parquet; (result, rows per file)."""
+# ---------------------------------------------------------------- synthesis
+
+FEW_SHOT_POOL = 4096  # train prompts sampled (reservoir) as the few-shot examples' pool
+
+# One generation record per attempt: given the attempts' prompt records
+# ({"prompt_id", "prompt"}), return GENERATION_SCHEMA rows, one per attempt.
+Generate = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def few_shot_text(examples: Sequence[str], toy: bool) -> str:
+    """The self-instruct prompt: numbered examples, then a request for one more. The
+    toy tokenizer has no newline, so the toy task's list is on one line."""
+    sep = " " if toy else "\n"
+    items = sep.join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
+    return f"Here are example tasks:{sep}{items}{sep}Write task {len(examples) + 1}: one new task, different from these. Reply with the task only."
+
+
+_ENUMERATOR = re.compile(r"^\s*(?:task\s*)?\d+\s*[.):]\s*", re.IGNORECASE)
+_NEXT_ITEM = re.compile(r"\n\s*(?:task\s*)?\d+\s*[.):]\s")
+
+
+def candidate_text(response: str) -> str:
+    """The new task in a response: a leading "4." dropped, cut before a next "5."."""
+    text = _ENUMERATOR.sub("", response, count=1)
+    return _NEXT_ITEM.split(text, maxsplit=1)[0]
+
+
+_FIELD_PATTERNS = {"a": r"(?P<a>\d+)", "b": r"(?P<b>\d+)", "w": r"(?P<w>[a-z]+)", "c": r"(?P<c>[a-z])"}
+_ANSWERS: dict[str, Callable[[dict[str, str]], str]] = {
+    "add": lambda f: str(int(f["a"]) + int(f["b"])),
+    "reverse": lambda f: f["w"][::-1],
+    "sort": lambda f: "".join(sorted(f["w"])),
+    "upper": lambda f: f["w"].upper(),
+    "count": lambda f: str(f["w"].count(f["c"])),
+}
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    for name, group in _FIELD_PATTERNS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), group)
+    return re.compile(pattern)
+
+
+# toytask's phrasings, as regexes (toytask has no parser; its templates are the grammar)
+_TOY_PATTERNS = [(skill, _template_regex(t)) for skill, ts in toytask._TEMPLATES.items() for t in ts]
+
+
+def _fields_fit(fields: dict[str, str], task: TaskParams) -> bool:
+    """Within the configured task: operand digits, word lengths, the alphabet."""
+    for name in ("a", "b"):
+        if name in fields and (len(fields[name]) > task.max_digits or str(int(fields[name])) != fields[name]):
+            return False
+    w = fields.get("w")
+    if w is not None and not (task.min_len <= len(w) <= task.max_len and set(w) <= set(task.alphabet)):
+        return False
+    return fields.get("c", task.alphabet[0]) in task.alphabet
+
+
+def parse_toy_prompt(text: str, task: TaskParams) -> tuple[str, str] | None:
+    """(skill, reference answer) of a normalised toy-task prompt; None if it is not one
+    of the configured skills' phrasings with in-range fields."""
+    for skill, pattern in _TOY_PATTERNS:
+        m = pattern.fullmatch(text)
+        if m is not None and skill in task.skills and _fields_fit(m.groupdict(), task):
+            return skill, _ANSWERS[skill](m.groupdict())
+    return None
+
+
+@dataclass
+class Candidate:
+    """One synthesised prompt, judged: a prompt row (kept) or a reason (quarantined)."""
+
+    reason: str | None
+    text: str
+    pid: str | None
+    reference: str | None = None
+    category: str | None = None
+
+
+def judge(response: str, finish_reason: str, task: TaskParams, p: SeedParams, seen: set[bytes], synthetic: set[bytes]) -> Candidate:
+    """Parse and validate one teacher response as a new train prompt."""
+    if finish_reason == "length":
+        return Candidate("truncated", response, None)
+    text = records.normalise_prompt(candidate_text(response))
+    if not text:
+        return Candidate("empty", text, None)
+    if len(text) > p.max_prompt_chars:
+        return Candidate("too_long", text, None)
+    reference = category = None
+    if p.source.kind == "toy":
+        parsed = parse_toy_prompt(text, task)
+        if parsed is None:
+            return Candidate("unparseable", text, None)
+        category, reference = parsed
+    pid = records.prompt_id(text)
+    key = bytes.fromhex(pid)
+    if key in seen:
+        return Candidate("duplicate_of_seed", text, pid)
+    if key in synthetic:
+        return Candidate("duplicate_of_synthetic", text, pid)
+    if records.split_of(pid, task.eval_fraction) == "eval":
+        return Candidate("in_eval_split", text, pid)  # synthetic prompts are train-only
+    return Candidate(None, text, pid, reference, category)
+
+
+def attempts(p: SynthesisParams, pool: Pool, toy: bool, start: int, n: int, rng: random.Random) -> list[tuple[list[str], dict[str, Any]]]:
+    """Attempts start..start+n-1: (example prompt ids, prompt record). The record's id
+    is per attempt, so equal few-shot texts still get distinct generation ids."""
+    out = []
+    for i in range(start, start + n):
+        examples = rng.sample(pool.items, p.few_shot)
+        text = few_shot_text([t for _, t in examples], toy)
+        out.append(([pid for pid, _ in examples], {"prompt_id": records.content_id("synthesis-attempt", str(i), records.prompt_id(text)), "prompt": text}))
+    return out
+
+
+def synthesise(task: TaskParams, p: SeedParams, seen: set[bytes], pool: Pool, generate: Generate, model: str, train: RowSink, quarantine: RowSink) -> dict[str, Any]:
+    """Self-instruct: ask the teacher for new tasks from few-shot train examples, keep
+    the valid, new, train-split ones (source "synthetic"), quarantine the rest.
+    Returns the counts: attempted = accepted + rejected."""
+    s = p.synthesis
+    if len(pool.items) < s.few_shot:
+        raise DataError(f"seed.synthesis: {len(pool.items)} train prompts to draw examples from; few_shot is {s.few_shot}")
+    rng = random.Random(s.seed)
+    synthetic: set[bytes] = set()
+    reasons: Counter[str] = Counter()
+    attempted = accepted = 0
+    while accepted < s.num_prompts and attempted < s.max_attempts:
+        batch = attempts(s, pool, p.source.kind == "toy", attempted, min(s.batch_size, s.max_attempts - attempted), rng)
+        rows = generate([rec for _, rec in batch])
+        by_prompt = {r["prompt_id"]: r for r in rows}
+        for example_ids, rec in batch:
+            if accepted >= s.num_prompts:
+                break
+            attempted += 1
+            gen = by_prompt[rec["prompt_id"]]
+            ref = records.canonical_json({"examples": example_ids, "generation_id": gen["generation_id"], "model": model})
+            c = judge(gen["response"], gen["finish_reason"], task, p, seen, synthetic)
+            if c.reason is not None:
+                reasons[c.reason] += 1
+                quarantine.write([{"source_ref": ref, "prompt": gen["response"], "prompt_id": c.pid, "reason": f"synthesis:{c.reason}"}])
+                continue
+            assert c.pid is not None
+            synthetic.add(bytes.fromhex(c.pid))
+            accepted += 1
+            train.write([{"prompt_id": c.pid, "prompt": c.text, "split": "train", "reference": c.reference, "category": c.category, "source": "synthetic", "source_ref": ref}])
+    return {"attempted": attempted, "accepted": accepted, "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher synthesis samples: params sections and where bootstrap put it."""
+
+    ref: ModelRef
+    model_dir: Path
+    lineage_input: Path
+    trust_remote_code: bool
+    dtype: str
+
+
+def teacher_of(sections: dict[str, Any], models_dir: Path | None) -> Teacher:
+    if models_dir is None:
+        raise ValueError("seed: seed.synthesis.enabled needs the models folder: pass --models data/bootstrap")
+    ref = sections["models.teacher"].ref()
+    return Teacher(ref, models_dir / "teacher", models.lineage_input(ref, models_dir, "teacher"), sections["models.trust_remote_code"], sections["models.dtype"])
+
+
+def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[str, Any]]:
+    """(generate, model fingerprint, manifest details) for the teacher. Imports the
+    generation stack (torch, transformers) only here: a run without synthesis never
+    loads a model."""
+    from stages.lib import genstage
+    from stages.lib.generation import SEEDING, engine_version, sampling_record
+
+    gp = s.generation()
+    spec = genstage.EngineSpec(gp, t.ref, t.model_dir, t.trust_remote_code, t.dtype, genstage.fingerprint(gp, t.ref, t.model_dir))
+    engine = genstage.open_engine(spec)
+    batches_done = 0
+
+    def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal batches_done
+        out: list[dict[str, Any]] = []
+        for shard in genstage.plan(spec, prompts):
+            # run-wide batch numbers: every round of attempts gets fresh seeds
+            out.extend(engine.generate(prompts, dataclasses.replace(shard, first_batch=batches_done + shard.first_batch)))
+        batches_done += -(-len(prompts) // gp.batch_size)
+        return out
+
+    details = {"model": models.describe(t.ref, t.model_dir), "engine": engine_version(gp.engine), "sampling": sampling_record(gp), "seeding": SEEDING[gp.engine]}
+    return generate, spec.fingerprint, details
+
+
+def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw], synth: tuple[Generate, str] | None = None, batch_rows: int = BATCH_ROWS) -> tuple[SeedResult, dict[str, int]]:
+    """`stream` into folder/{train,eval,quarantine}.parquet, then, given `synth`
+    (generate, model fingerprint), append synthesised prompts to train and their
+    rejections to quarantine; (result, rows per file). Synthesis counts land in
+    result.counts["synthesis"]."""
     with (
         ParquetSink(folder / "train.parquet", records.PROMPT_SCHEMA, batch_rows) as train,
         ParquetSink(folder / "eval.parquet", records.PROMPT_SCHEMA, batch_rows) as evals,
         ParquetSink(folder / "quarantine.parquet", QUARANTINE_SCHEMA, batch_rows) as quarantine,
     ):
-        result = stream(task, p, rows, train, evals, quarantine)
+        pool = Pool(FEW_SHOT_POOL, p.synthesis.seed) if synth is not None else None
+        result = stream(task, p, rows, train, evals, quarantine, pool)
+        if synth is not None:
+            assert pool is not None
+            result.counts["synthesis"] = synthesise(task, p, result.seen, pool, synth[0], synth[1], train, quarantine)
     return result, {"train.parquet": train.rows, "eval.parquet": evals.rows, "quarantine.parquet": quarantine.rows}
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "out", "metrics")
+    args = cli.parse_paths(__doc__, "out", "metrics", optional=("models",))
     sections = params.load_sections(args.params, SECTIONS)
     task, p = sections["task"], sections["seed"]
+    inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
+    synth, extra = None, {}
+    if p.synthesis.enabled:
+        teacher = teacher_of(sections, args.models)
+        generate, fingerprint, details = open_generate(p.synthesis, teacher)
+        synth, extra, inputs["teacher"] = (generate, fingerprint), {"synthesis": details}, teacher.lineage_input
     with atomic_dir(args.out) as tmp:
-        result, outputs = stream_to(tmp, task, p, source_rows(task, p))
+        result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth)
         counts = result.counts
-        inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
-        lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts)
+        lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts, extra=extra)
     write_json(args.metrics, counts)
     log.info("seed: %d train, %d eval, %d quarantined", counts["train"], counts["eval"], counts["quarantined"])
+    if "synthesis" in counts:
+        log.info("seed: synthesis kept %(accepted)d of %(attempted)d attempts", counts["synthesis"])
 
 
 if __name__ == "__main__":

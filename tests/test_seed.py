@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import seed
-from stages.lib import params, records
+from stages.lib import params, records, toytask
+from stages.lib.config import ModelParams
 from stages.lib.io import DataError, read_table, write_table
 
 from .conftest import ROOT
@@ -14,6 +16,7 @@ from .test_bootstrap import TASK
 
 
 def seed_params(kind: str = "toy", path: str | None = None, field: str | None = None, num_train: int = 40, num_eval: int = 5, max_chars: int = 2000) -> seed.SeedParams:
+    """Seed params with synthesis off (its default)."""
     return seed.SeedParams(seed.SourceParams(kind, path, None, None, None, field), seed=1, num_train=num_train, num_eval=num_eval, max_prompt_chars=max_chars)
 
 
@@ -155,3 +158,98 @@ def test_streamed_outputs_are_the_bytes_write_table_gave(tmp_path: Path) -> None
     write_table(listed / "quarantine.parquet", quarantine, seed.QUARANTINE_SCHEMA)
     for name in ("train.parquet", "eval.parquet", "quarantine.parquet"):
         assert (streamed / name).read_bytes() == (listed / name).read_bytes(), name
+
+
+def synth_params(num_prompts: int, max_attempts: int, batch_size: int = 4, max_new_tokens: int = 8) -> seed.SeedParams:
+    s = seed.SynthesisParams(True, num_prompts, max_attempts, 3, "transformers", "cpu", batch_size, max_new_tokens, 1.0, 1.0, 7)
+    return dataclasses.replace(seed_params(num_train=40, num_eval=5), synthesis=s)
+
+
+def new_toy_prompts(seen: set[str]) -> dict[str, str]:
+    """A fresh toy prompt per split (from another generator seed), in neither set."""
+    found: dict[str, str] = {}
+    for ex in toytask.generate(TASK.toy(), 99):
+        pid = records.prompt_id(ex.prompt)
+        split = records.split_of(pid, TASK.eval_fraction)
+        if pid not in seen and split not in found:
+            found[split] = ex.prompt
+        if len(found) == 2:
+            return found
+    raise AssertionError("unreachable: the toy stream is endless")
+
+
+def check_synthesis(out: Path, counts: dict) -> tuple[list[dict], list[dict]]:
+    """Synthetic rows are train-only, new, traced to real seed ids; rejections are
+    quarantined with a reason; every count reconciles. Returns (synthetic, rejected)."""
+    train = read_table(out / "train.parquet", records.PROMPT_SCHEMA).to_pylist()
+    evals = read_table(out / "eval.parquet", records.PROMPT_SCHEMA).to_pylist()
+    quarantine = read_table(out / "quarantine.parquet", seed.QUARANTINE_SCHEMA).to_pylist()
+    s = counts["synthesis"]
+    synthetic = [r for r in train if r["source"] == "synthetic"]
+    seeded = {r["prompt_id"] for r in train if r["source"] != "synthetic"}
+    rejected = [q for q in quarantine if q["reason"].startswith("synthesis:")]
+    assert len(train) == counts["train"] + s["accepted"] and len(synthetic) == s["accepted"]
+    assert len(quarantine) == counts["quarantined"] + s["rejected"] and len(rejected) == s["rejected"]
+    assert s["attempted"] == s["accepted"] + s["rejected"] == sum(s["rejected_by_reason"].values()) + s["accepted"]
+    eval_ids = {r["prompt_id"] for r in evals}
+    for r in synthetic:
+        ref = json.loads(r["source_ref"])
+        assert len(ref["examples"]) == 3 and set(ref["examples"]) <= seeded
+        assert r["split"] == "train" and r["prompt_id"] not in seeded | eval_ids
+    assert len({r["prompt_id"] for r in synthetic}) == len(synthetic)
+    for q in rejected:
+        assert set(json.loads(q["source_ref"])["examples"]) <= seeded
+    return synthetic, rejected
+
+
+def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Path) -> None:
+    p = synth_params(num_prompts=2, max_attempts=8, batch_size=4)
+    base, _, _, _ = seed.run(TASK, p, seed.source_rows(TASK, p))
+    fresh = new_toy_prompts({r["prompt_id"] for r in base})
+    # what the "teacher" answers, attempt by attempt
+    script = [("4. " + base[0]["prompt"], "stop"), ("432", "stop"), ("Add 1 and", "length"), (fresh["eval"], "stop"),
+              (fresh["train"], "stop"), ("  " + fresh["train"], "stop"), ("Add 123 and 4.", "stop"), (fresh["train"].upper(), "stop")]
+    calls: list[int] = []
+
+    def generate(prompts: list[dict]) -> list[dict]:
+        start = sum(calls)
+        calls.append(len(prompts))
+        assert all(pr["prompt"].startswith("Here are example tasks: 1. ") and "\n" not in pr["prompt"] for pr in prompts)
+        return [{"prompt_id": pr["prompt_id"], "generation_id": f"g{start + i}", "response": script[start + i][0], "finish_reason": script[start + i][1]} for i, pr in enumerate(prompts)]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result, _ = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, "sha256:fake"))
+    s = result.counts["synthesis"]
+    assert calls == [4, 4] and s["attempted"] == 8 and s["accepted"] == 1  # one new prompt, said twice
+    assert s["rejected_by_reason"] == {"duplicate_of_seed": 1, "duplicate_of_synthetic": 1, "in_eval_split": 1, "truncated": 1, "unparseable": 3}
+    synthetic, rejected = check_synthesis(out, result.counts)
+    (row,) = synthetic
+    assert row["prompt"] == fresh["train"] and row["reference"] and row["category"] in TASK.skills
+    assert json.loads(row["source_ref"])["model"] == "sha256:fake"
+    assert {q["reason"] for q in rejected} == {f"synthesis:{r}" for r in s["rejected_by_reason"]}
+
+
+def test_parse_toy_prompt_checks_the_task_ranges() -> None:
+    assert seed.parse_toy_prompt("Add 4 and 38.", TASK) == ("add", "42")
+    assert seed.parse_toy_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
+    assert seed.parse_toy_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
+    assert seed.parse_toy_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
+    assert seed.parse_toy_prompt("Reverse the word abc", TASK) is None
+
+
+def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: Path) -> None:
+    """A real (tiny, random) teacher through the real engine: few of its outputs parse
+    as toy prompts, and whatever it says, every attempt is accounted for."""
+    p = synth_params(num_prompts=2, max_attempts=6, batch_size=3, max_new_tokens=8)
+    sections = {"models.teacher": ModelParams("toy", None), "models.trust_remote_code": False, "models.dtype": "float32"}
+    generate, fingerprint, details = seed.open_generate(p.synthesis, seed.teacher_of(sections, tiny_models))
+    out = tmp_path / "out"
+    out.mkdir()
+    result, outputs = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, fingerprint))
+    assert outputs["train.parquet"] == result.counts["train"] + result.counts["synthesis"]["accepted"]
+    assert result.counts["synthesis"]["attempted"] == 6 or result.counts["synthesis"]["accepted"] == 2
+    check_synthesis(out, result.counts)
+    assert details["sampling"]["max_new_tokens"] == 8 and fingerprint.startswith("sha256:")
+    with pytest.raises(ValueError, match="pass --models data/bootstrap"):
+        seed.teacher_of(sections, None)
