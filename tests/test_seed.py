@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,12 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import seed
-from stages.lib.io import DataError
+from stages.lib import params, records, toytask
+from stages.lib.config import ModelParams
+from stages.lib.io import DataError, read_table, write_table
 
+from .conftest import ROOT
 from .test_bootstrap import TASK
 
 
 def seed_params(kind: str = "toy", path: str | None = None, field: str | None = None, num_train: int = 40, num_eval: int = 5, max_chars: int = 2000) -> seed.SeedParams:
+    """Seed params with synthesis off (its default)."""
     return seed.SeedParams(seed.SourceParams(kind, path, None, None, None, field), seed=1, num_train=num_train, num_eval=num_eval, max_prompt_chars=max_chars)
 
 
@@ -22,7 +27,7 @@ def reconcile(counts: dict) -> None:
 
 def test_toy_source_is_deterministic_disjoint_and_reconciles() -> None:
     p = seed_params()
-    train, evals, quarantine, counts = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, evals, _quarantine, counts = seed.run(TASK, p, seed.source_rows(TASK, p))
     again = seed.run(TASK, p, seed.source_rows(TASK, p))
     assert (train, evals) == again[:2]
     assert len(train) == 40 and len(evals) == 5
@@ -70,7 +75,7 @@ def test_parquet_source_and_its_errors(tmp_path: Path) -> None:
     f = tmp_path / "p.parquet"
     pq.write_table(pa.table({"q": [f"Prompt {i}" for i in range(50)]}), f)
     p = seed_params("parquet", str(f), "q", num_train=1000, num_eval=1000)
-    train, evals, _, counts = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, evals, _, _counts = seed.run(TASK, p, seed.source_rows(TASK, p))
     assert len(train) + len(evals) == 50
     assert train[0]["source_ref"].startswith(f"{f}:row=")
     with pytest.raises(DataError, match=r"p.parquet: no column 'prompt'"):
@@ -94,3 +99,157 @@ def test_file_sources_need_path_and_field() -> None:
         seed.SourceParams("jsonl", None, None, None, None, "text")
     with pytest.raises(ValueError, match="split: an hf source needs a split"):
         seed.SourceParams("hf", "HuggingFaceH4/ultrachat_200k", None, None, None, "prompt")
+
+
+def reconcile_files(folder: Path, counts: dict) -> None:
+    """The written files hold the counted rows and read back with their schemas."""
+    assert read_table(folder / "train.parquet", records.PROMPT_SCHEMA).num_rows == counts["train"]
+    assert read_table(folder / "eval.parquet", records.PROMPT_SCHEMA).num_rows == counts["eval"]
+    assert read_table(folder / "quarantine.parquet", seed.QUARANTINE_SCHEMA).num_rows == counts["quarantined"]
+    reconcile(counts)
+
+
+def big_rows(n: int) -> list[object]:
+    """n prompt values, with a duplicate, an empty and a non-string every so often."""
+    values: list[object] = []
+    for i in range(n):
+        values.append("" if i % 997 == 1 else 7 if i % 1009 == 2 else f"Prompt number {i % (n - 100)}: say something.")
+    return values
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_streaming_a_50k_row_source_reconciles(tmp_path: Path, kind: str) -> None:
+    n = 50_000
+    values = big_rows(n)
+    src = tmp_path / f"src.{kind}"
+    if kind == "parquet":
+        pq.write_table(pa.table({"q": pa.array([v if isinstance(v, str) else None for v in values], pa.string())}), src)
+    else:
+        src.write_text("".join(json.dumps({"q": v}) + "\n" for v in values))
+    p = seed_params(kind, str(src), "q", num_train=1_000_000, num_eval=1_000)  # eval fills up, train never
+    out = tmp_path / "out"
+    out.mkdir()
+    result, outputs = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), batch_rows=4096)
+    counts = result.counts
+    assert counts["read"] == n and counts["train"] > 40_000 and counts["eval"] == 1_000
+    assert counts["unused_over_quota"] > 0 and counts["dropped_by_reason"]["duplicate_prompt"] > 0
+    assert outputs == {"train.parquet": counts["train"], "eval.parquet": 1_000, "quarantine.parquet": counts["quarantined"]}
+    assert pq.ParquetFile(out / "train.parquet").num_row_groups == -(-counts["train"] // 4096)
+    reconcile_files(out, counts)
+    # the same rows, in the same order, as the in-memory path
+    train, _, quarantine, again = seed.run(TASK, p, seed.source_rows(TASK, p))
+    assert again == counts
+    assert read_table(out / "train.parquet", records.PROMPT_SCHEMA).to_pylist() == train
+    assert read_table(out / "quarantine.parquet", seed.QUARANTINE_SCHEMA).to_pylist() == quarantine
+
+
+def test_streamed_outputs_are_the_bytes_write_table_gave(tmp_path: Path) -> None:
+    """params.yaml's toy default, streamed, is byte-identical to io.write_table of the
+    same rows (the pre-streaming writer), so the reference run's dvc.lock stays valid."""
+    sections = params.load_sections(ROOT / "params.yaml", seed.SECTIONS)
+    task, p = sections["task"], sections["seed"]
+    streamed, listed = tmp_path / "streamed", tmp_path / "listed"
+    streamed.mkdir()
+    result, _ = seed.stream_to(streamed, task, p, seed.source_rows(task, p))
+    train, evals, quarantine, counts = seed.run(task, p, seed.source_rows(task, p))
+    assert counts == result.counts
+    write_table(listed / "train.parquet", train, records.PROMPT_SCHEMA)
+    write_table(listed / "eval.parquet", evals, records.PROMPT_SCHEMA)
+    write_table(listed / "quarantine.parquet", quarantine, seed.QUARANTINE_SCHEMA)
+    for name in ("train.parquet", "eval.parquet", "quarantine.parquet"):
+        assert (streamed / name).read_bytes() == (listed / name).read_bytes(), name
+
+
+def synth_params(num_prompts: int, max_attempts: int, batch_size: int = 4, max_new_tokens: int = 8) -> seed.SeedParams:
+    s = seed.SynthesisParams(True, num_prompts, max_attempts, 3, "transformers", "cpu", batch_size, max_new_tokens, 1.0, 1.0, 7)
+    return dataclasses.replace(seed_params(num_train=40, num_eval=5), synthesis=s)
+
+
+def new_toy_prompts(seen: set[str]) -> dict[str, str]:
+    """A fresh toy prompt per split (from another generator seed), in neither set."""
+    found: dict[str, str] = {}
+    for ex in toytask.generate(TASK.toy(), 99):
+        pid = records.prompt_id(ex.prompt)
+        split = records.split_of(pid, TASK.eval_fraction)
+        if pid not in seen and split not in found:
+            found[split] = ex.prompt
+        if len(found) == 2:
+            return found
+    raise AssertionError("unreachable: the toy stream is endless")
+
+
+def check_synthesis(out: Path, counts: dict) -> tuple[list[dict], list[dict]]:
+    """Synthetic rows are train-only, new, traced to real seed ids; rejections are
+    quarantined with a reason; every count reconciles. Returns (synthetic, rejected)."""
+    train = read_table(out / "train.parquet", records.PROMPT_SCHEMA).to_pylist()
+    evals = read_table(out / "eval.parquet", records.PROMPT_SCHEMA).to_pylist()
+    quarantine = read_table(out / "quarantine.parquet", seed.QUARANTINE_SCHEMA).to_pylist()
+    s = counts["synthesis"]
+    synthetic = [r for r in train if r["source"] == "synthetic"]
+    seeded = {r["prompt_id"] for r in train if r["source"] != "synthetic"}
+    rejected = [q for q in quarantine if q["reason"].startswith("synthesis:")]
+    assert len(train) == counts["train"] + s["accepted"] and len(synthetic) == s["accepted"]
+    assert len(quarantine) == counts["quarantined"] + s["rejected"] and len(rejected) == s["rejected"]
+    assert s["attempted"] == s["accepted"] + s["rejected"] == sum(s["rejected_by_reason"].values()) + s["accepted"]
+    eval_ids = {r["prompt_id"] for r in evals}
+    for r in synthetic:
+        ref = json.loads(r["source_ref"])
+        assert len(ref["examples"]) == 3 and set(ref["examples"]) <= seeded
+        assert r["split"] == "train" and r["prompt_id"] not in seeded | eval_ids
+    assert len({r["prompt_id"] for r in synthetic}) == len(synthetic)
+    for q in rejected:
+        assert set(json.loads(q["source_ref"])["examples"]) <= seeded
+    return synthetic, rejected
+
+
+def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Path) -> None:
+    p = synth_params(num_prompts=2, max_attempts=8, batch_size=4)
+    base, _, _, _ = seed.run(TASK, p, seed.source_rows(TASK, p))
+    fresh = new_toy_prompts({r["prompt_id"] for r in base})
+    # what the "teacher" answers, attempt by attempt
+    script = [("4. " + base[0]["prompt"], "stop"), ("432", "stop"), ("Add 1 and", "length"), (fresh["eval"], "stop"),
+              (fresh["train"], "stop"), ("  " + fresh["train"], "stop"), ("Add 123 and 4.", "stop"), (fresh["train"].upper(), "stop")]
+    calls: list[int] = []
+
+    def generate(prompts: list[dict]) -> list[dict]:
+        start = sum(calls)
+        calls.append(len(prompts))
+        assert all(pr["prompt"].startswith("Here are example tasks: 1. ") and "\n" not in pr["prompt"] for pr in prompts)
+        return [{"prompt_id": pr["prompt_id"], "generation_id": f"g{start + i}", "response": script[start + i][0], "finish_reason": script[start + i][1]} for i, pr in enumerate(prompts)]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result, _ = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, "sha256:fake"))
+    s = result.counts["synthesis"]
+    assert calls == [4, 4] and s["attempted"] == 8 and s["accepted"] == 1  # one new prompt, said twice
+    assert s["rejected_by_reason"] == {"duplicate_of_seed": 1, "duplicate_of_synthetic": 1, "in_eval_split": 1, "truncated": 1, "unparseable": 3}
+    synthetic, rejected = check_synthesis(out, result.counts)
+    (row,) = synthetic
+    assert row["prompt"] == fresh["train"] and row["reference"] and row["category"] in TASK.skills
+    assert json.loads(row["source_ref"])["model"] == "sha256:fake"
+    assert {q["reason"] for q in rejected} == {f"synthesis:{r}" for r in s["rejected_by_reason"]}
+
+
+def test_parse_toy_prompt_checks_the_task_ranges() -> None:
+    assert seed.parse_toy_prompt("Add 4 and 38.", TASK) == ("add", "42")
+    assert seed.parse_toy_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
+    assert seed.parse_toy_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
+    assert seed.parse_toy_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
+    assert seed.parse_toy_prompt("Reverse the word abc", TASK) is None
+
+
+def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: Path) -> None:
+    """A real (tiny, random) teacher through the real engine: few of its outputs parse
+    as toy prompts, and whatever it says, every attempt is accounted for."""
+    p = synth_params(num_prompts=2, max_attempts=6, batch_size=3, max_new_tokens=8)
+    sections = {"models.teacher": ModelParams("toy", None), "models.trust_remote_code": False, "models.dtype": "float32"}
+    generate, fingerprint, details = seed.open_generate(p.synthesis, seed.teacher_of(sections, tiny_models))
+    out = tmp_path / "out"
+    out.mkdir()
+    result, outputs = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, fingerprint))
+    assert outputs["train.parquet"] == result.counts["train"] + result.counts["synthesis"]["accepted"]
+    assert result.counts["synthesis"]["attempted"] == 6 or result.counts["synthesis"]["accepted"] == 2
+    check_synthesis(out, result.counts)
+    assert details["sampling"]["max_new_tokens"] == 8 and fingerprint.startswith("sha256:")
+    with pytest.raises(ValueError, match="pass --models data/bootstrap"):
+        seed.teacher_of(sections, None)
