@@ -6,6 +6,11 @@
                                       run the DVC pipeline as a Prefect flow (flows/pipeline.py)
     distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
                                       serve that flow as a deployment with a schedule
+    distillflow lineage show PATH_OR_ID [--json]
+                                      an artifact's or a record's lineage back to its sources
+    distillflow lineage verify        recompute every digest: files, manifests and dvc.lock agree?
+    distillflow lineage cost [--run ID] [--json]
+                                      a run's cost per stage (time, memory, tokens, cache hits)
 
 The pipeline runs with `dvc repro` or, scheduled, observed and with parallel branches,
 with `distillflow run` (see README, "Running under Prefect"); both keep dvc.lock current.
@@ -16,8 +21,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
     temporary local server for the run)."""
     invoked = time.time()
+    # One run id for every stage this flow runs: their run records (lineage/runs) share it.
+    os.environ.setdefault("DISTILLFLOW_RUN_ID", str(uuid.uuid4()))
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.dvc_ops import StageError
@@ -119,6 +128,33 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lineage(args: argparse.Namespace) -> int:
+    """`distillflow lineage show|verify|cost`; exit 1 on a mismatch or an untraceable target."""
+    from flows import lineage as lin
+
+    root = args.root.resolve()
+    try:
+        if args.action == "show":
+            tree = lin.show(root, args.target)
+            print(json.dumps(tree, indent=2, sort_keys=True) if args.json else "\n".join(lin.render(tree)))
+            return 0
+        if args.action == "cost":
+            table = lin.cost_table(lin.run_records(args.lineage_dir or root / "lineage", args.run))
+            print(json.dumps(table, indent=2, sort_keys=True) if args.json else "\n".join(lin.render_cost(table)))
+            return 0
+        os.chdir(root)  # DVC's API resolves paths against the working directory
+        report = lin.verify(root)
+    except lin.LineageError as exc:
+        print(f"distillflow lineage {args.action}: {exc}", file=sys.stderr)
+        return 1
+    for note in report.notes:
+        print(f"note: {note}")
+    for line in report.mismatches:
+        print(f"MISMATCH {line}")
+    print(f"lineage verify: {report.checked} digests and records checked, {len(report.mismatches)} mismatches")
+    return 1 if report.mismatches else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,7 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.choices["serve"]
     v.add_argument("--name", default="distillflow-serve", help="deployment name (default distillflow-serve)")
     v.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 daily)")
+    lin = sub.add_parser("lineage", help="trace, verify and cost the pipeline's artifacts")
+    lsub = lin.add_subparsers(dest="action", required=True)
+    show = lsub.add_parser("show", help="an artifact path, model folder or record id, back to its sources")
+    show.add_argument("target", help="a path (data/train/model, data/curate/curated.parquet) or a pair_id, generation_id or prompt_id")
+    show.add_argument("--json", action="store_true", help="print JSON instead of the text tree")
+    lsub.add_parser("verify", help="recompute every digest; exit 1 if files, manifests and dvc.lock disagree")
+    cost = lsub.add_parser("cost", help="a run's cost, summed per stage")
+    cost.add_argument("--run", help="run id (DISTILLFLOW_RUN_ID); default: the newest run in lineage/runs/history.jsonl")
+    cost.add_argument("--lineage-dir", type=Path, help="where the run records are (default: ROOT/lineage)")
+    cost.add_argument("--json", action="store_true")
+    for p in lsub.choices.values():
+        p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
     args = parser.parse_args(argv)
+    if args.command == "lineage":
+        return lineage(args)
     if args.command == "check":
         return check(args.params)
     if args.command == "run":

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from stages.lib import cli, distributed, encoding, lineage, models, params, records, training
@@ -430,6 +431,74 @@ def load_inputs(p: TrainParams, s_ref: models.ModelRef, s_dir: Path, t_ref: mode
     return student, teacher, models.load_tokenizer(s_ref, s_dir, trust), models.load_tokenizer(t_ref, t_dir, trust), scores
 
 
+def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int:
+    """Tokens the student ran forward on: prompt + chosen (+ prompt + rejected for the
+    methods that use the rejected side) per pair, times epochs."""
+    total = 0
+    for pr in pairs:
+        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
+        total += len(prompt) + len(chosen) + ((len(prompt) + len(rejected)) if NEEDS_REJECTED[p.method] else 0)
+    return total * p.epochs
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prompt_source(curate_manifest: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(params.seed.source, how it was found) by following the manifests from the
+    curated pairs back to the seed stage; None with the reason when a link is missing
+    or its digest does not match."""
+    pairs_in = curate_manifest["inputs"].get("pairs")
+    if pairs_in is None:
+        return None, "the curate manifest names no pairs input"
+    pairs_m = _read_manifest(Path(pairs_in["path"]).parent / "manifest.json")
+    if pairs_m is None or pairs_m["outputs"].get(Path(pairs_in["path"]).name, {}).get("sha256") != pairs_in["sha256"]:
+        return None, f"{Path(pairs_in['path']).parent}/manifest.json is missing or records other pairs than curate read"
+    prompts_in = pairs_m["inputs"].get("prompts")
+    seed_m = _read_manifest(Path(prompts_in["path"]).parent / "manifest.json") if prompts_in else None
+    if prompts_in is None or seed_m is None or seed_m["outputs"].get(Path(prompts_in["path"]).name, {}).get("sha256") != prompts_in["sha256"]:
+        return None, "the seed manifest is missing or records other prompts than pairs read"
+    return seed_m["params"]["seed"]["source"], f"{Path(prompts_in['path']).parent}/manifest.json (digests checked along curate -> pairs -> seed)"
+
+
+def model_card(used: dict[str, Any], metrics: dict[str, Any], src: Path, s_info: dict[str, Any], t_info: dict[str, Any], round_index: int) -> str:
+    """The trained student's README.md in the Hugging Face Hub format: YAML front
+    matter, then method, training metrics and a lineage summary. Deterministic (no
+    times): it lives inside the train stage's DVC out."""
+    p: TrainParams = used["train"]
+    curate_m = _read_manifest(src.parent / "manifest.json")
+    source, found = prompt_source(curate_m) if curate_m is not None else (None, f"{src.parent}/manifest.json is missing")
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                            "tags": ["distillflow", "knowledge-distillation", p.method]}
+    if s_info.get("revision") is not None:  # a hub model at a pinned revision
+        meta["base_model"] = s_info["name"]
+    if source is not None and source["kind"] == "hf":
+        meta["datasets"] = [source["path"]]
+    counts = (curate_m or {}).get("counts", {})
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", "",
+        f"# distillflow student ({p.method}, round {round_index} of {p.total_rounds})", "",
+        (f"Distilled from the teacher below with `train.method: {p.method}` (see the distillflow README, "
+         "\"Methods, ablations and the training engine\"), on teacher (chosen) / student (rejected) preference pairs."), "",
+        "## Training", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in sorted(metrics.items())),
+        f"| seed | {p.seed} |", f"| epochs | {p.epochs} |", f"| lr | {p.lr} |",
+        f"| batch size x grad accum | {p.batch_size} x {p.grad_accum_steps} |", "",
+        "## Lineage", "",
+        f"- teacher: `{t_info['name']}` fingerprint `{t_info['fingerprint']}`",
+        f"- initial student: `{s_info['name']}` fingerprint `{s_info['fingerprint']}`",
+        f"- training pairs: `{src.as_posix()}` sha256 `{digest_path(src)}`",
+        f"- curation: {counts.get('pairs_in', '?')} pairs in, {counts.get('kept', '?')} kept, dropped by reason {json.dumps(counts.get('dropped_by_reason', {}), sort_keys=True)}",
+        f"- prompt source: {json.dumps(source, sort_keys=True) if source is not None else 'not traceable'} (from {found})",
+        "",
+        ("`distillflow lineage show data/train/model` prints the full tree back to the source rows; "
+         "`distillflow lineage verify` re-checks every digest."), "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot", optional=("previous",))
     used = params.load_sections(args.params, SECTIONS)
@@ -455,8 +524,10 @@ def main() -> None:
         return  # every process holds the same weights and logs; one writes them
     log.info("train: round %d of %d, %s, %d steps on %d pairs in %.1fs, final loss %.4f", round_index, p.total_rounds, p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
     metrics = {"round": round_index, **summary(rows, len(pairs), p.method)}
+    s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, args.models / "teacher")
     with atomic_dir(args.out) as tmp:
         training.save_model(student.to("cpu"), tok_s, tmp / "model")
+        (tmp / "model" / "README.md").write_text(model_card(used, metrics, src, s_info, t_info, round_index))
         write_json(tmp / "curriculum.json", curriculum.state())
         lineage.write_manifest(
             tmp, "train", used,
@@ -465,8 +536,9 @@ def main() -> None:
                     "teacher": models.lineage_input(t_ref, args.models, "teacher")},
             outputs={"curriculum.json": len(curriculum.gaps_t)},
             counts=metrics,
-            extra={"round": round_index, "rounds": p.total_rounds,
-                   "initial_student": models.describe(s_ref, s_dir), "teacher": models.describe(t_ref, args.models / "teacher")},
+            extra={"round": round_index, "rounds": p.total_rounds, "initial_student": s_info, "teacher": t_info},
+            cost={"tokens_read": tokens_trained(tok_s, pairs, p), "tokens_trained": tokens_trained(tok_s, pairs, p),
+                  "optimizer_steps": len(rows)},
         )
     write_plot(args.plot, rows)
     write_json(args.metrics, metrics)

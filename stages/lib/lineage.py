@@ -1,8 +1,24 @@
-"""Lineage manifests: what produced an output, from what, with which params and code.
+"""Lineage: what produced an output, from what, with which params, code and cost.
 
-Each stage writes `manifest.json` beside its outputs. Everything in it is a pure
-function of the stage's inputs, params and code (no clock times, no host names), so
-an unchanged stage writes the same bytes and DVC keeps it cached downstream.
+Two records per stage run, split by whether they may change from run to run:
+
+- `manifest.json`, inside the stage's DVC out: a pure function of the stage's inputs,
+  params, code and library versions (no clock times, no hosts, no git commit), so an
+  unchanged stage writes the same bytes and DVC keeps it cached downstream. It holds
+  the stage, code digests, params, seeds, input digests (and Parquet row counts),
+  output digests and row counts, counts kept/dropped by reason, the library versions
+  that ran, and whatever the stage adds through `extra` (model fingerprints, sampling,
+  `validation`, ...).
+- the run record, outside DVC (`lineage/`, git-ignored; `DISTILLFLOW_LINEAGE_DIR`
+  moves it): start and end time, host, git commit and dirty flag, run id, the
+  validation result and the cost (tokens, wall / CPU / device seconds, peak memory,
+  cache hits). Written when the manifest is:
+      lineage/runs/<job>.json          the latest run of that job (DVC stage name)
+      lineage/runs/history.jsonl       every run, appended, one JSON object per line
+      lineage/openlineage/<job>/<runId>-START.json, -COMPLETE.json
+                                       OpenLineage 2-0-2 RunEvents of the run
+  The run id groups the stages of one pipeline run: `DISTILLFLOW_RUN_ID` from the
+  environment (`distillflow run` sets it), else a fresh one per process.
 
 "code" is the digest of the stage module and every `stages.lib` module it imports:
 the same set of files dvc.yaml lists as the stage's code deps (a test checks that).
@@ -10,14 +26,52 @@ the same set of files dvc.yaml lists as the stage's code deps (a test checks tha
 
 from __future__ import annotations
 
+import fcntl
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import socket
+import subprocess
 import sys
+import time
+import uuid
 from dataclasses import asdict, is_dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages.lib.io import digest_path, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+
+def process_start() -> tuple[float, str]:
+    """(when this process started, how that is known): from /proc on Linux, which
+    counts the interpreter's start-up and imports; else this module's import time."""
+    stat, uptime = Path(f"/proc/{os.getpid()}/stat"), Path("/proc/uptime")
+    if stat.is_file() and uptime.is_file():
+        ticks = int(stat.read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        age = float(uptime.read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age, "process_start"
+    return time.time(), "lineage_import"
+
+
+# Every stage imports this module before it parses its arguments.
+STARTED_AT, STARTED_FROM = process_start()
+RUN_ID = os.environ.get("DISTILLFLOW_RUN_ID") or str(uuid.uuid4())
+
+PRODUCER = "https://github.com/distillflow/distillflow/tree/main/stages/lib/lineage.py"
+OL_SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
+OL_NAMESPACE = os.environ.get("DISTILLFLOW_OPENLINEAGE_NAMESPACE", "distillflow")
+# Libraries whose version is recorded when the stage imported them.
+LIBRARIES = ("torch", "transformers", "vllm", "pyarrow", "datasets", "tokenizers", "safetensors", "openai")
 
 
 def code_files(stage: str) -> list[Path]:
@@ -48,6 +102,46 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def library_versions() -> dict[str, str]:
+    """Python and the versions of the recorded libraries this process imported."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        if name in sys.modules:
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def seeds_of(value: Any, prefix: str = "") -> dict[str, int]:
+    """Every `seed` key in the params, by dotted path (train.seed, teacher.seed, ...)."""
+    found: dict[str, int] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k == "seed" and isinstance(v, int):
+                found[key] = v
+            else:
+                found.update(seeds_of(v, key))
+    return found
+
+
+def model_fingerprints(value: Any, prefix: str = "") -> dict[str, str]:
+    """Every model description (a mapping with a `fingerprint`) in `value`, by path."""
+    found: dict[str, str] = {}
+    if isinstance(value, dict):
+        if isinstance(value.get("fingerprint"), str):
+            found[prefix or "model"] = value["fingerprint"]
+        for k, v in value.items():
+            found.update(model_fingerprints(v, f"{prefix}.{k}" if prefix else str(k)))
+    return found
+
+
+def _input_entry(p: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": str(p), "sha256": digest_path(p)}
+    if p.is_file() and p.suffix == ".parquet":
+        entry["rows"] = pq.ParquetFile(p).metadata.num_rows
+    return entry
+
+
 def write_manifest(
     out_dir: Path,
     stage: str,
@@ -56,20 +150,213 @@ def write_manifest(
     outputs: dict[str, int],
     counts: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    *,
+    models: dict[str, Any] | None = None,
+    cost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out_dir/manifest.json` and return it.
+    """Write `out_dir/manifest.json` and this run's record (see the module doc); return the manifest.
 
     outputs maps each written file (relative to out_dir) to its row count; their
-    digests are taken here, after they are complete.
+    digests are taken here, after they are complete. `models` (role -> description,
+    e.g. models.describe) goes into the manifest; `cost` (tokens_read,
+    tokens_generated, cache_hits, ...: what only the stage knows) into the run
+    record, beside the times and memory measured here. `extra["validation"]`, when a
+    stage passes one, is the validation result.
     """
+    plain_params = {k: _plain(v) for k, v in params.items()}
     manifest = {
         "stage": stage,
         "code": code_digest(stage),
-        "params": {k: _plain(v) for k, v in params.items()},
-        "inputs": {name: {"path": str(p), "sha256": digest_path(p)} for name, p in sorted(inputs.items())},
+        "params": plain_params,
+        "seeds": seeds_of(plain_params),
+        "environment": library_versions(),
+        "inputs": {name: _input_entry(p) for name, p in sorted(inputs.items())},
         "outputs": {name: {"rows": rows, "sha256": digest_path(out_dir / name)} for name, rows in sorted(outputs.items())},
         "counts": counts,
+        **({"models": models} if models is not None else {}),
         **(extra or {}),
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_run_record(out_dir, manifest, cost or {})
     return manifest
+
+
+# --- the run record (outside DVC) -------------------------------------------------
+
+
+def lineage_dir() -> Path:
+    """Where run records go: DISTILLFLOW_LINEAGE_DIR, else lineage/ in the DVC repo
+    the stage runs in (DVC_ROOT, which dvc repro and the flow set), else in the cwd."""
+    env = os.environ.get("DISTILLFLOW_LINEAGE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("DVC_ROOT", ".")) / "lineage"
+
+
+def final_dir(out_dir: Path) -> Path:
+    """The out folder a stage is writing: `out_dir` itself, or the target of the
+    io.atomic_dir temporary `.<name>.<random>.tmp` it is writing into."""
+    m = re.fullmatch(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp", out_dir.name)
+    return out_dir.with_name(m["name"]) if m else out_dir
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """The commit and dirty flag of the git work tree at `root`, or why there are none."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        return {"commit": None, "dirty": None, "error": str(getattr(exc, "stderr", "") or exc).strip()}
+    return {"commit": head, "dirty": bool(status.strip())}
+
+
+def measured_cost(end: float) -> dict[str, Any]:
+    """Times and memory of this process (and its waited-for children, e.g. shard workers).
+
+    device_seconds is CPU seconds (user + system) on the CPU; on CUDA it is the
+    process's wall time with a CUDA context (an upper bound; kernel time is not
+    measured), and `device_seconds_kind` says which.
+    """
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    cost: dict[str, Any] = {
+        "wall_seconds": round(end - STARTED_AT, 3),
+        "cpu_seconds": round(cpu, 3),
+        "peak_rss_mib": round(max(me.ru_maxrss, kids.ru_maxrss) / 1024, 1),  # ru_maxrss is KiB on Linux
+        "device": "cpu",
+        "device_seconds": round(cpu, 3),
+        "device_seconds_kind": "cpu_seconds",
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        cost |= {"device": "cuda", "device_seconds": cost["wall_seconds"], "device_seconds_kind": "cuda_process_wall_seconds",
+                 "cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return cost
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_name(stage: str) -> str:
+    """The DVC stage running (DVC_STAGE: train, compare@kd-1, round_train@r2), else the stage module."""
+    return os.environ.get("DVC_STAGE") or stage
+
+
+def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[str, Any]) -> dict[str, Any]:
+    end = time.time()
+    out = final_dir(out_dir)
+    job = job_name(manifest["stage"])
+    record = {
+        "run_id": RUN_ID,
+        "openlineage_run_id": str(uuid.uuid4()),
+        "job": job,
+        "stage": manifest["stage"],
+        "out": str(out),
+        "manifest_sha256": digest_path(out_dir / "manifest.json"),
+        "started": _iso(STARTED_AT),
+        "started_from": STARTED_FROM,
+        "ended": _iso(end),
+        "host": socket.gethostname(),
+        "git": git_state(Path(os.environ.get("DVC_ROOT", "."))),
+        "environment": manifest["environment"],
+        "models": model_fingerprints({k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs")}),
+        "seeds": manifest["seeds"],
+        "rows_in": {k: v["rows"] for k, v in manifest["inputs"].items() if "rows" in v},
+        "rows_out": {k: v["rows"] for k, v in manifest["outputs"].items()},
+        "counts": manifest["counts"],
+        "validation": manifest.get("validation"),
+        "cost": {**measured_cost(end), **stage_cost},
+    }
+    runs = lineage_dir() / "runs"
+    write_json(runs / f"{job}.json", record)
+    _append_line(runs / "history.jsonl", json.dumps(record, sort_keys=True))
+    for event in openlineage_events(out_dir, out, manifest, record):
+        write_json(lineage_dir() / "openlineage" / job / f"{record['openlineage_run_id']}-{event['eventType']}.json", event)
+    return record
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line under an exclusive lock (parallel stages share the history)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(line + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- OpenLineage ------------------------------------------------------------------
+
+
+def _facet(schema: str, **fields: Any) -> dict[str, Any]:
+    return {"_producer": PRODUCER, "_schemaURL": schema, **fields}
+
+
+def _facet_url(name: str, version: str) -> str:
+    return f"https://openlineage.io/spec/facets/{version}/{name}.json#/$defs/{name}"
+
+
+def _schema_facet(path: Path) -> dict[str, Any] | None:
+    if not (path.is_file() and path.suffix == ".parquet"):
+        return None
+    schema: pa.Schema = pq.read_schema(path)
+    return _facet(_facet_url("SchemaDatasetFacet", "1-1-1"), fields=[{"name": f.name, "type": str(f.type)} for f in schema])
+
+
+def _dataset(path: str, sha256: str, schema_file: Path) -> dict[str, Any]:
+    facets: dict[str, Any] = {"version": _facet(_facet_url("DatasetVersionDatasetFacet", "1-0-1"), datasetVersion=sha256)}
+    schema = _schema_facet(schema_file)
+    if schema is not None:
+        facets["schema"] = schema
+    return {"namespace": "file", "name": str(Path(path).resolve()), "facets": facets}
+
+
+def openlineage_events(out_dir: Path, out: Path, manifest: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's START and COMPLETE RunEvents (OpenLineage 2-0-2), with input and
+    output datasets (schema, version = sha256, row counts) and the run record as a
+    custom run facet. Both are written when the stage finishes."""
+    inputs = []
+    for entry in manifest["inputs"].values():
+        ds = _dataset(entry["path"], entry["sha256"], Path(entry["path"]))
+        if "rows" in entry:
+            ds["inputFacets"] = {"dataQualityMetrics": _facet(_facet_url("DataQualityMetricsInputDatasetFacet", "1-0-2"), rowCount=entry["rows"], columnMetrics={})}
+        inputs.append(ds)
+    outputs = []
+    for name, entry in manifest["outputs"].items():
+        ds = _dataset(str(out / name), entry["sha256"], out_dir / name)
+        ds["outputFacets"] = {"outputStatistics": _facet(_facet_url("OutputStatisticsOutputDatasetFacet", "1-0-2"), rowCount=entry["rows"])}
+        outputs.append(ds)
+    run_facets: dict[str, Any] = {
+        "processing_engine": _facet(_facet_url("ProcessingEngineRunFacet", "1-1-1"), name="distillflow", version=importlib.metadata.version("distillflow") if _installed("distillflow") else "unknown",
+                                    openlineageAdapterVersion="none"),
+        "distillflow_run": _facet("urn:distillflow:facets:RunRecord", **{k: record[k] for k in ("run_id", "git", "host", "cost", "counts", "validation", "models", "seeds")}),
+    }
+    parent = _parent_run_id()
+    if parent is not None:
+        run_facets["parent"] = _facet(_facet_url("ParentRunFacet", "1-1-0"), run={"runId": parent}, job={"namespace": OL_NAMESPACE, "name": "distillflow.pipeline"})
+    job = {"namespace": OL_NAMESPACE, "name": record["job"],
+           "facets": {"jobType": _facet(_facet_url("JobTypeJobFacet", "2-0-3"), processingType="BATCH", integration="DISTILLFLOW", jobType="STAGE")}}
+    base = {"producer": PRODUCER, "schemaURL": f"{OL_SPEC}#/$defs/RunEvent", "job": job, "inputs": inputs}
+    start = {**base, "eventType": "START", "eventTime": record["started"], "run": {"runId": record["openlineage_run_id"], "facets": {k: v for k, v in run_facets.items() if k != "distillflow_run"}}}
+    complete = {**base, "eventType": "COMPLETE", "eventTime": record["ended"], "run": {"runId": record["openlineage_run_id"], "facets": run_facets}, "outputs": outputs}
+    return [start, complete]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _parent_run_id() -> str | None:
+    """The pipeline run as a UUID, when a flow set DISTILLFLOW_RUN_ID (a non-UUID id is mapped by uuid5)."""
+    given = os.environ.get("DISTILLFLOW_RUN_ID")
+    if not given:
+        return None
+    try:
+        return str(uuid.UUID(given))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"distillflow:{given}"))

@@ -1,0 +1,229 @@
+"""Lineage: manifests stay deterministic, run records and OpenLineage events carry what
+varies, `distillflow lineage show/verify/cost` trace and check a smoke run, and the
+run survives push / clone / pull through a DVC remote.
+
+The first tests are fast (no pipeline); the `smoke` fixture's tests are the slow tier:
+a `dvc repro train` on the smoke profile in a temporary copy of the repo.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from flows import lineage as flin
+from stages.lib import lineage, records
+from stages.lib.io import write_table
+
+from .conftest import copy_repo
+from .test_pipeline import ENV, sh
+
+# The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)
+# that every RunEvent must satisfy: BaseEvent + RunEvent + Run + Job + Dataset, facets
+# with _producer and _schemaURL. (openlineage-python is not a dependency.)
+_FACETS = {"type": "object", "additionalProperties": {"type": "object", "required": ["_producer", "_schemaURL"]}}
+_DATASET = {"type": "object", "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS,
+                           "inputFacets": _FACETS, "outputFacets": _FACETS}}
+RUN_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["eventTime", "producer", "schemaURL", "run", "job"],
+    "properties": {
+        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
+        "eventTime": {"type": "string", "format": "date-time"},
+        "producer": {"type": "string", "format": "uri"},
+        "schemaURL": {"type": "string", "format": "uri"},
+        "run": {"type": "object", "required": ["runId"], "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS}},
+        "job": {"type": "object", "required": ["namespace", "name"], "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS}},
+        "inputs": {"type": "array", "items": _DATASET},
+        "outputs": {"type": "array", "items": _DATASET},
+    },
+}
+
+
+def check_event(event: dict[str, Any]) -> None:
+    jsonschema.validate(event, RUN_EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    uuid.UUID(event["run"]["runId"])
+
+
+def _write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / "data" / "pairs"
+    out.mkdir(parents=True)
+    src = tmp_path / "in.parquet"
+    write_table(src, [{"prompt_id": "a", "reason": "r"}], pa.schema([pa.field("prompt_id", pa.string()), pa.field("reason", pa.string())], metadata={"distillflow.schema": "x"}))
+    n = write_table(out / "pairs.parquet", [], records.PAIR_SCHEMA)
+    manifest = lineage.write_manifest(out, "pairs", {"pairs": {"seed": 3, "k": 1}}, inputs={"src": src}, outputs={"pairs.parquet": n},
+                                      counts={"kept": 0, "dropped_by_reason": {"x": 1}}, extra={"validation": {"success": True}},
+                                      cost={"tokens_read": 5})
+    return out, manifest
+
+
+def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    out, manifest = _write_stage(tmp_path)
+    first = (out / "manifest.json").read_bytes()
+    _write_stage(tmp_path / "again")
+    assert (tmp_path / "again" / "data" / "pairs" / "manifest.json").read_bytes().replace(b"again/", b"") == first
+    assert manifest["seeds"] == {"pairs.seed": 3} and manifest["inputs"]["src"]["rows"] == 1
+    assert {"python", "pyarrow"} <= set(manifest["environment"]) and "started" not in manifest
+    record = json.loads((tmp_path / "lineage" / "runs" / "pairs.json").read_text())
+    assert record["run_id"] == lineage.RUN_ID and record["validation"] == {"success": True}
+    assert record["cost"]["tokens_read"] == 5 and record["cost"]["wall_seconds"] >= 0 and record["cost"]["peak_rss_mib"] > 0
+    assert record["cost"]["device_seconds_kind"] == "cpu_seconds" and {"commit", "dirty"} <= set(record["git"])
+    history = (tmp_path / "lineage" / "runs" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 2
+
+
+def test_openlineage_events_are_well_formed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
+    monkeypatch.setenv("DISTILLFLOW_RUN_ID", "flow-run-7")
+    _write_stage(tmp_path)
+    files = sorted((tmp_path / "lineage" / "openlineage").rglob("*.json"))
+    events = {json.loads(f.read_text())["eventType"]: json.loads(f.read_text()) for f in files}
+    assert set(events) == {"START", "COMPLETE"}
+    for event in events.values():
+        check_event(event)
+    done = events["COMPLETE"]
+    assert done["run"]["runId"] == events["START"]["run"]["runId"]
+    assert done["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == 0
+    assert [f["name"] for f in done["outputs"][0]["facets"]["schema"]["fields"]][:2] == ["pair_id", "prompt_id"]
+    assert done["inputs"][0]["inputFacets"]["dataQualityMetrics"]["rowCount"] == 1
+    assert done["run"]["facets"]["parent"]["run"]["runId"] == str(uuid.uuid5(uuid.NAMESPACE_URL, "distillflow:flow-run-7"))
+
+
+def test_final_dir_names_the_out_an_atomic_write_is_for(tmp_path: Path) -> None:
+    assert lineage.final_dir(tmp_path / ".curate.ab_c12x9.tmp") == tmp_path / "curate"
+    assert lineage.final_dir(tmp_path / "curate") == tmp_path / "curate"
+
+
+def test_cost_sums_the_stages_of_one_run(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rows = [{"run_id": rid, "job": job, "cost": {"wall_seconds": w, "cpu_seconds": w, "peak_rss_mib": m, "tokens_read": 10}}
+            for rid, job, w, m in (("a", "seed", 1.0, 100.0), ("b", "seed", 2.0, 50.0), ("b", "train", 3.0, 70.0), ("b", "train", 4.0, 80.0))]
+    (runs / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = flin.cost_table(flin.run_records(tmp_path, None))
+    assert table["run_id"] == "b" and set(table["stages"]) == {"seed", "train"}
+    assert table["total"]["wall_seconds"] == 6.0 and table["total"]["peak_rss_mib"] == 80.0 and table["total"]["tokens_read"] == 20
+    with pytest.raises(flin.LineageError, match="no records of run zzz"):
+        flin.run_records(tmp_path, "zzz")
+
+
+# --- the slow tier: a smoke run -----------------------------------------------------
+
+
+def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`distillflow ARGS` with the repo copy's code, in the repo copy. Not checked: its
+    exit status is what the tests assert on."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke profile run up to train, committed: every stage a training pair passes through."""
+    repo = copy_repo(tmp_path_factory.mktemp("lineage_repo"))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "smoke")
+    try:
+        subprocess.run(["dvc", "repro", "train"], cwd=repo, env={**ENV, "DISTILLFLOW_RUN_ID": "smoke-run"}, capture_output=True, text=True, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise AssertionError(f"dvc repro train failed ({exc.returncode}):\n{exc.stdout[-3000:]}\n{exc.stderr[-3000:]}") from exc
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "smoke run")
+    return repo
+
+
+@pytest.mark.slow
+def test_show_takes_a_training_pair_back_to_its_source_row(smoke: Path) -> None:
+    pair = pq.read_table(smoke / "data" / "curate" / "curated.parquet").to_pylist()[0]
+    prompt = next(p for p in pq.read_table(smoke / "data" / "seed" / "train.parquet").to_pylist() if p["prompt_id"] == pair["prompt_id"])
+    text = cli(smoke, "lineage", "show", pair["pair_id"])
+    assert text.returncode == 0, text.stderr
+    assert f"source_ref: {prompt['source_ref']}" in text.stdout and "data/curate/curated.parquet row 0" in text.stdout
+    tree = json.loads(cli(smoke, "lineage", "show", pair["pair_id"], "--json").stdout)
+    assert tree["prompt"]["record"]["source_ref"] == prompt["source_ref"]
+    teacher = json.loads((smoke / "data" / "teacher" / "manifest.json").read_text())
+    assert tree["chosen"]["record"]["model"] == teacher["model"]["fingerprint"] and tree["chosen"]["record"]["sampling"]["seed"] == 2
+    assert tree["rejected"]["found_in"] == ["data/student/generations.parquet row 0 (student)"]
+    missing = cli(smoke, "lineage", "show", "0" * 32)
+    assert missing.returncode == 1 and "no pair, generation or prompt" in missing.stderr
+
+
+@pytest.mark.slow
+def test_show_takes_the_trained_model_back_through_every_manifest(smoke: Path) -> None:
+    tree = json.loads(cli(smoke, "lineage", "show", "data/train/model", "--json").stdout)
+    assert tree["stage"] == "train" and tree["models"]["teacher"].startswith("sha256:")
+    prompts = tree["inputs"]["pairs"]["inputs"]["pairs"]["inputs"]["prompts"]
+    assert prompts["stage"] == "seed" and prompts["recorded_sha256"] == prompts["sha256"] and prompts["seeds"] == {"seed.seed": 1}
+
+
+@pytest.mark.slow
+def test_the_model_card_is_in_hub_format_and_deterministic(smoke: Path) -> None:
+    card = (smoke / "data" / "train" / "model" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and "distillm2" in meta["tags"]
+    teacher = json.loads((smoke / "data" / "train" / "manifest.json").read_text())["teacher"]["fingerprint"]
+    assert teacher in body and '"kind": "toy"' in body and "digests checked" in body
+    assert all(ch not in body for ch in ("2025-", "2026-", "2027-"))  # no dates
+
+
+@pytest.mark.slow
+def test_run_records_and_cost(smoke: Path) -> None:
+    out = cli(smoke, "lineage", "cost", "--run", "smoke-run", "--json")
+    table = json.loads(out.stdout)
+    assert set(table["stages"]) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train"}
+    assert table["stages"]["teacher"]["tokens_generated"] > 0 and table["stages"]["teacher"]["cache_hits"] == {"shards_resumed": 0}
+    assert table["stages"]["train"]["tokens_read"] > 0 and table["total"]["wall_seconds"] > 0
+    for f in (smoke / "lineage" / "openlineage").rglob("*.json"):
+        check_event(json.loads(f.read_text()))
+    assert "lineage" not in sh(smoke, "git", "status", "--porcelain")
+
+
+@pytest.mark.slow
+def test_push_clone_pull_gives_a_clean_verified_copy(smoke: Path, tmp_path: Path) -> None:
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    assert "local" in sh(smoke, "dvc", "remote", "default")
+    sh(smoke, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
+    sh(smoke, "dvc", "push")
+    sh(tmp_path, "git", "clone", "-q", str(smoke), str(clone))
+    sh(clone, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
+    sh(clone, "dvc", "pull", "--with-deps", "train")  # the stages the smoke run ran
+    assert "changed" not in sh(clone, "dvc", "status", "--with-deps", "train")
+    verified = cli(clone, "lineage", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert " 0 mismatches" in verified.stdout
+
+
+@pytest.mark.slow
+def test_verify_names_an_edited_curated_row(smoke: Path) -> None:
+    ok = cli(smoke, "lineage", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    curated = smoke / "data" / "curate" / "curated.parquet"
+    table = pq.read_table(curated)
+    rows = table.to_pylist()
+    rows[0]["chosen"] += " (edited)"
+    curated.unlink()  # a fresh file: never write through a link into DVC's cache
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), curated)
+    try:
+        bad = cli(smoke, "lineage", "verify")
+        assert bad.returncode == 1
+        lines = [x for x in bad.stdout.splitlines() if x.startswith("MISMATCH")]
+        assert any(x.startswith("MISMATCH data/curate/curated.parquet: file sha256") for x in lines), bad.stdout
+        assert any("data/train/manifest.json: input pairs data/curate/curated.parquet" in x for x in lines), bad.stdout
+        assert any("stage curate: changed outs: data/curate: modified" in x for x in lines), bad.stdout
+    finally:
+        sh(smoke, "dvc", "checkout", "--force", "data/curate")
+    assert cli(smoke, "lineage", "verify").returncode == 0
