@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from stages.lib import cli, lineage, params, quality, records, toytask
 from stages.lib.io import DataError, atomic_dir, read_table, write_json
 from stages.lib.params import check
+from stages.lib.stream import ParquetSink
 
 log = logging.getLogger("curate")
 
@@ -290,25 +291,6 @@ def run(p: CurateParams, pairs: list[dict[str, Any]], eval_prompts: list[str] | 
     return kept, quarantine, counts
 
 
-class ParquetSink:
-    """Write record batches to one Parquet file as they come (zstd, no statistics, so
-    the bytes are a function of the rows and their batching)."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema, self.rows = path, schema, 0
-        self._writer = pq.ParquetWriter(path, schema, compression="zstd", write_statistics=False)
-
-    def write(self, rows: list[dict[str, Any]] | pa.Table) -> None:
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
-        if table.num_rows:
-            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
-            self.rows += table.num_rows
-
-    def close(self) -> int:
-        self._writer.close()
-        return self.rows
-
-
 def pair_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
     """The pairs file in record batches, its schema checked first (io.read_table's rules)."""
     if not path.is_file():
@@ -346,16 +328,16 @@ def main() -> None:
     gate_in = gates.gate("pairs", src, "pair", quarantine=True, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
     gate_out = gates.gate("curated", args.out / "curated.parquet", "curated", quarantine=False, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
     with atomic_dir(args.out) as tmp:
-        kept_sink = ParquetSink(tmp / "curated.parquet", records.PAIR_SCHEMA)
-        bad_sink = ParquetSink(tmp / "quarantine.parquet", records.PAIR_QUARANTINE_SCHEMA)
-        for batch in pair_batches(src, q.batch_rows):
-            passed, gate_bad = gate_in.check(batch)
-            kept, dropped = curator.split(passed.to_pylist())
-            kept_table = pa.Table.from_pylist(kept, schema=records.PAIR_SCHEMA)
-            gate_out.check(kept_table)
-            kept_sink.write(kept_table)
-            bad_sink.write(gate_bad + dropped)
-        outputs = {"curated.parquet": kept_sink.close(), "quarantine.parquet": bad_sink.close()}
+        with (ParquetSink(tmp / "curated.parquet", records.PAIR_SCHEMA, q.batch_rows) as kept_sink,
+              ParquetSink(tmp / "quarantine.parquet", records.PAIR_QUARANTINE_SCHEMA, q.batch_rows) as bad_sink):
+            for batch in pair_batches(src, q.batch_rows):
+                passed, gate_bad = gate_in.check(batch)
+                kept, dropped = curator.split(passed.to_pylist())
+                kept_table = pa.Table.from_pylist(kept, schema=records.PAIR_SCHEMA)
+                gate_out.check(kept_table)
+                kept_sink.write(kept_table)
+                bad_sink.write(gate_bad + dropped)
+        outputs = {"curated.parquet": kept_sink.rows, "quarantine.parquet": bad_sink.rows}
         validation = gates.finish()
         reasons = Counter(curator.reasons) + Counter(gate_in.reasons)
         counts = {

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.lib import cli, lineage, params, records
+from stages.lib import cli, lineage, params, quality, records
 from stages.lib.io import DataError, atomic_dir, read_rows, write_json, write_table
 from stages.lib.params import check
 
@@ -48,7 +48,7 @@ class PairsParams:
         check(self.max_pairs_per_prompt >= 1, "max_pairs_per_prompt", "must be >= 1")
 
 
-SECTIONS: dict[str, Any] = {"pairs": PairsParams}
+SECTIONS: dict[str, Any] = {"pairs": PairsParams, "quality": quality.QualityParams}
 PARAMS = tuple(SECTIONS)
 
 
@@ -107,19 +107,30 @@ def run(p: PairsParams, prompts: list[dict[str, Any]], teacher: list[dict[str, A
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "prompts", "teacher", "student", "out", "metrics")
+    args = cli.parse_paths(__doc__, "prompts", "teacher", "student", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     files = {"prompts": args.prompts / "train.parquet", "teacher": args.teacher / "generations.parquet", "student": args.student / "generations.parquet"}
     prompts = read_rows(files["prompts"], records.PROMPT_SCHEMA)
     teacher = read_rows(files["teacher"], records.GENERATION_SCHEMA)
     student = read_rows(files["student"], records.GENERATION_SCHEMA)
+    gates = quality.StageGates(used["quality"], args.docs)
+    ids = {"prompt_id": pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())}
+    gates.strict("prompts", files["prompts"], "prompt", pa.Table.from_pylist(prompts, schema=records.PROMPT_SCHEMA))
+    gates.strict("teacher generations", files["teacher"], "generation", pa.Table.from_pylist(teacher, schema=records.GENERATION_SCHEMA), refs=ids)
+    gates.strict("student generations", files["student"], "generation", pa.Table.from_pylist(student, schema=records.GENERATION_SCHEMA), refs=ids, truncation=False)
     pairs, quarantine, counts = run(used["pairs"], prompts, teacher, student, (files["teacher"], files["student"]))
+    # the output: every id resolves upstream (referential integrity), no duplicates beyond the threshold
+    refs = {**ids, "chosen_id": pa.array([g["generation_id"] for g in teacher], type=pa.string()),
+            "rejected_id": pa.array([g["generation_id"] for g in student], type=pa.string())}
+    gates.strict("pairs", args.out / "pairs.parquet", "pair", pa.Table.from_pylist(pairs, schema=records.PAIR_SCHEMA), refs=refs)
+    validation = gates.finish()
+    counts["gates"] = quality.summary(validation)
     with atomic_dir(args.out) as tmp:
         outputs = {
             "pairs.parquet": write_table(tmp / "pairs.parquet", pairs, records.PAIR_SCHEMA),
             "quarantine.parquet": write_table(tmp / "quarantine.parquet", quarantine, QUARANTINE_SCHEMA),
         }
-        lineage.write_manifest(tmp, "pairs", used, inputs=files, outputs=outputs, counts=counts)
+        lineage.write_manifest(tmp, "pairs", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation})
     write_json(args.metrics, counts)
     log.info("pairs: %d pairs from %d prompts, %d prompts quarantined", counts["pairs"], counts["prompts"], counts["prompts_quarantined"])
 

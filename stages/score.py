@@ -22,10 +22,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from stages.lib import cli, encoding, lineage, models, params, records
+from stages.lib import cli, encoding, lineage, models, params, quality, records
 from stages.lib.config import Dtype, ModelParams
 from stages.lib.io import atomic_dir, read_rows, write_json, write_table
 from stages.lib.params import check
@@ -49,6 +50,7 @@ SECTIONS: dict[str, Any] = {
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
     "score": ScoreParams,
+    "quality": quality.QualityParams,
 }
 PARAMS = tuple(SECTIONS)
 
@@ -83,22 +85,30 @@ def run(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: Scor
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "models", "out", "metrics")
+    args = cli.parse_paths(__doc__, "pairs", "models", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     p: ScoreParams = used["score"]
     ref = used["models.teacher"].ref()
     src = args.pairs / "curated.parquet"
+    gates = quality.StageGates(used["quality"], args.docs)
+    gates.check_file("curated pairs", src, "curated")
     pairs = read_rows(src, records.PAIR_SCHEMA)
     rows: list[dict[str, Any]] = []
+    vocab: int | None = None
     if p.k > 0:
         teacher = models.load_model(ref, args.models / "teacher", used["models.trust_remote_code"], used["models.dtype"])
         tok = models.load_tokenizer(ref, args.models / "teacher", used["models.trust_remote_code"])
+        vocab = int(teacher.get_output_embeddings().weight.shape[0])
         rows = run(teacher, tok, pairs, p)
-    counts = {"pairs": len(pairs), "rows": len(rows), "k": p.k, "positions": sum(r["positions"] for r in rows)}
+    # the output: finite, sorted log-probs, token ids inside the teacher's vocabulary, every pair id known
+    gates.strict("teacher top-k", args.out / "topk.parquet", "topk", pa.Table.from_pylist(rows, schema=records.TOPK_SCHEMA),
+                 vocab_size=vocab, refs={"pair_id": pa.array([pr["pair_id"] for pr in pairs], type=pa.string())})
+    validation = gates.finish()
+    counts = {"pairs": len(pairs), "rows": len(rows), "k": p.k, "positions": sum(r["positions"] for r in rows), "gates": quality.summary(validation)}
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "topk.parquet", rows, records.TOPK_SCHEMA)
         lineage.write_manifest(tmp, "score", used, inputs={"pairs": src}, outputs={"topk.parquet": n}, counts=counts,
-                               extra={"teacher": models.describe(ref, args.models / "teacher")})
+                               extra={"teacher": models.describe(ref, args.models / "teacher"), "validation": validation})
     write_json(args.metrics, counts)
     log.info("score: k=%d, %d rows, %d positions", p.k, counts["rows"], counts["positions"])
 

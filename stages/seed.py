@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lib import cli, lineage, models, params, records, toytask
+from stages.lib import cli, lineage, models, params, quality, records, toytask
 from stages.lib.config import Device, Dtype, GenerationParams, ModelParams, TaskParams
 from stages.lib.io import DataError, atomic_dir, write_json
 from stages.lib.models import ModelRef
@@ -122,7 +122,8 @@ class SeedParams:
 
 
 # models.*: the teacher that synthesis samples (read only when seed.synthesis.enabled).
-SECTIONS: dict[str, Any] = {"task": TaskParams, "seed": SeedParams, "models.teacher": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype}
+SECTIONS: dict[str, Any] = {"task": TaskParams, "seed": SeedParams, "models.teacher": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype,
+                            "quality": quality.QualityParams}
 PARAMS = tuple(SECTIONS)
 
 # A raw row: (source_ref, raw prompt value, reference answer, category, reader error)
@@ -518,8 +519,19 @@ def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw]
     return result, {"train.parquet": train.rows, "eval.parquet": evals.rows, "quarantine.parquet": quarantine.rows}
 
 
+def gate_outputs(tmp: Path, out: Path, q: quality.QualityParams, docs: Path | None) -> dict[str, Any]:
+    """The output gates (stages/lib/quality.py): both prompt sets pass the prompt suite,
+    and no training prompt is an eval prompt. Rows seed rejects never reach the files
+    (they are in quarantine.parquet), so any failure here stops the stage."""
+    gates = quality.StageGates(q, docs)
+    eval_ids = pq.read_table(tmp / "eval.parquet", columns=["prompt_id"]).column("prompt_id").combine_chunks()
+    gates.check_file("eval prompts", tmp / "eval.parquet", "prompt", shown=out / "eval.parquet")
+    gates.check_file("train prompts", tmp / "train.parquet", "prompt", shown=out / "train.parquet", refs={"eval": eval_ids})
+    return gates.finish()
+
+
 def main() -> None:
-    args = cli.parse_paths(__doc__, "out", "metrics", optional=("models",))
+    args = cli.parse_paths(__doc__, "out", "metrics", optional=("models", "docs"))
     sections = params.load_sections(args.params, SECTIONS)
     task, p = sections["task"], sections["seed"]
     inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
@@ -530,8 +542,9 @@ def main() -> None:
         synth, extra, inputs["teacher"] = (generate, fingerprint), {"synthesis": details}, teacher.lineage_input
     with atomic_dir(args.out) as tmp:
         result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth)
-        counts = result.counts
-        lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts, extra=extra)
+        validation = gate_outputs(tmp, args.out, sections["quality"], args.docs)
+        counts = {**result.counts, "gates": quality.summary(validation)}
+        lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts, extra={**extra, "validation": validation})
     write_json(args.metrics, counts)
     log.info("seed: %d train, %d eval, %d quarantined", counts["train"], counts["eval"], counts["quarantined"])
     if "synthesis" in counts:

@@ -44,7 +44,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from stages.lib import cli, distributed, encoding, lineage, models, params, records, training
+from stages.lib import cli, distributed, encoding, lineage, models, params, quality, records, training
 from stages.lib.config import Dtype, ModelParams
 from stages.lib.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, write_json
 from stages.lib.objectives import (
@@ -131,6 +131,7 @@ SECTIONS: dict[str, Any] = {
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
     "train": TrainParams,
+    "quality": quality.QualityParams,
 }
 PARAMS = tuple(SECTIONS)
 
@@ -511,6 +512,11 @@ def main() -> None:
         round_index, curriculum = previous_round(args.previous, p)
         s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     src = args.pairs / "curated.parquet"
+    gates = quality.StageGates(used["quality"], None)  # inputs checked on read; the files' Data Docs come from curate and score
+    gates.check_file("curated pairs", src, "curated")
+    if p.teacher_signal == "topk":
+        gates.check_file("teacher top-k", args.scores / "topk.parquet", "topk")
+    validation = gates.finish()
     pairs = read_rows(src, records.PAIR_SCHEMA)
     distributed.init_from_env(p.device)
     student, teacher, tok_s, tok_t, scores = load_inputs(p, s_ref, s_dir, t_ref, args.models / "teacher", args.scores, trust, dtype)
@@ -536,7 +542,7 @@ def main() -> None:
                     "teacher": models.lineage_input(t_ref, args.models, "teacher")},
             outputs={"curriculum.json": len(curriculum.gaps_t)},
             counts=metrics,
-            extra={"round": round_index, "rounds": p.total_rounds, "initial_student": s_info, "teacher": t_info},
+            extra={"round": round_index, "rounds": p.total_rounds, "initial_student": s_info, "teacher": t_info, "validation": validation},
             cost={"tokens_read": tokens_trained(tok_s, pairs, p), "tokens_trained": tokens_trained(tok_s, pairs, p),
                   "optimizer_steps": len(rows)},
         )

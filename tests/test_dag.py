@@ -133,7 +133,7 @@ def test_graph_edges() -> None:
     # a dep on a folder holding other stages' outputs (report reads metrics/compare/)
     edges |= {(producers[o], at(name)) for name, s in DVC.items() for d in s["deps"] for o in producers if o.startswith(d + "/")}
     assert edges == {
-        ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
+        ("bootstrap", "seed"), ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
         ("seed", "teacher"), ("seed", "student"), ("seed", "pairs"), ("seed", "evaluate"),
         ("teacher", "pairs"), ("student", "pairs"), ("pairs", "curate"), ("seed", "curate"), ("curate", "train"), ("train", "evaluate"),
         ("curate", "score"), ("bootstrap", "score"), ("score", "train"),

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.lib import cli, lineage, models, params, records, shards
+import pyarrow as pa
+
+from stages.lib import cli, lineage, models, params, quality, records, shards
 from stages.lib.config import Dtype, GenerationParams, ModelParams
 from stages.lib.encoding import prompt_ids
 from stages.lib.generation import SEEDING, Engine, Shard, TransformersEngine, VllmEngine, engine_version, plan_shards, sampling_record
@@ -36,7 +38,8 @@ _OPENED: list[Engine] = []
 
 def sections(role: str) -> dict[str, Any]:
     """The params keys the `role` stage reads: its own model, not the other one."""
-    return {f"models.{role}": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype, role: GenerationParams}
+    return {f"models.{role}": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype, role: GenerationParams,
+            "quality": quality.QualityParams}
 
 
 @dataclass(frozen=True)
@@ -211,8 +214,10 @@ def main(role: str, doc: str | None) -> None:
     `--previous DIR` (on-policy rounds) samples DIR/model, the student a previous
     round's train stage wrote, instead of `models.<role>`.
     """
-    args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous",))
+    args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
     i = inputs(role, args.params, args.prompts, args.models, args.previous)
+    gates = quality.StageGates(i.used["quality"], args.docs)
+    gates.check_file("prompts", i.prompt_file, "prompt")  # the input, before any model time is spent
     p, work = i.p, work_dir(args.out)
     stats: dict[str, Any] = {}
     rows = run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], p, i.prompts, i.model_dir, work, stats=stats)
@@ -224,6 +229,13 @@ def main(role: str, doc: str | None) -> None:
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "response_tokens": sum(r["response_tokens"] for r in rows),
     }
+    # The output gate: ids unique and pointing at the prompts, lengths in bounds, and
+    # for the teacher the share of truncated responses (a weak student may run long).
+    prompt_ids = pa.array([pr["prompt_id"] for pr in i.prompts], type=pa.string())
+    gates.strict("generations", args.out / "generations.parquet", "generation", pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
+                 refs={"prompt_id": prompt_ids}, truncation=role == "teacher")
+    validation = gates.finish()
+    counts["gates"] = quality.summary(validation)
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(
@@ -232,6 +244,7 @@ def main(role: str, doc: str | None) -> None:
             outputs={"generations.parquet": n},
             counts=counts,
             extra={
+                "validation": validation,
                 "model": describe_model(p, i.ref, i.model_dir, rows),
                 # engine and version, the sampling record hashed into every generation id,
                 # and how the seeds were derived from it

@@ -424,8 +424,7 @@ class Gate:
         if share > self.q.max_quarantine_share:
             raise GateError(f"{self.path}: {self.artifact}: {quarantined} of {self.rows_in} rows ({share:.1%}) failed row expectations, above quality.max_quarantine_share={self.q.max_quarantine_share}: {dict(self.reasons)}")
         return {
-            "artifact": self.artifact,
-            "path": self.path,
+            "artifact": self.artifact,  # not the path: an output's folder differs run to run (temporary, or a test's)
             "kind": self.kind,
             "rows_in": self.rows_in,
             "kept": self.kept,
@@ -473,6 +472,22 @@ class StageGates:
         """Check a whole table (an input on read, or an output a stage cannot quarantine
         from); any failing expectation stops the stage."""
         self.gate(artifact, path, kind, quarantine=False, **kwargs).check(table)
+
+    def check_file(self, artifact: str, path: Path, kind: str, *, shown: Path | None = None, **kwargs: Any) -> None:
+        """Strict gate over a Parquet file already written (or about to be read),
+        streamed in batches of q.batch_rows: any failing expectation stops the stage.
+        `shown`: the path to name in messages (a file still in its temporary folder)."""
+        import pyarrow.parquet as pq
+
+        gate = self.gate(artifact, shown or path, kind, quarantine=False, **kwargs)
+        try:
+            pf = pq.ParquetFile(path)
+            if not pf.metadata.num_rows:
+                gate.check(pf.schema_arrow.empty_table())
+            for batch in pf.iter_batches(batch_size=self.q.batch_rows):
+                gate.check(pa.Table.from_batches([batch]))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
 
     def finish(self) -> dict[str, Any]:
         reports = [g.finish() for g in self.gates]
