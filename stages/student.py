@@ -11,10 +11,10 @@ teacher model).
 
 from __future__ import annotations
 
-from stages.lib import genstage
+from stages.lib import cli, genstage
 
 SECTIONS = genstage.sections("student")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    genstage.main("student", __doc__)
+    cli.run(lambda: genstage.main("student", __doc__))

@@ -11,10 +11,10 @@ student model).
 
 from __future__ import annotations
 
-from stages.lib import genstage
+from stages.lib import cli, genstage
 
 SECTIONS = genstage.sections("teacher")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    genstage.main("teacher", __doc__)
+    cli.run(lambda: genstage.main("teacher", __doc__))

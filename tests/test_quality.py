@@ -168,6 +168,7 @@ def test_curate_streams_gates_and_reconciles(tmp_path: Path) -> None:
 def test_curate_stops_when_eval_prompts_reach_training(tmp_path: Path) -> None:
     train = [prompt(i) for i in range(4)]
     evals = [{**prompt(3), "split": "eval"}]
-    done = run_curate(tmp_path, [pair(i) for i in range(4)], train=train, evals=evals, expect_rc=1)
-    assert "GateError" in done.stderr and "prompt_id__in_eval" in done.stderr and "pairs.parquet" in done.stderr
+    done = run_curate(tmp_path, [pair(i) for i in range(4)], train=train, evals=evals, expect_rc=2)
+    assert "\nerror: " in "\n" + done.stderr and "prompt_id__in_eval" in done.stderr and "pairs.parquet" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from stages.lib.io import DataError
 
 
 def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = (), values: dict[str, type] | None = None) -> argparse.Namespace:
@@ -31,3 +35,14 @@ def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = (), va
     # A fixed thread count keeps CPU float reductions, and so outputs, repeatable.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     return args
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main(). Bad input (DataError, which names the file, row and field;
+    GateError is one) ends the process with that message and exit status 2, not a
+    traceback through the library that noticed it."""
+    try:
+        main()
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

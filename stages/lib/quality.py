@@ -295,9 +295,14 @@ class DataDocs:
 
 
 def _quiet_gx() -> None:
-    """No usage statistics (nothing outside is reachable) and no INFO chatter."""
+    """No usage statistics (nothing outside is reachable) and no INFO chatter (one GX
+    module sets its own logger to INFO on import, so that one is named too)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations.data_context.types.base  # noqa: F401  (sets its logger's level on import)
+
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _no_progress_bars(context: Any) -> Any:
@@ -388,7 +393,7 @@ class Gate:
                 continue
             rec["success"] = False
             if check_.level == "table" or not self.quarantine:
-                observed = r.get("observed_value") if r.get("observed_value") is not None else f"{r.get('unexpected_count')} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent', 0):.2f}%), e.g. {r.get('partial_unexpected_list', [])[:3]}"
+                observed = r.get("observed_value") if r.get("observed_value") is not None else f"{r.get('unexpected_count')} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent', 0):.2f}%), e.g. {[_short(v) for v in (r.get('partial_unexpected_list') or [])[:3]]}"
                 first = (r.get("unexpected_index_list") or [None])[0]
                 where = f" (first at row {self.rows_in + first})" if isinstance(first, int) else ""
                 raise GateError(f"{self.path}: {self.artifact} failed expectation {check_.label}{where}: observed {observed}")
@@ -433,6 +438,12 @@ class Gate:
             "success": all(r["success"] for r in self._results.values()),
             "expectations": [self._results[c.label] | {"check": c.label} for c in self.checks],
         }
+
+
+def _short(value: Any, limit: int = 80) -> Any:
+    """A value for an error message: long texts cut (a 1 MB prompt must not flood it)."""
+    text = repr(value)
+    return value if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _plain(value: Any) -> Any:

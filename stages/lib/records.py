@@ -123,8 +123,9 @@ PAIR_SCHEMA = schema(
 
 
 def with_reason(base: pa.Schema, name: str) -> pa.Schema:
-    """The quarantine schema for `base`: every column plus the reason it was dropped."""
-    return schema(name, [*base, pa.field("reason", pa.string(), nullable=False)])
+    """The quarantine schema for `base`: every column plus the reason it was dropped.
+    Its columns are nullable: a row quarantined for a null field must fit."""
+    return schema(name, [*(f.with_nullable(True) for f in base), pa.field("reason", pa.string(), nullable=False)])
 
 
 PAIR_QUARANTINE_SCHEMA = with_reason(PAIR_SCHEMA, "pair_quarantine")
