@@ -165,8 +165,20 @@ def test_show_takes_a_training_pair_back_to_its_source_row(smoke: Path) -> None:
 def test_show_takes_the_trained_model_back_through_every_manifest(smoke: Path) -> None:
     tree = json.loads(cli(smoke, "lineage", "show", "data/train/model", "--json").stdout)
     assert tree["stage"] == "train" and tree["models"]["teacher"].startswith("sha256:")
-    prompts = tree["inputs"]["pairs"]["inputs"]["pairs"]["inputs"]["prompts"]
-    assert prompts["stage"] == "seed" and prompts["recorded_sha256"] == prompts["sha256"] and prompts["seeds"] == {"seed.seed": 1}
+    curate = tree["inputs"]["pairs"]
+    assert curate["stage"] == "curate" and curate["inputs"]["pairs"]["stage"] == "pairs"
+    # the seed stage is reached along train <- curate <- pairs <- seed and along curate <- seed;
+    # it is expanded once (the first time the walk meets it) and marked repeated after
+    seeds = [n for n in walk(tree) if n.get("stage") == "seed"]
+    assert len(seeds) >= 2 and all(n["recorded_sha256"] == n["sha256"] for n in seeds)
+    expanded = [n for n in seeds if not n.get("repeated")]
+    assert len(expanded) == 1 and expanded[0]["seeds"]["seed.seed"] == 1
+    assert curate["inputs"]["pairs"]["inputs"]["prompts"]["stage"] == "seed"
+
+
+def walk(node: dict) -> list[dict]:
+    """Every node of a `lineage show --json` tree."""
+    return [node] + [m for child in node.get("inputs", {}).values() if isinstance(child, dict) for m in walk(child)]
 
 
 @pytest.mark.slow
