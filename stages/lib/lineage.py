@@ -71,7 +71,7 @@ PRODUCER = "https://github.com/distillflow/distillflow/tree/main/stages/lib/line
 OL_SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 OL_NAMESPACE = os.environ.get("DISTILLFLOW_OPENLINEAGE_NAMESPACE", "distillflow")
 # Libraries whose version is recorded when the stage imported them.
-LIBRARIES = ("torch", "transformers", "vllm", "pyarrow", "datasets", "tokenizers", "safetensors", "openai")
+LIBRARIES = ("torch", "transformers", "vllm", "pyarrow", "datasets", "tokenizers", "safetensors", "openai", "great_expectations", "datasketch")
 
 
 def code_files(stage: str) -> list[Path]:
