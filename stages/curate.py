@@ -27,6 +27,7 @@ pairs in = kept + quarantined.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import Counter
@@ -160,23 +161,37 @@ def repetition_ratio(text: str, n: int) -> tuple[float, int]:
     return 1.0 - len(set(grams)) / len(grams), len(grams)
 
 
-def eval_ngrams(eval_prompts: list[str], n: int) -> set[tuple[str, ...]]:
-    return {g for p in eval_prompts for g in ngrams(words(p), n)}
+def gram_key(gram: tuple[str, ...]) -> int:
+    return records.short_digest(*gram)
+
+
+def eval_ngrams(eval_prompts: list[str], n: int) -> set[int]:
+    """The eval prompts' word n-grams, as 64-bit digests (a set of tuples of strings
+    took about 500 bytes per n-gram: 400 MB for 100k eval prompts)."""
+    return {gram_key(g) for p in eval_prompts for g in ngrams(words(p), n)}
 
 
 class NearDuplicates:
-    """MinHash LSH (datasketch) over word n-gram shingles of prompt + chosen: a pair whose
-    estimated Jaccard similarity to an earlier kept pair reaches the threshold is a
-    near duplicate. Only kept pairs are indexed."""
+    """MinHash LSH over word n-gram shingles of prompt + chosen: a pair that shares a
+    band with an earlier kept pair is a near duplicate (estimated Jaccard similarity
+    around the threshold or above). Only kept pairs are indexed.
+
+    The MinHash signatures and the band split (b bands of r rows, chosen for the
+    threshold) are datasketch's. The band index is a set of 64-bit band digests per
+    band rather than datasketch's MinHashLSH, which keeps about 900 bytes per key
+    (0.9 GB at a million pairs, measured) to be able to return and remove keys; curate
+    only asks "was a band seen?", which 2 x 60 bytes per pair answer the same way.
+    """
 
     def __init__(self, p: NearDuplicateParams):
         from datasketch import MinHash, MinHashLSH
 
         self.p = p
-        self.lsh = MinHashLSH(threshold=p.threshold, num_perm=p.num_perm)
+        bands = MinHashLSH(threshold=p.threshold, num_perm=p.num_perm)
+        self.b, self.r = bands.b, bands.r
         self._base = MinHash(num_perm=p.num_perm, seed=1)
         self._minhash = MinHash
-        self._n = 0
+        self._seen: list[set[int]] = [set() for _ in range(self.b)]
 
     def signature(self, text: str) -> Any:
         shingles = {" ".join(g).encode("utf-8") for g in ngrams(words(text), self.p.shingle_words)}
@@ -185,20 +200,23 @@ class NearDuplicates:
         return m
 
     def check(self, pair: dict[str, Any]) -> str | None:
-        m = self.signature(pair["prompt"] + "\n" + pair["chosen"])
-        if self.lsh.query(m):
+        values = self.signature(pair["prompt"] + "\n" + pair["chosen"]).hashvalues
+        # blake2b, not hash(): Python's hash of bytes changes per process, and a
+        # collision, however rare, must fall the same way on every run
+        keys = [int.from_bytes(hashlib.blake2b(values[i * self.r : (i + 1) * self.r].tobytes(), digest_size=8).digest(), "little") for i in range(self.b)]
+        if any(k in seen for k, seen in zip(keys, self._seen, strict=True)):
             return "near_duplicate"
-        self.lsh.insert(self._n, m, check_duplication=False)
-        self._n += 1
+        for k, seen in zip(keys, self._seen, strict=True):
+            seen.add(k)
         return None
 
 
 def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
     """The enabled filters, in order. Each returns None (keep) or a drop reason."""
-    seen: set[str] = set()
+    seen: set[int] = set()
 
     def duplicate(pair: dict[str, Any]) -> str | None:
-        key = records.content_id("pair-content", pair["prompt_id"], pair["chosen"], pair["rejected"])
+        key = records.short_digest(pair["prompt_id"], pair["chosen"], pair["rejected"])
         if key in seen:
             return "duplicate_pair"
         seen.add(key)
@@ -234,7 +252,7 @@ def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
 
         def contaminated(x: dict[str, Any]) -> str | None:
             mine = ngrams(words(x["prompt"]), d.ngram)
-            return "eval_overlap" if mine and sum(g in grams for g in mine) / len(mine) > d.max_overlap else None
+            return "eval_overlap" if mine and sum(gram_key(g) in grams for g in mine) / len(mine) > d.max_overlap else None
 
         out.append(contaminated)
     if p.student_matches_teacher == "drop":

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from stages.lib.io import DataError
 
 
@@ -32,8 +30,10 @@ def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = (), va
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # A fixed thread count keeps CPU float reductions, and so outputs, repeatable.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # A fixed thread count keeps CPU float reductions, and so outputs, repeatable. Only
+    # stages that run models import torch (the data stages stay light: 1M-row curate).
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(min(2, os.cpu_count() or 1))
     return args
 
 

@@ -192,14 +192,15 @@ def derived_names(kind: str, refs: dict[str, Any]) -> list[str]:
 ID_COLUMN = {"prompt": "prompt_id", "generation": "generation_id", "pair": "pair_id", "curated": "pair_id"}
 
 
-def _first_occurrence(values: list[str | None], seen: set[str]) -> list[bool]:
+def _first_occurrence(values: list[str | None], seen: set[int]) -> list[bool]:
     out = []
     for v in values:
         if v is None:
             out.append(True)  # a null id is the not-null expectation's failure, not this one's
             continue
-        out.append(v not in seen)
-        seen.add(v)
+        key = records.short_digest(v)
+        out.append(key not in seen)
+        seen.add(key)
     return out
 
 
@@ -218,8 +219,8 @@ def _topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, list[bool]
 
 @dataclass
 class _State:
-    seen: dict[str, set[str]] = field(default_factory=dict)
-    contents: set[bytes] = field(default_factory=set)
+    seen: dict[str, set[int]] = field(default_factory=dict)  # records.short_digest of ids
+    contents: set[int] = field(default_factory=set)
 
 
 def derive(kind: str, batch: pa.Table, refs: dict[str, Any], state: _State, vocab_size: int | None) -> pa.Table:
@@ -236,7 +237,7 @@ def derive(kind: str, batch: pa.Table, refs: dict[str, Any], state: _State, voca
     if kind in ("pair", "curated"):
         dup = []
         for key in zip(*(batch.column(c).to_pylist() for c in ("prompt_id", "chosen", "rejected")), strict=True):
-            digest = records.content_id("content", *(k or "" for k in key)).encode()
+            digest = records.short_digest(*(k or "" for k in key))
             dup.append(digest in state.contents)
             state.contents.add(digest)
         extra[DUPLICATE] = dup
