@@ -37,10 +37,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.lib import cli, lineage, params, quality, records, toytask
-from stages.lib.io import DataError, atomic_dir, read_table, write_json
+from stages.lib.io import (
+    DataError,
+    atomic_dir,
+    check_columns,
+    parquet_file,
+    read_table,
+    write_json,
+)
 from stages.lib.params import check
 from stages.lib.stream import ParquetSink
 
@@ -310,22 +316,10 @@ def run(p: CurateParams, pairs: list[dict[str, Any]], eval_prompts: list[str] | 
 
 
 def pair_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
-    """The pairs file in record batches, its schema checked first (io.read_table's rules)."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (is the upstream stage's output missing?)")
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    """The pairs file in record batches, its columns checked first (io.check_columns)."""
+    pf = parquet_file(path)
     want = records.PAIR_SCHEMA
-    got = pf.schema_arrow
-    missing = sorted(set(want.names) - set(got.names))
-    extra = sorted(set(got.names) - set(want.names))
-    if missing or extra:
-        raise DataError(f"{path}: columns do not match schema 'pair': missing {missing}, unexpected {extra}")
-    for f in want:
-        if got.field(f.name).type != f.type:
-            raise DataError(f"{path}: column {f.name!r} has type {got.field(f.name).type}, expected {f.type}")
+    check_columns(path, pf.schema_arrow, want)
     # nullable: a null in a required field is the input gate's to quarantine, not a cast error
     loose = pa.schema([f.with_nullable(True) for f in want], metadata=want.metadata)
     try:

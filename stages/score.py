@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stages.lib import cli, encoding, lineage, models, params, quality, records
 from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.io import atomic_dir, read_table, write_json, write_table
 from stages.lib.params import check
 
 log = logging.getLogger("score")
@@ -91,8 +91,9 @@ def main() -> None:
     ref = used["models.teacher"].ref()
     src = args.pairs / "curated.parquet"
     gates = quality.StageGates(used["quality"], args.docs)
-    gates.check_file("curated pairs", src, "curated")
-    pairs = read_rows(src, records.PAIR_SCHEMA)
+    table = read_table(src, records.PAIR_SCHEMA)
+    gates.strict("curated pairs", src, "curated", table)
+    pairs = table.to_pylist()
     rows: list[dict[str, Any]] = []
     vocab: int | None = None
     if p.k > 0:

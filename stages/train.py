@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from stages.lib import cli, distributed, encoding, lineage, models, params, quality, records, training
 from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, write_json
+from stages.lib.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, read_table, write_json
 from stages.lib.objectives import (
     METHODS,
     NEEDS_REJECTED,
@@ -513,11 +513,12 @@ def main() -> None:
         s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     src = args.pairs / "curated.parquet"
     gates = quality.StageGates(used["quality"], None)  # inputs checked on read; the files' Data Docs come from curate and score
-    gates.check_file("curated pairs", src, "curated")
-    if p.teacher_signal == "topk":
+    table = read_table(src, records.PAIR_SCHEMA)
+    gates.strict("curated pairs", src, "curated", table)
+    if p.teacher_signal == "topk":  # streamed here, then read again by load_inputs (shared with compare)
         gates.check_file("teacher top-k", args.scores / "topk.parquet", "topk")
     validation = gates.finish()
-    pairs = read_rows(src, records.PAIR_SCHEMA)
+    pairs = table.to_pylist()
     distributed.init_from_env(p.device)
     student, teacher, tok_s, tok_t, scores = load_inputs(p, s_ref, s_dir, t_ref, args.models / "teacher", args.scores, trust, dtype)
     key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, args.models / "teacher"))

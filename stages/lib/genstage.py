@@ -217,7 +217,8 @@ def main(role: str, doc: str | None) -> None:
     args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
     i = inputs(role, args.params, args.prompts, args.models, args.previous)
     gates = quality.StageGates(i.used["quality"], args.docs)
-    gates.check_file("prompts", i.prompt_file, "prompt")  # the input, before any model time is spent
+    # the input, already read by inputs(), checked before any model time is spent
+    gates.strict("prompts", i.prompt_file, "prompt", pa.Table.from_pylist(i.prompts, schema=records.PROMPT_SCHEMA))
     p, work = i.p, work_dir(args.out)
     stats: dict[str, Any] = {}
     rows = run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], p, i.prompts, i.model_dir, work, stats=stats)

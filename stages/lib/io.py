@@ -95,27 +95,40 @@ def write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> in
     return table.num_rows
 
 
-def read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read a Parquet file and check it has `schema`'s columns with its types.
-
-    Extra columns are an error too: a file from another stage or schema version must
-    not pass for this one.
-    """
+def parquet_file(path: Path) -> pq.ParquetFile:
+    """Open a Parquet file (footer and schema only); a missing or unreadable file is a
+    DataError naming it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (is the upstream stage's output missing?)")
     try:
-        table = pq.read_table(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
-    got = {f.name: f.type for f in table.schema}
+
+
+def check_columns(path: Path, got: pa.Schema, schema: pa.Schema) -> None:
+    """`got` has exactly `schema`'s columns, with its types. Extra columns are an error
+    too: a file from another stage or schema version must not pass for this one."""
+    have = {f.name: f.type for f in got}
     want = {f.name: f.type for f in schema}
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
     if missing or extra:
         raise DataError(f"{path}: columns do not match schema {schema.metadata[b'distillflow.schema'].decode()!r}: missing {missing}, unexpected {extra}")
     for name, typ in want.items():
-        if got[name] != typ:
-            raise DataError(f"{path}: column {name!r} has type {got[name]}, expected {typ}")
+        if have[name] != typ:
+            raise DataError(f"{path}: column {name!r} has type {have[name]}, expected {typ}")
+
+
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read a Parquet file and check it has `schema`'s columns with its types
+    (check_columns) and no nulls where the schema allows none."""
+    pf = parquet_file(path)
+    check_columns(path, pf.schema_arrow, schema)
+    try:
+        table = pf.read()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
     for field in schema:
         if not field.nullable and table.column(field.name).null_count:
             row = table.column(field.name).to_pylist().index(None)

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.lib import records
-from stages.lib.io import DataError
+from stages.lib.io import DataError, parquet_file
 from stages.lib.params import check
 
 if TYPE_CHECKING:
@@ -489,11 +489,9 @@ class StageGates:
         """Strict gate over a Parquet file already written (or about to be read),
         streamed in batches of q.batch_rows: any failing expectation stops the stage.
         `shown`: the path to name in messages (a file still in its temporary folder)."""
-        import pyarrow.parquet as pq
-
         gate = self.gate(artifact, shown or path, kind, quarantine=False, **kwargs)
+        pf = parquet_file(path)
         try:
-            pf = pq.ParquetFile(path)
             if not pf.metadata.num_rows:
                 gate.check(pf.schema_arrow.empty_table())
             for batch in pf.iter_batches(batch_size=self.q.batch_rows):
