@@ -62,4 +62,7 @@ def copy_repo(dst: Path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
     shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")
+    ident = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "smoke"]):
+        subprocess.run(cmd, cwd=dst, env={**os.environ, **ident}, capture_output=True, text=True, check=True)
     return dst

@@ -85,12 +85,6 @@ def with_outcome(summary: dict[str, Any], outcome: str) -> set[str]:
     return {name for name, o in outcomes(summary).items() if o == outcome}
 
 
-def git_commit(repo: Path, env: dict[str, str]) -> None:
-    sh(repo, env, "git", "init", "-q")
-    sh(repo, env, "git", "add", "-A")
-    sh(repo, env, "git", "commit", "-qm", "start")
-
-
 def dvc_dag(repo: Path, env: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
     """The stages and edges (upstream -> downstream) `dvc dag --dot` draws."""
     dot = sh(repo, env, PY, "-m", "dvc", "dag", "--dot")
@@ -261,10 +255,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("flows") / "repo")
-    git_commit(repo, server.env)
-    return repo
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("flows") / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +443,6 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(tmp_path:
     from flows.dvc_ops import apply_overrides
 
     repo = copy_repo(tmp_path / "repo")
-    git_commit(repo, server.env)
     changes = apply_overrides(repo, ["++train.rounds.r2={previous: data/train}", "++train.rounds.r3={previous: data/rounds/r2/train}"])
     assert "params.yaml: train.rounds.r3.previous: '<unset>' -> 'data/rounds/r2/train'" in changes
     monkeypatch.chdir(repo)

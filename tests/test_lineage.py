@@ -133,9 +133,6 @@ def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke profile run up to train, committed: every stage a training pair passes through."""
     repo = copy_repo(tmp_path_factory.mktemp("lineage_repo"))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "smoke")
     try:
         subprocess.run(["dvc", "repro", "train"], cwd=repo, env={**ENV, "DISTILLFLOW_RUN_ID": "smoke-run"}, capture_output=True, text=True, check=True)
     except subprocess.CalledProcessError as exc:

@@ -45,11 +45,7 @@ COMPARISON = {"compare@kd-1", "compare@distillm2-1", "report"}
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = copy_repo(tmp_path_factory.mktemp("repo"))
-    sh(dst, "git", "init", "-q")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "commit", "-qm", "smoke")
-    return dst
+    return copy_repo(tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
