@@ -42,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib import records
+from stages.lib.data import records
 
 TARGET_BYTES = 2 * 1024**3
 CHUNK = 50_000
@@ -84,7 +84,9 @@ def write_pairs(seed_dir: Path, path: Path, n: int, seed: int) -> int:
         while made < n:
             for batch in pf.iter_batches(batch_size=CHUNK, columns=["prompt_id", "prompt"]):
                 rows = []
-                for pid, prompt in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist(), strict=True):
+                for pid, prompt in zip(
+                    batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist(), strict=True
+                ):
                     if made >= n:
                         break
                     k = made
@@ -93,17 +95,31 @@ def write_pairs(seed_dir: Path, path: Path, n: int, seed: int) -> int:
                     chosen = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
                     rejected = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
                     if last is not None and u < 0.01:  # the same content again, under a new pair id
-                        pid, prompt, chosen, rejected = last["prompt_id"], last["prompt"], last["chosen"], last["rejected"]
+                        pid, prompt, chosen, rejected = (
+                            last["prompt_id"],
+                            last["prompt"],
+                            last["chosen"],
+                            last["rejected"],
+                        )
                     elif last is not None and u < 0.02:  # a near duplicate of the previous pair
                         chosen = last["chosen"]
                         prompt = last["prompt"].rstrip(".") + " please."
                     c_id = records.generation_id(pid, "bench-teacher", {}, k)
                     r_id = records.generation_id(pid, "bench-student", {}, k)
                     row = {
-                        "pair_id": records.pair_id(pid, c_id, r_id), "prompt_id": pid, "chosen_id": c_id, "rejected_id": r_id,
-                        "prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": None, "category": f"c{k % 7}",
-                        "chosen_finish_reason": "length" if 0.02 <= u < 0.03 else "stop", "rejected_finish_reason": "stop",
-                        "chosen_tokens": len(chosen.split()) + 1, "rejected_tokens": len(rejected.split()) + 1,
+                        "pair_id": records.pair_id(pid, c_id, r_id),
+                        "prompt_id": pid,
+                        "chosen_id": c_id,
+                        "rejected_id": r_id,
+                        "prompt": prompt,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "reference": None,
+                        "category": f"c{k % 7}",
+                        "chosen_finish_reason": "length" if 0.02 <= u < 0.03 else "stop",
+                        "rejected_finish_reason": "stop",
+                        "chosen_tokens": len(chosen.split()) + 1,
+                        "rejected_tokens": len(rejected.split()) + 1,
                     }
                     rows.append(row)
                     last = row
@@ -113,7 +129,14 @@ def write_pairs(seed_dir: Path, path: Path, n: int, seed: int) -> int:
 
 def params_file(folder: Path, source: Path, n: int) -> Path:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["seed"]["source"] = {"kind": "parquet", "path": str(source), "config": None, "split": None, "revision": None, "field": "text"}
+    p["seed"]["source"] = {
+        "kind": "parquet",
+        "path": str(source),
+        "config": None,
+        "split": None,
+        "revision": None,
+        "field": "text",
+    }
     p["seed"]["num_train"] = n
     p["seed"]["num_eval"] = n
     p["curate"]["require_correct_chosen"] = False  # no reference answers in this data
@@ -126,9 +149,15 @@ def params_file(folder: Path, source: Path, n: int) -> Path:
 
 def run_stage(args: list[str]) -> dict[str, float]:
     """Run one stage process; its wall seconds and peak RSS (bytes)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILLFLOW_LINEAGE_DIR": str(Path(args[args.index("--out") + 1]).parent / "lineage")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DISTILLFLOW_LINEAGE_DIR": str(Path(args[args.index("--out") + 1]).parent / "lineage"),
+    }
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -145,12 +174,38 @@ def one_size(n: int, scratch: Path) -> dict[str, Any]:
     source = folder / "source.parquet"
     write_source(source, n, seed=n)
     params = params_file(folder, source, n)
-    seed = run_stage(["stages.seed", "--params", str(params), "--out", str(folder / "seed"), "--metrics", str(folder / "seed.json"),
-                      "--docs", str(folder / "docs" / "seed")])
+    seed = run_stage(
+        [
+            "stages.seed",
+            "--params",
+            str(params),
+            "--out",
+            str(folder / "seed"),
+            "--metrics",
+            str(folder / "seed.json"),
+            "--docs",
+            str(folder / "docs" / "seed"),
+        ]
+    )
     (folder / "pairs").mkdir()
     made = write_pairs(folder / "seed", folder / "pairs" / "pairs.parquet", n, seed=n + 1)
-    curate = run_stage(["stages.curate", "--params", str(params), "--pairs", str(folder / "pairs"), "--prompts", str(folder / "seed"),
-                        "--out", str(folder / "curate"), "--metrics", str(folder / "curate.json"), "--docs", str(folder / "docs" / "curate")])
+    curate = run_stage(
+        [
+            "stages.curate",
+            "--params",
+            str(params),
+            "--pairs",
+            str(folder / "pairs"),
+            "--prompts",
+            str(folder / "seed"),
+            "--out",
+            str(folder / "curate"),
+            "--metrics",
+            str(folder / "curate.json"),
+            "--docs",
+            str(folder / "docs" / "curate"),
+        ]
+    )
     s_m, c_m = json.loads((folder / "seed.json").read_text()), json.loads((folder / "curate.json").read_text())
     if c_m["pairs_in"] != made or c_m["kept"] + c_m["quarantined"] != made:
         raise AssertionError(f"curate counts do not reconcile at n={n}: {c_m}")
@@ -165,23 +220,31 @@ def main() -> None:
     scratch = a.keep or Path(tempfile.mkdtemp(prefix="distillflow-bench-curate-"))
     scratch.mkdir(parents=True, exist_ok=True)
     results = [one_size(n, scratch) for n in a.sizes]
-    print(f"\nseed and curate, one process each, {os.cpu_count()} CPUs; rows/s = input rows / wall s (imports included)\n")
+    print(
+        f"\nseed and curate, one process each, {os.cpu_count()} CPUs; rows/s = input rows / wall s (imports included)\n"
+    )
     print("| rows | stage | wall s | rows/s | peak MiB | kept | quarantined (by reason) |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for r in results:
         sc, cc = r["seed_counts"], r["curate_counts"]
-        print(f"| {r['n']:,} | seed | {r['seed']['wall_s']:.1f} | {r['n'] / r['seed']['wall_s']:,.0f} | {r['seed']['peak_bytes'] / 2**20:,.0f} | "
-              f"{sc['train'] + sc['eval']:,} | {sc['quarantined']:,} {sc['dropped_by_reason']} |")
-        print(f"| {r['n']:,} | curate | {r['curate']['wall_s']:.1f} | {r['n'] / r['curate']['wall_s']:,.0f} | {r['curate']['peak_bytes'] / 2**20:,.0f} | "
-              f"{cc['kept']:,} | {cc['quarantined']:,} {cc['dropped_by_reason']} |")
+        print(
+            f"| {r['n']:,} | seed | {r['seed']['wall_s']:.1f} | {r['n'] / r['seed']['wall_s']:,.0f} | {r['seed']['peak_bytes'] / 2**20:,.0f} | "
+            f"{sc['train'] + sc['eval']:,} | {sc['quarantined']:,} {sc['dropped_by_reason']} |"
+        )
+        print(
+            f"| {r['n']:,} | curate | {r['curate']['wall_s']:.1f} | {r['n'] / r['curate']['wall_s']:,.0f} | {r['curate']['peak_bytes'] / 2**20:,.0f} | "
+            f"{cc['kept']:,} | {cc['quarantined']:,} {cc['dropped_by_reason']} |"
+        )
     if len(results) > 1:
         print("\ngrowth between sizes (ratio of the larger to the smaller):\n")
         print("| from | to | rows x | seed time x | seed memory x | curate time x | curate memory x |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for a_, b_ in itertools.pairwise(results):
-            print(f"| {a_['n']:,} | {b_['n']:,} | {b_['n'] / a_['n']:.0f} | {b_['seed']['wall_s'] / a_['seed']['wall_s']:.2f} | "
-                  f"{b_['seed']['peak_bytes'] / a_['seed']['peak_bytes']:.2f} | {b_['curate']['wall_s'] / a_['curate']['wall_s']:.2f} | "
-                  f"{b_['curate']['peak_bytes'] / a_['curate']['peak_bytes']:.2f} |")
+            print(
+                f"| {a_['n']:,} | {b_['n']:,} | {b_['n'] / a_['n']:.0f} | {b_['seed']['wall_s'] / a_['seed']['wall_s']:.2f} | "
+                f"{b_['seed']['peak_bytes'] / a_['seed']['peak_bytes']:.2f} | {b_['curate']['wall_s'] / a_['curate']['wall_s']:.2f} | "
+                f"{b_['curate']['peak_bytes'] / a_['curate']['peak_bytes']:.2f} |"
+            )
     big = results[-1]
     for stage in ("seed", "curate"):
         peak = big[stage]["peak_bytes"]

@@ -13,9 +13,9 @@ that time every method once in turn (load from other jobs falls on all alike):
 - plain batched generate: prompts in their given order, `--batch-size` per call, left-padded;
 - transformers continuous batching: `model.generate_batch` (paged attention), with its
   default config and with a config tuned for this workload;
-- ours, 1 process: stages.lib.generation.TransformersEngine over length-bucketed shards;
+- ours, 1 process: stages.lib.engines.generation.TransformersEngine over length-bucketed shards;
 - ours, N processes: the same shards spread over `--workers` spawned processes by
-  stages.lib.shards (wall time includes starting them and loading the model).
+  stages.lib.engines.shards (wall time includes starting them and loading the model).
 
 Tokens per second counts new tokens only. With CUDA, a second table runs our engine
 on a random-initialised ~0.5B-parameter Llama in bfloat16 and estimates the share of
@@ -35,8 +35,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -47,10 +48,13 @@ import yaml  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
 
-from stages.lib import models, shards, toytask, training  # noqa: E402
-from stages.lib.config import GenerationParams, TaskParams  # noqa: E402
-from stages.lib.encoding import prompt_ids  # noqa: E402
-from stages.lib.generation import Shard, TransformersEngine, length_order, plan_shards  # noqa: E402
+from stages.lib.core import models  # noqa: E402
+from stages.lib.core.config import GenerationParams, TaskParams  # noqa: E402
+from stages.lib.data.encoding import prompt_ids  # noqa: E402
+from stages.lib.engines import shards
+from stages.lib.engines.generation import Shard, TransformersEngine, length_order, plan_shards  # noqa: E402
+from stages.lib.task import toytask
+from stages.lib.training import basics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +112,27 @@ def cpu_table(args: argparse.Namespace) -> None:
     prompts = toy_prompts(args.prompts)
     encoded = [prompt_ids(tok, pr["prompt"]) for pr in prompts]
     T, B = args.max_new_tokens, args.batch_size
-    gen_kw = dict(max_new_tokens=T, min_new_tokens=T, do_sample=True, temperature=1.0, top_p=1.0, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    p = GenerationParams(engine="transformers", batch_size=B, max_new_tokens=T, temperature=1.0, top_p=1.0, num_samples=1, seed=0, tensor_parallel_size=1, shard_size=B * args.batches_per_shard)
+    gen_kw = dict(
+        max_new_tokens=T,
+        min_new_tokens=T,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    p = GenerationParams(
+        engine="transformers",
+        batch_size=B,
+        max_new_tokens=T,
+        temperature=1.0,
+        top_p=1.0,
+        num_samples=1,
+        seed=0,
+        tensor_parallel_size=1,
+        shard_size=B * args.batches_per_shard,
+    )
 
     @torch.no_grad()
     def one_at_a_time() -> int:
@@ -128,7 +151,15 @@ def cpu_table(args: argparse.Namespace) -> None:
         return n
 
     def continuous(config: ContinuousBatchingConfig | None) -> Callable[[], int]:
-        gc = GenerationConfig(max_new_tokens=T, do_sample=True, temperature=1.0, top_p=1.0, top_k=None, eos_token_id=-1, pad_token_id=tok.pad_token_id)
+        gc = GenerationConfig(
+            max_new_tokens=T,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            eos_token_id=-1,
+            pad_token_id=tok.pad_token_id,
+        )
 
         def go() -> int:
             out = model.generate_batch(inputs=encoded, generation_config=gc, continuous_batching_config=config)
@@ -141,14 +172,16 @@ def cpu_table(args: argparse.Namespace) -> None:
     engine = TransformersEngine(model, tok, p, "bench", ignore_eos=True, desc="ours")
     planned = plan_shards(p, [len(e) for e in encoded], len(encoded))
     if len(planned) < args.workers:
-        raise ValueError(f"{len(planned)} shards for {args.workers} workers: lower --batches-per-shard or raise --prompts")
+        raise ValueError(
+            f"{len(planned)} shards for {args.workers} workers: lower --batches-per-shard or raise --prompts"
+        )
 
     def ours() -> int:
         return sum(r["response_tokens"] for s in planned for r in engine.generate(prompts, s))
 
     scratch = tempfile.TemporaryDirectory(prefix="bench-generation-")  # removed at the end
     tmp = Path(scratch.name)
-    training.save_model(model, tok, tmp / "model")
+    basics.save_model(model, tok, tmp / "model")
     spec = BenchSpec(tmp / "model", p)
 
     def ours_workers() -> int:
@@ -165,10 +198,12 @@ def cpu_table(args: argparse.Namespace) -> None:
         (f"ours: bucketed engine, 1 process (batch {B})", ours),
         (f"ours: {args.workers} worker processes (incl. start-up)", ours_workers),
     ]
-    print(f"toy teacher ({n_params / 1e3:.0f}k params, random weights), {len(prompts)} toy prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
-          f"{T} new tokens each (eos suppressed), sampling at temperature 1, CPU, torch threads={args.threads}; "
-          f"{args.repeats} interleaved rounds after a warm-up. tokens/s: median round (best round); "
-          f"vs one at a time: median over rounds of the ratio within the round")
+    print(
+        f"toy teacher ({n_params / 1e3:.0f}k params, random weights), {len(prompts)} toy prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
+        f"{T} new tokens each (eos suppressed), sampling at temperature 1, CPU, torch threads={args.threads}; "
+        f"{args.repeats} interleaved rounds after a warm-up. tokens/s: median round (best round); "
+        f"vs one at a time: median over rounds of the ratio within the round"
+    )
     header = f"{'method':<52} {'new tokens':>10} {'median s':>8} {'tokens/s':>18} {'vs one at a time':>17}"
     print(header)
     print("-" * len(header))
@@ -191,8 +226,19 @@ def gpu_table(args: argparse.Namespace) -> None:
 
     tok = models.build_char_tokenizer()
     L, H, heads, kv, inter = 24, 1024, 16, 16, 4096
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=inter, num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=64 + args.gpu_new_tokens, tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=H,
+        intermediate_size=inter,
+        num_hidden_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=64 + args.gpu_new_tokens,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
@@ -200,7 +246,18 @@ def gpu_table(args: argparse.Namespace) -> None:
     prompts = toy_prompts(args.gpu_prompts)
     encoded = [prompt_ids(tok, pr["prompt"]) for pr in prompts]
     T, B = args.gpu_new_tokens, args.gpu_batch_size
-    p = GenerationParams(engine="transformers", batch_size=B, max_new_tokens=T, temperature=1.0, top_p=1.0, num_samples=1, seed=0, tensor_parallel_size=1, device="cuda", shard_size=0)
+    p = GenerationParams(
+        engine="transformers",
+        batch_size=B,
+        max_new_tokens=T,
+        temperature=1.0,
+        top_p=1.0,
+        num_samples=1,
+        seed=0,
+        tensor_parallel_size=1,
+        device="cuda",
+        shard_size=0,
+    )
     engine = TransformersEngine(model, tok, p, "bench", ignore_eos=True, desc="ours (gpu)")
     shard = Shard(0, tuple(length_order([len(e) for e in encoded])), 0)
 
@@ -222,11 +279,15 @@ def gpu_table(args: argparse.Namespace) -> None:
             read += weight_bytes + len(batch) * (width + t) * kv_per_token
     gbs = read / seconds / 1e9
     name = torch.cuda.get_device_name()
-    print(f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens each (eos suppressed), batch {B}, median of {args.repeats} runs")
+    print(
+        f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens each (eos suppressed), batch {B}, median of {args.repeats} runs"
+    )
     header = f"{'method':<40} {'new tokens':>10} {'seconds':>8} {'tokens/s':>10} {'est. GB/s read':>14} {'of peak':>8}"
     print(header)
     print("-" * len(header))
-    print(f"{'ours: bucketed engine, 1 process':<40} {tokens:>10} {seconds:>8.2f} {tokens / seconds:>10.0f} {gbs:>14.0f} {gbs / args.peak_gbs:>7.1%}")
+    print(
+        f"{'ours: bucketed engine, 1 process':<40} {tokens:>10} {seconds:>8.2f} {tokens / seconds:>10.0f} {gbs:>14.0f} {gbs / args.peak_gbs:>7.1%}"
+    )
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ computed two ways:
 (a) "reference": in the style of jongwooko/distillm-2 -- full (tokens, V) logits of both
     models from the final hidden states, float32 softmax / log_softmax copies, mixtures
     formed by adding probabilities and taking a log.
-(b) "ours": ``stages.lib.losses.chunked_divergences_from_hidden`` -- only (chunk, V)
+(b) "ours": ``stages.lib.training.losses.chunked_divergences_from_hidden`` -- only (chunk, V)
     logits exist at a time, gradients folded into the head/hidden gradients per chunk,
     both terms sharing one weight-gradient buffer.
 
@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages.lib.losses import (  # noqa: E402
+from stages.lib.training.losses import (  # noqa: E402
     HiddenTerm,
     chunked_divergences_from_hidden,
     skew_forward_kl,
@@ -146,9 +146,7 @@ def our_loss(x: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
             kwargs={"alpha": x["alpha_rejected"], "detach_mixture_student": True},
         ),
     ]
-    total, _parts = chunked_divergences_from_hidden(
-        terms, x["w_student"], x["w_teacher"], chunk_size=chunk_size
-    )
+    total, _parts = chunked_divergences_from_hidden(terms, x["w_student"], x["w_teacher"], chunk_size=chunk_size)
     return total
 
 
@@ -211,9 +209,7 @@ def run_isolated(case: Case, method: str, repeats: int, threads: int) -> Result:
         result = parent.recv()
     except EOFError as err:
         proc.join()
-        raise RuntimeError(
-            f"{method} on {case} died (exit code {proc.exitcode}); out of memory?"
-        ) from err
+        raise RuntimeError(f"{method} on {case} died (exit code {proc.exitcode}); out of memory?") from err
     proc.join()
     return result
 
@@ -223,16 +219,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="timed runs after the first (best is kept)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (kept low: shared machine)"
-    )
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after the first (best is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (kept low: shared machine)")
     parser.add_argument(
         "--case",
         action="append",
@@ -256,9 +246,7 @@ def main() -> None:
         cases = []
         for spec in args.case:
             vocab, tokens, hidden, chunk = map(int, spec.split(","))
-            cases.append(
-                Case(vocab=vocab, tokens=tokens, hidden=hidden, device="cpu", chunk_size=chunk)
-            )
+            cases.append(Case(vocab=vocab, tokens=tokens, hidden=hidden, device="cpu", chunk_size=chunk))
     elif args.quick:
         cases = [Case(vocab=1000, tokens=64, hidden=32, device="cpu", chunk_size=8)]
         args.repeats = 1

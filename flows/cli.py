@@ -6,6 +6,7 @@
                                       run the DVC pipeline as a Prefect flow (flows/pipeline.py)
     distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
                                       serve that flow as a deployment with a schedule
+    distillflow dag sync [--check]   write each stage's code deps into dvc.yaml (flows/codedeps.py)
     distillflow lineage show PATH_OR_ID [--json]
                                       an artifact's or a record's lineage back to its sources
     distillflow lineage verify        recompute every digest: files, manifests and dvc.lock agree?
@@ -30,11 +31,23 @@ from pathlib import Path
 import yaml
 
 # Stage modules; the round_* stages run the same modules, compare one cell per compare.runs entry.
-STAGES = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate", "compare", "report")
+STAGES = (
+    "bootstrap",
+    "seed",
+    "teacher",
+    "student",
+    "pairs",
+    "curate",
+    "score",
+    "train",
+    "evaluate",
+    "compare",
+    "report",
+)
 
 
 def check(path: Path) -> int:
-    from stages.lib import params
+    from stages.lib.core import params
 
     failures = 0
     for name in STAGES:
@@ -43,7 +56,9 @@ def check(path: Path) -> int:
             if name == "compare":  # a matrix: each run reads its own compare.runs entry
                 runs = params.select(params.load_yaml(path), "compare.runs", str(path))
                 if not isinstance(runs, dict):
-                    raise ValueError(f"{path}: compare.runs: expected a mapping of run names, got {type(runs).__name__}")
+                    raise ValueError(
+                        f"{path}: compare.runs: expected a mapping of run names, got {type(runs).__name__}"
+                    )
                 for run in runs:
                     params.load_sections(path, module.sections(run))
             else:
@@ -77,8 +92,10 @@ def _print_summary(summary: dict, total: float) -> None:
     started, invoked, imported = summary.get("flow_started"), summary["invoked"], summary["imported"]
     before = ""
     if started:
-        before = (f"; {started - invoked:.1f} s before the flow body started: {imported - invoked:.1f} s imports, "
-                  f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) and flow-run creation")
+        before = (
+            f"; {started - invoked:.1f} s before the flow body started: {imported - invoked:.1f} s imports, "
+            f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) and flow-run creation"
+        )
     print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
 
 
@@ -97,8 +114,14 @@ def run(args: argparse.Namespace) -> int:
     flow = distill.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.jobs))
     rc = 0
     try:
-        summary = flow(target=args.target, overrides=args.set_params, root=str(args.root.resolve()), retries=args.retries, retry_delay_s=args.retry_delay,
-                       retry_stages=args.retry_stages)
+        summary = flow(
+            target=args.target,
+            overrides=args.set_params,
+            root=str(args.root.resolve()),
+            retries=args.retries,
+            retry_delay_s=args.retry_delay,
+            retry_stages=args.retry_stages,
+        )
     except PipelineFailed as exc:
         summary, rc = exc.summary, 1
         print(f"distillflow run failed: {exc}", file=sys.stderr)
@@ -117,20 +140,31 @@ def serve(args: argparse.Namespace) -> int:
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
-        print("distillflow serve: no PREFECT_API_URL. Schedules need a running Prefect server (the temporary one that "
-              "`distillflow run` starts runs no scheduler): start `prefect server start` and set PREFECT_API_URL.", file=sys.stderr)
+        print(
+            "distillflow serve: no PREFECT_API_URL. Schedules need a running Prefect server (the temporary one that "
+            "`distillflow run` starts runs no scheduler): start `prefect server start` and set PREFECT_API_URL.",
+            file=sys.stderr,
+        )
         return 2
     from flows.pipeline import distill
 
-    params = {"target": args.target, "overrides": args.set_params, "root": str(args.root.resolve()),
-              "retries": args.retries, "retry_delay_s": args.retry_delay, "retry_stages": args.retry_stages}
-    distill.serve(name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled")
+    params = {
+        "target": args.target,
+        "overrides": args.set_params,
+        "root": str(args.root.resolve()),
+        "retries": args.retries,
+        "retry_delay_s": args.retry_delay,
+        "retry_stages": args.retry_stages,
+    }
+    distill.serve(
+        name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled"
+    )
     return 0
 
 
 def lineage(args: argparse.Namespace) -> int:
     """`distillflow lineage show|verify|cost`; exit 1 on a mismatch or an untraceable target."""
-    from flows import lineage as lin
+    from flows import trace as lin
 
     root = args.root.resolve()
     try:
@@ -162,30 +196,58 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
     s = sub.add_parser("stages", help="list the stages of dvc.yaml")
     s.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
-    for cmd, text in (("run", "run the DVC pipeline as a Prefect flow"), ("serve", "serve the flow as a deployment with a cron schedule")):
+    for cmd, text in (
+        ("run", "run the DVC pipeline as a Prefect flow"),
+        ("serve", "serve the flow as a deployment with a cron schedule"),
+    ):
         p = sub.add_parser(cmd, help=text)
-        p.add_argument("--target", help="a stage (or foreach group): run it and what it depends on; default: every stage")
-        p.add_argument("-S", "--set-param", dest="set_params", action="append", default=[], metavar="[FILE:]KEY=VALUE",
-                       help="change a param before running, as `dvc exp run -S` does (the change stays in the params file)")
+        p.add_argument(
+            "--target", help="a stage (or foreach group): run it and what it depends on; default: every stage"
+        )
+        p.add_argument(
+            "-S",
+            "--set-param",
+            dest="set_params",
+            action="append",
+            default=[],
+            metavar="[FILE:]KEY=VALUE",
+            help="change a param before running, as `dvc exp run -S` does (the change stays in the params file)",
+        )
         p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
         p.add_argument("--retries", type=int, default=2, help="retries of generation and training stages (default 2)")
-        p.add_argument("--retry-delay", type=float, default=10.0, help="first retry delay in seconds, doubling after (default 10)")
-        p.add_argument("--retry-stage", dest="retry_stages", action="append", metavar="PATTERN",
-                       help="stages (fnmatch pattern, repeatable) that get retries; default: those that load models")
+        p.add_argument(
+            "--retry-delay", type=float, default=10.0, help="first retry delay in seconds, doubling after (default 10)"
+        )
+        p.add_argument(
+            "--retry-stage",
+            dest="retry_stages",
+            action="append",
+            metavar="PATTERN",
+            help="stages (fnmatch pattern, repeatable) that get retries; default: those that load models",
+        )
     r = sub.choices["run"]
     r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
     r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")
     v = sub.choices["serve"]
     v.add_argument("--name", default="distillflow-serve", help="deployment name (default distillflow-serve)")
     v.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 daily)")
+    dag = sub.add_parser("dag", help="dvc.yaml upkeep")
+    dsub = dag.add_subparsers(dest="dag_command", required=True)
+    dsync = dsub.add_parser("sync", help="rewrite each stage's code deps in dvc.yaml from its imports")
+    dsync.add_argument("--check", action="store_true", help="only report; exit 1 if dvc.yaml is out of date")
+    dsync.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
     lin = sub.add_parser("lineage", help="trace, verify and cost the pipeline's artifacts")
     lsub = lin.add_subparsers(dest="action", required=True)
     show = lsub.add_parser("show", help="an artifact path, model folder or record id, back to its sources")
-    show.add_argument("target", help="a path (data/train/model, data/curate/curated.parquet) or a pair_id, generation_id or prompt_id")
+    show.add_argument(
+        "target", help="a path (data/train/model, data/curate/curated.parquet) or a pair_id, generation_id or prompt_id"
+    )
     show.add_argument("--json", action="store_true", help="print JSON instead of the text tree")
     lsub.add_parser("verify", help="recompute every digest; exit 1 if files, manifests and dvc.lock disagree")
     cost = lsub.add_parser("cost", help="a run's cost, summed per stage")
-    cost.add_argument("--run", help="run id (DISTILLFLOW_RUN_ID); default: the newest run in lineage/runs/history.jsonl")
+    cost.add_argument(
+        "--run", help="run id (DISTILLFLOW_RUN_ID); default: the newest run in lineage/runs/history.jsonl"
+    )
     cost.add_argument("--lineage-dir", type=Path, help="where the run records are (default: ROOT/lineage)")
     cost.add_argument("--json", action="store_true")
     for p in lsub.choices.values():
@@ -199,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "serve":
         return serve(args)
+    if args.command == "dag":
+        from flows import codedeps
+
+        return codedeps.sync(args.dvc_yaml, args.check)
     return stages(args.dvc_yaml)
 
 

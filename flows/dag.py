@@ -152,12 +152,24 @@ def load_dag(root: Path) -> Dag:
         specs: dict[str, StageSpec] = {}
         for stage in index.stages:
             deps = tuple(_relative(repo.root_dir, d.fs_path) for d in stage.deps if not isinstance(d, ParamsDependency))
-            params = {_relative(repo.root_dir, d.fs_path): tuple(d.params) for d in stage.deps if isinstance(d, ParamsDependency)}
+            params = {
+                _relative(repo.root_dir, d.fs_path): tuple(d.params)
+                for d in stage.deps
+                if isinstance(d, ParamsDependency)
+            }
             outs = tuple(_relative(repo.root_dir, o.fs_path) for o in stage.outs)
             metrics = tuple(_relative(repo.root_dir, o.fs_path) for o in stage.outs if o.metric)
             specs[names[stage]] = StageSpec(
-                name=names[stage], cmd=stage.cmd, wdir=_relative(repo.root_dir, stage.wdir) or ".", deps=deps, params=params,
-                outs=outs, metrics=metrics, always_changed=bool(stage.always_changed), frozen=bool(stage.frozen))
+                name=names[stage],
+                cmd=stage.cmd,
+                wdir=_relative(repo.root_dir, stage.wdir) or ".",
+                deps=deps,
+                params=params,
+                outs=outs,
+                metrics=metrics,
+                always_changed=bool(stage.always_changed),
+                frozen=bool(stage.frozen),
+            )
         edges = {(names[up], names[down]) for down, up in graph.edges}
         # Topological order, ties broken by dvc.yaml order, so runs and logs read the same way each time.
         position = {n: i for i, n in enumerate(specs)}

@@ -111,7 +111,10 @@ def fingerprint_parts(root: Path, name: str) -> dict[str, Any] | None:
         if stage.cmd is None or stage.frozen:
             # A data source (.dvc file) or a frozen stage: DVC never runs it, its
             # outputs are what its file records.
-            return {"v": FINGERPRINT_VERSION, "recorded_outs": sorted([rel(o.fs_path), o.hash_info.name, o.hash_info.value] for o in stage.outs)}
+            return {
+                "v": FINGERPRINT_VERSION,
+                "recorded_outs": sorted([rel(o.fs_path), o.hash_info.name, o.hash_info.value] for o in stage.outs),
+            }
         deps, params = [], {}
         for dep in stage.deps:
             if isinstance(dep, ParamsDependency):
@@ -121,7 +124,9 @@ def fingerprint_parts(root: Path, name: str) -> dict[str, Any] | None:
                     raise StageError(f"stage {name!r}: cannot read its params from {rel(dep.fs_path)}: {exc}") from exc
                 continue
             if not dep.exists:
-                raise StageError(f"stage {name!r}: dependency {rel(dep.fs_path)} does not exist (is an upstream stage's output missing?)")
+                raise StageError(
+                    f"stage {name!r}: dependency {rel(dep.fs_path)} does not exist (is an upstream stage's output missing?)"
+                )
             info = dep.get_hash()
             deps.append([rel(dep.fs_path), info.name, info.value])
         return {
@@ -223,7 +228,9 @@ def ensure(root: Path, name: str) -> str:
             try:
                 stage.checkout()
             except CheckoutError as exc:
-                raise StageError(f"stage {name!r}: cannot check out its recorded outputs from the DVC cache: {exc}") from exc
+                raise StageError(
+                    f"stage {name!r}: cannot check out its recorded outputs from the DVC cache: {exc}"
+                ) from exc
             return "restored"
         if not stage.changed() or _recommit_if_only_cache_lost(repo, stage):
             return "in-sync"
@@ -232,7 +239,9 @@ def ensure(root: Path, name: str) -> str:
     with open_repo(root) as repo, _locked(repo):
         stage = find_stage(repo, name)
         if stage.changed():
-            raise StageError(f"stage {name!r}: outputs restored from the DVC cache, but `dvc status` still reports it changed")
+            raise StageError(
+                f"stage {name!r}: outputs restored from the DVC cache, but `dvc status` still reports it changed"
+            )
     return "restored"
 
 
@@ -258,7 +267,7 @@ def commit(root: Path, name: str) -> None:
 def clean_failed(root: Path, name: str, outs: tuple[str, ...]) -> list[str]:
     """Remove whatever a failed attempt left: its (partial) outs and the temporary
     siblings stages write before their atomic rename (`.<name>.*.tmp`, `.<name>.old`,
-    see stages/lib/io.py). Returns what was removed."""
+    see stages/lib/data/io.py). Returns what was removed."""
     removed = []
     with open_repo(root) as repo, _locked(repo):
         stage = find_stage(repo, name)
@@ -281,7 +290,9 @@ def clean_failed(root: Path, name: str, outs: tuple[str, ...]) -> list[str]:
     return removed
 
 
-def run_command(root: Path, name: str, cmd: str | list[str], wdir: str, log: Callable[[str], None]) -> tuple[float, float]:
+def run_command(
+    root: Path, name: str, cmd: str | list[str], wdir: str, log: Callable[[str], None]
+) -> tuple[float, float]:
     """Run the stage's command(s) the way `dvc repro` does; stream output lines to
     `log`. Returns (start, end) wall-clock times. Raises StageCommandFailed."""
     from dvc.stage.run import _enforce_cmd_list, _make_cmd, get_executable
@@ -300,8 +311,16 @@ def run_command(root: Path, name: str, cmd: str | list[str], wdir: str, log: Cal
     for line_cmd in _enforce_cmd_list(cmd):
         log(f"> {line_cmd}")
         tail: deque[str] = deque(maxlen=40)
-        proc = subprocess.Popen(_make_cmd(executable, line_cmd), cwd=Path(root) / wdir, env=env, close_fds=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        proc = subprocess.Popen(
+            _make_cmd(executable, line_cmd),
+            cwd=Path(root) / wdir,
+            env=env,
+            close_fds=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")

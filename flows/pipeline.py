@@ -15,7 +15,7 @@
   run-cache), else the command runs and is recorded as `dvc repro` records it, so
   `dvc status` is clean after a Prefect run and `dvc repro` has nothing to do.
 - Retries with exponential backoff on stages that load models (generation and
-  training: they declare stages/lib/models.py); a failed attempt leaves no partial
+  training: they declare stages/lib/core/models.py); a failed attempt leaves no partial
   output; other branches finish; a rerun resumes from what is done.
 - Each stage publishes a markdown artifact (outputs, row counts, drops by reason,
   validation, metrics), and the run a table artifact; stage output goes to the run
@@ -46,7 +46,7 @@ from flows.dag import Dag, StageSpec, load_dag
 RESULTS_DIR = ".dvc/tmp/distillflow-prefect"
 # A stage that declares one of these deps loads a model (generates or trains) and
 # gets retries with backoff; cheap data stages fail fast.
-RETRY_IF_DEPENDS_ON = ("stages/lib/models.py", "stages/lib/generation.py", "stages/lib/training.py")
+RETRY_IF_DEPENDS_ON = ("stages/lib/core/models.py", "stages/lib/engines/generation.py", "stages/lib/training/basics.py")
 
 
 class PipelineFailed(RuntimeError):
@@ -66,7 +66,9 @@ def _key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
     return cache_key(parameters["stage"], parameters["fingerprint"])
 
 
-def run_stage(root: str, stage: str, cmd: str | list[str] | None, wdir: str, outs: list[str], fingerprint: str | None) -> dict[str, Any]:
+def run_stage(
+    root: str, stage: str, cmd: str | list[str] | None, wdir: str, outs: list[str], fingerprint: str | None
+) -> dict[str, Any]:
     """One DVC stage (the body of its task; skipped entirely on a cache hit)."""
     logger = get_run_logger()
     path = Path(root)
@@ -75,10 +77,16 @@ def run_stage(root: str, stage: str, cmd: str | list[str] | None, wdir: str, out
     reused = dvc_ops.reuse(path, stage)
     started = finished = None
     if reused:
-        logger.info("stage %s: not run: %s", stage, "dvc.lock is up to date" if reused == "up-to-date" else "outputs restored from DVC's run-cache")
+        logger.info(
+            "stage %s: not run: %s",
+            stage,
+            "dvc.lock is up to date" if reused == "up-to-date" else "outputs restored from DVC's run-cache",
+        )
         how = reused
     elif cmd is None:
-        raise dvc_ops.StageError(f"stage {stage!r} is a data source or frozen and its recorded outputs are not in the workspace or DVC cache (try `dvc pull`)")
+        raise dvc_ops.StageError(
+            f"stage {stage!r} is a data source or frozen and its recorded outputs are not in the workspace or DVC cache (try `dvc pull`)"
+        )
     else:
         dvc_ops.remove_outs(path, stage)  # as `dvc repro` does before running a stage
         ok = False
@@ -89,13 +97,24 @@ def run_stage(root: str, stage: str, cmd: str | list[str] | None, wdir: str, out
         finally:
             if not ok:
                 removed = dvc_ops.clean_failed(path, stage, tuple(outs))
-                logger.warning("stage %s: attempt %d failed; removed its partial output: %s", stage, attempt, removed or "none")
+                logger.warning(
+                    "stage %s: attempt %d failed; removed its partial output: %s", stage, attempt, removed or "none"
+                )
         how = "ran"
     after = dvc_ops.fingerprint(path, stage)
     if after != fingerprint:
-        raise dvc_ops.StageError(f"stage {stage!r}: its inputs changed while it ran (fingerprint {fingerprint} before, {after} after); not caching")
-    return {"stage": stage, "fingerprint": fingerprint, "how": how, "started": started, "finished": finished,
-            "attempts": attempt, "outs": dvc_ops.outs_digests(path, stage)}
+        raise dvc_ops.StageError(
+            f"stage {stage!r}: its inputs changed while it ran (fingerprint {fingerprint} before, {after} after); not caching"
+        )
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "how": how,
+        "started": started,
+        "finished": finished,
+        "attempts": attempt,
+        "outs": dvc_ops.outs_digests(path, stage),
+    }
 
 
 stage_task = task(run_stage, persist_result=True, result_serializer="json", cache_key_fn=_key_fn)
@@ -109,21 +128,48 @@ def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None) -
     return retries if any(d in spec.deps for d in RETRY_IF_DEPENDS_ON) else 0
 
 
-def _submit(dag: Dag, name: str, root: Path, results_dir: Path, futures: dict[str, PrefectFuture], retries: int, retry_delay_s: float,
-            retry_stages: list[str] | None, refresh: bool) -> PrefectFuture:
+def _submit(
+    dag: Dag,
+    name: str,
+    root: Path,
+    results_dir: Path,
+    futures: dict[str, PrefectFuture],
+    retries: int,
+    retry_delay_s: float,
+    retry_stages: list[str] | None,
+    refresh: bool,
+) -> PrefectFuture:
     spec = dag.stages[name]
     fp = dvc_ops.fingerprint(root, name)
     n = retries_for(spec, retries, retry_stages)
     configured = stage_task.with_options(
-        name=name, task_run_name=name, refresh_cache=refresh, result_storage=results_dir,
-        retries=n, retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if n else 0)
-    return configured.submit(str(root), name, spec.cmd, spec.wdir, list(spec.outs), fp,
-                             wait_for=[futures[u] for u in sorted(dag.upstream[name])])
+        name=name,
+        task_run_name=name,
+        refresh_cache=refresh,
+        result_storage=results_dir,
+        retries=n,
+        retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if n else 0,
+    )
+    return configured.submit(
+        str(root),
+        name,
+        spec.cmd,
+        spec.wdir,
+        list(spec.outs),
+        fp,
+        wait_for=[futures[u] for u in sorted(dag.upstream[name])],
+    )
 
 
 @flow(name="distillflow", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def distill(target: str | None = None, overrides: list[str] | None = None, root: str = ".",
-            retries: int = 2, retry_delay_s: float = 10.0, retry_stages: list[str] | None = None) -> dict[str, Any]:
+def distill(
+    target: str | None = None,
+    overrides: list[str] | None = None,
+    root: str = ".",
+    retries: int = 2,
+    retry_delay_s: float = 10.0,
+    retry_stages: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the DVC pipeline (or `target` and its upstream stages) as Prefect tasks.
 
     overrides: `[file:]key=value` params changes, applied to the params file in place
@@ -139,13 +185,23 @@ def distill(target: str | None = None, overrides: list[str] | None = None, root:
     os.chdir(root_path)  # DVC's API resolves some paths against the working directory
     try:
         with dvc_ops.run_lock(root_path):
-            return _distill(logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started)
+            return _distill(
+                logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started
+            )
     finally:
         os.chdir(previous_cwd)
 
 
-def _distill(logger: Any, root: Path, target: str | None, overrides: list[str], retries: int, retry_delay_s: float,
-             retry_stages: list[str] | None, flow_started: float) -> dict[str, Any]:
+def _distill(
+    logger: Any,
+    root: Path,
+    target: str | None,
+    overrides: list[str],
+    retries: int,
+    retry_delay_s: float,
+    retry_stages: list[str] | None,
+    flow_started: float,
+) -> dict[str, Any]:
     for change in dvc_ops.apply_overrides(root, overrides) if overrides else []:
         logger.info("params override: %s", change)
     dag = load_dag(root)
@@ -153,7 +209,12 @@ def _distill(logger: Any, root: Path, target: str | None, overrides: list[str], 
     logger.info("DAG from DVC: %d stages, %d edges; running %s", len(dag.stages), len(dag.edges), ", ".join(selected))
     results_dir = root / RESULTS_DIR
 
-    summary: dict[str, Any] = {"flow_run_id": str(runtime_flow_run.id), "flow_started": flow_started, "root": str(root), "stages": {}}
+    summary: dict[str, Any] = {
+        "flow_run_id": str(runtime_flow_run.id),
+        "flow_started": flow_started,
+        "root": str(root),
+        "stages": {},
+    }
     futures: dict[str, PrefectFuture] = {}
     running: dict[PrefectFuture, str] = {}
     submitted_at: dict[str, float] = {}
@@ -180,7 +241,11 @@ def _distill(logger: Any, root: Path, target: str | None, overrides: list[str], 
         state = fut.state
         if not state.is_completed():
             failed[name] = state.message or state.name
-            summary["stages"][name] = {"outcome": "failed", "message": failed[name], "seconds": time.time() - submitted_at[name]}
+            summary["stages"][name] = {
+                "outcome": "failed",
+                "message": failed[name],
+                "seconds": time.time() - submitted_at[name],
+            }
             logger.error("stage %s failed: %s", name, failed[name])
             continue
         record = fut.result()
@@ -189,7 +254,10 @@ def _distill(logger: Any, root: Path, target: str | None, overrides: list[str], 
         if sync == "missing":
             if name in refreshed:
                 raise dvc_ops.StageError(f"stage {name!r}: ran, yet DVC holds no copy of its outputs")
-            logger.warning("stage %s: Prefect cache hit, but its outputs are neither in the workspace nor in the DVC cache; running it again", name)
+            logger.warning(
+                "stage %s: Prefect cache hit, but its outputs are neither in the workspace nor in the DVC cache; running it again",
+                name,
+            )
             refreshed.add(name)
             submit(name, refresh=True)
             continue
@@ -198,22 +266,43 @@ def _distill(logger: Any, root: Path, target: str | None, overrides: list[str], 
         else:
             outcome = {"ran": "ran", "up-to-date": "up-to-date", "run-cache": "run-cache"}[record["how"]]
         seconds = time.time() - submitted_at[name]
-        entry = {"outcome": outcome, "fingerprint": record["fingerprint"], "seconds": round(seconds, 3), "task_run_id": str(fut.task_run_id)}
+        entry = {
+            "outcome": outcome,
+            "fingerprint": record["fingerprint"],
+            "seconds": round(seconds, 3),
+            "task_run_id": str(fut.task_run_id),
+        }
         if outcome == "ran":
             entry.update(started=record["started"], finished=record["finished"], attempts=record["attempts"])
         summary["stages"][name] = entry
         done.add(name)
         logger.info("stage %s: %s (%.1f s)", name, outcome, seconds)
-        create_markdown_artifact(key=report.artifact_key(name), markdown=report.stage_markdown(root, dag.stages[name], outcome, record, seconds),
-                                 description=f"distillflow stage {name}: {outcome}")
+        create_markdown_artifact(
+            key=report.artifact_key(name),
+            markdown=report.stage_markdown(root, dag.stages[name], outcome, record, seconds),
+            description=f"distillflow stage {name}: {outcome}",
+        )
 
     not_run = [n for n in selected if n not in done and n not in failed]
     for name in not_run:
         summary["stages"][name] = {"outcome": "not-run", "message": "an upstream stage failed"}
     summary["stages"] = {n: summary["stages"][n] for n in selected}
-    create_table_artifact(key="distillflow-run", description="distillflow: outcome per stage",
-                          table=[{"stage": n, "outcome": e["outcome"], "seconds": e.get("seconds", ""), "fingerprint": (e.get("fingerprint") or "")[:12]}
-                                 for n, e in summary["stages"].items()])
+    create_table_artifact(
+        key="distillflow-run",
+        description="distillflow: outcome per stage",
+        table=[
+            {
+                "stage": n,
+                "outcome": e["outcome"],
+                "seconds": e.get("seconds", ""),
+                "fingerprint": (e.get("fingerprint") or "")[:12],
+            }
+            for n, e in summary["stages"].items()
+        ],
+    )
     if failed:
-        raise PipelineFailed(f"stages failed: {', '.join(f'{n} ({m.splitlines()[0]})' for n, m in failed.items())}; not run: {', '.join(not_run) or 'none'}", summary)
+        raise PipelineFailed(
+            f"stages failed: {', '.join(f'{n} ({m.splitlines()[0]})' for n, m in failed.items())}; not run: {', '.join(not_run) or 'none'}",
+            summary,
+        )
     return summary

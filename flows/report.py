@@ -3,7 +3,7 @@ and drops by reason, a validation summary and its metrics.
 
 Read from what the stage itself wrote: its metrics files (the outs dvc.yaml marks as
 metrics, `metrics/<stage>.json` here) and the `manifest.json` in each output folder
-(see stages/lib/lineage.py). Nothing is invented when a stage writes neither.
+(see stages/lib/audit/lineage.py). Nothing is invented when a stage writes neither.
 """
 
 from __future__ import annotations
@@ -68,11 +68,15 @@ def validation_lines(metrics: dict[str, Any], manifests: dict[str, dict[str, Any
     if "quarantined" in metrics and isinstance(metrics.get("dropped_by_reason"), dict):
         total = sum(metrics["dropped_by_reason"].values())
         ok = total == metrics["quarantined"]
-        lines.append(f"- quarantined {metrics['quarantined']} = sum of drops by reason {total}: {'reconciled' if ok else 'MISMATCH'}")
+        lines.append(
+            f"- quarantined {metrics['quarantined']} = sum of drops by reason {total}: {'reconciled' if ok else 'MISMATCH'}"
+        )
     for manifest_path, manifest in manifests.items():
         outputs = manifest.get("outputs", {})
         if outputs:
-            lines.append(f"- {manifest_path}: {len(outputs)} output file(s) with sha256 and row counts recorded; inputs passed the schema checks on read")
+            lines.append(
+                f"- {manifest_path}: {len(outputs)} output file(s) with sha256 and row counts recorded; inputs passed the schema checks on read"
+            )
     return lines or ["- the stage reports no validation data"]
 
 

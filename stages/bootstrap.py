@@ -19,20 +19,26 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages.lib import cli, encoding, lineage, models, params, records, toytask, training
-from stages.lib.config import ModelsParams, TaskParams
-from stages.lib.io import atomic_dir, write_json
-from stages.lib.params import check
+from stages.lib.audit import lineage
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import ModelsParams, TaskParams
+from stages.lib.core.params import check
+from stages.lib.data import encoding, records
+from stages.lib.data.io import atomic_dir, write_json
+from stages.lib.task import toytask
+from stages.lib.training import basics
 
 log = logging.getLogger("bootstrap")
+
 
 @dataclass(frozen=True)
 class ToyModelParams:
@@ -77,14 +83,19 @@ def training_examples(task: TaskParams, seed: int) -> Iterator[toytask.ToyExampl
             yield ex
 
 
-def sft(model: torch.nn.Module, tok: Any, examples: Iterator[toytask.ToyExample], p: ToyModelParams, desc: str) -> list[float]:
+def sft(
+    model: torch.nn.Module, tok: Any, examples: Iterator[toytask.ToyExample], p: ToyModelParams, desc: str
+) -> list[float]:
     """Supervised fine-tuning on (prompt, answer): token NLL on the answer only."""
-    opt, sched = training.optimizer_and_schedule(model, p.lr, p.warmup_steps, p.steps)
+    opt, sched = basics.optimizer_and_schedule(model, p.lr, p.warmup_steps, p.steps)
     model.train()
     losses = []
     for _ in tqdm(range(p.steps), desc=desc, unit="step", mininterval=5.0):
         batch = list(itertools.islice(examples, p.batch_size))
-        b = encoding.collate([(encoding.prompt_ids(tok, e.prompt), encoding.response_ids(tok, e.answer, eos=True)) for e in batch], tok.pad_token_id)
+        b = encoding.collate(
+            [(encoding.prompt_ids(tok, e.prompt), encoding.response_ids(tok, e.answer, eos=True)) for e in batch],
+            tok.pad_token_id,
+        )
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, T, V)
         loss = F.cross_entropy(logits[b.response_mask], b.targets[b.response_mask])
         opt.zero_grad(set_to_none=True)
@@ -104,7 +115,9 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
     """
     toy = [m.name == "toy" for m in (models_p.teacher, models_p.student)]
     if any(toy) and not all(toy):
-        raise ValueError("models: teacher and student must both be `toy` or both be real models; the toy tokenizer fits nothing else")
+        raise ValueError(
+            "models: teacher and student must both be `toy` or both be real models; the toy tokenizer fits nothing else"
+        )
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     if all(toy):
@@ -115,21 +128,35 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
             t0 = time.perf_counter()
             # Teacher and student see different draws of the same training split.
             losses = sft(model, tok, training_examples(task, seed), mp, desc=f"train toy {role}")
-            log.info("%s: %d parameters, %d steps in %.1fs, final loss %.4f", role, training.count_parameters(model), mp.steps, time.perf_counter() - t0, losses[-1])
-            training.save_model(model, tok, out / role)
-            metrics[role] = {"parameters": training.count_parameters(model), "steps": mp.steps, "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)}
+            log.info(
+                "%s: %d parameters, %d steps in %.1fs, final loss %.4f",
+                role,
+                basics.count_parameters(model),
+                mp.steps,
+                time.perf_counter() - t0,
+                losses[-1],
+            )
+            basics.save_model(model, tok, out / role)
+            metrics[role] = {
+                "parameters": basics.count_parameters(model),
+                "steps": mp.steps,
+                "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            }
     return metrics
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "out", "metrics")
+    args = entry.parse_paths(__doc__, "out", "metrics")
     sections = params.load_sections(args.params, SECTIONS)
     with atomic_dir(args.out) as tmp:
         metrics = run(sections["models"], sections["task"], sections["bootstrap"], tmp)
-        describe = {role: models.describe(getattr(sections["models"], role).ref(), tmp / role) for role in ("teacher", "student")}
+        describe = {
+            role: models.describe(getattr(sections["models"], role).ref(), tmp / role)
+            for role in ("teacher", "student")
+        }
         lineage.write_manifest(tmp, "bootstrap", sections, inputs={}, outputs={}, counts={}, extra={"models": describe})
     write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from stages import evaluate, train
-from stages.lib import cli, lineage, models, params, records, training
-from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import DataError, atomic_dir, digest_path, read_rows, write_json, write_table
-from stages.lib.objectives import DistiLLM2Params, Method
-from stages.lib.params import check
+from stages.lib.audit import lineage
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Dtype, ModelParams
+from stages.lib.core.params import check
+from stages.lib.data import records
+from stages.lib.data.io import DataError, atomic_dir, digest_path, read_rows, write_json, write_table
+from stages.lib.training import basics
+from stages.lib.training.objectives import DistiLLM2Params, Method
 
 log = logging.getLogger("compare")
 
@@ -46,7 +49,11 @@ class RunParams:
     def __post_init__(self) -> None:
         for s in self.disable:
             check(s in SWITCHES, "disable", f"unknown switch {s!r}; DistiLLM-2's switches are {list(SWITCHES)}")
-        check(not self.disable or self.method == "distillm2", "disable", f"switches belong to distillm2, not {self.method}")
+        check(
+            not self.disable or self.method == "distillm2",
+            "disable",
+            f"switches belong to distillm2, not {self.method}",
+        )
 
 
 # The train settings a cell shares with the train stage: all but what the cell sets
@@ -54,7 +61,8 @@ class RunParams:
 # Listing them one by one keeps DVC from rerunning every cell when train.method changes.
 OWN = ("method", "seed", "rounds", "distillm2")
 SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(train.TrainParams) if f.name not in OWN) + tuple(
-    f"train.distillm2.{f.name}" for f in fields(DistiLLM2Params) if f.name not in SWITCHES)
+    f"train.distillm2.{f.name}" for f in fields(DistiLLM2Params) if f.name not in SWITCHES
+)
 
 
 def sections(run: str) -> dict[str, Any]:
@@ -77,8 +85,12 @@ PARAMS = tuple(SECTIONS)
 def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> train.TrainParams:
     """TrainParams from the shared train settings plus this cell's method, switches and
     seed, one round; checked as strictly as the train stage's own."""
-    raw: dict[str, Any] = {"method": run.method, "seed": seed, "rounds": {},
-                           "distillm2": {s: s not in run.disable for s in SWITCHES}}
+    raw: dict[str, Any] = {
+        "method": run.method,
+        "seed": seed,
+        "rounds": {},
+        "distillm2": {s: s not in run.disable for s in SWITCHES},
+    }
     for key in SHARED_TRAIN:
         *parents, leaf = key.split(".")[1:]
         node = raw
@@ -89,7 +101,9 @@ def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> train.TrainP
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "scores", "models", "prompts", "out", "metrics", values={"run": str, "seed": int})
+    args = entry.parse_paths(
+        __doc__, "pairs", "scores", "models", "prompts", "out", "metrics", values={"run": str, "seed": int}
+    )
     used = params.load_sections(args.params, sections(args.run))
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     run: RunParams = used[f"compare.runs.{args.run}"]
@@ -102,7 +116,9 @@ def main() -> None:
     eval_file = args.prompts / "eval.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
     if {pr["prompt_id"] for pr in prompts} & {pr["prompt_id"] for pr in pairs}:
-        raise DataError(f"{eval_file}: eval prompts appear among the training pairs in {src}; evaluation would be contaminated")
+        raise DataError(
+            f"{eval_file}: eval prompts appear among the training pairs in {src}; evaluation would be contaminated"
+        )
     student, teacher, tok_s, tok_t, scores = train.load_inputs(p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype)
     key = train.run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, t_dir))
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
@@ -111,25 +127,48 @@ def main() -> None:
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
     t_metrics, t_gens, _ = evaluate.generate(teacher, tok_t, models.fingerprint(t_ref, t_dir), "teacher", prompts, ev)
     with atomic_dir(args.out) as tmp:
-        training.save_model(student.to("cpu"), tok_s, tmp / "model")
+        basics.save_model(student.to("cpu"), tok_s, tmp / "model")
         fp = models.fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
         s_metrics, s_gens, predictions = evaluate.generate(student, tok_s, fp, args.run, prompts, ev)
         s_metrics |= evaluate.student_metrics(teacher, tok_t, student, tok_s, prompts, t_gens, s_gens, ev)
-        metrics = {"run": args.run, "method": run.method, "disable": list(run.disable), "seed": args.seed,
-                   "train": train.summary(rows, len(pairs), run.method), "student": s_metrics, "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match")}
+        metrics = {
+            "run": args.run,
+            "method": run.method,
+            "disable": list(run.disable),
+            "seed": args.seed,
+            "train": train.summary(rows, len(pairs), run.method),
+            "student": s_metrics,
+            "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match"),
+        }
         train.write_plot(tmp / "log.csv", rows)
         n = write_table(tmp / "predictions.parquet", predictions, evaluate.PREDICTION_SCHEMA)
-        lineage.write_manifest(tmp, "compare", used, inputs={"pairs": src, "eval_prompts": eval_file,
-                                                             "student": models.lineage_input(s_ref, args.models, "student"),
-                                                             "teacher": models.lineage_input(t_ref, args.models, "teacher"),
-                                                             **({"scores": args.scores / "topk.parquet"} if scores is not None else {})},
-                               outputs={"predictions.parquet": n}, counts=metrics, extra={"seed": args.seed, "run": args.run, "train_params": asdict(p)})
+        lineage.write_manifest(
+            tmp,
+            "compare",
+            used,
+            inputs={
+                "pairs": src,
+                "eval_prompts": eval_file,
+                "student": models.lineage_input(s_ref, args.models, "student"),
+                "teacher": models.lineage_input(t_ref, args.models, "teacher"),
+                **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
+            },
+            outputs={"predictions.parquet": n},
+            counts=metrics,
+            extra={"seed": args.seed, "run": args.run, "train_params": asdict(p)},
+        )
     write_json(args.metrics, metrics)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     acc = s_metrics.get("accuracy")
-    log.info("compare %s seed %d: exact match %s, KL %.4f", args.run, args.seed, acc["exact_match"] if acc else "n/a", s_metrics["kl_teacher_student"])
+    log.info(
+        "compare %s seed %d: exact match %s, KL %.4f",
+        args.run,
+        args.seed,
+        acc["exact_match"] if acc else "n/a",
+        s_metrics["kl_teacher_student"],
+    )
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

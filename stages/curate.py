@@ -6,7 +6,7 @@
 The pairs stream through in Arrow record batches (`quality.batch_rows` rows), so memory
 is bounded by the batch plus the filters' state (ids seen, MinHash LSH bands).
 
-1. The input gate (stages/lib/quality.py, kind `pair`): a row that fails a row-level
+1. The input gate (stages/lib/audit/quality.py, kind `pair`): a row that fails a row-level
    expectation (null field, repeated pair id, a prompt id that is not a seed training
    prompt, ...) is quarantined with the reason `gate:<expectation>:<column>`; a
    table-level failure (eval prompts among the pairs, too many duplicates) stops the
@@ -38,8 +38,11 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from stages.lib import cli, lineage, params, quality, records, toytask
-from stages.lib.io import (
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, params
+from stages.lib.core.params import check
+from stages.lib.data import records
+from stages.lib.data.io import (
     DataError,
     atomic_dir,
     check_columns,
@@ -47,8 +50,8 @@ from stages.lib.io import (
     read_table,
     write_json,
 )
-from stages.lib.params import check
-from stages.lib.stream import ParquetSink
+from stages.lib.data.stream import ParquetSink
+from stages.lib.task import toytask
 
 log = logging.getLogger("curate")
 
@@ -109,7 +112,11 @@ class BalanceParams:
 
     def __post_init__(self) -> None:
         if self.key is not None:
-            check(self.max_per_value is not None and self.max_per_value >= 1, "max_per_value", "must be >= 1 when balance.key is set")
+            check(
+                self.max_per_value is not None and self.max_per_value >= 1,
+                "max_per_value",
+                "must be >= 1 when balance.key is set",
+            )
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,11 @@ class CurateParams:
 
     def __post_init__(self) -> None:
         check(self.min_chosen_tokens >= 0, "min_chosen_tokens", "must be >= 0")
-        check(self.max_chosen_tokens >= max(1, self.min_chosen_tokens), "max_chosen_tokens", "must be >= 1 and >= min_chosen_tokens")
+        check(
+            self.max_chosen_tokens >= max(1, self.min_chosen_tokens),
+            "max_chosen_tokens",
+            "must be >= 1 and >= min_chosen_tokens",
+        )
         check(self.max_rejected_tokens >= 1, "max_rejected_tokens", "must be >= 1")
         check(self.max_length_ratio >= 1.0, "max_length_ratio", "must be >= 1")
         check(self.student_matches_teacher in ("keep", "drop"), "student_matches_teacher", "must be keep or drop")
@@ -201,7 +212,9 @@ class NearDuplicates:
 
     def signature(self, text: str) -> Any:
         shingles = {" ".join(g).encode("utf-8") for g in ngrams(words(text), self.p.shingle_words)}
-        m = self._minhash(num_perm=self.p.num_perm, seed=1, permutations=self._base.permutations, scheme=self._base.scheme)
+        m = self._minhash(
+            num_perm=self.p.num_perm, seed=1, permutations=self._base.permutations, scheme=self._base.scheme
+        )
         m.update_batch(sorted(shingles))
         return m
 
@@ -209,7 +222,12 @@ class NearDuplicates:
         values = self.signature(pair["prompt"] + "\n" + pair["chosen"]).hashvalues
         # blake2b, not hash(): Python's hash of bytes changes per process, and a
         # collision, however rare, must fall the same way on every run
-        keys = [int.from_bytes(hashlib.blake2b(values[i * self.r : (i + 1) * self.r].tobytes(), digest_size=8).digest(), "little") for i in range(self.b)]
+        keys = [
+            int.from_bytes(
+                hashlib.blake2b(values[i * self.r : (i + 1) * self.r].tobytes(), digest_size=8).digest(), "little"
+            )
+            for i in range(self.b)
+        ]
         if any(k in seen for k, seen in zip(keys, self._seen, strict=True)):
             return "near_duplicate"
         for k, seen in zip(keys, self._seen, strict=True):
@@ -251,14 +269,22 @@ def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
     out.append(ratio)
     out.append(repetitive)
     if p.require_correct_chosen:
-        out.append(lambda x: "chosen_incorrect" if x["reference"] is not None and not toytask.is_correct(x["chosen"], x["reference"]) else None)
+        out.append(
+            lambda x: (
+                "chosen_incorrect"
+                if x["reference"] is not None and not toytask.is_correct(x["chosen"], x["reference"])
+                else None
+            )
+        )
     if p.decontamination.enabled:
         d = p.decontamination
         grams = eval_ngrams(eval_prompts, d.ngram)
 
         def contaminated(x: dict[str, Any]) -> str | None:
             mine = ngrams(words(x["prompt"]), d.ngram)
-            return "eval_overlap" if mine and sum(gram_key(g) in grams for g in mine) / len(mine) > d.max_overlap else None
+            return (
+                "eval_overlap" if mine and sum(gram_key(g) in grams for g in mine) / len(mine) > d.max_overlap else None
+            )
 
         out.append(contaminated)
     if p.student_matches_teacher == "drop":
@@ -304,12 +330,19 @@ class Curator:
         return kept, quarantine
 
 
-def run(p: CurateParams, pairs: list[dict[str, Any]], eval_prompts: list[str] | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def run(
+    p: CurateParams, pairs: list[dict[str, Any]], eval_prompts: list[str] | None = None
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(kept, quarantined with `reason`, counts) for an in-memory list of pairs (the
     filters only; main() adds the gates and streams)."""
     c = Curator(p, eval_prompts or [])
     kept, quarantine = c.split(pairs)
-    counts = {"pairs_in": c.pairs_in, "kept": c.kept, "quarantined": len(quarantine), "dropped_by_reason": dict(sorted(c.reasons.items()))}
+    counts = {
+        "pairs_in": c.pairs_in,
+        "kept": c.kept,
+        "quarantined": len(quarantine),
+        "dropped_by_reason": dict(sorted(c.reasons.items())),
+    }
     if counts["kept"] + counts["quarantined"] != counts["pairs_in"]:
         raise AssertionError("curate: counts do not reconcile")
     return kept, quarantine, counts
@@ -330,20 +363,38 @@ def pair_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "prompts", "out", "metrics", optional=("docs",))
+    args = entry.parse_paths(__doc__, "pairs", "prompts", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     p, q = used["curate"], used["quality"]
     src = args.pairs / "pairs.parquet"
-    files = {"pairs": src, "train_prompts": args.prompts / "train.parquet", "eval_prompts": args.prompts / "eval.parquet"}
+    files = {
+        "pairs": src,
+        "train_prompts": args.prompts / "train.parquet",
+        "eval_prompts": args.prompts / "eval.parquet",
+    }
     train_ids = read_table(files["train_prompts"], records.PROMPT_SCHEMA).column("prompt_id").combine_chunks()
     evals = read_table(files["eval_prompts"], records.PROMPT_SCHEMA)
     curator = Curator(p, evals.column("prompt").to_pylist())
     gates = quality.StageGates(q, args.docs)
-    gate_in = gates.gate("pairs", src, "pair", quarantine=True, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
-    gate_out = gates.gate("curated", args.out / "curated.parquet", "curated", quarantine=False, refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()})
+    gate_in = gates.gate(
+        "pairs",
+        src,
+        "pair",
+        quarantine=True,
+        refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()},
+    )
+    gate_out = gates.gate(
+        "curated",
+        args.out / "curated.parquet",
+        "curated",
+        quarantine=False,
+        refs={"prompt_id": train_ids, "eval": evals.column("prompt_id").combine_chunks()},
+    )
     with atomic_dir(args.out) as tmp:
-        with (ParquetSink(tmp / "curated.parquet", records.PAIR_SCHEMA, q.batch_rows) as kept_sink,
-              ParquetSink(tmp / "quarantine.parquet", records.PAIR_QUARANTINE_SCHEMA, q.batch_rows) as bad_sink):
+        with (
+            ParquetSink(tmp / "curated.parquet", records.PAIR_SCHEMA, q.batch_rows) as kept_sink,
+            ParquetSink(tmp / "quarantine.parquet", records.PAIR_QUARANTINE_SCHEMA, q.batch_rows) as bad_sink,
+        ):
             for batch in pair_batches(src, q.batch_rows):
                 passed, gate_bad = gate_in.check(batch)
                 kept, dropped = curator.split(passed.to_pylist())
@@ -364,11 +415,15 @@ def main() -> None:
         if counts["kept"] + counts["quarantined"] != counts["pairs_in"]:  # the reconciliation the metrics promise
             raise AssertionError(f"curate: counts do not reconcile: {counts}")
         if not counts["kept"]:
-            raise ValueError(f"curate: every one of the {counts['pairs_in']} pairs was dropped ({counts['dropped_by_reason']}); nothing to train on; relax params.yaml `curate` or fix the generations upstream")
-        lineage.write_manifest(tmp, "curate", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation})
+            raise ValueError(
+                f"curate: every one of the {counts['pairs_in']} pairs was dropped ({counts['dropped_by_reason']}); nothing to train on; relax params.yaml `curate` or fix the generations upstream"
+            )
+        lineage.write_manifest(
+            tmp, "curate", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation}
+        )
     write_json(args.metrics, counts)
     log.info("curate: kept %d of %d pairs; dropped %s", counts["kept"], counts["pairs_in"], counts["dropped_by_reason"])
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

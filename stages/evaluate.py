@@ -26,11 +26,15 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from stages.lib import cli, encoding, lineage, losses, models, params, records, toytask
-from stages.lib.config import Dtype, GenerationParams, ModelParams
-from stages.lib.generation import generate_transformers
-from stages.lib.io import DataError, atomic_dir, read_rows, write_json, write_table
-from stages.lib.params import check
+from stages.lib.audit import lineage
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Dtype, GenerationParams, ModelParams
+from stages.lib.core.params import check
+from stages.lib.data import encoding, records
+from stages.lib.data.io import DataError, atomic_dir, read_rows, write_json, write_table
+from stages.lib.engines.generation import generate_transformers
+from stages.lib.task import toytask
+from stages.lib.training import losses
 
 log = logging.getLogger("evaluate")
 
@@ -66,7 +70,9 @@ class EvaluateParams:
         check(self.temperature >= 0.0, "temperature", "must be >= 0")
 
     def generation(self) -> GenerationParams:
-        return GenerationParams("transformers", self.batch_size, self.max_new_tokens, self.temperature, 1.0, 1, self.seed, 1)
+        return GenerationParams(
+            "transformers", self.batch_size, self.max_new_tokens, self.temperature, 1.0, 1, self.seed, 1
+        )
 
 
 SECTIONS: dict[str, Any] = {
@@ -88,7 +94,11 @@ def accuracy(prompts: list[dict[str, Any]], gens: list[dict[str, Any]]) -> dict[
         if pr["reference"] is not None:
             per[pr["category"] or "all"].append(toytask.is_correct(g["response"], pr["reference"]))
     flat = [c for v in per.values() for c in v]
-    return {"exact_match": round(sum(flat) / len(flat), 4), "per_category": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}, "n": len(flat)}
+    return {
+        "exact_match": round(sum(flat) / len(flat), 4),
+        "per_category": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())},
+        "n": len(flat),
+    }
 
 
 def words(text: str) -> list[str]:
@@ -115,16 +125,37 @@ def rouge_l(candidate: str, reference: str) -> float:
 def length_stats(gens: list[dict[str, Any]]) -> dict[str, float]:
     n = sorted(g["response_tokens"] for g in gens)
     q = lambda f: n[min(len(n) - 1, int(f * len(n)))]  # noqa: E731
-    return {"mean": round(sum(n) / len(n), 3), "p50": q(0.5), "p90": q(0.9), "max": n[-1],
-            "truncated": round(sum(g["finish_reason"] == "length" for g in gens) / len(gens), 4)}
+    return {
+        "mean": round(sum(n) / len(n), 3),
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "max": n[-1],
+        "truncated": round(sum(g["finish_reason"] == "length" for g in gens) / len(gens), 4),
+    }
 
 
-def sequences(tok: Any, prompts: list[dict[str, Any]], responses: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    return [(encoding.prompt_ids(tok, pr["prompt"]), encoding.response_ids(tok, g["response"], eos=g["finish_reason"] == "stop")) for pr, g in zip(prompts, responses, strict=True)]
+def sequences(
+    tok: Any, prompts: list[dict[str, Any]], responses: list[dict[str, Any]]
+) -> list[tuple[list[int], list[int]]]:
+    return [
+        (
+            encoding.prompt_ids(tok, pr["prompt"]),
+            encoding.response_ids(tok, g["response"], eos=g["finish_reason"] == "stop"),
+        )
+        for pr, g in zip(prompts, responses, strict=True)
+    ]
 
 
 @torch.no_grad()
-def teacher_forced(teacher: torch.nn.Module | None, student: torch.nn.Module, tok: Any, seqs: list[tuple[list[int], list[int]]], vocab: int, batch_size: int, where: str) -> dict[str, float]:
+def teacher_forced(
+    teacher: torch.nn.Module | None,
+    student: torch.nn.Module,
+    tok: Any,
+    seqs: list[tuple[list[int], list[int]]],
+    vocab: int,
+    batch_size: int,
+    where: str,
+) -> dict[str, float]:
     """Token-mean scores of `student` on fixed responses: its NLL, and with a teacher,
     KL(teacher || student) and the greedy agreement (the share of positions where both
     models' most likely next token is the same: the acceptance rate of greedy
@@ -148,7 +179,9 @@ def teacher_forced(teacher: torch.nn.Module | None, student: torch.nn.Module, to
             agree += float((t_logits[b.response_mask].argmax(-1) == s_logits[b.response_mask].argmax(-1)).sum())
         tokens += n
     if tokens == 0:
-        raise ValueError(f"evaluate: {where} have no tokens to score (every response empty and truncated); raise evaluate.max_new_tokens or check the model")
+        raise ValueError(
+            f"evaluate: {where} have no tokens to score (every response empty and truncated); raise evaluate.max_new_tokens or check the model"
+        )
     out = {"nll": round(nll / tokens, 6)}
     if teacher is not None:
         out |= {"kl_teacher_student": round(kl / tokens, 6), "greedy_agreement": round(agree / tokens, 6)}
@@ -156,7 +189,9 @@ def teacher_forced(teacher: torch.nn.Module | None, student: torch.nn.Module, to
 
 
 @torch.no_grad()
-def speculative(teacher: torch.nn.Module, student: torch.nn.Module, tok: Any, prompts: list[dict[str, Any]], p: EvaluateParams) -> dict[str, float]:
+def speculative(
+    teacher: torch.nn.Module, student: torch.nn.Module, tok: Any, prompts: list[dict[str, Any]], p: EvaluateParams
+) -> dict[str, float]:
     """Greedy assisted generation (transformers' speculative decoding) with the student
     drafting `draft_tokens` tokens for the teacher, one prompt at a time, on the first
     `speculative_prompts` eval prompts. Reports teacher forward passes per generated
@@ -169,59 +204,113 @@ def speculative(teacher: torch.nn.Module, student: torch.nn.Module, tok: Any, pr
         plain_calls = assisted_calls = new_tokens = same = 0
         for pr in prompts[: p.speculative_prompts]:
             ids = torch.tensor([encoding.prompt_ids(tok, pr["prompt"])])
-            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            kw = dict(
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=p.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
             calls[0] = 0
             plain = teacher.generate(ids, **kw)
             plain_calls += calls[0]
             calls[0] = 0
-            assisted = teacher.generate(ids, assistant_model=student, num_assistant_tokens=p.draft_tokens,
-                                        num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0, **kw)
+            assisted = teacher.generate(
+                ids,
+                assistant_model=student,
+                num_assistant_tokens=p.draft_tokens,
+                num_assistant_tokens_schedule="constant",
+                assistant_confidence_threshold=0.0,
+                **kw,
+            )
             assisted_calls += calls[0]
             new_tokens += plain.shape[1] - ids.shape[1]
             same += int(torch.equal(plain, assisted))
     finally:
         hook.remove()
     n = min(len(prompts), p.speculative_prompts)
-    return {"prompts": n, "draft_tokens": p.draft_tokens, "tokens": new_tokens,
-            "teacher_calls_per_token": round(assisted_calls / new_tokens, 4), "teacher_calls_per_token_plain": round(plain_calls / new_tokens, 4),
-            "teacher_call_speedup": round(plain_calls / assisted_calls, 4), "matches_greedy": round(same / n, 4)}
+    return {
+        "prompts": n,
+        "draft_tokens": p.draft_tokens,
+        "tokens": new_tokens,
+        "teacher_calls_per_token": round(assisted_calls / new_tokens, 4),
+        "teacher_calls_per_token_plain": round(plain_calls / new_tokens, 4),
+        "teacher_call_speedup": round(plain_calls / assisted_calls, 4),
+        "matches_greedy": round(same / n, 4),
+    }
 
 
-def generate(model: torch.nn.Module, tok: Any, fp: str, name: str, prompts: list[dict[str, Any]], p: EvaluateParams) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def generate(
+    model: torch.nn.Module, tok: Any, fp: str, name: str, prompts: list[dict[str, Any]], p: EvaluateParams
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """A model's eval responses: (metrics, generations, prediction rows)."""
     gens = generate_transformers(model, tok, prompts, p.generation(), fp, desc=f"evaluate {name}")
     acc = accuracy(prompts, gens)
     metrics: dict[str, Any] = {"accuracy": acc} if acc is not None else {}
     metrics["response_tokens"] = length_stats(gens)
-    rows = [{"model": name, "prompt_id": pr["prompt_id"], "category": pr["category"], "response": g["response"], "finish_reason": g["finish_reason"],
-             "correct": None if pr["reference"] is None else toytask.is_correct(g["response"], pr["reference"])} for pr, g in zip(prompts, gens, strict=True)]
+    rows = [
+        {
+            "model": name,
+            "prompt_id": pr["prompt_id"],
+            "category": pr["category"],
+            "response": g["response"],
+            "finish_reason": g["finish_reason"],
+            "correct": None if pr["reference"] is None else toytask.is_correct(g["response"], pr["reference"]),
+        }
+        for pr, g in zip(prompts, gens, strict=True)
+    ]
     return metrics, gens, rows
 
 
-def student_metrics(teacher: torch.nn.Module, tok_t: Any, student: torch.nn.Module, tok_s: Any, prompts: list[dict[str, Any]],
-                    teacher_gens: list[dict[str, Any]], own_gens: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
+def student_metrics(
+    teacher: torch.nn.Module,
+    tok_t: Any,
+    student: torch.nn.Module,
+    tok_s: Any,
+    prompts: list[dict[str, Any]],
+    teacher_gens: list[dict[str, Any]],
+    own_gens: list[dict[str, Any]],
+    p: EvaluateParams,
+) -> dict[str, Any]:
     """What a student is measured on besides accuracy, against the teacher's responses."""
     vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
-    on_teacher = teacher_forced(teacher, student, tok_s, sequences(tok_s, prompts, teacher_gens), vocab, p.batch_size, "the teacher's eval responses")
+    on_teacher = teacher_forced(
+        teacher,
+        student,
+        tok_s,
+        sequences(tok_s, prompts, teacher_gens),
+        vocab,
+        p.batch_size,
+        "the teacher's eval responses",
+    )
     own = sequences(tok_s, prompts, own_gens)
     # A student may answer with nothing scorable at all (only special tokens, cut off):
     # then there is no NLL on its own responses, and the metrics say so.
     scorable = sum(len(r) for _, r in own)
-    on_own = teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses") if scorable else {"nll": None}
+    on_own = (
+        teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses")
+        if scorable
+        else {"nll": None}
+    )
     out: dict[str, Any] = {
         "kl_teacher_student": on_teacher["kl_teacher_student"],
         "nll_on_teacher_responses": on_teacher["nll"],
         "nll_on_own_responses": on_own["nll"],  # DPKD's collapse shows here; null: nothing to score
         "own_response_tokens_scored": scorable,
         "greedy_agreement": on_teacher["greedy_agreement"],
-        "rouge_l_vs_teacher": round(sum(rouge_l(g["response"], t["response"]) for g, t in zip(own_gens, teacher_gens, strict=True)) / len(own_gens), 6),
+        "rouge_l_vs_teacher": round(
+            sum(rouge_l(g["response"], t["response"]) for g, t in zip(own_gens, teacher_gens, strict=True))
+            / len(own_gens),
+            6,
+        ),
     }
     if p.speculative_prompts:
         out["speculative"] = speculative(teacher, student, tok_s, prompts, p)
     return out
 
 
-def run(loaded: dict[str, tuple[torch.nn.Module, Any, str]], prompts: list[dict[str, Any]], p: EvaluateParams) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run(
+    loaded: dict[str, tuple[torch.nn.Module, Any, str]], prompts: list[dict[str, Any]], p: EvaluateParams
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`loaded` maps teacher / student_initial / student_distilled to (model, tokenizer, fingerprint)."""
     metrics: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
@@ -232,35 +321,60 @@ def run(loaded: dict[str, tuple[torch.nn.Module, Any, str]], prompts: list[dict[
     teacher, tok_t, _ = loaded["teacher"]
     for name in ("student_initial", "student_distilled"):
         student, tok_s, _ = loaded[name]
-        metrics[name] |= student_metrics(teacher, tok_t, student, tok_s, prompts, responses["teacher"], responses[name], p)
+        metrics[name] |= student_metrics(
+            teacher, tok_t, student, tok_s, prompts, responses["teacher"], responses[name], p
+        )
     return metrics, predictions
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "prompts", "models", "trained", "out", "metrics")
+    args = entry.parse_paths(__doc__, "prompts", "models", "trained", "out", "metrics")
     used = params.load_sections(args.params, SECTIONS)
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     eval_file, train_file = args.prompts / "eval.parquet", args.prompts / "train.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
-    leaked = {pr["prompt_id"] for pr in prompts} & {pr["prompt_id"] for pr in read_rows(train_file, records.PROMPT_SCHEMA)}
+    leaked = {pr["prompt_id"] for pr in prompts} & {
+        pr["prompt_id"] for pr in read_rows(train_file, records.PROMPT_SCHEMA)
+    }
     if leaked:
-        raise DataError(f"{eval_file}: {len(leaked)} eval prompts are also training prompts (e.g. {sorted(leaked)[0]}); evaluation would be contaminated")
+        raise DataError(
+            f"{eval_file}: {len(leaked)} eval prompts are also training prompts (e.g. {sorted(leaked)[0]}); evaluation would be contaminated"
+        )
     refs = {
         "teacher": (used["models.teacher"].ref(), args.models / "teacher"),
         "student_initial": (used["models.student"].ref(), args.models / "student"),
         "student_distilled": (models.ModelRef(str(args.trained / "model"), None), Path()),
     }
-    loaded = {name: (models.load_model(ref, d, trust, dtype), models.load_tokenizer(ref, d, trust), models.fingerprint(ref, d)) for name, (ref, d) in refs.items()}
+    loaded = {
+        name: (
+            models.load_model(ref, d, trust, dtype),
+            models.load_tokenizer(ref, d, trust),
+            models.fingerprint(ref, d),
+        )
+        for name, (ref, d) in refs.items()
+    }
     metrics, predictions = run(loaded, prompts, used["evaluate"])
     metrics["eval_prompts"] = len(prompts)
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "predictions.parquet", predictions, PREDICTION_SCHEMA)
-        lineage.write_manifest(tmp, "evaluate", used, inputs={"eval_prompts": eval_file, "train_prompts": train_file, "trained": args.trained}, outputs={"predictions.parquet": n}, counts=metrics)
+        lineage.write_manifest(
+            tmp,
+            "evaluate",
+            used,
+            inputs={"eval_prompts": eval_file, "train_prompts": train_file, "trained": args.trained},
+            outputs={"predictions.parquet": n},
+            counts=metrics,
+        )
     write_json(args.metrics, metrics)
     for name in loaded:
         acc = metrics[name].get("accuracy")
-        log.info("%s: exact match %s, KL %s", name, acc["exact_match"] if acc else "n/a", metrics[name].get("kl_teacher_student", "-"))
+        log.info(
+            "%s: exact match %s, KL %s",
+            name,
+            acc["exact_match"] if acc else "n/a",
+            metrics[name].get("kl_teacher_student", "-"),
+        )
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

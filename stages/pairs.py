@@ -23,9 +23,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.lib import cli, lineage, params, quality, records
-from stages.lib.io import DataError, atomic_dir, read_rows, write_json, write_table
-from stages.lib.params import check
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, params
+from stages.lib.core.params import check
+from stages.lib.data import records
+from stages.lib.data.io import DataError, atomic_dir, read_rows, write_json, write_table
 
 log = logging.getLogger("pairs")
 
@@ -56,14 +58,22 @@ def _by_prompt(gens: list[dict[str, Any]], prompt_ids: set[str], file: Path) -> 
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row, g in enumerate(gens):
         if g["prompt_id"] not in prompt_ids:
-            raise DataError(f"{file}: row {row}, field 'prompt_id': {g['prompt_id']} is not a training prompt (stale or foreign generations?)")
+            raise DataError(
+                f"{file}: row {row}, field 'prompt_id': {g['prompt_id']} is not a training prompt (stale or foreign generations?)"
+            )
         grouped[g["prompt_id"]].append(g)
     for rows in grouped.values():
         rows.sort(key=lambda g: g["sample_index"])
     return grouped
 
 
-def run(p: PairsParams, prompts: list[dict[str, Any]], teacher: list[dict[str, Any]], student: list[dict[str, Any]], files: tuple[Path, Path] = (Path("teacher"), Path("student"))) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def run(
+    p: PairsParams,
+    prompts: list[dict[str, Any]],
+    teacher: list[dict[str, Any]],
+    student: list[dict[str, Any]],
+    files: tuple[Path, Path] = (Path("teacher"), Path("student")),
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(pairs, quarantine, counts) from prompts and both sides' generations."""
     ids = {pr["prompt_id"] for pr in prompts}
     t_by = _by_prompt(teacher, ids, files[0])
@@ -81,21 +91,23 @@ def run(p: PairsParams, prompts: list[dict[str, Any]], teacher: list[dict[str, A
             continue
         for k in range(min(max(len(ts), len(ss)), p.max_pairs_per_prompt)):
             c, r = ts[k % len(ts)], ss[k % len(ss)]
-            pairs.append({
-                "pair_id": records.pair_id(pid, c["generation_id"], r["generation_id"]),
-                "prompt_id": pid,
-                "chosen_id": c["generation_id"],
-                "rejected_id": r["generation_id"],
-                "prompt": pr["prompt"],
-                "chosen": c["response"],
-                "rejected": r["response"],
-                "reference": pr["reference"],
-                "category": pr["category"],
-                "chosen_finish_reason": c["finish_reason"],
-                "rejected_finish_reason": r["finish_reason"],
-                "chosen_tokens": c["response_tokens"],
-                "rejected_tokens": r["response_tokens"],
-            })
+            pairs.append(
+                {
+                    "pair_id": records.pair_id(pid, c["generation_id"], r["generation_id"]),
+                    "prompt_id": pid,
+                    "chosen_id": c["generation_id"],
+                    "rejected_id": r["generation_id"],
+                    "prompt": pr["prompt"],
+                    "chosen": c["response"],
+                    "rejected": r["response"],
+                    "reference": pr["reference"],
+                    "category": pr["category"],
+                    "chosen_finish_reason": c["finish_reason"],
+                    "rejected_finish_reason": r["finish_reason"],
+                    "chosen_tokens": c["response_tokens"],
+                    "rejected_tokens": r["response_tokens"],
+                }
+            )
     counts = {
         "prompts": len(prompts),
         "prompts_paired": len(prompts) - len(quarantine),
@@ -107,22 +119,44 @@ def run(p: PairsParams, prompts: list[dict[str, Any]], teacher: list[dict[str, A
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "prompts", "teacher", "student", "out", "metrics", optional=("docs",))
+    args = entry.parse_paths(__doc__, "prompts", "teacher", "student", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
-    files = {"prompts": args.prompts / "train.parquet", "teacher": args.teacher / "generations.parquet", "student": args.student / "generations.parquet"}
+    files = {
+        "prompts": args.prompts / "train.parquet",
+        "teacher": args.teacher / "generations.parquet",
+        "student": args.student / "generations.parquet",
+    }
     prompts = read_rows(files["prompts"], records.PROMPT_SCHEMA)
     teacher = read_rows(files["teacher"], records.GENERATION_SCHEMA)
     student = read_rows(files["student"], records.GENERATION_SCHEMA)
     gates = quality.StageGates(used["quality"], args.docs)
     ids = {"prompt_id": pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())}
     gates.strict("prompts", files["prompts"], "prompt", pa.Table.from_pylist(prompts, schema=records.PROMPT_SCHEMA))
-    gates.strict("teacher generations", files["teacher"], "generation", pa.Table.from_pylist(teacher, schema=records.GENERATION_SCHEMA), refs=ids)
-    gates.strict("student generations", files["student"], "generation", pa.Table.from_pylist(student, schema=records.GENERATION_SCHEMA), refs=ids, truncation=False)
+    gates.strict(
+        "teacher generations",
+        files["teacher"],
+        "generation",
+        pa.Table.from_pylist(teacher, schema=records.GENERATION_SCHEMA),
+        refs=ids,
+    )
+    gates.strict(
+        "student generations",
+        files["student"],
+        "generation",
+        pa.Table.from_pylist(student, schema=records.GENERATION_SCHEMA),
+        refs=ids,
+        truncation=False,
+    )
     pairs, quarantine, counts = run(used["pairs"], prompts, teacher, student, (files["teacher"], files["student"]))
     # the output: every id resolves upstream (referential integrity), no duplicates beyond the threshold
-    refs = {**ids, "chosen_id": pa.array([g["generation_id"] for g in teacher], type=pa.string()),
-            "rejected_id": pa.array([g["generation_id"] for g in student], type=pa.string())}
-    gates.strict("pairs", args.out / "pairs.parquet", "pair", pa.Table.from_pylist(pairs, schema=records.PAIR_SCHEMA), refs=refs)
+    refs = {
+        **ids,
+        "chosen_id": pa.array([g["generation_id"] for g in teacher], type=pa.string()),
+        "rejected_id": pa.array([g["generation_id"] for g in student], type=pa.string()),
+    }
+    gates.strict(
+        "pairs", args.out / "pairs.parquet", "pair", pa.Table.from_pylist(pairs, schema=records.PAIR_SCHEMA), refs=refs
+    )
     validation = gates.finish()
     counts["gates"] = quality.summary(validation)
     with atomic_dir(args.out) as tmp:
@@ -130,10 +164,17 @@ def main() -> None:
             "pairs.parquet": write_table(tmp / "pairs.parquet", pairs, records.PAIR_SCHEMA),
             "quarantine.parquet": write_table(tmp / "quarantine.parquet", quarantine, QUARANTINE_SCHEMA),
         }
-        lineage.write_manifest(tmp, "pairs", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation})
+        lineage.write_manifest(
+            tmp, "pairs", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation}
+        )
     write_json(args.metrics, counts)
-    log.info("pairs: %d pairs from %d prompts, %d prompts quarantined", counts["pairs"], counts["prompts"], counts["prompts_quarantined"])
+    log.info(
+        "pairs: %d pairs from %d prompts, %d prompts quarantined",
+        counts["pairs"],
+        counts["prompts"],
+        counts["prompts_quarantined"],
+    )
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from stages.compare import RunParams
-from stages.lib import cli, params
-from stages.lib.io import DataError, atomic_dir, atomic_path
-from stages.lib.params import check
+from stages.lib.core import entry, params
+from stages.lib.core.params import check
+from stages.lib.data.io import DataError, atomic_dir, atomic_path
 
 log = logging.getLogger("report")
 
@@ -38,7 +38,11 @@ class CompareParams:
     runs: dict[str, RunParams]  # name -> method and DistiLLM-2 switches disabled
 
     def __post_init__(self) -> None:
-        check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", "list at least one seed, each once")
+        check(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+            "seeds",
+            "list at least one seed, each once",
+        )
         check(len(self.runs) >= 1, "runs", "name at least one run")
 
 
@@ -60,9 +64,26 @@ METRICS: list[tuple[str, tuple[str, ...], bool]] = [
 
 # The paper's orderings (METHOD.md), worst to best, with its figures.
 PAPER = {
-    "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": [("sft", 30.33), ("kd", 41.19), ("gkd", 56.14), ("distillm", 56.35), ("distillm2", 58.69)],
-    "ablation (Evol-Instruct win rate)": [("distillm", 41.55), ("contrastive", 43.61), ("contrastive_beta", 44.80), ("contrastive_alpha", 45.22), ("distillm2", 46.50)],
-    "speculative decoding drafter (acceptance rate)": [("sft", 0.412), ("gkd", 0.464), ("distillm", 0.469), ("distillm2", 0.487)],
+    "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": [
+        ("sft", 30.33),
+        ("kd", 41.19),
+        ("gkd", 56.14),
+        ("distillm", 56.35),
+        ("distillm2", 58.69),
+    ],
+    "ablation (Evol-Instruct win rate)": [
+        ("distillm", 41.55),
+        ("contrastive", 43.61),
+        ("contrastive_beta", 44.80),
+        ("contrastive_alpha", 45.22),
+        ("distillm2", 46.50),
+    ],
+    "speculative decoding drafter (acceptance rate)": [
+        ("sft", 0.412),
+        ("gkd", 0.464),
+        ("distillm", 0.469),
+        ("distillm2", 0.487),
+    ],
 }
 PAPER_METRIC = {"speculative decoding drafter (acceptance rate)": "greedy_agreement"}
 
@@ -71,7 +92,9 @@ def dig(node: Any, path: tuple[str, ...], where: str) -> float | None:
     """The value at `path`; None where the cell recorded null (nothing to measure)."""
     for k in path:
         if not isinstance(node, dict) or k not in node:
-            raise DataError(f"{where}: no {'.'.join(path)} (every cell must have been evaluated the same way; rerun `dvc repro`)")
+            raise DataError(
+                f"{where}: no {'.'.join(path)} (every cell must have been evaluated the same way; rerun `dvc repro`)"
+            )
         node = node[k]
     return None if node is None else float(node)
 
@@ -92,7 +115,9 @@ def aggregate(cells_dir: Path, p: CompareParams) -> dict[str, dict[str, tuple[fl
         for seed in p.seeds:
             f = cells_dir / f"{run}-{seed}.json"
             if not f.is_file():
-                raise DataError(f"{f}: missing; compare.runs lists {run!r} and compare.seeds {seed}, so `dvc repro` should have made it")
+                raise DataError(
+                    f"{f}: missing; compare.runs lists {run!r} and compare.seeds {seed}, so `dvc repro` should have made it"
+                )
             cell = json.loads(f.read_text())
             if (cell["run"], cell["seed"]) != (run, seed):
                 raise DataError(f"{f}: holds run {cell['run']!r} seed {cell['seed']}, not {run!r} seed {seed}")
@@ -126,7 +151,9 @@ def verdict(table: dict[str, dict[str, tuple[float, float]]], default_metric: st
             continue
         lines += [f"**{title}**, ours by {metric}:", ""]
         lines += ["| run | paper | ours (mean ± std) |", "|---|---|---|"]
-        lines += [f"| {run} | {fig} | {table[run][metric][0]:.4f} ± {table[run][metric][1]:.4f} |" for run, fig in present]
+        lines += [
+            f"| {run} | {fig} | {table[run][metric][0]:.4f} ± {table[run][metric][1]:.4f} |" for run, fig in present
+        ]
         lines.append("")
         agree = 0
         for (a, _), (b, _) in zip(present, present[1:]):
@@ -135,13 +162,17 @@ def verdict(table: dict[str, dict[str, tuple[float, float]]], default_metric: st
             same = diff > 0
             agree += same
             clear = abs(diff) > sa + sb
-            lines.append(f"- paper: {b} > {a}; ours: {b} {'>' if diff > 0 else '<=' } {a} by {abs(diff):.4f} "
-                         f"({'agrees' if same else 'disagrees'}; {'larger than' if clear else 'within'} the seed spread {sa + sb:.4f})")
+            lines.append(
+                f"- paper: {b} > {a}; ours: {b} {'>' if diff > 0 else '<='} {a} by {abs(diff):.4f} "
+                f"({'agrees' if same else 'disagrees'}; {'larger than' if clear else 'within'} the seed spread {sa + sb:.4f})"
+            )
         lines += ["", f"{agree} of {len(present) - 1} adjacent orderings agree with the paper.", ""]
     return lines
 
 
-def write(out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]], p: CompareParams, reference: dict[str, Any]) -> None:
+def write(
+    out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]], p: CompareParams, reference: dict[str, Any]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,12 +185,24 @@ def write(out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]
             w = csv.writer(f)
             w.writerow(["run", "method", "disable", "seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))])
             for run, v in table.items():
-                w.writerow([run, p.runs[run].method, "+".join(p.runs[run].disable), len(p.seeds), *(f"{v[c][i]:.6f}" if c in v else "" for c in cols for i in (0, 1))])
+                w.writerow(
+                    [
+                        run,
+                        p.runs[run].method,
+                        "+".join(p.runs[run].disable),
+                        len(p.seeds),
+                        *(f"{v[c][i]:.6f}" if c in v else "" for c in cols for i in (0, 1)),
+                    ]
+                )
         ranked = sorted(table, key=lambda r: -table[r][main][0])
         md = [f"| run | method | disabled | {' | '.join(cols)} |", "|---|---|---|" + "---|" * len(cols)]
         for run in ranked:
             v = table[run]
-            md.append(f"| {run} | {p.runs[run].method} | {', '.join(p.runs[run].disable) or '-'} | " + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols) + " |")
+            md.append(
+                f"| {run} | {p.runs[run].method} | {', '.join(p.runs[run].disable) or '-'} | "
+                + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols)
+                + " |"
+            )
         (tmp / "table.md").write_text("\n".join(md) + "\n")
         fig, ax = plt.subplots(figsize=(9, 4))
         means, stds = [table[r][main][0] for r in ranked], [table[r][main][1] for r in ranked]
@@ -181,11 +224,23 @@ def write(out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]
             acc = reference[name].get("accuracy")
             if acc is not None:
                 ref_lines.append(f"- {name}: exact match {acc['exact_match']:.4f} (metrics/evaluate.json)")
-        readme = ["# Method comparison", "",
-                  f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), all trained from the same initial student on the same",
-                  "curated pairs with the same loop; mean ± sample standard deviation over seeds. Produced by",
-                  "`dvc repro report` (stages compare@<run>-<seed> and report).", "", *ref_lines, "", "## Table", "", *md, "",
-                  "## Against the paper", "", *verdict(table, main)]
+        readme = [
+            "# Method comparison",
+            "",
+            f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), all trained from the same initial student on the same",
+            "curated pairs with the same loop; mean ± sample standard deviation over seeds. Produced by",
+            "`dvc repro report` (stages compare@<run>-<seed> and report).",
+            "",
+            *ref_lines,
+            "",
+            "## Table",
+            "",
+            *md,
+            "",
+            "## Against the paper",
+            "",
+            *verdict(table, main),
+        ]
         (tmp / "README.md").write_text("\n".join(readme))
     with atomic_path(plot) as tmp_plot, tmp_plot.open("w", newline="") as f:
         w = csv.writer(f)
@@ -195,7 +250,7 @@ def write(out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "cells", "reference", "out", "plot")
+    args = entry.parse_paths(__doc__, "cells", "reference", "out", "plot")
     p: CompareParams = params.load_sections(args.params, SECTIONS)["compare"]
     table = aggregate(args.cells, p)
     write(args.out, args.plot, table, p, json.loads(args.reference.read_text()))
@@ -203,4 +258,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

@@ -26,12 +26,15 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from stages.lib import cli, encoding, lineage, models, params, quality, records
-from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import atomic_dir, read_table, write_json, write_table
-from stages.lib.params import check
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Dtype, ModelParams
+from stages.lib.core.params import check
+from stages.lib.data import encoding, records
+from stages.lib.data.io import atomic_dir, read_table, write_json, write_table
 
 log = logging.getLogger("score")
+
 
 @dataclass(frozen=True)
 class ScoreParams:
@@ -70,22 +73,30 @@ def run(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: Scor
     for s in tqdm(range(0, len(seqs), p.batch_size), desc="score teacher", unit="batch", mininterval=5.0):
         chunk = seqs[s : s + p.batch_size]
         b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
-        logits = teacher(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits[..., :vocab]
+        logits = teacher(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits[
+            ..., :vocab
+        ]
         for i, (pid, side, _) in enumerate(chunk):
             m = b.response_mask[i].to(device)
             lp = torch.log_softmax(logits[i][m].float(), dim=-1)  # (positions, V)
             top = lp.topk(p.k, dim=-1)
             target = lp.gather(-1, b.targets[i].to(device)[m][:, None]).squeeze(-1)
-            rows.append({
-                "pair_id": pid, "side": side, "positions": int(m.sum()), "k": p.k,
-                "topk_ids": top.indices.flatten().tolist(), "topk_logprobs": top.values.flatten().tolist(),
-                "target_logprob": target.tolist(),
-            })
+            rows.append(
+                {
+                    "pair_id": pid,
+                    "side": side,
+                    "positions": int(m.sum()),
+                    "k": p.k,
+                    "topk_ids": top.indices.flatten().tolist(),
+                    "topk_logprobs": top.values.flatten().tolist(),
+                    "target_logprob": target.tolist(),
+                }
+            )
     return rows
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "models", "out", "metrics", optional=("docs",))
+    args = entry.parse_paths(__doc__, "pairs", "models", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     p: ScoreParams = used["score"]
     ref = used["models.teacher"].ref()
@@ -97,22 +108,43 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     vocab: int | None = None
     if p.k > 0:
-        teacher = models.load_model(ref, args.models / "teacher", used["models.trust_remote_code"], used["models.dtype"])
+        teacher = models.load_model(
+            ref, args.models / "teacher", used["models.trust_remote_code"], used["models.dtype"]
+        )
         tok = models.load_tokenizer(ref, args.models / "teacher", used["models.trust_remote_code"])
         vocab = int(teacher.get_output_embeddings().weight.shape[0])
         rows = run(teacher, tok, pairs, p)
     # the output: finite, sorted log-probs, token ids inside the teacher's vocabulary, every pair id known
-    gates.strict("teacher top-k", args.out / "topk.parquet", "topk", pa.Table.from_pylist(rows, schema=records.TOPK_SCHEMA),
-                 vocab_size=vocab, refs={"pair_id": pa.array([pr["pair_id"] for pr in pairs], type=pa.string())})
+    gates.strict(
+        "teacher top-k",
+        args.out / "topk.parquet",
+        "topk",
+        pa.Table.from_pylist(rows, schema=records.TOPK_SCHEMA),
+        vocab_size=vocab,
+        refs={"pair_id": pa.array([pr["pair_id"] for pr in pairs], type=pa.string())},
+    )
     validation = gates.finish()
-    counts = {"pairs": len(pairs), "rows": len(rows), "k": p.k, "positions": sum(r["positions"] for r in rows), "gates": quality.summary(validation)}
+    counts = {
+        "pairs": len(pairs),
+        "rows": len(rows),
+        "k": p.k,
+        "positions": sum(r["positions"] for r in rows),
+        "gates": quality.summary(validation),
+    }
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "topk.parquet", rows, records.TOPK_SCHEMA)
-        lineage.write_manifest(tmp, "score", used, inputs={"pairs": src}, outputs={"topk.parquet": n}, counts=counts,
-                               extra={"teacher": models.describe(ref, args.models / "teacher"), "validation": validation})
+        lineage.write_manifest(
+            tmp,
+            "score",
+            used,
+            inputs={"pairs": src},
+            outputs={"topk.parquet": n},
+            counts=counts,
+            extra={"teacher": models.describe(ref, args.models / "teacher"), "validation": validation},
+        )
     write_json(args.metrics, counts)
     log.info("score: k=%d, %d rows, %d positions", p.k, counts["rows"], counts["positions"])
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

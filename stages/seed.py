@@ -31,12 +31,15 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lib import cli, lineage, models, params, quality, records, toytask
-from stages.lib.config import Device, Dtype, GenerationParams, ModelParams, TaskParams
-from stages.lib.io import DataError, atomic_dir, write_json
-from stages.lib.models import ModelRef
-from stages.lib.params import check
-from stages.lib.stream import ParquetSink, RowSink
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Device, Dtype, GenerationParams, ModelParams, TaskParams
+from stages.lib.core.models import ModelRef
+from stages.lib.core.params import check
+from stages.lib.data import records
+from stages.lib.data.io import DataError, atomic_dir, write_json
+from stages.lib.data.stream import ParquetSink, RowSink
+from stages.lib.task import toytask
 
 log = logging.getLogger("seed")
 
@@ -97,7 +100,17 @@ class SynthesisParams:
         check(self.few_shot >= 1, "few_shot", "must be >= 1")
 
     def generation(self) -> GenerationParams:
-        return GenerationParams(self.engine, self.batch_size, self.max_new_tokens, self.temperature, self.top_p, 1, self.seed, 1, self.device)
+        return GenerationParams(
+            self.engine,
+            self.batch_size,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            1,
+            self.seed,
+            1,
+            self.device,
+        )
 
 
 SYNTHESIS_OFF = SynthesisParams(False, 1, 1, 1, "transformers", "cpu", 1, 1, 1.0, 1.0, 0)
@@ -118,12 +131,22 @@ class SeedParams:
         check(self.num_train >= 1, "num_train", "must be >= 1")
         check(self.num_eval >= 1, "num_eval", "must be >= 1")
         check(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
-        check(not self.synthesis.enabled or self.synthesis.few_shot <= self.num_train, "synthesis.few_shot", "must be <= num_train (examples are train prompts)")
+        check(
+            not self.synthesis.enabled or self.synthesis.few_shot <= self.num_train,
+            "synthesis.few_shot",
+            "must be <= num_train (examples are train prompts)",
+        )
 
 
 # models.*: the teacher that synthesis samples (read only when seed.synthesis.enabled).
-SECTIONS: dict[str, Any] = {"task": TaskParams, "seed": SeedParams, "models.teacher": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype,
-                            "quality": quality.QualityParams}
+SECTIONS: dict[str, Any] = {
+    "task": TaskParams,
+    "seed": SeedParams,
+    "models.teacher": ModelParams,
+    "models.trust_remote_code": bool,
+    "models.dtype": Dtype,
+    "quality": quality.QualityParams,
+}
 PARAMS = tuple(SECTIONS)
 
 # A raw row: (source_ref, raw prompt value, reference answer, category, reader error)
@@ -230,7 +253,15 @@ def _reason(p: SeedParams, raw: Any, error: str | None) -> tuple[str | None, str
     return None, text
 
 
-def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink, evals: RowSink, quarantine: RowSink, pool: Pool | None = None) -> SeedResult:
+def stream(
+    task: TaskParams,
+    p: SeedParams,
+    rows: Iterator[Raw],
+    train: RowSink,
+    evals: RowSink,
+    quarantine: RowSink,
+    pool: Pool | None = None,
+) -> SeedResult:
     """Stream `rows` into the train, eval and quarantine sinks, in source order.
 
     Memory is the dedup set (16 bytes of id per valid prompt) plus the sinks'
@@ -247,7 +278,9 @@ def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink,
         if n_train >= p.num_train and n_eval >= p.num_eval:
             break
         if limit is not None and read >= limit:
-            raise ValueError(f"seed: the toy task yielded only {n_train} train / {n_eval} eval distinct prompts in {read} draws; widen `task` or lower seed.num_train / seed.num_eval")
+            raise ValueError(
+                f"seed: the toy task yielded only {n_train} train / {n_eval} eval distinct prompts in {read} draws; widen `task` or lower seed.num_train / seed.num_eval"
+            )
         read += 1
         reason, text = _reason(p, raw, error)
         pid = records.prompt_id(text) if reason is None else None
@@ -257,7 +290,16 @@ def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink,
         if reason is not None:
             reasons[reason] += 1
             quarantined += 1
-            quarantine.write([{"source_ref": ref, "prompt": raw if isinstance(raw, str) else None, "prompt_id": pid, "reason": reason}])
+            quarantine.write(
+                [
+                    {
+                        "source_ref": ref,
+                        "prompt": raw if isinstance(raw, str) else None,
+                        "prompt_id": pid,
+                        "reason": reason,
+                    }
+                ]
+            )
             continue
         assert pid is not None
         seen.add(key)
@@ -265,7 +307,15 @@ def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink,
         if (split == "eval" and n_eval >= p.num_eval) or (split == "train" and n_train >= p.num_train):
             unused += 1  # valid, but its split's quota is already full
             continue
-        row = {"prompt_id": pid, "prompt": text, "split": split, "reference": reference, "category": category, "source": p.source.kind, "source_ref": ref}
+        row = {
+            "prompt_id": pid,
+            "prompt": text,
+            "split": split,
+            "reference": reference,
+            "category": category,
+            "source": p.source.kind,
+            "source_ref": ref,
+        }
         if split == "eval":
             evals.write([row])
             n_eval += 1
@@ -275,7 +325,9 @@ def stream(task: TaskParams, p: SeedParams, rows: Iterator[Raw], train: RowSink,
             if pool is not None:
                 pool.offer(pid, text)
     if not n_train or not n_eval:
-        raise DataError(f"seed: source {p.source.kind} {p.source.path or ''} gave {n_train} train and {n_eval} eval prompts; both sets need at least one")
+        raise DataError(
+            f"seed: source {p.source.kind} {p.source.path or ''} gave {n_train} train and {n_eval} eval prompts; both sets need at least one"
+        )
     counts = {
         "read": read,
         "train": n_train,
@@ -300,7 +352,9 @@ class ListSink:
         self.rows += len(new)
 
 
-def run(task: TaskParams, p: SeedParams, rows: Iterator[Raw]) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+def run(
+    task: TaskParams, p: SeedParams, rows: Iterator[Raw]
+) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """`stream` into lists: (train, eval, quarantine, counts). For small sets (tests,
     other stages' fixtures); main() streams to Parquet instead."""
     train, evals, quarantine = ListSink(), ListSink(), ListSink()
@@ -388,7 +442,9 @@ class Candidate:
     category: str | None = None
 
 
-def judge(response: str, finish_reason: str, task: TaskParams, p: SeedParams, seen: set[bytes], synthetic: set[bytes]) -> Candidate:
+def judge(
+    response: str, finish_reason: str, task: TaskParams, p: SeedParams, seen: set[bytes], synthetic: set[bytes]
+) -> Candidate:
     """Parse and validate one teacher response as a new train prompt."""
     if finish_reason == "length":
         return Candidate("truncated", response, None)
@@ -414,24 +470,42 @@ def judge(response: str, finish_reason: str, task: TaskParams, p: SeedParams, se
     return Candidate(None, text, pid, reference, category)
 
 
-def attempts(p: SynthesisParams, pool: Pool, toy: bool, start: int, n: int, rng: random.Random) -> list[tuple[list[str], dict[str, Any]]]:
+def attempts(
+    p: SynthesisParams, pool: Pool, toy: bool, start: int, n: int, rng: random.Random
+) -> list[tuple[list[str], dict[str, Any]]]:
     """Attempts start..start+n-1: (example prompt ids, prompt record). The record's id
     is per attempt, so equal few-shot texts still get distinct generation ids."""
     out = []
     for i in range(start, start + n):
         examples = rng.sample(pool.items, p.few_shot)
         text = few_shot_text([t for _, t in examples], toy)
-        out.append(([pid for pid, _ in examples], {"prompt_id": records.content_id("synthesis-attempt", str(i), records.prompt_id(text)), "prompt": text}))
+        out.append(
+            (
+                [pid for pid, _ in examples],
+                {"prompt_id": records.content_id("synthesis-attempt", str(i), records.prompt_id(text)), "prompt": text},
+            )
+        )
     return out
 
 
-def synthesise(task: TaskParams, p: SeedParams, seen: set[bytes], pool: Pool, generate: Generate, model: str, train: RowSink, quarantine: RowSink) -> dict[str, Any]:
+def synthesise(
+    task: TaskParams,
+    p: SeedParams,
+    seen: set[bytes],
+    pool: Pool,
+    generate: Generate,
+    model: str,
+    train: RowSink,
+    quarantine: RowSink,
+) -> dict[str, Any]:
     """Self-instruct: ask the teacher for new tasks from few-shot train examples, keep
     the valid, new, train-split ones (source "synthetic"), quarantine the rest.
     Returns the counts: attempted = accepted + rejected."""
     s = p.synthesis
     if len(pool.items) < s.few_shot:
-        raise DataError(f"seed.synthesis: {len(pool.items)} train prompts to draw examples from; few_shot is {s.few_shot}")
+        raise DataError(
+            f"seed.synthesis: {len(pool.items)} train prompts to draw examples from; few_shot is {s.few_shot}"
+        )
     rng = random.Random(s.seed)
     synthetic: set[bytes] = set()
     reasons: Counter[str] = Counter()
@@ -445,17 +519,45 @@ def synthesise(task: TaskParams, p: SeedParams, seen: set[bytes], pool: Pool, ge
                 break
             attempted += 1
             gen = by_prompt[rec["prompt_id"]]
-            ref = records.canonical_json({"examples": example_ids, "generation_id": gen["generation_id"], "model": model})
+            ref = records.canonical_json(
+                {"examples": example_ids, "generation_id": gen["generation_id"], "model": model}
+            )
             c = judge(gen["response"], gen["finish_reason"], task, p, seen, synthetic)
             if c.reason is not None:
                 reasons[c.reason] += 1
-                quarantine.write([{"source_ref": ref, "prompt": gen["response"], "prompt_id": c.pid, "reason": f"synthesis:{c.reason}"}])
+                quarantine.write(
+                    [
+                        {
+                            "source_ref": ref,
+                            "prompt": gen["response"],
+                            "prompt_id": c.pid,
+                            "reason": f"synthesis:{c.reason}",
+                        }
+                    ]
+                )
                 continue
             assert c.pid is not None
             synthetic.add(bytes.fromhex(c.pid))
             accepted += 1
-            train.write([{"prompt_id": c.pid, "prompt": c.text, "split": "train", "reference": c.reference, "category": c.category, "source": "synthetic", "source_ref": ref}])
-    return {"attempted": attempted, "accepted": accepted, "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+            train.write(
+                [
+                    {
+                        "prompt_id": c.pid,
+                        "prompt": c.text,
+                        "split": "train",
+                        "reference": c.reference,
+                        "category": c.category,
+                        "source": "synthetic",
+                        "source_ref": ref,
+                    }
+                ]
+            )
+    return {
+        "attempted": attempted,
+        "accepted": accepted,
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
 
 
 @dataclass(frozen=True)
@@ -473,18 +575,26 @@ def teacher_of(sections: dict[str, Any], models_dir: Path | None) -> Teacher:
     if models_dir is None:
         raise ValueError("seed: seed.synthesis.enabled needs the models folder: pass --models data/bootstrap")
     ref = sections["models.teacher"].ref()
-    return Teacher(ref, models_dir / "teacher", models.lineage_input(ref, models_dir, "teacher"), sections["models.trust_remote_code"], sections["models.dtype"])
+    return Teacher(
+        ref,
+        models_dir / "teacher",
+        models.lineage_input(ref, models_dir, "teacher"),
+        sections["models.trust_remote_code"],
+        sections["models.dtype"],
+    )
 
 
 def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[str, Any]]:
     """(generate, model fingerprint, manifest details) for the teacher. Imports the
     generation stack (torch, transformers) only here: a run without synthesis never
     loads a model."""
-    from stages.lib import genstage
-    from stages.lib.generation import SEEDING, engine_version, sampling_record
+    from stages import genstage
+    from stages.lib.engines.generation import SEEDING, engine_version, sampling_record
 
     gp = s.generation()
-    spec = genstage.EngineSpec(gp, t.ref, t.model_dir, t.trust_remote_code, t.dtype, genstage.fingerprint(gp, t.ref, t.model_dir))
+    spec = genstage.EngineSpec(
+        gp, t.ref, t.model_dir, t.trust_remote_code, t.dtype, genstage.fingerprint(gp, t.ref, t.model_dir)
+    )
     engine = genstage.open_engine(spec)
     batches_done = 0
 
@@ -493,15 +603,29 @@ def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[s
         out: list[dict[str, Any]] = []
         for shard in genstage.plan(spec, prompts):
             # run-wide batch numbers: every round of attempts gets fresh seeds
-            out.extend(engine.generate(prompts, dataclasses.replace(shard, first_batch=batches_done + shard.first_batch)))
+            out.extend(
+                engine.generate(prompts, dataclasses.replace(shard, first_batch=batches_done + shard.first_batch))
+            )
         batches_done += -(-len(prompts) // gp.batch_size)
         return out
 
-    details = {"model": models.describe(t.ref, t.model_dir), "engine": engine_version(gp.engine), "sampling": sampling_record(gp), "seeding": SEEDING[gp.engine]}
+    details = {
+        "model": models.describe(t.ref, t.model_dir),
+        "engine": engine_version(gp.engine),
+        "sampling": sampling_record(gp),
+        "seeding": SEEDING[gp.engine],
+    }
     return generate, spec.fingerprint, details
 
 
-def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw], synth: tuple[Generate, str] | None = None, batch_rows: int = BATCH_ROWS) -> tuple[SeedResult, dict[str, int]]:
+def stream_to(
+    folder: Path,
+    task: TaskParams,
+    p: SeedParams,
+    rows: Iterator[Raw],
+    synth: tuple[Generate, str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> tuple[SeedResult, dict[str, int]]:
     """`stream` into folder/{train,eval,quarantine}.parquet, then, given `synth`
     (generate, model fingerprint), append synthesised prompts to train and their
     rejections to quarantine; (result, rows per file). Synthesis counts land in
@@ -520,18 +644,20 @@ def stream_to(folder: Path, task: TaskParams, p: SeedParams, rows: Iterator[Raw]
 
 
 def gate_outputs(tmp: Path, out: Path, q: quality.QualityParams, docs: Path | None) -> dict[str, Any]:
-    """The output gates (stages/lib/quality.py): both prompt sets pass the prompt suite,
+    """The output gates (stages/lib/audit/quality.py): both prompt sets pass the prompt suite,
     and no training prompt is an eval prompt. Rows seed rejects never reach the files
     (they are in quarantine.parquet), so any failure here stops the stage."""
     gates = quality.StageGates(q, docs)
     eval_ids = pq.read_table(tmp / "eval.parquet", columns=["prompt_id"]).column("prompt_id").combine_chunks()
     gates.check_file("eval prompts", tmp / "eval.parquet", "prompt", shown=out / "eval.parquet")
-    gates.check_file("train prompts", tmp / "train.parquet", "prompt", shown=out / "train.parquet", refs={"eval": eval_ids})
+    gates.check_file(
+        "train prompts", tmp / "train.parquet", "prompt", shown=out / "train.parquet", refs={"eval": eval_ids}
+    )
     return gates.finish()
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "out", "metrics", optional=("models", "docs"))
+    args = entry.parse_paths(__doc__, "out", "metrics", optional=("models", "docs"))
     sections = params.load_sections(args.params, SECTIONS)
     task, p = sections["task"], sections["seed"]
     inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
@@ -544,7 +670,15 @@ def main() -> None:
         result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth)
         validation = gate_outputs(tmp, args.out, sections["quality"], args.docs)
         counts = {**result.counts, "gates": quality.summary(validation)}
-        lineage.write_manifest(tmp, "seed", sections, inputs=inputs, outputs=outputs, counts=counts, extra={**extra, "validation": validation})
+        lineage.write_manifest(
+            tmp,
+            "seed",
+            sections,
+            inputs=inputs,
+            outputs=outputs,
+            counts=counts,
+            extra={**extra, "validation": validation},
+        )
     write_json(args.metrics, counts)
     log.info("seed: %d train, %d eval, %d quarantined", counts["train"], counts["eval"], counts["quarantined"])
     if "synthesis" in counts:
@@ -552,4 +686,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

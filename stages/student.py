@@ -5,16 +5,17 @@
 
 Reads `models.student`, `models.trust_remote_code`, `models.dtype` and the `student`
 sampling section; writes data/student/generations.parquet and its manifest. The
-shared logic lives in stages/lib/genstage.py (the teacher stage is the same with the
+shared logic lives in stages/genstage.py (the teacher stage is the same with the
 teacher model).
 """
 
 from __future__ import annotations
 
-from stages.lib import cli, genstage
+from stages import genstage
+from stages.lib.core import entry
 
 SECTIONS = genstage.sections("student")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    cli.run(lambda: genstage.main("student", __doc__))
+    entry.run(lambda: genstage.main("student", __doc__))

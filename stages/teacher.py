@@ -5,16 +5,17 @@
 
 Reads `models.teacher`, `models.trust_remote_code`, `models.dtype` and the `teacher`
 sampling section; writes data/teacher/generations.parquet and its manifest. The
-shared logic lives in stages/lib/genstage.py (the student stage is the same with the
+shared logic lives in stages/genstage.py (the student stage is the same with the
 student model).
 """
 
 from __future__ import annotations
 
-from stages.lib import cli, genstage
+from stages import genstage
+from stages.lib.core import entry
 
 SECTIONS = genstage.sections("teacher")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    cli.run(lambda: genstage.main("teacher", __doc__))
+    entry.run(lambda: genstage.main("teacher", __doc__))

@@ -3,7 +3,7 @@
     python -m stages.train --params params.yaml --pairs data/curate --scores data/score \
         --models data/bootstrap --out data/train --metrics metrics/train.json --plot plots/train.csv
 
-`train.method` picks the objective (stages/lib/objectives.py): `distillm2` (default),
+`train.method` picks the objective (stages/lib/training/objectives.py): `distillm2` (default),
 `distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
 DistiLLM-2 objective (../shared/design/METHOD.md), per pair i:
 
@@ -22,7 +22,7 @@ weights as an uninterrupted run. The distilled student is saved with save_pretra
 
 Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.train ...`
 (gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
-batch (stages/lib/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
+batch (stages/lib/training/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
 for GPUs.
 """
 
@@ -35,19 +35,24 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import yaml
 from tqdm import tqdm
 
-from stages.lib import cli, distributed, encoding, lineage, models, params, quality, records, training
-from stages.lib.config import Dtype, ModelParams
-from stages.lib.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, read_table, write_json
-from stages.lib.objectives import (
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Dtype, ModelParams
+from stages.lib.core.params import check
+from stages.lib.data import encoding, records
+from stages.lib.data.io import DataError, atomic_dir, atomic_path, digest_path, read_rows, read_table, write_json
+from stages.lib.training import basics, distributed
+from stages.lib.training.objectives import (
     METHODS,
     NEEDS_REJECTED,
     NEEDS_TEACHER,
@@ -63,7 +68,6 @@ from stages.lib.objectives import (
     Side,
     TopK,
 )
-from stages.lib.params import check
 
 log = logging.getLogger("train")
 
@@ -111,8 +115,11 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         want = [f"r{e}" for e in range(2, 2 + len(self.rounds))]
-        check(sorted(self.rounds, key=lambda k: (len(k), k)) == want, "rounds",
-              f"must be keyed r2..rE, one per round after the first, i.e. {want}; got {list(self.rounds)}")
+        check(
+            sorted(self.rounds, key=lambda k: (len(k), k)) == want,
+            "rounds",
+            f"must be keyed r2..rE, one per round after the first, i.e. {want}; got {list(self.rounds)}",
+        )
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
@@ -138,14 +145,27 @@ PARAMS = tuple(SECTIONS)
 
 def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: int, p: TrainParams) -> Heads:
     """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
-    heads = {"student": student.get_output_embeddings(), "teacher": teacher.get_output_embeddings() if teacher is not None else None}
+    heads = {
+        "student": student.get_output_embeddings(),
+        "teacher": teacher.get_output_embeddings() if teacher is not None else None,
+    }
     for name, head in heads.items():
         if head is not None and not isinstance(head, torch.nn.Linear):
-            raise ValueError(f"models.{name}: output layer is {type(head).__name__}, not a Linear head; distillflow computes logits as hidden @ W.T")
+            raise ValueError(
+                f"models.{name}: output layer is {type(head).__name__}, not a Linear head; distillflow computes logits as hidden @ W.T"
+            )
     cut = lambda t: None if t is None else t[:vocab]  # noqa: E731
     s_head, t_head = heads["student"], heads["teacher"]
-    return Heads(s_head.weight[:vocab], cut(s_head.bias), cut(t_head.weight) if t_head is not None else None,
-                 cut(t_head.bias) if t_head is not None else None, p.logits == "chunked", p.chunk_size, p.reduction, topk=teacher is None)
+    return Heads(
+        s_head.weight[:vocab],
+        cut(s_head.bias),
+        cut(t_head.weight) if t_head is not None else None,
+        cut(t_head.bias) if t_head is not None else None,
+        p.logits == "chunked",
+        p.chunk_size,
+        p.reduction,
+        topk=teacher is None,
+    )
 
 
 # (pair_id, side) -> (k, top-k ids (positions, k), top-k log-probs (positions, k), target log-probs (positions,))
@@ -156,9 +176,12 @@ def index_scores(rows: list[dict[str, Any]]) -> Scores:
     out: Scores = {}
     for r in rows:
         n, k = r["positions"], r["k"]
-        out[(r["pair_id"], r["side"])] = (k, torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
-                                          torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
-                                          torch.tensor(r["target_logprob"], dtype=torch.float32))
+        out[(r["pair_id"], r["side"])] = (
+            k,
+            torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
+            torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
+            torch.tensor(r["target_logprob"], dtype=torch.float32),
+        )
     return out
 
 
@@ -175,7 +198,9 @@ def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) 
         _, i, lp, tg = scores[key]
         m = batch.response_mask[row]
         if int(m.sum()) != i.shape[0]:
-            raise DataError(f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, the tokenizer gives {int(m.sum())}")
+            raise DataError(
+                f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, the tokenizer gives {int(m.sum())}"
+            )
         ids[row, m], lps[row, m], target[row, m] = i, lp, tg
     return TopK(ids, lps, target)
 
@@ -186,7 +211,13 @@ def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.
     return out.last_hidden_state
 
 
-def side(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: encoding.Batch, device: str, topk: TopK | None = None) -> Side:
+def side(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: encoding.Batch,
+    device: str,
+    topk: TopK | None = None,
+) -> Side:
     """One batch through the student (with gradients) and the teacher (without), if needed."""
     s_h = hidden(student, batch, device)
     with torch.no_grad():
@@ -202,17 +233,28 @@ def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: s
     full = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
     mine = model.get_output_embeddings()(hidden(model, batch, device))
     if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
-        raise ValueError(f"models.{role}: logits are not the LM head applied to the final hidden state (soft-capping or scaling?); this model is not supported")
+        raise ValueError(
+            f"models.{role}: logits are not the LM head applied to the final hidden state (soft-capping or scaling?); this model is not supported"
+        )
 
 
 def run_key(p: TrainParams, pairs_digest: str, student_fp: str, teacher_fp: str) -> str:
     """What a checkpoint must match to be resumed: params, data and both models."""
-    blob = records.canonical_json({"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp})
+    blob = records.canonical_json(
+        {"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp}
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_checkpoint(ckpt: Path, key: str, device: str, student: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LambdaLR, curriculum: AlphaCurriculum) -> tuple[int, list[dict[str, float]]]:
+def load_checkpoint(
+    ckpt: Path,
+    key: str,
+    device: str,
+    student: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    curriculum: AlphaCurriculum,
+) -> tuple[int, list[dict[str, float]]]:
     """Restore a run saved by `save_checkpoint`; (next step, log rows so far), or (0, [])
     when the checkpoint belongs to another configuration."""
     state = torch.load(ckpt, map_location=device, weights_only=True)
@@ -226,10 +268,25 @@ def load_checkpoint(ckpt: Path, key: str, device: str, student: torch.nn.Module,
     return state["step"], state["log"]
 
 
-def save_checkpoint(ckpt: Path, key: str, step: int, student: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LambdaLR, curriculum: AlphaCurriculum, log_rows: list[dict[str, float]]) -> None:
-    state = {"key": key, "step": step, "student": student.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "curriculum": curriculum.state(), "log": log_rows}
+def save_checkpoint(
+    ckpt: Path,
+    key: str,
+    step: int,
+    student: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    curriculum: AlphaCurriculum,
+    log_rows: list[dict[str, float]],
+) -> None:
+    state = {
+        "key": key,
+        "step": step,
+        "student": student.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "curriculum": curriculum.state(),
+        "log": log_rows,
+    }
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(ckpt) as tmp:
         torch.save(state, tmp)
@@ -284,15 +341,21 @@ def run(
     gaps for the caller to save (later rounds start from round 1's reference m).
     """
     if not 1 <= round_index <= p.total_rounds:
-        raise ValueError(f"train: round {round_index} is outside 1..{p.total_rounds} (train.rounds has {len(p.rounds)} entries)")
+        raise ValueError(
+            f"train: round {round_index} is outside 1..{p.total_rounds} (train.rounds has {len(p.rounds)} entries)"
+        )
     offline = p.teacher_signal == "topk"
     if offline != (teacher is None) or offline != (scores is not None):
-        raise ValueError("train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores")
+        raise ValueError(
+            "train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores"
+        )
     if not pairs:
         raise ValueError("train: no pairs to train on")
     if scores is not None and not scores:
         raise ValueError("train.teacher_signal is topk but data/score holds no scores: set score.k > 0")
-    vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size if teacher is not None else len(tok_t))
+    vocab = models.check_vocabularies(
+        tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size if teacher is not None else len(tok_t)
+    )
     student.to(p.device)
     if teacher is not None:
         teacher.to(p.device)
@@ -300,8 +363,8 @@ def run(
     seed = round_seed(p.seed, round_index)
     steps = plan(len(encoded), p, seed)
     total = len(steps)
-    training.seed_everything(seed)
-    opt, sched = training.optimizer_and_schedule(student, p.lr, p.warmup_steps, total)
+    basics.seed_everything(seed)
+    opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, total)
     if curriculum is None:
         curriculum = AlphaCurriculum(p.distillm2)
     mp = p.method_params()
@@ -322,7 +385,9 @@ def run(
     if world > 1:
         short = [len(m) for st in steps for m in st if len(m) < world]
         if short:
-            raise ValueError(f"train: under torchrun every micro-batch needs at least {world} pairs (one per process); {len(short)} have fewer (e.g. {short[0]}): pick train.batch_size so that the last batch of an epoch ({len(encoded)} pairs) is not that small")
+            raise ValueError(
+                f"train: under torchrun every micro-batch needs at least {world} pairs (one per process); {len(short)} have fewer (e.g. {short[0]}): pick train.batch_size so that the last batch of an epoch ({len(encoded)} pairs) is not that small"
+            )
 
         def global_mean(x: torch.Tensor) -> float:
             total, count = distributed.sum_floats([float(x.sum()), float(x.numel())])
@@ -349,13 +414,34 @@ def run(
             rejected = encoding.collate([(encoded[i][0], encoded[i][2]) for i in idx], tok_s.pad_token_id)
             keys = [pairs[i]["pair_id"] for i in idx]
             topk_c = topk_of(chosen, [(k, "chosen") for k in keys], scores) if scores is not None else None
-            topk_r = topk_of(rejected, [(k, "rejected") for k in keys], scores) if scores is not None and NEEDS_REJECTED[p.method] else None
+            topk_r = (
+                topk_of(rejected, [(k, "rejected") for k in keys], scores)
+                if scores is not None and NEEDS_REJECTED[p.method]
+                else None
+            )
             with autocast:
                 on_chosen = side(student, online_teacher, chosen, p.device, topk_c)
                 # sft never looks at the student's responses: an empty side, no forward pass
-                on_rejected = (side(student, online_teacher, rejected, p.device, topk_r) if NEEDS_REJECTED[p.method]
-                               else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0]))
-                ctx = Context(on_chosen, on_rejected, heads, mp, step, total, seed, curriculum, micro, positions, len(global_idx), round_index, p.total_rounds)
+                on_rejected = (
+                    side(student, online_teacher, rejected, p.device, topk_r)
+                    if NEEDS_REJECTED[p.method]
+                    else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0])
+                )
+                ctx = Context(
+                    on_chosen,
+                    on_rejected,
+                    heads,
+                    mp,
+                    step,
+                    total,
+                    seed,
+                    curriculum,
+                    micro,
+                    positions,
+                    len(global_idx),
+                    round_index,
+                    p.total_rounds,
+                )
                 loss, logs = method(ctx)
             (loss * share * world).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
@@ -366,10 +452,24 @@ def run(
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), p.max_grad_norm)
         opt.step()
         sched.step()
-        log_rows.append({"step": step, "loss": logged.pop("loss"), **logged, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        log_rows.append(
+            {
+                "step": step,
+                "loss": logged.pop("loss"),
+                **logged,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
-        if ckpt is not None and rank == 0 and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < total:
+        if (
+            ckpt is not None
+            and rank == 0
+            and p.checkpoint_every
+            and (step + 1) % p.checkpoint_every == 0
+            and step + 1 < total
+        ):
             save_checkpoint(ckpt, key, step + 1, student, opt, sched, curriculum, log_rows)
         if on_step is not None:
             on_step(step)
@@ -391,7 +491,12 @@ def write_plot(path: Path, rows: list[dict[str, float]]) -> None:
 def summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str, Any]:
     """Metrics: the tail-averaged loss and the last values of the schedule knobs."""
     tail = rows[-min(10, len(rows)) :]
-    out: dict[str, Any] = {"method": method, "pairs": n_pairs, "steps": len(rows), "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6)}
+    out: dict[str, Any] = {
+        "method": method,
+        "pairs": n_pairs,
+        "steps": len(rows),
+        "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6),
+    }
     for k in ("beta", "alpha_t_mean", "alpha_s_mean"):
         if k in rows[-1]:
             out[f"final_{k}"] = round(rows[-1][k], 6)
@@ -406,20 +511,32 @@ def previous_round(previous: Path, p: TrainParams) -> tuple[int, AlphaCurriculum
         raise DataError(f"{previous}: no manifest.json; --previous must be a train stage's output folder")
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("stage") != "train" or "round" not in manifest:
-        raise DataError(f"{manifest_file}: not a train stage's manifest (stage {manifest.get('stage')!r}); --previous must be a train stage's output folder")
+        raise DataError(
+            f"{manifest_file}: not a train stage's manifest (stage {manifest.get('stage')!r}); --previous must be a train stage's output folder"
+        )
     e = manifest["round"] + 1
     entry = p.rounds.get(f"r{e}")
     if entry is None or Path(entry.previous) != previous:
-        raise ValueError(f"train.rounds: {previous} holds round {e - 1}, so this is round {e}, but train.rounds.r{e} is {entry}; "
-                         f"r{e} must have previous: {previous}")
+        raise ValueError(
+            f"train.rounds: {previous} holds round {e - 1}, so this is round {e}, but train.rounds.r{e} is {entry}; "
+            f"r{e} must have previous: {previous}"
+        )
     state = json.loads((previous / "curriculum.json").read_text())
     curriculum = AlphaCurriculum(p.distillm2)
     curriculum.gaps_t, curriculum.gaps_s = state["gaps_t"], state["gaps_s"]
     return e, curriculum
 
 
-def load_inputs(p: TrainParams, s_ref: models.ModelRef, s_dir: Path, t_ref: models.ModelRef, t_dir: Path, scores_dir: Path, trust: bool, dtype: str
-                ) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
+def load_inputs(
+    p: TrainParams,
+    s_ref: models.ModelRef,
+    s_dir: Path,
+    t_ref: models.ModelRef,
+    t_dir: Path,
+    scores_dir: Path,
+    trust: bool,
+    dtype: str,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
     """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
     None): with `teacher_signal: topk` the teacher model is never loaded."""
     student = models.load_model(s_ref, s_dir, trust, dtype)
@@ -429,7 +546,13 @@ def load_inputs(p: TrainParams, s_ref: models.ModelRef, s_dir: Path, t_ref: mode
         scores = index_scores(read_rows(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
     else:
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
-    return student, teacher, models.load_tokenizer(s_ref, s_dir, trust), models.load_tokenizer(t_ref, t_dir, trust), scores
+    return (
+        student,
+        teacher,
+        models.load_tokenizer(s_ref, s_dir, trust),
+        models.load_tokenizer(t_ref, t_dir, trust),
+        scores,
+    )
 
 
 def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int:
@@ -458,50 +581,84 @@ def prompt_source(curate_manifest: dict[str, Any]) -> tuple[dict[str, Any] | Non
         return None, f"{Path(pairs_in['path']).parent}/manifest.json is missing or records other pairs than curate read"
     prompts_in = pairs_m["inputs"].get("prompts")
     seed_m = _read_manifest(Path(prompts_in["path"]).parent / "manifest.json") if prompts_in else None
-    if prompts_in is None or seed_m is None or seed_m["outputs"].get(Path(prompts_in["path"]).name, {}).get("sha256") != prompts_in["sha256"]:
+    if (
+        prompts_in is None
+        or seed_m is None
+        or seed_m["outputs"].get(Path(prompts_in["path"]).name, {}).get("sha256") != prompts_in["sha256"]
+    ):
         return None, "the seed manifest is missing or records other prompts than pairs read"
-    return seed_m["params"]["seed"]["source"], f"{Path(prompts_in['path']).parent}/manifest.json (digests checked along curate -> pairs -> seed)"
+    return seed_m["params"]["seed"][
+        "source"
+    ], f"{Path(prompts_in['path']).parent}/manifest.json (digests checked along curate -> pairs -> seed)"
 
 
-def model_card(used: dict[str, Any], metrics: dict[str, Any], src: Path, s_info: dict[str, Any], t_info: dict[str, Any], round_index: int) -> str:
+def model_card(
+    used: dict[str, Any],
+    metrics: dict[str, Any],
+    src: Path,
+    s_info: dict[str, Any],
+    t_info: dict[str, Any],
+    round_index: int,
+) -> str:
     """The trained student's README.md in the Hugging Face Hub format: YAML front
     matter, then method, training metrics and a lineage summary. Deterministic (no
     times): it lives inside the train stage's DVC out."""
     p: TrainParams = used["train"]
     curate_m = _read_manifest(src.parent / "manifest.json")
-    source, found = prompt_source(curate_m) if curate_m is not None else (None, f"{src.parent}/manifest.json is missing")
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                            "tags": ["distillflow", "knowledge-distillation", p.method]}
+    source, found = (
+        prompt_source(curate_m) if curate_m is not None else (None, f"{src.parent}/manifest.json is missing")
+    )
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["distillflow", "knowledge-distillation", p.method],
+    }
     if s_info.get("revision") is not None:  # a hub model at a pinned revision
         meta["base_model"] = s_info["name"]
     if source is not None and source["kind"] == "hf":
         meta["datasets"] = [source["path"]]
     counts = (curate_m or {}).get("counts", {})
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", "",
-        f"# distillflow student ({p.method}, round {round_index} of {p.total_rounds})", "",
-        (f"Distilled from the teacher below with `train.method: {p.method}` (see the distillflow README, "
-         "\"Methods, ablations and the training engine\"), on teacher (chosen) / student (rejected) preference pairs."), "",
-        "## Training", "",
-        "| metric | value |", "|---|---|",
+        "---",
+        yaml.safe_dump(meta, sort_keys=True).strip(),
+        "---",
+        "",
+        f"# distillflow student ({p.method}, round {round_index} of {p.total_rounds})",
+        "",
+        (
+            f"Distilled from the teacher below with `train.method: {p.method}` (see the distillflow README, "
+            '"Methods, ablations and the training engine"), on teacher (chosen) / student (rejected) preference pairs.'
+        ),
+        "",
+        "## Training",
+        "",
+        "| metric | value |",
+        "|---|---|",
         *(f"| {k} | {v} |" for k, v in sorted(metrics.items())),
-        f"| seed | {p.seed} |", f"| epochs | {p.epochs} |", f"| lr | {p.lr} |",
-        f"| batch size x grad accum | {p.batch_size} x {p.grad_accum_steps} |", "",
-        "## Lineage", "",
+        f"| seed | {p.seed} |",
+        f"| epochs | {p.epochs} |",
+        f"| lr | {p.lr} |",
+        f"| batch size x grad accum | {p.batch_size} x {p.grad_accum_steps} |",
+        "",
+        "## Lineage",
+        "",
         f"- teacher: `{t_info['name']}` fingerprint `{t_info['fingerprint']}`",
         f"- initial student: `{s_info['name']}` fingerprint `{s_info['fingerprint']}`",
         f"- training pairs: `{src.as_posix()}` sha256 `{digest_path(src)}`",
         f"- curation: {counts.get('pairs_in', '?')} pairs in, {counts.get('kept', '?')} kept, dropped by reason {json.dumps(counts.get('dropped_by_reason', {}), sort_keys=True)}",
         f"- prompt source: {json.dumps(source, sort_keys=True) if source is not None else 'not traceable'} (from {found})",
         "",
-        ("`distillflow lineage show data/train/model` prints the full tree back to the source rows; "
-         "`distillflow lineage verify` re-checks every digest."), "",
+        (
+            "`distillflow lineage show data/train/model` prints the full tree back to the source rows; "
+            "`distillflow lineage verify` re-checks every digest."
+        ),
+        "",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    args = cli.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot", optional=("previous",))
+    args = entry.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "plot", optional=("previous",))
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
@@ -512,7 +669,9 @@ def main() -> None:
         round_index, curriculum = previous_round(args.previous, p)
         s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     src = args.pairs / "curated.parquet"
-    gates = quality.StageGates(used["quality"], None)  # inputs checked on read; the files' Data Docs come from curate and score
+    gates = quality.StageGates(
+        used["quality"], None
+    )  # inputs checked on read; the files' Data Docs come from curate and score
     table = read_table(src, records.PAIR_SCHEMA)
     gates.strict("curated pairs", src, "curated", table)
     if p.teacher_signal == "topk":  # streamed here, then read again by load_inputs (shared with compare)
@@ -520,32 +679,71 @@ def main() -> None:
     validation = gates.finish()
     pairs = table.to_pylist()
     distributed.init_from_env(p.device)
-    student, teacher, tok_s, tok_t, scores = load_inputs(p, s_ref, s_dir, t_ref, args.models / "teacher", args.scores, trust, dtype)
-    key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, args.models / "teacher"))
+    student, teacher, tok_s, tok_t, scores = load_inputs(
+        p, s_ref, s_dir, t_ref, args.models / "teacher", args.scores, trust, dtype
+    )
+    key = run_key(
+        p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, args.models / "teacher")
+    )
     ckpt_dir = args.out.with_name(args.out.name + ".checkpoints")
     t0 = time.perf_counter()
-    rows = run(student, teacher, tok_s, tok_t, pairs, p, ckpt_dir, key, scores=scores, round_index=round_index, curriculum=curriculum)
+    rows = run(
+        student,
+        teacher,
+        tok_s,
+        tok_t,
+        pairs,
+        p,
+        ckpt_dir,
+        key,
+        scores=scores,
+        round_index=round_index,
+        curriculum=curriculum,
+    )
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:
         return  # every process holds the same weights and logs; one writes them
-    log.info("train: round %d of %d, %s, %d steps on %d pairs in %.1fs, final loss %.4f", round_index, p.total_rounds, p.method, len(rows), len(pairs), time.perf_counter() - t0, rows[-1]["loss"])
+    log.info(
+        "train: round %d of %d, %s, %d steps on %d pairs in %.1fs, final loss %.4f",
+        round_index,
+        p.total_rounds,
+        p.method,
+        len(rows),
+        len(pairs),
+        time.perf_counter() - t0,
+        rows[-1]["loss"],
+    )
     metrics = {"round": round_index, **summary(rows, len(pairs), p.method)}
     s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, args.models / "teacher")
     with atomic_dir(args.out) as tmp:
-        training.save_model(student.to("cpu"), tok_s, tmp / "model")
+        basics.save_model(student.to("cpu"), tok_s, tmp / "model")
         (tmp / "model" / "README.md").write_text(model_card(used, metrics, src, s_info, t_info, round_index))
         write_json(tmp / "curriculum.json", curriculum.state())
         lineage.write_manifest(
-            tmp, "train", used,
-            inputs={"pairs": src, **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
-                    "student": s_input,
-                    "teacher": models.lineage_input(t_ref, args.models, "teacher")},
+            tmp,
+            "train",
+            used,
+            inputs={
+                "pairs": src,
+                **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
+                "student": s_input,
+                "teacher": models.lineage_input(t_ref, args.models, "teacher"),
+            },
             outputs={"curriculum.json": len(curriculum.gaps_t)},
             counts=metrics,
-            extra={"round": round_index, "rounds": p.total_rounds, "initial_student": s_info, "teacher": t_info, "validation": validation},
-            cost={"tokens_read": tokens_trained(tok_s, pairs, p), "tokens_trained": tokens_trained(tok_s, pairs, p),
-                  "optimizer_steps": len(rows)},
+            extra={
+                "round": round_index,
+                "rounds": p.total_rounds,
+                "initial_student": s_info,
+                "teacher": t_info,
+                "validation": validation,
+            },
+            cost={
+                "tokens_read": tokens_trained(tok_s, pairs, p),
+                "tokens_trained": tokens_trained(tok_s, pairs, p),
+                "optimizer_steps": len(rows),
+            },
         )
     write_plot(args.plot, rows)
     write_json(args.metrics, metrics)
@@ -554,4 +752,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entry.run(main)

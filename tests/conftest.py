@@ -17,7 +17,8 @@ os.environ["DO_NOT_TRACK"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from stages.lib import models, training  # noqa: E402
+from stages.lib.core import models  # noqa: E402
+from stages.lib.training import basics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for role, seed, width in (("teacher", 0, 32), ("student", 1, 16)):
         arch = models.ToyArch(hidden_size=width, num_layers=1, num_heads=2, intermediate_size=2 * width)
         model = models.build_toy_model(arch, len(tok), tok, seed=seed, max_positions=64)
-        training.save_model(model, tok, root / role)
+        basics.save_model(model, tok, root / role)
     return root
 
 
@@ -40,14 +41,24 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_models, but the teacher has had 80 SFT steps on the toy task, so it is
     confident on right answers where the student is not (what adaptive alpha reacts to)."""
     from stages import bootstrap
-    from stages.lib.config import ModelParams, ModelsParams, TaskParams
+    from stages.lib.core.config import ModelParams, ModelsParams, TaskParams
 
     root = tmp_path_factory.mktemp("taught_models")
-    task = TaskParams(skills=("add", "reverse", "sort", "upper"), max_digits=1, min_len=2, max_len=3, alphabet="abc", eval_fraction=0.1)
+    task = TaskParams(
+        skills=("add", "reverse", "sort", "upper"),
+        max_digits=1,
+        min_len=2,
+        max_len=3,
+        alphabet="abc",
+        eval_fraction=0.1,
+    )
     size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2)
-    p = bootstrap.BootstrapParams(seed=0, max_positions=64,
-                                  teacher=bootstrap.ToyModelParams(hidden_size=32, intermediate_size=64, steps=80, **size),
-                                  student=bootstrap.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size))
+    p = bootstrap.BootstrapParams(
+        seed=0,
+        max_positions=64,
+        teacher=bootstrap.ToyModelParams(hidden_size=32, intermediate_size=64, steps=80, **size),
+        student=bootstrap.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size),
+    )
     toy = ModelParams("toy", None)
     bootstrap.run(ModelsParams(toy, toy, False, "float32"), task, p, root)
     return root
@@ -56,7 +67,13 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_repo(dst: Path) -> Path:
     """The repo's tracked and untracked (not ignored) files, minus outputs and dvc.lock,
     with the smoke profile as params.yaml, committed to a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
             (dst / f).parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,11 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
             "model": body["model"],
             "system_fingerprint": "tiny-test-server",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(out), "total_tokens": ids.shape[1] + len(out)},
+            "usage": {
+                "prompt_tokens": ids.shape[1],
+                "completion_tokens": len(out),
+                "total_tokens": ids.shape[1] + len(out),
+            },
         }
 
     @app.post("/v1/chat/completions")
@@ -99,7 +103,11 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
             await asyncio.sleep(state.delay_s)
             if fault is not None:
                 headers = {"retry-after": "0"} if fault == 429 else {}
-                return JSONResponse({"error": {"message": f"injected {fault}", "type": "test", "code": fault}}, status_code=fault, headers=headers)
+                return JSONResponse(
+                    {"error": {"message": f"injected {fault}", "type": "test", "code": fault}},
+                    status_code=fault,
+                    headers=headers,
+                )
             body = await request.json()
             answer = await run_in_threadpool(complete, body)
             with state.lock:

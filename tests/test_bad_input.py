@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib import records
-from stages.lib.io import write_table
+from stages.lib.data import records
+from stages.lib.data.io import write_table
 
 from .test_curate import pair
 from .test_pairs import prompt
@@ -27,13 +27,23 @@ MB_PROMPT = "word " * 200_000  # 1 MB
 def stage(tmp: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"stages.{module}", "--params", str(tmp / "params.yaml"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILLFLOW_LINEAGE_DIR": str(tmp / "lineage")}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)  # the exit status is what is tested
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False
+    )  # the exit status is what is tested
 
 
 def write_params(tmp: Path, source: dict | None = None) -> None:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     if source is not None:
-        p["seed"]["source"] = {"kind": "jsonl", "path": None, "config": None, "split": None, "revision": None, "field": "text", **source}
+        p["seed"]["source"] = {
+            "kind": "jsonl",
+            "path": None,
+            "config": None,
+            "split": None,
+            "revision": None,
+            "field": "text",
+            **source,
+        }
     p["seed"]["num_train"] = p["seed"]["num_eval"] = 1000
     p["seed"]["max_prompt_chars"] = 2000
     p["quality"]["batch_rows"] = 4
@@ -44,7 +54,7 @@ def write_params(tmp: Path, source: dict | None = None) -> None:
 def assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    last = done.stderr[done.stderr.rindex("error: "):]
+    last = done.stderr[done.stderr.rindex("error: ") :]
     for needle in needles:
         assert needle in last, (needle, last)
 
@@ -127,7 +137,18 @@ def curate_inputs(tmp: Path, n: int = 6) -> list[dict]:
 
 
 def run_curate(tmp: Path) -> subprocess.CompletedProcess:
-    return stage(tmp, "curate", "--pairs", str(tmp / "pairs"), "--prompts", str(tmp / "seed"), "--out", str(tmp / "out"), "--metrics", str(tmp / "m.json"))
+    return stage(
+        tmp,
+        "curate",
+        "--pairs",
+        str(tmp / "pairs"),
+        "--prompts",
+        str(tmp / "seed"),
+        "--out",
+        str(tmp / "out"),
+        "--metrics",
+        str(tmp / "m.json"),
+    )
 
 
 def test_curate_on_an_empty_file(tmp_path: Path) -> None:
@@ -144,12 +165,19 @@ def test_curate_on_a_truncated_parquet_file(tmp_path: Path) -> None:
     assert_clean_error(run_curate(tmp_path), str(path), "not a readable Parquet file")
 
 
-@pytest.mark.parametrize("change, needles", [
-    (lambda t: t.drop_columns(["chosen"]), ["missing ['chosen']"]),
-    (lambda t: t.append_column("extra", pa.array(["x"] * t.num_rows)), ["unexpected ['extra']"]),
-    (lambda t: t.set_column(t.schema.get_field_index("chosen_tokens"), "chosen_tokens", pa.array(["2"] * t.num_rows)),
-     ["column 'chosen_tokens' has type string, expected int32"]),
-])
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        (lambda t: t.drop_columns(["chosen"]), ["missing ['chosen']"]),
+        (lambda t: t.append_column("extra", pa.array(["x"] * t.num_rows)), ["unexpected ['extra']"]),
+        (
+            lambda t: t.set_column(
+                t.schema.get_field_index("chosen_tokens"), "chosen_tokens", pa.array(["2"] * t.num_rows)
+            ),
+            ["column 'chosen_tokens' has type string, expected int32"],
+        ),
+    ],
+)
 def test_curate_names_schema_problems(tmp_path: Path, change, needles: list[str]) -> None:
     rows = curate_inputs(tmp_path)
     path = tmp_path / "pairs" / "pairs.parquet"

@@ -6,14 +6,26 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import bootstrap
-from stages.lib import encoding, models
-from stages.lib.config import ModelParams, ModelsParams, TaskParams
+from stages.lib.core import models
+from stages.lib.core.config import ModelParams, ModelsParams, TaskParams
+from stages.lib.data import encoding
 
-TASK = TaskParams(skills=("add", "reverse", "sort", "upper"), max_digits=2, min_len=3, max_len=5, alphabet="abcdef", eval_fraction=0.1)
+TASK = TaskParams(
+    skills=("add", "reverse", "sort", "upper"), max_digits=2, min_len=3, max_len=5, alphabet="abcdef", eval_fraction=0.1
+)
 
 
 def tiny(steps: int) -> bootstrap.ToyModelParams:
-    return bootstrap.ToyModelParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=steps, batch_size=16, lr=0.003, warmup_steps=2)
+    return bootstrap.ToyModelParams(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        steps=steps,
+        batch_size=16,
+        lr=0.003,
+        warmup_steps=2,
+    )
 
 
 def toy_models() -> ModelsParams:
@@ -53,18 +65,25 @@ def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
     bootstrap.run(toy_models(), TASK, p, tmp_path / "a")
     bootstrap.run(toy_models(), TASK, p, tmp_path / "b")
     for role in ("teacher", "student"):
-        assert (tmp_path / "a" / role / "model.safetensors").read_bytes() == (tmp_path / "b" / role / "model.safetensors").read_bytes()
+        assert (tmp_path / "a" / role / "model.safetensors").read_bytes() == (
+            tmp_path / "b" / role / "model.safetensors"
+        ).read_bytes()
 
 
 def test_training_examples_never_include_eval_prompts() -> None:
-    from stages.lib import records
+    from stages.lib.data import records
 
     for ex, _ in zip(bootstrap.training_examples(TASK, 0), range(500)):
         assert records.split_of(records.prompt_id(records.normalise_prompt(ex.prompt)), TASK.eval_fraction) == "train"
 
 
 def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: Path) -> None:
-    real = ModelsParams(ModelParams(str(tiny_models / "teacher"), None), ModelParams(str(tiny_models / "student"), None), False, "float32")
+    real = ModelsParams(
+        ModelParams(str(tiny_models / "teacher"), None),
+        ModelParams(str(tiny_models / "student"), None),
+        False,
+        "float32",
+    )
     p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
     assert bootstrap.run(real, TASK, p, tmp_path / "out") == {}
     assert not (tmp_path / "out" / "teacher").exists()
@@ -81,7 +100,12 @@ def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Pat
 def test_hub_model_without_revision_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a pinned `revision`"):
         models.fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", None), tmp_path)
-    assert models.fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", "7ae557604adf67be50417f59c2c2f167def9a775"), tmp_path) == "hub:Qwen/Qwen2.5-0.5B-Instruct@7ae557604adf67be50417f59c2c2f167def9a775"
+    assert (
+        models.fingerprint(
+            models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", "7ae557604adf67be50417f59c2c2f167def9a775"), tmp_path
+        )
+        == "hub:Qwen/Qwen2.5-0.5B-Instruct@7ae557604adf67be50417f59c2c2f167def9a775"
+    )
 
 
 def test_folder_without_safetensors_is_refused(tmp_path: Path) -> None:

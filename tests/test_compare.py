@@ -1,9 +1,9 @@
 """The comparison cell: a method (or DistiLLM-2 ablation) and a seed, trained and evaluated."""
 
 import json
-from dataclasses import asdict, is_dataclass
 import subprocess
 import sys
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from stages import compare
-from stages.lib import io, records
+from stages.lib.data import io, records
 
 from .conftest import ROOT
 from .test_curate import pair
@@ -29,7 +29,10 @@ def test_run_params_name_the_bad_switch() -> None:
 
 def test_cell_params_set_method_switches_and_seed_and_one_round() -> None:
     base = tp(rounds={"r2": compare.train.RoundParams("data/train")}, lr=0.02)
-    used = {k: getattr(base, k.split(".")[1]) if k.count(".") == 1 else getattr(base.distillm2, k.split(".")[2]) for k in compare.SHARED_TRAIN}
+    used = {
+        k: getattr(base, k.split(".")[1]) if k.count(".") == 1 else getattr(base.distillm2, k.split(".")[2])
+        for k in compare.SHARED_TRAIN
+    }
     used = {k: (asdict(v) if is_dataclass(v) else v) for k, v in used.items()}
     p = compare.cell_params(used, compare.RunParams("distillm2", ("beta_ramp", "adaptive_alpha")), 7)
     assert (p.method, p.seed, p.rounds, p.lr) == ("distillm2", 7, {}, 0.02)
@@ -40,12 +43,34 @@ def test_cell_params_set_method_switches_and_seed_and_one_round() -> None:
         compare.cell_params({**used, "train.lr": 0.0}, compare.RunParams("kd", ()), 1)
 
 
-def cell(tmp_path: Path, models_dir: Path, run: str, seed: int, params: dict) -> tuple[subprocess.CompletedProcess, Path]:
+def cell(
+    tmp_path: Path, models_dir: Path, run: str, seed: int, params: dict
+) -> tuple[subprocess.CompletedProcess, Path]:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "compare" / f"{run}-{seed}"
-    cmd = [sys.executable, "-m", "stages.compare", "--params", str(tmp_path / "params.yaml"), "--run", run, "--seed", str(seed),
-           "--pairs", str(tmp_path / "curate"), "--scores", str(tmp_path / "score"), "--models", str(models_dir), "--prompts", str(tmp_path / "seed"),
-           "--out", str(out), "--metrics", str(tmp_path / "metrics" / f"{run}-{seed}.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.compare",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--run",
+        run,
+        "--seed",
+        str(seed),
+        "--pairs",
+        str(tmp_path / "curate"),
+        "--scores",
+        str(tmp_path / "score"),
+        "--models",
+        str(models_dir),
+        "--prompts",
+        str(tmp_path / "seed"),
+        "--out",
+        str(out),
+        "--metrics",
+        str(tmp_path / "metrics" / f"{run}-{seed}.json"),
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True), out
 
 
@@ -61,7 +86,13 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     done, out = cell(tmp_path, taught_models, "ablated", 3, params)
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((tmp_path / "metrics" / "ablated-3.json").read_text())
-    assert (m["run"], m["method"], m["disable"], m["seed"], m["train"]["steps"]) == ("ablated", "distillm2", ["contrastive"], 3, 2)
+    assert (m["run"], m["method"], m["disable"], m["seed"], m["train"]["steps"]) == (
+        "ablated",
+        "distillm2",
+        ["contrastive"],
+        3,
+        2,
+    )
     s = m["student"]
     assert s["accuracy"]["n"] == 6 and s["speculative"]["prompts"] == 2 and s["speculative"]["matches_greedy"] == 1.0
     assert s["kl_teacher_student"] > 0 and 0 <= s["greedy_agreement"] <= 1
@@ -69,10 +100,22 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     assert (s["nll_on_own_responses"] is None) == (s["own_response_tokens_scored"] == 0)
     assert pq.read_table(out / "predictions.parquet").num_rows == 6 and (out / "model" / "model.safetensors").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "stages/train.py" in manifest["code"] and "stages/evaluate.py" in manifest["code"]  # the reused stage code is in its lineage
-    assert manifest["train_params"]["method"] == "distillm2" and manifest["train_params"]["seed"] == 3 and "train.lr" in manifest["params"]
+    assert (
+        "stages/train.py" in manifest["code"] and "stages/evaluate.py" in manifest["code"]
+    )  # the reused stage code is in its lineage
+    assert (
+        manifest["train_params"]["method"] == "distillm2"
+        and manifest["train_params"]["seed"] == 3
+        and "train.lr" in manifest["params"]
+    )
     # an eval prompt among the training pairs: refused, nothing written
     io.write_table(tmp_path / "seed" / "eval.parquet", [*evals, {**prompt(0), "split": "eval"}], records.PROMPT_SCHEMA)
-    done, out = cell(tmp_path, taught_models, "kd", 1, {**params, "compare": {**params["compare"], "runs": {"kd": {"method": "kd", "disable": []}}}})
+    done, out = cell(
+        tmp_path,
+        taught_models,
+        "kd",
+        1,
+        {**params, "compare": {**params["compare"], "runs": {"kd": {"method": "kd", "disable": []}}}},
+    )
     assert done.returncode != 0 and "eval prompts appear among the training pairs" in done.stderr
     assert not out.exists()

@@ -3,37 +3,75 @@ import dataclasses
 import pytest
 
 from stages import curate
-from stages.lib import records
+from stages.lib.data import records
 
 from .test_pairs import prompt
 
 OFF = curate.CurateParams(
-    drop_duplicates=False, drop_empty_chosen=False, drop_empty_rejected=False, drop_truncated_chosen=False,
-    drop_truncated_rejected=False, min_chosen_tokens=0, max_chosen_tokens=100, max_rejected_tokens=100,
-    max_length_ratio=1000.0, require_correct_chosen=False, student_matches_teacher="keep",
+    drop_duplicates=False,
+    drop_empty_chosen=False,
+    drop_empty_rejected=False,
+    drop_truncated_chosen=False,
+    drop_truncated_rejected=False,
+    min_chosen_tokens=0,
+    max_chosen_tokens=100,
+    max_rejected_tokens=100,
+    max_length_ratio=1000.0,
+    require_correct_chosen=False,
+    student_matches_teacher="keep",
     repetition=curate.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
     decontamination=curate.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
     near_duplicates=curate.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
     balance=curate.BalanceParams(key=None, max_per_value=None),
 )
 ALL_ON = dataclasses.replace(
-    OFF, drop_duplicates=True, drop_empty_chosen=True, drop_empty_rejected=True, drop_truncated_chosen=True,
-    drop_truncated_rejected=True, min_chosen_tokens=1, max_chosen_tokens=10, max_rejected_tokens=10, max_length_ratio=4.0,
-    require_correct_chosen=True, student_matches_teacher="drop",
+    OFF,
+    drop_duplicates=True,
+    drop_empty_chosen=True,
+    drop_empty_rejected=True,
+    drop_truncated_chosen=True,
+    drop_truncated_rejected=True,
+    min_chosen_tokens=1,
+    max_chosen_tokens=10,
+    max_rejected_tokens=10,
+    max_length_ratio=4.0,
+    require_correct_chosen=True,
+    student_matches_teacher="drop",
     repetition=curate.RepetitionParams(ngram=2, max_ratio=0.5, min_ngrams=4),
     decontamination=curate.DecontaminationParams(enabled=True, ngram=3, max_overlap=0.5),
     near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=64, shingle_words=2),
 )
 
 
-def pair(i: int = 0, chosen: str = "1", rejected: str = "9", cf: str = "stop", rf: str = "stop", ct: int = 2, rt: int = 2, reference: str | None = "1", category: str = "add", text: str | None = None) -> dict:
+def pair(
+    i: int = 0,
+    chosen: str = "1",
+    rejected: str = "9",
+    cf: str = "stop",
+    rf: str = "stop",
+    ct: int = 2,
+    rt: int = 2,
+    reference: str | None = "1",
+    category: str = "add",
+    text: str | None = None,
+) -> dict:
     pr = prompt(i)
     p = text or pr["prompt"]
     pid = records.prompt_id(p) if text else pr["prompt_id"]
     return {
-        "pair_id": records.pair_id(pid, chosen, rejected + str(i)), "prompt_id": pid, "chosen_id": "c", "rejected_id": "r",
-        "prompt": p, "chosen": chosen, "rejected": rejected, "reference": reference, "category": category,
-        "chosen_finish_reason": cf, "rejected_finish_reason": rf, "chosen_tokens": ct, "rejected_tokens": rt,
+        "pair_id": records.pair_id(pid, chosen, rejected + str(i)),
+        "prompt_id": pid,
+        "chosen_id": "c",
+        "rejected_id": "r",
+        "prompt": p,
+        "chosen": chosen,
+        "rejected": rejected,
+        "reference": reference,
+        "category": category,
+        "chosen_finish_reason": cf,
+        "rejected_finish_reason": rf,
+        "chosen_tokens": ct,
+        "rejected_tokens": rt,
     }
 
 
@@ -75,11 +113,18 @@ def test_duplicates_dropped_after_first_and_counts_reconcile() -> None:
     rows = [pair(0), pair(0), pair(1, chosen="7"), pair(0)]
     _kept, quarantine, counts = curate.run(on, rows)
     assert [q["reason"] for q in quarantine] == ["duplicate_pair", "chosen_incorrect", "duplicate_pair"]
-    assert counts == {"pairs_in": 4, "kept": 1, "quarantined": 3, "dropped_by_reason": {"chosen_incorrect": 1, "duplicate_pair": 2}}
+    assert counts == {
+        "pairs_in": 4,
+        "kept": 1,
+        "quarantined": 3,
+        "dropped_by_reason": {"chosen_incorrect": 1, "duplicate_pair": 2},
+    }
 
 
 def test_near_duplicates_are_caught_by_minhash_but_templated_prompts_are_not() -> None:
-    on = dataclasses.replace(OFF, near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=128, shingle_words=2))
+    on = dataclasses.replace(
+        OFF, near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=128, shingle_words=2)
+    )
     base = "Write a short poem about the sea at night with stars and a quiet boat drifting home"
     rows = [
         pair(0, text=base, chosen="a poem", reference=None),
@@ -118,7 +163,9 @@ def test_repetition_ratio_and_ngrams() -> None:
     assert curate.ngrams(["x", "y"], 3) == [("x", "y")]  # shorter than n: itself, so exact matches count
 
 
-@pytest.mark.parametrize("bad, field", [("max_length_ratio", 0.5), ("student_matches_teacher", "sometimes"), ("min_chosen_tokens", -1)])
+@pytest.mark.parametrize(
+    "bad, field", [("max_length_ratio", 0.5), ("student_matches_teacher", "sometimes"), ("min_chosen_tokens", -1)]
+)
 def test_bad_params_name_the_field(bad: str, field: object) -> None:
     with pytest.raises(ValueError, match=bad):
         dataclasses.replace(OFF, **{bad: field})

@@ -1,11 +1,12 @@
 """dvc.yaml is the one DAG: its names, params, code deps and paths agree with the code."""
 
-import ast
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+
+from flows import codedeps
 
 from .conftest import ROOT
 from .test_params import STAGES
@@ -42,32 +43,8 @@ def module(stage: str) -> str:
     return stage.removeprefix("round_")
 
 
-def lib_imports(path: Path) -> set[str]:
-    """stages.lib and stage modules a file imports, anywhere in it (lazy imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module in ("stages.lib", "stages"):
-                found.update(f"{node.module}.{a.name}" for a in node.names)
-            elif node.module.startswith("stages.") and not node.module.startswith("stages.lib."):
-                found.add(node.module)  # from stages.compare import RunParams
-            elif node.module.startswith("stages.lib."):
-                found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("stages.lib."))
-    return found
-
-
 def closure(stage: str) -> set[str]:
-    todo = lib_imports(ROOT / "stages" / f"{stage}.py")
-    done: set[str] = set()
-    while todo:
-        mod = todo.pop()
-        if mod in done:
-            continue
-        done.add(mod)
-        todo |= lib_imports(ROOT / (mod.replace(".", "/") + ".py")) - done
-    return {f"stages/{stage}.py"} | {m.replace(".", "/") + ".py" for m in done}
+    return set(codedeps.closure(stage))
 
 
 def test_stage_names_agree_everywhere() -> None:
@@ -92,7 +69,32 @@ def test_dvc_params_are_exactly_what_the_stage_reads(stage: str) -> None:
 def test_code_deps_are_exactly_the_import_closure(stage: str) -> None:
     code_deps = {d for d in DVC[stage]["deps"] if d.startswith("stages/")}
     want = closure(module(stage))
-    assert code_deps == want, f"dvc.yaml {stage}: missing {sorted(want - code_deps)}, not imported {sorted(code_deps - want)}"
+    assert code_deps == want, (
+        f"dvc.yaml {stage}: missing {sorted(want - code_deps)}, not imported {sorted(code_deps - want)}"
+    )
+
+
+def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Path) -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    assert codedeps.sync_text(text, ROOT) == (text, [])
+    stale = text.replace("      - stages/lib/data/io.py\n", "", 1).replace(
+        "      - stages/pairs.py\n", "      - stages/pairs.py\n      - stages/lib/task/toytask.py\n", 1
+    )
+    assert stale != text
+    path = tmp_path / "dvc.yaml"
+    path.write_text(stale)
+    assert codedeps.sync(path, check_only=True, root=ROOT) == 1 and path.read_text() == stale
+    synced, changed = codedeps.sync_text(stale, ROOT)
+    assert synced == text and changed == ["bootstrap", "pairs"]
+
+
+def test_no_stage_imports_another_stage() -> None:
+    """Stages share code through stages/lib (and the generation stage body), never by
+    importing one another: a stage's behaviour is its own module plus the library."""
+    stage_modules = {f"stages.{module(s)}" for s in EXPECTED}
+    for stage in sorted({module(s) for s in EXPECTED}):
+        imported = codedeps.imported_modules(ROOT, ROOT / "stages" / f"{stage}.py")
+        assert not imported & stage_modules, f"stages/{stage}.py imports {sorted(imported & stage_modules)}"
 
 
 @pytest.mark.parametrize("stage", EXPECTED)
@@ -103,7 +105,11 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     assert argv[:3] == ["python", "-m", f"stages.{module(stage)}"]
     args = dict(zip(argv[3::2], argv[4::2]))
     name = lambda o: o if isinstance(o, str) else next(iter(o))  # noqa: E731  (an out with options is {path: {...}})
-    outs = {name(o) for o in spec["outs"]} | {name(m) for m in spec.get("metrics", [])} | {name(p) for p in spec.get("plots", [])}
+    outs = (
+        {name(o) for o in spec["outs"]}
+        | {name(m) for m in spec.get("metrics", [])}
+        | {name(p) for p in spec.get("plots", [])}
+    )
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
     out_flags, value_flags = {"--out", "--metrics", "--plot", "--docs"}, {"--run", "--seed"}  # compare's matrix values
     assert {v for k, v in args.items() if k in out_flags} == outs
@@ -121,29 +127,70 @@ def test_a_round_runs_its_base_stage_on_the_round_paths(stage: str) -> None:
     assert set(r_args) == set(b_args) | ({"--previous"} if resumes else set())
     if resumes:
         assert RAW[stage]["do"]["cmd"].count("--previous ${item.previous}") == 1
-    assert r_args["--out"] == f"data/rounds/r2/{module(stage)}" and r_args["--metrics"] == f"metrics/rounds/r2/{module(stage)}.json"
+    assert (
+        r_args["--out"] == f"data/rounds/r2/{module(stage)}"
+        and r_args["--metrics"] == f"metrics/rounds/r2/{module(stage)}.json"
+    )
     assert base["params"] == rnd["params"]
 
 
 def test_graph_edges() -> None:
     at = lambda name: f"{name}@r2" if name in ROUND else "compare@kd-1" if name == "compare" else name  # noqa: E731
-    producers = {out if isinstance(out, str) else next(iter(out)): at(name) for name, s in DVC.items() for out in s["outs"]}
+    producers = {
+        out if isinstance(out, str) else next(iter(out)): at(name) for name, s in DVC.items() for out in s["outs"]
+    }
     producers |= {next(iter(m)): at(name) for name, s in DVC.items() for m in s.get("metrics", [])}
     edges = {(producers[d], at(name)) for name, s in DVC.items() for d in s["deps"] if d in producers}
     # a dep on a folder holding other stages' outputs (report reads metrics/compare/)
-    edges |= {(producers[o], at(name)) for name, s in DVC.items() for d in s["deps"] for o in producers if o.startswith(d + "/")}
+    edges |= {
+        (producers[o], at(name))
+        for name, s in DVC.items()
+        for d in s["deps"]
+        for o in producers
+        if o.startswith(d + "/")
+    }
     assert edges == {
-        ("bootstrap", "seed"), ("bootstrap", "teacher"), ("bootstrap", "student"), ("bootstrap", "train"), ("bootstrap", "evaluate"),
-        ("seed", "teacher"), ("seed", "student"), ("seed", "pairs"), ("seed", "evaluate"),
-        ("teacher", "pairs"), ("student", "pairs"), ("pairs", "curate"), ("seed", "curate"), ("curate", "train"), ("train", "evaluate"),
-        ("curate", "score"), ("bootstrap", "score"), ("score", "train"),
+        ("bootstrap", "seed"),
+        ("bootstrap", "teacher"),
+        ("bootstrap", "student"),
+        ("bootstrap", "train"),
+        ("bootstrap", "evaluate"),
+        ("seed", "teacher"),
+        ("seed", "student"),
+        ("seed", "pairs"),
+        ("seed", "evaluate"),
+        ("teacher", "pairs"),
+        ("student", "pairs"),
+        ("pairs", "curate"),
+        ("seed", "curate"),
+        ("curate", "train"),
+        ("train", "evaluate"),
+        ("curate", "score"),
+        ("bootstrap", "score"),
+        ("score", "train"),
         # round 2 (instantiated): the student is sampled again from round 1's model
-        ("train", "round_student@r2"), ("seed", "round_student@r2"), ("bootstrap", "round_student@r2"),
-        ("seed", "round_pairs@r2"), ("teacher", "round_pairs@r2"), ("round_student@r2", "round_pairs@r2"),
-        ("round_pairs@r2", "round_curate@r2"), ("seed", "round_curate@r2"), ("round_curate@r2", "round_score@r2"), ("bootstrap", "round_score@r2"),
-        ("round_curate@r2", "round_train@r2"), ("round_score@r2", "round_train@r2"), ("bootstrap", "round_train@r2"), ("train", "round_train@r2"),
-        ("seed", "round_evaluate@r2"), ("bootstrap", "round_evaluate@r2"), ("round_train@r2", "round_evaluate@r2"),
+        ("train", "round_student@r2"),
+        ("seed", "round_student@r2"),
+        ("bootstrap", "round_student@r2"),
+        ("seed", "round_pairs@r2"),
+        ("teacher", "round_pairs@r2"),
+        ("round_student@r2", "round_pairs@r2"),
+        ("round_pairs@r2", "round_curate@r2"),
+        ("seed", "round_curate@r2"),
+        ("round_curate@r2", "round_score@r2"),
+        ("bootstrap", "round_score@r2"),
+        ("round_curate@r2", "round_train@r2"),
+        ("round_score@r2", "round_train@r2"),
+        ("bootstrap", "round_train@r2"),
+        ("train", "round_train@r2"),
+        ("seed", "round_evaluate@r2"),
+        ("bootstrap", "round_evaluate@r2"),
+        ("round_train@r2", "round_evaluate@r2"),
         # the comparison: every cell reads what train reads (plus the eval prompts); the report reads every cell
-        ("curate", "compare@kd-1"), ("score", "compare@kd-1"), ("bootstrap", "compare@kd-1"), ("seed", "compare@kd-1"),
-        ("compare@kd-1", "report"), ("evaluate", "report"),
+        ("curate", "compare@kd-1"),
+        ("score", "compare@kd-1"),
+        ("bootstrap", "compare@kd-1"),
+        ("seed", "compare@kd-1"),
+        ("compare@kd-1", "report"),
+        ("evaluate", "report"),
     }

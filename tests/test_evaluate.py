@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages import evaluate
-from stages.lib import models
+from stages.lib.core import models
 
 from .test_pairs import prompt
 from .test_train import load
@@ -18,7 +18,9 @@ def test_accuracy_overall_and_per_category() -> None:
     assert evaluate.accuracy([{**prompt(0), "reference": None}], [{"response": "x"}]) is None
 
 
-EP = evaluate.EvaluateParams(batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2)
+EP = evaluate.EvaluateParams(
+    batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2
+)
 
 
 def test_rouge_l_is_the_word_lcs_f1() -> None:
@@ -45,14 +47,20 @@ def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
     # NLL against a direct computation on one sequence
     b = evaluate.encoding.collate(seqs[:1], tok.pad_token_id)
     logp = torch.log_softmax(student(input_ids=b.input_ids).logits[0].double(), -1)
-    want = -sum(float(logp[t, b.targets[0, t]]) for t in range(b.input_ids.shape[1]) if b.response_mask[0, t]) / int(b.response_mask.sum())
-    assert evaluate.teacher_forced(None, student, tok, seqs[:1], len(tok), 2, "x") == {"nll": pytest.approx(want, rel=1e-5)}
+    want = -sum(float(logp[t, b.targets[0, t]]) for t in range(b.input_ids.shape[1]) if b.response_mask[0, t]) / int(
+        b.response_mask.sum()
+    )
+    assert evaluate.teacher_forced(None, student, tok, seqs[:1], len(tok), 2, "x") == {
+        "nll": pytest.approx(want, rel=1e-5)
+    }
     empty = evaluate.sequences(tok, ps, [{"response": "", "finish_reason": "length"} for _ in ps])
     with pytest.raises(ValueError, match="x have no tokens to score"):
         evaluate.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
 
 
-def test_speculative_decoding_counts_teacher_calls_and_keeps_greedy_output(tiny_models: Path, taught_models: Path) -> None:
+def test_speculative_decoding_counts_teacher_calls_and_keeps_greedy_output(
+    tiny_models: Path, taught_models: Path
+) -> None:
     teacher, tok = load(taught_models / "teacher")
     twin, _ = load(taught_models / "teacher")  # a perfect draft (a separate copy: calls are counted per module)
     student, _ = load(tiny_models / "student")
@@ -73,11 +81,23 @@ def test_run_reports_every_model(tiny_models: Path) -> None:
     ps = [prompt(i) for i in range(6)]
     metrics, predictions = evaluate.run(loaded, ps, EP)
     assert set(metrics) == {"teacher", "student_initial", "student_distilled"}
-    assert metrics["student_initial"]["kl_teacher_student"] == metrics["student_distilled"]["kl_teacher_student"]  # same weights
+    assert (
+        metrics["student_initial"]["kl_teacher_student"] == metrics["student_distilled"]["kl_teacher_student"]
+    )  # same weights
     assert metrics["teacher"]["accuracy"]["n"] == 6
     for name in ("student_initial", "student_distilled"):
         m = metrics[name]
-        assert {"kl_teacher_student", "nll_on_teacher_responses", "nll_on_own_responses", "greedy_agreement", "rouge_l_vs_teacher", "speculative", "response_tokens"} <= set(m)
+        assert {
+            "kl_teacher_student",
+            "nll_on_teacher_responses",
+            "nll_on_own_responses",
+            "greedy_agreement",
+            "rouge_l_vs_teacher",
+            "speculative",
+            "response_tokens",
+        } <= set(m)
         assert m["speculative"]["matches_greedy"] == 1.0 and 0.0 <= m["rouge_l_vs_teacher"] <= 1.0
-        assert m["own_response_tokens_scored"] > 0 and m["nll_on_own_responses"] > 0  # random models emit scorable characters
+        assert (
+            m["own_response_tokens_scored"] > 0 and m["nll_on_own_responses"] > 0
+        )  # random models emit scorable characters
     assert len(predictions) == 18 and {p["model"] for p in predictions} == set(metrics)

@@ -49,10 +49,20 @@ def base_env(home: Path, api_url: str | None) -> dict[str, str]:
     """This process's environment without any Prefect setting of the user's, plus an
     isolated PREFECT_HOME and, when given, the server's API URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(home),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-               PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     env["PATH"] = str(Path(PY).parent) + os.pathsep + env.get("PATH", "")
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -62,7 +72,9 @@ def base_env(home: Path, api_url: str | None) -> dict[str, str]:
 def sh(cwd: Path, env: dict[str, str], *cmd: str, timeout: float = 600) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
     return done.stdout + done.stderr
 
 
@@ -73,7 +85,9 @@ def run_flow(repo: Path, env: dict[str, str], *args: str, expect_rc: int = 0) ->
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
     if done.returncode != expect_rc or not summary.is_file():
-        raise AssertionError(f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), summary written: {summary.is_file()}:\n{out[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), summary written: {summary.is_file()}:\n{out[-6000:]}"
+        )
     return json.loads(summary.read_text()), out
 
 
@@ -102,9 +116,11 @@ def stages_of(repo: Path, env: dict[str, str]) -> set[str]:
 def dvc_stages(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per stage, as DVC resolves it: the params keys it declares, and whether DVC's
     run-cache can restore it (no `cache: false` out besides metrics and plots)."""
-    code = ("import json\nfrom dvc.repo import Repo\nfrom dvc.dependency.param import ParamsDependency\n"
-            "print(json.dumps({s.name: {'params': [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params],"
-            " 'run_cache': all(o.use_cache or o.is_metric or o.is_plot for o in s.outs)} for s in Repo('.').index.stages}))")
+    code = (
+        "import json\nfrom dvc.repo import Repo\nfrom dvc.dependency.param import ParamsDependency\n"
+        "print(json.dumps({s.name: {'params': [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params],"
+        " 'run_cache': all(o.use_cache or o.is_metric or o.is_plot for o in s.outs)} for s in Repo('.').index.stages}))"
+    )
     return json.loads(sh(repo, env, PY, "-c", code).strip().splitlines()[-1])
 
 
@@ -112,7 +128,9 @@ def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
     """What DVC reruns when params `keys` change: the stages declaring them and
     everything downstream of those in `dvc dag`."""
     covers = lambda d, k: k == d or k.startswith(d + ".") or d.startswith(k + ".")
-    found = {name for name, info in dvc_stages(repo, env).items() if any(covers(d, k) for d in info["params"] for k in keys)}
+    found = {
+        name for name, info in dvc_stages(repo, env).items() if any(covers(d, k) for d in info["params"] for k in keys)
+    }
     edges = dvc_dag_edges(repo, env)
     todo = list(found)
     while todo:
@@ -178,7 +196,9 @@ def wait_deployment(url: str, name: str, proc: subprocess.Popen, log: Path, time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process exited {proc.returncode} before deployment {name} appeared:\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"process exited {proc.returncode} before deployment {name} appeared:\n{log.read_text()[-4000:]}"
+            )
         r = httpx.get(f"{url}/deployments/name/{name}", timeout=30)
         if r.status_code == 200:
             return r.json()
@@ -207,8 +227,14 @@ def prefect_deploy(repo: Path, env: dict[str, str]) -> str:
     (422), and it exits 1. Exactly that failure is accepted, after the creation
     message; any other failure fails the test.
     """
-    done = subprocess.run([PY, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=repo, env={**env, "COLUMNS": "250"},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [PY, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=repo,
+        env={**env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = done.stdout + done.stderr
     assert "Deployment 'distillflow/nightly' successfully created" in out, out[-4000:]
     if done.returncode != 0:
@@ -234,8 +260,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     env = base_env(home, None)
     log = home / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -264,8 +295,13 @@ def cold(smoke: Path, server: Server) -> dict[str, Any]:
     """The first (cold) run, and what it left, for the later tests to compare with."""
     started = time.monotonic()
     summary, out = run_flow(smoke, server.env)
-    return {"summary": summary, "out": out, "seconds": time.monotonic() - started,
-            "lock": yaml.safe_load((smoke / "dvc.lock").read_text()), "evaluate": (smoke / "metrics" / "evaluate.json").read_text()}
+    return {
+        "summary": summary,
+        "out": out,
+        "seconds": time.monotonic() - started,
+        "lock": yaml.safe_load((smoke / "dvc.lock").read_text()),
+        "evaluate": (smoke / "metrics" / "evaluate.json").read_text(),
+    }
 
 
 def snapshot(repo: Path) -> dict[str, tuple[int, int]]:
@@ -282,23 +318,38 @@ def snapshot(repo: Path) -> dict[str, tuple[int, int]]:
 # --- the smoke pipeline --------------------------------------------------------------
 
 
-def test_cold_run_runs_every_stage_with_the_dvc_dag_and_parallel_generation(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+def test_cold_run_runs_every_stage_with_the_dvc_dag_and_parallel_generation(
+    smoke: Path, server: Server, cold: dict[str, Any]
+) -> None:
     summary = cold["summary"]
     stages = stages_of(smoke, server.env)
     assert set(NINE) <= stages
     assert outcomes(summary) == {n: "ran" for n in stages}
     teacher, student = summary["stages"]["teacher"], summary["stages"]["student"]
-    assert teacher["started"] < student["finished"] and student["started"] < teacher["finished"], \
+    assert teacher["started"] < student["finished"] and student["started"] < teacher["finished"], (
         f"teacher and student generation did not overlap: {teacher}, {student}"
+    )
 
     runs = task_runs(server.url, summary["flow_run_id"])
     assert sorted(r["name"] for r in runs) == sorted(stages)
     assert prefect_edges(runs) == dvc_dag_edges(smoke, server.env)
     by_name = {r["name"]: r for r in runs}
     t, s = by_name["teacher"], by_name["student"]
-    assert t["start_time"] < s["end_time"] and s["start_time"] < t["end_time"], "Prefect saw teacher and student run one after the other"
+    assert t["start_time"] < s["end_time"] and s["start_time"] < t["end_time"], (
+        "Prefect saw teacher and student run one after the other"
+    )
     retries = {n: by_name[n]["empirical_policy"]["retries"] for n in NINE}
-    assert retries == {"bootstrap": 2, "seed": 2, "teacher": 2, "student": 2, "pairs": 0, "curate": 0, "score": 2, "train": 2, "evaluate": 2}
+    assert retries == {
+        "bootstrap": 2,
+        "seed": 2,
+        "teacher": 2,
+        "student": 2,
+        "pairs": 0,
+        "curate": 0,
+        "score": 2,
+        "train": 2,
+        "evaluate": 2,
+    }
 
     arts = artifacts(server.url, summary["flow_run_id"])
     assert {artifact_key(n) for n in stages} | {"distillflow-run"} <= set(arts)
@@ -314,7 +365,9 @@ def test_cold_run_runs_every_stage_with_the_dvc_dag_and_parallel_generation(smok
     assert "| data/curate/curated.parquet |" in arts["stage-curate"] and f"| {rows} |" in arts["stage-curate"]
     ev = json.loads((smoke / "metrics" / "evaluate.json").read_text())
     assert f"| teacher.accuracy.exact_match | {ev['teacher']['accuracy']['exact_match']} |" in arts["stage-evaluate"]
-    assert "Running stage" not in cold["out"] and "python -m stages.teacher" in cold["out"]  # the stage's own output, through the run logger
+    assert (
+        "Running stage" not in cold["out"] and "python -m stages.teacher" in cold["out"]
+    )  # the stage's own output, through the run logger
 
     assert_dvc_agrees(smoke, server.env)
     assert "/teacher" in (smoke / "data" / ".gitignore").read_text().splitlines()  # as `dvc repro` writes it
@@ -340,7 +393,9 @@ def test_flow_works_with_no_server_configured_and_restores_missing_outputs(smoke
     summary, out = run_flow(smoke, env)
     assert "Starting temporary server" in out
     assert outcomes(summary) == {**{n: "cached" for n in stages_of(smoke, env)}, "teacher": "restored"}
-    assert (smoke / "data" / "teacher" / "generations.parquet").is_file() and (smoke / "metrics" / "teacher.json").is_file()
+    assert (smoke / "data" / "teacher" / "generations.parquet").is_file() and (
+        smoke / "metrics" / "teacher.json"
+    ).is_file()
     assert yaml.safe_load((smoke / "dvc.lock").read_text()) == lock
     assert_dvc_agrees(smoke, env)
 
@@ -395,11 +450,15 @@ class Killer(threading.Thread):
 def test_a_killed_command_is_named_whether_or_not_the_shell_forked_it() -> None:
     # exec'd by the shell: Popen sees the signal; forked: the shell exits 128+N
     assert "was killed by signal 9" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", -9, []))
-    assert "exited with 137: its process was killed by signal 9" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", 137, []))
+    assert "exited with 137: its process was killed by signal 9" in str(
+        dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", 137, [])
+    )
     assert "exited with 1:" in str(dvc_ops.StageCommandFailed("teacher", "python -m stages.teacher", 1, []))
 
 
-def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_retried(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_retried(
+    smoke: Path, server: Server, cold: dict[str, Any]
+) -> None:
     killer = Killer(smoke, "teacher", after=1.0)
     killer.start()
     try:
@@ -420,14 +479,20 @@ def test_teacher_param_reruns_teacher_and_downstream_and_a_killed_teacher_is_ret
     assert_dvc_agrees(smoke, server.env)
 
 
-def test_reverting_params_restores_every_output_from_the_dvc_cache(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
+def test_reverting_params_restores_every_output_from_the_dvc_cache(
+    smoke: Path, server: Server, cold: dict[str, Any]
+) -> None:
     summary, _ = run_flow(smoke, server.env, "-S", "teacher.temperature=1.0", "-S", "train.lr=0.003")
     changed = affected_by(smoke, server.env, "teacher.temperature", "train.lr")
     # a stage with a `cache: false` out other than metrics/plots has no run-cache entry:
     # DVC reruns it, and so does the flow
     uncacheable = {n for n, info in dvc_stages(smoke, server.env).items() if not info["run_cache"]}
     assert with_outcome(summary, "ran") == changed & uncacheable
-    assert with_outcome(summary, "restored") == changed - uncacheable >= {"teacher", "pairs", "curate", "score", "train", "evaluate"}
+    assert (
+        with_outcome(summary, "restored")
+        == changed - uncacheable
+        >= {"teacher", "pairs", "curate", "score", "train", "evaluate"}
+    )
     assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - changed >= {"bootstrap", "seed", "student"}
     recorded = lambda lock: {n: e for n, e in lock["stages"].items() if n not in uncacheable}
     assert recorded(yaml.safe_load((smoke / "dvc.lock").read_text())) == recorded(cold["lock"])
@@ -435,7 +500,9 @@ def test_reverting_params_restores_every_output_from_the_dvc_cache(smoke: Path, 
     assert_dvc_agrees(smoke, server.env)
 
 
-def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """train.rounds drives dvc.yaml's foreach round_* stages: with rounds r2 and r3 the
     flow's DAG has round_<stage>@r2/@r3 wired exactly as `dvc dag` wires them. (The
     cold run above already runs the real matrix stages compare@<run>-<seed>.)"""
@@ -443,11 +510,15 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(tmp_path:
     from flows.dvc_ops import apply_overrides
 
     repo = copy_repo(tmp_path / "repo")
-    changes = apply_overrides(repo, ["++train.rounds.r2={previous: data/train}", "++train.rounds.r3={previous: data/rounds/r2/train}"])
+    changes = apply_overrides(
+        repo, ["++train.rounds.r2={previous: data/train}", "++train.rounds.r3={previous: data/rounds/r2/train}"]
+    )
     assert "params.yaml: train.rounds.r3.previous: '<unset>' -> 'data/rounds/r2/train'" in changes
     monkeypatch.chdir(repo)
     dag = load_dag(repo)
-    rounds = {f"round_{s}@{r}" for s in ("student", "pairs", "curate", "score", "train", "evaluate") for r in ("r2", "r3")}
+    rounds = {
+        f"round_{s}@{r}" for s in ("student", "pairs", "curate", "score", "train", "evaluate") for r in ("r2", "r3")
+    }
     assert rounds <= set(dag.stages)
     nodes, edges = dvc_dag(repo, server.env)
     assert set(dag.stages) == nodes and dag.edges == edges
@@ -464,11 +535,28 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(smoke: Path, server: Serv
     assert dep["parameters"]["target"] is None and dep["parameters"]["overrides"] == []
     log = smoke.parent / "worker.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "distillflow"], cwd=smoke, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [PY, "-m", "prefect", "worker", "start", "--pool", "distillflow"],
+            cwd=smoke,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         params = json.dumps({"target": "pairs", "overrides": ["pairs.max_pairs_per_prompt=2"], "retry_delay_s": 1})
-        started = sh(smoke, {**env, "COLUMNS": "250"}, PY, "-m", "prefect", "deployment", "run", "distillflow/nightly", "--params", params)
+        started = sh(
+            smoke,
+            {**env, "COLUMNS": "250"},
+            PY,
+            "-m",
+            "prefect",
+            "deployment",
+            "run",
+            "distillflow/nightly",
+            "--params",
+            params,
+        )
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", started)
         assert run_id, started
         final = wait_flow_run(server.url, run_id.group(1), timeout=300)
@@ -477,7 +565,13 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(smoke: Path, server: Serv
     assert final["state"]["type"] == "COMPLETED", f"{final['state']}\n{log.read_text()[-4000:]}"
     assert final["parameters"]["target"] == "pairs"
     states = {r["name"]: r["state"]["name"] for r in task_runs(server.url, final["id"])}
-    assert states == {"bootstrap": "Cached", "seed": "Cached", "teacher": "Cached", "student": "Cached", "pairs": "Completed"}
+    assert states == {
+        "bootstrap": "Cached",
+        "seed": "Cached",
+        "teacher": "Cached",
+        "student": "Cached",
+        "pairs": "Completed",
+    }
     assert yaml.safe_load((smoke / "params.yaml").read_text())["pairs"]["max_pairs_per_prompt"] == 2
     assert "Data and pipelines are up to date" in sh(smoke, env, PY, "-m", "dvc", "status", "pairs")
 
@@ -485,8 +579,27 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(smoke: Path, server: Serv
 def test_serve_creates_a_scheduled_deployment_and_runs_it(smoke: Path, server: Server, cold: dict[str, Any]) -> None:
     log = smoke.parent / "serve.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([PY, "-m", "flows.cli", "serve", "--name", "smoke-serve", "--cron", "30 4 * * *", "--target", "seed", "--retry-delay", "1"],
-                                cwd=smoke, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--name",
+                "smoke-serve",
+                "--cron",
+                "30 4 * * *",
+                "--target",
+                "seed",
+                "--retry-delay",
+                "1",
+            ],
+            cwd=smoke,
+            env=server.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         dep = wait_deployment(server.url, "distillflow/smoke-serve", proc, log, timeout=120)
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["30 4 * * *"]
@@ -496,11 +609,21 @@ def test_serve_creates_a_scheduled_deployment_and_runs_it(smoke: Path, server: S
     finally:
         stop(proc)
     assert final["state"]["type"] == "COMPLETED", f"{final['state']}\n{log.read_text()[-4000:]}"
-    assert {r["name"]: r["state"]["name"] for r in task_runs(server.url, run["id"])} == {"bootstrap": "Cached", "seed": "Cached"}  # target seed: seed and what it depends on
+    assert {r["name"]: r["state"]["name"] for r in task_runs(server.url, run["id"])} == {
+        "bootstrap": "Cached",
+        "seed": "Cached",
+    }  # target seed: seed and what it depends on
 
 
 def test_serve_without_a_server_says_what_is_missing(smoke: Path, tmp_path: Path) -> None:
-    done = subprocess.run([PY, "-m", "flows.cli", "serve"], cwd=smoke, env=base_env(tmp_path, None), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [PY, "-m", "flows.cli", "serve"],
+        cwd=smoke,
+        env=base_env(tmp_path, None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
 
 
@@ -583,7 +706,9 @@ def tiny_env(server: Server) -> dict[str, str]:
     return {**server.env, "PYTHONPATH": str(ROOT)}  # `python -m flows.cli` from this checkout
 
 
-def test_foreach_stages_are_tasks_named_as_dvc_names_them(tiny: Path, tiny_env: dict[str, str], server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_foreach_stages_are_tasks_named_as_dvc_names_them(
+    tiny: Path, tiny_env: dict[str, str], server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows.dag import load_dag
 
     monkeypatch.chdir(tiny)
@@ -606,7 +731,9 @@ def test_foreach_stages_are_tasks_named_as_dvc_names_them(tiny: Path, tiny_env: 
     assert_dvc_agrees(tiny, server.env)
 
 
-def test_a_failed_stage_leaves_no_partial_output_and_the_next_run_resumes(tiny: Path, tiny_env: dict[str, str], server: Server) -> None:
+def test_a_failed_stage_leaves_no_partial_output_and_the_next_run_resumes(
+    tiny: Path, tiny_env: dict[str, str], server: Server
+) -> None:
     summary, out = run_flow(tiny, tiny_env, "-S", "rounds.fail_round=2", expect_rc=1)
     assert outcomes(summary) == {"prep": "cached", "round@1": "ran", "round@2": "failed", "report": "not-run"}
     assert "stages failed: round@2" in out and "round 2 failed on purpose" in out
@@ -619,7 +746,9 @@ def test_a_failed_stage_leaves_no_partial_output_and_the_next_run_resumes(tiny: 
     assert_dvc_agrees(tiny, server.env)
 
 
-def test_a_cache_hit_whose_outputs_dvc_no_longer_holds_runs_the_stage_again(tiny: Path, tiny_env: dict[str, str]) -> None:
+def test_a_cache_hit_whose_outputs_dvc_no_longer_holds_runs_the_stage_again(
+    tiny: Path, tiny_env: dict[str, str]
+) -> None:
     """A Prefect cache record outlives the DVC cache (gc, another checkout): the stage
     whose outputs are gone from both the workspace and the DVC cache runs again."""
     shutil.rmtree(tiny / ".dvc" / "cache")
@@ -637,11 +766,20 @@ def test_a_second_run_in_the_same_checkout_is_refused(tiny: Path, tiny_env: dict
     lock = tiny / ".dvc" / "tmp" / "distillflow-run.lock"
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
-        done = subprocess.run([PY, "-m", "flows.cli", "run"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [PY, "-m", "flows.cli", "run"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300
+        )
     assert done.returncode == 1 and "another distillflow run holds" in done.stderr, done.stderr[-3000:]
 
 
 def test_an_unknown_override_key_is_an_error_naming_it(tiny: Path, tiny_env: dict[str, str]) -> None:
-    done = subprocess.run([PY, "-m", "flows.cli", "run", "-S", "rounds.nope=1"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [PY, "-m", "flows.cli", "run", "-S", "rounds.nope=1"],
+        cwd=tiny,
+        env=tiny_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "rounds.nope" in done.stderr, done.stderr[-3000:]

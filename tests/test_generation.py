@@ -1,4 +1,4 @@
-"""Sharded, resumable generation (stages/lib/shards.py) and the engines' shared parts,
+"""Sharded, resumable generation (stages/lib/engines/shards.py) and the engines' shared parts,
 on tiny real models: sharding, worker processes and a SIGKILL never change an output."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from stages import seed
-from stages.lib import generation, genstage, io, models, records, shards
-from stages.lib.config import GenerationParams
-from stages.lib.encoding import prompt_ids
-from stages.lib.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
+from stages import genstage, seed
+from stages.lib.core import models
+from stages.lib.core.config import GenerationParams
+from stages.lib.data import io, records
+from stages.lib.data.encoding import prompt_ids
+from stages.lib.engines import generation, shards
+from stages.lib.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 
 from .conftest import ROOT
 from .test_bootstrap import TASK
@@ -32,7 +34,9 @@ from .test_teacher import gp, prompts
 TOY = models.ModelRef("toy", None)
 
 
-def run(tiny_models: Path, ps: list[dict], p: GenerationParams, work: Path, part: tuple[int, int] | None = None) -> list[dict]:
+def run(
+    tiny_models: Path, ps: list[dict], p: GenerationParams, work: Path, part: tuple[int, int] | None = None
+) -> list[dict]:
     return genstage.run("teacher", TOY, False, "float32", p, ps, tiny_models / "teacher", work, part=part)
 
 
@@ -50,11 +54,20 @@ def test_shards_hold_whole_length_sorted_batches() -> None:
 
 def test_knobs_that_cannot_change_outputs_stay_out_of_ids() -> None:
     base = sampling_record(gp())
-    assert base == {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6, "num_samples": 2, "seed": 7, "batch_size": 4}  # as before issue 7
+    assert base == {
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "max_new_tokens": 6,
+        "num_samples": 2,
+        "seed": 7,
+        "batch_size": 4,
+    }  # as before issue 7
     assert sampling_record(gp(shard_size=8, workers=2)) == base
     assert sampling_record(gp(stop=("\n",)))["stop"] == ["\n"]
     assert sampling_record(gp(device="cuda"))["device"] == "cuda"
-    assert "shard_size" in sampling_record(gp(engine="vllm", device="cuda", shard_size=8))  # vLLM is not batch-invariant
+    assert "shard_size" in sampling_record(
+        gp(engine="vllm", device="cuda", shard_size=8)
+    )  # vLLM is not batch-invariant
 
 
 def test_sharded_run_equals_one_shard_and_the_plain_engine(tiny_models: Path, tmp_path: Path) -> None:
@@ -73,52 +86,64 @@ def test_gpu_workers_get_consecutive_device_groups(monkeypatch: pytest.MonkeyPat
     assert shards._gpu_groups(2, 2) == ["0,1", "2,3"]
     assert shards._gpu_groups(4, 1) == ["0", "1", "2", "3"]
     assert shards._gpu_groups(2, 0) is None  # CPU workers
-    with pytest.raises(ValueError, match=r"workers: 3 workers x 2 GPU\(s\) each \(tensor_parallel_size\) need 6 GPUs; 4 visible"):
+    with pytest.raises(
+        ValueError, match=r"workers: 3 workers x 2 GPU\(s\) each \(tensor_parallel_size\) need 6 GPUs; 4 visible"
+    ):
         shards._gpu_groups(3, 2)
 
 
-def test_two_worker_processes_give_the_one_process_output(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_two_worker_processes_give_the_one_process_output(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ps = prompts(16)
     one = run(tiny_models, ps, gp(shard_size=4, workers=1), tmp_path / "one")
-    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
         two = run(tiny_models, ps, gp(shard_size=4, workers=2), tmp_path / "two")
     assert two == one
     assert sum("generated shard" in m for m in caplog.messages) == 4
 
 
-def test_parts_on_several_machines_then_a_gathering_run(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_parts_on_several_machines_then_a_gathering_run(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """What an orchestrator does: part k of n on each machine, then one run gathers."""
     ps = prompts(12)
     p = gp(shard_size=4)
     assert run(tiny_models, ps, p, tmp_path / "w", part=(0, 2)) == []
     assert sorted(m.name for m in (tmp_path / "w").glob("*.done")) == ["shard-00000.done", "shard-00002.done"]
     run(tiny_models, ps, p, tmp_path / "w", part=(1, 2))
-    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
         gathered = run(tiny_models, ps, p, tmp_path / "w")
     assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
     assert gathered == run(tiny_models, ps, p, tmp_path / "fresh")
 
 
-def test_shards_of_other_params_are_never_reused(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_shards_of_other_params_are_never_reused(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ps = prompts(8)
     run(tiny_models, ps, gp(shard_size=4, seed=7), tmp_path / "w")
-    with caplog.at_level(logging.WARNING, logger="stages.lib.shards"):
+    with caplog.at_level(logging.WARNING, logger="stages.lib.engines.shards"):
         other = run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w")
     assert any("made for other inputs, params or code" in m for m in caplog.messages)
     assert other == run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "fresh")
     (tmp_path / "w" / "plan.json").unlink()  # shards nobody can vouch for
-    with caplog.at_level(logging.WARNING, logger="stages.lib.shards"):
+    with caplog.at_level(logging.WARNING, logger="stages.lib.engines.shards"):
         assert run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w") == other
     assert any("files without a plan.json" in m for m in caplog.messages)
 
 
-def test_a_shard_that_differs_from_its_marker_is_generated_again(tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_shard_that_differs_from_its_marker_is_generated_again(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ps = prompts(8)
     p = gp(shard_size=4)
     good = run(tiny_models, ps, p, tmp_path / "w")
     rows = io.read_rows(shards.shard_file(tmp_path / "w", 1), records.GENERATION_SCHEMA)
-    io.write_table(shards.shard_file(tmp_path / "w", 1), [{**r, "response": "tampered"} for r in rows], records.GENERATION_SCHEMA)
-    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+    io.write_table(
+        shards.shard_file(tmp_path / "w", 1), [{**r, "response": "tampered"} for r in rows], records.GENERATION_SCHEMA
+    )
+    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
         assert run(tiny_models, ps, p, tmp_path / "w") == good
     assert any("differs from its marker's digest; generating shard 1 again" in m for m in caplog.messages)
     assert any("1 of 2 shards already done (skipped), 1 to generate" in m for m in caplog.messages)
@@ -144,7 +169,11 @@ def test_stop_strings_cut_responses_where_the_plain_run_reaches_them(tiny_models
             # where the model emitted special tokens, which decoding drops), never past it
             assert at + len(stop) <= b["response_tokens"] <= a["response_tokens"]
         else:
-            assert (b["response"], b["finish_reason"], b["response_tokens"]) == (a["response"], a["finish_reason"], a["response_tokens"])
+            assert (b["response"], b["finish_reason"], b["response_tokens"]) == (
+                a["response"],
+                a["finish_reason"],
+                a["response_tokens"],
+            )
     assert hit >= 2
 
 
@@ -161,7 +190,9 @@ def test_seeds_follow_the_prompt_not_the_shard() -> None:
     assert 0 <= sample_seed(2, "p1") < 2**31
 
 
-def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stand-in `vllm` module (vLLM needs a GPU; the real engine is tested in
     tests/test_teacher.py where one exists): checks what the engine asks of the offline
     API and how it turns the answers into records. Not a check of vLLM itself."""
@@ -177,7 +208,17 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(ti
 
         def generate(self, prompts: list[dict], params: list[SamplingParams]) -> list:
             calls["prompts"], calls["params"] = prompts, params
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"r{k}", token_ids=[1] * (k + 1), finish_reason=("stop", "length")[k % 2]) for k in range(sp.kw["n"])]) for sp in params]
+            return [
+                types.SimpleNamespace(
+                    outputs=[
+                        types.SimpleNamespace(
+                            text=f"r{k}", token_ids=[1] * (k + 1), finish_reason=("stop", "length")[k % 2]
+                        )
+                        for k in range(sp.kw["n"])
+                    ]
+                )
+                for sp in params
+            ]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     monkeypatch.setattr(generation, "version", lambda name: "0.0-fake")
@@ -186,11 +227,31 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(ti
     tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
     engine = generation.VllmEngine(str(tiny_models / "teacher"), None, tok, p, "fp", "bfloat16", False)
     rows = engine.generate(ps, Shard(0, (2, 0, 1), 0))
-    assert calls["llm"] == {"model": str(tiny_models / "teacher"), "revision": None, "tokenizer": str(tiny_models / "teacher"), "tokenizer_revision": None,
-                            "dtype": "bfloat16", "seed": 7, "tensor_parallel_size": 2, "trust_remote_code": False}
+    assert calls["llm"] == {
+        "model": str(tiny_models / "teacher"),
+        "revision": None,
+        "tokenizer": str(tiny_models / "teacher"),
+        "tokenizer_revision": None,
+        "dtype": "bfloat16",
+        "seed": 7,
+        "tensor_parallel_size": 2,
+        "trust_remote_code": False,
+    }
     assert calls["prompts"] == [{"prompt_token_ids": prompt_ids(tok, ps[i]["prompt"])} for i in (2, 0, 1)]
-    assert [c.kw for c in calls["params"]] == [{"n": 2, "temperature": 1.0, "top_p": 0.9, "max_tokens": 6, "seed": sample_seed(7, ps[i]["prompt_id"]), "stop": ["\n\n"]} for i in (2, 0, 1)]
-    assert [(r["prompt_id"], r["sample_index"], r["response"], r["finish_reason"], r["response_tokens"]) for r in rows[:2]] == [(ps[2]["prompt_id"], 0, "r0", "stop", 1), (ps[2]["prompt_id"], 1, "r1", "length", 2)]
+    assert [c.kw for c in calls["params"]] == [
+        {
+            "n": 2,
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "max_tokens": 6,
+            "seed": sample_seed(7, ps[i]["prompt_id"]),
+            "stop": ["\n\n"],
+        }
+        for i in (2, 0, 1)
+    ]
+    assert [
+        (r["prompt_id"], r["sample_index"], r["response"], r["finish_reason"], r["response_tokens"]) for r in rows[:2]
+    ] == [(ps[2]["prompt_id"], 0, "r0", "stop", 1), (ps[2]["prompt_id"], 1, "r1", "length", 2)]
     assert rows[0]["engine"] == "vllm 0.0-fake" and json.loads(rows[0]["sampling"])["engine"] == "vllm"
 
 
@@ -204,29 +265,52 @@ def stage_setup(tmp_path: Path, tiny_models: Path, **teacher: object) -> list[st
     params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     params["teacher"].update(teacher)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    return [sys.executable, "-m", "stages.teacher", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "seed"), "--models", str(tiny_models)]
+    return [
+        sys.executable,
+        "-m",
+        "stages.teacher",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prompts",
+        str(tmp_path / "seed"),
+        "--models",
+        str(tiny_models),
+    ]
 
 
-def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(tmp_path: Path, tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
+    tmp_path: Path, tiny_models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stage_setup(tmp_path, tiny_models, batch_size=8, shard_size=16, max_new_tokens=4)  # 48 prompts: 3 shards
-    where = dict(params_file=tmp_path / "params.yaml", prompts_dir=tmp_path / "seed", models_dir=tiny_models, out=tmp_path / "out")
+    where = dict(
+        params_file=tmp_path / "params.yaml",
+        prompts_dir=tmp_path / "seed",
+        models_dir=tiny_models,
+        out=tmp_path / "out",
+    )
     with pytest.raises(ValueError, match="part must be in 0..1, got 2"):
         genstage.generate_part("teacher", part=2, parts=2, **where)
     for k in (0, 1):
         genstage.generate_part("teacher", part=k, parts=2, **where)
     assert len(list((tmp_path / "out.shards").glob("*.done"))) == 3 and not (tmp_path / "out").exists()
     i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
-    with caplog.at_level(logging.INFO, logger="stages.lib.shards"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
         rows = genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "out.shards")
     assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
     assert rows == genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "fresh")
 
 
-def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run(tmp_path: Path, tiny_models: Path) -> None:
-    cmd = stage_setup(tmp_path, tiny_models, batch_size=4, shard_size=4, num_samples=2, max_new_tokens=16)  # 48 prompts: 12 shards
+def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run(
+    tmp_path: Path, tiny_models: Path
+) -> None:
+    cmd = stage_setup(
+        tmp_path, tiny_models, batch_size=4, shard_size=4, num_samples=2, max_new_tokens=16
+    )  # 48 prompts: 12 shards
     out, work = tmp_path / "out", tmp_path / "out.shards"
     args = [*cmd, "--out", str(out), "--metrics", str(tmp_path / "m.json")]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not list(work.glob("*.done")):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -242,14 +326,28 @@ def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run
     log = resumed.stderr
     assert f"{len(done)} of 12 shards already done (skipped), {12 - len(done)} to generate" in log
     assert log.count("generated shard") == 12 - len(done)
-    generated = {f"shard-{int(line.split('generated shard ')[1].split()[0]):05d}.done" for line in log.splitlines() if "generated shard" in line}
+    generated = {
+        f"shard-{int(line.split('generated shard ')[1].split()[0]):05d}.done"
+        for line in log.splitlines()
+        if "generated shard" in line
+    }
     assert generated.isdisjoint(done)
     assert not work.exists()  # removed once the output is written
 
-    clean = subprocess.run([*cmd, "--out", str(tmp_path / "clean"), "--metrics", str(tmp_path / "m2.json")], cwd=ROOT, capture_output=True, text=True, check=True)
+    clean = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "clean"), "--metrics", str(tmp_path / "m2.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "0 of 12 shards already done" in clean.stderr
     for name in ("generations.parquet", "manifest.json"):
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert (tmp_path / "m.json").read_bytes() == (tmp_path / "m2.json").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["engine"].startswith("transformers ") and manifest["sampling"]["seed"] == 2 and "manual_seed" in manifest["seeding"]
+    assert (
+        manifest["engine"].startswith("transformers ")
+        and manifest["sampling"]["seed"] == 2
+        and "manual_seed" in manifest["seeding"]
+    )

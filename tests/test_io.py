@@ -4,11 +4,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.lib import io, records
+from stages.lib.data import io, records
 
 
 def prompt_row(i: int) -> dict:
-    return {"prompt_id": f"id{i}", "prompt": f"p{i}", "split": "train", "reference": None, "category": None, "source": "toy", "source_ref": f"toy:{i}"}
+    return {
+        "prompt_id": f"id{i}",
+        "prompt": f"p{i}",
+        "split": "train",
+        "reference": None,
+        "category": None,
+        "source": "toy",
+        "source_ref": f"toy:{i}",
+    }
 
 
 def test_write_then_read_roundtrip_is_byte_deterministic(tmp_path: Path) -> None:
@@ -35,7 +43,10 @@ def test_read_rejects_truncated_parquet(tmp_path: Path) -> None:
 def test_read_names_missing_and_extra_columns(tmp_path: Path) -> None:
     table = pa.table({"prompt_id": ["a"], "prompt": ["x"], "bogus": [1]})
     pq.write_table(table, tmp_path / "c.parquet")
-    with pytest.raises(io.DataError, match=r"c.parquet: columns do not match schema 'prompt'.*missing \['category'.*unexpected \['bogus'\]"):
+    with pytest.raises(
+        io.DataError,
+        match=r"c.parquet: columns do not match schema 'prompt'.*missing \['category'.*unexpected \['bogus'\]",
+    ):
         io.read_table(tmp_path / "c.parquet", records.PROMPT_SCHEMA)
 
 

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows import lineage as flin
-from stages.lib import lineage, records
-from stages.lib.io import write_table
+from flows import trace as flin
+from stages.lib.audit import lineage
+from stages.lib.data import records
+from stages.lib.data.io import write_table
 
 from .conftest import copy_repo
 from .test_pipeline import ENV, sh
@@ -32,9 +33,17 @@ from .test_pipeline import ENV, sh
 # that every RunEvent must satisfy: BaseEvent + RunEvent + Run + Job + Dataset, facets
 # with _producer and _schemaURL. (openlineage-python is not a dependency.)
 _FACETS = {"type": "object", "additionalProperties": {"type": "object", "required": ["_producer", "_schemaURL"]}}
-_DATASET = {"type": "object", "required": ["namespace", "name"],
-            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS,
-                           "inputFacets": _FACETS, "outputFacets": _FACETS}}
+_DATASET = {
+    "type": "object",
+    "required": ["namespace", "name"],
+    "properties": {
+        "namespace": {"type": "string"},
+        "name": {"type": "string"},
+        "facets": _FACETS,
+        "inputFacets": _FACETS,
+        "outputFacets": _FACETS,
+    },
+}
 RUN_EVENT_SCHEMA = {
     "type": "object",
     "required": ["eventTime", "producer", "schemaURL", "run", "job"],
@@ -43,8 +52,16 @@ RUN_EVENT_SCHEMA = {
         "eventTime": {"type": "string", "format": "date-time"},
         "producer": {"type": "string", "format": "uri"},
         "schemaURL": {"type": "string", "format": "uri"},
-        "run": {"type": "object", "required": ["runId"], "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS}},
-        "job": {"type": "object", "required": ["namespace", "name"], "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS}},
+        "run": {
+            "type": "object",
+            "required": ["runId"],
+            "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS},
+        },
+        "job": {
+            "type": "object",
+            "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS},
+        },
         "inputs": {"type": "array", "items": _DATASET},
         "outputs": {"type": "array", "items": _DATASET},
     },
@@ -60,15 +77,30 @@ def _write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     out = tmp_path / "data" / "pairs"
     out.mkdir(parents=True)
     src = tmp_path / "in.parquet"
-    write_table(src, [{"prompt_id": "a", "reason": "r"}], pa.schema([pa.field("prompt_id", pa.string()), pa.field("reason", pa.string())], metadata={"distillflow.schema": "x"}))
+    write_table(
+        src,
+        [{"prompt_id": "a", "reason": "r"}],
+        pa.schema(
+            [pa.field("prompt_id", pa.string()), pa.field("reason", pa.string())], metadata={"distillflow.schema": "x"}
+        ),
+    )
     n = write_table(out / "pairs.parquet", [], records.PAIR_SCHEMA)
-    manifest = lineage.write_manifest(out, "pairs", {"pairs": {"seed": 3, "k": 1}}, inputs={"src": src}, outputs={"pairs.parquet": n},
-                                      counts={"kept": 0, "dropped_by_reason": {"x": 1}}, extra={"validation": {"success": True}},
-                                      cost={"tokens_read": 5})
+    manifest = lineage.write_manifest(
+        out,
+        "pairs",
+        {"pairs": {"seed": 3, "k": 1}},
+        inputs={"src": src},
+        outputs={"pairs.parquet": n},
+        counts={"kept": 0, "dropped_by_reason": {"x": 1}},
+        extra={"validation": {"success": True}},
+        cost={"tokens_read": 5},
+    )
     return out, manifest
 
 
-def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
     monkeypatch.delenv("DVC_STAGE", raising=False)
     out, manifest = _write_stage(tmp_path)
@@ -79,7 +111,11 @@ def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(tmp_path
     assert {"python", "pyarrow"} <= set(manifest["environment"]) and "started" not in manifest
     record = json.loads((tmp_path / "lineage" / "runs" / "pairs.json").read_text())
     assert record["run_id"] == lineage.RUN_ID and record["validation"] == {"success": True}
-    assert record["cost"]["tokens_read"] == 5 and record["cost"]["wall_seconds"] >= 0 and record["cost"]["peak_rss_mib"] > 0
+    assert (
+        record["cost"]["tokens_read"] == 5
+        and record["cost"]["wall_seconds"] >= 0
+        and record["cost"]["peak_rss_mib"] > 0
+    )
     assert record["cost"]["device_seconds_kind"] == "cpu_seconds" and {"commit", "dirty"} <= set(record["git"])
     history = (tmp_path / "lineage" / "runs" / "history.jsonl").read_text().splitlines()
     assert len(history) == 2
@@ -99,7 +135,9 @@ def test_openlineage_events_are_well_formed(tmp_path: Path, monkeypatch: pytest.
     assert done["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == 0
     assert [f["name"] for f in done["outputs"][0]["facets"]["schema"]["fields"]][:2] == ["pair_id", "prompt_id"]
     assert done["inputs"][0]["inputFacets"]["dataQualityMetrics"]["rowCount"] == 1
-    assert done["run"]["facets"]["parent"]["run"]["runId"] == str(uuid.uuid5(uuid.NAMESPACE_URL, "distillflow:flow-run-7"))
+    assert done["run"]["facets"]["parent"]["run"]["runId"] == str(
+        uuid.uuid5(uuid.NAMESPACE_URL, "distillflow:flow-run-7")
+    )
 
 
 def test_final_dir_names_the_out_an_atomic_write_is_for(tmp_path: Path) -> None:
@@ -110,12 +148,23 @@ def test_final_dir_names_the_out_an_atomic_write_is_for(tmp_path: Path) -> None:
 def test_cost_sums_the_stages_of_one_run(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
-    rows = [{"run_id": rid, "job": job, "cost": {"wall_seconds": w, "cpu_seconds": w, "peak_rss_mib": m, "tokens_read": 10}}
-            for rid, job, w, m in (("a", "seed", 1.0, 100.0), ("b", "seed", 2.0, 50.0), ("b", "train", 3.0, 70.0), ("b", "train", 4.0, 80.0))]
+    rows = [
+        {"run_id": rid, "job": job, "cost": {"wall_seconds": w, "cpu_seconds": w, "peak_rss_mib": m, "tokens_read": 10}}
+        for rid, job, w, m in (
+            ("a", "seed", 1.0, 100.0),
+            ("b", "seed", 2.0, 50.0),
+            ("b", "train", 3.0, 70.0),
+            ("b", "train", 4.0, 80.0),
+        )
+    ]
     (runs / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = flin.cost_table(flin.run_records(tmp_path, None))
     assert table["run_id"] == "b" and set(table["stages"]) == {"seed", "train"}
-    assert table["total"]["wall_seconds"] == 6.0 and table["total"]["peak_rss_mib"] == 80.0 and table["total"]["tokens_read"] == 20
+    assert (
+        table["total"]["wall_seconds"] == 6.0
+        and table["total"]["peak_rss_mib"] == 80.0
+        and table["total"]["tokens_read"] == 20
+    )
     with pytest.raises(flin.LineageError, match="no records of run zzz"):
         flin.run_records(tmp_path, "zzz")
 
@@ -126,7 +175,9 @@ def test_cost_sums_the_stages_of_one_run(tmp_path: Path) -> None:
 def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`distillflow ARGS` with the repo copy's code, in the repo copy. Not checked: its
     exit status is what the tests assert on."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +185,18 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke profile run up to train, committed: every stage a training pair passes through."""
     repo = copy_repo(tmp_path_factory.mktemp("lineage_repo"))
     try:
-        subprocess.run(["dvc", "repro", "train"], cwd=repo, env={**ENV, "DISTILLFLOW_RUN_ID": "smoke-run"}, capture_output=True, text=True, check=True)
+        subprocess.run(
+            ["dvc", "repro", "train"],
+            cwd=repo,
+            env={**ENV, "DISTILLFLOW_RUN_ID": "smoke-run"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except subprocess.CalledProcessError as exc:
-        raise AssertionError(f"dvc repro train failed ({exc.returncode}):\n{exc.stdout[-3000:]}\n{exc.stderr[-3000:]}") from exc
+        raise AssertionError(
+            f"dvc repro train failed ({exc.returncode}):\n{exc.stdout[-3000:]}\n{exc.stderr[-3000:]}"
+        ) from exc
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "smoke run")
     return repo
@@ -145,14 +205,21 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_show_takes_a_training_pair_back_to_its_source_row(smoke: Path) -> None:
     pair = pq.read_table(smoke / "data" / "curate" / "curated.parquet").to_pylist()[0]
-    prompt = next(p for p in pq.read_table(smoke / "data" / "seed" / "train.parquet").to_pylist() if p["prompt_id"] == pair["prompt_id"])
+    prompt = next(
+        p
+        for p in pq.read_table(smoke / "data" / "seed" / "train.parquet").to_pylist()
+        if p["prompt_id"] == pair["prompt_id"]
+    )
     text = cli(smoke, "lineage", "show", pair["pair_id"])
     assert text.returncode == 0, text.stderr
     assert f"source_ref: {prompt['source_ref']}" in text.stdout and "data/curate/curated.parquet row 0" in text.stdout
     tree = json.loads(cli(smoke, "lineage", "show", pair["pair_id"], "--json").stdout)
     assert tree["prompt"]["record"]["source_ref"] == prompt["source_ref"]
     teacher = json.loads((smoke / "data" / "teacher" / "manifest.json").read_text())
-    assert tree["chosen"]["record"]["model"] == teacher["model"]["fingerprint"] and tree["chosen"]["record"]["sampling"]["seed"] == 2
+    assert (
+        tree["chosen"]["record"]["model"] == teacher["model"]["fingerprint"]
+        and tree["chosen"]["record"]["sampling"]["seed"] == 2
+    )
     assert tree["rejected"]["found_in"] == ["data/student/generations.parquet row 0 (student)"]
     missing = cli(smoke, "lineage", "show", "0" * 32)
     assert missing.returncode == 1 and "no pair, generation or prompt" in missing.stderr
@@ -194,7 +261,9 @@ def test_run_records_and_cost(smoke: Path) -> None:
     out = cli(smoke, "lineage", "cost", "--run", "smoke-run", "--json")
     table = json.loads(out.stdout)
     assert set(table["stages"]) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train"}
-    assert table["stages"]["teacher"]["tokens_generated"] > 0 and table["stages"]["teacher"]["cache_hits"] == {"shards_resumed": 0}
+    assert table["stages"]["teacher"]["tokens_generated"] > 0 and table["stages"]["teacher"]["cache_hits"] == {
+        "shards_resumed": 0
+    }
     assert table["stages"]["train"]["tokens_read"] > 0 and table["total"]["wall_seconds"] > 0
     for f in (smoke / "lineage" / "openlineage").rglob("*.json"):
         check_event(json.loads(f.read_text()))

@@ -1,4 +1,4 @@
-"""Tests for stages/lib/losses.py: naive float64 references, limits, masking, chunking.
+"""Tests for stages/lib/training/losses.py: naive float64 references, limits, masking, chunking.
 
 Run: pytest tests/test_losses.py -q
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.lib import losses as L
+from stages.lib.training import losses as L
 
 Tensor = torch.Tensor
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +45,7 @@ def ref_kl(a: Tensor, b: Tensor) -> Tensor:
     return (a * (torch.log(a) - torch.log(b))).sum(-1)
 
 
-def ref_token(
-    name: str, s: Tensor, t: Tensor, coef: Tensor | float, detach: bool = False
-) -> Tensor:
+def ref_token(name: str, s: Tensor, t: Tensor, coef: Tensor | float, detach: bool = False) -> Tensor:
     """Per-position divergence (..., V) -> (...); coef broadcast as (..., 1) or float."""
     q, p = ref_softmax(s), ref_softmax(t)
     if name == "forward_kl":
@@ -107,9 +105,7 @@ SKEW = ("skew_forward_kl", "skew_reverse_kl")
 ALL = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd", "tvd")
 
 
-def call(
-    name: str, s: Tensor, t: Tensor, mask: Tensor | None, coef: object = None, **kw: object
-) -> Tensor:
+def call(name: str, s: Tensor, t: Tensor, mask: Tensor | None, coef: object = None, **kw: object) -> Tensor:
     fn = getattr(L, name)
     if name in SKEW:
         return fn(s, t, mask, 0.3 if coef is None else coef, **kw)
@@ -167,16 +163,12 @@ def test_value_matches_float64_reference(
     ],
 )
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
-def test_gradient_matches_float64_reference(
-    name: str, coef: object, detach: bool, reduction: str
-) -> None:
+def test_gradient_matches_float64_reference(name: str, coef: object, detach: bool, reduction: str) -> None:
     # float64 inputs stay float64 inside the losses, so gradients can be checked tightly.
     s, t, mask = make((B, T), dtype=torch.float64)
     s.requires_grad_(True)
     kw = {"detach_mixture_student": True} if detach else {}
-    got = torch.autograd.grad(
-        call(name, s, t, mask, coef, reduction=reduction, chunk_size=4, **kw), s
-    )[0]
+    got = torch.autograd.grad(call(name, s, t, mask, coef, reduction=reduction, chunk_size=4, **kw), s)[0]
     want = torch.autograd.grad(ref_loss(name, s, t, mask, reduction, coef, detach), s)[0]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
@@ -206,10 +198,7 @@ def test_dpkd_loss_matches_reference() -> None:
     sc, sr, tc, tr = (torch.randn(4, generator=g) for _ in range(4))
     beta_d = 0.7
     want = (
-        sum(
-            -math.log(1.0 / (1.0 + math.exp(-beta_d * ((sc[i] - sr[i]) - (tc[i] - tr[i])).item())))
-            for i in range(4)
-        )
+        sum(-math.log(1.0 / (1.0 + math.exp(-beta_d * ((sc[i] - sr[i]) - (tc[i] - tr[i])).item()))) for i in range(4))
         / 4
     )
     assert L.dpkd_loss(sc, sr, tc, tr, beta_d).item() == pytest.approx(want, abs=1e-6)
@@ -236,9 +225,7 @@ def test_non_negative_per_token(name: str) -> None:
     assert (call(name, s, t, mask, reduction="none") >= -1e-6).all()
 
 
-@pytest.mark.parametrize(
-    "name,plain", [("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")]
-)
+@pytest.mark.parametrize("name,plain", [("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
 def test_alpha_zero_equals_plain_divergence(name: str, plain: str) -> None:
     s, t, mask = make((B, T))
     s.requires_grad_(True)
@@ -301,9 +288,7 @@ def test_half_precision_inputs_give_float32_results(name: str, dtype: torch.dtyp
     got = call(name, s_h, t_h, mask)
     assert got.dtype == torch.float32
     # upcasting is exact, so bf16 inputs match float32 inputs holding the same values
-    torch.testing.assert_close(
-        got, call(name, s_h.float(), t_h.float(), mask), rtol=1e-6, atol=1e-6
-    )
+    torch.testing.assert_close(got, call(name, s_h.float(), t_h.float(), mask), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, call(name, s, t, mask), rtol=5e-2, atol=1e-2)
     # mixed: bf16 teacher with float32 student (a source of negative JSD elsewhere)
     assert call(name, s, t_h, mask, reduction="none").min() >= -1e-6
@@ -314,16 +299,12 @@ def test_per_sequence_alpha_equals_each_sequence_separately(name: str) -> None:
     s, t, mask = make((B, T))
     mask[:, 0] = True
     alpha = torch.tensor([0.05, 0.3, 0.6])
-    per_seq = [
-        call(name, s[b : b + 1], t[b : b + 1], mask[b : b + 1], alpha[b].item()) for b in range(B)
-    ]
+    per_seq = [call(name, s[b : b + 1], t[b : b + 1], mask[b : b + 1], alpha[b].item()) for b in range(B)]
     got = call(name, s, t, mask, alpha, reduction="sequence_mean")
     torch.testing.assert_close(got, torch.stack(per_seq).mean(), rtol=1e-6, atol=1e-6)
     counts = mask.sum(1).float()
     got_tok = call(name, s, t, mask, alpha, reduction="token_mean")
-    torch.testing.assert_close(
-        got_tok, (torch.stack(per_seq) * counts).sum() / counts.sum(), rtol=1e-6, atol=1e-6
-    )
+    torch.testing.assert_close(got_tok, (torch.stack(per_seq) * counts).sum() / counts.sum(), rtol=1e-6, atol=1e-6)
     # the same for 2-D input with a per-row alpha
     rows_alpha = alpha.repeat_interleave(T)
     got_2d = call(name, s.reshape(-1, V), t.reshape(-1, V), mask.reshape(-1), rows_alpha)
@@ -357,9 +338,7 @@ def test_chunked_equals_unchunked(name: str, reduction: str) -> None:
     for chunk_size in (1, 2, 5, 7, 64):
         chunked = call(name, s, t, mask, coef, reduction=reduction, chunk_size=chunk_size)
         torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(
-            torch.autograd.grad(chunked, s)[0], g_plain, rtol=1e-6, atol=1e-6
-        )
+        torch.testing.assert_close(torch.autograd.grad(chunked, s)[0], g_plain, rtol=1e-6, atol=1e-6)
 
 
 HIDDEN_CASES = [
@@ -375,12 +354,8 @@ HIDDEN_CASES = [
 
 
 @pytest.mark.parametrize("name,kwargs", HIDDEN_CASES)
-@pytest.mark.parametrize(
-    "layout,reduction", [("3d", "token_mean"), ("3d", "sequence_mean"), ("2d", "token_mean")]
-)
-def test_hidden_state_path_equals_logits_path(
-    name: str, kwargs: dict, layout: str, reduction: str
-) -> None:
+@pytest.mark.parametrize("layout,reduction", [("3d", "token_mean"), ("3d", "sequence_mean"), ("2d", "token_mean")])
+def test_hidden_state_path_equals_logits_path(name: str, kwargs: dict, layout: str, reduction: str) -> None:
     g = torch.Generator().manual_seed(4)
     hs, ht, vocab = 6, 4, 37
     h_s = torch.randn(B, T, hs, generator=g, requires_grad=True)
@@ -453,26 +428,20 @@ def test_shared_head_terms_equal_weighted_sum_of_plain_terms() -> None:
     ]
     total, parts = L.chunked_divergences_from_hidden(terms, w_s, w_t, chunk_size=4)
     skl = L.skew_forward_kl(h_c @ w_s.T, t_c @ w_t.T, m_c, a_c, reduction="sequence_mean")
-    srkl = L.skew_reverse_kl(
-        h_r @ w_s.T, t_r @ w_t.T, m_r, a_r, reduction="sequence_mean", detach_mixture_student=True
-    )
+    srkl = L.skew_reverse_kl(h_r @ w_s.T, t_r @ w_t.T, m_r, a_r, reduction="sequence_mean", detach_mixture_student=True)
     plain = (1 - beta) * skl + beta * srkl
     torch.testing.assert_close(total, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(parts, torch.stack([skl, srkl]).detach(), rtol=1e-6, atol=1e-6)
     assert not parts.requires_grad
     params = (h_c, h_r, w_s)
-    for got, want in zip(
-        torch.autograd.grad(total, params), torch.autograd.grad(plain, params), strict=True
-    ):
+    for got, want in zip(torch.autograd.grad(total, params), torch.autograd.grad(plain, params), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_hidden_state_path_allows_one_backward_only() -> None:
     h = torch.randn(2, 3, 4, requires_grad=True)
     w = torch.randn(9, 4, requires_grad=True)
-    loss = L.chunked_divergence_from_hidden(
-        h, w, torch.randn(2, 3, 4), torch.randn(9, 4), None, L.forward_kl
-    )
+    loss = L.chunked_divergence_from_hidden(h, w, torch.randn(2, 3, 4), torch.randn(9, 4), None, L.forward_kl)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="single backward"):
         loss.backward()
@@ -492,9 +461,7 @@ def test_hidden_state_path_edge_cases() -> None:
         value = L.chunked_divergence_from_hidden(h, w, ht, wt, None, L.reverse_kl, chunk_size=4)
     assert value.item() == pytest.approx(L.reverse_kl(h @ w.T, ht @ wt.T, None).item(), rel=1e-6)
     frozen_head = w.detach()  # e.g. LoRA: only hidden states get gradients
-    loss = L.chunked_divergence_from_hidden(
-        h, frozen_head, ht, wt, None, L.forward_kl, chunk_size=4
-    )
+    loss = L.chunked_divergence_from_hidden(h, frozen_head, ht, wt, None, L.forward_kl, chunk_size=4)
     (gh,) = torch.autograd.grad(loss, h)
     (gh_ref,) = torch.autograd.grad(L.forward_kl(h @ frozen_head.T, ht @ wt.T, None), h)
     torch.testing.assert_close(gh, gh_ref, rtol=1e-6, atol=1e-6)
@@ -520,9 +487,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument() -> None:
     with pytest.raises(ValueError, match="reduction"):
         L.forward_kl(s, t, mask, reduction="mean")
     with pytest.raises(ValueError, match="reduction"):
-        L.forward_kl(
-            s.reshape(-1, V), t.reshape(-1, V), mask.reshape(-1), reduction="sequence_mean"
-        )
+        L.forward_kl(s.reshape(-1, V), t.reshape(-1, V), mask.reshape(-1), reduction="sequence_mean")
     with pytest.raises(ValueError, match="teacher_logits"):
         L.reverse_kl(s, t[:, :-1], mask)
     with pytest.raises(ValueError, match="vocabulary"):
@@ -539,13 +504,9 @@ def test_bad_arguments_raise_value_error_naming_the_argument() -> None:
         L.dpkd_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 0.1)
     w = torch.randn(V, 4)
     with pytest.raises(ValueError, match="teacher_weight"):
-        L.chunked_divergence_from_hidden(
-            torch.randn(B, T, 4), w, torch.randn(B, T, 4), w[:-1], mask, L.forward_kl
-        )
+        L.chunked_divergence_from_hidden(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w[:-1], mask, L.forward_kl)
     with pytest.raises(ValueError, match="mask"):
-        L.chunked_divergence_from_hidden(
-            torch.randn(B, T, 4), w, torch.randn(B, T, 4), w, mask.T, L.forward_kl
-        )
+        L.chunked_divergence_from_hidden(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w, mask.T, L.forward_kl)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.lib import losses
+from stages.lib.training import losses
 
 V, N = 200, 64
 

@@ -15,20 +15,21 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import seed
-from stages.lib import genstage, io, models, records
-from stages.lib.config import GenerationParams, OpenAIParams
-from stages.lib.encoding import prompt_ids
-from stages.lib.generation import Shard, sample_seed
-from stages.lib.openai_engine import OpenAIEngine
+from stages import genstage, seed
+from stages.lib.core import models
+from stages.lib.core.config import GenerationParams, OpenAIParams
+from stages.lib.data import io, records
+from stages.lib.data.encoding import prompt_ids
+from stages.lib.engines.generation import Shard, sample_seed
+from stages.lib.engines.openai_engine import OpenAIEngine
 
 from .conftest import ROOT
 from .openai_server import Server
@@ -36,7 +37,9 @@ from .test_bootstrap import TASK
 from .test_seed import seed_params
 from .test_teacher import prompts
 
-pytest.importorskip("openai", reason="the openai engine needs the openai client (extra distillflow[openai], in the test extra)")
+pytest.importorskip(
+    "openai", reason="the openai engine needs the openai client (extra distillflow[openai], in the test extra)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +53,45 @@ def fresh_state(request: pytest.FixtureRequest) -> None:
     if "server" in request.fixturenames:
         st = request.getfixturevalue("server").state
         with st.lock:
-            st.delay_s, st.faults, st.requests, st.answered, st.in_flight, st.max_in_flight, st.starts = 0.0, [], 0, 0, 0, 0, []
+            st.delay_s, st.faults, st.requests, st.answered, st.in_flight, st.max_in_flight, st.starts = (
+                0.0,
+                [],
+                0,
+                0,
+                0,
+                0,
+                [],
+            )
 
 
 def api(base_url: str, cache: Path, **kw: object) -> GenerationParams:
-    o = OpenAIParams(base_url=base_url, model="tiny", api_key_env=None, max_concurrency=4, requests_per_second=1000.0, max_retries=3, backoff_s=0.01, timeout_s=30.0, cache_dir=str(cache))
-    base: dict = dict(engine="openai", batch_size=4, max_new_tokens=6, temperature=1.0, top_p=0.9, num_samples=2, seed=7, tensor_parallel_size=1,
-                      device="cpu", stop=(), shard_size=0, workers=1, openai=o)
-    openai_kw = {k[len("openai_"):]: kw.pop(k) for k in list(kw) if k.startswith("openai_")}
+    o = OpenAIParams(
+        base_url=base_url,
+        model="tiny",
+        api_key_env=None,
+        max_concurrency=4,
+        requests_per_second=1000.0,
+        max_retries=3,
+        backoff_s=0.01,
+        timeout_s=30.0,
+        cache_dir=str(cache),
+    )
+    base: dict = dict(
+        engine="openai",
+        batch_size=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=0.9,
+        num_samples=2,
+        seed=7,
+        tensor_parallel_size=1,
+        device="cpu",
+        stop=(),
+        shard_size=0,
+        workers=1,
+        openai=o,
+    )
+    openai_kw = {k[len("openai_") :]: kw.pop(k) for k in list(kw) if k.startswith("openai_")}
     return GenerationParams(**{**base, **kw, "openai": replace(o, **openai_kw)})
 
 
@@ -79,7 +113,14 @@ def test_records_tokens_and_a_rerun_served_from_the_cache(server: Server, tiny_m
         assert r["prompt_tokens"] == len(prompt_ids(tok, pr["prompt"]))
         assert r["finish_reason"] in ("stop", "length") and 1 <= r["response_tokens"] <= 6
         assert r["engine"].startswith("openai ") and r["model"] == f"openai:tiny@{server.base_url}"
-        assert json.loads(r["sampling"]) == {"engine": "openai", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6, "num_samples": 2, "seed": 7}
+        assert json.loads(r["sampling"]) == {
+            "engine": "openai",
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "max_new_tokens": 6,
+            "num_samples": 2,
+            "seed": 7,
+        }
     entry = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())
     assert entry["request"]["seed"] in {sample_seed(7, pr["prompt_id"], str(k)) for pr in ps for k in (0, 1)}
     assert entry["response"]["served_model"] == "tiny"
@@ -103,7 +144,10 @@ def test_retries_on_429_and_5xx_then_succeeds(server: Server, tmp_path: Path) ->
 def test_gives_up_after_max_retries_naming_the_prompt(server: Server, tmp_path: Path) -> None:
     ps = prompts(2)
     server.state.faults = [500, 500, 500]
-    with pytest.raises(RuntimeError, match=rf"prompt {ps[0]['prompt_id']}, sample 0: failed after 3 attempts \(openai.max_retries = 2\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"prompt {ps[0]['prompt_id']}, sample 0: failed after 3 attempts \(openai.max_retries = 2\)",
+    ):
         run_all(api(server.base_url, tmp_path / "c", num_samples=1, openai_max_concurrency=1, openai_max_retries=2), ps)
     # the queued request for the second prompt was never sent
     assert server.state.requests == 3
@@ -111,7 +155,9 @@ def test_gives_up_after_max_retries_naming_the_prompt(server: Server, tmp_path: 
 
 def test_client_errors_are_not_retried(server: Server, tmp_path: Path) -> None:
     server.state.faults = [401]
-    with pytest.raises(RuntimeError, match=r"HTTP 401, not retried \(check the key in the variable openai.api_key_env names\)"):
+    with pytest.raises(
+        RuntimeError, match=r"HTTP 401, not retried \(check the key in the variable openai.api_key_env names\)"
+    ):
         run_all(api(server.base_url, tmp_path / "c", num_samples=1, openai_max_concurrency=1), prompts(1))
     assert server.state.requests == 1
 
@@ -124,7 +170,10 @@ def test_concurrency_cap_is_reached_and_never_exceeded(server: Server, tmp_path:
 
 
 def test_rate_limit_spaces_request_starts(server: Server, tmp_path: Path) -> None:
-    rows, _ = run_all(api(server.base_url, tmp_path / "c", num_samples=1, openai_max_concurrency=6, openai_requests_per_second=10.0), prompts(6))
+    rows, _ = run_all(
+        api(server.base_url, tmp_path / "c", num_samples=1, openai_max_concurrency=6, openai_requests_per_second=10.0),
+        prompts(6),
+    )
     starts = sorted(server.state.starts)
     assert len(rows) == 6 and len(starts) == 6
     assert starts[-1] - starts[0] >= 5 / 10.0 * 0.9  # 6 starts, at most 10 per second
@@ -132,7 +181,9 @@ def test_rate_limit_spaces_request_starts(server: Server, tmp_path: Path) -> Non
 
 def test_missing_api_key_variable_is_named(tmp_path: Path) -> None:
     os.environ.pop("DISTILLFLOW_TEST_KEY", None)
-    with pytest.raises(ValueError, match="openai.api_key_env: the environment variable 'DISTILLFLOW_TEST_KEY' is not set"):
+    with pytest.raises(
+        ValueError, match="openai.api_key_env: the environment variable 'DISTILLFLOW_TEST_KEY' is not set"
+    ):
         OpenAIEngine(api("http://127.0.0.1:9/v1", tmp_path / "c", openai_api_key_env="DISTILLFLOW_TEST_KEY"))
 
 
@@ -143,16 +194,35 @@ def test_teacher_stage_with_the_openai_engine(server: Server, tiny_models: Path,
     io.write_table(tmp_path / "seed" / "train.parquet", train, records.PROMPT_SCHEMA)
     params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     params["teacher"].update(engine="openai", num_samples=2, max_new_tokens=5, shard_size=4)
-    params["teacher"]["openai"].update(base_url=server.base_url, model="tiny", requests_per_second=100.0, cache_dir=str(tmp_path / "cache"))
+    params["teacher"]["openai"].update(
+        base_url=server.base_url, model="tiny", requests_per_second=100.0, cache_dir=str(tmp_path / "cache")
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "stages.teacher", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "seed"),
-           "--models", str(tiny_models), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.teacher",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prompts",
+        str(tmp_path / "seed"),
+        "--models",
+        str(tiny_models),
+        "--out",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     table = pq.read_table(tmp_path / "out" / "generations.parquet")
     assert table.num_rows == 12 and server.state.requests == 12
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["engine"].startswith("openai ") and manifest["sampling"]["seed"] == params["teacher"]["seed"]
-    assert manifest["model"] == {"endpoint": server.base_url, "model": "tiny", "fingerprint": f"openai:tiny@{server.base_url}"}
+    assert manifest["model"] == {
+        "endpoint": server.base_url,
+        "model": "tiny",
+        "fingerprint": f"openai:tiny@{server.base_url}",
+    }
     assert "per request" in manifest["seeding"]
     assert not (tmp_path / "out.shards").exists()
     first = (tmp_path / "out" / "generations.parquet").read_bytes()
@@ -169,14 +239,20 @@ def free_port() -> int:
 
 def test_against_transformers_serve(tiny_models: Path, tmp_path: Path) -> None:
     """The engine against `transformers serve` itself (needs accelerate for its loader)."""
-    pytest.importorskip("accelerate", reason="transformers serve loads models with a device_map, which needs accelerate")
+    pytest.importorskip(
+        "accelerate", reason="transformers serve loads models with a device_map, which needs accelerate"
+    )
     exe = shutil.which("transformers")
     if exe is None:
         pytest.skip("no `transformers` command on PATH")
     port = free_port()
     model = str(tiny_models / "teacher")
-    proc = subprocess.Popen([exe, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [exe, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -186,7 +262,9 @@ def test_against_transformers_serve(tiny_models: Path, tmp_path: Path) -> None:
                         break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"transformers serve did not come up: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}") from None
+                    raise RuntimeError(
+                        f"transformers serve did not come up: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+                    ) from None
                 time.sleep(0.5)
         ps = prompts(3)
         p = api(f"http://127.0.0.1:{port}/v1", tmp_path / "cache", openai_model=model, num_samples=1, max_new_tokens=5)

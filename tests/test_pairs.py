@@ -3,18 +3,37 @@ from pathlib import Path
 import pytest
 
 from stages import pairs
-from stages.lib import records
-from stages.lib.io import DataError
+from stages.lib.data import records
+from stages.lib.data.io import DataError
 
 
 def prompt(i: int) -> dict:
     text = f"Add {i} and 1."
-    return {"prompt_id": records.prompt_id(text), "prompt": text, "split": "train", "reference": str(i + 1), "category": "add", "source": "toy", "source_ref": f"toy:{i}"}
+    return {
+        "prompt_id": records.prompt_id(text),
+        "prompt": text,
+        "split": "train",
+        "reference": str(i + 1),
+        "category": "add",
+        "source": "toy",
+        "source_ref": f"toy:{i}",
+    }
 
 
 def gen(pr: dict, model: str, k: int, text: str = "x", finish: str = "stop") -> dict:
     gid = records.generation_id(pr["prompt_id"], model, {}, k)
-    return {"generation_id": gid, "prompt_id": pr["prompt_id"], "sample_index": k, "response": text, "finish_reason": finish, "prompt_tokens": 5, "response_tokens": 2, "model": model, "engine": "test", "sampling": "{}"}
+    return {
+        "generation_id": gid,
+        "prompt_id": pr["prompt_id"],
+        "sample_index": k,
+        "response": text,
+        "finish_reason": finish,
+        "prompt_tokens": 5,
+        "response_tokens": 2,
+        "model": model,
+        "engine": "test",
+        "sampling": "{}",
+    }
 
 
 def test_join_on_ids_cycles_samples_and_quarantines_missing_partners() -> None:
@@ -26,9 +45,18 @@ def test_join_on_ids_cycles_samples_and_quarantines_missing_partners() -> None:
     assert [q["prompt_id"] for q in quarantine] == [ps[1]["prompt_id"], ps[2]["prompt_id"]]
     first = [o for o in out if o["prompt_id"] == ps[0]["prompt_id"]]
     # One teacher sample, two student samples: the teacher's is reused, students in order.
-    assert [(o["chosen_id"], o["rejected_id"]) for o in first] == [(teacher[0]["generation_id"], student[1]["generation_id"]), (teacher[0]["generation_id"], student[0]["generation_id"])]
+    assert [(o["chosen_id"], o["rejected_id"]) for o in first] == [
+        (teacher[0]["generation_id"], student[1]["generation_id"]),
+        (teacher[0]["generation_id"], student[0]["generation_id"]),
+    ]
     assert all(o["pair_id"] == records.pair_id(o["prompt_id"], o["chosen_id"], o["rejected_id"]) for o in out)
-    assert counts == {"prompts": 4, "prompts_paired": 2, "prompts_quarantined": 2, "pairs": 3, "dropped_by_reason": {"missing_student_generation": 1, "missing_teacher_generation": 1}}
+    assert counts == {
+        "prompts": 4,
+        "prompts_paired": 2,
+        "prompts_quarantined": 2,
+        "pairs": 3,
+        "dropped_by_reason": {"missing_student_generation": 1, "missing_teacher_generation": 1},
+    }
 
 
 def test_max_pairs_per_prompt_caps_pairs() -> None:
@@ -41,4 +69,10 @@ def test_generation_for_unknown_prompt_stops_the_stage_naming_file_and_row() -> 
     ps = [prompt(0)]
     stray = gen(prompt(99), "S", 0)
     with pytest.raises(DataError, match=r"student.parquet: row 1, field 'prompt_id': .* is not a training prompt"):
-        pairs.run(pairs.PairsParams(1), ps, [gen(ps[0], "T", 0)], [gen(ps[0], "S", 0), stray], (Path("teacher.parquet"), Path("student.parquet")))
+        pairs.run(
+            pairs.PairsParams(1),
+            ps,
+            [gen(ps[0], "T", 0)],
+            [gen(ps[0], "S", 0), stray],
+            (Path("teacher.parquet"), Path("student.parquet")),
+        )

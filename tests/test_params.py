@@ -6,12 +6,15 @@ import pytest
 import yaml
 
 from stages import bootstrap, compare, curate, evaluate, pairs, report, score, seed, student, teacher, train
-from stages.lib import params
-from stages.lib.config import GenerationParams, TaskParams
+from stages.lib.core import params
+from stages.lib.core.config import GenerationParams, TaskParams
 
 from .conftest import ROOT
 
-STAGES = {m.__name__.split(".")[-1]: m for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)}
+STAGES = {
+    m.__name__.split(".")[-1]: m
+    for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
+}
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
 
 
@@ -67,9 +70,32 @@ def test_build_rejects_missing_key() -> None:
 
 
 def test_range_checks_name_the_key() -> None:
-    api = {"base_url": None, "model": None, "api_key_env": None, "max_concurrency": 2, "requests_per_second": 1.0, "max_retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "cache_dir": "c"}
-    good = {"engine": "transformers", "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "num_samples": 1, "seed": 0, "tensor_parallel_size": 1,
-            "device": "cpu", "stop": [], "shard_size": 16, "workers": 1, "openai": api}
+    api = {
+        "base_url": None,
+        "model": None,
+        "api_key_env": None,
+        "max_concurrency": 2,
+        "requests_per_second": 1.0,
+        "max_retries": 1,
+        "backoff_s": 0.0,
+        "timeout_s": 5.0,
+        "cache_dir": "c",
+    }
+    good = {
+        "engine": "transformers",
+        "batch_size": 8,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "num_samples": 1,
+        "seed": 0,
+        "tensor_parallel_size": 1,
+        "device": "cpu",
+        "stop": [],
+        "shard_size": 16,
+        "workers": 1,
+        "openai": api,
+    }
     params.build(GenerationParams, good, "teacher")
     with pytest.raises(ValueError, match="teacher: shard_size: must be a multiple of batch_size"):
         params.build(GenerationParams, {**good, "shard_size": 12}, "teacher")
@@ -86,7 +112,11 @@ def test_range_checks_name_the_key() -> None:
     with pytest.raises(ValueError, match="teacher: num_samples: greedy decoding"):
         params.build(GenerationParams, {**good, "temperature": 0.0, "num_samples": 2}, "teacher")
     with pytest.raises(ValueError, match="task: skills: unknown skill 'divide'"):
-        params.build(TaskParams, {"skills": ["divide"], "max_digits": 2, "min_len": 1, "max_len": 2, "alphabet": "ab", "eval_fraction": 0.1}, "task")
+        params.build(
+            TaskParams,
+            {"skills": ["divide"], "max_digits": 2, "min_len": 1, "max_len": 2, "alphabet": "ab", "eval_fraction": 0.1},
+            "task",
+        )
 
 
 def test_load_sections_names_the_file_and_missing_dotted_key(tmp_path: Path) -> None:
@@ -125,7 +155,9 @@ def test_profiles_have_the_same_keys_as_params_yaml(profile: Path) -> None:
     assert keys(params.load_yaml(profile)) == keys(params.load_yaml(ROOT / "params.yaml"))
 
 
-def test_distillflow_check_covers_every_stage_module_and_each_comparison_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_distillflow_check_covers_every_stage_module_and_each_comparison_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from flows import cli
 
     assert cli.main(["check", str(ROOT / "profiles" / "smoke.yaml")]) == 0

@@ -19,14 +19,23 @@ from .conftest import copy_repo
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 
 def sh(cwd: Path, *cmd: str) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done.stdout + done.stderr
 
 
@@ -50,7 +59,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
+    assert (
+        ran(out)
+        == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
+    )
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for name in ("teacher", "student_initial", "student_distilled"):
         assert 0.0 <= ev[name]["accuracy"]["exact_match"] <= 1.0
@@ -64,16 +76,36 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     assert pq.read_table(repo / "data" / "curate" / "quarantine.parquet").num_rows == cur["quarantined"]
     assert (repo / "data" / "train" / "model" / "model.safetensors").is_file()
     lines = (repo / "plots" / "train.csv").read_text().splitlines()
-    assert {"step", "loss", "chosen_term", "rejected_term", "beta", "alpha_t_mean", "alpha_t_min", "alpha_t_max", "alpha_s_mean"} <= set(lines[0].split(",")) and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())["steps"] + 1
+    assert {
+        "step",
+        "loss",
+        "chosen_term",
+        "rejected_term",
+        "beta",
+        "alpha_t_mean",
+        "alpha_t_min",
+        "alpha_t_max",
+        "alpha_s_mean",
+    } <= set(lines[0].split(",")) and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())[
+        "steps"
+    ] + 1
     manifest = json.loads((repo / "data" / "train" / "manifest.json").read_text())
-    assert manifest["inputs"]["pairs"]["sha256"] == json.loads((repo / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["sha256"]
+    assert (
+        manifest["inputs"]["pairs"]["sha256"]
+        == json.loads((repo / "data" / "curate" / "manifest.json").read_text())["outputs"]["curated.parquet"]["sha256"]
+    )
     shown = sh(repo, "dvc", "metrics", "show", "--json")
     assert "student_distilled" in shown
     table = list(csv.DictReader((repo / "reports" / "comparison" / "table.csv").open()))
     assert {r["run"] for r in table} == {"kd", "distillm2"} and all(r["seeds"] == "1" for r in table)
     cell = json.loads((repo / "metrics" / "compare" / "kd-1.json").read_text())
-    assert f"{float(table[[r['run'] for r in table].index('kd')]['exact_match_mean']):.4f}" == f"{cell['student']['accuracy']['exact_match']:.4f}"
-    assert (repo / "reports" / "comparison" / "exact_match.png").is_file() and "Against the paper" in (repo / "reports" / "comparison" / "README.md").read_text()
+    assert (
+        f"{float(table[[r['run'] for r in table].index('kd')]['exact_match_mean']):.4f}"
+        == f"{cell['student']['accuracy']['exact_match']:.4f}"
+    )
+    assert (repo / "reports" / "comparison" / "exact_match.png").is_file() and "Against the paper" in (
+        repo / "reports" / "comparison" / "README.md"
+    ).read_text()
 
 
 def test_second_repro_is_a_no_op(repo: Path) -> None:
@@ -104,7 +136,13 @@ def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -
         ["train.method=distillm"],
         ["train.method=dpkd"],
         ["train.method=distillm2", "train.teacher_signal=topk"],
-        ["train.method=distillm2", "train.distillm2.contrastive=false", "train.distillm2.beta_ramp=false", "train.distillm2.adaptive_alpha=false", "train.logits=full"],
+        [
+            "train.method=distillm2",
+            "train.distillm2.contrastive=false",
+            "train.distillm2.beta_ramp=false",
+            "train.distillm2.adaptive_alpha=false",
+            "train.logits=full",
+        ],
     ],
     ids=lambda o: ",".join(o),
 )
@@ -125,19 +163,40 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
     rebuilds pairs, curates, scores, trains from that student and evaluates, all under
     data/rounds/r2/. Last in this file: it leaves E = 2 in the workspace."""
     # the method cases above leave their switches in the workspace: set them back
-    defaults = ["train.method=distillm2", "train.teacher_signal=online", "train.logits=chunked",
-                *(f"train.distillm2.{k}=true" for k in ("contrastive", "beta_ramp", "adaptive_alpha"))]
-    out = sh(repo, "dvc", "exp", "run", *(a for o in defaults for a in ("-S", o)), "-S", "++train.rounds.r2={previous: data/train}")
+    defaults = [
+        "train.method=distillm2",
+        "train.teacher_signal=online",
+        "train.logits=chunked",
+        *(f"train.distillm2.{k}=true" for k in ("contrastive", "beta_ramp", "adaptive_alpha")),
+    ]
+    out = sh(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        *(a for o in defaults for a in ("-S", o)),
+        "-S",
+        "++train.rounds.r2={previous: data/train}",
+    )
     # round 1's train reruns too: with E = 2 its beta ramp covers the first half only
     # logits and teacher_signal go back to what the comparison cells ran with earlier: DVC's run-cache restores them
-    assert ran(out) == {"train", "evaluate", "report", *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate"))}
+    assert ran(out) == {
+        "train",
+        "evaluate",
+        "report",
+        *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate")),
+    }
     assert restored(out) == COMPARISON - {"report"}
     r2 = repo / "data" / "rounds" / "r2"
     gens = pq.read_table(r2 / "student" / "generations.parquet").to_pylist()
     round1_student = json.loads((repo / "data" / "train" / "manifest.json").read_text())
     sampled = json.loads((r2 / "student" / "manifest.json").read_text())
     assert sampled["inputs"]["model"]["path"] == "data/train/model"
-    assert {g["model"] for g in gens} == {sampled["model"]["fingerprint"]} != {round1_student["initial_student"]["fingerprint"]}
+    assert (
+        {g["model"] for g in gens}
+        == {sampled["model"]["fingerprint"]}
+        != {round1_student["initial_student"]["fingerprint"]}
+    )
     pairs = pq.read_table(r2 / "pairs" / "pairs.parquet").to_pylist()
     assert {p["rejected_id"] for p in pairs} <= {g["generation_id"] for g in gens}
     trained = json.loads((r2 / "train" / "manifest.json").read_text())

@@ -1,4 +1,4 @@
-"""The Great Expectations gates (stages/lib/quality.py) and the curate stage that runs
+"""The Great Expectations gates (stages/lib/audit/quality.py) and the curate stage that runs
 them on a stream: real GX suites on small Arrow tables, and `python -m stages.curate`."""
 
 import dataclasses
@@ -14,15 +14,24 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib import quality, records
-from stages.lib.io import write_table
+from stages.lib.audit import quality
+from stages.lib.data import records
+from stages.lib.data.io import write_table
 
 from .test_curate import pair
 from .test_pairs import gen, prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-Q = quality.QualityParams(min_prompt_chars=1, max_prompt_chars=100, max_response_tokens=16, max_truncated_share=0.25,
-                          max_duplicate_share=0.2, max_quarantine_share=0.5, data_docs=False, batch_rows=4)
+Q = quality.QualityParams(
+    min_prompt_chars=1,
+    max_prompt_chars=100,
+    max_response_tokens=16,
+    max_truncated_share=0.25,
+    max_duplicate_share=0.2,
+    max_quarantine_share=0.5,
+    data_docs=False,
+    batch_rows=4,
+)
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -34,7 +43,9 @@ def test_row_failures_are_quarantined_with_the_expectation_and_counts_reconcile(
     rows = [pair(i) for i in range(6)] + [pair(0)]  # a repeated pair id, in the second batch
     rows[2] = {**rows[2], "prompt": "x" * 101}  # too long
     rows[3] = {**rows[3], "prompt_id": "nowhere"}  # points at no prompt
-    gate = quality.Gate("pairs", "pairs.parquet", "pair", Q, quarantine=True, refs={"prompt_id": [p["prompt_id"] for p in prompts]})
+    gate = quality.Gate(
+        "pairs", "pairs.parquet", "pair", Q, quarantine=True, refs={"prompt_id": [p["prompt_id"] for p in prompts]}
+    )
     kept, bad = gate.check(table(rows, records.PAIR_SCHEMA))
     assert {b["pair_id"]: b["reason"] for b in bad} == {
         rows[2]["pair_id"]: "gate:expect_column_value_lengths_to_be_between:prompt",
@@ -50,7 +61,10 @@ def test_a_strict_gate_stops_naming_artifact_expectation_and_observed_value() ->
     rows = [pair(i) for i in range(3)]
     rows[1] = {**rows[1], "chosen_tokens": 99}
     gate = quality.Gate("curated", "data/curate/curated.parquet", "curated", Q, quarantine=False)
-    with pytest.raises(quality.GateError, match=r"data/curate/curated.parquet: curated failed expectation expect_column_values_to_be_between:chosen_tokens \(first at row 1\): observed 1 of 3 rows"):
+    with pytest.raises(
+        quality.GateError,
+        match=r"data/curate/curated.parquet: curated failed expectation expect_column_values_to_be_between:chosen_tokens \(first at row 1\): observed 1 of 3 rows",
+    ):
         gate.check(table(rows, records.PAIR_SCHEMA))
 
 
@@ -59,7 +73,10 @@ def test_truncated_share_and_train_eval_disjointness_are_table_level() -> None:
     gens = [gen(p, "m", 0, finish="length" if i < 2 else "stop") for i, p in enumerate(prs)]
     gate = quality.Gate("teacher", "gen.parquet", "generation", Q, quarantine=True)  # even a quarantining gate stops
     gate.check(table(gens, records.GENERATION_SCHEMA))
-    with pytest.raises(quality.GateError, match=r"expect_column_values_to_be_in_set:finish_reason:share: observed 2 of 4 rows unexpected \(50.0%\), above the allowed 25.0%"):
+    with pytest.raises(
+        quality.GateError,
+        match=r"expect_column_values_to_be_in_set:finish_reason:share: observed 2 of 4 rows unexpected \(50.0%\), above the allowed 25.0%",
+    ):
         gate.finish()
     student = quality.Gate("student", "gen.parquet", "generation", Q, quarantine=False, truncation=False)
     student.check(table(gens, records.GENERATION_SCHEMA))  # the student may run long
@@ -83,16 +100,27 @@ def test_duplicate_rate_is_judged_over_the_whole_artifact_not_per_batch() -> Non
 
 
 def topk_row(ids: list[int], lps: list[float], k: int = 2) -> dict:
-    return {"pair_id": "p", "side": "chosen", "positions": len(ids) // k, "k": k, "topk_ids": ids, "topk_logprobs": lps, "target_logprob": [-0.1] * (len(ids) // k)}
+    return {
+        "pair_id": "p",
+        "side": "chosen",
+        "positions": len(ids) // k,
+        "k": k,
+        "topk_ids": ids,
+        "topk_logprobs": lps,
+        "target_logprob": [-0.1] * (len(ids) // k),
+    }
 
 
-@pytest.mark.parametrize("row, check", [
-    (topk_row([1, 2], [-0.1, -0.5]), None),
-    (topk_row([1, 2], [-0.5, -0.1]), "topk__sorted"),
-    (topk_row([1, 2], [-0.1, -math.inf]), "topk__finite"),
-    (topk_row([1, 50], [-0.1, -0.5]), "topk__ids_in_vocab"),
-    ({**topk_row([1, 2], [-0.1, -0.5]), "positions": 2}, "topk__lengths_match"),
-])
+@pytest.mark.parametrize(
+    "row, check",
+    [
+        (topk_row([1, 2], [-0.1, -0.5]), None),
+        (topk_row([1, 2], [-0.5, -0.1]), "topk__sorted"),
+        (topk_row([1, 2], [-0.1, -math.inf]), "topk__finite"),
+        (topk_row([1, 50], [-0.1, -0.5]), "topk__ids_in_vocab"),
+        ({**topk_row([1, 2], [-0.1, -0.5]), "positions": 2}, "topk__lengths_match"),
+    ],
+)
 def test_topk_suite(row: dict, check: str | None) -> None:
     gate = quality.Gate("topk", "topk.parquet", "topk", Q, quarantine=False, vocab_size=40)
     if check is None:
@@ -119,7 +147,9 @@ def test_data_docs_are_rendered_per_gate(tmp_path: Path) -> None:
     pages = sorted(p.relative_to(tmp_path / "docs").parts[0] for p in (tmp_path / "docs").rglob("*.html"))
     assert pages.count("validations") == 2 and "index.html" in pages and "expectations" in pages
     assert report["data_docs_files"] == sum(p.is_file() for p in (tmp_path / "docs").rglob("*"))
-    assert "expect_column_values_to_be_unique" not in json.dumps(report)  # uniqueness is a derived column, across batches
+    assert "expect_column_values_to_be_unique" not in json.dumps(
+        report
+    )  # uniqueness is a derived column, across batches
 
 
 # --- the curate stage end to end ---------------------------------------------------
@@ -133,13 +163,38 @@ def stage_params(tmp: Path, **quality_overrides: object) -> Path:
     return path
 
 
-def run_curate(tmp: Path, pairs: list[dict], *, train: list[dict], evals: list[dict], expect_rc: int = 0, **quality_overrides: object) -> subprocess.CompletedProcess:
+def run_curate(
+    tmp: Path,
+    pairs: list[dict],
+    *,
+    train: list[dict],
+    evals: list[dict],
+    expect_rc: int = 0,
+    **quality_overrides: object,
+) -> subprocess.CompletedProcess:
     write_table(tmp / "pairs" / "pairs.parquet", pairs, records.PAIR_SCHEMA)
     write_table(tmp / "seed" / "train.parquet", train, records.PROMPT_SCHEMA)
     write_table(tmp / "seed" / "eval.parquet", evals, records.PROMPT_SCHEMA)
-    cmd = [sys.executable, "-m", "stages.curate", "--params", str(stage_params(tmp, **quality_overrides)), "--pairs", str(tmp / "pairs"),
-           "--prompts", str(tmp / "seed"), "--out", str(tmp / "out"), "--metrics", str(tmp / "m.json"), "--docs", str(tmp / "docs")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.curate",
+        "--params",
+        str(stage_params(tmp, **quality_overrides)),
+        "--pairs",
+        str(tmp / "pairs"),
+        "--prompts",
+        str(tmp / "seed"),
+        "--out",
+        str(tmp / "out"),
+        "--metrics",
+        str(tmp / "m.json"),
+        "--docs",
+        str(tmp / "docs"),
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300
+    )
     assert done.returncode == expect_rc, done.stderr[-3000:]
     return done
 
@@ -155,14 +210,19 @@ def test_curate_streams_gates_and_reconciles(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "m.json").read_text())
     bad = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
     assert m["pairs_in"] == 11 == m["kept"] + m["quarantined"] and m["quarantined"] == len(bad) == 3
-    assert sorted(b["reason"] for b in bad) == ["chosen_incorrect", "gate:expect_column_values_to_be_in_set:pair_id__first_occurrence",
-                                              "gate:expect_column_values_to_be_in_set:prompt_id__exists_upstream"]
+    assert sorted(b["reason"] for b in bad) == [
+        "chosen_incorrect",
+        "gate:expect_column_values_to_be_in_set:pair_id__first_occurrence",
+        "gate:expect_column_values_to_be_in_set:prompt_id__exists_upstream",
+    ]
     assert m["gates"]["pairs"]["quarantined"] == 2 and m["gates"]["curated"]["rows_in"] == 8
     kept = pq.read_table(tmp_path / "out" / "curated.parquet")
     assert kept.num_rows == 8 and kept.schema.equals(records.PAIR_SCHEMA, check_metadata=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [g["artifact"] for g in manifest["validation"]["gates"]] == ["pairs", "curated"]
-    assert len(list((tmp_path / "docs" / "validations").rglob("*.html"))) == 4 + 4  # 11 pairs in batches of 3, each gate once per batch
+    assert (
+        len(list((tmp_path / "docs" / "validations").rglob("*.html"))) == 4 + 4
+    )  # 11 pairs in batches of 3, each gate once per batch
 
 
 def test_curate_stops_when_eval_prompts_reach_training(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-from stages.lib import records
+from stages.lib.data import records
 
 
 def test_normalise_prompt_collapses_whitespace_and_nfc() -> None:

@@ -8,16 +8,32 @@ import pytest
 
 from stages import report
 from stages.compare import RunParams
-from stages.lib.io import DataError
+from stages.lib.data.io import DataError
 
 
 def cell(run: str, seed: int, em: float, agree: float = 0.5) -> dict:
-    return {"run": run, "seed": seed, "method": run, "disable": [], "train": {"final_loss": 1.0},
-            "student": {"accuracy": {"exact_match": em}, "rouge_l_vs_teacher": em, "kl_teacher_student": 1 - em, "nll_on_teacher_responses": 2.0,
-                        "nll_on_own_responses": 1.0, "greedy_agreement": agree, "speculative": {"teacher_call_speedup": 1.2}, "response_tokens": {"mean": 3.0}}}
+    return {
+        "run": run,
+        "seed": seed,
+        "method": run,
+        "disable": [],
+        "train": {"final_loss": 1.0},
+        "student": {
+            "accuracy": {"exact_match": em},
+            "rouge_l_vs_teacher": em,
+            "kl_teacher_student": 1 - em,
+            "nll_on_teacher_responses": 2.0,
+            "nll_on_own_responses": 1.0,
+            "greedy_agreement": agree,
+            "speculative": {"teacher_call_speedup": 1.2},
+            "response_tokens": {"mean": 3.0},
+        },
+    }
 
 
-P = report.CompareParams(seeds=(1, 2), runs={"sft": RunParams("sft", ()), "kd": RunParams("kd", ()), "distillm2": RunParams("distillm2", ())})
+P = report.CompareParams(
+    seeds=(1, 2), runs={"sft": RunParams("sft", ()), "kd": RunParams("kd", ()), "distillm2": RunParams("distillm2", ())}
+)
 EMS = {"sft": (0.30, 0.34), "kd": (0.50, 0.52), "distillm2": (0.40, 0.60)}
 
 

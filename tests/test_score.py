@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages import score, train
-from stages.lib import encoding
+from stages.lib.data import encoding
 
 from .test_curate import pair
 from .test_train import PAIRS, fresh, tp
@@ -19,7 +19,10 @@ def scored(folder: Path, k: int) -> list[dict]:
 
 def test_rows_cover_every_response_position_with_sorted_topk(taught_models: Path) -> None:
     rows = scored(taught_models, 4)
-    assert [(r["pair_id"], r["side"]) for r in rows[:2]] == [(PAIRS[0]["pair_id"], "chosen"), (PAIRS[0]["pair_id"], "rejected")]
+    assert [(r["pair_id"], r["side"]) for r in rows[:2]] == [
+        (PAIRS[0]["pair_id"], "chosen"),
+        (PAIRS[0]["pair_id"], "rejected"),
+    ]
     assert len(rows) == 2 * len(PAIRS)
     _, teacher, _, tok = fresh(taught_models)
     for r in rows:
@@ -33,7 +36,11 @@ def test_rows_cover_every_response_position_with_sorted_topk(taught_models: Path
     r = rows[0]
     b = encoding.collate([encoding.encode_pair(tok, PAIRS[0])[:2]], tok.pad_token_id)
     with torch.no_grad():
-        lp = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[0][b.response_mask[0]].log_softmax(-1)
+        lp = (
+            teacher(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            .logits[0][b.response_mask[0]]
+            .log_softmax(-1)
+        )
     torch.testing.assert_close(torch.tensor(r["topk_logprobs"]).view(-1, 4), lp.topk(4, dim=-1).values)
 
 
@@ -49,14 +56,24 @@ def test_topk_signal_at_full_vocabulary_matches_the_online_teacher(taught_models
     online = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=3))
     rows = scored(taught_models, len(tok_t))
     student, _, tok_s, tok_t = fresh(taught_models)
-    offline = train.run(student, None, tok_s, tok_t, PAIRS, tp(method=method, epochs=3, teacher_signal="topk"), scores=train.index_scores(rows))
+    offline = train.run(
+        student,
+        None,
+        tok_s,
+        tok_t,
+        PAIRS,
+        tp(method=method, epochs=3, teacher_signal="topk"),
+        scores=train.index_scores(rows),
+    )
     assert [r["loss"] for r in offline] == pytest.approx([r["loss"] for r in online], rel=1e-4, abs=1e-5)
 
 
 def test_small_k_trains_without_a_teacher_model(taught_models: Path) -> None:
     rows = scored(taught_models, 4)
     student, _, tok_s, tok_t = fresh(taught_models)
-    log = train.run(student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=train.index_scores(rows))
+    log = train.run(
+        student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=train.index_scores(rows)
+    )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
 
@@ -65,6 +82,14 @@ def test_missing_or_misaligned_scores_fail_naming_the_pair(taught_models: Path) 
     rows = scored(taught_models, 4)
     student, _, tok_s, tok_t = fresh(taught_models)
     with pytest.raises(Exception, match="no teacher scores for pair"):
-        train.run(student, None, tok_s, tok_t, [*PAIRS, pair(99)], tp(epochs=1, batch_size=9, teacher_signal="topk"), scores=train.index_scores(rows))
+        train.run(
+            student,
+            None,
+            tok_s,
+            tok_t,
+            [*PAIRS, pair(99)],
+            tp(epochs=1, batch_size=9, teacher_signal="topk"),
+            scores=train.index_scores(rows),
+        )
     with pytest.raises(ValueError, match="set score.k > 0"):
         train.run(student, None, tok_s, tok_t, PAIRS, tp(teacher_signal="topk"), scores={})

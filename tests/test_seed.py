@@ -7,17 +7,32 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import seed
-from stages.lib import params, records, toytask
-from stages.lib.config import ModelParams
-from stages.lib.io import DataError, read_table, write_table
+from stages.lib.core import params
+from stages.lib.core.config import ModelParams
+from stages.lib.data import records
+from stages.lib.data.io import DataError, read_table, write_table
+from stages.lib.task import toytask
 
 from .conftest import ROOT
 from .test_bootstrap import TASK
 
 
-def seed_params(kind: str = "toy", path: str | None = None, field: str | None = None, num_train: int = 40, num_eval: int = 5, max_chars: int = 2000) -> seed.SeedParams:
+def seed_params(
+    kind: str = "toy",
+    path: str | None = None,
+    field: str | None = None,
+    num_train: int = 40,
+    num_eval: int = 5,
+    max_chars: int = 2000,
+) -> seed.SeedParams:
     """Seed params with synthesis off (its default)."""
-    return seed.SeedParams(seed.SourceParams(kind, path, None, None, None, field), seed=1, num_train=num_train, num_eval=num_eval, max_prompt_chars=max_chars)
+    return seed.SeedParams(
+        seed.SourceParams(kind, path, None, None, None, field),
+        seed=1,
+        num_train=num_train,
+        num_eval=num_eval,
+        max_prompt_chars=max_chars,
+    )
 
 
 def reconcile(counts: dict) -> None:
@@ -133,7 +148,11 @@ def test_streaming_a_50k_row_source_reconciles(tmp_path: Path, kind: str) -> Non
     counts = result.counts
     assert counts["read"] == n and counts["train"] > 40_000 and counts["eval"] == 1_000
     assert counts["unused_over_quota"] > 0 and counts["dropped_by_reason"]["duplicate_prompt"] > 0
-    assert outputs == {"train.parquet": counts["train"], "eval.parquet": 1_000, "quarantine.parquet": counts["quarantined"]}
+    assert outputs == {
+        "train.parquet": counts["train"],
+        "eval.parquet": 1_000,
+        "quarantine.parquet": counts["quarantined"],
+    }
     assert pq.ParquetFile(out / "train.parquet").num_row_groups == -(-counts["train"] // 4096)
     reconcile_files(out, counts)
     # the same rows, in the same order, as the in-memory path
@@ -161,7 +180,9 @@ def test_streamed_outputs_are_the_bytes_write_table_gave(tmp_path: Path) -> None
 
 
 def synth_params(num_prompts: int, max_attempts: int, batch_size: int = 4, max_new_tokens: int = 8) -> seed.SeedParams:
-    s = seed.SynthesisParams(True, num_prompts, max_attempts, 3, "transformers", "cpu", batch_size, max_new_tokens, 1.0, 1.0, 7)
+    s = seed.SynthesisParams(
+        True, num_prompts, max_attempts, 3, "transformers", "cpu", batch_size, max_new_tokens, 1.0, 1.0, 7
+    )
     return dataclasses.replace(seed_params(num_train=40, num_eval=5), synthesis=s)
 
 
@@ -207,22 +228,46 @@ def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Pa
     base, _, _, _ = seed.run(TASK, p, seed.source_rows(TASK, p))
     fresh = new_toy_prompts({r["prompt_id"] for r in base})
     # what the "teacher" answers, attempt by attempt
-    script = [("4. " + base[0]["prompt"], "stop"), ("432", "stop"), ("Add 1 and", "length"), (fresh["eval"], "stop"),
-              (fresh["train"], "stop"), ("  " + fresh["train"], "stop"), ("Add 123 and 4.", "stop"), (fresh["train"].upper(), "stop")]
+    script = [
+        ("4. " + base[0]["prompt"], "stop"),
+        ("432", "stop"),
+        ("Add 1 and", "length"),
+        (fresh["eval"], "stop"),
+        (fresh["train"], "stop"),
+        ("  " + fresh["train"], "stop"),
+        ("Add 123 and 4.", "stop"),
+        (fresh["train"].upper(), "stop"),
+    ]
     calls: list[int] = []
 
     def generate(prompts: list[dict]) -> list[dict]:
         start = sum(calls)
         calls.append(len(prompts))
-        assert all(pr["prompt"].startswith("Here are example tasks: 1. ") and "\n" not in pr["prompt"] for pr in prompts)
-        return [{"prompt_id": pr["prompt_id"], "generation_id": f"g{start + i}", "response": script[start + i][0], "finish_reason": script[start + i][1]} for i, pr in enumerate(prompts)]
+        assert all(
+            pr["prompt"].startswith("Here are example tasks: 1. ") and "\n" not in pr["prompt"] for pr in prompts
+        )
+        return [
+            {
+                "prompt_id": pr["prompt_id"],
+                "generation_id": f"g{start + i}",
+                "response": script[start + i][0],
+                "finish_reason": script[start + i][1],
+            }
+            for i, pr in enumerate(prompts)
+        ]
 
     out = tmp_path / "out"
     out.mkdir()
     result, _ = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, "sha256:fake"))
     s = result.counts["synthesis"]
     assert calls == [4, 4] and s["attempted"] == 8 and s["accepted"] == 1  # one new prompt, said twice
-    assert s["rejected_by_reason"] == {"duplicate_of_seed": 1, "duplicate_of_synthetic": 1, "in_eval_split": 1, "truncated": 1, "unparseable": 3}
+    assert s["rejected_by_reason"] == {
+        "duplicate_of_seed": 1,
+        "duplicate_of_synthetic": 1,
+        "in_eval_split": 1,
+        "truncated": 1,
+        "unparseable": 3,
+    }
     synthetic, rejected = check_synthesis(out, result.counts)
     (row,) = synthetic
     assert row["prompt"] == fresh["train"] and row["reference"] and row["category"] in TASK.skills
@@ -242,7 +287,11 @@ def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: P
     """A real (tiny, random) teacher through the real engine: few of its outputs parse
     as toy prompts, and whatever it says, every attempt is accounted for."""
     p = synth_params(num_prompts=2, max_attempts=6, batch_size=3, max_new_tokens=8)
-    sections = {"models.teacher": ModelParams("toy", None), "models.trust_remote_code": False, "models.dtype": "float32"}
+    sections = {
+        "models.teacher": ModelParams("toy", None),
+        "models.trust_remote_code": False,
+        "models.dtype": "float32",
+    }
     generate, fingerprint, details = seed.open_generate(p.synthesis, seed.teacher_of(sections, tiny_models))
     out = tmp_path / "out"
     out.mkdir()

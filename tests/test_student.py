@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from stages import seed
-from stages.lib import io, records
+from stages.lib.data import io, records
 
 from .conftest import ROOT
 from .test_bootstrap import TASK
@@ -24,8 +24,21 @@ def test_entry_point_writes_generations_manifest_and_metrics(tmp_path: Path, tin
     params["student"].update(num_samples=2, max_new_tokens=5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(tiny_models, tmp_path / "models")
-    cmd = [sys.executable, "-m", "stages.student", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "seed"),
-           "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.student",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prompts",
+        str(tmp_path / "seed"),
+        "--models",
+        str(tmp_path / "models"),
+        "--out",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     table = pq.read_table(tmp_path / "out" / "generations.parquet")
     assert table.schema.equals(records.GENERATION_SCHEMA, check_metadata=False)
@@ -36,7 +49,7 @@ def test_entry_point_writes_generations_manifest_and_metrics(tmp_path: Path, tin
     assert "models.teacher" not in manifest["params"]  # the student stage never reads the teacher's params
     assert manifest["inputs"]["prompts"]["sha256"] == io.digest_path(tmp_path / "seed" / "train.parquet")
     assert manifest["outputs"]["generations.parquet"]["rows"] == 12
-    assert "stages/student.py" in manifest["code"] and "stages/lib/generation.py" in manifest["code"]
+    assert "stages/student.py" in manifest["code"] and "stages/lib/engines/generation.py" in manifest["code"]
     metrics = yaml.safe_load((tmp_path / "m.json").read_text())
     assert metrics["generations"] == 12 and sum(metrics["finish_reason"].values()) == 12
 
@@ -45,8 +58,21 @@ def test_bad_params_fail_before_any_work_naming_the_key(tmp_path: Path, tiny_mod
     params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     params["student"]["temprature"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "stages.student", "--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path),
-           "--models", str(tiny_models), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.student",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prompts",
+        str(tmp_path),
+        "--models",
+        str(tiny_models),
+        "--out",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0
     assert "unknown key(s) ['student.temprature']" in done.stderr

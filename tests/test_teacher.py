@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from stages.lib import genstage, models, records
-from stages.lib.config import GenerationParams
-from stages.lib.generation import generate_transformers
+from stages import genstage
+from stages.lib.core import models
+from stages.lib.core.config import GenerationParams
+from stages.lib.data import records
+from stages.lib.engines.generation import generate_transformers
 
 from .test_bootstrap import TASK
 from .test_seed import seed_params
@@ -17,18 +19,38 @@ from .test_seed import seed_params
 def prompts(n: int) -> list[dict]:
     from stages import seed
 
-    train, _, _, _ = seed.run(TASK, seed_params(num_train=n, num_eval=1), seed.source_rows(TASK, seed_params(num_train=n, num_eval=1)))
+    train, _, _, _ = seed.run(
+        TASK, seed_params(num_train=n, num_eval=1), seed.source_rows(TASK, seed_params(num_train=n, num_eval=1))
+    )
     return train
 
 
 def gp(**kw: object) -> GenerationParams:
-    base = dict(engine="transformers", batch_size=4, max_new_tokens=6, temperature=1.0, top_p=0.9, num_samples=2, seed=7, tensor_parallel_size=1)
+    base = dict(
+        engine="transformers",
+        batch_size=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=0.9,
+        num_samples=2,
+        seed=7,
+        tensor_parallel_size=1,
+    )
     return GenerationParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def teacher_gen(tiny_models: Path, ps: list[dict], p: GenerationParams) -> list[dict]:
     with tempfile.TemporaryDirectory() as work:  # fresh shards each call: nothing resumed
-        return genstage.run("teacher", models.ModelRef("toy", None), False, "float32", p, ps, tiny_models / "teacher", Path(work) / "shards")
+        return genstage.run(
+            "teacher",
+            models.ModelRef("toy", None),
+            False,
+            "float32",
+            p,
+            ps,
+            tiny_models / "teacher",
+            Path(work) / "shards",
+        )
 
 
 def test_sampling_is_seeded_and_records_are_complete(tiny_models: Path) -> None:
@@ -64,7 +86,9 @@ def test_token_counts_match_the_tokenizer(tiny_models: Path) -> None:
     ps = prompts(4)
     tok = models.load_tokenizer(models.ModelRef("toy", None), tiny_models / "teacher", False)
     for r, pr in zip(teacher_gen(tiny_models, ps, gp(num_samples=1)), ps):
-        rendered = tok.apply_chat_template([{"role": "user", "content": pr["prompt"]}], add_generation_prompt=True, tokenize=False)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": pr["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
         assert r["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
         # char tokenizer: one token per character, plus eos when it stopped; an untrained
         # model may also emit special tokens, which decoding drops from the text
@@ -76,11 +100,15 @@ def test_generation_ids_change_with_sampling_params(tiny_models: Path) -> None:
     a = teacher_gen(tiny_models, ps, gp(num_samples=1))
     b = teacher_gen(tiny_models, ps, gp(num_samples=1, top_p=0.8))
     assert {r["generation_id"] for r in a}.isdisjoint({r["generation_id"] for r in b})
-    assert all(r["generation_id"] == records.generation_id(r["prompt_id"], r["model"], genstage_sampling(gp(num_samples=1)), r["sample_index"]) for r in a)
+    assert all(
+        r["generation_id"]
+        == records.generation_id(r["prompt_id"], r["model"], genstage_sampling(gp(num_samples=1)), r["sample_index"])
+        for r in a
+    )
 
 
 def genstage_sampling(p: GenerationParams) -> dict:
-    from stages.lib.generation import sampling_record
+    from stages.lib.engines.generation import sampling_record
 
     return sampling_record(p)
 
@@ -97,6 +125,8 @@ def test_vllm_engine_when_available(tiny_models: Path) -> None:
     assert len(rows) == 8 and all(r["engine"].startswith("vllm ") for r in rows)
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(pr["prompt_id"], k) for pr in ps for k in (0, 1)]
     # the same chat template, handed over as the same token ids as the transformers engine
-    assert [r["prompt_tokens"] for r in rows] == [r["prompt_tokens"] for r in teacher_gen(tiny_models, ps, gp(num_samples=2))]
+    assert [r["prompt_tokens"] for r in rows] == [
+        r["prompt_tokens"] for r in teacher_gen(tiny_models, ps, gp(num_samples=2))
+    ]
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["response_tokens"] <= 6 for r in rows)
     assert teacher_gen(tiny_models, ps, p) == rows  # per-prompt seeds: a rerun repeats

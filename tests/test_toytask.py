@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from stages.lib import toytask
+from stages.lib.task import toytask
 
 CFG = toytask.ToyTaskConfig(skills=toytask.SKILLS, max_digits=3, min_len=3, max_len=7, alphabet="abcdefghij")
 

@@ -5,19 +5,55 @@ import pytest
 import torch
 
 from stages import train
-from stages.lib import models
-from stages.lib.objectives import AlphaCurriculum, BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
+from stages.lib.core import models
+from stages.lib.training.objectives import (
+    AlphaCurriculum,
+    BetaSchedule,
+    DistiLLM2Params,
+    DistiLLMParams,
+    DPKDParams,
+    GKDParams,
+)
 
 from .test_curate import pair
 
-D2 = DistiLLM2Params(contrastive=True, beta_ramp=True, adaptive_alpha=True, alpha_0=0.1, alpha_min=0.01, alpha_eps=1e-5,
-                     reference_batches=2, beta=BetaSchedule(0.5, 1.0, 0.5, 1.0), detach_mixture_student=True)
+D2 = DistiLLM2Params(
+    contrastive=True,
+    beta_ramp=True,
+    adaptive_alpha=True,
+    alpha_0=0.1,
+    alpha_min=0.01,
+    alpha_eps=1e-5,
+    reference_batches=2,
+    beta=BetaSchedule(0.5, 1.0, 0.5, 1.0),
+    detach_mixture_student=True,
+)
 
 
 def tp(**kw: object) -> train.TrainParams:
-    base = dict(method="distillm2", seed=0, epochs=2, batch_size=4, grad_accum_steps=1, lr=0.01, warmup_steps=1, max_grad_norm=1.0,
-                reduction="sequence_mean", logits="chunked", chunk_size=16, device="cpu", bf16_autocast=False, gradient_checkpointing=False,
-                checkpoint_every=0, teacher_signal="online", distillm2=D2, distillm=DistiLLMParams(0.1), gkd=GKDParams(0.5, 0.5), dpkd=DPKDParams(0.1), rounds={})
+    base = dict(
+        method="distillm2",
+        seed=0,
+        epochs=2,
+        batch_size=4,
+        grad_accum_steps=1,
+        lr=0.01,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        reduction="sequence_mean",
+        logits="chunked",
+        chunk_size=16,
+        device="cpu",
+        bf16_autocast=False,
+        gradient_checkpointing=False,
+        checkpoint_every=0,
+        teacher_signal="online",
+        distillm2=D2,
+        distillm=DistiLLMParams(0.1),
+        gkd=GKDParams(0.5, 0.5),
+        dpkd=DPKDParams(0.1),
+        rounds={},
+    )
     return train.TrainParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -51,22 +87,33 @@ def test_beta_schedule_spans_on_policy_rounds() -> None:
     """With E rounds, beta follows one ramp over all of them (the paper's e/E + tau/T)."""
     paper = BetaSchedule(0.5, 1.0, 0.5, 1.0)
     assert [paper.at(s, 11, 1, 2) for s in (0, 10)] == [0.5, 0.5]  # round 1 of 2: first half, beta held
-    assert paper.at(0, 11, 2, 2) == 0.5 and paper.at(5, 11, 2, 2) == pytest.approx(0.75) and paper.at(10, 11, 2, 2) == 1.0
+    assert (
+        paper.at(0, 11, 2, 2) == 0.5 and paper.at(5, 11, 2, 2) == pytest.approx(0.75) and paper.at(10, 11, 2, 2) == 1.0
+    )
     assert paper.at(0, 7, 3, 3) == pytest.approx(0.5 + 0.5 * (2 / 3 - 0.5) / 0.5)
     assert paper.at(5, 11) == paper.at(5, 11, 1, 1)  # one round: the plain schedule
 
 
 def test_rounds_must_be_keyed_r2_to_rE_with_string_keys() -> None:
-    assert tp(rounds={"r2": train.RoundParams("data/train"), "r3": train.RoundParams("data/rounds/r2/train")}).total_rounds == 3
-    for bad in ({"r3": train.RoundParams("x")}, {"r2": train.RoundParams("x"), "r4": train.RoundParams("y")}, {"2": train.RoundParams("x")}):
+    assert (
+        tp(rounds={"r2": train.RoundParams("data/train"), "r3": train.RoundParams("data/rounds/r2/train")}).total_rounds
+        == 3
+    )
+    for bad in (
+        {"r3": train.RoundParams("x")},
+        {"r2": train.RoundParams("x"), "r4": train.RoundParams("y")},
+        {"2": train.RoundParams("x")},
+    ):
         with pytest.raises(ValueError, match=r"rounds: must be keyed r2..rE, one per round after the first"):
             tp(rounds=bad)
-    from stages.lib import params
+    from stages.lib.core import params
 
     raw = {"previous": "data/train"}
     with pytest.raises(ValueError, match=r"train.rounds: keys must be strings, got int 2; quote them"):
         params._convert({2: raw}, dict[str, train.RoundParams], "train.rounds")
-    assert params._convert({"2": raw}, dict[str, train.RoundParams], "train.rounds") == {"2": train.RoundParams("data/train")}
+    assert params._convert({"2": raw}, dict[str, train.RoundParams], "train.rounds") == {
+        "2": train.RoundParams("data/train")
+    }
 
 
 def test_alpha_curriculum_formula() -> None:
@@ -102,9 +149,15 @@ def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_stud
     assert rows[0]["alpha_t_mean"] == rows[0]["alpha_t_max"] == pytest.approx(0.1)  # reference batches
     moved = [r for r in rows[2:] if r["alpha_t_min"] < 0.1 - 1e-6 or r["alpha_s_min"] < 0.1 - 1e-6]
     assert moved, "adaptive alpha never left alpha_0"
-    assert all(0.01 - 1e-6 <= r[k] <= 0.1 + 1e-6 for r in rows for k in ("alpha_t_min", "alpha_t_max", "alpha_s_min", "alpha_s_max"))
+    assert all(
+        0.01 - 1e-6 <= r[k] <= 0.1 + 1e-6
+        for r in rows
+        for k in ("alpha_t_min", "alpha_t_max", "alpha_s_min", "alpha_s_max")
+    )
     for r in rows:
-        assert r["loss"] == pytest.approx((1 - r["beta"]) * r["chosen_term"] + r["beta"] * r["rejected_term"], rel=1e-4, abs=1e-6)
+        assert r["loss"] == pytest.approx(
+            (1 - r["beta"]) * r["chosen_term"] + r["beta"] * r["rejected_term"], rel=1e-4, abs=1e-6
+        )
     assert sum(r["loss"] for r in rows[-4:]) < sum(r["loss"] for r in rows[:4])
     assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
 
@@ -139,7 +192,9 @@ def test_chunked_hidden_path_equals_full_logits_path(tiny_models: Path, method: 
             if step == 0:
                 first.extend(q.grad.detach().clone() for q in student.parameters())
 
-        rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, logits=mode, chunk_size=5, epochs=2), on_step=grab)
+        rows = train.run(
+            student, teacher, tok_s, tok_t, PAIRS, tp(method=method, logits=mode, chunk_size=5, epochs=2), on_step=grab
+        )
         curves[mode], grads[mode] = [r["loss"] for r in rows], first
     assert curves["full"] == pytest.approx(curves["chunked"], rel=1e-5, abs=1e-6)
     for a, b in zip(grads["full"], grads["chunked"]):
@@ -188,7 +243,17 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_pat
 def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_path: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "old", on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else None)
+        train.run(
+            student,
+            teacher,
+            tok_s,
+            tok_t,
+            PAIRS,
+            tp(epochs=4, checkpoint_every=2),
+            tmp_path,
+            "old",
+            on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else None,
+        )
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
     assert rows[0]["step"] == 0 and len(rows) == 8
@@ -220,7 +285,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
     import yaml
     from safetensors.torch import load_file
 
-    from stages.lib import io, records
+    from stages.lib.data import io, records
 
     from .conftest import ROOT
 
@@ -233,11 +298,39 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     curves, weights = {}, {}
-    for name, launcher in (("single", [sys.executable, "-m", "stages.train"]),
-                           ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "stages.train"])):
+    for name, launcher in (
+        ("single", [sys.executable, "-m", "stages.train"]),
+        (
+            "torchrun",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_port=29517",
+                "-m",
+                "stages.train",
+            ],
+        ),
+    ):
         out = tmp_path / name
-        cmd = [*launcher, "--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "curate"), "--scores", str(tmp_path / "score"), "--models", str(taught_models),
-               "--out", str(out / "train"), "--metrics", str(out / "m.json"), "--plot", str(out / "plot.csv")]
+        cmd = [
+            *launcher,
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--pairs",
+            str(tmp_path / "curate"),
+            "--scores",
+            str(tmp_path / "score"),
+            "--models",
+            str(taught_models),
+            "--out",
+            str(out / "train"),
+            "--metrics",
+            str(out / "m.json"),
+            "--plot",
+            str(out / "plot.csv"),
+        ]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         lines = (out / "plot.csv").read_text().splitlines()
@@ -256,7 +349,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
 def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Path) -> None:
     import json
 
-    from stages.lib.io import DataError
+    from stages.lib.data.io import DataError
 
     prev = tmp_path / "train"
     prev.mkdir()

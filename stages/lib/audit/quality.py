@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.lib import records
-from stages.lib.io import DataError, parquet_file
-from stages.lib.params import check
+from stages.lib.core.params import check
+from stages.lib.data import records
+from stages.lib.data.io import DataError, parquet_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -133,11 +133,20 @@ def suite_checks(kind: str, q: QualityParams, refs: dict[str, Any], truncation: 
     schema = KINDS[kind]
     cols = [f.name for f in schema] + derived_names(kind, refs)
     checks = [_table("ExpectTableColumnsToMatchSet", column_set=cols, exact_match=True)]
-    checks += [_row("ExpectColumnValuesToNotBeNull", column=f.name) for f in schema if not f.nullable and not pa.types.is_list(f.type)]
+    checks += [
+        _row("ExpectColumnValuesToNotBeNull", column=f.name)
+        for f in schema
+        if not f.nullable and not pa.types.is_list(f.type)
+    ]
     if kind == "prompt":
         checks += [
             _row("ExpectColumnValuesToBeInSet", column=FIRST.format("prompt_id"), value_set=[True]),
-            _row("ExpectColumnValueLengthsToBeBetween", column="prompt", min_value=q.min_prompt_chars, max_value=q.max_prompt_chars),
+            _row(
+                "ExpectColumnValueLengthsToBeBetween",
+                column="prompt",
+                min_value=q.min_prompt_chars,
+                max_value=q.max_prompt_chars,
+            ),
             _row("ExpectColumnValuesToBeInSet", column="split", value_set=["train", "eval"]),
         ]
         if "eval" in refs:
@@ -146,25 +155,54 @@ def suite_checks(kind: str, q: QualityParams, refs: dict[str, Any], truncation: 
         checks += [
             _row("ExpectColumnValuesToBeInSet", column=FIRST.format("generation_id"), value_set=[True]),
             _row("ExpectColumnValuesToBeInSet", column="finish_reason", value_set=["stop", "length"]),
-            _row("ExpectColumnValuesToBeBetween", column="response_tokens", min_value=0, max_value=q.max_response_tokens),
+            _row(
+                "ExpectColumnValuesToBeBetween", column="response_tokens", min_value=0, max_value=q.max_response_tokens
+            ),
         ]
         if truncation:  # share of truncated generations: `mostly` is the share that must have stopped
-            checks.append(_table("ExpectColumnValuesToBeInSet", column="finish_reason", value_set=["stop"], mostly=1.0 - q.max_truncated_share))
+            checks.append(
+                _table(
+                    "ExpectColumnValuesToBeInSet",
+                    column="finish_reason",
+                    value_set=["stop"],
+                    mostly=1.0 - q.max_truncated_share,
+                )
+            )
         if "prompt_id" in refs:
             checks.append(_row("ExpectColumnValuesToBeInSet", column=EXISTS.format("prompt_id"), value_set=[True]))
     elif kind in ("pair", "curated"):
         checks += [
             _row("ExpectColumnValuesToBeInSet", column=FIRST.format("pair_id"), value_set=[True]),
-            _row("ExpectColumnValueLengthsToBeBetween", column="prompt", min_value=q.min_prompt_chars, max_value=q.max_prompt_chars),
+            _row(
+                "ExpectColumnValueLengthsToBeBetween",
+                column="prompt",
+                min_value=q.min_prompt_chars,
+                max_value=q.max_prompt_chars,
+            ),
             _row("ExpectColumnValuesToBeBetween", column="chosen_tokens", min_value=0, max_value=q.max_response_tokens),
-            _row("ExpectColumnValuesToBeBetween", column="rejected_tokens", min_value=0, max_value=q.max_response_tokens),
-            _table("ExpectColumnValuesToBeInSet", column=DUPLICATE, value_set=[False], mostly=1.0 - q.max_duplicate_share),
+            _row(
+                "ExpectColumnValuesToBeBetween", column="rejected_tokens", min_value=0, max_value=q.max_response_tokens
+            ),
+            _table(
+                "ExpectColumnValuesToBeInSet", column=DUPLICATE, value_set=[False], mostly=1.0 - q.max_duplicate_share
+            ),
         ]
-        checks += [_row("ExpectColumnValuesToBeInSet", column=EXISTS.format(c), value_set=[True]) for c in ("prompt_id", "chosen_id", "rejected_id") if c in refs]
+        checks += [
+            _row("ExpectColumnValuesToBeInSet", column=EXISTS.format(c), value_set=[True])
+            for c in ("prompt_id", "chosen_id", "rejected_id")
+            if c in refs
+        ]
         if "eval" in refs:
             checks.append(_table("ExpectColumnValuesToBeInSet", column=IN_EVAL, value_set=[False]))
         if kind == "curated":
-            checks.append(_table("ExpectColumnValuesToBeInSet", column="chosen_finish_reason", value_set=["stop"], mostly=1.0 - q.max_truncated_share))
+            checks.append(
+                _table(
+                    "ExpectColumnValuesToBeInSet",
+                    column="chosen_finish_reason",
+                    value_set=["stop"],
+                    mostly=1.0 - q.max_truncated_share,
+                )
+            )
     elif kind == "topk":
         checks += [
             _row("ExpectColumnValuesToBeInSet", column="side", value_set=["chosen", "rejected"]),
@@ -206,12 +244,17 @@ def _first_occurrence(values: list[str | None], seen: set[int]) -> list[bool]:
 
 def _topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, list[bool]]:
     flags: dict[str, list[bool]] = {name: [] for name in TOPK_OK}
-    for ids, lps, target, positions, k in zip(*(batch.column(c).to_pylist() for c in ("topk_ids", "topk_logprobs", "target_logprob", "positions", "k")), strict=True):
+    for ids, lps, target, positions, k in zip(
+        *(batch.column(c).to_pylist() for c in ("topk_ids", "topk_logprobs", "target_logprob", "positions", "k")),
+        strict=True,
+    ):
         ids, lps, target = ids or [], lps or [], target or []
         flags["topk__finite"].append(all(math.isfinite(x) for x in lps) and all(math.isfinite(x) for x in target))
         rows = [lps[i : i + k] for i in range(0, len(lps), k)] if k and k > 0 else []
         flags["topk__sorted"].append(all(a >= b for row in rows for a, b in itertools.pairwise(row)))
-        flags["topk__ids_in_vocab"].append(all(0 <= t < vocab_size for t in ids) if vocab_size is not None else all(t >= 0 for t in ids))
+        flags["topk__ids_in_vocab"].append(
+            all(0 <= t < vocab_size for t in ids) if vocab_size is not None else all(t >= 0 for t in ids)
+        )
         n = (positions or 0) * (k or 0)
         flags["topk__lengths_match"].append(len(ids) == n and len(lps) == n and len(target) == (positions or 0))
     return flags
@@ -228,7 +271,9 @@ def derive(kind: str, batch: pa.Table, refs: dict[str, Any], state: _State, voca
     id_col = ID_COLUMN.get(kind)
     extra: dict[str, pa.Array | list[bool]] = {}
     if id_col is not None:
-        extra[FIRST.format(id_col)] = _first_occurrence(batch.column(id_col).to_pylist(), state.seen.setdefault(id_col, set()))
+        extra[FIRST.format(id_col)] = _first_occurrence(
+            batch.column(id_col).to_pylist(), state.seen.setdefault(id_col, set())
+        )
     for col, ids in refs.items():
         if col != "eval":
             extra[EXISTS.format(col)] = pc.fill_null(pc.is_in(batch.column(col), value_set=ids), True)
@@ -269,11 +314,17 @@ class DataDocs:
         asset = self.source.add_dataframe_asset(f"{self._n:02d}-{name}")
         batch_def = asset.add_batch_definition_whole_dataframe("batch")
         suite = self.context.suites.add(suite)
-        vd = self.context.validation_definitions.add(gx.ValidationDefinition(name=f"{self._n:02d}-{name}", data=batch_def, suite=suite))
-        checkpoint = self.context.checkpoints.add(gx.Checkpoint(
-            name=f"{self._n:02d}-{name}", validation_definitions=[vd], result_format="COMPLETE",
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-        ))
+        vd = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{self._n:02d}-{name}", data=batch_def, suite=suite)
+        )
+        checkpoint = self.context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{self._n:02d}-{name}",
+                validation_definitions=[vd],
+                result_format="COMPLETE",
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            )
+        )
         return checkpoint, suite
 
     def export(self, dst: Path) -> int:
@@ -285,7 +336,9 @@ class DataDocs:
         n = 0
         for src in sorted(site.rglob("*")):
             rel = src.relative_to(site)
-            if src.is_file() and (src.suffix == ".html" or rel.as_posix() == "static/styles/data_docs_default_styles.css"):
+            if src.is_file() and (
+                src.suffix == ".html" or rel.as_posix() == "static/styles/data_docs_default_styles.css"
+            ):
                 (dst / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst / rel)
                 n += 1
@@ -318,9 +371,19 @@ class Gate:
     """One artifact's suite, run batch by batch. `quarantine=True`: row failures are
     returned as quarantined rows; False: any failure raises GateError."""
 
-    def __init__(self, artifact: str, path: Path | str, kind: str, q: QualityParams, *, quarantine: bool,
-                 refs: dict[str, Any] | None = None, vocab_size: int | None = None, docs: DataDocs | None = None,
-                 truncation: bool = True):
+    def __init__(
+        self,
+        artifact: str,
+        path: Path | str,
+        kind: str,
+        q: QualityParams,
+        *,
+        quarantine: bool,
+        refs: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        docs: DataDocs | None = None,
+        truncation: bool = True,
+    ):
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}; one of {sorted(KINDS)}")
         _quiet_gx()
@@ -329,16 +392,25 @@ class Gate:
 
         self.artifact, self.path, self.kind, self.q, self.quarantine = artifact, str(path), kind, q, quarantine
         self.vocab_size = vocab_size
-        self.refs = {k: (v if isinstance(v, pa.Array) else pa.array(sorted(v), type=pa.string())) for k, v in (refs or {}).items()}
+        self.refs = {
+            k: (v if isinstance(v, pa.Array) else pa.array(sorted(v), type=pa.string()))
+            for k, v in (refs or {}).items()
+        }
         self.checks = suite_checks(kind, q, self.refs, truncation)
-        self.suite = gx.ExpectationSuite(name=f"{kind}-{artifact}".replace("/", "_"),
-                                         expectations=[getattr(gxe, c.expectation)(**c.kwargs) for c in self.checks])
+        self.suite = gx.ExpectationSuite(
+            name=f"{kind}-{artifact}".replace("/", "_"),
+            expectations=[getattr(gxe, c.expectation)(**c.kwargs) for c in self.checks],
+        )
         self.docs = docs
         if docs is not None:
             self._checkpoint, self.suite = docs.checkpoint(artifact.replace("/", "_"), self.suite)
         else:
             context = _no_progress_bars(gx.get_context(mode="ephemeral"))
-            batch_def = context.data_sources.add_pandas("distillflow").add_dataframe_asset(artifact.replace("/", "_")).add_batch_definition_whole_dataframe("batch")
+            batch_def = (
+                context.data_sources.add_pandas("distillflow")
+                .add_dataframe_asset(artifact.replace("/", "_"))
+                .add_batch_definition_whole_dataframe("batch")
+            )
             self.suite = context.suites.add(self.suite)
             self._batch_def = batch_def
         registered = list(self.suite.expectations)
@@ -348,14 +420,28 @@ class Gate:
         self._state = _State()
         self.rows_in = self.kept = 0
         self.reasons: Counter[str] = Counter()
-        self._results: dict[str, dict[str, Any]] = {c.label: {"expectation": _snake(c.expectation), "level": c.level, "kwargs": _plain(c.kwargs), "success": True, "unexpected": 0, "elements": 0} for c in self.checks}
+        self._results: dict[str, dict[str, Any]] = {
+            c.label: {
+                "expectation": _snake(c.expectation),
+                "level": c.level,
+                "kwargs": _plain(c.kwargs),
+                "success": True,
+                "unexpected": 0,
+                "elements": 0,
+            }
+            for c in self.checks
+        }
 
     def _validate(self, df: pd.DataFrame) -> list[Any]:
         if self.docs is not None:
             result = self._checkpoint.run(batch_parameters={"dataframe": df})
             (validation,) = result.run_results.values()
             return list(validation.results)
-        return list(self._batch_def.get_batch(batch_parameters={"dataframe": df}).validate(self.suite, result_format="COMPLETE").results)
+        return list(
+            self._batch_def.get_batch(batch_parameters={"dataframe": df})
+            .validate(self.suite, result_format="COMPLETE")
+            .results
+        )
 
     def check(self, table: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
         """Validate `table` in batches of q.batch_rows; returns (kept rows, quarantined
@@ -375,7 +461,9 @@ class Gate:
         by_id = self._by_id
         results = self._validate(df)
         if sorted(r.expectation_config.id for r in results) != sorted(by_id):
-            raise RuntimeError(f"{self.path}: great expectations returned results for other expectations than the suite's")
+            raise RuntimeError(
+                f"{self.path}: great expectations returned results for other expectations than the suite's"
+            )
         # GX reports in its own order; walk the suite's order so the first failure named is stable
         order = {e_id: i for i, e_id in enumerate(by_id)}
         for res in sorted(results, key=lambda r: order[r.expectation_config.id]):
@@ -383,7 +471,9 @@ class Gate:
             rec = self._results[check_.label]
             r = res.result or {}
             if res.exception_info and res.exception_info.get("raised_exception"):
-                raise GateError(f"{self.path}: expectation {check_.label} could not run: {res.exception_info.get('exception_message')}")
+                raise GateError(
+                    f"{self.path}: expectation {check_.label} could not run: {res.exception_info.get('exception_message')}"
+                )
             rec["elements"] += int(r.get("element_count") or 0)
             rec["unexpected"] += int(r.get("unexpected_count") or 0)
             if "observed_value" in r and r["observed_value"] is not None:
@@ -394,10 +484,16 @@ class Gate:
                 continue
             rec["success"] = False
             if check_.level == "table" or not self.quarantine:
-                observed = r.get("observed_value") if r.get("observed_value") is not None else f"{r.get('unexpected_count')} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent', 0):.2f}%), e.g. {[_short(v) for v in (r.get('partial_unexpected_list') or [])[:3]]}"
+                observed = (
+                    r.get("observed_value")
+                    if r.get("observed_value") is not None
+                    else f"{r.get('unexpected_count')} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent', 0):.2f}%), e.g. {[_short(v) for v in (r.get('partial_unexpected_list') or [])[:3]]}"
+                )
                 first = (r.get("unexpected_index_list") or [None])[0]
                 where = f" (first at row {self.rows_in + first})" if isinstance(first, int) else ""
-                raise GateError(f"{self.path}: {self.artifact} failed expectation {check_.label}{where}: observed {observed}")
+                raise GateError(
+                    f"{self.path}: {self.artifact} failed expectation {check_.label}{where}: observed {observed}"
+                )
             for i in r.get("unexpected_index_list") or []:
                 failing.setdefault(int(i), f"gate:{check_.label}")
         self.rows_in += batch.num_rows
@@ -421,14 +517,20 @@ class Gate:
             rec["observed"] = round(share, 6)
             rec["success"] = share <= 1.0 - c.kwargs["mostly"] + 1e-12
             if not rec["success"]:
-                raise GateError(f"{self.path}: {self.artifact} failed expectation {c.label}: observed {rec['unexpected']} of {rec['elements']} rows unexpected "
-                                f"({share:.1%}), above the allowed {1.0 - c.kwargs['mostly']:.1%} (params.yaml quality)")
+                raise GateError(
+                    f"{self.path}: {self.artifact} failed expectation {c.label}: observed {rec['unexpected']} of {rec['elements']} rows unexpected "
+                    f"({share:.1%}), above the allowed {1.0 - c.kwargs['mostly']:.1%} (params.yaml quality)"
+                )
         quarantined = sum(self.reasons.values())
         if self.rows_in != self.kept + quarantined:
-            raise AssertionError(f"{self.path}: gate counts do not reconcile: {self.rows_in} in, {self.kept} kept, {quarantined} quarantined")
+            raise AssertionError(
+                f"{self.path}: gate counts do not reconcile: {self.rows_in} in, {self.kept} kept, {quarantined} quarantined"
+            )
         share = quarantined / self.rows_in if self.rows_in else 0.0
         if share > self.q.max_quarantine_share:
-            raise GateError(f"{self.path}: {self.artifact}: {quarantined} of {self.rows_in} rows ({share:.1%}) failed row expectations, above quality.max_quarantine_share={self.q.max_quarantine_share}: {dict(self.reasons)}")
+            raise GateError(
+                f"{self.path}: {self.artifact}: {quarantined} of {self.rows_in} rows ({share:.1%}) failed row expectations, above quality.max_quarantine_share={self.q.max_quarantine_share}: {dict(self.reasons)}"
+            )
         return {
             "artifact": self.artifact,  # not the path: an output's folder differs run to run (temporary, or a test's)
             "kind": self.kind,
@@ -463,11 +565,11 @@ def _plain(value: Any) -> Any:
 class StageGates:
     """A stage's gates: one Data Docs project, the reports in order.
 
-        gates = StageGates(q, docs_dir)             # docs_dir: reports/quality/<stage>
-        gates.strict("pairs (input)", path, "pair", table)   # an input read: stops on any failure
-        g = gates.gate("curated", path, "curated", quarantine=True, refs=...)
-        ...
-        report = gates.finish()                     # {"gates": [...], "data_docs_files": n}
+    gates = StageGates(q, docs_dir)             # docs_dir: reports/quality/<stage>
+    gates.strict("pairs (input)", path, "pair", table)   # an input read: stops on any failure
+    g = gates.gate("curated", path, "curated", quarantine=True, refs=...)
+    ...
+    report = gates.finish()                     # {"gates": [...], "data_docs_files": n}
     """
 
     def __init__(self, q: QualityParams, docs_dir: Path | None):

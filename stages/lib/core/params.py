@@ -76,7 +76,9 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if bad:
             # YAML reads `2:` as an integer key, and DVC's foreach silently skips
             # integer keys (measured, dvc 3.x): no stages, no error. Refuse them here.
-            raise ValueError(f"{key}: keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}; quote them (\"{bad[0]}\": ...)")
+            raise ValueError(
+                f'{key}: keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}; quote them ("{bad[0]}": ...)'
+            )
         return {k: _convert(v, inner, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(typ):
         return build(typ, value, key)

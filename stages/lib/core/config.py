@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.lib.models import ModelRef
-from stages.lib.params import check
-from stages.lib.toytask import SKILLS, ToyTaskConfig
+from stages.lib.core.models import ModelRef
+from stages.lib.core.params import check
+from stages.lib.task.toytask import SKILLS, ToyTaskConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,11 @@ class TaskParams:
             check(s in SKILLS, "skills", f"unknown skill {s!r}; known: {list(SKILLS)}")
         check(1 <= self.max_digits <= 9, "max_digits", "must be in 1..9")
         check(1 <= self.min_len <= self.max_len, "min_len", "must be >= 1 and <= max_len")
-        check(len(self.alphabet) >= 2 and self.alphabet.isalpha() and self.alphabet.islower(), "alphabet", "must be at least two lower-case letters")
+        check(
+            len(self.alphabet) >= 2 and self.alphabet.isalpha() and self.alphabet.islower(),
+            "alphabet",
+            "must be at least two lower-case letters",
+        )
         check(0.0 < self.eval_fraction < 1.0, "eval_fraction", "must be in (0, 1)")
 
     def toy(self) -> ToyTaskConfig:
@@ -98,7 +102,7 @@ class OpenAIParams:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """params.yaml `teacher` / `student`: how responses are sampled (stages/lib/generation.py).
+    """params.yaml `teacher` / `student`: how responses are sampled (stages/lib/engines/generation.py).
 
     Every key is required in a params file (the strict loader checks); the defaults of
     the last five fields only serve code that builds one directly for plain in-process
@@ -125,10 +129,20 @@ class GenerationParams:
         check(self.temperature >= 0.0, "temperature", "must be >= 0 (0 = greedy)")
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         check(self.num_samples >= 1, "num_samples", "must be >= 1")
-        check(not (self.temperature == 0.0 and self.num_samples > 1), "num_samples", "greedy decoding (temperature 0) gives one distinct sample; set num_samples: 1")
+        check(
+            not (self.temperature == 0.0 and self.num_samples > 1),
+            "num_samples",
+            "greedy decoding (temperature 0) gives one distinct sample; set num_samples: 1",
+        )
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        check(self.engine == "vllm" or self.tensor_parallel_size == 1, "tensor_parallel_size", "only the vllm engine shards a model; use 1 with transformers")
-        check(self.engine != "vllm" or self.device == "cuda", "device", "the vllm engine runs on GPUs; set device: cuda")
+        check(
+            self.engine == "vllm" or self.tensor_parallel_size == 1,
+            "tensor_parallel_size",
+            "only the vllm engine shards a model; use 1 with transformers",
+        )
+        check(
+            self.engine != "vllm" or self.device == "cuda", "device", "the vllm engine runs on GPUs; set device: cuda"
+        )
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         check(self.shard_size >= 0, "shard_size", "must be >= 0 (0 = one shard)")
         check(
@@ -138,6 +152,13 @@ class GenerationParams:
         )
         check(self.workers >= 1, "workers", "must be >= 1")
         if self.engine == "openai":
-            check(self.workers == 1, "workers", "the openai engine runs requests concurrently in one process; use openai.max_concurrency and workers: 1")
-            check(self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,
-                  "openai", "engine openai needs openai.base_url and openai.model")
+            check(
+                self.workers == 1,
+                "workers",
+                "the openai engine runs requests concurrently in one process; use openai.max_concurrency and workers: 1",
+            )
+            check(
+                self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,
+                "openai",
+                "engine openai needs openai.base_url and openai.model",
+            )

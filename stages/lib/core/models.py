@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stages.lib.io import digest_path
+from stages.lib.data.io import digest_path
 
 PAD, UNK, USER, ASSISTANT, END = "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = (PAD, UNK, USER, ASSISTANT, END)
@@ -70,7 +70,9 @@ class ToyArch:
     intermediate_size: int
 
 
-def build_toy_model(arch: ToyArch, vocab_size: int, tok: PreTrainedTokenizerFast, seed: int, max_positions: int) -> LlamaForCausalLM:
+def build_toy_model(
+    arch: ToyArch, vocab_size: int, tok: PreTrainedTokenizerFast, seed: int, max_positions: int
+) -> LlamaForCausalLM:
     """A randomly initialised Llama of the given size (deterministic in `seed`)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -122,7 +124,9 @@ def load_tokenizer(ref: ModelRef, toy_dir: Path, trust_remote_code: bool) -> Pre
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     if tok.chat_template is None:
-        raise ValueError(f"model {where!r}: the tokenizer has no chat template; distillflow renders every prompt through one")
+        raise ValueError(
+            f"model {where!r}: the tokenizer has no chat template; distillflow renders every prompt through one"
+        )
     return tok
 
 
@@ -157,7 +161,9 @@ def fingerprint(ref: ModelRef, toy_dir: Path) -> str:
             h.update(digest_path(p).encode())
         return f"sha256:{h.hexdigest()[:32]}"
     if revision is None:
-        raise ValueError(f"model {where!r} is not a local folder, so it needs a pinned `revision` (a commit hash or tag)")
+        raise ValueError(
+            f"model {where!r} is not a local folder, so it needs a pinned `revision` (a commit hash or tag)"
+        )
     return f"hub:{where}@{revision}"
 
 
@@ -181,8 +187,12 @@ def check_vocabularies(tok_s: Any, tok_t: Any, v_student: int, v_teacher: int) -
     different tokenizers cannot be distilled token by token: fail clearly.
     """
     if tok_s.get_vocab() != tok_t.get_vocab():
-        raise ValueError("models: the student and teacher tokenizers differ; token-level distillation needs a shared tokenizer (pick models of one family)")
+        raise ValueError(
+            "models: the student and teacher tokenizers differ; token-level distillation needs a shared tokenizer (pick models of one family)"
+        )
     v = len(tok_s)
     if v_student < v or v_teacher < v:
-        raise ValueError(f"models: logit widths (student {v_student}, teacher {v_teacher}) are smaller than the tokenizer ({v} tokens)")
+        raise ValueError(
+            f"models: logit widths (student {v_student}, teacher {v_teacher}) are smaller than the tokenizer ({v} tokens)"
+        )
     return v

@@ -21,8 +21,8 @@ prompt) keeps the held-out prompts out of every training set by construction.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 SKILLS: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count")
 

@@ -11,7 +11,7 @@
   vs the files now there and vs the upstream manifest that recorded them; each
   manifest's code digests vs the code now. Every mismatch is one line naming the
   path and what disagrees.
-- `cost`: the run records (stages/lib/lineage.py) summed per stage for one run.
+- `cost`: the run records (stages/lib/audit/lineage.py) summed per stage for one run.
 
 Record ids are found in the Parquet files of the outs dvc.lock records.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from stages.lib.io import digest_path
+from stages.lib.data.io import digest_path
 
 # The schema name (Parquet metadata `distillflow.schema`) -> the column that is its record id.
 ID_COLUMNS = {"pair": "pair_id", "pair_quarantine": "pair_id", "generation": "generation_id", "prompt": "prompt_id"}
@@ -100,9 +100,11 @@ def artifact_tree(root: Path, path: str, outs: list[Out] | None = None, seen: se
         return node
     node["manifest"] = f"{out.path}/manifest.json"
     node |= {k: manifest[k] for k in ("params", "seeds", "environment", "counts", "code") if k in manifest}
-    from stages.lib.lineage import model_fingerprints
+    from stages.lib.audit.lineage import model_fingerprints
 
-    node["models"] = model_fingerprints({k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs", "counts")})
+    node["models"] = model_fingerprints(
+        {k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs", "counts")}
+    )
     if "validation" in manifest:
         node["validation"] = manifest["validation"]
     node["inputs"] = {}
@@ -140,7 +142,15 @@ def find_records(root: Path, record_id: str, outs: list[Out]) -> list[dict[str, 
         for row, value in enumerate(ids):
             if value == record_id:
                 record = pq.read_table(file).slice(row, 1).to_pylist()[0]
-                hits.append({"kind": kind, "file": file.relative_to(root).as_posix(), "row": row, "stage": out.stage, "record": record})
+                hits.append(
+                    {
+                        "kind": kind,
+                        "file": file.relative_to(root).as_posix(),
+                        "row": row,
+                        "stage": out.stage,
+                        "record": record,
+                    }
+                )
     return hits
 
 
@@ -149,14 +159,21 @@ def _brief(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "response")}
 
 
-def _one(root: Path, kind: str, record_id: str, outs: list[Out], cache: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _one(
+    root: Path, kind: str, record_id: str, outs: list[Out], cache: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     if record_id not in cache:
         cache[record_id] = find_records(root, record_id, outs)
     hits = [h for h in cache[record_id] if h["kind"] == kind]
     if not hits:
         return {"kind": kind, "id": record_id, "missing": f"no {kind} record with this id in the outs dvc.lock records"}
     first = hits[0]
-    return {"kind": kind, "id": record_id, "found_in": [f"{h['file']} row {h['row']} ({h['stage']})" for h in hits], "record": _brief(first["record"])}
+    return {
+        "kind": kind,
+        "id": record_id,
+        "found_in": [f"{h['file']} row {h['row']} ({h['stage']})" for h in hits],
+        "record": _brief(first["record"]),
+    }
 
 
 def record_tree(root: Path, record_id: str) -> dict[str, Any]:
@@ -167,7 +184,9 @@ def record_tree(root: Path, record_id: str) -> dict[str, Any]:
     hits = find_records(root, record_id, outs)
     cache[record_id] = hits
     if not hits:
-        raise LineageError(f"{record_id}: no pair, generation or prompt with this id in the Parquet files of the outs dvc.lock records")
+        raise LineageError(
+            f"{record_id}: no pair, generation or prompt with this id in the Parquet files of the outs dvc.lock records"
+        )
     kind = hits[0]["kind"]
     node = _one(root, kind, record_id, outs, cache)
     if kind == "pair_quarantine":
@@ -209,16 +228,25 @@ def render(node: dict[str, Any], indent: int = 0) -> list[str]:
     pad = "  " * indent
     if "kind" in node:
         return _render_record(node, indent)
-    lines = [f"{pad}{node['path']}  sha256 {_short(node.get('sha256'))}" + (f"  [stage {node['stage']}]" if "stage" in node else f"  ({node.get('source', '')})")]
+    lines = [
+        f"{pad}{node['path']}  sha256 {_short(node.get('sha256'))}"
+        + (f"  [stage {node['stage']}]" if "stage" in node else f"  ({node.get('source', '')})")
+    ]
     if "recorded_sha256" in node:
         same = node["recorded_sha256"] == node.get("sha256")
-        lines[0] += "  (matches the manifest)" if same else f"  MISMATCH: the manifest recorded {_short(node['recorded_sha256'])}"
+        lines[0] += (
+            "  (matches the manifest)"
+            if same
+            else f"  MISMATCH: the manifest recorded {_short(node['recorded_sha256'])}"
+        )
     if node.get("repeated"):
         lines.append(f"{pad}  (lineage shown above)")
         return lines
     if "manifest" in node:
         lines.append(f"{pad}  manifest: {node['manifest']}")
-        lines.append(f"{pad}  params: {', '.join(node.get('params', {}))}; seeds: {json.dumps(node.get('seeds', {}), sort_keys=True)}")
+        lines.append(
+            f"{pad}  params: {', '.join(node.get('params', {}))}; seeds: {json.dumps(node.get('seeds', {}), sort_keys=True)}"
+        )
         if node.get("models"):
             lines.append(f"{pad}  models: " + "; ".join(f"{k} {v}" for k, v in sorted(node["models"].items())))
         if node.get("environment"):
@@ -245,7 +273,9 @@ def _render_record(node: dict[str, Any], indent: int) -> list[str]:
     elif node["kind"] == "generation":
         lines.append(f"{pad}  model: {rec['model']}  engine: {rec['engine']}  sample_index: {rec['sample_index']}")
         lines.append(f"{pad}  sampling: {json.dumps(rec['sampling'], sort_keys=True)}")
-        lines.append(f"{pad}  finish_reason: {rec['finish_reason']}  tokens: prompt {rec['prompt_tokens']}, response {rec['response_tokens']}")
+        lines.append(
+            f"{pad}  finish_reason: {rec['finish_reason']}  tokens: prompt {rec['prompt_tokens']}, response {rec['response_tokens']}"
+        )
     if "dropped" in node:
         lines.append(f"{pad}  dropped by curate: {node['dropped']}")
     for part in ("prompt", "chosen", "rejected"):
@@ -285,7 +315,9 @@ def _status_lines(name: str, changes: list[Any]) -> list[str]:
     return lines
 
 
-def check_manifest(root: Path, out: Out, manifest: dict[str, Any], recorded: dict[str, tuple[str, str]], report: Report) -> None:
+def check_manifest(
+    root: Path, out: Out, manifest: dict[str, Any], recorded: dict[str, tuple[str, str]], report: Report
+) -> None:
     """One manifest against its files, its inputs, the upstream manifests and the code."""
     mfile = f"{out.path}/manifest.json"
     for name, entry in manifest.get("outputs", {}).items():
@@ -294,7 +326,9 @@ def check_manifest(root: Path, out: Out, manifest: dict[str, Any], recorded: dic
         if not path.exists():
             report.mismatches.append(f"{out.path}/{name}: missing, but {mfile} records it (sha256 {entry['sha256']})")
         elif (got := digest_path(path)) != entry["sha256"]:
-            report.mismatches.append(f"{out.path}/{name}: file sha256 {got} differs from {mfile}'s record {entry['sha256']}")
+            report.mismatches.append(
+                f"{out.path}/{name}: file sha256 {got} differs from {mfile}'s record {entry['sha256']}"
+            )
     for name, entry in manifest.get("inputs", {}).items():
         path = root / entry["path"]
         report.checked += 1
@@ -302,16 +336,22 @@ def check_manifest(root: Path, out: Out, manifest: dict[str, Any], recorded: dic
             report.mismatches.append(f"{mfile}: input {name} {entry['path']} is missing")
             continue
         if (got := digest_path(path)) != entry["sha256"]:
-            report.mismatches.append(f"{mfile}: input {name} {entry['path']}: the file now has sha256 {got}, the manifest recorded {entry['sha256']}")
+            report.mismatches.append(
+                f"{mfile}: input {name} {entry['path']}: the file now has sha256 {got}, the manifest recorded {entry['sha256']}"
+            )
         upstream = recorded.get(Path(entry["path"]).as_posix())
         if upstream is not None and upstream[1] != entry["sha256"]:
-            report.mismatches.append(f"{mfile}: input {name} {entry['path']}: recorded sha256 {entry['sha256']}, but {upstream[0]} recorded {upstream[1]} for it")
+            report.mismatches.append(
+                f"{mfile}: input {name} {entry['path']}: recorded sha256 {entry['sha256']}, but {upstream[0]} recorded {upstream[1]} for it"
+            )
     for rel, digest in manifest.get("code", {}).items():
         report.checked += 1
         if not (root / rel).is_file():
             report.mismatches.append(f"{mfile}: code {rel} no longer exists")
         elif (got := digest_path(root / rel)) != digest:
-            report.mismatches.append(f"{mfile}: code {rel} now has sha256 {got}, the manifest recorded {digest} (changed since {out.path} was made)")
+            report.mismatches.append(
+                f"{mfile}: code {rel} now has sha256 {got}, the manifest recorded {digest} (changed since {out.path} was made)"
+            )
 
 
 def verify(root: Path) -> Report:
@@ -326,7 +366,11 @@ def verify(root: Path) -> Report:
         report.mismatches.extend(_status_lines(name, changes))
     manifests = [(o, m) for o in outs if (m := read_manifest(root, o)) is not None]
     # path -> (manifest that wrote it, sha256 it recorded)
-    recorded = {f"{o.path}/{name}": (f"{o.path}/manifest.json", e["sha256"]) for o, m in manifests for name, e in m.get("outputs", {}).items()}
+    recorded = {
+        f"{o.path}/{name}": (f"{o.path}/manifest.json", e["sha256"])
+        for o, m in manifests
+        for name, e in m.get("outputs", {}).items()
+    }
     for out, manifest in manifests:
         check_manifest(root, out, manifest, recorded, report)
     report.checked += len(outs)
@@ -368,13 +412,20 @@ def cost_table(records: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, float] = dict.fromkeys(COST_COLUMNS, 0)
     for r in records:
         c = r["cost"]
-        row = {k: c.get(k) for k in COST_COLUMNS} | {"device": c.get("device"), "device_seconds_kind": c.get("device_seconds_kind"),
-                                                     "cache_hits": c.get("cache_hits", {})}
+        row = {k: c.get(k) for k in COST_COLUMNS} | {
+            "device": c.get("device"),
+            "device_seconds_kind": c.get("device_seconds_kind"),
+            "cache_hits": c.get("cache_hits", {}),
+        }
         stages[r["job"]] = row
         for k in COST_COLUMNS:
             if isinstance(c.get(k), (int, float)):
                 total[k] = max(total[k], c[k]) if k == "peak_rss_mib" else total[k] + c[k]
-    return {"run_id": records[0]["run_id"], "stages": stages, "total": {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}}
+    return {
+        "run_id": records[0]["run_id"],
+        "stages": stages,
+        "total": {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()},
+    }
 
 
 def render_cost(table: dict[str, Any]) -> list[str]:
@@ -382,8 +433,14 @@ def render_cost(table: dict[str, Any]) -> list[str]:
     lines = [f"run {table['run_id']}", head]
     fmt = lambda v: "-" if v is None else f"{v:>16.1f}" if isinstance(v, float) else f"{v:>16}"
     for job, row in table["stages"].items():
-        lines.append(f"{job:<24} " + " ".join(f"{fmt(row[k]):>16}" for k in COST_COLUMNS) + f"  {json.dumps(row['cache_hits'], sort_keys=True)}")
+        lines.append(
+            f"{job:<24} "
+            + " ".join(f"{fmt(row[k]):>16}" for k in COST_COLUMNS)
+            + f"  {json.dumps(row['cache_hits'], sort_keys=True)}"
+        )
     lines.append(f"{'total':<24} " + " ".join(f"{fmt(table['total'][k]):>16}" for k in COST_COLUMNS))
     kinds = sorted({row["device_seconds_kind"] for row in table["stages"].values() if row["device_seconds_kind"]})
-    lines.append(f"device_seconds: {', '.join(kinds)} (cpu_seconds: user + system CPU time; cuda_process_wall_seconds: wall time with a CUDA context)")
+    lines.append(
+        f"device_seconds: {', '.join(kinds)} (cpu_seconds: user + system CPU time; cuda_process_wall_seconds: wall time with a CUDA context)"
+    )
     return lines

@@ -5,7 +5,7 @@ which sampling section (`teacher` / `student`) they use; both write
 generations.parquet (records.GENERATION_SCHEMA) and manifest.json into their output
 folder.
 
-Generation runs in resumable shards (stages/lib/shards.py) under `<out>.shards/`
+Generation runs in resumable shards (stages/lib/engines/shards.py) under `<out>.shards/`
 beside the output folder; the folder is removed once the output is written. A run
 killed half-way and started again generates only the shards it had not finished, and
 writes the same bytes an uninterrupted run writes.
@@ -22,12 +22,24 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.lib import cli, lineage, models, params, quality, records, shards
-from stages.lib.config import Dtype, GenerationParams, ModelParams
-from stages.lib.encoding import prompt_ids
-from stages.lib.generation import SEEDING, Engine, Shard, TransformersEngine, VllmEngine, engine_version, plan_shards, sampling_record
-from stages.lib.io import atomic_dir, digest_path, read_rows, write_json, write_table
-from stages.lib.models import ModelRef
+from stages.lib.audit import lineage, quality
+from stages.lib.core import entry, models, params
+from stages.lib.core.config import Dtype, GenerationParams, ModelParams
+from stages.lib.core.models import ModelRef
+from stages.lib.data import records
+from stages.lib.data.encoding import prompt_ids
+from stages.lib.data.io import atomic_dir, digest_path, read_rows, write_json, write_table
+from stages.lib.engines import shards
+from stages.lib.engines.generation import (
+    SEEDING,
+    Engine,
+    Shard,
+    TransformersEngine,
+    VllmEngine,
+    engine_version,
+    plan_shards,
+    sampling_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +50,13 @@ _OPENED: list[Engine] = []
 
 def sections(role: str) -> dict[str, Any]:
     """The params keys the `role` stage reads: its own model, not the other one."""
-    return {f"models.{role}": ModelParams, "models.trust_remote_code": bool, "models.dtype": Dtype, role: GenerationParams,
-            "quality": quality.QualityParams}
+    return {
+        f"models.{role}": ModelParams,
+        "models.trust_remote_code": bool,
+        "models.dtype": Dtype,
+        role: GenerationParams,
+        "quality": quality.QualityParams,
+    }
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,7 @@ class EngineSpec:
 def fingerprint(p: GenerationParams, ref: ModelRef, model_dir: Path) -> str:
     """The `model` column: a local model's digest or hub id, or the API endpoint's model."""
     if p.engine == "openai":
-        from stages.lib.openai_engine import fingerprint as api_fingerprint
+        from stages.lib.engines.openai_engine import fingerprint as api_fingerprint
 
         assert p.openai is not None  # GenerationParams checks it for engine openai
         return api_fingerprint(p.openai)
@@ -68,7 +85,7 @@ def open_engine(spec: EngineSpec) -> Engine:
     """Load the engine `spec.p.engine` names (in each worker process, when several)."""
     p = spec.p
     if p.engine == "openai":
-        from stages.lib.openai_engine import OpenAIEngine  # the openai client is an optional extra
+        from stages.lib.engines.openai_engine import OpenAIEngine  # the openai client is an optional extra
 
         engine = OpenAIEngine(p)
         _OPENED.append(engine)
@@ -92,7 +109,9 @@ def plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
 
 def code_digest() -> dict[str, str]:
     """The generation code's files: shards made by other code are not resumed."""
-    from stages.lib import config, encoding, generation, io, openai_engine
+    from stages.lib.core import config
+    from stages.lib.data import encoding, io
+    from stages.lib.engines import generation, openai_engine
 
     mods = [sys.modules[__name__], config, encoding, generation, io, models, openai_engine, records, shards]
     return {Path(m.__file__).name: digest_path(Path(m.__file__)) for m in mods if m.__file__ is not None}
@@ -161,7 +180,9 @@ def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, pr
     else:
         ref, model_dir, model_input = models.ModelRef(str(previous / "model"), None), Path(), previous / "model"
     prompt_file = prompts_dir / "train.parquet"
-    return Inputs(used, used[role], ref, model_dir, model_input, prompt_file, read_rows(prompt_file, records.PROMPT_SCHEMA))
+    return Inputs(
+        used, used[role], ref, model_dir, model_input, prompt_file, read_rows(prompt_file, records.PROMPT_SCHEMA)
+    )
 
 
 def work_dir(out: Path) -> Path:
@@ -169,7 +190,16 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".shards")
 
 
-def generate_part(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, out: Path, part: int, parts: int, previous: Path | None = None) -> None:
+def generate_part(
+    role: str,
+    params_file: Path,
+    prompts_dir: Path,
+    models_dir: Path,
+    out: Path,
+    part: int,
+    parts: int,
+    previous: Path | None = None,
+) -> None:
     """Generate shards part, part + parts, ... of the stage writing `out`, into its
     work folder, and nothing else: for an orchestrator (e.g. Prefect tasks mapped over
     `part` on several machines sharing the folder); the stage run afterwards finds
@@ -177,13 +207,27 @@ def generate_part(role: str, params_file: Path, prompts_dir: Path, models_dir: P
     if not 0 <= part < parts:
         raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
     i = inputs(role, params_file, prompts_dir, models_dir, previous)
-    run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], i.p, i.prompts, i.model_dir, work_dir(out), part=(part, parts))
+    run(
+        role,
+        i.ref,
+        i.used["models.trust_remote_code"],
+        i.used["models.dtype"],
+        i.p,
+        i.prompts,
+        i.model_dir,
+        work_dir(out),
+        part=(part, parts),
+    )
 
 
 def describe_model(p: GenerationParams, ref: ModelRef, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if p.engine == "openai":
         assert p.openai is not None
-        return {"endpoint": p.openai.base_url, "model": p.openai.model, "fingerprint": rows[0]["model"] if rows else None}
+        return {
+            "endpoint": p.openai.base_url,
+            "model": p.openai.model,
+            "fingerprint": rows[0]["model"] if rows else None,
+        }
     return models.describe(ref, model_dir)
 
 
@@ -199,7 +243,7 @@ def generation_cost(p: GenerationParams, rows: list[dict[str, Any]], stats: dict
         "shards": stats["shards"],
     }
     if p.engine == "openai":
-        from stages.lib.openai_engine import OpenAIEngine
+        from stages.lib.engines.openai_engine import OpenAIEngine
 
         opened = [e for e in _OPENED if isinstance(e, OpenAIEngine)]
         counted = p.workers == 1 or stats["shards_generated"] <= 1
@@ -214,14 +258,24 @@ def main(role: str, doc: str | None) -> None:
     `--previous DIR` (on-policy rounds) samples DIR/model, the student a previous
     round's train stage wrote, instead of `models.<role>`.
     """
-    args = cli.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
+    args = entry.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
     i = inputs(role, args.params, args.prompts, args.models, args.previous)
     gates = quality.StageGates(i.used["quality"], args.docs)
     # the input, already read by inputs(), checked before any model time is spent
     gates.strict("prompts", i.prompt_file, "prompt", pa.Table.from_pylist(i.prompts, schema=records.PROMPT_SCHEMA))
     p, work = i.p, work_dir(args.out)
     stats: dict[str, Any] = {}
-    rows = run(role, i.ref, i.used["models.trust_remote_code"], i.used["models.dtype"], p, i.prompts, i.model_dir, work, stats=stats)
+    rows = run(
+        role,
+        i.ref,
+        i.used["models.trust_remote_code"],
+        i.used["models.dtype"],
+        p,
+        i.prompts,
+        i.model_dir,
+        work,
+        stats=stats,
+    )
     finish = {reason: sum(r["finish_reason"] == reason for r in rows) for reason in ("stop", "length")}
     counts = {
         "prompts": len(i.prompts),
@@ -233,14 +287,22 @@ def main(role: str, doc: str | None) -> None:
     # The output gate: ids unique and pointing at the prompts, lengths in bounds, and
     # for the teacher the share of truncated responses (a weak student may run long).
     prompt_ids = pa.array([pr["prompt_id"] for pr in i.prompts], type=pa.string())
-    gates.strict("generations", args.out / "generations.parquet", "generation", pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
-                 refs={"prompt_id": prompt_ids}, truncation=role == "teacher")
+    gates.strict(
+        "generations",
+        args.out / "generations.parquet",
+        "generation",
+        pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
+        refs={"prompt_id": prompt_ids},
+        truncation=role == "teacher",
+    )
     validation = gates.finish()
     counts["gates"] = quality.summary(validation)
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(
-            tmp, role, i.used,
+            tmp,
+            role,
+            i.used,
             inputs={"prompts": i.prompt_file, "model": i.model_input},
             outputs={"generations.parquet": n},
             counts=counts,

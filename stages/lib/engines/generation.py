@@ -3,8 +3,8 @@
 An engine has a `name` ("transformers 5.23.0") and `generate(prompts, shard)`, which
 returns generation records (records.GENERATION_SCHEMA rows), `num_samples` per
 prompt, for the prompts of one `Shard`, in the shard's order. `plan_shards` cuts a
-prompt list into shards; stages/lib/shards.py runs them resumably, in one process or
-several; stages/lib/genstage.py opens the engine a params section names.
+prompt list into shards; stages/lib/engines/shards.py runs them resumably, in one process or
+several; stages/genstage.py opens the engine a params section names.
 
 - transformers (default; CPU or GPU, here): prompts sorted by token length and cut
   into batches (length bucketing, so little compute goes to padding), left-padded,
@@ -14,7 +14,7 @@ several; stages/lib/genstage.py opens the engine a params section names.
 - vllm (extra `distillflow[vllm]`, GPU): `LLM(...).generate` with one `SamplingParams`
   per prompt (seeded by the prompt), prompts rendered through the same chat template
   and handed over as token ids.
-- openai (stages/lib/openai_engine.py): any OpenAI-compatible endpoint.
+- openai (stages/lib/engines/openai_engine.py): any OpenAI-compatible endpoint.
 
 Each record says why generation stopped ("stop": an eos token or a stop string;
 "length": max_new_tokens reached) and how many tokens the prompt and the response
@@ -25,17 +25,18 @@ what the engine generated; the text holds neither).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.lib import records
-from stages.lib.config import GenerationParams
-from stages.lib.encoding import prompt_ids
+from stages.lib.core.config import GenerationParams
+from stages.lib.data import records
+from stages.lib.data.encoding import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ def plan_shards(p: GenerationParams, lengths: Sequence[int] | None, n: int) -> l
     else:
         order = list(range(n))
     size = p.shard_size or max(n, 1)
-    return [Shard(s, tuple(order[start : start + size]), start // p.batch_size) for s, start in enumerate(range(0, n, size))]
+    return [
+        Shard(s, tuple(order[start : start + size]), start // p.batch_size) for s, start in enumerate(range(0, n, size))
+    ]
 
 
 def length_order(lengths: Sequence[int]) -> list[int]:
@@ -140,7 +143,17 @@ def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def record(prompt: dict[str, Any], k: int, text: str, finish: str, n_prompt: int, n_resp: int, fp: str, engine: str, sampling: dict[str, Any]) -> dict[str, Any]:
+def record(
+    prompt: dict[str, Any],
+    k: int,
+    text: str,
+    finish: str,
+    n_prompt: int,
+    n_resp: int,
+    fp: str,
+    engine: str,
+    sampling: dict[str, Any],
+) -> dict[str, Any]:
     """One GENERATION_SCHEMA row."""
     return {
         "generation_id": records.generation_id(prompt["prompt_id"], fp, sampling, k),
@@ -156,7 +169,9 @@ def record(prompt: dict[str, Any], k: int, text: str, finish: str, n_prompt: int
     }
 
 
-def cut_at_stop_string(tok: PreTrainedTokenizerBase, ids: list[int], text: str, stop: Sequence[str]) -> tuple[str, int] | None:
+def cut_at_stop_string(
+    tok: PreTrainedTokenizerBase, ids: list[int], text: str, stop: Sequence[str]
+) -> tuple[str, int] | None:
     """(text before the first stop string, tokens generated through its end), or None.
 
     The token count is the shortest prefix of `ids` whose text holds a stop string
@@ -183,7 +198,15 @@ class TransformersEngine:
     vLLM's option of that name does, so throughput comparisons count equal work.
     """
 
-    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, p: GenerationParams, fingerprint: str, ignore_eos: bool = False, desc: str = "generate") -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        p: GenerationParams,
+        fingerprint: str,
+        ignore_eos: bool = False,
+        desc: str = "generate",
+    ) -> None:
         self.model, self.tok, self.p, self.fingerprint = model, tok, p, fingerprint
         self.name = engine_version("transformers")
         self.sampling = sampling_record(p)
@@ -240,7 +263,19 @@ class TransformersEngine:
                     if cut is not None:
                         text, n_resp = cut
                         finish = "stop"
-                    rows.append(record(prompts[i], k, text, finish, len(encoded[i]), n_resp, self.fingerprint, self.name, self.sampling))
+                    rows.append(
+                        record(
+                            prompts[i],
+                            k,
+                            text,
+                            finish,
+                            len(encoded[i]),
+                            n_resp,
+                            self.fingerprint,
+                            self.name,
+                            self.sampling,
+                        )
+                    )
         return rows
 
 
@@ -270,7 +305,16 @@ class VllmEngine:
     what vLLM's offline data-parallel example does for dense models.
     """
 
-    def __init__(self, where: str, revision: str | None, tok: PreTrainedTokenizerBase, p: GenerationParams, fingerprint: str, dtype: str, trust_remote_code: bool) -> None:
+    def __init__(
+        self,
+        where: str,
+        revision: str | None,
+        tok: PreTrainedTokenizerBase,
+        p: GenerationParams,
+        fingerprint: str,
+        dtype: str,
+        trust_remote_code: bool,
+    ) -> None:
         from vllm import LLM  # optional extra: imported only when chosen
 
         self.tok, self.p, self.fingerprint = tok, p, fingerprint
@@ -303,13 +347,31 @@ class VllmEngine:
     def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]:
         chosen = [prompts[i] for i in shard.prompts]
         encoded = [prompt_ids(self.tok, pr["prompt"]) for pr in chosen]
-        results = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], [self.sampling_params(pr["prompt_id"]) for pr in chosen])
+        results = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in encoded], [self.sampling_params(pr["prompt_id"]) for pr in chosen]
+        )
         rows = []
         for pr, ids, res in zip(chosen, encoded, results, strict=True):
             if len(res.outputs) != self.p.num_samples:
-                raise RuntimeError(f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected num_samples={self.p.num_samples}")
+                raise RuntimeError(
+                    f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected num_samples={self.p.num_samples}"
+                )
             for k, o in enumerate(res.outputs):
                 if o.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected 'stop' or 'length')")
-                rows.append(record(pr, k, o.text, o.finish_reason, len(ids), len(o.token_ids), self.fingerprint, self.name, self.sampling))
+                    raise RuntimeError(
+                        f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected 'stop' or 'length')"
+                    )
+                rows.append(
+                    record(
+                        pr,
+                        k,
+                        o.text,
+                        o.finish_reason,
+                        len(ids),
+                        len(o.token_ids),
+                        self.fingerprint,
+                        self.name,
+                        self.sampling,
+                    )
+                )
         return rows

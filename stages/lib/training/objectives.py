@@ -1,4 +1,4 @@
-"""The distillation methods, each a small function built from stages.lib.losses.
+"""The distillation methods, each a small function built from stages.lib.training.losses.
 
 A method sees one batch of pairs already run through the models (`Batch`: final hidden
 states of student and teacher on the chosen = teacher response and the rejected =
@@ -20,14 +20,15 @@ hidden states so that full (B, T, V) logits of both models never exist
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from stages.lib import losses
-from stages.lib.params import check
+from stages.lib.core.params import check
+from stages.lib.training import losses
 
 Tensor = torch.Tensor
 
@@ -213,18 +214,29 @@ class Heads:
             return total, [float(v.detach()) for v in values]
         if self.chunked:
             hidden_terms = [
-                losses.HiddenTerm(t.side.s_hidden, t.side.t_hidden, t.side.mask, t.divergence, t.weight, self.reduction, t.kwargs)
+                losses.HiddenTerm(
+                    t.side.s_hidden, t.side.t_hidden, t.side.mask, t.divergence, t.weight, self.reduction, t.kwargs
+                )
                 for t in terms
             ]
             total, parts = losses.chunked_divergences_from_hidden(
-                hidden_terms, self.s_weight, self.t_weight, student_bias=self.s_bias, teacher_bias=self.t_bias, chunk_size=self.chunk_size
+                hidden_terms,
+                self.s_weight,
+                self.t_weight,
+                student_bias=self.s_bias,
+                teacher_bias=self.t_bias,
+                chunk_size=self.chunk_size,
             )
             return total, [float(v) for v in parts]
         values = []
         for t in terms:
             s_logits = F.linear(t.side.s_hidden, self.s_weight, self.s_bias)  # (B, T, V)
             t_logits = F.linear(t.side.t_hidden, self.t_weight, self.t_bias)
-            values.append(t.divergence(s_logits, t_logits, t.side.mask, reduction=self.reduction, chunk_size=self.chunk_size, **t.kwargs))
+            values.append(
+                t.divergence(
+                    s_logits, t_logits, t.side.mask, reduction=self.reduction, chunk_size=self.chunk_size, **t.kwargs
+                )
+            )
         total = sum((t.weight * v for t, v in zip(terms, values)), values[0].new_zeros(()))
         return total, [float(v.detach()) for v in values]
 
@@ -362,19 +374,23 @@ def gkd(c: Context) -> Result:
         n_t, n_s = float(teacher_side.mask.any(1).sum()), float(student_side.mask.any(1).sum())
     total = max(n_t + n_s, 1.0)
     kw = {"beta": c.p.gkd.beta}
-    loss, (on_t, on_s) = c.heads.divergences([
-        Term(teacher_side, losses.generalized_jsd, n_t / total, kw),
-        Term(student_side, losses.generalized_jsd, n_s / total, kw),
-    ])
+    loss, (on_t, on_s) = c.heads.divergences(
+        [
+            Term(teacher_side, losses.generalized_jsd, n_t / total, kw),
+            Term(student_side, losses.generalized_jsd, n_s / total, kw),
+        ]
+    )
     return loss, {"jsd_teacher_data": on_t, "jsd_student_data": on_s, "student_fraction": n_s / total}
 
 
 def distillm(c: Context) -> Result:
     kw = {"alpha": c.p.distillm.alpha, "detach_mixture_student": False}
-    loss, (on_t, on_s) = c.heads.divergences([
-        Term(c.chosen, losses.skew_reverse_kl, 0.5, kw),
-        Term(c.rejected, losses.skew_reverse_kl, 0.5, kw),
-    ])
+    loss, (on_t, on_s) = c.heads.divergences(
+        [
+            Term(c.chosen, losses.skew_reverse_kl, 0.5, kw),
+            Term(c.rejected, losses.skew_reverse_kl, 0.5, kw),
+        ]
+    )
     return loss, {"srkl_chosen": on_t, "srkl_rejected": on_s}
 
 
@@ -384,20 +400,40 @@ def distillm2(c: Context) -> Result:
     if d.adaptive_alpha:
         with torch.no_grad():
             # Geometric-mean token probabilities of each response under both models.
-            gap_t = c.heads.seq_logprob(c.chosen, teacher=True).exp() - c.heads.seq_logprob(c.chosen, teacher=False).exp()
-            gap_s = c.heads.seq_logprob(c.rejected, teacher=False).exp() - c.heads.seq_logprob(c.rejected, teacher=True).exp()
+            gap_t = (
+                c.heads.seq_logprob(c.chosen, teacher=True).exp() - c.heads.seq_logprob(c.chosen, teacher=False).exp()
+            )
+            gap_s = (
+                c.heads.seq_logprob(c.rejected, teacher=False).exp()
+                - c.heads.seq_logprob(c.rejected, teacher=True).exp()
+            )
         alpha_t, alpha_s = c.curriculum.alphas(gap_t, gap_s)
     else:  # no log-prob passes needed: alpha stays at alpha_0
         device = c.chosen.mask.device
         alpha_t = torch.full((c.chosen.mask.shape[0],), d.alpha_0, device=device)
         alpha_s = torch.full((c.rejected.mask.shape[0],), d.alpha_0, device=device)
     on_chosen = losses.skew_forward_kl if d.contrastive else losses.skew_reverse_kl
-    chosen_kw = {"alpha": alpha_t} if d.contrastive else {"alpha": alpha_t, "detach_mixture_student": d.detach_mixture_student}
-    loss, (a, b) = c.heads.divergences([
-        Term(c.chosen, on_chosen, 1.0 - beta, chosen_kw),
-        Term(c.rejected, losses.skew_reverse_kl, beta, {"alpha": alpha_s, "detach_mixture_student": d.detach_mixture_student}),
-    ])
-    logs = {"chosen_term": a, "rejected_term": b, "beta": beta, **_stats("alpha_t", alpha_t), **_stats("alpha_s", alpha_s)}
+    chosen_kw = (
+        {"alpha": alpha_t} if d.contrastive else {"alpha": alpha_t, "detach_mixture_student": d.detach_mixture_student}
+    )
+    loss, (a, b) = c.heads.divergences(
+        [
+            Term(c.chosen, on_chosen, 1.0 - beta, chosen_kw),
+            Term(
+                c.rejected,
+                losses.skew_reverse_kl,
+                beta,
+                {"alpha": alpha_s, "detach_mixture_student": d.detach_mixture_student},
+            ),
+        ]
+    )
+    logs = {
+        "chosen_term": a,
+        "rejected_term": b,
+        "beta": beta,
+        **_stats("alpha_t", alpha_t),
+        **_stats("alpha_s", alpha_s),
+    }
     return loss, logs
 
 

@@ -94,16 +94,13 @@ def _check_mask(mask: Tensor | None, lead_shape: torch.Size, what: str) -> None:
         raise ValueError(f"mask must be a bool tensor (use mask.bool()), got {got}")
     if mask.shape != lead_shape:
         raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal the {what} shape without its "
-            f"last dim {tuple(lead_shape)}"
+            f"mask shape {tuple(mask.shape)} must equal the {what} shape without its last dim {tuple(lead_shape)}"
         )
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.ndim not in (2, 3):
-        raise ValueError(
-            f"student_logits must be (B, T, V) or (N, V), got shape {tuple(student_logits.shape)}"
-        )
+        raise ValueError(f"student_logits must be (B, T, V) or (N, V), got shape {tuple(student_logits.shape)}")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"teacher_logits vocabulary size {teacher_logits.shape[-1]} differs from "
@@ -158,13 +155,10 @@ def _coefficient_rows(
     if value.ndim != 1 or value.shape[0] != lead_shape[0]:
         kind = "per-sequence (B,)" if len(lead_shape) == 2 else "per-row (N,)"
         raise ValueError(
-            f"{name} tensor must be 0-dim or {kind} with {lead_shape[0]} entries, "
-            f"got shape {tuple(value.shape)}"
+            f"{name} tensor must be 0-dim or {kind} with {lead_shape[0]} entries, got shape {tuple(value.shape)}"
         )
     # (B,) -> one value per (b, t) position -> the selected rows.
-    per_position = (
-        value.unsqueeze(-1).expand(lead_shape).reshape(-1) if len(lead_shape) == 2 else value
-    )
+    per_position = value.unsqueeze(-1).expand(lead_shape).reshape(-1) if len(lead_shape) == 2 else value
     if rows is not None:
         per_position = per_position.index_select(0, rows)
     return per_position.unsqueeze(-1)
@@ -190,7 +184,7 @@ def _sequence_ids(rows: Tensor | None, lead_shape: torch.Size, device: torch.dev
 def reduce_tokens(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, reduction: str) -> Tensor:
     """Apply a reduction to per-token values (n,) (n > 0 for the means).
 
-    Shared with stages/lib/objectives.py (the top-k path), so both paths reduce alike.
+    Shared with stages/lib/training/objectives.py (the top-k path), so both paths reduce alike.
     """
     if reduction == "none":
         return per_token
@@ -203,9 +197,7 @@ def reduce_tokens(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, redu
     return (sums[present] / counts[present].to(per_token.dtype)).mean()
 
 
-def run_chunks(
-    kernel: Callable[..., Tensor], tensors: list[Tensor | None], chunk_size: int | None
-) -> Tensor:
+def run_chunks(kernel: Callable[..., Tensor], tensors: list[Tensor | None], chunk_size: int | None) -> Tensor:
     """Apply ``kernel`` over row chunks of ``tensors`` and concatenate the (n,) results.
 
     Each chunk runs under non-reentrant checkpointing when a gradient is needed, so the
@@ -216,10 +208,7 @@ def run_chunks(
     if chunk_size is None:
         return kernel(*tensors)
     n = next(t for t in tensors if t is not None).shape[0]
-    pieces = [
-        list(t.split(chunk_size)) if t is not None and t.ndim > 0 and t.shape[0] == n else None
-        for t in tensors
-    ]
+    pieces = [list(t.split(chunk_size)) if t is not None and t.ndim > 0 and t.shape[0] == n else None for t in tensors]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     outputs = []
     for i in range(max(1, math.ceil(n / chunk_size))):
@@ -259,16 +248,12 @@ def _masked_divergence(
     teacher = _select_rows(teacher_logits.detach(), rows)  # (n, V)
     coef_rows = None
     if coef is not None:
-        coef_rows = _coefficient_rows(
-            coef, coef_name, lead_shape, rows, _compute_dtype(student), student.device
-        )
+        coef_rows = _coefficient_rows(coef, coef_name, lead_shape, rows, _compute_dtype(student), student.device)
     if student.shape[0] == 0 and reduction != "none":
         return _zero_loss(student_logits)
 
     per_token = run_chunks(kernel, [student, teacher, coef_rows], chunk_size)
-    seq_ids = (
-        _sequence_ids(rows, lead_shape, student.device) if reduction == "sequence_mean" else None
-    )
+    seq_ids = _sequence_ids(rows, lead_shape, student.device) if reduction == "sequence_mean" else None
     return reduce_tokens(per_token, seq_ids, lead_shape[0], reduction)
 
 
@@ -318,9 +303,7 @@ def _skew_forward_kl_rows(s: Tensor, t: Tensor, alpha: Tensor | None) -> Tensor:
     return _row_dot(log_p.exp(), u - _log_mixture_ratio(u, alpha))
 
 
-def _skew_reverse_kl_rows(
-    s: Tensor, t: Tensor, alpha: Tensor | None, detach_mixture_student: bool = False
-) -> Tensor:
+def _skew_reverse_kl_rows(s: Tensor, t: Tensor, alpha: Tensor | None, detach_mixture_student: bool = False) -> Tensor:
     assert alpha is not None
     log_q, log_p = _log_probs(s), _log_probs(t)
     w = log_q - log_p
@@ -365,9 +348,7 @@ def forward_kl(
     Returns:
         Scalar float32 tensor (``(n,)`` per-token values for ``reduction="none"``).
     """
-    return _masked_divergence(
-        _forward_kl_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size
-    )
+    return _masked_divergence(_forward_kl_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size)
 
 
 def reverse_kl(
@@ -382,9 +363,7 @@ def reverse_kl(
 
     Shapes and arguments as in :func:`forward_kl`.
     """
-    return _masked_divergence(
-        _reverse_kl_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size
-    )
+    return _masked_divergence(_reverse_kl_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size)
 
 
 def skew_forward_kl(
@@ -444,9 +423,7 @@ def skew_reverse_kl(
         Others: as in :func:`forward_kl`.
     """
     kernel = partial(_skew_reverse_kl_rows, detach_mixture_student=detach_mixture_student)
-    return _masked_divergence(
-        kernel, student_logits, teacher_logits, mask, alpha, "alpha", reduction, chunk_size
-    )
+    return _masked_divergence(kernel, student_logits, teacher_logits, mask, alpha, "alpha", reduction, chunk_size)
 
 
 def generalized_jsd(
@@ -480,9 +457,7 @@ def generalized_jsd(
         kernel = _reverse_kl_rows
     else:
         kernel = partial(_generalized_jsd_rows, beta=float(beta))
-    return _masked_divergence(
-        kernel, student_logits, teacher_logits, mask, None, "", reduction, chunk_size
-    )
+    return _masked_divergence(kernel, student_logits, teacher_logits, mask, None, "", reduction, chunk_size)
 
 
 def tvd(
@@ -494,9 +469,7 @@ def tvd(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """Total variation distance, 0.5 sum_v |p - q|. Arguments as in :func:`forward_kl`."""
-    return _masked_divergence(
-        _tvd_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size
-    )
+    return _masked_divergence(_tvd_rows, student_logits, teacher_logits, mask, None, "", reduction, chunk_size)
 
 
 # ------------------------------------------------------------------ hidden-state path
@@ -576,16 +549,8 @@ class _HeadDivergences(torch.autograd.Function):
         acc = _compute_dtype(student_weight)  # float32 accumulation (float64 in tests)
         need_w, need_b, need_h = needs[0], needs[1], needs[2:]
         any_grad = any(needs)
-        grad_w = (
-            torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device)
-            if need_w
-            else None
-        )
-        grad_b = (
-            torch.zeros(student_weight.shape[0], dtype=acc, device=student_weight.device)
-            if need_b
-            else None
-        )
+        grad_w = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_w else None
+        grad_b = torch.zeros(student_weight.shape[0], dtype=acc, device=student_weight.device) if need_b else None
         grad_hs: list[Tensor | None] = []
         parts = []
         for term, rows, need_rows in zip(terms, student_rows, need_h, strict=True):
@@ -598,19 +563,13 @@ class _HeadDivergences(torch.autograd.Function):
                 kwargs = dict(term.kwargs)
                 if term.coef_rows is not None:
                     kwargs["alpha"] = term.coef_rows[sl].squeeze(-1)
-                t_logits = _head_logits(
-                    term.teacher_rows[sl], teacher_weight, teacher_bias
-                )  # (c, V)
+                t_logits = _head_logits(term.teacher_rows[sl], teacher_weight, teacher_bias)  # (c, V)
                 s_logits = _head_logits(h, student_weight, student_bias)  # (c, V)
                 with torch.enable_grad():
                     s_logits.requires_grad_(any_grad)
-                    value = term.divergence(
-                        s_logits, t_logits, None, reduction="none", chunk_size=None, **kwargs
-                    )
+                    value = term.divergence(s_logits, t_logits, None, reduction="none", chunk_size=None, **kwargs)
                     if any_grad:
-                        (g,) = torch.autograd.grad(
-                            value, s_logits, grad_outputs=term.token_weights[sl].to(value.dtype)
-                        )
+                        (g,) = torch.autograd.grad(value, s_logits, grad_outputs=term.token_weights[sl].to(value.dtype))
                 values.append(value.detach())
                 del s_logits, t_logits, value
                 if any_grad:
@@ -629,9 +588,7 @@ class _HeadDivergences(torch.autograd.Function):
                 parts.append(torch.zeros((), dtype=acc, device=rows.device))
             else:
                 # Same reduction code as the logits path, so values agree bit for bit.
-                parts.append(
-                    reduce_tokens(torch.cat(values), term.seq_ids, term.num_seqs, term.reduction)
-                )
+                parts.append(reduce_tokens(torch.cat(values), term.seq_ids, term.num_seqs, term.reduction))
         parts_t = torch.stack(parts)  # (K,)
         total = sum(
             (term.weight * part for term, part in zip(terms, parts, strict=True)),
@@ -649,9 +606,7 @@ class _HeadDivergences(torch.autograd.Function):
         return total, parts_t
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_total: Tensor, grad_parts: Tensor | None
-    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: Tensor, grad_parts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if ctx.grads is None:
             raise RuntimeError(
                 "the hidden-state divergences support a single backward pass; "
@@ -691,9 +646,7 @@ def _prepare_term(
     where = f"terms[{index}]"
     s_hidden, t_hidden = term.student_hidden, term.teacher_hidden
     if s_hidden.ndim not in (2, 3):
-        raise ValueError(
-            f"{where}.student_hidden must be (B, T, H) or (N, H), got {tuple(s_hidden.shape)}"
-        )
+        raise ValueError(f"{where}.student_hidden must be (B, T, H) or (N, H), got {tuple(s_hidden.shape)}")
     if t_hidden.shape[:-1] != s_hidden.shape[:-1]:
         raise ValueError(
             f"{where}.teacher_hidden shape {tuple(t_hidden.shape)} must match student_hidden "
@@ -710,17 +663,11 @@ def _prepare_term(
             f"got {tuple(teacher_weight.shape)}"
         )
     if term.reduction == "none":
-        raise ValueError(
-            f"{where}.reduction must be 'token_mean' or 'sequence_mean' on the hidden-state path"
-        )
+        raise ValueError(f"{where}.reduction must be 'token_mean' or 'sequence_mean' on the hidden-state path")
     _check_reduction(term.reduction, s_hidden.ndim)
     lead_shape = s_hidden.shape[:-1]
     _check_mask(term.mask, lead_shape, "student_hidden")
-    if (
-        isinstance(term.weight, bool)
-        or not isinstance(term.weight, (int, float))
-        or not math.isfinite(term.weight)
-    ):
+    if isinstance(term.weight, bool) or not isinstance(term.weight, (int, float)) or not math.isfinite(term.weight):
         raise ValueError(f"{where}.weight must be a finite float, got {term.weight!r}")
 
     rows = _mask_rows(term.mask)
@@ -730,18 +677,9 @@ def _prepare_term(
     kwargs = dict(term.kwargs)
     coef_rows = None
     if isinstance(kwargs.get("alpha"), Tensor) and kwargs["alpha"].ndim > 0:
-        coef_rows = _coefficient_rows(
-            kwargs.pop("alpha"), "alpha", lead_shape, rows, dtype, s_rows.device
-        )
-    seq_ids = (
-        _sequence_ids(rows, lead_shape, s_rows.device)
-        if term.reduction == "sequence_mean"
-        else None
-    )
-    weights = (
-        _token_weights(seq_ids, lead_shape[0], n, term.reduction, dtype, s_rows.device)
-        * term.weight
-    )
+        coef_rows = _coefficient_rows(kwargs.pop("alpha"), "alpha", lead_shape, rows, dtype, s_rows.device)
+    seq_ids = _sequence_ids(rows, lead_shape, s_rows.device) if term.reduction == "sequence_mean" else None
+    weights = _token_weights(seq_ids, lead_shape[0], n, term.reduction, dtype, s_rows.device) * term.weight
     prepared = _PreparedTerm(
         teacher_rows=_select_rows(t_hidden.detach(), rows),
         coef_rows=coef_rows,
@@ -804,16 +742,12 @@ def chunked_divergences_from_hidden(
         )
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None and bias.shape != (student_weight.shape[0],):
-            raise ValueError(
-                f"{name} must be ({student_weight.shape[0]},), got {tuple(bias.shape)}"
-            )
+            raise ValueError(f"{name} must be ({student_weight.shape[0]},), got {tuple(bias.shape)}")
     if chunk_size is None:
         raise ValueError("chunk_size must be a positive int on the hidden-state path")
     _check_chunk_size(chunk_size)
 
-    prepared_rows = [
-        _prepare_term(t, i, student_weight, teacher_weight) for i, t in enumerate(terms)
-    ]
+    prepared_rows = [_prepare_term(t, i, student_weight, teacher_weight) for i, t in enumerate(terms)]
     prepared = [p for p, _ in prepared_rows]
     student_rows = [rows for _, rows in prepared_rows]
     grad_on = torch.is_grad_enabled()
@@ -870,9 +804,7 @@ def chunked_divergence_from_hidden(
     Returns:
         Scalar float32 loss.
     """
-    term = HiddenTerm(
-        student_hidden, teacher_hidden, mask, divergence, 1.0, reduction, divergence_kwargs
-    )
+    term = HiddenTerm(student_hidden, teacher_hidden, mask, divergence, 1.0, reduction, divergence_kwargs)
     total, _ = chunked_divergences_from_hidden(
         [term],
         student_weight,
@@ -939,8 +871,7 @@ def _sequence_logprob(
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal logits shape without V "
-            f"{tuple(logits.shape[:-1])}"
+            f"labels shape {tuple(labels.shape)} must equal logits shape without V {tuple(logits.shape[:-1])}"
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
@@ -948,17 +879,11 @@ def _sequence_logprob(
     _check_chunk_size(chunk_size)
     rows = _mask_rows(mask)
     flat_labels = labels.reshape(-1)
-    selected_labels = (
-        flat_labels if rows is None else flat_labels.index_select(0, rows)
-    ).long()  # (n,)
+    selected_labels = (flat_labels if rows is None else flat_labels.index_select(0, rows)).long()  # (n,)
     vocab = logits.shape[-1]
-    if selected_labels.numel() and not bool(
-        ((selected_labels >= 0) & (selected_labels < vocab)).all()
-    ):
+    if selected_labels.numel() and not bool(((selected_labels >= 0) & (selected_labels < vocab)).all()):
         raise ValueError(f"labels at masked-in positions must be token ids in [0, {vocab})")
-    per_token = run_chunks(
-        _token_logprob_rows, [_select_rows(logits, rows), selected_labels], chunk_size
-    )
+    per_token = run_chunks(_token_logprob_rows, [_select_rows(logits, rows), selected_labels], chunk_size)
     batch = logits.shape[0]
     seq_ids = _sequence_ids(rows, logits.shape[:-1], logits.device)
     sums = per_token.new_zeros(batch).index_add(0, seq_ids, per_token)
@@ -993,14 +918,9 @@ def dpkd_loss(
     for name, lp in zip(names, lps, strict=True):
         if lp.ndim != 1 or lp.shape != student_chosen_lp.shape:
             raise ValueError(
-                f"{name} must be (B,) like student_chosen_lp {tuple(student_chosen_lp.shape)}, "
-                f"got {tuple(lp.shape)}"
+                f"{name} must be (B,) like student_chosen_lp {tuple(student_chosen_lp.shape)}, got {tuple(lp.shape)}"
             )
-    if (
-        isinstance(beta_d, bool)
-        or not isinstance(beta_d, (int, float))
-        or not math.isfinite(beta_d)
-    ):
+    if isinstance(beta_d, bool) or not isinstance(beta_d, (int, float)) or not math.isfinite(beta_d):
         raise ValueError(f"beta_d must be a finite float, got {beta_d!r}")
     sc, sr, tc, tr = (lp.to(_compute_dtype(lp)) for lp in lps)
     if sc.shape[0] == 0:
@@ -1046,9 +966,13 @@ def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
         ``(student (N, k + 1), teacher (N, k + 1))`` log-probabilities, float32.
     """
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.ndim != 2:
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} must both be (N, k)")
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} must both be (N, k)"
+        )
     if student_logits.ndim != 2 or student_logits.shape[0] != teacher_ids.shape[0]:
-        raise ValueError(f"student_logits must be (N, V) with N = {teacher_ids.shape[0]}, got {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"student_logits must be (N, V) with N = {teacher_ids.shape[0]}, got {tuple(student_logits.shape)}"
+        )
     log_q = _log_probs(student_logits)  # (N, V)
     q_top = log_q.gather(-1, teacher_ids)  # (N, k)
     p_top = teacher_logprobs.detach().to(log_q.dtype)

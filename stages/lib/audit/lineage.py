@@ -20,8 +20,9 @@ Two records per stage run, split by whether they may change from run to run:
   The run id groups the stages of one pipeline run: `DISTILLFLOW_RUN_ID` from the
   environment (`distillflow run` sets it), else a fresh one per process.
 
-"code" is the digest of the stage module and every `stages.lib` module it imports:
-the same set of files dvc.yaml lists as the stage's code deps (a test checks that).
+"code" is the digest of the stage module and every `stages` module and package it
+imports: the same set of files dvc.yaml lists as the stage's code deps (flows/codedeps.py
+writes that list; a test checks they agree).
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lib.io import digest_path, write_json
+from stages.lib.data.io import digest_path, write_json
 
-ROOT = Path(__file__).resolve().parents[2]
-
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def process_start() -> tuple[float, str]:
@@ -67,11 +67,22 @@ def process_start() -> tuple[float, str]:
 STARTED_AT, STARTED_FROM = process_start()
 RUN_ID = os.environ.get("DISTILLFLOW_RUN_ID") or str(uuid.uuid4())
 
-PRODUCER = "https://github.com/distillflow/distillflow/tree/main/stages/lib/lineage.py"
+PRODUCER = "https://github.com/distillflow/distillflow/tree/main/stages/lib/audit/lineage.py"
 OL_SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 OL_NAMESPACE = os.environ.get("DISTILLFLOW_OPENLINEAGE_NAMESPACE", "distillflow")
 # Libraries whose version is recorded when the stage imported them.
-LIBRARIES = ("torch", "transformers", "vllm", "pyarrow", "datasets", "tokenizers", "safetensors", "openai", "great_expectations", "datasketch")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "vllm",
+    "pyarrow",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "openai",
+    "great_expectations",
+    "datasketch",
+)
 
 
 def code_files(stage: str) -> list[Path]:
@@ -82,8 +93,8 @@ def code_files(stage: str) -> list[Path]:
     `__main__`, so its file is named directly.)
     """
     files = [ROOT / "stages" / f"{stage}.py"]
-    # stages.lib modules, and other stage modules a stage reuses (compare runs train's loop)
-    loaded = [n for n in sys.modules if n.startswith("stages.") and n not in ("stages.lib", f"stages.{stage}")]
+    # every `stages` module and package loaded (flows/codedeps.py lists the same files for dvc.yaml)
+    loaded = [n for n in sys.modules if (n == "stages" or n.startswith("stages.")) and n != f"stages.{stage}"]
     for n in sorted(loaded):
         file = getattr(sys.modules[n], "__file__", None)
         if file is None:
@@ -171,7 +182,9 @@ def write_manifest(
         "seeds": seeds_of(plain_params),
         "environment": library_versions(),
         "inputs": {name: _input_entry(p) for name, p in sorted(inputs.items())},
-        "outputs": {name: {"rows": rows, "sha256": digest_path(out_dir / name)} for name, rows in sorted(outputs.items())},
+        "outputs": {
+            name: {"rows": rows, "sha256": digest_path(out_dir / name)} for name, rows in sorted(outputs.items())
+        },
         "counts": counts,
         **({"models": models} if models is not None else {}),
         **(extra or {}),
@@ -203,8 +216,15 @@ def final_dir(out_dir: Path) -> Path:
 def git_state(root: Path) -> dict[str, Any]:
     """The commit and dirty flag of the git work tree at `root`, or why there are none."""
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         return {"commit": None, "dirty": None, "error": str(getattr(exc, "stderr", "") or exc).strip()}
     return {"commit": head, "dirty": bool(status.strip())}
@@ -229,8 +249,12 @@ def measured_cost(end: float) -> dict[str, Any]:
     }
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        cost |= {"device": "cuda", "device_seconds": cost["wall_seconds"], "device_seconds_kind": "cuda_process_wall_seconds",
-                 "cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+        cost |= {
+            "device": "cuda",
+            "device_seconds": cost["wall_seconds"],
+            "device_seconds_kind": "cuda_process_wall_seconds",
+            "cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        }
     return cost
 
 
@@ -260,7 +284,9 @@ def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[s
         "host": socket.gethostname(),
         "git": git_state(Path(os.environ.get("DVC_ROOT", "."))),
         "environment": manifest["environment"],
-        "models": model_fingerprints({k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs")}),
+        "models": model_fingerprints(
+            {k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs")}
+        ),
         "seeds": manifest["seeds"],
         "rows_in": {k: v["rows"] for k, v in manifest["inputs"].items() if "rows" in v},
         "rows_out": {k: v["rows"] for k, v in manifest["outputs"].items()},
@@ -272,7 +298,9 @@ def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[s
     write_json(runs / f"{job}.json", record)
     _append_line(runs / "history.jsonl", json.dumps(record, sort_keys=True))
     for event in openlineage_events(out_dir, out, manifest, record):
-        write_json(lineage_dir() / "openlineage" / job / f"{record['openlineage_run_id']}-{event['eventType']}.json", event)
+        write_json(
+            lineage_dir() / "openlineage" / job / f"{record['openlineage_run_id']}-{event['eventType']}.json", event
+        )
     return record
 
 
@@ -301,18 +329,24 @@ def _schema_facet(path: Path) -> dict[str, Any] | None:
     if not (path.is_file() and path.suffix == ".parquet"):
         return None
     schema: pa.Schema = pq.read_schema(path)
-    return _facet(_facet_url("SchemaDatasetFacet", "1-1-1"), fields=[{"name": f.name, "type": str(f.type)} for f in schema])
+    return _facet(
+        _facet_url("SchemaDatasetFacet", "1-1-1"), fields=[{"name": f.name, "type": str(f.type)} for f in schema]
+    )
 
 
 def _dataset(path: str, sha256: str, schema_file: Path) -> dict[str, Any]:
-    facets: dict[str, Any] = {"version": _facet(_facet_url("DatasetVersionDatasetFacet", "1-0-1"), datasetVersion=sha256)}
+    facets: dict[str, Any] = {
+        "version": _facet(_facet_url("DatasetVersionDatasetFacet", "1-0-1"), datasetVersion=sha256)
+    }
     schema = _schema_facet(schema_file)
     if schema is not None:
         facets["schema"] = schema
     return {"namespace": "file", "name": str(Path(path).resolve()), "facets": facets}
 
 
-def openlineage_events(out_dir: Path, out: Path, manifest: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
+def openlineage_events(
+    out_dir: Path, out: Path, manifest: dict[str, Any], record: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The run's START and COMPLETE RunEvents (OpenLineage 2-0-2), with input and
     output datasets (schema, version = sha256, row counts) and the run record as a
     custom run facet. Both are written when the stage finishes."""
@@ -320,26 +354,69 @@ def openlineage_events(out_dir: Path, out: Path, manifest: dict[str, Any], recor
     for entry in manifest["inputs"].values():
         ds = _dataset(entry["path"], entry["sha256"], Path(entry["path"]))
         if "rows" in entry:
-            ds["inputFacets"] = {"dataQualityMetrics": _facet(_facet_url("DataQualityMetricsInputDatasetFacet", "1-0-2"), rowCount=entry["rows"], columnMetrics={})}
+            ds["inputFacets"] = {
+                "dataQualityMetrics": _facet(
+                    _facet_url("DataQualityMetricsInputDatasetFacet", "1-0-2"), rowCount=entry["rows"], columnMetrics={}
+                )
+            }
         inputs.append(ds)
     outputs = []
     for name, entry in manifest["outputs"].items():
         ds = _dataset(str(out / name), entry["sha256"], out_dir / name)
-        ds["outputFacets"] = {"outputStatistics": _facet(_facet_url("OutputStatisticsOutputDatasetFacet", "1-0-2"), rowCount=entry["rows"])}
+        ds["outputFacets"] = {
+            "outputStatistics": _facet(
+                _facet_url("OutputStatisticsOutputDatasetFacet", "1-0-2"), rowCount=entry["rows"]
+            )
+        }
         outputs.append(ds)
     run_facets: dict[str, Any] = {
-        "processing_engine": _facet(_facet_url("ProcessingEngineRunFacet", "1-1-1"), name="distillflow", version=importlib.metadata.version("distillflow") if _installed("distillflow") else "unknown",
-                                    openlineageAdapterVersion="none"),
-        "distillflow_run": _facet("urn:distillflow:facets:RunRecord", **{k: record[k] for k in ("run_id", "git", "host", "cost", "counts", "validation", "models", "seeds")}),
+        "processing_engine": _facet(
+            _facet_url("ProcessingEngineRunFacet", "1-1-1"),
+            name="distillflow",
+            version=importlib.metadata.version("distillflow") if _installed("distillflow") else "unknown",
+            openlineageAdapterVersion="none",
+        ),
+        "distillflow_run": _facet(
+            "urn:distillflow:facets:RunRecord",
+            **{k: record[k] for k in ("run_id", "git", "host", "cost", "counts", "validation", "models", "seeds")},
+        ),
     }
     parent = _parent_run_id()
     if parent is not None:
-        run_facets["parent"] = _facet(_facet_url("ParentRunFacet", "1-1-0"), run={"runId": parent}, job={"namespace": OL_NAMESPACE, "name": "distillflow.pipeline"})
-    job = {"namespace": OL_NAMESPACE, "name": record["job"],
-           "facets": {"jobType": _facet(_facet_url("JobTypeJobFacet", "2-0-3"), processingType="BATCH", integration="DISTILLFLOW", jobType="STAGE")}}
+        run_facets["parent"] = _facet(
+            _facet_url("ParentRunFacet", "1-1-0"),
+            run={"runId": parent},
+            job={"namespace": OL_NAMESPACE, "name": "distillflow.pipeline"},
+        )
+    job = {
+        "namespace": OL_NAMESPACE,
+        "name": record["job"],
+        "facets": {
+            "jobType": _facet(
+                _facet_url("JobTypeJobFacet", "2-0-3"),
+                processingType="BATCH",
+                integration="DISTILLFLOW",
+                jobType="STAGE",
+            )
+        },
+    }
     base = {"producer": PRODUCER, "schemaURL": f"{OL_SPEC}#/$defs/RunEvent", "job": job, "inputs": inputs}
-    start = {**base, "eventType": "START", "eventTime": record["started"], "run": {"runId": record["openlineage_run_id"], "facets": {k: v for k, v in run_facets.items() if k != "distillflow_run"}}}
-    complete = {**base, "eventType": "COMPLETE", "eventTime": record["ended"], "run": {"runId": record["openlineage_run_id"], "facets": run_facets}, "outputs": outputs}
+    start = {
+        **base,
+        "eventType": "START",
+        "eventTime": record["started"],
+        "run": {
+            "runId": record["openlineage_run_id"],
+            "facets": {k: v for k, v in run_facets.items() if k != "distillflow_run"},
+        },
+    }
+    complete = {
+        **base,
+        "eventType": "COMPLETE",
+        "eventTime": record["ended"],
+        "run": {"runId": record["openlineage_run_id"], "facets": run_facets},
+        "outputs": outputs,
+    }
     return [start, complete]
 
 

@@ -27,15 +27,16 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from stages.lib import records
-from stages.lib.generation import Engine, Shard
-from stages.lib.io import DataError, atomic_path, digest_path, read_rows, write_table
+from stages.lib.data import records
+from stages.lib.data.io import DataError, atomic_path, digest_path, read_rows, write_table
+from stages.lib.engines.generation import Engine, Shard
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def is_done(work: Path, index: int) -> bool:
     want = json.loads(marker.read_text())["sha256"]
     if data.is_file() and digest_path(data) == want:
         return True
-    log.warning("%s: %s is missing or differs from its marker's digest; generating shard %d again", marker, data.name, index)
+    log.warning(
+        "%s: %s is missing or differs from its marker's digest; generating shard %d again", marker, data.name, index
+    )
     marker.unlink()
     return False
 
@@ -104,7 +107,13 @@ def generate(
     each worker takes its share of this process's torch threads.
     """
     todo = [s for s in shards if not is_done(work, s.index)]
-    log.info("%s: %d of %d shards already done (skipped), %d to generate", work, len(shards) - len(todo), len(shards), len(todo))
+    log.info(
+        "%s: %d of %d shards already done (skipped), %d to generate",
+        work,
+        len(shards) - len(todo),
+        len(shards),
+        len(todo),
+    )
     if not todo:
         return 0
     if workers == 1 or len(todo) == 1:
@@ -120,8 +129,15 @@ def generate(
     slots = ctx.Queue()
     for k in range(n):
         slots.put(k)
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(slots, open_engine, spec, threads, gpu_groups)) as pool:
-        futures: dict[Future[int], Shard] = {pool.submit(_work, work, s, {i: prompts[i] for i in s.prompts}): s for s in todo}
+    with ProcessPoolExecutor(
+        max_workers=n,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(slots, open_engine, spec, threads, gpu_groups),
+    ) as pool:
+        futures: dict[Future[int], Shard] = {
+            pool.submit(_work, work, s, {i: prompts[i] for i in s.prompts}): s for s in todo
+        }
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -129,7 +145,9 @@ def generate(
                 if f.exception() is not None:
                     for other in pending:
                         other.cancel()
-                    raise RuntimeError(f"{work}: a generation worker failed on shard {futures[f].index}; finished shards are kept, rerun to resume") from f.exception()
+                    raise RuntimeError(
+                        f"{work}: a generation worker failed on shard {futures[f].index}; finished shards are kept, rerun to resume"
+                    ) from f.exception()
                 log.info("%s: generated shard %d (%d prompts)", work, futures[f].index, len(futures[f].prompts))
     return len(todo)
 
@@ -139,16 +157,24 @@ def _gpu_groups(workers: int, per_worker: int) -> list[str] | None:
     if per_worker == 0:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d for d in visible.split(",") if d] if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
+    devices = (
+        [d for d in visible.split(",") if d]
+        if visible is not None
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
     if workers * per_worker > len(devices):
-        raise ValueError(f"workers: {workers} workers x {per_worker} GPU(s) each (tensor_parallel_size) need {workers * per_worker} GPUs; {len(devices)} visible")
+        raise ValueError(
+            f"workers: {workers} workers x {per_worker} GPU(s) each (tensor_parallel_size) need {workers * per_worker} GPUs; {len(devices)} visible"
+        )
     return [",".join(devices[k * per_worker : (k + 1) * per_worker]) for k in range(workers)]
 
 
 _ENGINE: Engine | None = None  # one per worker process, loaded by _init_worker
 
 
-def _init_worker(slots: Any, open_engine: Callable[[Any], Engine], spec: Any, threads: int, gpu_groups: list[str] | None) -> None:
+def _init_worker(
+    slots: Any, open_engine: Callable[[Any], Engine], spec: Any, threads: int, gpu_groups: list[str] | None
+) -> None:
     global _ENGINE
     slot = slots.get()
     if gpu_groups is not None:
@@ -165,7 +191,9 @@ def _work(work: Path, shard: Shard, prompts: dict[int, dict[str, Any]]) -> int:
     return shard.index
 
 
-def gather(work: Path, shards: Sequence[Shard], prompts: Sequence[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
+def gather(
+    work: Path, shards: Sequence[Shard], prompts: Sequence[dict[str, Any]], num_samples: int
+) -> list[dict[str, Any]]:
     """Every shard's records, in prompt order (each prompt's samples in index order)."""
     by_prompt: dict[int, list[dict[str, Any]]] = {}
     for s in shards:
@@ -179,9 +207,13 @@ def gather(work: Path, shards: Sequence[Shard], prompts: Sequence[dict[str, Any]
             chunk = rows[j * num_samples : (j + 1) * num_samples]
             for k, r in enumerate(chunk):
                 if r["prompt_id"] != prompts[i]["prompt_id"] or r["sample_index"] != k:
-                    raise DataError(f"{data}: row {j * num_samples + k}: (prompt_id, sample_index) = ({r['prompt_id']}, {r['sample_index']}), expected ({prompts[i]['prompt_id']}, {k})")
+                    raise DataError(
+                        f"{data}: row {j * num_samples + k}: (prompt_id, sample_index) = ({r['prompt_id']}, {r['sample_index']}), expected ({prompts[i]['prompt_id']}, {k})"
+                    )
             by_prompt[i] = chunk
     missing = [i for i in range(len(prompts)) if i not in by_prompt]
     if missing:
-        raise DataError(f"{work}: no shard holds prompt {missing[0]} ({len(missing)} prompts uncovered); the shard plan is inconsistent")
+        raise DataError(
+            f"{work}: no shard holds prompt {missing[0]} ({len(missing)} prompts uncovered); the shard plan is inconsistent"
+        )
     return [r for i in range(len(prompts)) for r in by_prompt[i]]

@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from stages.lib import records
-from stages.lib.config import GenerationParams, OpenAIParams
-from stages.lib.generation import Prompts, Shard, engine_version, record, sample_seed, sampling_record
-from stages.lib.io import DataError, atomic_path
+from stages.lib.core.config import GenerationParams, OpenAIParams
+from stages.lib.data import records
+from stages.lib.data.io import DataError, atomic_path
+from stages.lib.engines.generation import Prompts, Shard, engine_version, record, sample_seed, sampling_record
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ class ResponseCache:
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
         with atomic_path(self.path(key)) as tmp:
-            tmp.write_text(json.dumps({"request": request, "response": response}, sort_keys=True, ensure_ascii=False, indent=1) + "\n")
+            tmp.write_text(
+                json.dumps({"request": request, "response": response}, sort_keys=True, ensure_ascii=False, indent=1)
+                + "\n"
+            )
 
 
 class OpenAIEngine:
@@ -109,7 +112,9 @@ class OpenAIEngine:
         self.fingerprint = fingerprint(self.o)
         self.sampling = sampling_record(p)
         self.openai = openai
-        self.client = openai.OpenAI(base_url=self.o.base_url, api_key=self.api_key(), max_retries=0, timeout=self.o.timeout_s)
+        self.client = openai.OpenAI(
+            base_url=self.o.base_url, api_key=self.api_key(), max_retries=0, timeout=self.o.timeout_s
+        )
         self.limiter = RateLimiter(self.o.requests_per_second)
         self.cache = ResponseCache(Path(self.o.cache_dir))
         self.requests = 0  # sent to the endpoint by this engine, retries included
@@ -123,7 +128,9 @@ class OpenAIEngine:
             return "none"  # local servers take any key; the client insists on one
         key = os.environ.get(env)
         if not key:
-            raise ValueError(f"openai.api_key_env: the environment variable {env!r} is not set (it must hold the endpoint's API key)")
+            raise ValueError(
+                f"openai.api_key_env: the environment variable {env!r} is not set (it must hold the endpoint's API key)"
+            )
         return key
 
     def body(self, prompt: dict[str, Any], k: int) -> dict[str, Any]:
@@ -153,7 +160,9 @@ class OpenAIEngine:
                 self.cache_hits += 1
             return cached
         if self.failed.is_set():
-            raise RuntimeError(f"openai engine: prompt {prompt['prompt_id']}, sample {k}: not sent, an earlier request failed")
+            raise RuntimeError(
+                f"openai engine: prompt {prompt['prompt_id']}, sample {k}: not sent, an earlier request failed"
+            )
         response = self.parse(prompt, k, self.request(prompt, k, body))
         self.cache.put(key, {"base_url": self.o.base_url, **body}, response)
         return response
@@ -174,11 +183,16 @@ class OpenAIEngine:
                     raise RuntimeError(f"{where}: HTTP {status}, not retried{hint}: {exc.message}") from exc
                 error: Exception = exc
                 retry_after = exc.response.headers.get("retry-after")
-            except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:  # timeouts are connection errors too
+            except (
+                self.openai.APIConnectionError,
+                self.openai.APITimeoutError,
+            ) as exc:  # timeouts are connection errors too
                 error, retry_after = exc, None
             if attempt == self.o.max_retries:
                 self.failed.set()
-                raise RuntimeError(f"{where}: failed after {attempt + 1} attempts (openai.max_retries = {self.o.max_retries}): {error}") from error
+                raise RuntimeError(
+                    f"{where}: failed after {attempt + 1} attempts (openai.max_retries = {self.o.max_retries}): {error}"
+                ) from error
             wait = self.o.backoff_s * 2**attempt
             if retry_after is not None and retry_after.replace(".", "", 1).isdigit():
                 wait = float(retry_after)  # seconds; an HTTP-date Retry-After keeps the backoff
@@ -198,7 +212,9 @@ class OpenAIEngine:
         if resp.usage is None:
             raise DataError(f"{where}: the response has no `usage`; token counts come from it")
         if resp.usage.completion_tokens > self.p.max_new_tokens:
-            raise DataError(f"{where}: {resp.usage.completion_tokens} completion tokens > max_new_tokens {self.p.max_new_tokens}; the endpoint ignored max_tokens")
+            raise DataError(
+                f"{where}: {resp.usage.completion_tokens} completion tokens > max_new_tokens {self.p.max_new_tokens}; the endpoint ignored max_tokens"
+            )
         return {
             "text": choice.message.content,
             "finish_reason": FINISH[choice.finish_reason],
@@ -220,8 +236,24 @@ class OpenAIEngine:
                 self.failed.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        log.info("openai engine: shard %d: %d answers, %d from the cache, %d requests sent", shard.index, len(jobs), self.cache_hits - hits, self.requests - sent)
+        log.info(
+            "openai engine: shard %d: %d answers, %d from the cache, %d requests sent",
+            shard.index,
+            len(jobs),
+            self.cache_hits - hits,
+            self.requests - sent,
+        )
         return [
-            record(prompts[i], k, a["text"], a["finish_reason"], a["prompt_tokens"], a["completion_tokens"], self.fingerprint, self.name, self.sampling)
+            record(
+                prompts[i],
+                k,
+                a["text"],
+                a["finish_reason"],
+                a["prompt_tokens"],
+                a["completion_tokens"],
+                self.fingerprint,
+                self.name,
+                self.sampling,
+            )
             for (i, k), a in zip(jobs, answers, strict=True)
         ]

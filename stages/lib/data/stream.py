@@ -24,7 +24,7 @@ from typing import Any, Protocol, Self
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.lib.io import atomic_path
+from stages.lib.data.io import atomic_path
 
 DEFAULT_BATCH_ROWS = 65_536
 

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.lib.io import DataError
+from stages.lib.data.io import DataError
 
 
-def parse_paths(doc: str | None, *names: str, optional: tuple[str, ...] = (), values: dict[str, type] | None = None) -> argparse.Namespace:
+def parse_paths(
+    doc: str | None, *names: str, optional: tuple[str, ...] = (), values: dict[str, type] | None = None
+) -> argparse.Namespace:
     """Parse `--params PATH` and `--<name> PATH` for each name (required),
     `--<name> PATH` for each `optional` name (None when absent), and `--<name> VALUE`
     of the given type for each of `values` (required; e.g. a matrix stage's seed)."""

@@ -1,0 +1,146 @@
+"""The code deps of each dvc.yaml stage, computed from imports and written into dvc.yaml.
+
+A stage's code is its module plus every `stages` module it imports, directly or
+through other modules (lazy imports inside functions included), plus the `__init__.py`
+of every package on the way: exactly the files a stage run loads, which is also what
+its manifest digests (stages/lib/audit/lineage.py reads them from `sys.modules`).
+
+    distillflow dag sync      rewrite the code deps in dvc.yaml (after an import changed)
+    distillflow dag sync --check
+                              exit 1, naming the stages, if dvc.yaml is out of date
+
+Why a written list rather than folder deps (`- stages/lib/training`): a folder dep
+reruns every stage that names it when any file in it changes, so editing the losses
+would rerun generation stages that never import them. The written list keeps caching
+exact: a stage reruns when, and only when, a file it executes changed.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DEP = re.compile(r"^\s+- (stages/\S+\.py)\s*$")
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    """The file a dotted `stages...` module name loads, or None if there is none."""
+    base = root / module.replace(".", "/")
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def imported_modules(root: Path, path: Path) -> set[str]:
+    """The `stages` modules a file imports, anywhere in it."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module != "stages" and not node.module.startswith("stages."):
+                continue
+            found.add(node.module)
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                if module_file(root, sub) is not None:
+                    found.add(sub)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name == "stages" or a.name.startswith("stages."))
+    return found
+
+
+def with_packages(modules: set[str]) -> set[str]:
+    """The modules and every package above them (`stages.lib.data.io` adds `stages.lib.data`, `stages.lib`, `stages`)."""
+    out = set(modules)
+    for m in modules:
+        parts = m.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def closure(stage_module: str, root: Path = ROOT) -> list[str]:
+    """The repo-relative files `python -m stages.<stage_module>` loads from `stages`, sorted."""
+    start = f"stages.{stage_module}"
+    todo, done = {start}, set()
+    while todo:
+        mod = todo.pop()
+        if mod in done:
+            continue
+        done.add(mod)
+        file = module_file(root, mod)
+        if file is None:
+            raise ValueError(f"{stage_module}: imports {mod}, which has no file under {root / 'stages'}")
+        todo |= imported_modules(root, file) - done
+    files = {module_file(root, m) for m in with_packages(done)}
+    return sorted(p.relative_to(root).as_posix() for p in files if p is not None)
+
+
+def stage_module(name: str, cmd: str) -> str:
+    """The stage module a dvc.yaml command runs (`python -m stages.X ...`)."""
+    m = re.match(r"python -m stages\.(\w+)\b", cmd.strip())
+    if m is None:
+        raise ValueError(f"dvc.yaml {name}: command does not run a stages module: {cmd!r}")
+    return m.group(1)
+
+
+def sync_text(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
+    """dvc.yaml's text with every stage's code deps replaced by its import closure, and
+    the names of the stages whose deps changed. Comments and everything else stay."""
+    lines = text.split("\n")
+    out: list[str] = []
+    changed: list[str] = []
+    i = 0
+    stage = cmd = None
+    while i < len(lines):
+        line = lines[i]
+        head = re.match(r"^  (\w[\w-]*):\s*$", line)
+        if head:
+            stage, cmd = head.group(1), None
+        c = re.match(r"^\s+cmd:\s*(.+)$", line)
+        if c:
+            cmd = c.group(1)
+        if re.match(r"^\s+deps:\s*$", line) and stage is not None:
+            if cmd is None:
+                raise ValueError(f"dvc.yaml {stage}: deps come before cmd; put cmd first")
+            out.append(line)
+            i += 1
+            indent = (
+                re.match(r"^(\s+)- ", lines[i]).group(1)
+                if i < len(lines) and lines[i].lstrip().startswith("- ")
+                else None
+            )
+            if indent is None:
+                raise ValueError(f"dvc.yaml {stage}: deps is empty")
+            old, rest = [], []
+            while i < len(lines) and lines[i].startswith(indent + "- "):
+                m = CODE_DEP.match(lines[i])
+                (old if m else rest).append(m.group(1) if m else lines[i])
+                i += 1
+            new = closure(stage_module(stage, cmd), root)
+            if new != old:
+                changed.append(stage)
+            out.extend(f"{indent}- {f}" for f in new)
+            out.extend(rest)
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out), changed
+
+
+def sync(dvc_yaml: Path, check_only: bool, root: Path | None = None) -> int:
+    """Rewrite (or, with check_only, only check) the code deps of `dvc_yaml`, whose
+    stage modules live under `root` (default: the folder dvc.yaml is in)."""
+    text = dvc_yaml.read_text()
+    new, changed = sync_text(text, dvc_yaml.parent if root is None else root)
+    if not changed:
+        print(f"{dvc_yaml}: code deps up to date")
+        return 0
+    if check_only:
+        print(f"{dvc_yaml}: code deps out of date for {', '.join(changed)}; run `distillflow dag sync`")
+        return 1
+    dvc_yaml.write_text(new)
+    print(f"{dvc_yaml}: rewrote the code deps of {', '.join(changed)}")
+    return 0

@@ -1,0 +1,1 @@
+"""Lineage manifests and run records, and the Great Expectations quality gates."""

@@ -1,0 +1,1 @@
+"""Generation engines (transformers, vLLM, OpenAI-compatible) behind one interface, and resumable shards."""

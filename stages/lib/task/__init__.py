@@ -1,0 +1,1 @@
+"""The embedded toy task: skills, prompts and verifiable answers."""

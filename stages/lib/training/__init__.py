@@ -1,0 +1,1 @@
+"""Distillation losses, the methods built from them, and the pieces every training loop shares."""
