@@ -228,11 +228,13 @@ def main() -> None:
     for r in results:
         sc, cc = r["seed_counts"], r["curate_counts"]
         print(
-            f"| {r['n']:,} | seed | {r['seed']['wall_s']:.1f} | {r['n'] / r['seed']['wall_s']:,.0f} | {r['seed']['peak_bytes'] / 2**20:,.0f} | "
+            f"| {r['n']:,} | seed | {r['seed']['wall_s']:.1f} | {r['n'] / r['seed']['wall_s']:,.0f} | "
+            f"{r['seed']['peak_bytes'] / 2**20:,.0f} | "
             f"{sc['train'] + sc['eval']:,} | {sc['quarantined']:,} {sc['dropped_by_reason']} |"
         )
         print(
-            f"| {r['n']:,} | curate | {r['curate']['wall_s']:.1f} | {r['n'] / r['curate']['wall_s']:,.0f} | {r['curate']['peak_bytes'] / 2**20:,.0f} | "
+            f"| {r['n']:,} | curate | {r['curate']['wall_s']:.1f} | {r['n'] / r['curate']['wall_s']:,.0f} | "
+            f"{r['curate']['peak_bytes'] / 2**20:,.0f} | "
             f"{cc['kept']:,} | {cc['quarantined']:,} {cc['dropped_by_reason']} |"
         )
     if len(results) > 1:
@@ -241,8 +243,10 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for a_, b_ in itertools.pairwise(results):
             print(
-                f"| {a_['n']:,} | {b_['n']:,} | {b_['n'] / a_['n']:.0f} | {b_['seed']['wall_s'] / a_['seed']['wall_s']:.2f} | "
-                f"{b_['seed']['peak_bytes'] / a_['seed']['peak_bytes']:.2f} | {b_['curate']['wall_s'] / a_['curate']['wall_s']:.2f} | "
+                f"| {a_['n']:,} | {b_['n']:,} | {b_['n'] / a_['n']:.0f} | "
+                f"{b_['seed']['wall_s'] / a_['seed']['wall_s']:.2f} | "
+                f"{b_['seed']['peak_bytes'] / a_['seed']['peak_bytes']:.2f} | "
+                f"{b_['curate']['wall_s'] / a_['curate']['wall_s']:.2f} | "
                 f"{b_['curate']['peak_bytes'] / a_['curate']['peak_bytes']:.2f} |"
             )
     big = results[-1]

@@ -199,7 +199,8 @@ def cpu_table(args: argparse.Namespace) -> None:
         (f"ours: {args.workers} worker processes (incl. start-up)", ours_workers),
     ]
     print(
-        f"toy teacher ({n_params / 1e3:.0f}k params, random weights), {len(prompts)} toy prompts ({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
+        f"toy teacher ({n_params / 1e3:.0f}k params, random weights), {len(prompts)} toy prompts "
+        f"({min(map(len, encoded))}-{max(map(len, encoded))} tokens), "
         f"{T} new tokens each (eos suppressed), sampling at temperature 1, CPU, torch threads={args.threads}; "
         f"{args.repeats} interleaved rounds after a warm-up. tokens/s: median round (best round); "
         f"vs one at a time: median over rounds of the ratio within the round"
@@ -280,13 +281,15 @@ def gpu_table(args: argparse.Namespace) -> None:
     gbs = read / seconds / 1e9
     name = torch.cuda.get_device_name()
     print(
-        f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens each (eos suppressed), batch {B}, median of {args.repeats} runs"
+        f"\n{name}: random Llama ({n_params / 1e6:.0f}M params, bfloat16), {len(prompts)} prompts, {T} new tokens "
+        f"each (eos suppressed), batch {B}, median of {args.repeats} runs"
     )
     header = f"{'method':<40} {'new tokens':>10} {'seconds':>8} {'tokens/s':>10} {'est. GB/s read':>14} {'of peak':>8}"
     print(header)
     print("-" * len(header))
     print(
-        f"{'ours: bucketed engine, 1 process':<40} {tokens:>10} {seconds:>8.2f} {tokens / seconds:>10.0f} {gbs:>14.0f} {gbs / args.peak_gbs:>7.1%}"
+        f"{'ours: bucketed engine, 1 process':<40} {tokens:>10} {seconds:>8.2f} {tokens / seconds:>10.0f} "
+        f"{gbs:>14.0f} {gbs / args.peak_gbs:>7.1%}"
     )
 
 

@@ -188,11 +188,13 @@ def check_vocabularies(tok_s: Any, tok_t: Any, v_student: int, v_teacher: int) -
     """
     if tok_s.get_vocab() != tok_t.get_vocab():
         raise ValueError(
-            "models: the student and teacher tokenizers differ; token-level distillation needs a shared tokenizer (pick models of one family)"
+            "models: the student and teacher tokenizers differ; token-level distillation needs a shared tokenizer "
+            "(pick models of one family)"
         )
     v = len(tok_s)
     if v_student < v or v_teacher < v:
         raise ValueError(
-            f"models: logit widths (student {v_student}, teacher {v_teacher}) are smaller than the tokenizer ({v} tokens)"
+            f"models: logit widths (student {v_student}, teacher {v_teacher}) are smaller than the tokenizer ({v} "
+            "tokens)"
         )
     return v
