@@ -210,7 +210,7 @@ def cpu_table(args: argparse.Namespace) -> None:
     print("-" * len(header))
     with scratch:
         tokens, times = interleaved(args.repeats, [fn for _, fn in rows])
-    for (name, _), n, ts in zip(rows, tokens, times):
+    for (name, _), n in zip(rows, tokens):
         want = T * (args.single if name.startswith("one") else len(prompts))
         if n != want:
             raise RuntimeError(f"{name}: {n} new tokens, expected {want}: the comparison would not be fair")
