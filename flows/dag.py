@@ -7,7 +7,7 @@ Nothing here parses dvc.yaml by hand: stages come from DVC's own index, so
 Every use of DVC's Python API in this package goes through `open_repo`, which holds
 one process-wide lock: DVC's in-process API is not thread-safe, and two DVC
 operations on one repo at once fight over its lock and state database (see
-/work/shared/design/STACK.md). Stage commands themselves run outside the lock.
+docs/STACK.md). Stage commands themselves run outside the lock.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and the evaluate stage's metrics (teacher and initial student, for scale). Write
 `--out` (committed to git, not the DVC cache): table.md and table.csv (mean and standard
 deviation over seeds of every metric, per run), exact_match.png (mean with the seed
 spread), and README.md, which places our ordering beside the paper's
-(../shared/design/METHOD.md) and says where they agree, per adjacent pair, and whether
+(docs/METHOD.md) and says where they agree, per adjacent pair, and whether
 the gap is larger than the spread across seeds. `--plot` is the same means as a DVC plot.
 """
 
@@ -62,7 +62,7 @@ METRICS: list[tuple[str, tuple[str, ...], bool]] = [
     ("final_train_loss", ("train", "final_loss"), False),
 ]
 
-# The paper's orderings (METHOD.md), worst to best, with its figures.
+# The paper's orderings (docs/METHOD.md), worst to best, with its figures.
 PAPER = {
     "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": [
         ("sft", 30.33),

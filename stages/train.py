@@ -5,7 +5,7 @@
 
 `train.method` picks the objective (stages/lib/training/objectives.py): `distillm2` (default),
 `distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
-DistiLLM-2 objective (../shared/design/METHOD.md), per pair i:
+DistiLLM-2 objective (docs/METHOD.md), per pair i:
 
     L_i = (1 - beta) * SKL_seq(chosen_i; alpha_t,i) + beta * SRKL_seq(rejected_i; alpha_s,i)
 

@@ -1,4 +1,4 @@
-"""Distillation losses as pure tensor functions (see /work/shared/design/METHOD.md).
+"""Distillation losses as pure tensor functions (see docs/METHOD.md).
 
 Notation: p = teacher next-token distribution, q = student distribution, both the
 softmax of logits over the full vocabulary. Every divergence has one calling
@@ -439,7 +439,7 @@ def generalized_jsd(
 
     ``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``
     (p teacher, q student): beta weights the *teacher* both in the mixture and in front
-    of KL(p || m), as in METHOD.md and TRL. The interior formula tends to 0 at both
+    of KL(p || m), as in docs/METHOD.md and TRL. The interior formula tends to 0 at both
     ends, so the endpoints are special cases: ``beta == 0`` is exactly
     :func:`forward_kl` and ``beta == 1`` exactly :func:`reverse_kl`. The GKD paper's
     runs with m = 0.9 p + 0.1 q correspond to ``beta = 0.9``.

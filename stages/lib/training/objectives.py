@@ -13,7 +13,7 @@ hidden states so that full (B, T, V) logits of both models never exist
     gkd        generalized JSD(beta) on a lambda-mix of student and teacher responses
     distillm   skew reverse KL(alpha) on both responses, equal weights (DistiLLM v1)
     distillm2  (1 - beta) SKL(alpha_t) on teacher responses + beta SRKL(alpha_s) on
-               student responses, rising beta, adaptive alpha (DistiLLM-2, METHOD.md)
+               student responses, rising beta, adaptive alpha (DistiLLM-2, docs/METHOD.md)
     dpkd       -log sigmoid(beta_d [(lq(y_t) - lq(y_s)) - (lp(y_t) - lp(y_s))])
 """
 
@@ -269,7 +269,7 @@ class Heads:
 
 @dataclass
 class AlphaCurriculum:
-    """DistiLLM-2's adaptive alpha (METHOD.md), per sequence.
+    """DistiLLM-2's adaptive alpha (docs/METHOD.md), per sequence.
 
     With p_bar, q_bar the geometric-mean probabilities of a response's tokens under
     teacher and student, and the gap g = p_bar - q_bar on teacher responses
