@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.compare import RunParams
 from stages.lib.core import entry, params
 from stages.lib.core.params import check
 from stages.lib.data.io import DataError, atomic_dir, atomic_path
+from stages.lib.training.cells import RunParams
 
 log = logging.getLogger("report")
 
@@ -116,7 +116,8 @@ def aggregate(cells_dir: Path, p: CompareParams) -> dict[str, dict[str, tuple[fl
             f = cells_dir / f"{run}-{seed}.json"
             if not f.is_file():
                 raise DataError(
-                    f"{f}: missing; compare.runs lists {run!r} and compare.seeds {seed}, so `dvc repro` should have made it"
+                    f"{f}: missing; compare.runs lists {run!r} and compare.seeds {seed}, "
+                    "so `dvc repro` should have made it"
                 )
             cell = json.loads(f.read_text())
             if (cell["run"], cell["seed"]) != (run, seed):
@@ -164,7 +165,8 @@ def verdict(table: dict[str, dict[str, tuple[float, float]]], default_metric: st
             clear = abs(diff) > sa + sb
             lines.append(
                 f"- paper: {b} > {a}; ours: {b} {'>' if diff > 0 else '<='} {a} by {abs(diff):.4f} "
-                f"({'agrees' if same else 'disagrees'}; {'larger than' if clear else 'within'} the seed spread {sa + sb:.4f})"
+                f"({'agrees' if same else 'disagrees'}; {'larger than' if clear else 'within'} "
+                f"the seed spread {sa + sb:.4f})"
             )
         lines += ["", f"{agree} of {len(present) - 1} adjacent orderings agree with the paper.", ""]
     return lines
@@ -227,7 +229,8 @@ def write(
         readme = [
             "# Method comparison",
             "",
-            f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), all trained from the same initial student on the same",
+            f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), "
+            "all trained from the same initial student on the same",
             "curated pairs with the same loop; mean ± sample standard deviation over seeds. Produced by",
             "`dvc repro report` (stages compare@<run>-<seed> and report).",
             "",

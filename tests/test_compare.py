@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import compare
 from stages.lib.data import io, records
+from stages.lib.training import cells
+from stages.lib.training.settings import RoundParams
 
 from .conftest import ROOT
 from .test_curate import pair
@@ -20,27 +21,27 @@ from .test_train import tp
 
 
 def test_run_params_name_the_bad_switch() -> None:
-    assert compare.RunParams("distillm2", ("beta_ramp",)).disable == ("beta_ramp",)
+    assert cells.RunParams("distillm2", ("beta_ramp",)).disable == ("beta_ramp",)
     with pytest.raises(ValueError, match=r"disable: unknown switch 'beta'"):
-        compare.RunParams("distillm2", ("beta",))
+        cells.RunParams("distillm2", ("beta",))
     with pytest.raises(ValueError, match="disable: switches belong to distillm2, not kd"):
-        compare.RunParams("kd", ("contrastive",))
+        cells.RunParams("kd", ("contrastive",))
 
 
 def test_cell_params_set_method_switches_and_seed_and_one_round() -> None:
-    base = tp(rounds={"r2": compare.train.RoundParams("data/train")}, lr=0.02)
+    base = tp(rounds={"r2": RoundParams("data/train")}, lr=0.02)
     used = {
         k: getattr(base, k.split(".")[1]) if k.count(".") == 1 else getattr(base.distillm2, k.split(".")[2])
-        for k in compare.SHARED_TRAIN
+        for k in cells.SHARED_TRAIN
     }
     used = {k: (asdict(v) if is_dataclass(v) else v) for k, v in used.items()}
-    p = compare.cell_params(used, compare.RunParams("distillm2", ("beta_ramp", "adaptive_alpha")), 7)
+    p = cells.cell_params(used, cells.RunParams("distillm2", ("beta_ramp", "adaptive_alpha")), 7)
     assert (p.method, p.seed, p.rounds, p.lr) == ("distillm2", 7, {}, 0.02)
     assert (p.distillm2.contrastive, p.distillm2.beta_ramp, p.distillm2.adaptive_alpha) == (True, False, False)
     assert p.distillm2.beta == base.distillm2.beta and p.gkd == base.gkd
-    assert "train.method" not in compare.SHARED_TRAIN and "train.distillm2.beta_ramp" not in compare.SHARED_TRAIN
+    assert "train.method" not in cells.SHARED_TRAIN and "train.distillm2.beta_ramp" not in cells.SHARED_TRAIN
     with pytest.raises(ValueError, match="train: lr: must be > 0"):
-        compare.cell_params({**used, "train.lr": 0.0}, compare.RunParams("kd", ()), 1)
+        cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", ()), 1)
 
 
 def cell(
@@ -70,6 +71,8 @@ def cell(
         str(out),
         "--metrics",
         str(tmp_path / "metrics" / f"{run}-{seed}.json"),
+        "--live",
+        str(tmp_path / "live" / f"{run}-{seed}"),
     ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True), out
 
@@ -100,15 +103,19 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     assert (s["nll_on_own_responses"] is None) == (s["own_response_tokens_scored"] == 0)
     assert pq.read_table(out / "predictions.parquet").num_rows == 6 and (out / "model" / "model.safetensors").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (
-        "stages/train.py" in manifest["code"] and "stages/evaluate.py" in manifest["code"]
-    )  # the reused stage code is in its lineage
+    # the shared trainer and evaluator are in its lineage; no other stage is
+    assert {"stages/lib/training/trainer.py", "stages/lib/evaluation/evaluator.py"} <= set(manifest["code"])
+    assert not {"stages/train.py", "stages/evaluate.py"} & set(manifest["code"])
+    assert [g["artifact"] for g in manifest["validation"]["gates"]] == ["curated pairs"]  # train's input gate
+    live = tmp_path / "live" / "ablated-3" / "plots" / "metrics"
+    assert (live / "loss.tsv").read_text().splitlines()[0] == "step\tloss" and (live / "beta.tsv").is_file()
+    assert len((live / "loss.tsv").read_text().splitlines()) == 1 + m["train"]["steps"]
     assert (
         manifest["train_params"]["method"] == "distillm2"
         and manifest["train_params"]["seed"] == 3
         and "train.lr" in manifest["params"]
     )
-    # an eval prompt among the training pairs: refused, nothing written
+    # an eval prompt among the training pairs: refused by the curated pairs' gate, nothing written
     io.write_table(tmp_path / "seed" / "eval.parquet", [*evals, {**prompt(0), "split": "eval"}], records.PROMPT_SCHEMA)
     done, out = cell(
         tmp_path,
@@ -117,5 +124,6 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
         1,
         {**params, "compare": {**params["compare"], "runs": {"kd": {"method": "kd", "disable": []}}}},
     )
-    assert done.returncode != 0 and "eval prompts appear among the training pairs" in done.stderr
+    assert done.returncode == 2 and "curated pairs failed expectation" in done.stderr, done.stderr[-3000:]
+    assert "prompt_id__in_eval" in done.stderr
     assert not out.exists()

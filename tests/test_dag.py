@@ -111,7 +111,10 @@ def test_cmd_paths_are_declared(stage: str) -> None:
         | {name(p) for p in spec.get("plots", [])}
     )
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
-    out_flags, value_flags = {"--out", "--metrics", "--plot", "--docs"}, {"--run", "--seed"}  # compare's matrix values
+    out_flags, value_flags = (
+        {"--out", "--metrics", "--plot", "--live", "--docs"},
+        {"--run", "--seed"},
+    )  # compare's matrix values
     assert {v for k, v in args.items() if k in out_flags} == outs
     assert {v for k, v in args.items() if k not in out_flags | value_flags | {"--params"}} == data_deps
     assert args["--params"] == "params.yaml"

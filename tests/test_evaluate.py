@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import evaluate
 from stages.lib.core import models
+from stages.lib.data import encoding
+from stages.lib.evaluation import evaluator, metrics
+from stages.lib.evaluation.settings import EvaluateParams
 
 from .test_pairs import prompt
 from .test_train import load
@@ -13,49 +15,77 @@ from .test_train import load
 def test_accuracy_overall_and_per_category() -> None:
     ps = [prompt(0), prompt(1), {**prompt(2), "category": "sort"}]
     gens = [{"response": "1"}, {"response": "3"}, {"response": " 3 "}]
-    acc = evaluate.accuracy(ps, gens)
+    acc = metrics.accuracy(ps, gens)
     assert acc == {"exact_match": round(2 / 3, 4), "per_category": {"add": 0.5, "sort": 1.0}, "n": 3}
-    assert evaluate.accuracy([{**prompt(0), "reference": None}], [{"response": "x"}]) is None
+    assert metrics.accuracy([{**prompt(0), "reference": None}], [{"response": "x"}]) is None
 
 
-EP = evaluate.EvaluateParams(
-    batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2
-)
+EP = EvaluateParams(batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2)
 
 
 def test_rouge_l_is_the_word_lcs_f1() -> None:
-    assert evaluate.rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * 5 / (6 + 5))
-    assert evaluate.rouge_l("A b", "a B") == 1.0 and evaluate.rouge_l("x", "y") == 0.0
-    assert evaluate.rouge_l("", "") == 1.0 and evaluate.rouge_l("", "a") == 0.0
-    assert evaluate.rouge_l("b a", "a b") == pytest.approx(0.5)  # order matters: LCS is one word
+    assert metrics.rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * 5 / (6 + 5))
+    assert metrics.rouge_l("A b", "a B") == 1.0 and metrics.rouge_l("x", "y") == 0.0
+    assert metrics.rouge_l("", "") == 0.0 and metrics.rouge_l("", "a") == 0.0  # as rouge-score: no words, no match
+    assert metrics.rouge_l("b a", "a b") == pytest.approx(0.5)  # order matters: LCS is one word
+
+
+# Pairs with ties, repeats, punctuation, case, digits, non-ASCII letters and empty texts
+# (rouge-score gives 0 whenever either side has no word, two empty texts included).
+ROUGE_CORPUS = [
+    ("the cat sat on the mat", "the cat on the mat"),
+    ("A b", "a B"),
+    ("x", "y"),
+    ("b a", "a b"),
+    ("", ""),
+    ("", "a"),
+    ("a", ""),
+    ("!!! ...", "?"),
+    ("12 + 34 = 46", "12+34=46"),
+    ("Sort: c, b, a -> a b c", "a b c"),
+    ("a a a b", "a b a b a"),
+    ("héllo wörld", "hello world"),
+    ("reverse abcdefg gfedcba", "gfedcba"),
+    ("one two three four five six", "six five four three two one"),
+    ("the the the", "the"),
+]
+
+
+def test_rouge_l_agrees_with_the_rouge_score_package() -> None:
+    from rouge_score import rouge_scorer  # the test extra installs it
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for candidate, reference in ROUGE_CORPUS:
+        want = scorer.score(reference, candidate)["rougeL"].fmeasure
+        assert metrics.rouge_l(candidate, reference) == pytest.approx(want, rel=1e-12, abs=0.0), (candidate, reference)
 
 
 def test_length_stats() -> None:
     gens = [{"response_tokens": n, "finish_reason": "length" if n == 9 else "stop"} for n in (1, 2, 3, 9)]
-    assert evaluate.length_stats(gens) == {"mean": 3.75, "p50": 3, "p90": 9, "max": 9, "truncated": 0.25}
+    assert metrics.length_stats(gens) == {"mean": 3.75, "p50": 3, "p90": 9, "max": 9, "truncated": 0.25}
 
 
 def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
     teacher, tok = load(taught_models / "teacher")  # trained, so its greedy choices differ from a random model's
     student, _ = load(tiny_models / "student")
     ps = [prompt(i) for i in range(5)]
-    seqs = evaluate.sequences(tok, ps, [{"response": str(i + 1), "finish_reason": "stop"} for i in range(5)])
-    self_scores = evaluate.teacher_forced(teacher, teacher, tok, seqs, len(tok), 2, "x")
+    seqs = metrics.sequences(tok, ps, [{"response": str(i + 1), "finish_reason": "stop"} for i in range(5)])
+    self_scores = metrics.teacher_forced(teacher, teacher, tok, seqs, len(tok), 2, "x")
     assert self_scores["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6) and self_scores["greedy_agreement"] == 1.0
-    other = evaluate.teacher_forced(teacher, student, tok, seqs, len(tok), 2, "x")
+    other = metrics.teacher_forced(teacher, student, tok, seqs, len(tok), 2, "x")
     assert other["kl_teacher_student"] > 0.01 and 0.0 <= other["greedy_agreement"] < 1.0
     # NLL against a direct computation on one sequence
-    b = evaluate.encoding.collate(seqs[:1], tok.pad_token_id)
+    b = encoding.collate(seqs[:1], tok.pad_token_id)
     logp = torch.log_softmax(student(input_ids=b.input_ids).logits[0].double(), -1)
     want = -sum(float(logp[t, b.targets[0, t]]) for t in range(b.input_ids.shape[1]) if b.response_mask[0, t]) / int(
         b.response_mask.sum()
     )
-    assert evaluate.teacher_forced(None, student, tok, seqs[:1], len(tok), 2, "x") == {
+    assert metrics.teacher_forced(None, student, tok, seqs[:1], len(tok), 2, "x") == {
         "nll": pytest.approx(want, rel=1e-5)
     }
-    empty = evaluate.sequences(tok, ps, [{"response": "", "finish_reason": "length"} for _ in ps])
+    empty = metrics.sequences(tok, ps, [{"response": "", "finish_reason": "length"} for _ in ps])
     with pytest.raises(ValueError, match="x have no tokens to score"):
-        evaluate.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
+        metrics.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
 
 
 def test_speculative_decoding_counts_teacher_calls_and_keeps_greedy_output(
@@ -65,10 +95,10 @@ def test_speculative_decoding_counts_teacher_calls_and_keeps_greedy_output(
     twin, _ = load(taught_models / "teacher")  # a perfect draft (a separate copy: calls are counted per module)
     student, _ = load(tiny_models / "student")
     ps = [prompt(i) for i in range(4)]
-    own = evaluate.speculative(teacher, twin, tok, ps, EP)  # every drafted token is accepted
+    own = metrics.speculative(teacher, twin, tok, ps, EP)  # every drafted token is accepted
     assert own["prompts"] == 3 and own["matches_greedy"] == 1.0 and own["teacher_calls_per_token_plain"] == 1.0
     assert own["teacher_call_speedup"] > 1.5
-    other = evaluate.speculative(teacher, student, tok, ps, EP)
+    other = metrics.speculative(teacher, student, tok, ps, EP)
     assert other["matches_greedy"] == 1.0 and other["tokens"] == own["tokens"]
     assert other["teacher_call_speedup"] <= own["teacher_call_speedup"]
 
@@ -79,14 +109,14 @@ def test_run_reports_every_model(tiny_models: Path) -> None:
         m, tok = load(tiny_models / role)
         loaded[name] = (m, tok, models.fingerprint(models.ModelRef(str(tiny_models / role), None), tiny_models))
     ps = [prompt(i) for i in range(6)]
-    metrics, predictions = evaluate.run(loaded, ps, EP)
-    assert set(metrics) == {"teacher", "student_initial", "student_distilled"}
+    got, predictions = evaluator.run(loaded, ps, EP)
+    assert set(got) == {"teacher", "student_initial", "student_distilled"}
     assert (
-        metrics["student_initial"]["kl_teacher_student"] == metrics["student_distilled"]["kl_teacher_student"]
+        got["student_initial"]["kl_teacher_student"] == got["student_distilled"]["kl_teacher_student"]
     )  # same weights
-    assert metrics["teacher"]["accuracy"]["n"] == 6
+    assert got["teacher"]["accuracy"]["n"] == 6
     for name in ("student_initial", "student_distilled"):
-        m = metrics[name]
+        m = got[name]
         assert {
             "kl_teacher_student",
             "nll_on_teacher_responses",
@@ -100,4 +130,4 @@ def test_run_reports_every_model(tiny_models: Path) -> None:
         assert (
             m["own_response_tokens_scored"] > 0 and m["nll_on_own_responses"] > 0
         )  # random models emit scorable characters
-    assert len(predictions) == 18 and {p["model"] for p in predictions} == set(metrics)
+    assert len(predictions) == 18 and {p["model"] for p in predictions} == set(got)

@@ -75,9 +75,8 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     assert pq.read_table(repo / "data" / "curate" / "curated.parquet").num_rows == cur["kept"]
     assert pq.read_table(repo / "data" / "curate" / "quarantine.parquet").num_rows == cur["quarantined"]
     assert (repo / "data" / "train" / "model" / "model.safetensors").is_file()
-    lines = (repo / "plots" / "train.csv").read_text().splitlines()
+    live = repo / "plots" / "train" / "plots" / "metrics"  # DVCLive: one <name>.tsv per logged value
     assert {
-        "step",
         "loss",
         "chosen_term",
         "rejected_term",
@@ -86,9 +85,12 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
         "alpha_t_min",
         "alpha_t_max",
         "alpha_s_mean",
-    } <= set(lines[0].split(",")) and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())[
-        "steps"
-    ] + 1
+    } <= {f.stem for f in live.glob("*.tsv")}
+    lines = (live / "loss.tsv").read_text().splitlines()
+    assert (
+        lines[0] == "step\tloss"
+        and len(lines) == json.loads((repo / "metrics" / "train.json").read_text())["steps"] + 1
+    )
     manifest = json.loads((repo / "data" / "train" / "manifest.json").read_text())
     assert (
         manifest["inputs"]["pairs"]["sha256"]
@@ -203,8 +205,9 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
     assert (trained["round"], trained["rounds"], round1_student["round"], round1_student["rounds"]) == (2, 2, 1, 2)
     assert trained["inputs"]["student"]["path"] == "data/train/model"
     assert trained["initial_student"]["fingerprint"] == sampled["model"]["fingerprint"]
-    beta = lambda f: [float(r["beta"]) for r in csv.DictReader(f.open())]  # noqa: E731
-    b1, b2 = beta(repo / "plots" / "train.csv"), beta(repo / "plots" / "rounds" / "r2" / "train.csv")
+    beta = lambda d: [float(r["beta"]) for r in csv.DictReader(d.open(), delimiter="\t")]  # noqa: E731
+    b1 = beta(repo / "plots" / "train" / "plots" / "metrics" / "beta.tsv")
+    b2 = beta(repo / "plots" / "rounds" / "r2" / "train" / "plots" / "metrics" / "beta.tsv")
     assert max(b1) == 0.5 and b2[0] == 0.5 and b2[-1] == 1.0 and b2 == sorted(b2)
     ev = json.loads((repo / "metrics" / "rounds" / "r2" / "evaluate.json").read_text())
     assert ev["eval_prompts"] == 32 and "kl_teacher_student" in ev["student_distilled"]

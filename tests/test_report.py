@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from stages import report
-from stages.compare import RunParams
 from stages.lib.data.io import DataError
+from stages.lib.training.cells import RunParams
 
 
 def cell(run: str, seed: int, em: float, agree: float = 0.5) -> dict:

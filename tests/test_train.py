@@ -6,6 +6,8 @@ import torch
 
 from stages import train
 from stages.lib.core import models
+from stages.lib.training import trainer
+from stages.lib.training.checkpoint import Checkpoint
 from stages.lib.training.objectives import (
     AlphaCurriculum,
     BetaSchedule,
@@ -14,6 +16,7 @@ from stages.lib.training.objectives import (
     DPKDParams,
     GKDParams,
 )
+from stages.lib.training.settings import RoundParams, TrainParams
 
 from .test_curate import pair
 
@@ -30,7 +33,7 @@ D2 = DistiLLM2Params(
 )
 
 
-def tp(**kw: object) -> train.TrainParams:
+def tp(**kw: object) -> TrainParams:
     base = dict(
         method="distillm2",
         seed=0,
@@ -54,7 +57,7 @@ def tp(**kw: object) -> train.TrainParams:
         dpkd=DPKDParams(0.1),
         rounds={},
     )
-    return train.TrainParams(**{**base, **kw})  # type: ignore[arg-type]
+    return TrainParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
 PAIRS = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 else "stop") for i in range(8)]
@@ -63,6 +66,33 @@ PAIRS = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 el
 def load(folder: Path) -> tuple[torch.nn.Module, object]:
     ref = models.ModelRef(str(folder), None)
     return models.load_model(ref, folder, False, "float32"), models.load_tokenizer(ref, folder, False)
+
+
+def run(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    tok_s: object,
+    tok_t: object,
+    pairs: list[dict],
+    p: TrainParams,
+    ckpt_dir: Path | None = None,
+    key: str = "",
+    **kw: object,
+) -> list[dict[str, float]]:
+    """One trainer run, checkpointing into `ckpt_dir` under `key` when given."""
+    ckpt = Checkpoint(ckpt_dir, key) if ckpt_dir is not None else None
+    return trainer.run(trainer.Job(student, teacher, tok_s, tok_t, pairs, p, checkpoint=ckpt, **kw))  # type: ignore[arg-type]
+
+
+def live_rows(folder: Path) -> list[dict[str, float]]:
+    """The per-step rows of a DVCLive folder (one plots/metrics/<name>.tsv per value)."""
+    rows: dict[int, dict[str, float]] = {}
+    for tsv in sorted((folder / "plots" / "metrics").glob("*.tsv")):
+        lines = [ln.split("\t") for ln in tsv.read_text().splitlines()]
+        assert lines[0] == ["step", tsv.stem]
+        for step, value in lines[1:]:
+            rows.setdefault(int(step), {"step": int(step)})[tsv.stem] = float(value)
+    return [rows[k] for k in sorted(rows)]
 
 
 def fresh(tiny_models: Path) -> tuple:
@@ -95,14 +125,11 @@ def test_beta_schedule_spans_on_policy_rounds() -> None:
 
 
 def test_rounds_must_be_keyed_r2_to_rE_with_string_keys() -> None:
-    assert (
-        tp(rounds={"r2": train.RoundParams("data/train"), "r3": train.RoundParams("data/rounds/r2/train")}).total_rounds
-        == 3
-    )
+    assert tp(rounds={"r2": RoundParams("data/train"), "r3": RoundParams("data/rounds/r2/train")}).total_rounds == 3
     for bad in (
-        {"r3": train.RoundParams("x")},
-        {"r2": train.RoundParams("x"), "r4": train.RoundParams("y")},
-        {"2": train.RoundParams("x")},
+        {"r3": RoundParams("x")},
+        {"r2": RoundParams("x"), "r4": RoundParams("y")},
+        {"2": RoundParams("x")},
     ):
         with pytest.raises(ValueError, match=r"rounds: must be keyed r2..rE, one per round after the first"):
             tp(rounds=bad)
@@ -110,10 +137,8 @@ def test_rounds_must_be_keyed_r2_to_rE_with_string_keys() -> None:
 
     raw = {"previous": "data/train"}
     with pytest.raises(ValueError, match=r"train.rounds: keys must be strings, got int 2; quote them"):
-        params._convert({2: raw}, dict[str, train.RoundParams], "train.rounds")
-    assert params._convert({"2": raw}, dict[str, train.RoundParams], "train.rounds") == {
-        "2": train.RoundParams("data/train")
-    }
+        params._convert({2: raw}, dict[str, RoundParams], "train.rounds")
+    assert params._convert({"2": raw}, dict[str, RoundParams], "train.rounds") == {"2": RoundParams("data/train")}
 
 
 def test_alpha_curriculum_formula() -> None:
@@ -142,7 +167,7 @@ def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_stud
     """The released DistiLLM-2 code never ran its curriculum; ours must move alpha and beta."""
     student, teacher, tok_s, tok_t = fresh(taught_models)
     t_before = [q.detach().clone() for q in teacher.parameters()]
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=12))
+    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=12))
     assert len(rows) == 24 and [r["step"] for r in rows] == list(range(24))
     betas = [r["beta"] for r in rows]
     assert betas[0] == 0.5 and betas[-1] == 1.0 and betas == sorted(betas)
@@ -166,7 +191,7 @@ def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_stud
 def test_every_baseline_trains(tiny_models: Path, method: str) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     before = [q.detach().clone() for q in student.parameters()]
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=6))
+    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=6))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     if method != "dpkd":  # DPKD's margin loss need not fall monotonically on 8 pairs; it must move
@@ -175,7 +200,7 @@ def test_every_baseline_trains(tiny_models: Path, method: str) -> None:
 
 def test_gkd_mixes_student_data_at_lambda(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS * 4, tp(method="gkd", epochs=3, batch_size=8))
+    rows = run(student, teacher, tok_s, tok_t, PAIRS * 4, tp(method="gkd", epochs=3, batch_size=8))
     share = sum(r["student_fraction"] for r in rows) / len(rows)
     assert 0.3 < share < 0.7
 
@@ -188,11 +213,11 @@ def test_chunked_hidden_path_equals_full_logits_path(tiny_models: Path, method: 
         student, teacher, tok_s, tok_t = fresh(tiny_models)
         first: list[torch.Tensor] = []
 
-        def grab(step: int) -> None:
+        def grab(step: int, first: list = first, student: torch.nn.Module = student) -> None:
             if step == 0:
                 first.extend(q.grad.detach().clone() for q in student.parameters())
 
-        rows = train.run(
+        rows = run(
             student, teacher, tok_s, tok_t, PAIRS, tp(method=method, logits=mode, chunk_size=5, epochs=2), on_step=grab
         )
         curves[mode], grads[mode] = [r["loss"] for r in rows], first
@@ -207,14 +232,14 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_models: Path) -> None
     for bs, accum in ((8, 1), (4, 2)):
         student, teacher, tok_s, tok_t = fresh(tiny_models)
         p = tp(batch_size=bs, grad_accum_steps=accum, epochs=3, distillm2=replace(D2, adaptive_alpha=False))
-        curves.append([r["loss"] for r in train.run(student, teacher, tok_s, tok_t, PAIRS, p)])
+        curves.append([r["loss"] for r in run(student, teacher, tok_s, tok_t, PAIRS, p)])
     assert len(curves[0]) == len(curves[1]) == 3
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
 
 
 def test_adaptive_alpha_off_keeps_alpha_at_alpha_0(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=3, distillm2=replace(D2, adaptive_alpha=False)))
+    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=3, distillm2=replace(D2, adaptive_alpha=False)))
     for r in rows:
         for k in ("alpha_t_min", "alpha_t_max", "alpha_s_min", "alpha_s_max"):
             assert r[k] == pytest.approx(0.1)
@@ -223,7 +248,7 @@ def test_adaptive_alpha_off_keeps_alpha_at_alpha_0(tiny_models: Path) -> None:
 def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_path: Path) -> None:
     p = tp(epochs=4, checkpoint_every=2)
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    straight = train.run(student, teacher, tok_s, tok_t, PAIRS, p)
+    straight = run(student, teacher, tok_s, tok_t, PAIRS, p, live=tmp_path / "straight")
     expected = [q.detach().clone() for q in student.parameters()]
 
     def crash(step: int) -> None:
@@ -232,18 +257,27 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_pat
 
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        train.run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash)
+        run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash, live=tmp_path / "resumed")
     assert (tmp_path / "state.pt").is_file()
+    assert len(live_rows(tmp_path / "resumed")) == 5  # logged step by step until the crash
     student, teacher, tok_s, tok_t = fresh(tiny_models)  # a new process: weights from disk again
-    resumed = train.run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key")
+    resumed = run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", live=tmp_path / "resumed")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert all(torch.equal(a, b) for a, b in zip(expected, student.parameters()))
+    # the DVCLive log of the resumed run is the uninterrupted run's, byte for byte
+    files = lambda d: {f.relative_to(d): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}  # noqa: E731
+    assert files(tmp_path / "resumed") == files(tmp_path / "straight")
+    assert {f.name for f in (tmp_path / "straight").rglob("*") if f.is_file()} == {f"{k}.tsv" for k in straight[0]} - {
+        "step.tsv"
+    }  # no summary, report, dvc.yaml or timestamps: nothing that changes between reruns
+    got = live_rows(tmp_path / "straight")
+    assert [r["loss"] for r in got] == [round(r["loss"], 6) for r in straight] and len(got) == len(straight)
 
 
 def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_path: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        train.run(
+        run(
             student,
             teacher,
             tok_s,
@@ -255,7 +289,7 @@ def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_p
             on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else None,
         )
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
+    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
     assert rows[0]["step"] == 0 and len(rows) == 8
 
 
@@ -263,7 +297,7 @@ def test_different_tokenizers_fail_clearly(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     tok_t.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizers differ"):
-        train.run(student, teacher, tok_s, tok_t, PAIRS, tp())
+        run(student, teacher, tok_s, tok_t, PAIRS, tp())
 
 
 def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path) -> None:
@@ -271,7 +305,7 @@ def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     teacher.resize_token_embeddings(teacher.config.vocab_size + 28)
     assert teacher.config.vocab_size != student.config.vocab_size
-    rows = train.run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
+    rows = run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
@@ -328,14 +362,12 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
             str(out / "train"),
             "--metrics",
             str(out / "m.json"),
-            "--plot",
-            str(out / "plot.csv"),
+            "--live",
+            str(out / "live"),
         ]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
-        lines = (out / "plot.csv").read_text().splitlines()
-        header = lines[0].split(",")
-        curves[name] = [dict(zip(header, map(float, ln.split(",")))) for ln in lines[1:]]
+        curves[name] = live_rows(out / "live")
         weights[name] = load_file(out / "train" / "model" / "model.safetensors")
         assert json.loads((out / "m.json").read_text())["steps"] == 4
     assert len(curves["single"]) == len(curves["torchrun"]) == 4
@@ -353,7 +385,7 @@ def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Pa
 
     prev = tmp_path / "train"
     prev.mkdir()
-    p = tp(rounds={"r2": train.RoundParams(str(prev))})
+    p = tp(rounds={"r2": RoundParams(str(prev))})
     with pytest.raises(DataError, match="no manifest.json; --previous must be a train stage's output folder"):
         train.previous_round(prev, p)
     (prev / "manifest.json").write_text(json.dumps({"stage": "curate"}))
@@ -367,4 +399,4 @@ def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Pa
     e, cur = train.previous_round(prev, p)
     assert e == 2 and cur.ready and cur.gaps_t == [0.2, 0.3]
     with pytest.raises(ValueError, match="r2 must have previous"):
-        train.previous_round(prev, tp(rounds={"r2": train.RoundParams("elsewhere")}))
+        train.previous_round(prev, tp(rounds={"r2": RoundParams("elsewhere")}))

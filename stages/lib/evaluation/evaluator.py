@@ -1,0 +1,101 @@
+"""Runs models over the eval prompts and gathers their scores (lib/evaluation/metrics.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stages.lib.core import models
+from stages.lib.engines.generation import generate_transformers
+from stages.lib.evaluation.metrics import accuracy, length_stats, rouge_l, sequences, speculative, teacher_forced
+from stages.lib.evaluation.settings import EvaluateParams
+from stages.lib.task import toytask
+
+
+def generate(
+    model: torch.nn.Module, tok: Any, fp: str, name: str, prompts: list[dict[str, Any]], p: EvaluateParams
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A model's eval responses: (metrics, generations, prediction rows)."""
+    gens = generate_transformers(model, tok, prompts, p.generation(), fp, desc=f"evaluate {name}")
+    acc = accuracy(prompts, gens)
+    metrics: dict[str, Any] = {"accuracy": acc} if acc is not None else {}
+    metrics["response_tokens"] = length_stats(gens)
+    rows = [
+        {
+            "model": name,
+            "prompt_id": pr["prompt_id"],
+            "category": pr["category"],
+            "response": g["response"],
+            "finish_reason": g["finish_reason"],
+            "correct": None if pr["reference"] is None else toytask.is_correct(g["response"], pr["reference"]),
+        }
+        for pr, g in zip(prompts, gens, strict=True)
+    ]
+    return metrics, gens, rows
+
+
+def student_metrics(
+    teacher: torch.nn.Module,
+    tok_t: Any,
+    student: torch.nn.Module,
+    tok_s: Any,
+    prompts: list[dict[str, Any]],
+    teacher_gens: list[dict[str, Any]],
+    own_gens: list[dict[str, Any]],
+    p: EvaluateParams,
+) -> dict[str, Any]:
+    """What a student is measured on besides accuracy, against the teacher's responses."""
+    vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
+    on_teacher = teacher_forced(
+        teacher,
+        student,
+        tok_s,
+        sequences(tok_s, prompts, teacher_gens),
+        vocab,
+        p.batch_size,
+        "the teacher's eval responses",
+    )
+    own = sequences(tok_s, prompts, own_gens)
+    # A student may answer with nothing scorable at all (only special tokens, cut off):
+    # then there is no NLL on its own responses, and the metrics say so.
+    scorable = sum(len(r) for _, r in own)
+    on_own = (
+        teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses")
+        if scorable
+        else {"nll": None}
+    )
+    out: dict[str, Any] = {
+        "kl_teacher_student": on_teacher["kl_teacher_student"],
+        "nll_on_teacher_responses": on_teacher["nll"],
+        "nll_on_own_responses": on_own["nll"],  # DPKD's collapse shows here; null: nothing to score
+        "own_response_tokens_scored": scorable,
+        "greedy_agreement": on_teacher["greedy_agreement"],
+        "rouge_l_vs_teacher": round(
+            sum(rouge_l(g["response"], t["response"]) for g, t in zip(own_gens, teacher_gens, strict=True))
+            / len(own_gens),
+            6,
+        ),
+    }
+    if p.speculative_prompts:
+        out["speculative"] = speculative(teacher, student, tok_s, prompts, p)
+    return out
+
+
+def run(
+    loaded: dict[str, tuple[torch.nn.Module, Any, str]], prompts: list[dict[str, Any]], p: EvaluateParams
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`loaded` maps teacher / student_initial / student_distilled to (model, tokenizer, fingerprint)."""
+    metrics: dict[str, Any] = {}
+    predictions: list[dict[str, Any]] = []
+    responses: dict[str, list[dict[str, Any]]] = {}
+    for name, (model, tok, fp) in loaded.items():
+        metrics[name], responses[name], rows = generate(model, tok, fp, name, prompts, p)
+        predictions.extend(rows)
+    teacher, tok_t, _ = loaded["teacher"]
+    for name in ("student_initial", "student_distilled"):
+        student, tok_s, _ = loaded[name]
+        metrics[name] |= student_metrics(
+            teacher, tok_t, student, tok_s, prompts, responses["teacher"], responses[name], p
+        )
+    return metrics, predictions

@@ -1,0 +1,47 @@
+"""params.yaml `evaluate` and the schema of the predictions an evaluation writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from stages.lib.core.config import GenerationParams
+from stages.lib.core.params import check
+from stages.lib.data import records
+
+PREDICTION_SCHEMA = records.schema(
+    "prediction",
+    [
+        pa.field("model", pa.string(), nullable=False),  # teacher | student_initial | student_distilled
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=True),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=True),  # null where there is no reference
+    ],
+)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """params.yaml `evaluate`."""
+
+    batch_size: int
+    max_new_tokens: int
+    temperature: float  # 0 = greedy (the default for accuracy)
+    seed: int
+    speculative_prompts: int  # eval prompts run through assisted generation (student drafts for teacher); 0 = off
+    draft_tokens: int  # tokens the student drafts per teacher verification
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.speculative_prompts >= 0, "speculative_prompts", "must be >= 0 (0 = off)")
+        check(self.draft_tokens >= 1, "draft_tokens", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.temperature >= 0.0, "temperature", "must be >= 0")
+
+    def generation(self) -> GenerationParams:
+        return GenerationParams(
+            "transformers", self.batch_size, self.max_new_tokens, self.temperature, 1.0, 1, self.seed, 1
+        )

@@ -1,0 +1,59 @@
+"""The comparison's cells (params.yaml `compare.runs` x `compare.seeds`): what a cell
+trains with. Used by stages/compare.py (one cell) and stages/report.py (the table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from stages.lib.core import params
+from stages.lib.core.params import check
+from stages.lib.training.objectives import DistiLLM2Params, Method
+from stages.lib.training.settings import TrainParams
+
+SWITCHES = ("contrastive", "beta_ramp", "adaptive_alpha")
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """One entry of params.yaml `compare.runs`: a method and, for distillm2, the
+    ablation switches turned off. (Not named `off`: YAML 1.1 reads that key as false.)"""
+
+    method: Method
+    disable: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for s in self.disable:
+            check(s in SWITCHES, "disable", f"unknown switch {s!r}; DistiLLM-2's switches are {list(SWITCHES)}")
+        check(
+            not self.disable or self.method == "distillm2",
+            "disable",
+            f"switches belong to distillm2, not {self.method}",
+        )
+
+
+# The train settings a cell shares with the train stage: all but what the cell sets
+# itself (method, seed, DistiLLM-2's switches) and the rounds (a cell is one round).
+# Listing them one by one keeps DVC from rerunning every cell when train.method changes.
+OWN = ("method", "seed", "rounds", "distillm2")
+SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(TrainParams) if f.name not in OWN) + tuple(
+    f"train.distillm2.{f.name}" for f in fields(DistiLLM2Params) if f.name not in SWITCHES
+)
+
+
+def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> TrainParams:
+    """TrainParams from the shared train settings plus this cell's method, switches and
+    seed, one round; checked as strictly as the train stage's own."""
+    raw: dict[str, Any] = {
+        "method": run.method,
+        "seed": seed,
+        "rounds": {},
+        "distillm2": {s: s not in run.disable for s in SWITCHES},
+    }
+    for key in SHARED_TRAIN:
+        *parents, leaf = key.split(".")[1:]
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = used[key]
+    return params.build(TrainParams, raw, "train")

@@ -1,0 +1,413 @@
+"""The training loop every distillation run shares: the train stage, its on-policy rounds
+(stages/train.py with --previous) and the comparison cells (stages/compare.py).
+
+    job = Job(student, teacher, tok_s, tok_t, pairs, p, scores=..., checkpoint=..., live=...)
+    rows = run(job)          # trains job.student in place; one log row per optimizer step
+
+Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
+(one optimizer step over its micro-batches), checkpointing (checkpoint.py) and per-step
+logging (summary.LiveLog). `load_inputs` and `gate_inputs` read what a run trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from stages.lib.audit import quality
+from stages.lib.core import models
+from stages.lib.data import encoding, records
+from stages.lib.data.io import DataError, read_rows, read_table
+from stages.lib.training import basics, distributed
+from stages.lib.training.checkpoint import Checkpoint
+from stages.lib.training.objectives import (
+    METHODS,
+    NEEDS_REJECTED,
+    NEEDS_TEACHER,
+    AlphaCurriculum,
+    Context,
+    Heads,
+    MethodParams,
+    Side,
+    TopK,
+)
+from stages.lib.training.settings import TrainParams, plan, round_seed
+from stages.lib.training.summary import LiveLog
+
+log = logging.getLogger("train")
+
+# (pair_id, side) -> (k, top-k ids (positions, k), top-k log-probs (positions, k), target log-probs (positions,))
+Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Job:
+    """One training run.
+
+    With `p.teacher_signal == "topk"`, `teacher` is None and `scores` holds the teacher's
+    stored top-k signal (stages/score.py). On-policy rounds: `round_index` e (1..E, E =
+    `p.total_rounds`) places this run at training progress (e - 1 + step / T) / E for the
+    beta schedule, so beta rises across all rounds as in the paper's clip(e/E + tau/T,
+    beta_0, 1), and changes the shuffle seed. `curriculum`, when given, is used and left
+    holding the reference gaps for the caller to save (later rounds start from round 1's
+    reference m). `checkpoint`: resumable state (with `p.checkpoint_every`). `on_step(step)`
+    is called after each optimizer step (progress hooks; tests simulate a crash with it).
+    `live`: the folder of the per-step DVCLive log (written by rank 0 only)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tok_s: Any
+    tok_t: Any
+    pairs: list[dict[str, Any]]
+    p: TrainParams
+    scores: Scores | None = None
+    round_index: int = 1
+    curriculum: AlphaCurriculum | None = None
+    checkpoint: Checkpoint | None = None
+    on_step: Callable[[int], None] | None = None
+    live: Path | None = None
+
+
+@dataclass
+class Loop:
+    """What `setup` prepares and `train_step` works on."""
+
+    encoded: list[tuple[list[int], list[int], list[int]]]
+    steps: list[list[list[int]]]
+    seed: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    curriculum: AlphaCurriculum
+    mp: MethodParams
+    heads: Heads
+    rank: int
+    world: int
+    online_teacher: torch.nn.Module | None
+    autocast: AbstractContextManager[Any]
+    start: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.steps)
+
+
+def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: int, p: TrainParams) -> Heads:
+    """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
+    heads = {
+        "student": student.get_output_embeddings(),
+        "teacher": teacher.get_output_embeddings() if teacher is not None else None,
+    }
+    for name, head in heads.items():
+        if head is not None and not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"models.{name}: output layer is {type(head).__name__}, not a Linear head; "
+                "distillflow computes logits as hidden @ W.T"
+            )
+    cut = lambda t: None if t is None else t[:vocab]  # noqa: E731
+    s_head, t_head = heads["student"], heads["teacher"]
+    return Heads(
+        s_head.weight[:vocab],
+        cut(s_head.bias),
+        cut(t_head.weight) if t_head is not None else None,
+        cut(t_head.bias) if t_head is not None else None,
+        p.logits == "chunked",
+        p.chunk_size,
+        p.reduction,
+        topk=teacher is None,
+    )
+
+
+def index_scores(rows: list[dict[str, Any]]) -> Scores:
+    out: Scores = {}
+    for r in rows:
+        n, k = r["positions"], r["k"]
+        out[(r["pair_id"], r["side"])] = (
+            k,
+            torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
+            torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
+            torch.tensor(r["target_logprob"], dtype=torch.float32),
+        )
+    return out
+
+
+def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) -> TopK:
+    """The stored teacher signal of a batch, laid out densely over (B, T) positions."""
+    B, T = batch.response_mask.shape
+    k = next(iter(scores.values()))[0]
+    ids = torch.zeros((B, T, k), dtype=torch.long)
+    lps = torch.zeros((B, T, k), dtype=torch.float32)
+    target = torch.zeros((B, T), dtype=torch.float32)
+    for row, key in enumerate(keys):
+        if key not in scores:
+            raise DataError(f"data/score: no teacher scores for pair {key[0]} ({key[1]}); rerun the score stage")
+        _, i, lp, tg = scores[key]
+        m = batch.response_mask[row]
+        if int(m.sum()) != i.shape[0]:
+            raise DataError(
+                f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, "
+                f"the tokenizer gives {int(m.sum())}"
+            )
+        ids[row, m], lps[row, m], target[row, m] = i, lp, tg
+    return TopK(ids, lps, target)
+
+
+def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
+    """Final hidden states (B, T, H), after the model's last norm: logits = head(hidden)."""
+    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return out.last_hidden_state
+
+
+def side(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: encoding.Batch,
+    device: str,
+    topk: TopK | None = None,
+) -> Side:
+    """One batch through the student (with gradients) and the teacher (without), if needed."""
+    s_h = hidden(student, batch, device)
+    with torch.no_grad():
+        t_h = hidden(teacher, batch, device) if teacher is not None else None
+    if topk is not None:
+        topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
+    return Side(s_h, t_h, batch.response_mask.to(device), batch.targets.to(device), topk)
+
+
+@torch.no_grad()
+def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: str, role: str) -> None:
+    """Refuse models whose logits are not head(final hidden) (e.g. logit soft-capping)."""
+    full = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    mine = model.get_output_embeddings()(hidden(model, batch, device))
+    if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
+        raise ValueError(
+            f"models.{role}: logits are not the LM head applied to the final hidden state "
+            "(soft-capping or scaling?); this model is not supported"
+        )
+
+
+def check_job(job: Job) -> None:
+    p = job.p
+    if not 1 <= job.round_index <= p.total_rounds:
+        raise ValueError(
+            f"train: round {job.round_index} is outside 1..{p.total_rounds} (train.rounds has {len(p.rounds)} entries)"
+        )
+    offline = p.teacher_signal == "topk"
+    if offline != (job.teacher is None) or offline != (job.scores is not None):
+        raise ValueError(
+            "train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores"
+        )
+    if not job.pairs:
+        raise ValueError("train: no pairs to train on")
+    if job.scores is not None and not job.scores:
+        raise ValueError("train.teacher_signal is topk but data/score holds no scores: set score.k > 0")
+
+
+def check_world(loop: Loop) -> None:
+    """Under torchrun: every micro-batch needs a pair per process; the curriculum's
+    means are taken over all processes."""
+    short = [len(m) for st in loop.steps for m in st if len(m) < loop.world]
+    if short:
+        raise ValueError(
+            f"train: under torchrun every micro-batch needs at least {loop.world} pairs (one per process); "
+            f"{len(short)} have fewer (e.g. {short[0]}): pick train.batch_size so that the last batch of an "
+            f"epoch ({len(loop.encoded)} pairs) is not that small"
+        )
+
+    def global_mean(x: torch.Tensor) -> float:
+        total, count = distributed.sum_floats([float(x.sum()), float(x.numel())])
+        return total / count
+
+    loop.curriculum.mean = global_mean
+
+
+def setup(job: Job) -> Loop:
+    """Models on the device, the batch plan, seeding, optimizer and schedule, heads, and
+    the resume state; in this order (the order seeds and floats see)."""
+    check_job(job)
+    p, student, teacher, tok_s = job.p, job.student, job.teacher, job.tok_s
+    vocab = models.check_vocabularies(
+        tok_s,
+        job.tok_t,
+        student.config.vocab_size,
+        teacher.config.vocab_size if teacher is not None else len(job.tok_t),
+    )
+    student.to(p.device)
+    if teacher is not None:
+        teacher.to(p.device)
+    encoded = [encoding.encode_pair(tok_s, pr) for pr in job.pairs]
+    seed = round_seed(p.seed, job.round_index)
+    steps = plan(len(encoded), p, seed)
+    basics.seed_everything(seed)
+    opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, len(steps))
+    if job.curriculum is None:
+        job.curriculum = AlphaCurriculum(p.distillm2)
+    mp = p.method_params()
+    heads = heads_of(student, teacher, vocab, p)
+    if p.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+    rank, world = distributed.rank_and_size()
+    autocast = torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
+    online = teacher if NEEDS_TEACHER[p.method] else None
+    loop = Loop(encoded, steps, seed, opt, sched, job.curriculum, mp, heads, rank, world, online, autocast)
+    if job.checkpoint is not None:
+        loop.start, loop.rows = job.checkpoint.load(p.device, student, opt, sched, job.curriculum)
+        if loop.start:
+            log.info("train: resuming at step %d of %d from %s", loop.start, loop.total, job.checkpoint.file)
+    if world > 1:
+        check_world(loop)
+    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
+    check_head_is_plain(student, first, p.device, "student")
+    if NEEDS_TEACHER[p.method] and teacher is not None:
+        check_head_is_plain(teacher, first, p.device, "teacher")
+    return loop
+
+
+def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[int]) -> tuple[float, dict[str, Any]]:
+    """Forward and backward on this process's share of one micro-batch; (its share of the
+    step, the loss and its parts)."""
+    p, student = job.p, job.student
+    positions = distributed.shard(list(range(len(global_idx))), loop.rank, loop.world)
+    idx = [global_idx[i] for i in positions]
+    # This process's share of the micro-batch, and of the step's micro-batches:
+    # scaling by it makes the averaged gradient the single-process gradient.
+    share = len(idx) / len(global_idx) / len(loop.steps[step])
+    pad = job.tok_s.pad_token_id
+    chosen = encoding.collate([(loop.encoded[i][0], loop.encoded[i][1]) for i in idx], pad)
+    rejected = encoding.collate([(loop.encoded[i][0], loop.encoded[i][2]) for i in idx], pad)
+    keys = [job.pairs[i]["pair_id"] for i in idx]
+    scores, rej = job.scores, NEEDS_REJECTED[p.method]
+    topk_c = topk_of(chosen, [(k, "chosen") for k in keys], scores) if scores is not None else None
+    topk_r = topk_of(rejected, [(k, "rejected") for k in keys], scores) if scores is not None and rej else None
+    with loop.autocast:
+        on_chosen = side(student, loop.online_teacher, chosen, p.device, topk_c)
+        # sft never looks at the student's responses: an empty side, no forward pass
+        on_rejected = (
+            side(student, loop.online_teacher, rejected, p.device, topk_r)
+            if rej
+            else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0])
+        )
+        ctx = Context(
+            on_chosen,
+            on_rejected,
+            loop.heads,
+            loop.mp,
+            step,
+            loop.total,
+            loop.seed,
+            loop.curriculum,
+            micro,
+            positions,
+            len(global_idx),
+            job.round_index,
+            p.total_rounds,
+        )
+        loss, logs = METHODS[p.method](ctx)
+    (loss * share * loop.world).backward()
+    return share, {"loss": float(loss.detach()), **logs}
+
+
+def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
+    """One optimizer step over its micro-batches; its log row."""
+    loop.opt.zero_grad(set_to_none=True)
+    logged: dict[str, float] = {}
+    for micro, global_idx in enumerate(loop.steps[step]):
+        share, values = micro_batch(job, loop, step, micro, global_idx)
+        for k, v in values.items():
+            logged[k] = logged.get(k, 0.0) + v * share
+    distributed.average_gradients(list(job.student.parameters()))
+    keys = sorted(logged)
+    logged = dict(zip(keys, distributed.sum_floats([logged[k] for k in keys])))
+    grad_norm = torch.nn.utils.clip_grad_norm_(job.student.parameters(), job.p.max_grad_norm)
+    loop.opt.step()
+    loop.sched.step()
+    return {
+        "step": step,
+        "loss": logged.pop("loss"),
+        **logged,
+        "lr": loop.sched.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+    }
+
+
+def run(job: Job) -> list[dict[str, float]]:
+    """Train `job.student` in place; returns one log row per optimizer step."""
+    loop = setup(job)
+    p, ckpt = job.p, job.checkpoint
+    live = LiveLog(job.live) if job.live is not None and loop.rank == 0 else None
+    if live is not None:
+        for row in loop.rows:  # the steps restored from a checkpoint, logged again
+            live.log(row)
+    bar = tqdm(total=loop.total, initial=loop.start, desc=f"train {p.method}", unit="step", mininterval=5.0)
+    for step in range(loop.start, loop.total):
+        loop.rows.append(train_step(job, loop, step))
+        if live is not None:
+            live.log(loop.rows[-1])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loop.rows[-1]['loss']:.4f}", refresh=False)
+        every = p.checkpoint_every
+        if ckpt is not None and loop.rank == 0 and every and (step + 1) % every == 0 and step + 1 < loop.total:
+            ckpt.save(step + 1, job.student, loop.opt, loop.sched, loop.curriculum, loop.rows)
+        if job.on_step is not None:
+            job.on_step(step)
+    bar.close()
+    if p.gradient_checkpointing:
+        job.student.gradient_checkpointing_disable()
+    job.student.eval()
+    return loop.rows
+
+
+def gate_inputs(
+    q: quality.QualityParams, src: Path, scores_dir: Path, p: TrainParams, eval_ids: pa.Array | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the curated pairs, the validation report): the pairs through the strict curated
+    gate (with `eval_ids`, also disjoint from those eval prompts), and with the topk
+    signal the teacher's scores file; any failure stops the stage. No Data Docs here:
+    the files' Data Docs come from curate and score."""
+    gates = quality.StageGates(q, None)
+    table = read_table(src, records.PAIR_SCHEMA)
+    gates.strict(
+        "curated pairs", src, "curated", table, **({"refs": {"eval": eval_ids}} if eval_ids is not None else {})
+    )
+    if p.teacher_signal == "topk":  # streamed here, then read again by load_inputs
+        gates.check_file("teacher top-k", scores_dir / "topk.parquet", "topk")
+    return table.to_pylist(), gates.finish()
+
+
+def load_inputs(
+    p: TrainParams,
+    s_ref: models.ModelRef,
+    s_dir: Path,
+    t_ref: models.ModelRef,
+    t_dir: Path,
+    scores_dir: Path,
+    trust: bool,
+    dtype: str,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
+    """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
+    None): with `teacher_signal: topk` the teacher model is never loaded."""
+    student = models.load_model(s_ref, s_dir, trust, dtype)
+    scores: Scores | None = None
+    teacher: torch.nn.Module | None = None
+    if p.teacher_signal == "topk":
+        scores = index_scores(read_rows(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+    else:
+        teacher = models.load_model(t_ref, t_dir, trust, dtype)
+    return (
+        student,
+        teacher,
+        models.load_tokenizer(s_ref, s_dir, trust),
+        models.load_tokenizer(t_ref, t_dir, trust),
+        scores,
+    )
