@@ -71,7 +71,7 @@ def find_stage(repo: Repo, name: str) -> DvcStage:
     raise KeyError(f"DVC knows no stage {name!r} in {repo.root_dir}; stages: {', '.join(known)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StageSpec:
     name: str  # e.g. "teacher", "round_student@2", "sub/dvc.yaml:prep", "data.dvc"
     cmd: str | list[str] | None  # None for a .dvc data source

@@ -40,7 +40,7 @@ from stages.lib.training import basics
 log = logging.getLogger("bootstrap")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToyModelParams:
     """One toy model's size and its SFT budget."""
 

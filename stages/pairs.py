@@ -1,4 +1,4 @@
-"""pairs: join teacher and student responses into preference pairs, on ids.
+"""pairs: join teacher and student responses into preference pairs, on ids (stages/lib/data/pairs.py).
 
     python -m stages.pairs --params params.yaml --prompts data/seed --teacher data/teacher \
         --student data/student --out data/pairs --metrics metrics/pairs.json
@@ -9,15 +9,13 @@ needs (finish reasons, token counts, the reference answer where there is one).
 
 With n teacher and m student samples for a prompt, pair k (k < max(n, m)) takes teacher
 sample k mod n and student sample k mod m. A prompt without a teacher or a student
-response is quarantined with the reason; a generation whose prompt id is not among
-the prompts is an upstream mismatch and stops the stage.
+response is quarantined (its prompt's columns + `reason`); a generation whose prompt
+id is not among the prompts is an upstream mismatch and stops the stage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,46 +23,17 @@ import pyarrow as pa
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, params
-from stages.lib.core.params import check
+from stages.lib.data import pairs as pairing
 from stages.lib.data import records
-from stages.lib.data.io import DataError, atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.pairs import QUARANTINE_SCHEMA, PairsParams
+
+__all__ = ["SECTIONS", "PARAMS", "PairsParams", "QUARANTINE_SCHEMA", "run", "main"]
 
 log = logging.getLogger("pairs")
 
-QUARANTINE_SCHEMA = records.schema(
-    "pairs_quarantine",
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-    ],
-)
-
-
-@dataclass(frozen=True)
-class PairsParams:
-    """params.yaml `pairs`."""
-
-    max_pairs_per_prompt: int
-
-    def __post_init__(self) -> None:
-        check(self.max_pairs_per_prompt >= 1, "max_pairs_per_prompt", "must be >= 1")
-
-
 SECTIONS: dict[str, Any] = {"pairs": PairsParams, "quality": quality.QualityParams}
 PARAMS = tuple(SECTIONS)
-
-
-def _by_prompt(gens: list[dict[str, Any]], prompt_ids: set[str], file: Path) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row, g in enumerate(gens):
-        if g["prompt_id"] not in prompt_ids:
-            raise DataError(
-                f"{file}: row {row}, field 'prompt_id': {g['prompt_id']} is not a training prompt (stale or foreign generations?)"
-            )
-        grouped[g["prompt_id"]].append(g)
-    for rows in grouped.values():
-        rows.sort(key=lambda g: g["sample_index"])
-    return grouped
 
 
 def run(
@@ -74,48 +43,8 @@ def run(
     student: list[dict[str, Any]],
     files: tuple[Path, Path] = (Path("teacher"), Path("student")),
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(pairs, quarantine, counts) from prompts and both sides' generations."""
-    ids = {pr["prompt_id"] for pr in prompts}
-    t_by = _by_prompt(teacher, ids, files[0])
-    s_by = _by_prompt(student, ids, files[1])
-    pairs: list[dict] = []
-    quarantine: list[dict] = []
-    reasons: Counter[str] = Counter()
-    for pr in prompts:
-        pid = pr["prompt_id"]
-        ts, ss = t_by.get(pid, []), s_by.get(pid, [])
-        reason = "missing_teacher_generation" if not ts else "missing_student_generation" if not ss else None
-        if reason:
-            reasons[reason] += 1
-            quarantine.append({"prompt_id": pid, "reason": reason})
-            continue
-        for k in range(min(max(len(ts), len(ss)), p.max_pairs_per_prompt)):
-            c, r = ts[k % len(ts)], ss[k % len(ss)]
-            pairs.append(
-                {
-                    "pair_id": records.pair_id(pid, c["generation_id"], r["generation_id"]),
-                    "prompt_id": pid,
-                    "chosen_id": c["generation_id"],
-                    "rejected_id": r["generation_id"],
-                    "prompt": pr["prompt"],
-                    "chosen": c["response"],
-                    "rejected": r["response"],
-                    "reference": pr["reference"],
-                    "category": pr["category"],
-                    "chosen_finish_reason": c["finish_reason"],
-                    "rejected_finish_reason": r["finish_reason"],
-                    "chosen_tokens": c["response_tokens"],
-                    "rejected_tokens": r["response_tokens"],
-                }
-            )
-    counts = {
-        "prompts": len(prompts),
-        "prompts_paired": len(prompts) - len(quarantine),
-        "prompts_quarantined": len(quarantine),
-        "pairs": len(pairs),
-        "dropped_by_reason": dict(sorted(reasons.items())),
-    }
-    return pairs, quarantine, counts
+    """(pairs, quarantine, counts): stages/lib/data/pairs.py's `build`."""
+    return pairing.build(p, prompts, teacher, student, files)
 
 
 def main() -> None:

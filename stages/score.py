@@ -13,39 +13,27 @@ error, measured in tests/test_losses_topk.py, shrinks as k grows).
 `score.k: 0` switches scoring off (the teacher is not loaded; an empty topk.parquet is
 written), for runs that keep the online teacher. Output rows (one per pair and side):
 pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
-target_logprob (positions).
+target_logprob (positions). The scoring itself: stages/lib/engines/scoring.py.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import torch
-from tqdm import tqdm
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import Dtype, ModelParams
-from stages.lib.core.params import check
-from stages.lib.data import encoding, records
+from stages.lib.data import records
 from stages.lib.data.io import atomic_dir, read_table, write_json, write_table
+from stages.lib.engines import scoring
+from stages.lib.engines.scoring import ScoreParams
+
+__all__ = ["SECTIONS", "PARAMS", "ScoreParams", "run", "main"]
 
 log = logging.getLogger("score")
-
-
-@dataclass(frozen=True)
-class ScoreParams:
-    """params.yaml `score`."""
-
-    k: int  # 0 = off
-    batch_size: int
-
-    def __post_init__(self) -> None:
-        check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 SECTIONS: dict[str, Any] = {
@@ -58,41 +46,9 @@ SECTIONS: dict[str, Any] = {
 PARAMS = tuple(SECTIONS)
 
 
-@torch.no_grad()
-def run(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> list[dict[str, Any]]:
-    """Top-k rows for every (pair, side), in pair order, chosen before rejected."""
-    vocab = len(tok)
-    if p.k > vocab:
-        raise ValueError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
-    device = next(teacher.parameters()).device
-    seqs = []
-    for pr in pairs:
-        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
-        seqs += [(pr["pair_id"], "chosen", (prompt, chosen)), (pr["pair_id"], "rejected", (prompt, rejected))]
-    rows = []
-    for s in tqdm(range(0, len(seqs), p.batch_size), desc="score teacher", unit="batch", mininterval=5.0):
-        chunk = seqs[s : s + p.batch_size]
-        b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
-        logits = teacher(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits[
-            ..., :vocab
-        ]
-        for i, (pid, side, _) in enumerate(chunk):
-            m = b.response_mask[i].to(device)
-            lp = torch.log_softmax(logits[i][m].float(), dim=-1)  # (positions, V)
-            top = lp.topk(p.k, dim=-1)
-            target = lp.gather(-1, b.targets[i].to(device)[m][:, None]).squeeze(-1)
-            rows.append(
-                {
-                    "pair_id": pid,
-                    "side": side,
-                    "positions": int(m.sum()),
-                    "k": p.k,
-                    "topk_ids": top.indices.flatten().tolist(),
-                    "topk_logprobs": top.values.flatten().tolist(),
-                    "target_logprob": target.tolist(),
-                }
-            )
-    return rows
+def run(teacher: Any, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> list[dict[str, Any]]:
+    """Top-k rows for every (pair, side), in pair order, chosen before rejected: scoring.score."""
+    return scoring.score(teacher, tok, pairs, p)
 
 
 def main() -> None:

@@ -94,7 +94,16 @@ def test_seed_quarantines_every_bad_jsonl_line_with_its_reason(tmp_path: Path) -
 def test_seed_on_an_empty_file_says_so(tmp_path: Path) -> None:
     src = tmp_path / "empty.jsonl"
     src.write_bytes(b"")
-    assert_clean_error(run_seed(tmp_path, "jsonl", src), "0 train and 0 eval prompts")
+    assert_clean_error(run_seed(tmp_path, "jsonl", src), f"error: {src}: the file has no rows")
+
+
+def test_seed_on_a_file_without_the_field_names_the_reason_and_the_fields_rows_have(tmp_path: Path) -> None:
+    src = tmp_path / "x.jsonl"
+    src.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": str(i)}) + "\n" for i in range(40)))
+    assert_clean_error(
+        run_seed(tmp_path, "jsonl", src),
+        f"error: {src}: 0 of 40 rows usable: missing field 'text' (40); rows have fields: question, answer",
+    )
 
 
 def test_seed_on_a_truncated_parquet_file_names_it(tmp_path: Path) -> None:
@@ -121,7 +130,7 @@ def test_seed_quarantines_wrong_types_and_nulls_in_a_parquet_column(tmp_path: Pa
     pq.write_table(pa.table({"text": [1, 2]}), ints)
     done = run_seed(tmp_path / "ints", "parquet", ints)
     # both rows are quarantined as not_a_string, and a prompt set with nothing in it stops the stage
-    assert_clean_error(done, "0 train and 0 eval prompts")
+    assert_clean_error(done, f"error: {ints}: 0 of 2 rows usable: not_a_string (2)")
     assert not (tmp_path / "ints" / "seed").exists()  # a failed stage leaves no output behind
 
 
@@ -155,6 +164,25 @@ def test_curate_on_an_empty_file(tmp_path: Path) -> None:
     curate_inputs(tmp_path)
     (tmp_path / "pairs" / "pairs.parquet").write_bytes(b"")
     assert_clean_error(run_curate(tmp_path), "pairs.parquet", "not a readable Parquet file")
+
+
+def test_curate_left_with_nothing_names_the_top_reasons_with_counts(tmp_path: Path) -> None:
+    rows = curate_inputs(tmp_path)
+    rows = [{**r, "chosen": "2"} for r in rows[:4]] + [{**r, "chosen_finish_reason": "length"} for r in rows[4:]]
+    path = tmp_path / "pairs" / "pairs.parquet"
+    write_table(path, rows, records.PAIR_SCHEMA)
+    assert_clean_error(
+        run_curate(tmp_path),
+        f"error: {path}: 0 of 6 pairs usable: chosen_incorrect (4), truncated_chosen (2); nothing to train on",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_curate_on_a_pairs_file_without_rows(tmp_path: Path) -> None:
+    curate_inputs(tmp_path)
+    path = tmp_path / "pairs" / "pairs.parquet"
+    write_table(path, [], records.PAIR_SCHEMA)
+    assert_clean_error(run_curate(tmp_path), f"error: {path}: the file has no pairs")
 
 
 def test_curate_on_a_truncated_parquet_file(tmp_path: Path) -> None:

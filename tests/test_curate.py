@@ -3,11 +3,11 @@ import dataclasses
 import pytest
 
 from stages import curate
-from stages.lib.data import records
+from stages.lib.data import curation, records
 
 from .test_pairs import prompt
 
-OFF = curate.CurateParams(
+OFF = curation.CurateParams(
     drop_duplicates=False,
     drop_empty_chosen=False,
     drop_empty_rejected=False,
@@ -19,10 +19,10 @@ OFF = curate.CurateParams(
     max_length_ratio=1000.0,
     require_correct_chosen=False,
     student_matches_teacher="keep",
-    repetition=curate.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
-    decontamination=curate.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
-    near_duplicates=curate.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
-    balance=curate.BalanceParams(key=None, max_per_value=None),
+    repetition=curation.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
+    decontamination=curation.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
+    near_duplicates=curation.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
+    balance=curation.BalanceParams(key=None, max_per_value=None),
 )
 ALL_ON = dataclasses.replace(
     OFF,
@@ -37,9 +37,9 @@ ALL_ON = dataclasses.replace(
     max_length_ratio=4.0,
     require_correct_chosen=True,
     student_matches_teacher="drop",
-    repetition=curate.RepetitionParams(ngram=2, max_ratio=0.5, min_ngrams=4),
-    decontamination=curate.DecontaminationParams(enabled=True, ngram=3, max_overlap=0.5),
-    near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=64, shingle_words=2),
+    repetition=curation.RepetitionParams(ngram=2, max_ratio=0.5, min_ngrams=4),
+    decontamination=curation.DecontaminationParams(enabled=True, ngram=3, max_overlap=0.5),
+    near_duplicates=curation.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=64, shingle_words=2),
 )
 
 
@@ -123,7 +123,7 @@ def test_duplicates_dropped_after_first_and_counts_reconcile() -> None:
 
 def test_near_duplicates_are_caught_by_minhash_but_templated_prompts_are_not() -> None:
     on = dataclasses.replace(
-        OFF, near_duplicates=curate.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=128, shingle_words=2)
+        OFF, near_duplicates=curation.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=128, shingle_words=2)
     )
     base = "Write a short poem about the sea at night with stars and a quiet boat drifting home"
     rows = [
@@ -138,7 +138,7 @@ def test_near_duplicates_are_caught_by_minhash_but_templated_prompts_are_not() -
 
 
 def test_balance_caps_each_category_in_input_order() -> None:
-    on = dataclasses.replace(OFF, balance=curate.BalanceParams(key="category", max_per_value=2))
+    on = dataclasses.replace(OFF, balance=curation.BalanceParams(key="category", max_per_value=2))
     rows = [pair(i, category="add" if i % 3 else "sort") for i in range(9)]
     kept, _quarantine, counts = curate.run(on, rows)
     assert [r["category"] for r in kept] == ["sort", "add", "add", "sort"]
@@ -157,10 +157,10 @@ def test_disabled_filters_keep_everything() -> None:
 
 
 def test_repetition_ratio_and_ngrams() -> None:
-    assert curate.repetition_ratio("a b c d", 2) == (0.0, 3)
-    share, total = curate.repetition_ratio(REPEAT, 3)
+    assert curation.repetition_ratio("a b c d", 2) == (0.0, 3)
+    share, total = curation.repetition_ratio(REPEAT, 3)
     assert total == 10 and share == pytest.approx(1 - 3 / 10)
-    assert curate.ngrams(["x", "y"], 3) == [("x", "y")]  # shorter than n: itself, so exact matches count
+    assert curation.ngrams(["x", "y"], 3) == [("x", "y")]  # shorter than n: itself, so exact matches count
 
 
 @pytest.mark.parametrize(

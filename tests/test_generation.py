@@ -23,7 +23,7 @@ from stages.lib.core import models
 from stages.lib.core.config import GenerationParams
 from stages.lib.data import io, records
 from stages.lib.data.encoding import prompt_ids
-from stages.lib.engines import generation, shards
+from stages.lib.engines import generation, sampling, shards
 from stages.lib.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 
 from .conftest import ROOT
@@ -32,12 +32,15 @@ from .test_seed import seed_params
 from .test_teacher import gp, prompts
 
 TOY = models.ModelRef("toy", None)
+TOY_KW = {"trust_remote_code": False, "dtype": "float32"}
 
 
 def run(
     tiny_models: Path, ps: list[dict], p: GenerationParams, work: Path, part: tuple[int, int] | None = None
 ) -> list[dict]:
-    return genstage.run("teacher", TOY, False, "float32", p, ps, tiny_models / "teacher", work, part=part)
+    return sampling.sample(
+        "teacher", p, TOY, ps, tiny_models / "teacher", work, trust_remote_code=False, dtype="float32", part=part
+    )
 
 
 def test_shards_hold_whole_length_sorted_batches() -> None:
@@ -295,9 +298,9 @@ def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
     assert len(list((tmp_path / "out.shards").glob("*.done"))) == 3 and not (tmp_path / "out").exists()
     i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
     with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
-        rows = genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "out.shards")
+        rows = sampling.sample("teacher", i.p, i.ref, i.prompts, i.model_dir, tmp_path / "out.shards", **TOY_KW)
     assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
-    assert rows == genstage.run("teacher", i.ref, False, "float32", i.p, i.prompts, i.model_dir, tmp_path / "fresh")
+    assert rows == sampling.sample("teacher", i.p, i.ref, i.prompts, i.model_dir, tmp_path / "fresh", **TOY_KW)
 
 
 def test_killed_run_resumes_without_regenerating_and_equals_an_uninterrupted_run(

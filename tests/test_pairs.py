@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from stages import pairs
@@ -43,6 +44,8 @@ def test_join_on_ids_cycles_samples_and_quarantines_missing_partners() -> None:
     out, quarantine, counts = pairs.run(pairs.PairsParams(max_pairs_per_prompt=4), ps, teacher, student)
     assert [q["reason"] for q in quarantine] == ["missing_student_generation", "missing_teacher_generation"]
     assert [q["prompt_id"] for q in quarantine] == [ps[1]["prompt_id"], ps[2]["prompt_id"]]
+    assert quarantine[0] == {**ps[1], "reason": "missing_student_generation"}  # the prompt's columns + reason
+    assert pa.Table.from_pylist(quarantine, schema=pairs.QUARANTINE_SCHEMA).num_rows == 2
     first = [o for o in out if o["prompt_id"] == ps[0]["prompt_id"]]
     # One teacher sample, two student samples: the teacher's is reused, students in order.
     assert [(o["chosen_id"], o["rejected_id"]) for o in first] == [

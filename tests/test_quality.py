@@ -63,7 +63,8 @@ def test_a_strict_gate_stops_naming_artifact_expectation_and_observed_value() ->
     gate = quality.Gate("curated", "data/curate/curated.parquet", "curated", Q, quarantine=False)
     with pytest.raises(
         quality.GateError,
-        match=r"data/curate/curated.parquet: curated failed expectation expect_column_values_to_be_between:chosen_tokens \(first at row 1\): observed 1 of 3 rows",
+        match=r"data/curate/curated.parquet: curated failed expectation "
+        r"expect_column_values_to_be_between:chosen_tokens \(first at row 1\): observed 1 of 3 rows",
     ):
         gate.check(table(rows, records.PAIR_SCHEMA))
 
@@ -75,7 +76,8 @@ def test_truncated_share_and_train_eval_disjointness_are_table_level() -> None:
     gate.check(table(gens, records.GENERATION_SCHEMA))
     with pytest.raises(
         quality.GateError,
-        match=r"expect_column_values_to_be_in_set:finish_reason:share: observed 2 of 4 rows unexpected \(50.0%\), above the allowed 25.0%",
+        match=r"expect_column_values_to_be_in_set:finish_reason:share: observed 2 of 4 rows unexpected \(50.0%\), "
+        r"above the allowed 25.0%",
     ):
         gate.finish()
     student = quality.Gate("student", "gen.parquet", "generation", Q, quarantine=False, truncation=False)
@@ -232,3 +234,45 @@ def test_curate_stops_when_eval_prompts_reach_training(tmp_path: Path) -> None:
     assert "\nerror: " in "\n" + done.stderr and "prompt_id__in_eval" in done.stderr and "pairs.parquet" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- the one train/eval disjointness check and the one quarantine shape ----------------
+
+
+def test_in_eval_marks_eval_prompts_and_check_disjoint_names_files_count_and_an_id() -> None:
+    ids = pa.array(["a", None, "b", "c", "b"], type=pa.string())
+    assert quality.in_eval(ids, ["b", "z"]).to_pylist() == [False, False, True, False, True]
+    assert quality.in_eval(["a", "z"], pa.array(["z"], type=pa.string())).to_pylist() == [False, True]
+    quality.check_disjoint(["a", "c"], ["b"], train_file="t.parquet", eval_file="e.parquet")  # disjoint: no error
+    with pytest.raises(quality.DataError) as err:
+        quality.check_disjoint(ids, ["c", "b", "y"], train_file="t.parquet", eval_file="e.parquet", what="pairs")
+    assert str(err.value) == (
+        "e.parquet: 2 eval prompts are also pairs in t.parquet (e.g. b); evaluation would be contaminated"
+    )
+
+
+def test_the_gate_disjointness_expectation_uses_in_eval() -> None:
+    """The derived column the prompt and pair suites check is in_eval's mask."""
+    ps = [prompt(i) for i in range(3)]
+    table = pa.Table.from_pylist(ps, schema=records.PROMPT_SCHEMA)
+    refs = {"eval": pa.array([ps[1]["prompt_id"]], type=pa.string())}
+    derived = quality.derive("prompt", table, refs, quality._State(), None)
+    assert derived.column(quality.IN_EVAL).to_pylist() == [False, True, False]
+
+
+def test_every_quarantine_file_is_the_artifact_columns_plus_reason() -> None:
+    from stages.lib.audit import quarantine
+    from stages.lib.data import curation, split
+    from stages.lib.data import pairs as pairing
+
+    for qs, base in [
+        (split.QUARANTINE_SCHEMA, records.PROMPT_SCHEMA),
+        (pairing.QUARANTINE_SCHEMA, records.PROMPT_SCHEMA),
+        (curation.QUARANTINE_SCHEMA, records.PAIR_SCHEMA),
+    ]:
+        assert qs.names == [*base.names, "reason"]
+        assert all(f.nullable for f in qs if f.name != "reason")
+        assert qs.metadata[b"distillflow.schema"] == base.metadata[b"distillflow.schema"] + b"_quarantine"
+    assert quarantine.top_reasons({"b": 2, "a": 2, "missing_field:x": 5, "c": 1}, n=2) == (
+        "missing field 'x' (5), a (2), and 2 more reasons"
+    )

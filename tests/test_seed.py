@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -7,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import seed
+from stages.lib.audit import quarantine as qshape
 from stages.lib.core import params
 from stages.lib.core.config import ModelParams
-from stages.lib.data import records
+from stages.lib.data import records, sources, split, synthesis
 from stages.lib.data.io import DataError, read_table, write_table
 from stages.lib.task import toytask
 
@@ -24,10 +26,10 @@ def seed_params(
     num_train: int = 40,
     num_eval: int = 5,
     max_chars: int = 2000,
-) -> seed.SeedParams:
+) -> sources.SeedParams:
     """Seed params with synthesis off (its default)."""
-    return seed.SeedParams(
-        seed.SourceParams(kind, path, None, None, None, field),
+    return sources.SeedParams(
+        source=sources.SourceParams(kind=kind, path=path, config=None, split=None, revision=None, field=field),
         seed=1,
         num_train=num_train,
         num_eval=num_eval,
@@ -42,8 +44,8 @@ def reconcile(counts: dict) -> None:
 
 def test_toy_source_is_deterministic_disjoint_and_reconciles() -> None:
     p = seed_params()
-    train, evals, _quarantine, counts = seed.run(TASK, p, seed.source_rows(TASK, p))
-    again = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, evals, _quarantine, counts = seed.run(TASK, p, sources.source_rows(TASK, p))
+    again = seed.run(TASK, p, sources.source_rows(TASK, p))
     assert (train, evals) == again[:2]
     assert len(train) == 40 and len(evals) == 5
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}
@@ -68,7 +70,7 @@ def test_jsonl_bad_rows_are_quarantined_with_reasons(tmp_path: Path) -> None:
     ]
     f.write_bytes(b"\n".join(lines) + b"\n")
     p = seed_params("jsonl", str(f), "text", num_train=1000, num_eval=1000, max_chars=10_000)
-    train, evals, quarantine, counts = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, evals, quarantine, counts = seed.run(TASK, p, sources.source_rows(TASK, p))
     by_ref = {q["source_ref"]: q["reason"] for q in quarantine}
     assert by_ref == {
         f"{f}:line=2": "invalid_json",
@@ -90,37 +92,62 @@ def test_parquet_source_and_its_errors(tmp_path: Path) -> None:
     f = tmp_path / "p.parquet"
     pq.write_table(pa.table({"q": [f"Prompt {i}" for i in range(50)]}), f)
     p = seed_params("parquet", str(f), "q", num_train=1000, num_eval=1000)
-    train, evals, _, _counts = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, evals, _, _counts = seed.run(TASK, p, sources.source_rows(TASK, p))
     assert len(train) + len(evals) == 50
     assert train[0]["source_ref"].startswith(f"{f}:row=")
     with pytest.raises(DataError, match=r"p.parquet: no column 'prompt'"):
-        list(seed.source_rows(TASK, seed_params("parquet", str(f), "prompt")))
+        list(sources.source_rows(TASK, seed_params("parquet", str(f), "prompt")))
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(f.read_bytes()[:100])
     with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
-        list(seed.source_rows(TASK, seed_params("parquet", str(broken), "q")))
+        list(sources.source_rows(TASK, seed_params("parquet", str(broken), "q")))
 
 
 def test_empty_source_fails_clearly(tmp_path: Path) -> None:
     f = tmp_path / "empty.jsonl"
     f.write_bytes(b"")
     p = seed_params("jsonl", str(f), "text")
-    with pytest.raises(DataError, match="gave 0 train and 0 eval prompts"):
-        seed.run(TASK, p, seed.source_rows(TASK, p))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(f))}: the file has no rows$"):
+        seed.run(TASK, p, sources.source_rows(TASK, p))
+
+
+def test_a_source_with_the_wrong_field_names_the_reason_and_the_fields_rows_have(tmp_path: Path) -> None:
+    f = tmp_path / "x.jsonl"
+    f.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": str(i)}) + "\n" for i in range(40)))
+    p = seed_params("jsonl", str(f), "prompt")
+    want = f"{f}: 0 of 40 rows usable: missing field 'prompt' (40); rows have fields: question, answer"
+    with pytest.raises(DataError) as err:
+        seed.run(TASK, p, sources.source_rows(TASK, p))
+    assert str(err.value) == want
+
+
+def test_nothing_usable_names_the_top_reasons_with_counts(tmp_path: Path) -> None:
+    f = tmp_path / "x.jsonl"
+    lines = [json.dumps({"text": "   "})] * 3 + ["{not json"] * 5 + [json.dumps({"text": 7})] + [json.dumps({"q": 1})]
+    f.write_text("\n".join(lines) + "\n")
+    p = seed_params("jsonl", str(f), "text")
+    with pytest.raises(DataError) as err:
+        seed.run(TASK, p, sources.source_rows(TASK, p))
+    assert str(err.value) == (
+        f"{f}: 0 of 10 rows usable: invalid_json (5), empty_prompt (3), missing field 'text' (1), "
+        "and 1 more reason; rows have fields: q"
+    )
 
 
 def test_file_sources_need_path_and_field() -> None:
     with pytest.raises(ValueError, match="path: source kind 'jsonl' needs a path"):
-        seed.SourceParams("jsonl", None, None, None, None, "text")
+        sources.SourceParams(kind="jsonl", path=None, config=None, split=None, revision=None, field="text")
     with pytest.raises(ValueError, match="split: an hf source needs a split"):
-        seed.SourceParams("hf", "HuggingFaceH4/ultrachat_200k", None, None, None, "prompt")
+        sources.SourceParams(
+            kind="hf", path="HuggingFaceH4/ultrachat_200k", config=None, split=None, revision=None, field="prompt"
+        )
 
 
 def reconcile_files(folder: Path, counts: dict) -> None:
     """The written files hold the counted rows and read back with their schemas."""
     assert read_table(folder / "train.parquet", records.PROMPT_SCHEMA).num_rows == counts["train"]
     assert read_table(folder / "eval.parquet", records.PROMPT_SCHEMA).num_rows == counts["eval"]
-    assert read_table(folder / "quarantine.parquet", seed.QUARANTINE_SCHEMA).num_rows == counts["quarantined"]
+    assert read_table(folder / "quarantine.parquet", qshape.PROMPT_SCHEMA).num_rows == counts["quarantined"]
     reconcile(counts)
 
 
@@ -144,7 +171,7 @@ def test_streaming_a_50k_row_source_reconciles(tmp_path: Path, kind: str) -> Non
     p = seed_params(kind, str(src), "q", num_train=1_000_000, num_eval=1_000)  # eval fills up, train never
     out = tmp_path / "out"
     out.mkdir()
-    result, outputs = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), batch_rows=4096)
+    result, outputs = split.stream_to(out, TASK, p, sources.source_rows(TASK, p), batch_rows=4096)
     counts = result.counts
     assert counts["read"] == n and counts["train"] > 40_000 and counts["eval"] == 1_000
     assert counts["unused_over_quota"] > 0 and counts["dropped_by_reason"]["duplicate_prompt"] > 0
@@ -156,10 +183,10 @@ def test_streaming_a_50k_row_source_reconciles(tmp_path: Path, kind: str) -> Non
     assert pq.ParquetFile(out / "train.parquet").num_row_groups == -(-counts["train"] // 4096)
     reconcile_files(out, counts)
     # the same rows, in the same order, as the in-memory path
-    train, _, quarantine, again = seed.run(TASK, p, seed.source_rows(TASK, p))
+    train, _, quarantine, again = seed.run(TASK, p, sources.source_rows(TASK, p))
     assert again == counts
     assert read_table(out / "train.parquet", records.PROMPT_SCHEMA).to_pylist() == train
-    assert read_table(out / "quarantine.parquet", seed.QUARANTINE_SCHEMA).to_pylist() == quarantine
+    assert read_table(out / "quarantine.parquet", qshape.PROMPT_SCHEMA).to_pylist() == quarantine
 
 
 def test_streamed_outputs_are_the_bytes_write_table_gave(tmp_path: Path) -> None:
@@ -169,19 +196,31 @@ def test_streamed_outputs_are_the_bytes_write_table_gave(tmp_path: Path) -> None
     task, p = sections["task"], sections["seed"]
     streamed, listed = tmp_path / "streamed", tmp_path / "listed"
     streamed.mkdir()
-    result, _ = seed.stream_to(streamed, task, p, seed.source_rows(task, p))
-    train, evals, quarantine, counts = seed.run(task, p, seed.source_rows(task, p))
+    result, _ = split.stream_to(streamed, task, p, sources.source_rows(task, p))
+    train, evals, quarantine, counts = seed.run(task, p, sources.source_rows(task, p))
     assert counts == result.counts
     write_table(listed / "train.parquet", train, records.PROMPT_SCHEMA)
     write_table(listed / "eval.parquet", evals, records.PROMPT_SCHEMA)
-    write_table(listed / "quarantine.parquet", quarantine, seed.QUARANTINE_SCHEMA)
+    write_table(listed / "quarantine.parquet", quarantine, qshape.PROMPT_SCHEMA)
     for name in ("train.parquet", "eval.parquet", "quarantine.parquet"):
         assert (streamed / name).read_bytes() == (listed / name).read_bytes(), name
 
 
-def synth_params(num_prompts: int, max_attempts: int, batch_size: int = 4, max_new_tokens: int = 8) -> seed.SeedParams:
-    s = seed.SynthesisParams(
-        True, num_prompts, max_attempts, 3, "transformers", "cpu", batch_size, max_new_tokens, 1.0, 1.0, 7
+def synth_params(
+    num_prompts: int, max_attempts: int, batch_size: int = 4, max_new_tokens: int = 8
+) -> sources.SeedParams:
+    s = sources.SynthesisParams(
+        enabled=True,
+        num_prompts=num_prompts,
+        max_attempts=max_attempts,
+        few_shot=3,
+        engine="transformers",
+        device="cpu",
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        seed=7,
     )
     return dataclasses.replace(seed_params(num_train=40, num_eval=5), synthesis=s)
 
@@ -204,7 +243,7 @@ def check_synthesis(out: Path, counts: dict) -> tuple[list[dict], list[dict]]:
     quarantined with a reason; every count reconciles. Returns (synthetic, rejected)."""
     train = read_table(out / "train.parquet", records.PROMPT_SCHEMA).to_pylist()
     evals = read_table(out / "eval.parquet", records.PROMPT_SCHEMA).to_pylist()
-    quarantine = read_table(out / "quarantine.parquet", seed.QUARANTINE_SCHEMA).to_pylist()
+    quarantine = read_table(out / "quarantine.parquet", qshape.PROMPT_SCHEMA).to_pylist()
     s = counts["synthesis"]
     synthetic = [r for r in train if r["source"] == "synthetic"]
     seeded = {r["prompt_id"] for r in train if r["source"] != "synthetic"}
@@ -225,7 +264,7 @@ def check_synthesis(out: Path, counts: dict) -> tuple[list[dict], list[dict]]:
 
 def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Path) -> None:
     p = synth_params(num_prompts=2, max_attempts=8, batch_size=4)
-    base, _, _, _ = seed.run(TASK, p, seed.source_rows(TASK, p))
+    base, _, _, _ = seed.run(TASK, p, sources.source_rows(TASK, p))
     fresh = new_toy_prompts({r["prompt_id"] for r in base})
     # what the "teacher" answers, attempt by attempt
     script = [
@@ -258,7 +297,7 @@ def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Pa
 
     out = tmp_path / "out"
     out.mkdir()
-    result, _ = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, "sha256:fake"))
+    result, _ = split.stream_to(out, TASK, p, sources.source_rows(TASK, p), synth=(generate, "sha256:fake"))
     s = result.counts["synthesis"]
     assert calls == [4, 4] and s["attempted"] == 8 and s["accepted"] == 1  # one new prompt, said twice
     assert s["rejected_by_reason"] == {
@@ -276,11 +315,11 @@ def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Pa
 
 
 def test_parse_toy_prompt_checks_the_task_ranges() -> None:
-    assert seed.parse_toy_prompt("Add 4 and 38.", TASK) == ("add", "42")
-    assert seed.parse_toy_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
-    assert seed.parse_toy_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
-    assert seed.parse_toy_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
-    assert seed.parse_toy_prompt("Reverse the word abc", TASK) is None
+    assert synthesis.parse_toy_prompt("Add 4 and 38.", TASK) == ("add", "42")
+    assert synthesis.parse_toy_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
+    assert synthesis.parse_toy_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
+    assert synthesis.parse_toy_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
+    assert synthesis.parse_toy_prompt("Reverse the word abc", TASK) is None
 
 
 def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: Path) -> None:
@@ -292,13 +331,13 @@ def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: P
         "models.trust_remote_code": False,
         "models.dtype": "float32",
     }
-    generate, fingerprint, details = seed.open_generate(p.synthesis, seed.teacher_of(sections, tiny_models))
+    generate, fingerprint, details = synthesis.open_generate(p.synthesis, synthesis.teacher_of(sections, tiny_models))
     out = tmp_path / "out"
     out.mkdir()
-    result, outputs = seed.stream_to(out, TASK, p, seed.source_rows(TASK, p), synth=(generate, fingerprint))
+    result, outputs = split.stream_to(out, TASK, p, sources.source_rows(TASK, p), synth=(generate, fingerprint))
     assert outputs["train.parquet"] == result.counts["train"] + result.counts["synthesis"]["accepted"]
     assert result.counts["synthesis"]["attempted"] == 6 or result.counts["synthesis"]["accepted"] == 2
     check_synthesis(out, result.counts)
     assert details["sampling"]["max_new_tokens"] == 8 and fingerprint.startswith("sha256:")
     with pytest.raises(ValueError, match="pass --models data/bootstrap"):
-        seed.teacher_of(sections, None)
+        synthesis.teacher_of(sections, None)

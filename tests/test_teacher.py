@@ -41,15 +41,15 @@ def gp(**kw: object) -> GenerationParams:
 
 def teacher_gen(tiny_models: Path, ps: list[dict], p: GenerationParams) -> list[dict]:
     with tempfile.TemporaryDirectory() as work:  # fresh shards each call: nothing resumed
-        return genstage.run(
+        return genstage.sample(
             "teacher",
-            models.ModelRef("toy", None),
-            False,
-            "float32",
             p,
+            models.ModelRef("toy", None),
             ps,
             tiny_models / "teacher",
             Path(work) / "shards",
+            trust_remote_code=False,
+            dtype="float32",
         )
 
 

@@ -34,7 +34,7 @@ class ModelsParams:
     dtype: Dtype
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TaskParams:
     """params.yaml `task`: the embedded toy task and the train/eval split."""
 
@@ -59,14 +59,20 @@ class TaskParams:
         check(0.0 < self.eval_fraction < 1.0, "eval_fraction", "must be in (0, 1)")
 
     def toy(self) -> ToyTaskConfig:
-        return ToyTaskConfig(self.skills, self.max_digits, self.min_len, self.max_len, self.alphabet)
+        return ToyTaskConfig(
+            skills=self.skills,
+            max_digits=self.max_digits,
+            min_len=self.min_len,
+            max_len=self.max_len,
+            alphabet=self.alphabet,
+        )
 
 
 Engine = Literal["transformers", "vllm", "openai"]
 Device = Literal["cpu", "cuda"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OpenAIParams:
     """`<role>.openai`: an OpenAI-compatible endpoint as a black-box model (`engine: openai`).
 
@@ -96,11 +102,12 @@ class OpenAIParams:
             check(
                 self.api_key_env.replace("_", "").isalnum() and not self.api_key_env[0].isdigit(),
                 "api_key_env",
-                f"must be the NAME of an environment variable (letters, digits, _), not a key; got {self.api_key_env[:4]!r}...",
+                "must be the NAME of an environment variable (letters, digits, _), not a key; "
+                f"got {self.api_key_env[:4]!r}...",
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationParams:
     """params.yaml `teacher` / `student`: how responses are sampled (stages/lib/engines/generation.py).
 
@@ -148,14 +155,16 @@ class GenerationParams:
         check(
             self.engine != "transformers" or self.shard_size % self.batch_size == 0,
             "shard_size",
-            f"must be a multiple of batch_size ({self.batch_size}) with the transformers engine, so a shard holds whole batches and sharding never changes an output",
+            f"must be a multiple of batch_size ({self.batch_size}) with the transformers engine, so a shard holds "
+            "whole batches and sharding never changes an output",
         )
         check(self.workers >= 1, "workers", "must be >= 1")
         if self.engine == "openai":
             check(
                 self.workers == 1,
                 "workers",
-                "the openai engine runs requests concurrently in one process; use openai.max_concurrency and workers: 1",
+                "the openai engine runs requests concurrently in one process; "
+                "use openai.max_concurrency and workers: 1",
             )
             check(
                 self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -114,7 +115,10 @@ def check_columns(path: Path, got: pa.Schema, schema: pa.Schema) -> None:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if missing or extra:
-        raise DataError(f"{path}: columns do not match schema {schema.metadata[b'distillflow.schema'].decode()!r}: missing {missing}, unexpected {extra}")
+        raise DataError(
+            f"{path}: columns do not match schema {schema.metadata[b'distillflow.schema'].decode()!r}: "
+            f"missing {missing}, unexpected {extra}"
+        )
     for name, typ in want.items():
         if have[name] != typ:
             raise DataError(f"{path}: column {name!r} has type {have[name]}, expected {typ}")

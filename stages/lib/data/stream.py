@@ -57,7 +57,9 @@ class ParquetSink:
         self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd", write_statistics=False)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             if exc_type is None:
                 self._flush(final=True)
@@ -95,7 +97,9 @@ class ParquetSink:
                 self._tables.append(pa.Table.from_pylist(self._dicts, schema=self.schema))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 first = self.rows - self._buffered + sum(t.num_rows for t in self._tables)
-                raise ValueError(f"{self.path}: rows {first}..{first + len(self._dicts) - 1} do not fit the schema ({exc})") from exc
+                raise ValueError(
+                    f"{self.path}: rows {first}..{first + len(self._dicts) - 1} do not fit the schema ({exc})"
+                ) from exc
             self._dicts = []
 
     def _flush(self, final: bool) -> None:
@@ -110,7 +114,9 @@ class ParquetSink:
         table = pa.concat_tables(self._tables).combine_chunks()
         full = table.num_rows if final else table.num_rows - table.num_rows % self.batch_rows
         for start in range(0, full, self.batch_rows):
-            self._writer.write_table(table.slice(start, min(self.batch_rows, full - start)), row_group_size=self.batch_rows)
+            self._writer.write_table(
+                table.slice(start, min(self.batch_rows, full - start)), row_group_size=self.batch_rows
+            )
         rest = table.slice(full)
         self._tables = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows

@@ -43,5 +43,12 @@ class EvaluateParams:
 
     def generation(self) -> GenerationParams:
         return GenerationParams(
-            "transformers", self.batch_size, self.max_new_tokens, self.temperature, 1.0, 1, self.seed, 1
+            engine="transformers",
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=1.0,
+            num_samples=1,
+            seed=self.seed,
+            tensor_parallel_size=1,
         )

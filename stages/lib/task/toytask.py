@@ -45,7 +45,7 @@ class ToyExample:
     skill: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToyTaskConfig:
     """Difficulty knobs of the toy task (params.yaml `task`)."""
 
