@@ -53,7 +53,7 @@ def imported_modules(root: Path, path: Path) -> set[str]:
 
 
 def with_packages(modules: set[str]) -> set[str]:
-    """The modules and every package above them (`stages.lib.data.io` adds `stages.lib.data`, `stages.lib`, `stages`)."""
+    """The modules and every package above them: `stages.lib.data.io` adds `stages.lib.data`, `stages.lib`, `stages`."""
     out = set(modules)
     for m in modules:
         parts = m.split(".")

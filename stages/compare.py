@@ -80,7 +80,19 @@ def main() -> None:
     )
     key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, t_dir))
     ckpt = Checkpoint.beside(args.out, key)
-    rows = trainer.run(trainer.Job(student, teacher, tok_s, tok_t, pairs, p, scores, checkpoint=ckpt, live=args.live))
+    rows = trainer.run(
+        trainer.Job(
+            student=student,
+            teacher=teacher,
+            tok_s=tok_s,
+            tok_t=tok_t,
+            pairs=pairs,
+            p=p,
+            scores=scores,
+            checkpoint=ckpt,
+            live=args.live,
+        )
+    )
     if teacher is None:  # topk signal: training never needed the teacher; evaluation does
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
     t_metrics, t_gens, _ = evaluator.generate(teacher, tok_t, models.fingerprint(t_ref, t_dir), "teacher", prompts, ev)

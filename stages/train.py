@@ -200,7 +200,19 @@ def main() -> None:
     key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, t_dir))
     ckpt = Checkpoint.beside(args.out, key)
     t0 = time.perf_counter()
-    job = trainer.Job(student, teacher, tok_s, tok_t, pairs, p, scores, round_index, curriculum, ckpt, live=args.live)
+    job = trainer.Job(
+        student=student,
+        teacher=teacher,
+        tok_s=tok_s,
+        tok_t=tok_t,
+        pairs=pairs,
+        p=p,
+        scores=scores,
+        round_index=round_index,
+        curriculum=curriculum,
+        checkpoint=ckpt,
+        live=args.live,
+    )
     rows = trainer.run(job)
     rank, _ = distributed.rank_and_size()
     distributed.finish()

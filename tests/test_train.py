@@ -81,7 +81,9 @@ def run(
 ) -> list[dict[str, float]]:
     """One trainer run, checkpointing into `ckpt_dir` under `key` when given."""
     ckpt = Checkpoint(ckpt_dir, key) if ckpt_dir is not None else None
-    return trainer.run(trainer.Job(student, teacher, tok_s, tok_t, pairs, p, checkpoint=ckpt, **kw))  # type: ignore[arg-type]
+    return trainer.run(
+        trainer.Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p, checkpoint=ckpt, **kw)
+    )  # type: ignore[arg-type]
 
 
 def live_rows(folder: Path) -> list[dict[str, float]]:

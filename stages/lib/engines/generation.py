@@ -60,9 +60,17 @@ class Engine(Protocol):
 
 # How each engine derives its random seeds from `seed` (the manifest records this).
 SEEDING = {
-    "transformers": "torch.manual_seed(seed * 1000003 + b) before batch b; batches cut every batch_size from the prompts sorted by (prompt tokens, position)",
-    "vllm": "LLM(seed=seed); SamplingParams.seed = sample_seed(seed, prompt_id) per prompt, its n samples from that stream",
-    "openai": "request seed = sample_seed(seed, prompt_id, sample_index) per request (servers honour it on a best-effort basis; the response cache makes reruns exact)",
+    "transformers": (
+        "torch.manual_seed(seed * 1000003 + b) before batch b; "
+        "batches cut every batch_size from the prompts sorted by (prompt tokens, position)"
+    ),
+    "vllm": (
+        "LLM(seed=seed); SamplingParams.seed = sample_seed(seed, prompt_id) per prompt, its n samples from that stream"
+    ),
+    "openai": (
+        "request seed = sample_seed(seed, prompt_id, sample_index) per request "
+        "(servers honour it on a best-effort basis; the response cache makes reruns exact)"
+    ),
 }
 
 
@@ -354,12 +362,14 @@ class VllmEngine:
         for pr, ids, res in zip(chosen, encoded, results, strict=True):
             if len(res.outputs) != self.p.num_samples:
                 raise RuntimeError(
-                    f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected num_samples={self.p.num_samples}"
+                    f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected "
+                    f"num_samples={self.p.num_samples}"
                 )
             for k, o in enumerate(res.outputs):
                 if o.finish_reason not in ("stop", "length"):
                     raise RuntimeError(
-                        f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected 'stop' or 'length')"
+                        f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected "
+                        "'stop' or 'length')"
                     )
                 rows.append(
                     record(

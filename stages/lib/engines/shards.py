@@ -146,7 +146,8 @@ def generate(
                     for other in pending:
                         other.cancel()
                     raise RuntimeError(
-                        f"{work}: a generation worker failed on shard {futures[f].index}; finished shards are kept, rerun to resume"
+                        f"{work}: a generation worker failed on shard {futures[f].index}; finished shards are kept, "
+                        "rerun to resume"
                     ) from f.exception()
                 log.info("%s: generated shard %d (%d prompts)", work, futures[f].index, len(futures[f].prompts))
     return len(todo)
@@ -164,7 +165,8 @@ def _gpu_groups(workers: int, per_worker: int) -> list[str] | None:
     )
     if workers * per_worker > len(devices):
         raise ValueError(
-            f"workers: {workers} workers x {per_worker} GPU(s) each (tensor_parallel_size) need {workers * per_worker} GPUs; {len(devices)} visible"
+            f"workers: {workers} workers x {per_worker} GPU(s) each (tensor_parallel_size) need "
+            f"{workers * per_worker} GPUs; {len(devices)} visible"
         )
     return [",".join(devices[k * per_worker : (k + 1) * per_worker]) for k in range(workers)]
 
@@ -208,12 +210,14 @@ def gather(
             for k, r in enumerate(chunk):
                 if r["prompt_id"] != prompts[i]["prompt_id"] or r["sample_index"] != k:
                     raise DataError(
-                        f"{data}: row {j * num_samples + k}: (prompt_id, sample_index) = ({r['prompt_id']}, {r['sample_index']}), expected ({prompts[i]['prompt_id']}, {k})"
+                        f"{data}: row {j * num_samples + k}: (prompt_id, sample_index) = ({r['prompt_id']}, "
+                        f"{r['sample_index']}), expected ({prompts[i]['prompt_id']}, {k})"
                     )
             by_prompt[i] = chunk
     missing = [i for i in range(len(prompts)) if i not in by_prompt]
     if missing:
         raise DataError(
-            f"{work}: no shard holds prompt {missing[0]} ({len(missing)} prompts uncovered); the shard plan is inconsistent"
+            f"{work}: no shard holds prompt {missing[0]} ({len(missing)} prompts uncovered); the shard plan is "
+            "inconsistent"
         )
     return [r for i in range(len(prompts)) for r in by_prompt[i]]

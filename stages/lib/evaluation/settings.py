@@ -23,7 +23,7 @@ PREDICTION_SCHEMA = records.schema(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateParams:
     """params.yaml `evaluate`."""
 

@@ -17,7 +17,7 @@ class RoundParams:
     previous: str  # the train output this round starts from (dvc.yaml passes it as --previous)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainParams:
     """params.yaml `train`."""
 

@@ -1,7 +1,8 @@
 """The training loop every distillation run shares: the train stage, its on-policy rounds
 (stages/train.py with --previous) and the comparison cells (stages/compare.py).
 
-    job = Job(student, teacher, tok_s, tok_t, pairs, p, scores=..., checkpoint=..., live=...)
+    job = Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p,
+              scores=..., checkpoint=..., live=...)
     rows = run(job)          # trains job.student in place; one log row per optimizer step
 
 Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
@@ -48,7 +49,7 @@ log = logging.getLogger("train")
 Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """One training run.
 
@@ -76,7 +77,7 @@ class Job:
     live: Path | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Loop:
     """What `setup` prepares and `train_step` works on."""
 
@@ -260,7 +261,20 @@ def setup(job: Job) -> Loop:
     rank, world = distributed.rank_and_size()
     autocast = torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
     online = teacher if NEEDS_TEACHER[p.method] else None
-    loop = Loop(encoded, steps, seed, opt, sched, job.curriculum, mp, heads, rank, world, online, autocast)
+    loop = Loop(
+        encoded=encoded,
+        steps=steps,
+        seed=seed,
+        opt=opt,
+        sched=sched,
+        curriculum=job.curriculum,
+        mp=mp,
+        heads=heads,
+        rank=rank,
+        world=world,
+        online_teacher=online,
+        autocast=autocast,
+    )
     if job.checkpoint is not None:
         loop.start, loop.rows = job.checkpoint.load(p.device, student, opt, sched, job.curriculum)
         if loop.start:
