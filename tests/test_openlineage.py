@@ -167,3 +167,15 @@ def test_an_unreachable_server_is_logged_and_the_stage_completes(
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and all("not sent through the http transport" in m for m in logged), logged
     assert "-COMPLETE.json" in logged[1]
+
+
+def test_a_stage_that_fails_after_its_record_ends_with_fail(tmp_path: Path, lineage_env: Path) -> None:
+    def late() -> None:
+        _write_stage(tmp_path)
+        raise OSError("metrics.json: disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        entry.run(late, stage="pairs")
+    ev = events(lineage_env, "pairs")
+    assert set(ev) == {"START", "COMPLETE", "FAIL"}
+    assert ev["FAIL"]["run"]["facets"]["errorMessage"]["message"] == "OSError: metrics.json: disk full"

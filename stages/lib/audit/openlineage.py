@@ -6,7 +6,8 @@ One run per stage process, three moments:
 - COMPLETE when the stage writes its run record (`lineage.write_run_record`), with the
   input and output datasets (schema, version = sha256, row counts) and the run record
   as a custom run facet; `entry.run` completes a run that wrote no record (report);
-- FAIL when main() raises (ABORT on Ctrl-C), with the error message and traceback.
+- FAIL when main() raises (ABORT on Ctrl-C), with the error message and traceback
+  (after COMPLETE too, when the stage fails after writing its record).
 
 Where they go:
 
@@ -182,8 +183,8 @@ class StageRun:
             self.emit(RunState.COMPLETE, when, self.facets())
 
     def fail(self, when: str, exc: BaseException) -> None:
-        if self.state is not RunState.START:
-            return  # failed after COMPLETE: the outputs and record stand; the exit status tells
+        """FAIL (ABORT on Ctrl-C) with the error; also after COMPLETE, when the stage failed
+        after writing its record: the last event is the run's state."""
         state = RunState.ABORT if isinstance(exc, KeyboardInterrupt) else RunState.FAIL
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, SystemExit):
