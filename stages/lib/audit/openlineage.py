@@ -11,14 +11,16 @@ One run per stage process, three moments:
 
 Where they go:
 
-- always, files: `<lineage dir>/openlineage/<job>/<runId>-<eventType>.json`
-  (`StageFileTransport`, a client Transport; the layout `distillflow lineage` reads);
+- files: `<lineage dir>/openlineage/<job>/<runId>-<eventType>.json` (`StageFileTransport`,
+  a client Transport keeping the layout these files had before the client was used);
 - also, when the client is configured through its own conventions (`OPENLINEAGE_URL`,
   with `OPENLINEAGE_ENDPOINT` and `OPENLINEAGE_API_KEY`; or `OPENLINEAGE_CONFIG` /
   `OPENLINEAGE__TRANSPORT__*`), the transport the client builds from them: HTTP to
   Marquez for `OPENLINEAGE_URL=http://localhost:5000`. The files are the record; an
   event the configured transport could not take is logged as an error naming the file
   that holds it, and the stage goes on (a lineage server outage does not fail a stage).
+
+`OPENLINEAGE_DISABLED=true` (the client's switch) turns both off.
 
 Under torchrun only rank 0 (which writes the files) emits events.
 """
