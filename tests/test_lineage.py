@@ -275,8 +275,16 @@ def test_run_records_and_cost(smoke: Path) -> None:
         "shards_resumed": 0
     }
     assert table["stages"]["train"]["tokens_read"] > 0 and table["total"]["wall_seconds"] > 0
-    for f in (smoke / "lineage" / "openlineage").rglob("*.json"):
-        check_event(json.loads(f.read_text()))
+    events = [json.loads(f.read_text()) for f in (smoke / "lineage" / "openlineage").rglob("*.json")]
+    for event in events:
+        check_event(event)
+    # every stage process: one START, then its COMPLETE (entry.run and the run record)
+    types: dict[str, list[str]] = {}
+    for event in events:
+        types.setdefault(event["run"]["runId"], []).append(event["eventType"])
+    assert all(sorted(t) == ["COMPLETE", "START"] for t in types.values()), types
+    jobs = {e["job"]["name"] for e in events}
+    assert set(table["stages"]) <= jobs
     assert "lineage" not in sh(smoke, "git", "status", "--porcelain")
 
 
