@@ -5,7 +5,7 @@ Prefect's server).
 Why not `transformers serve`: in transformers 5.23 it always loads models with a
 `device_map`, which needs `accelerate`, not a dependency here; and tests need what no
 stock server offers: counting requests, measuring how many are in flight, and failing
-on purpose (429, 500) to exercise retries. tests/test_openai_engine.py also runs the
+on purpose (429, 500, with the headers a test gives) to exercise retries. tests/test_openai_engine.py also runs the
 engine against `transformers serve` itself wherever `accelerate` is importable.
 
 The model runs with transformers `generate` on the prompt rendered through the
@@ -35,7 +35,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 @dataclass
 class ServerState:
     delay_s: float = 0.0  # each request waits this long before generating (overlap)
-    faults: list[int] = field(default_factory=list)  # status codes to answer the next requests with
+    # what to answer the next requests with: a status code, or (status code, response headers);
+    # a bare 429 comes with `retry-after: 0`
+    faults: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: int = 0  # every request received, failed ones included
     answered: int = 0
     in_flight: int = 0
@@ -102,7 +104,9 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
         try:
             await asyncio.sleep(state.delay_s)
             if fault is not None:
-                headers = {"retry-after": "0"} if fault == 429 else {}
+                fault, headers = (
+                    fault if isinstance(fault, tuple) else (fault, {"retry-after": "0"} if fault == 429 else {})
+                )
                 return JSONResponse(
                     {"error": {"message": f"injected {fault}", "type": "test", "code": fault}},
                     status_code=fault,

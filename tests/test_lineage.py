@@ -8,6 +8,7 @@ a `dvc repro train` on the smoke profile in a temporary copy of the repo.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from .test_pipeline import ENV, sh
 
 # The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)
 # that every RunEvent must satisfy: BaseEvent + RunEvent + Run + Job + Dataset, facets
-# with _producer and _schemaURL. (openlineage-python is not a dependency.)
+# with _producer and _schemaURL: what the events openlineage-python builds must still hold.
 _FACETS = {"type": "object", "additionalProperties": {"type": "object", "required": ["_producer", "_schemaURL"]}}
 _DATASET = {
     "type": "object",
@@ -98,18 +99,27 @@ def _write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     return out, manifest
 
 
+def _run_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """_write_stage as one OpenLineage run, as entry.run runs a stage's main()."""
+    lineage.start_run("pairs")
+    return _write_stage(tmp_path)
+
+
 def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
     monkeypatch.delenv("DVC_STAGE", raising=False)
-    out, manifest = _write_stage(tmp_path)
+    out, manifest = _run_stage(tmp_path)
     first = (out / "manifest.json").read_bytes()
-    _write_stage(tmp_path / "again")
+    _run_stage(tmp_path / "again")
     assert (tmp_path / "again" / "data" / "pairs" / "manifest.json").read_bytes().replace(b"again/", b"") == first
     assert manifest["seeds"] == {"pairs.seed": 3} and manifest["inputs"]["src"]["rows"] == 1
-    assert {"python", "pyarrow"} <= set(manifest["environment"]) and "started" not in manifest
+    assert "environment" not in manifest and "started" not in manifest
     record = json.loads((tmp_path / "lineage" / "runs" / "pairs.json").read_text())
+    # library versions go in the run record (docs/decisions/library-versions.md)
+    assert {"python", "pyarrow"} <= set(record["environment"])
+    assert record["environment"]["openlineage-python"] == importlib.metadata.version("openlineage-python")
     assert record["run_id"] == lineage.RUN_ID and record["validation"] == {"success": True}
     assert (
         record["cost"]["tokens_read"] == 5
@@ -124,7 +134,7 @@ def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(
 def test_openlineage_events_are_well_formed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
     monkeypatch.setenv("DISTILLFLOW_RUN_ID", "flow-run-7")
-    _write_stage(tmp_path)
+    _run_stage(tmp_path)
     files = sorted((tmp_path / "lineage" / "openlineage").rglob("*.json"))
     events = {json.loads(f.read_text())["eventType"]: json.loads(f.read_text()) for f in files}
     assert set(events) == {"START", "COMPLETE"}
@@ -265,8 +275,16 @@ def test_run_records_and_cost(smoke: Path) -> None:
         "shards_resumed": 0
     }
     assert table["stages"]["train"]["tokens_read"] > 0 and table["total"]["wall_seconds"] > 0
-    for f in (smoke / "lineage" / "openlineage").rglob("*.json"):
-        check_event(json.loads(f.read_text()))
+    events = [json.loads(f.read_text()) for f in (smoke / "lineage" / "openlineage").rglob("*.json")]
+    for event in events:
+        check_event(event)
+    # every stage process: one START, then its COMPLETE (entry.run and the run record)
+    types: dict[str, list[str]] = {}
+    for event in events:
+        types.setdefault(event["run"]["runId"], []).append(event["eventType"])
+    assert all(sorted(t) == ["COMPLETE", "START"] for t in types.values()), types
+    jobs = {e["job"]["name"] for e in events}
+    assert set(table["stages"]) <= jobs
     assert "lineage" not in sh(smoke, "git", "status", "--porcelain")
 
 

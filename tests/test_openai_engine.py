@@ -7,6 +7,7 @@ where `accelerate` is importable (its model loading needs it).
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import shutil
@@ -72,7 +73,6 @@ def api(base_url: str, cache: Path, **kw: object) -> GenerationParams:
         max_concurrency=4,
         requests_per_second=1000.0,
         max_retries=3,
-        backoff_s=0.01,
         timeout_s=30.0,
         cache_dir=str(cache),
     )
@@ -133,17 +133,42 @@ def test_records_tokens_and_a_rerun_served_from_the_cache(server: Server, tiny_m
     assert {r["generation_id"] for r in changed}.isdisjoint({r["generation_id"] for r in rows})
 
 
+FAST = {"retry-after-ms": "10"}  # the client honours it: retries without its 0.5 s, 1 s, ... backoff
+
+
 def test_retries_on_429_and_5xx_then_succeeds(server: Server, tmp_path: Path) -> None:
     ps = prompts(3)
-    server.state.faults = [429, 500, 503]
+    server.state.faults = [(429, FAST), (500, FAST), (503, FAST)]
     rows, engine = run_all(api(server.base_url, tmp_path / "c", num_samples=1, openai_max_concurrency=1), ps)
     assert len(rows) == 3
     assert server.state.requests == 6 and server.state.answered == 3 and engine.requests == 6
+    # the same records as without the failures
+    again, _ = run_all(api(server.base_url, tmp_path / "fresh", num_samples=1, openai_max_concurrency=1), ps)
+    assert again == rows
+
+
+def test_retry_after_as_an_http_date_is_waited_for(server: Server, tmp_path: Path) -> None:
+    """Retry-After: <HTTP date> 3 s ahead (whole seconds: 2 to 3 s from now); the client's own
+    backoff would wait 0.5 s at most."""
+    server.state.faults = [(429, {"retry-after": email.utils.formatdate(time.time() + 3, usegmt=True)})]
+    rows, engine = run_all(api(server.base_url, tmp_path / "c", num_samples=1), prompts(1))
+    assert len(rows) == 1 and server.state.requests == 2 and engine.requests == 2
+    waited = server.state.starts[1] - server.state.starts[0]
+    assert 1.9 <= waited <= 4.0, waited
+
+
+def test_retries_are_counted_and_rate_limited(server: Server, tmp_path: Path) -> None:
+    server.state.faults = [(500, {"retry-after-ms": "1"}), (503, {"retry-after-ms": "1"})]
+    p = api(server.base_url, tmp_path / "c", num_samples=1, openai_requests_per_second=4.0)
+    rows, engine = run_all(p, prompts(1))
+    assert len(rows) == 1 and server.state.requests == 3 and engine.requests == 3
+    starts = server.state.starts
+    assert all(b - a >= 0.25 * 0.9 for a, b in zip(starts, starts[1:])), starts  # 4 per second, retries too
 
 
 def test_gives_up_after_max_retries_naming_the_prompt(server: Server, tmp_path: Path) -> None:
     ps = prompts(2)
-    server.state.faults = [500, 500, 500]
+    server.state.faults = [(500, FAST), (500, FAST), (500, FAST)]
     with pytest.raises(
         RuntimeError,
         match=rf"prompt {ps[0]['prompt_id']}, sample 0: failed after 3 attempts \(openai.max_retries = 2\)",
@@ -262,9 +287,8 @@ def test_against_transformers_serve(tiny_models: Path, tmp_path: Path) -> None:
                         break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"transformers serve did not come up: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-                    ) from None
+                    tail = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                    raise RuntimeError(f"transformers serve did not come up: {tail}") from None
                 time.sleep(0.5)
         ps = prompts(3)
         p = api(f"http://127.0.0.1:{port}/v1", tmp_path / "cache", openai_model=model, num_samples=1, max_new_tokens=5)

@@ -77,7 +77,6 @@ def test_range_checks_name_the_key() -> None:
         "max_concurrency": 2,
         "requests_per_second": 1.0,
         "max_retries": 1,
-        "backoff_s": 0.0,
         "timeout_s": 5.0,
         "cache_dir": "c",
     }

@@ -3,20 +3,23 @@
 Two records per stage run, split by whether they may change from run to run:
 
 - `manifest.json`, inside the stage's DVC out: a pure function of the stage's inputs,
-  params, code and library versions (no clock times, no hosts, no git commit), so an
-  unchanged stage writes the same bytes and DVC keeps it cached downstream. It holds
-  the stage, code digests, params, seeds, input digests (and Parquet row counts),
-  output digests and row counts, counts kept/dropped by reason, the library versions
-  that ran, and whatever the stage adds through `extra` (model fingerprints, sampling,
-  `validation`, ...).
+  params and code (no clock times, no hosts, no git commit, no library versions), so
+  an unchanged stage writes the same bytes and DVC keeps it cached downstream. It
+  holds the stage, code digests, params, seeds, input digests (and Parquet row
+  counts), output digests and row counts, counts kept/dropped by reason, and whatever
+  the stage adds through `extra` (model fingerprints, sampling, `validation`, ...).
 - the run record, outside DVC (`lineage/`, git-ignored; `DISTILLFLOW_LINEAGE_DIR`
-  moves it): start and end time, host, git commit and dirty flag, run id, the
-  validation result and the cost (tokens, wall / CPU / device seconds, peak memory,
-  cache hits). Written when the manifest is:
+  moves it): start and end time, host, git commit and dirty flag, run id, the library
+  versions that ran (`environment`; docs/decisions/library-versions.md says why here),
+  the validation result and the cost (tokens, wall / CPU / device seconds, peak
+  memory, cache hits). Written when the manifest is:
       lineage/runs/<job>.json          the latest run of that job (DVC stage name)
       lineage/runs/history.jsonl       every run, appended, one JSON object per line
-      lineage/openlineage/<job>/<runId>-START.json, -COMPLETE.json
-                                       OpenLineage 2-0-2 RunEvents of the run
+  and the run's OpenLineage 2-0-2 RunEvents (stages.lib.audit.openlineage):
+      lineage/openlineage/<job>/<runId>-START.json    when main() starts (entry.run)
+      lineage/openlineage/<job>/<runId>-COMPLETE.json when the run record is written
+      lineage/openlineage/<job>/<runId>-FAIL.json     when main() raises
+  (and to Marquez or any OpenLineage server when OPENLINEAGE_URL is set).
   The run id groups the stages of one pipeline run: `DISTILLFLOW_RUN_ID` from the
   environment (`distillflow run` sets it), else a fresh one per process.
 
@@ -44,9 +47,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.lib.audit import openlineage
 from stages.lib.data.io import digest_path, write_json
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -67,22 +70,22 @@ def process_start() -> tuple[float, str]:
 STARTED_AT, STARTED_FROM = process_start()
 RUN_ID = os.environ.get("DISTILLFLOW_RUN_ID") or str(uuid.uuid4())
 
-PRODUCER = "https://github.com/distillflow/distillflow/tree/main/stages/lib/audit/lineage.py"
-OL_SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
-OL_NAMESPACE = os.environ.get("DISTILLFLOW_OPENLINEAGE_NAMESPACE", "distillflow")
-# Libraries whose version is recorded when the stage imported them.
-LIBRARIES = (
-    "torch",
-    "transformers",
-    "vllm",
-    "pyarrow",
-    "datasets",
-    "tokenizers",
-    "safetensors",
-    "openai",
-    "great_expectations",
-    "datasketch",
-)
+# Libraries whose version is recorded when the stage imported them: module -> distribution.
+LIBRARIES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "vllm": "vllm",
+    "pyarrow": "pyarrow",
+    "numpy": "numpy",
+    "datasets": "datasets",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+    "openai": "openai",
+    "great_expectations": "great-expectations",
+    "datasketch": "datasketch",
+    "dvclive": "dvclive",
+    "openlineage": "openlineage-python",
+}
 
 
 def code_files(stage: str) -> list[Path]:
@@ -116,9 +119,9 @@ def _plain(value: Any) -> Any:
 def library_versions() -> dict[str, str]:
     """Python and the versions of the recorded libraries this process imported."""
     versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        if name in sys.modules:
-            versions[name] = importlib.metadata.version(name)
+    for module, dist in LIBRARIES.items():
+        if module in sys.modules:
+            versions[dist] = importlib.metadata.version(dist)
     return versions
 
 
@@ -180,7 +183,6 @@ def write_manifest(
         "code": code_digest(stage),
         "params": plain_params,
         "seeds": seeds_of(plain_params),
-        "environment": library_versions(),
         "inputs": {name: _input_entry(p) for name, p in sorted(inputs.items())},
         "outputs": {
             name: {"rows": rows, "sha256": digest_path(out_dir / name)} for name, rows in sorted(outputs.items())
@@ -268,12 +270,14 @@ def job_name(stage: str) -> str:
 
 
 def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[str, Any]) -> dict[str, Any]:
+    """Write the run record (lineage/runs/) and complete this process's OpenLineage run."""
+    ol = openlineage.current()
     end = time.time()
     out = final_dir(out_dir)
     job = job_name(manifest["stage"])
     record = {
         "run_id": RUN_ID,
-        "openlineage_run_id": str(uuid.uuid4()),
+        "openlineage_run_id": ol.run_id,
         "job": job,
         "stage": manifest["stage"],
         "out": str(out),
@@ -283,7 +287,7 @@ def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[s
         "ended": _iso(end),
         "host": socket.gethostname(),
         "git": git_state(Path(os.environ.get("DVC_ROOT", "."))),
-        "environment": manifest["environment"],
+        "environment": library_versions(),
         "models": model_fingerprints(
             {k: v for k, v in manifest.items() if k not in ("params", "code", "inputs", "outputs")}
         ),
@@ -297,10 +301,7 @@ def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[s
     runs = lineage_dir() / "runs"
     write_json(runs / f"{job}.json", record)
     _append_line(runs / "history.jsonl", json.dumps(record, sort_keys=True))
-    for event in openlineage_events(out_dir, out, manifest, record):
-        write_json(
-            lineage_dir() / "openlineage" / job / f"{record['openlineage_run_id']}-{event['eventType']}.json", event
-        )
+    ol.complete(record["ended"], out_dir, out, manifest, record)
     return record
 
 
@@ -314,118 +315,17 @@ def _append_line(path: Path, line: str) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# --- OpenLineage ------------------------------------------------------------------
+# --- OpenLineage (stages.lib.audit.openlineage builds and sends the events) --------
 
 
-def _facet(schema: str, **fields: Any) -> dict[str, Any]:
-    return {"_producer": PRODUCER, "_schemaURL": schema, **fields}
+def start_run(stage: str) -> openlineage.StageRun:
+    """Start this process's OpenLineage run of `stage` (START, dated when the process started)."""
+    return openlineage.begin(job_name(stage), lineage_dir() / "openlineage", _iso(STARTED_AT), _parent_run_id())
 
 
-def _facet_url(name: str, version: str) -> str:
-    return f"https://openlineage.io/spec/facets/{version}/{name}.json#/$defs/{name}"
-
-
-def _schema_facet(path: Path) -> dict[str, Any] | None:
-    if not (path.is_file() and path.suffix == ".parquet"):
-        return None
-    schema: pa.Schema = pq.read_schema(path)
-    return _facet(
-        _facet_url("SchemaDatasetFacet", "1-1-1"), fields=[{"name": f.name, "type": str(f.type)} for f in schema]
-    )
-
-
-def _dataset(path: str, sha256: str, schema_file: Path) -> dict[str, Any]:
-    facets: dict[str, Any] = {
-        "version": _facet(_facet_url("DatasetVersionDatasetFacet", "1-0-1"), datasetVersion=sha256)
-    }
-    schema = _schema_facet(schema_file)
-    if schema is not None:
-        facets["schema"] = schema
-    return {"namespace": "file", "name": str(Path(path).resolve()), "facets": facets}
-
-
-def openlineage_events(
-    out_dir: Path, out: Path, manifest: dict[str, Any], record: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """The run's START and COMPLETE RunEvents (OpenLineage 2-0-2), with input and
-    output datasets (schema, version = sha256, row counts) and the run record as a
-    custom run facet. Both are written when the stage finishes."""
-    inputs = []
-    for entry in manifest["inputs"].values():
-        ds = _dataset(entry["path"], entry["sha256"], Path(entry["path"]))
-        if "rows" in entry:
-            ds["inputFacets"] = {
-                "dataQualityMetrics": _facet(
-                    _facet_url("DataQualityMetricsInputDatasetFacet", "1-0-2"), rowCount=entry["rows"], columnMetrics={}
-                )
-            }
-        inputs.append(ds)
-    outputs = []
-    for name, entry in manifest["outputs"].items():
-        ds = _dataset(str(out / name), entry["sha256"], out_dir / name)
-        ds["outputFacets"] = {
-            "outputStatistics": _facet(
-                _facet_url("OutputStatisticsOutputDatasetFacet", "1-0-2"), rowCount=entry["rows"]
-            )
-        }
-        outputs.append(ds)
-    run_facets: dict[str, Any] = {
-        "processing_engine": _facet(
-            _facet_url("ProcessingEngineRunFacet", "1-1-1"),
-            name="distillflow",
-            version=importlib.metadata.version("distillflow") if _installed("distillflow") else "unknown",
-            openlineageAdapterVersion="none",
-        ),
-        "distillflow_run": _facet(
-            "urn:distillflow:facets:RunRecord",
-            **{k: record[k] for k in ("run_id", "git", "host", "cost", "counts", "validation", "models", "seeds")},
-        ),
-    }
-    parent = _parent_run_id()
-    if parent is not None:
-        run_facets["parent"] = _facet(
-            _facet_url("ParentRunFacet", "1-1-0"),
-            run={"runId": parent},
-            job={"namespace": OL_NAMESPACE, "name": "distillflow.pipeline"},
-        )
-    job = {
-        "namespace": OL_NAMESPACE,
-        "name": record["job"],
-        "facets": {
-            "jobType": _facet(
-                _facet_url("JobTypeJobFacet", "2-0-3"),
-                processingType="BATCH",
-                integration="DISTILLFLOW",
-                jobType="STAGE",
-            )
-        },
-    }
-    base = {"producer": PRODUCER, "schemaURL": f"{OL_SPEC}#/$defs/RunEvent", "job": job, "inputs": inputs}
-    start = {
-        **base,
-        "eventType": "START",
-        "eventTime": record["started"],
-        "run": {
-            "runId": record["openlineage_run_id"],
-            "facets": {k: v for k, v in run_facets.items() if k != "distillflow_run"},
-        },
-    }
-    complete = {
-        **base,
-        "eventType": "COMPLETE",
-        "eventTime": record["ended"],
-        "run": {"runId": record["openlineage_run_id"], "facets": run_facets},
-        "outputs": outputs,
-    }
-    return [start, complete]
-
-
-def _installed(dist: str) -> bool:
-    try:
-        importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+def now() -> str:
+    """The time now, as run records and events write it."""
+    return _iso(time.time())
 
 
 def _parent_run_id() -> str | None:

@@ -87,7 +87,6 @@ class OpenAIParams:
     max_concurrency: int  # requests in flight at once
     requests_per_second: float  # request starts per second, retries included
     max_retries: int  # per request, on 408/409/429/5xx, timeouts and connection errors
-    backoff_s: float  # first retry's wait, doubled per retry (a Retry-After header wins)
     timeout_s: float  # per request
     cache_dir: str  # per-request response files (outside any DVC out): a rerun never pays twice
 
@@ -95,7 +94,6 @@ class OpenAIParams:
         check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         check(self.requests_per_second > 0.0, "requests_per_second", "must be > 0")
         check(self.max_retries >= 0, "max_retries", "must be >= 0")
-        check(self.backoff_s >= 0.0, "backoff_s", "must be >= 0")
         check(self.timeout_s > 0.0, "timeout_s", "must be > 0")
         check(bool(self.cache_dir), "cache_dir", "name a folder for the response cache")
         if self.api_key_env is not None:

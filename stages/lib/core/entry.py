@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from stages.lib.audit import lineage
 from stages.lib.data.io import DataError
 
 
@@ -39,12 +40,34 @@ def parse_paths(
     return args
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(). Bad input (DataError, which names the file, row and field;
-    GateError is one) ends the process with that message and exit status 2, not a
-    traceback through the library that noticed it."""
+def stage_name() -> str:
+    """The stage this process runs: its main module's name (`python -m stages.teacher` -> teacher)."""
+    return Path(sys.modules["__main__"].__file__).stem
+
+
+def run(main: Callable[[], None], stage: str | None = None) -> None:
+    """Run a stage's main() as one OpenLineage run of `stage` (default: stage_name()).
+
+    START is emitted before main() and FAIL (ABORT on Ctrl-C) when it raises;
+    COMPLETE comes with the run record (lineage.write_manifest), or here when main()
+    wrote none. Bad input (DataError, which names the file, row and field; GateError
+    is one) ends the process with that message and exit status 2, not a traceback
+    through the library that noticed it.
+    """
+    ol = lineage.start_run(stage or stage_name())
     try:
         main()
     except DataError as exc:
+        ol.fail(lineage.now(), exc)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            ol.fail(lineage.now(), exc)
+            raise
+        ol.finish(lineage.now())
+        raise
+    except BaseException as exc:
+        ol.fail(lineage.now(), exc)
+        raise
+    ol.finish(lineage.now())

@@ -12,9 +12,13 @@ serve) work. The per-request seed is `sample_seed(seed, prompt_id, sample_index)
 
 - Concurrency: at most `max_concurrency` requests in flight (a thread pool).
 - Rate: request starts (retries included) at most `requests_per_second`.
-- Retries: 408, 409, 429, 5xx, timeouts and connection errors are retried up to
-  `max_retries` times, waiting `backoff_s` doubled per retry (a Retry-After header
-  wins); other errors (400, 401, 404, ...) fail at once, naming the prompt.
+- Retries: the openai client's own (`max_retries` = openai.max_retries): 408, 409,
+  429, 5xx, timeouts and connection errors, waiting 0.5 s doubled per retry up to
+  8 s, less up to 25% jitter, or what the server's Retry-After / retry-after-ms says
+  (seconds or an HTTP date, up to 120 s; longer is not retried); other errors (400,
+  401, 404, ...) fail at once, naming the prompt. Every attempt passes an httpx request
+  hook, which waits for the rate limiter and counts it, so retries are limited and
+  counted like first attempts.
 - Cache: every successful response is stored as a file under `cache_dir`, keyed by
   the hash of (base_url, the request body): endpoint, model, messages, sampling and the
   sample's seed. A rerun, or a resumed shard, sends only the requests not answered
@@ -23,8 +27,7 @@ serve) work. The per-request seed is `sample_seed(seed, prompt_id, sample_index)
 
 Token counts come from the response's `usage`; the record's `model` column is
 `openai:<model>@<base_url>`, its engine "openai <client version>". The openai Python
-client (extra `distillflow[openai]`) does the HTTP, with its own retries switched off:
-retries here go through the rate limit and are logged.
+client (extra `distillflow[openai]`) does the HTTP and the retries.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from stages.lib.engines.generation import Prompts, Shard, engine_version, record
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = {408, 409, 429}  # and every 5xx
+RETRY_STATUS = {408, 409, 429}  # and every 5xx: what the openai client retries
 FINISH = {"stop": "stop", "length": "length"}
 
 
@@ -112,15 +115,30 @@ class OpenAIEngine:
         self.fingerprint = fingerprint(self.o)
         self.sampling = sampling_record(p)
         self.openai = openai
-        self.client = openai.OpenAI(
-            base_url=self.o.base_url, api_key=self.api_key(), max_retries=0, timeout=self.o.timeout_s
-        )
         self.limiter = RateLimiter(self.o.requests_per_second)
         self.cache = ResponseCache(Path(self.o.cache_dir))
         self.requests = 0  # sent to the endpoint by this engine, retries included
         self.cache_hits = 0
         self.count_lock = threading.Lock()
         self.failed = threading.Event()  # set when a request gave up: send no more
+        self.call = threading.local()  # the request this thread's create() is sending: where, attempts
+        self.client = openai.OpenAI(
+            base_url=self.o.base_url,
+            api_key=self.api_key(),
+            max_retries=self.o.max_retries,
+            timeout=self.o.timeout_s,
+            # the client's defaults (timeouts, limits, redirects), plus the hook every attempt passes
+            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self.on_request]}),
+        )
+
+    def on_request(self, request: Any) -> None:
+        """Every HTTP attempt, first or retry: wait for the rate limiter, count it."""
+        self.limiter.wait()
+        with self.count_lock:
+            self.requests += 1
+        self.call.attempts = getattr(self.call, "attempts", 0) + 1
+        if self.call.attempts > 1:
+            log.warning("%s: attempt %d (retry %d)", self.call.where, self.call.attempts, self.call.attempts - 1)
 
     def api_key(self) -> str:
         env = self.o.api_key_env
@@ -169,36 +187,22 @@ class OpenAIEngine:
 
     def request(self, prompt: dict[str, Any], k: int, body: dict[str, Any]) -> Any:
         where = f"openai engine ({self.o.base_url}), prompt {prompt['prompt_id']}, sample {k}"
-        for attempt in range(self.o.max_retries + 1):
-            self.limiter.wait()
-            with self.count_lock:
-                self.requests += 1
-            try:
-                return self.client.chat.completions.create(**body)
-            except self.openai.APIStatusError as exc:
-                status = exc.status_code
-                if not (status in RETRY_STATUS or status >= 500):
-                    hint = " (check the key in the variable openai.api_key_env names)" if status in (401, 403) else ""
-                    self.failed.set()
-                    raise RuntimeError(f"{where}: HTTP {status}, not retried{hint}: {exc.message}") from exc
-                error: Exception = exc
-                retry_after = exc.response.headers.get("retry-after")
-            except (
-                self.openai.APIConnectionError,
-                self.openai.APITimeoutError,
-            ) as exc:  # timeouts are connection errors too
-                error, retry_after = exc, None
-            if attempt == self.o.max_retries:
-                self.failed.set()
-                raise RuntimeError(
-                    f"{where}: failed after {attempt + 1} attempts (openai.max_retries = {self.o.max_retries}): {error}"
-                ) from error
-            wait = self.o.backoff_s * 2**attempt
-            if retry_after is not None and retry_after.replace(".", "", 1).isdigit():
-                wait = float(retry_after)  # seconds; an HTTP-date Retry-After keeps the backoff
-            log.warning("%s: attempt %d failed (%s); retrying in %.2f s", where, attempt + 1, error, wait)
-            time.sleep(wait)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        self.call.where, self.call.attempts = where, 0
+        try:
+            return self.client.chat.completions.create(**body)
+        except self.openai.APIStatusError as exc:
+            self.failed.set()
+            status, attempts = exc.status_code, self.call.attempts
+            if attempts == 1 and not (status in RETRY_STATUS or status >= 500):
+                hint = " (check the key in the variable openai.api_key_env names)" if status in (401, 403) else ""
+                raise RuntimeError(f"{where}: HTTP {status}, not retried{hint}: {exc.message}") from exc
+            raise RuntimeError(self.gave_up(where, attempts, exc)) from exc
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:  # timeouts are both
+            self.failed.set()
+            raise RuntimeError(self.gave_up(where, self.call.attempts, exc)) from exc
+
+    def gave_up(self, where: str, attempts: int, error: Exception) -> str:
+        return f"{where}: failed after {attempts} attempts (openai.max_retries = {self.o.max_retries}): {error}"
 
     def parse(self, prompt: dict[str, Any], k: int, resp: Any) -> dict[str, Any]:
         where = f"openai engine ({self.o.base_url}), prompt {prompt['prompt_id']}, sample {k}"
@@ -213,7 +217,8 @@ class OpenAIEngine:
             raise DataError(f"{where}: the response has no `usage`; token counts come from it")
         if resp.usage.completion_tokens > self.p.max_new_tokens:
             raise DataError(
-                f"{where}: {resp.usage.completion_tokens} completion tokens > max_new_tokens {self.p.max_new_tokens}; the endpoint ignored max_tokens"
+                f"{where}: {resp.usage.completion_tokens} completion tokens > max_new_tokens"
+                f" {self.p.max_new_tokens}; the endpoint ignored max_tokens"
             )
         return {
             "text": choice.message.content,
