@@ -17,8 +17,7 @@ import yaml
 from stages.lib.data import records
 from stages.lib.data.io import write_table
 
-from .test_curate import pair
-from .test_pairs import prompt
+from .builders import pair, prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 MB_PROMPT = "word " * 200_000  # 1 MB

@@ -7,12 +7,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import bootstrap
 from stages.lib.core import models
-from stages.lib.core.config import ModelParams, ModelsParams, TaskParams
+from stages.lib.core.config import ModelParams, ModelsParams
 from stages.lib.data import encoding
 
-TASK = TaskParams(
-    skills=("add", "reverse", "sort", "upper"), max_digits=2, min_len=3, max_len=5, alphabet="abcdef", eval_fraction=0.1
-)
+from .builders import TASK
 
 
 def tiny(steps: int) -> bootstrap.ToyModelParams:

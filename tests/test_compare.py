@@ -14,10 +14,8 @@ from stages.lib.data import io, records
 from stages.lib.training import cells
 from stages.lib.training.settings import RoundParams
 
+from .builders import pair, prompt, tp
 from .conftest import ROOT
-from .test_curate import pair
-from .test_pairs import prompt
-from .test_train import tp
 
 
 def test_run_params_name_the_bad_switch() -> None:

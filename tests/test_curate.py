@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 
 from stages import curate
-from stages.lib.data import curation, records
+from stages.lib.data import curation
 
-from .test_pairs import prompt
+from .builders import pair
 
 OFF = curation.CurateParams(
     drop_duplicates=False,
@@ -41,38 +41,6 @@ ALL_ON = dataclasses.replace(
     decontamination=curation.DecontaminationParams(enabled=True, ngram=3, max_overlap=0.5),
     near_duplicates=curation.NearDuplicateParams(enabled=True, threshold=0.8, num_perm=64, shingle_words=2),
 )
-
-
-def pair(
-    i: int = 0,
-    chosen: str = "1",
-    rejected: str = "9",
-    cf: str = "stop",
-    rf: str = "stop",
-    ct: int = 2,
-    rt: int = 2,
-    reference: str | None = "1",
-    category: str = "add",
-    text: str | None = None,
-) -> dict:
-    pr = prompt(i)
-    p = text or pr["prompt"]
-    pid = records.prompt_id(p) if text else pr["prompt_id"]
-    return {
-        "pair_id": records.pair_id(pid, chosen, rejected + str(i)),
-        "prompt_id": pid,
-        "chosen_id": "c",
-        "rejected_id": "r",
-        "prompt": p,
-        "chosen": chosen,
-        "rejected": rejected,
-        "reference": reference,
-        "category": category,
-        "chosen_finish_reason": cf,
-        "rejected_finish_reason": rf,
-        "chosen_tokens": ct,
-        "rejected_tokens": rt,
-    }
 
 
 REPEAT = "the cat sat the cat sat the cat sat the cat sat"

@@ -1,5 +1,6 @@
 """dvc.yaml is the one DAG: its names, params, code deps and paths agree with the code."""
 
+import ast
 import shlex
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import yaml
 
 from flows import codedeps
 
+from .builders import STAGES
 from .conftest import ROOT
-from .test_params import STAGES
 
 RAW = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -197,3 +198,11 @@ def test_graph_edges() -> None:
         ("compare@kd-1", "report"),
         ("evaluate", "report"),
     }
+
+
+def test_no_test_module_imports_another() -> None:
+    """Tests share builders through tests/builders.py (and fixtures through conftest.py)."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert not (node.module or "").startswith("test_"), f"{path.name} imports tests/{node.module}.py"

@@ -8,8 +8,7 @@ from stages.lib.data import encoding
 from stages.lib.evaluation import evaluator, metrics
 from stages.lib.evaluation.settings import EvaluateParams
 
-from .test_pairs import prompt
-from .test_train import load
+from .builders import load, prompt
 
 
 def test_accuracy_overall_and_per_category() -> None:

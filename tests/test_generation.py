@@ -26,10 +26,8 @@ from stages.lib.data.encoding import prompt_ids
 from stages.lib.engines import generation, sampling, shards
 from stages.lib.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 
+from .builders import TASK, gp, prompts, seed_params
 from .conftest import ROOT
-from .test_bootstrap import TASK
-from .test_seed import seed_params
-from .test_teacher import gp, prompts
 
 TOY = models.ModelRef("toy", None)
 TOY_KW = {"trust_remote_code": False, "dtype": "float32"}

@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -24,85 +23,15 @@ import yaml
 
 from flows import trace as flin
 from stages.lib.audit import lineage
-from stages.lib.data import records
-from stages.lib.data.io import write_table
 
+from .builders import ENV, check_event, sh, write_stage
 from .conftest import copy_repo
-from .test_pipeline import ENV, sh
-
-# The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)
-# that every RunEvent must satisfy: BaseEvent + RunEvent + Run + Job + Dataset, facets
-# with _producer and _schemaURL: what the events openlineage-python builds must still hold.
-_FACETS = {"type": "object", "additionalProperties": {"type": "object", "required": ["_producer", "_schemaURL"]}}
-_DATASET = {
-    "type": "object",
-    "required": ["namespace", "name"],
-    "properties": {
-        "namespace": {"type": "string"},
-        "name": {"type": "string"},
-        "facets": _FACETS,
-        "inputFacets": _FACETS,
-        "outputFacets": _FACETS,
-    },
-}
-RUN_EVENT_SCHEMA = {
-    "type": "object",
-    "required": ["eventTime", "producer", "schemaURL", "run", "job"],
-    "properties": {
-        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
-        "eventTime": {"type": "string", "format": "date-time"},
-        "producer": {"type": "string", "format": "uri"},
-        "schemaURL": {"type": "string", "format": "uri"},
-        "run": {
-            "type": "object",
-            "required": ["runId"],
-            "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS},
-        },
-        "job": {
-            "type": "object",
-            "required": ["namespace", "name"],
-            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS},
-        },
-        "inputs": {"type": "array", "items": _DATASET},
-        "outputs": {"type": "array", "items": _DATASET},
-    },
-}
-
-
-def check_event(event: dict[str, Any]) -> None:
-    jsonschema.validate(event, RUN_EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
-    uuid.UUID(event["run"]["runId"])
-
-
-def _write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path / "data" / "pairs"
-    out.mkdir(parents=True)
-    src = tmp_path / "in.parquet"
-    write_table(
-        src,
-        [{"prompt_id": "a", "reason": "r"}],
-        pa.schema(
-            [pa.field("prompt_id", pa.string()), pa.field("reason", pa.string())], metadata={"distillflow.schema": "x"}
-        ),
-    )
-    n = write_table(out / "pairs.parquet", [], records.PAIR_SCHEMA)
-    manifest = lineage.write_manifest(
-        out,
-        "pairs",
-        {"pairs": {"seed": 3, "k": 1}},
-        inputs={"src": src},
-        outputs={"pairs.parquet": n},
-        counts={"kept": 0, "dropped_by_reason": {"x": 1}},
-        extra={"validation": {"success": True}},
-        cost={"tokens_read": 5},
-    )
-    return out, manifest
 
 
 def _run_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
-    """_write_stage as one OpenLineage run, as entry.run runs a stage's main()."""
+    """write_stage as one OpenLineage run, as entry.run runs a stage's main()."""
     lineage.start_run("pairs")
-    return _write_stage(tmp_path)
+    return write_stage(tmp_path)
 
 
 def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(

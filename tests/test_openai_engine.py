@@ -32,11 +32,9 @@ from stages.lib.data.encoding import prompt_ids
 from stages.lib.engines.generation import Shard, sample_seed
 from stages.lib.engines.openai_engine import OpenAIEngine
 
+from .builders import TASK, prompts, seed_params
 from .conftest import ROOT
 from .openai_server import Server
-from .test_bootstrap import TASK
-from .test_seed import seed_params
-from .test_teacher import prompts
 
 pytest.importorskip(
     "openai", reason="the openai engine needs the openai client (extra distillflow[openai], in the test extra)"

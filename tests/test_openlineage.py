@@ -19,8 +19,8 @@ import pytest
 from stages.lib.core import entry
 from stages.lib.data.io import DataError
 
+from .builders import check_event, write_stage
 from .conftest import ROOT
-from .test_lineage import _write_stage, check_event
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def events(lineage: Path, job: str) -> dict[str, dict[str, Any]]:
 
 
 def test_a_stage_that_succeeds_leaves_start_and_complete(tmp_path: Path, lineage_env: Path) -> None:
-    entry.run(lambda: _write_stage(tmp_path), stage="pairs")
+    entry.run(lambda: write_stage(tmp_path), stage="pairs")
     ev = events(lineage_env, "pairs")
     assert set(ev) == {"START", "COMPLETE"}
     run_id = ev["START"]["run"]["runId"]
@@ -138,10 +138,10 @@ def test_events_go_to_the_http_server_openlineage_url_names(
     tmp_path: Path, lineage_env: Path, lineage_server: tuple[str, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, received = lineage_server
-    entry.run(lambda: _write_stage(tmp_path / "plain"), stage="pairs")
+    entry.run(lambda: write_stage(tmp_path / "plain"), stage="pairs")
     plain = (tmp_path / "plain" / "data" / "pairs" / "manifest.json").read_bytes()
     monkeypatch.setenv("OPENLINEAGE_URL", url)
-    entry.run(lambda: _write_stage(tmp_path / "sent"), stage="pairs")
+    entry.run(lambda: write_stage(tmp_path / "sent"), stage="pairs")
     assert [(path, e["eventType"]) for path, e in received] == [
         ("/api/v1/lineage", "START"),
         ("/api/v1/lineage", "COMPLETE"),
@@ -162,7 +162,7 @@ def test_an_unreachable_server_is_logged_and_the_stage_completes(
     config.write_text("transport:\n  type: http\n  url: http://127.0.0.1:9\n  timeout: 2\n  retry:\n    total: 0\n")
     monkeypatch.setenv("OPENLINEAGE_CONFIG", str(config))
     with caplog.at_level(logging.ERROR, logger="stages.lib.audit.openlineage"):
-        entry.run(lambda: _write_stage(tmp_path), stage="pairs")
+        entry.run(lambda: write_stage(tmp_path), stage="pairs")
     assert set(events(lineage_env, "pairs")) == {"START", "COMPLETE"}
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and all("not sent through the http transport" in m for m in logged), logged
@@ -171,7 +171,7 @@ def test_an_unreachable_server_is_logged_and_the_stage_completes(
 
 def test_a_stage_that_fails_after_its_record_ends_with_fail(tmp_path: Path, lineage_env: Path) -> None:
     def late() -> None:
-        _write_stage(tmp_path)
+        write_stage(tmp_path)
         raise OSError("metrics.json: disk full")
 
     with pytest.raises(OSError, match="disk full"):

@@ -7,34 +7,7 @@ from stages import pairs
 from stages.lib.data import records
 from stages.lib.data.io import DataError
 
-
-def prompt(i: int) -> dict:
-    text = f"Add {i} and 1."
-    return {
-        "prompt_id": records.prompt_id(text),
-        "prompt": text,
-        "split": "train",
-        "reference": str(i + 1),
-        "category": "add",
-        "source": "toy",
-        "source_ref": f"toy:{i}",
-    }
-
-
-def gen(pr: dict, model: str, k: int, text: str = "x", finish: str = "stop") -> dict:
-    gid = records.generation_id(pr["prompt_id"], model, {}, k)
-    return {
-        "generation_id": gid,
-        "prompt_id": pr["prompt_id"],
-        "sample_index": k,
-        "response": text,
-        "finish_reason": finish,
-        "prompt_tokens": 5,
-        "response_tokens": 2,
-        "model": model,
-        "engine": "test",
-        "sampling": "{}",
-    }
+from .builders import gen, prompt
 
 
 def test_join_on_ids_cycles_samples_and_quarantines_missing_partners() -> None:

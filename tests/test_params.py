@@ -5,16 +5,13 @@ from typing import Literal
 import pytest
 import yaml
 
-from stages import bootstrap, compare, curate, evaluate, pairs, report, score, seed, student, teacher, train
+from stages import compare, train
 from stages.lib.core import params
 from stages.lib.core.config import GenerationParams, TaskParams
 
+from .builders import STAGES
 from .conftest import ROOT
 
-STAGES = {
-    m.__name__.split(".")[-1]: m
-    for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
-}
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
 
 

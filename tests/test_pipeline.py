@@ -7,36 +7,16 @@ nothing, and `dvc exp run -S` reruns exactly the stages downstream of the param.
 
 import csv
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from .builders import sh
 from .conftest import copy_repo
 
 pytestmark = pytest.mark.slow
-
-ENV = {
-    **os.environ,
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-}
-
-
-def sh(cwd: Path, *cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        )
-    return done.stdout + done.stderr
 
 
 def ran(output: str) -> set[str]:

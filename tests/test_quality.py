@@ -18,8 +18,7 @@ from stages.lib.audit import quality
 from stages.lib.data import records
 from stages.lib.data.io import write_table
 
-from .test_curate import pair
-from .test_pairs import gen, prompt
+from .builders import gen, pair, prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = quality.QualityParams(

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import score, train
+from stages import score
 from stages.lib.data import encoding
+from stages.lib.training import trainer
 
-from .test_curate import pair
-from .test_train import PAIRS, fresh, tp
+from .builders import PAIRS, fresh, pair, tp, train_run
 
 
 def scored(folder: Path, k: int) -> list[dict]:
@@ -53,17 +53,17 @@ def test_k_larger_than_vocabulary_is_refused(taught_models: Path) -> None:
 def test_topk_signal_at_full_vocabulary_matches_the_online_teacher(taught_models: Path, method: str) -> None:
     """With k = V nothing is left out, so the offline run must track the online one."""
     student, teacher, tok_s, tok_t = fresh(taught_models)
-    online = train.run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=3))
+    online = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=3))
     rows = scored(taught_models, len(tok_t))
     student, _, tok_s, tok_t = fresh(taught_models)
-    offline = train.run(
+    offline = train_run(
         student,
         None,
         tok_s,
         tok_t,
         PAIRS,
         tp(method=method, epochs=3, teacher_signal="topk"),
-        scores=train.index_scores(rows),
+        scores=trainer.index_scores(rows),
     )
     assert [r["loss"] for r in offline] == pytest.approx([r["loss"] for r in online], rel=1e-4, abs=1e-5)
 
@@ -71,8 +71,8 @@ def test_topk_signal_at_full_vocabulary_matches_the_online_teacher(taught_models
 def test_small_k_trains_without_a_teacher_model(taught_models: Path) -> None:
     rows = scored(taught_models, 4)
     student, _, tok_s, tok_t = fresh(taught_models)
-    log = train.run(
-        student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=train.index_scores(rows)
+    log = train_run(
+        student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=trainer.index_scores(rows)
     )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
@@ -82,14 +82,14 @@ def test_missing_or_misaligned_scores_fail_naming_the_pair(taught_models: Path) 
     rows = scored(taught_models, 4)
     student, _, tok_s, tok_t = fresh(taught_models)
     with pytest.raises(Exception, match="no teacher scores for pair"):
-        train.run(
+        train_run(
             student,
             None,
             tok_s,
             tok_t,
             [*PAIRS, pair(99)],
             tp(epochs=1, batch_size=9, teacher_signal="topk"),
-            scores=train.index_scores(rows),
+            scores=trainer.index_scores(rows),
         )
     with pytest.raises(ValueError, match="set score.k > 0"):
-        train.run(student, None, tok_s, tok_t, PAIRS, tp(teacher_signal="topk"), scores={})
+        train_run(student, None, tok_s, tok_t, PAIRS, tp(teacher_signal="topk"), scores={})

@@ -15,26 +15,8 @@ from stages.lib.data import records, sources, split, synthesis
 from stages.lib.data.io import DataError, read_table, write_table
 from stages.lib.task import toytask
 
+from .builders import TASK, seed_params
 from .conftest import ROOT
-from .test_bootstrap import TASK
-
-
-def seed_params(
-    kind: str = "toy",
-    path: str | None = None,
-    field: str | None = None,
-    num_train: int = 40,
-    num_eval: int = 5,
-    max_chars: int = 2000,
-) -> sources.SeedParams:
-    """Seed params with synthesis off (its default)."""
-    return sources.SeedParams(
-        source=sources.SourceParams(kind=kind, path=path, config=None, split=None, revision=None, field=field),
-        seed=1,
-        num_train=num_train,
-        num_eval=num_eval,
-        max_prompt_chars=max_chars,
-    )
 
 
 def reconcile(counts: dict) -> None:

@@ -11,9 +11,8 @@ import yaml
 from stages import seed
 from stages.lib.data import io, records
 
+from .builders import TASK, seed_params
 from .conftest import ROOT
-from .test_bootstrap import TASK
-from .test_seed import seed_params
 
 
 def test_entry_point_writes_generations_manifest_and_metrics(tmp_path: Path, tiny_models: Path) -> None:

@@ -12,31 +12,7 @@ from stages.lib.core.config import GenerationParams
 from stages.lib.data import records
 from stages.lib.engines.generation import generate_transformers
 
-from .test_bootstrap import TASK
-from .test_seed import seed_params
-
-
-def prompts(n: int) -> list[dict]:
-    from stages import seed
-
-    train, _, _, _ = seed.run(
-        TASK, seed_params(num_train=n, num_eval=1), seed.source_rows(TASK, seed_params(num_train=n, num_eval=1))
-    )
-    return train
-
-
-def gp(**kw: object) -> GenerationParams:
-    base = dict(
-        engine="transformers",
-        batch_size=4,
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=0.9,
-        num_samples=2,
-        seed=7,
-        tensor_parallel_size=1,
-    )
-    return GenerationParams(**{**base, **kw})  # type: ignore[arg-type]
+from .builders import gp, prompts
 
 
 def teacher_gen(tiny_models: Path, ps: list[dict], p: GenerationParams) -> list[dict]:

@@ -5,85 +5,13 @@ import pytest
 import torch
 
 from stages import train
-from stages.lib.core import models
-from stages.lib.training import trainer
-from stages.lib.training.checkpoint import Checkpoint
 from stages.lib.training.objectives import (
     AlphaCurriculum,
     BetaSchedule,
-    DistiLLM2Params,
-    DistiLLMParams,
-    DPKDParams,
-    GKDParams,
 )
-from stages.lib.training.settings import RoundParams, TrainParams
+from stages.lib.training.settings import RoundParams
 
-from .test_curate import pair
-
-D2 = DistiLLM2Params(
-    contrastive=True,
-    beta_ramp=True,
-    adaptive_alpha=True,
-    alpha_0=0.1,
-    alpha_min=0.01,
-    alpha_eps=1e-5,
-    reference_batches=2,
-    beta=BetaSchedule(0.5, 1.0, 0.5, 1.0),
-    detach_mixture_student=True,
-)
-
-
-def tp(**kw: object) -> TrainParams:
-    base = dict(
-        method="distillm2",
-        seed=0,
-        epochs=2,
-        batch_size=4,
-        grad_accum_steps=1,
-        lr=0.01,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        reduction="sequence_mean",
-        logits="chunked",
-        chunk_size=16,
-        device="cpu",
-        bf16_autocast=False,
-        gradient_checkpointing=False,
-        checkpoint_every=0,
-        teacher_signal="online",
-        distillm2=D2,
-        distillm=DistiLLMParams(0.1),
-        gkd=GKDParams(0.5, 0.5),
-        dpkd=DPKDParams(0.1),
-        rounds={},
-    )
-    return TrainParams(**{**base, **kw})  # type: ignore[arg-type]
-
-
-PAIRS = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 else "stop") for i in range(8)]
-
-
-def load(folder: Path) -> tuple[torch.nn.Module, object]:
-    ref = models.ModelRef(str(folder), None)
-    return models.load_model(ref, folder, False, "float32"), models.load_tokenizer(ref, folder, False)
-
-
-def run(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
-    tok_s: object,
-    tok_t: object,
-    pairs: list[dict],
-    p: TrainParams,
-    ckpt_dir: Path | None = None,
-    key: str = "",
-    **kw: object,
-) -> list[dict[str, float]]:
-    """One trainer run, checkpointing into `ckpt_dir` under `key` when given."""
-    ckpt = Checkpoint(ckpt_dir, key) if ckpt_dir is not None else None
-    return trainer.run(
-        trainer.Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p, checkpoint=ckpt, **kw)
-    )  # type: ignore[arg-type]
+from .builders import D2, PAIRS, fresh, pair, tp, train_run
 
 
 def live_rows(folder: Path) -> list[dict[str, float]]:
@@ -95,12 +23,6 @@ def live_rows(folder: Path) -> list[dict[str, float]]:
         for step, value in lines[1:]:
             rows.setdefault(int(step), {"step": int(step)})[tsv.stem] = float(value)
     return [rows[k] for k in sorted(rows)]
-
-
-def fresh(tiny_models: Path) -> tuple:
-    student, tok_s = load(tiny_models / "student")
-    teacher, tok_t = load(tiny_models / "teacher")
-    return student, teacher, tok_s, tok_t
 
 
 def test_beta_schedule_paper_and_official_shapes() -> None:
@@ -169,7 +91,7 @@ def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_stud
     """The released DistiLLM-2 code never ran its curriculum; ours must move alpha and beta."""
     student, teacher, tok_s, tok_t = fresh(taught_models)
     t_before = [q.detach().clone() for q in teacher.parameters()]
-    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=12))
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=12))
     assert len(rows) == 24 and [r["step"] for r in rows] == list(range(24))
     betas = [r["beta"] for r in rows]
     assert betas[0] == 0.5 and betas[-1] == 1.0 and betas == sorted(betas)
@@ -193,7 +115,7 @@ def test_distillm2_run_moves_alpha_and_beta_lowers_loss_and_only_trains_the_stud
 def test_every_baseline_trains(tiny_models: Path, method: str) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     before = [q.detach().clone() for q in student.parameters()]
-    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=6))
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, epochs=6))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     if method != "dpkd":  # DPKD's margin loss need not fall monotonically on 8 pairs; it must move
@@ -202,7 +124,7 @@ def test_every_baseline_trains(tiny_models: Path, method: str) -> None:
 
 def test_gkd_mixes_student_data_at_lambda(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = run(student, teacher, tok_s, tok_t, PAIRS * 4, tp(method="gkd", epochs=3, batch_size=8))
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS * 4, tp(method="gkd", epochs=3, batch_size=8))
     share = sum(r["student_fraction"] for r in rows) / len(rows)
     assert 0.3 < share < 0.7
 
@@ -219,7 +141,7 @@ def test_chunked_hidden_path_equals_full_logits_path(tiny_models: Path, method: 
             if step == 0:
                 first.extend(q.grad.detach().clone() for q in student.parameters())
 
-        rows = run(
+        rows = train_run(
             student, teacher, tok_s, tok_t, PAIRS, tp(method=method, logits=mode, chunk_size=5, epochs=2), on_step=grab
         )
         curves[mode], grads[mode] = [r["loss"] for r in rows], first
@@ -234,14 +156,14 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_models: Path) -> None
     for bs, accum in ((8, 1), (4, 2)):
         student, teacher, tok_s, tok_t = fresh(tiny_models)
         p = tp(batch_size=bs, grad_accum_steps=accum, epochs=3, distillm2=replace(D2, adaptive_alpha=False))
-        curves.append([r["loss"] for r in run(student, teacher, tok_s, tok_t, PAIRS, p)])
+        curves.append([r["loss"] for r in train_run(student, teacher, tok_s, tok_t, PAIRS, p)])
     assert len(curves[0]) == len(curves[1]) == 3
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
 
 
 def test_adaptive_alpha_off_keeps_alpha_at_alpha_0(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=3, distillm2=replace(D2, adaptive_alpha=False)))
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=3, distillm2=replace(D2, adaptive_alpha=False)))
     for r in rows:
         for k in ("alpha_t_min", "alpha_t_max", "alpha_s_min", "alpha_s_max"):
             assert r[k] == pytest.approx(0.1)
@@ -250,7 +172,7 @@ def test_adaptive_alpha_off_keeps_alpha_at_alpha_0(tiny_models: Path) -> None:
 def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_path: Path) -> None:
     p = tp(epochs=4, checkpoint_every=2)
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    straight = run(student, teacher, tok_s, tok_t, PAIRS, p, live=tmp_path / "straight")
+    straight = train_run(student, teacher, tok_s, tok_t, PAIRS, p, live=tmp_path / "straight")
     expected = [q.detach().clone() for q in student.parameters()]
 
     def crash(step: int) -> None:
@@ -259,11 +181,11 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_pat
 
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash, live=tmp_path / "resumed")
+        train_run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash, live=tmp_path / "resumed")
     assert (tmp_path / "state.pt").is_file()
     assert len(live_rows(tmp_path / "resumed")) == 5  # logged step by step until the crash
     student, teacher, tok_s, tok_t = fresh(tiny_models)  # a new process: weights from disk again
-    resumed = run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", live=tmp_path / "resumed")
+    resumed = train_run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", live=tmp_path / "resumed")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert all(torch.equal(a, b) for a, b in zip(expected, student.parameters()))
     # the DVCLive log of the resumed run is the uninterrupted run's, byte for byte
@@ -279,7 +201,7 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_pat
 def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_path: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     with pytest.raises(KeyboardInterrupt):
-        run(
+        train_run(
             student,
             teacher,
             tok_s,
@@ -291,7 +213,7 @@ def test_checkpoint_of_another_configuration_is_ignored(tiny_models: Path, tmp_p
             on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else None,
         )
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    rows = run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(epochs=4, checkpoint_every=2), tmp_path, "new")
     assert rows[0]["step"] == 0 and len(rows) == 8
 
 
@@ -299,7 +221,7 @@ def test_different_tokenizers_fail_clearly(tiny_models: Path) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     tok_t.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizers differ"):
-        run(student, teacher, tok_s, tok_t, PAIRS, tp())
+        train_run(student, teacher, tok_s, tok_t, PAIRS, tp())
 
 
 def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path) -> None:
@@ -307,7 +229,7 @@ def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     teacher.resize_token_embeddings(teacher.config.vocab_size + 28)
     assert teacher.config.vocab_size != student.config.vocab_size
-    rows = run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
+    rows = train_run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 

@@ -1,0 +1,302 @@
+"""Builders the tests share: small literal records, params objects with test-sized values,
+tiny-model loading, the stage modules by name, and a subprocess helper with a clean git
+identity. One place, so no test module imports another."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pyarrow as pa
+import torch
+
+from stages import bootstrap, compare, curate, evaluate, pairs, report, score, seed, student, teacher, train
+from stages.lib.audit import lineage
+from stages.lib.core import models
+from stages.lib.core.config import GenerationParams, TaskParams
+from stages.lib.data import records, sources
+from stages.lib.data.io import write_table
+from stages.lib.training import trainer
+from stages.lib.training.checkpoint import Checkpoint
+from stages.lib.training.objectives import BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
+from stages.lib.training.settings import TrainParams
+
+
+def prompt(i: int) -> dict:
+    text = f"Add {i} and 1."
+    return {
+        "prompt_id": records.prompt_id(text),
+        "prompt": text,
+        "split": "train",
+        "reference": str(i + 1),
+        "category": "add",
+        "source": "toy",
+        "source_ref": f"toy:{i}",
+    }
+
+
+def gen(pr: dict, model: str, k: int, text: str = "x", finish: str = "stop") -> dict:
+    gid = records.generation_id(pr["prompt_id"], model, {}, k)
+    return {
+        "generation_id": gid,
+        "prompt_id": pr["prompt_id"],
+        "sample_index": k,
+        "response": text,
+        "finish_reason": finish,
+        "prompt_tokens": 5,
+        "response_tokens": 2,
+        "model": model,
+        "engine": "test",
+        "sampling": "{}",
+    }
+
+
+def pair(
+    i: int = 0,
+    chosen: str = "1",
+    rejected: str = "9",
+    cf: str = "stop",
+    rf: str = "stop",
+    ct: int = 2,
+    rt: int = 2,
+    reference: str | None = "1",
+    category: str = "add",
+    text: str | None = None,
+) -> dict:
+    pr = prompt(i)
+    p = text or pr["prompt"]
+    pid = records.prompt_id(p) if text else pr["prompt_id"]
+    return {
+        "pair_id": records.pair_id(pid, chosen, rejected + str(i)),
+        "prompt_id": pid,
+        "chosen_id": "c",
+        "rejected_id": "r",
+        "prompt": p,
+        "chosen": chosen,
+        "rejected": rejected,
+        "reference": reference,
+        "category": category,
+        "chosen_finish_reason": cf,
+        "rejected_finish_reason": rf,
+        "chosen_tokens": ct,
+        "rejected_tokens": rt,
+    }
+
+
+TASK = TaskParams(
+    skills=("add", "reverse", "sort", "upper"), max_digits=2, min_len=3, max_len=5, alphabet="abcdef", eval_fraction=0.1
+)
+
+
+def seed_params(
+    kind: str = "toy",
+    path: str | None = None,
+    field: str | None = None,
+    num_train: int = 40,
+    num_eval: int = 5,
+    max_chars: int = 2000,
+) -> sources.SeedParams:
+    """Seed params with synthesis off (its default)."""
+    return sources.SeedParams(
+        source=sources.SourceParams(kind=kind, path=path, config=None, split=None, revision=None, field=field),
+        seed=1,
+        num_train=num_train,
+        num_eval=num_eval,
+        max_prompt_chars=max_chars,
+    )
+
+
+def prompts(n: int) -> list[dict]:
+    train, _, _, _ = seed.run(
+        TASK, seed_params(num_train=n, num_eval=1), seed.source_rows(TASK, seed_params(num_train=n, num_eval=1))
+    )
+    return train
+
+
+def gp(**kw: object) -> GenerationParams:
+    base = dict(
+        engine="transformers",
+        batch_size=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=0.9,
+        num_samples=2,
+        seed=7,
+        tensor_parallel_size=1,
+    )
+    return GenerationParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+D2 = DistiLLM2Params(
+    contrastive=True,
+    beta_ramp=True,
+    adaptive_alpha=True,
+    alpha_0=0.1,
+    alpha_min=0.01,
+    alpha_eps=1e-5,
+    reference_batches=2,
+    beta=BetaSchedule(0.5, 1.0, 0.5, 1.0),
+    detach_mixture_student=True,
+)
+
+
+def tp(**kw: object) -> TrainParams:
+    base = dict(
+        method="distillm2",
+        seed=0,
+        epochs=2,
+        batch_size=4,
+        grad_accum_steps=1,
+        lr=0.01,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        reduction="sequence_mean",
+        logits="chunked",
+        chunk_size=16,
+        device="cpu",
+        bf16_autocast=False,
+        gradient_checkpointing=False,
+        checkpoint_every=0,
+        teacher_signal="online",
+        distillm2=D2,
+        distillm=DistiLLMParams(0.1),
+        gkd=GKDParams(0.5, 0.5),
+        dpkd=DPKDParams(0.1),
+        rounds={},
+    )
+    return TrainParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+PAIRS = [pair(i, chosen=str(i + 1), rejected=f"{i}x{i}", rf="length" if i % 2 else "stop") for i in range(8)]
+
+
+def load(folder: Path) -> tuple[torch.nn.Module, object]:
+    ref = models.ModelRef(str(folder), None)
+    return models.load_model(ref, folder, False, "float32"), models.load_tokenizer(ref, folder, False)
+
+
+def fresh(tiny_models: Path) -> tuple:
+    student, tok_s = load(tiny_models / "student")
+    teacher, tok_t = load(tiny_models / "teacher")
+    return student, teacher, tok_s, tok_t
+
+
+STAGES = {
+    m.__name__.split(".")[-1]: m
+    for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
+}
+
+
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return done.stdout + done.stderr
+
+
+# The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)
+# that every RunEvent must satisfy: BaseEvent + RunEvent + Run + Job + Dataset, facets
+# with _producer and _schemaURL: what the events openlineage-python builds must still hold.
+_FACETS = {"type": "object", "additionalProperties": {"type": "object", "required": ["_producer", "_schemaURL"]}}
+
+
+_DATASET = {
+    "type": "object",
+    "required": ["namespace", "name"],
+    "properties": {
+        "namespace": {"type": "string"},
+        "name": {"type": "string"},
+        "facets": _FACETS,
+        "inputFacets": _FACETS,
+        "outputFacets": _FACETS,
+    },
+}
+
+
+RUN_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["eventTime", "producer", "schemaURL", "run", "job"],
+    "properties": {
+        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
+        "eventTime": {"type": "string", "format": "date-time"},
+        "producer": {"type": "string", "format": "uri"},
+        "schemaURL": {"type": "string", "format": "uri"},
+        "run": {
+            "type": "object",
+            "required": ["runId"],
+            "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS},
+        },
+        "job": {
+            "type": "object",
+            "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS},
+        },
+        "inputs": {"type": "array", "items": _DATASET},
+        "outputs": {"type": "array", "items": _DATASET},
+    },
+}
+
+
+def check_event(event: dict[str, Any]) -> None:
+    jsonschema.validate(event, RUN_EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    uuid.UUID(event["run"]["runId"])
+
+
+def write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / "data" / "pairs"
+    out.mkdir(parents=True)
+    src = tmp_path / "in.parquet"
+    write_table(
+        src,
+        [{"prompt_id": "a", "reason": "r"}],
+        pa.schema(
+            [pa.field("prompt_id", pa.string()), pa.field("reason", pa.string())], metadata={"distillflow.schema": "x"}
+        ),
+    )
+    n = write_table(out / "pairs.parquet", [], records.PAIR_SCHEMA)
+    manifest = lineage.write_manifest(
+        out,
+        "pairs",
+        {"pairs": {"seed": 3, "k": 1}},
+        inputs={"src": src},
+        outputs={"pairs.parquet": n},
+        counts={"kept": 0, "dropped_by_reason": {"x": 1}},
+        extra={"validation": {"success": True}},
+        cost={"tokens_read": 5},
+    )
+    return out, manifest
+
+
+def train_run(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    tok_s: object,
+    tok_t: object,
+    pairs: list[dict],
+    p: TrainParams,
+    ckpt_dir: Path | None = None,
+    key: str = "",
+    **kw: object,
+) -> list[dict[str, float]]:
+    """One trainer run, checkpointing into `ckpt_dir` under `key` when given."""
+    ckpt = Checkpoint(ckpt_dir, key) if ckpt_dir is not None else None
+    return trainer.run(
+        trainer.Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p, checkpoint=ckpt, **kw)
+    )  # type: ignore[arg-type]
