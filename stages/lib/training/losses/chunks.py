@@ -3,23 +3,26 @@
 Every loss that touches ``(rows, V)`` tensors works ``chunk_size`` rows at a time, with
 the boundaries of :func:`chunk_slices` (``0, c, 2c, ...``):
 
-* :func:`run_chunks` maps a kernel over row chunks under activation checkpointing (the
-  full-logits divergences, the sequence log-probs, objectives.py's top-k and
-  log-prob passes);
-* :func:`run_masked_chunks` is the same over the positions of a ``(N, ...)`` layout,
-  each chunk cut to its masked-in rows inside the chunk, so that no ``(n, V)`` copy
-  of the masked-in rows ever exists;
-* the fused LM-head path (fused.py) walks the same :func:`chunk_slices` itself,
-  because it folds each chunk's gradient into the head gradients in the forward
-  instead of recomputing the chunk in the backward.
+* :func:`run_masked_chunks` (the full-logits divergences and sequence log-probs) maps a
+  kernel over chunks of positions, each chunk cut to its masked-in rows inside the
+  chunk, and recomputes one chunk at a time in the backward, writing its gradient
+  straight into the input's gradient: beyond that gradient, memory is a few
+  ``(chunk, V)`` buffers;
+* :func:`run_chunks` (objectives.py's top-k and log-prob passes, whose kernels apply
+  the trainable LM head) maps a kernel over row chunks under activation
+  checkpointing, which follows gradients into tensors the kernel closes over;
+* the fused LM-head path (fused.py) walks :func:`chunk_slices` itself, because it
+  folds each chunk's gradient into the head gradients in the forward instead of
+  recomputing the chunk in the backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
@@ -59,13 +62,65 @@ def run_chunks(kernel: Callable[..., Tensor], tensors: list[Tensor | None], chun
     return torch.cat(outputs)
 
 
-def _masked_in_chunk(kernel: Callable[..., Tensor], mask: Tensor, *tensors: Tensor | None) -> Tensor:
+def _masked_in_chunk(kernel: Callable[..., Tensor], mask: Tensor | None, *tensors: Tensor | None) -> Tensor:
     """``kernel`` on the masked-in rows of one chunk (its inputs as they are if all rows count)."""
+    if mask is None:
+        return kernel(*tensors)
     rows = mask.nonzero().squeeze(-1)
     if rows.shape[0] == mask.shape[0]:
         return kernel(*tensors)
     per_row = [t is not None and t.ndim > 0 and t.shape[0] == mask.shape[0] for t in tensors]
     return kernel(*(t.index_select(0, rows) if cut else t for t, cut in zip(tensors, per_row, strict=True)))
+
+
+def _chunk_args(tensors: tuple[Tensor | None, ...], n: int, sl: slice) -> list[Tensor | None]:
+    return [t[sl] if t is not None and t.ndim > 0 and t.shape[0] == n else t for t in tensors]
+
+
+class _PositionChunks(torch.autograd.Function):
+    """The kernel over position chunks; backward recomputes each chunk into one gradient buffer.
+
+    Like checkpointing, but the backward writes each chunk's gradient straight into the
+    ``(N, V)`` gradient of ``x``: checkpointing over ``split`` pieces holds every
+    chunk's gradient until the split's backward concatenates them into a second
+    full-size tensor. Only ``x`` gets a gradient; the other tensors are constants.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        kernel: Callable[..., Tensor],
+        chunk_size: int,
+        mask: Tensor | None,
+        x: Tensor,
+        *others: Tensor | None,
+    ) -> Tensor:
+        n = x.shape[0]
+        slices = chunk_slices(n, chunk_size) or [slice(0, 0)]
+        outputs = []
+        for sl in slices:
+            chunk_mask = None if mask is None else mask[sl]
+            outputs.append(_masked_in_chunk(kernel, chunk_mask, x[sl], *_chunk_args(others, n, sl)))
+        ctx.kernel, ctx.slices, ctx.sizes = kernel, slices, [o.shape[0] for o in outputs]
+        ctx.save_for_backward(mask, x, *others)
+        return torch.cat(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mask, x, *others = ctx.saved_tensors
+        n = x.shape[0]
+        grad = torch.zeros_like(x)
+        start = 0
+        for sl, size in zip(ctx.slices, ctx.sizes, strict=True):
+            if size:
+                with torch.enable_grad():
+                    chunk = x[sl].detach().requires_grad_(True)
+                    chunk_mask = None if mask is None else mask[sl]
+                    value = _masked_in_chunk(ctx.kernel, chunk_mask, chunk, *_chunk_args(tuple(others), n, sl))
+                (grad[sl],) = torch.autograd.grad(value, chunk, grad_out[start : start + size])
+            start += size
+        return None, None, None, grad, *(None for _ in others)
 
 
 def run_masked_chunks(
@@ -74,18 +129,22 @@ def run_masked_chunks(
     mask: Tensor | None,
     chunk_size: int | None,
 ) -> Tensor:
-    """:func:`run_chunks` over positions: the (n,) kernel values of the masked-in positions.
+    """The (n,) kernel values of the masked-in positions, ``chunk_size`` positions at a time.
 
-    ``tensors`` are laid out per position, ``(N, ...)``, with ``mask`` ``(N,)`` bool
-    (None: every position counts). Chunks are cut from the positions (views, no copy)
-    and each chunk keeps its masked-in rows only inside the checkpointed kernel, so the
-    forward never copies all masked-in ``(n, V)`` rows and the backward's only
-    full-size tensor is the gradient of the input itself. Results come in row-major
-    order of the masked-in positions.
+    ``tensors`` are laid out per position, ``(N, ...)`` (or 0-dim / None: given whole to
+    every chunk), with ``mask`` ``(N,)`` bool (None: every position counts). Only
+    ``tensors[0]`` (the student logits) gets a gradient. Chunks are cut from the
+    positions (views, no copy) and each keeps its masked-in rows inside the chunk, so no
+    ``(n, V)`` copy of the masked-in rows exists; the backward recomputes one chunk at a
+    time into a single gradient buffer (first order only). Results come in row-major
+    order of the masked-in positions. ``chunk_size=None``: one plain call on everything
+    (the fused path's per-chunk call), differentiable as usual.
     """
-    if mask is None:
-        return run_chunks(kernel, tensors, chunk_size)
-    return run_chunks(partial(_masked_in_chunk, kernel), [mask, *tensors], chunk_size)
+    if chunk_size is None:
+        return _masked_in_chunk(kernel, mask, *tensors)
+    x, *others = tensors
+    assert x is not None
+    return _PositionChunks.apply(kernel, chunk_size, mask, x, *others)
 
 
 def select_rows(x: Tensor, rows: Tensor | None) -> Tensor:
