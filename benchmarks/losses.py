@@ -21,12 +21,14 @@ Two comparisons, each a row of the table:
       given logits, the student logits' gradient included.
 
 Each (case, method) runs in a fresh spawned process. CPU peak memory = peak RSS
-(ru_maxrss) minus the RSS right after the inputs (hidden states, heads) exist, with
-glibc's mmap threshold pinned at 1 MiB (``--system-malloc`` to keep the default) so
-that RSS follows live tensors rather than heap fragmentation; on CUDA,
-torch.cuda.max_memory_allocated minus the allocation after the inputs. Time = best of
-``--repeats`` forward+backward runs after one warm-up run. Every mask is all-true, so
-both methods see the same tokens and the comparison is about materialisation only.
+(VmHWM, reset through /proc/self/clear_refs once the inputs exist, so that building
+them -- the logits methods compute their logits from heads they then drop -- does not
+count) minus the RSS at that moment, with glibc's mmap threshold pinned at 1 MiB
+(``--system-malloc`` to keep the default) so that RSS follows live tensors rather than
+heap fragmentation; on CUDA, torch.cuda.max_memory_allocated minus the allocation
+after the inputs. Time = best of ``--repeats`` forward+backward runs after one warm-up
+run. Every mask is all-true, so both methods see the same tokens and the comparison is
+about materialisation only.
 
 Run:
     python benchmarks/losses.py            # CPU cases (and the GPU case if CUDA exists)
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -216,6 +217,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Set the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; the CPU peak needs Linux")
+
+
 def _step(x: dict[str, torch.Tensor], method: str, chunk_size: int) -> float:
     for value in x.values():
         value.grad = None
@@ -239,13 +254,14 @@ def measure(case: Case, method: str, repeats: int, threads: int) -> Result:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     loss = _step(x, method, case.chunk_size)  # first step: memory peak (and warm-up)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

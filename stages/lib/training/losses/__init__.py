@@ -27,11 +27,10 @@ from stages.lib.training.losses.divergences import (
 )
 from stages.lib.training.losses.fused import HiddenTerm, chunked_divergences_from_hidden
 from stages.lib.training.losses.sequence import dpkd_loss, sequence_logprob, sequence_logprob_sum
-from stages.lib.training.losses.topk import TAIL_FLOOR, topk_buckets
+from stages.lib.training.losses.topk import topk_buckets
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "TAIL_FLOOR",
     "HiddenTerm",
     "chunked_divergences_from_hidden",
     "dpkd_loss",

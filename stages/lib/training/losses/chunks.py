@@ -1,7 +1,8 @@
-"""The one chunking mechanism of the losses, and the reductions over per-token values.
+"""How every loss path chunks its rows, and the reductions over per-token values.
 
 Every loss that touches ``(rows, V)`` tensors works ``chunk_size`` rows at a time, with
-the boundaries of :func:`chunk_slices` (``0, c, 2c, ...``):
+the one set of boundaries of :func:`chunk_slices` (``0, c, 2c, ...``); what differs
+between the paths is only how the backward gets each chunk's gradient:
 
 * :func:`run_masked_chunks` (the full-logits divergences and sequence log-probs) maps a
   kernel over chunks of positions, each chunk cut to its masked-in rows inside the
