@@ -5,22 +5,30 @@ The DistiLLM-2 objective on one batch of pairs, with backward into the student:
     (1 - beta) * SKL(alpha) on the teacher responses + beta * SRKL(alpha) on the student
     responses, per-sequence alpha, sequence-mean reduction, student LM head trainable.
 
-computed two ways:
+Two comparisons, each a row of the table:
 
-(a) "reference": in the style of jongwooko/distillm-2 -- full (tokens, V) logits of both
-    models from the final hidden states, float32 softmax / log_softmax copies, mixtures
-    formed by adding probabilities and taking a log.
-(b) "ours": ``stages.lib.training.losses.chunked_divergences_from_hidden`` -- only (chunk, V)
-    logits exist at a time, gradients folded into the head/hidden gradients per chunk,
-    both terms sharing one weight-gradient buffer.
+``fused`` (from final hidden states, the default training path):
+  (a) "reference": in the style of jongwooko/distillm-2 -- full (tokens, V) logits of
+      both models from the final hidden states, float32 softmax / log_softmax copies,
+      mixtures formed by adding probabilities and taking a log;
+  (b) "ours": ``stages.lib.training.losses.chunked_divergences_from_hidden`` -- only
+      (chunk, V) logits exist at a time, gradients folded into the head/hidden gradients
+      per chunk, both terms sharing one weight-gradient buffer.
+``public`` (given full logits of both models, ``train.logits: full``):
+  (a) the same reference math on the given (tokens, V) logits;
+  (b) "ours": the public ``skew_forward_kl`` + ``skew_reverse_kl`` on those logits,
+      chunked over positions. Both sides count only what the loss adds beyond the
+      given logits, the student logits' gradient included.
 
 Each (case, method) runs in a fresh spawned process. CPU peak memory = peak RSS
-(ru_maxrss) minus the RSS right after the inputs (hidden states, heads) exist, with
-glibc's mmap threshold pinned at 1 MiB (``--system-malloc`` to keep the default) so
-that RSS follows live tensors rather than heap fragmentation; on CUDA,
-torch.cuda.max_memory_allocated minus the allocation after the inputs. Time = best of
-``--repeats`` forward+backward runs after one warm-up run. Every mask is all-true, so
-both methods see the same tokens and the comparison is about materialisation only.
+(VmHWM, reset through /proc/self/clear_refs once the inputs exist, so that building
+them -- the logits methods compute their logits from heads they then drop -- does not
+count) minus the RSS at that moment, with glibc's mmap threshold pinned at 1 MiB
+(``--system-malloc`` to keep the default) so that RSS follows live tensors rather than
+heap fragmentation; on CUDA, torch.cuda.max_memory_allocated minus the allocation
+after the inputs. Time = best of ``--repeats`` forward+backward runs after one warm-up
+run. Every mask is all-true, so both methods see the same tokens and the comparison is
+about materialisation only.
 
 Run:
     python benchmarks/losses.py            # CPU cases (and the GPU case if CUDA exists)
@@ -32,7 +40,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -77,13 +84,16 @@ class Result:
     seconds: float
 
 
-def make_inputs(case: Case) -> dict[str, torch.Tensor]:
-    """Hidden states and heads, created in place so that no transient inflates the baseline."""
+def make_inputs(case: Case, logits: bool = False) -> dict[str, torch.Tensor]:
+    """Hidden states and heads (and, with ``logits``, both models' logits per side).
+
+    Created in place so that no transient inflates the baseline.
+    """
     g = torch.Generator(device=case.device).manual_seed(0)
     dtype = getattr(torch, case.dtype)
     kw = {"generator": g, "device": case.device, "dtype": dtype}
     shape = (SEQS_PER_SIDE, case.seq_len, case.hidden)
-    return {
+    x = {
         # student hidden states are leaves here; in training they come from the trunk
         "s_chosen": torch.randn(shape, **kw).requires_grad_(True),
         "s_rejected": torch.randn(shape, **kw).requires_grad_(True),
@@ -96,6 +106,14 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         "alpha_chosen": torch.tensor([0.1, 0.05], device=case.device),
         "alpha_rejected": torch.tensor([0.1, 0.2], device=case.device),
     }
+    if logits:
+        with torch.no_grad():
+            for side in ("chosen", "rejected"):
+                x[f"s_logits_{side}"] = (x[f"s_{side}"] @ x["w_student"].T).requires_grad_(True)
+                x[f"t_logits_{side}"] = x[f"t_{side}"] @ x["w_teacher"].T
+        for name in ("s_chosen", "s_rejected", "t_chosen", "t_rejected", "w_student", "w_teacher"):
+            del x[name]  # the logits methods see only the logits
+    return x
 
 
 def reference_loss(x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -124,6 +142,39 @@ def reference_loss(x: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((1 - BETA) * skl_seq + BETA * srkl_seq).mean()
 
 
+def reference_from_logits(x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The release's math, per side, on given (B, T, V) logits."""
+    a_c = x["alpha_chosen"].view(-1, 1, 1)
+    a_r = x["alpha_rejected"].view(-1, 1, 1)
+    tea_c = F.softmax(x["t_logits_chosen"], dim=-1, dtype=torch.float32)
+    stu_c = F.softmax(x["s_logits_chosen"], dim=-1, dtype=torch.float32)
+    mix_c = a_c * tea_c + (1 - a_c) * stu_c
+    skl = (tea_c * (F.log_softmax(x["t_logits_chosen"], dim=-1, dtype=torch.float32) - torch.log(mix_c))).sum(-1)
+    tea_r = F.softmax(x["t_logits_rejected"], dim=-1, dtype=torch.float32)
+    stu_r = F.softmax(x["s_logits_rejected"], dim=-1, dtype=torch.float32)
+    mix_r = (1 - a_r) * tea_r + a_r * stu_r.detach()
+    srkl = (stu_r * (F.log_softmax(x["s_logits_rejected"], dim=-1, dtype=torch.float32) - torch.log(mix_r))).sum(-1)
+    mask = x["mask"].float()
+    skl_seq = (skl * mask).sum(-1) / mask.sum(-1)
+    srkl_seq = (srkl * mask).sum(-1) / mask.sum(-1)
+    return ((1 - BETA) * skl_seq + BETA * srkl_seq).mean()
+
+
+def public_loss(x: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """The same objective through the public full-logits functions."""
+    kw = {"reduction": "sequence_mean", "chunk_size": chunk_size}
+    skl = skew_forward_kl(x["s_logits_chosen"], x["t_logits_chosen"], x["mask"], x["alpha_chosen"], **kw)
+    srkl = skew_reverse_kl(
+        x["s_logits_rejected"],
+        x["t_logits_rejected"],
+        x["mask"],
+        x["alpha_rejected"],
+        detach_mixture_student=True,
+        **kw,
+    )
+    return (1 - BETA) * skl + BETA * srkl
+
+
 def our_loss(x: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Same objective from the hidden states, chunk by chunk, one shared weight-grad buffer."""
     terms = [
@@ -150,15 +201,40 @@ def our_loss(x: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     return total
 
 
+# method -> (loss function of the inputs and the chunk size, inputs with logits?)
+METHODS = {
+    "reference": (lambda x, _chunk: reference_loss(x), False),
+    "fused": (lambda x, chunk: our_loss(x, chunk), False),
+    "reference_logits": (lambda x, _chunk: reference_from_logits(x), True),
+    "public": (public_loss, True),
+}
+# table row -> (reference method, our method)
+COMPARISONS = {"fused": ("reference", "fused"), "public": ("reference_logits", "public")}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Set the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; the CPU peak needs Linux")
+
+
 def _step(x: dict[str, torch.Tensor], method: str, chunk_size: int) -> float:
-    for name in ("s_chosen", "s_rejected", "w_student"):
-        x[name].grad = None
-    loss = reference_loss(x) if method == "reference" else our_loss(x, chunk_size)
+    for value in x.values():
+        value.grad = None
+    loss = METHODS[method][0](x, chunk_size)
     loss.backward()
     return loss.item()
 
@@ -169,21 +245,23 @@ def measure(case: Case, method: str, repeats: int, threads: int) -> Result:
     # Warm up on a tiny problem first so that lazily loaded kernels and allocator
     # pools are not counted as the method's peak memory.
     tiny = Case(vocab=64, tokens=16, hidden=8, device=case.device, chunk_size=4, dtype=case.dtype)
-    _step(make_inputs(tiny), method, tiny.chunk_size)
-    x = make_inputs(case)
+    with_logits = METHODS[method][1]
+    _step(make_inputs(tiny, with_logits), method, tiny.chunk_size)
+    x = make_inputs(case, with_logits)
     cuda = case.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     loss = _step(x, method, case.chunk_size)  # first step: memory peak (and warm-up)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -218,10 +296,29 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _cases(args: argparse.Namespace) -> list[Case]:
+    if args.case:
+        cases = []
+        for spec in args.case:
+            vocab, tokens, hidden, chunk = map(int, spec.split(","))
+            cases.append(Case(vocab=vocab, tokens=tokens, hidden=hidden, device="cpu", chunk_size=chunk))
+        return cases
+    if args.quick:
+        return [Case(vocab=1000, tokens=64, hidden=32, device="cpu", chunk_size=8)]
+    cases = [
+        # chunk x V ~ 4M elements (16 MiB per float32 buffer) on CPU
+        Case(vocab=32_000, tokens=2_048, hidden=896, device="cpu", chunk_size=128),
+        Case(vocab=152_064, tokens=512, hidden=896, device="cpu", chunk_size=32),
+    ]
+    if torch.cuda.is_available():
+        cases.append(Case(vocab=128_256, tokens=8_192, hidden=4_096, device="cuda", chunk_size=1024, dtype="bfloat16"))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after the first (best is kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the first (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (kept low: shared machine)")
     parser.add_argument(
         "--case",
@@ -242,34 +339,8 @@ def main() -> None:
         # tracks live tensors rather than how the heap happened to fragment.
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
-    if args.case:
-        cases = []
-        for spec in args.case:
-            vocab, tokens, hidden, chunk = map(int, spec.split(","))
-            cases.append(Case(vocab=vocab, tokens=tokens, hidden=hidden, device="cpu", chunk_size=chunk))
-    elif args.quick:
-        cases = [Case(vocab=1000, tokens=64, hidden=32, device="cpu", chunk_size=8)]
-        args.repeats = 1
-    else:
-        cases = [
-            # chunk x V ~ 4M elements (16 MiB per float32 buffer) on CPU
-            Case(vocab=32_000, tokens=2_048, hidden=896, device="cpu", chunk_size=128),
-            Case(vocab=152_064, tokens=512, hidden=896, device="cpu", chunk_size=32),
-        ]
-        if torch.cuda.is_available():
-            cases.append(
-                Case(
-                    vocab=128_256,
-                    tokens=8_192,
-                    hidden=4_096,
-                    device="cuda",
-                    chunk_size=1024,
-                    dtype="bfloat16",
-                )
-            )
-
     header = (
-        f"{'device':<6} {'vocab':>7} {'tokens':>6} {'hidden':>6} {'chunk':>5} | "
+        f"{'path':<6} {'device':<6} {'vocab':>7} {'tokens':>6} {'hidden':>6} {'chunk':>5} | "
         f"{'ref peak':>10} {'ours peak':>10} {'memory reduction':>16} | "
         f"{'ref s':>7} {'ours s':>7} {'speed ratio':>11} | {'abs diff':>8}"
     )
@@ -277,20 +348,22 @@ def main() -> None:
         f"DistiLLM-2 loss (SKL + SRKL, fwd+bwd), threads={args.threads}, "
         f"best of {args.repeats} after warm-up; speed ratio = ref time / our time"
     )
+    print("fused: from hidden states (ref includes the logits); public: given the logits (loss's extra only)")
     print(header)
     print("-" * len(header))
-    for case in cases:
-        ref = run_isolated(case, "reference", args.repeats, args.threads)
-        ours = run_isolated(case, "ours", args.repeats, args.threads)
-        print(
-            f"{case.device:<6} {case.vocab:>7} {case.tokens:>6} {case.hidden:>6} "
-            f"{case.chunk_size:>5} | "
-            f"{_fmt_bytes(ref.peak_bytes):>10} {_fmt_bytes(ours.peak_bytes):>10} "
-            f"{ref.peak_bytes / max(ours.peak_bytes, 1):>15.1f}x | "
-            f"{ref.seconds:>7.2f} {ours.seconds:>7.2f} {ref.seconds / ours.seconds:>10.2f}x | "
-            f"{abs(ref.loss - ours.loss):>8.1e}",
-            flush=True,
-        )
+    for case in _cases(args):
+        for path, (ref_method, our_method) in COMPARISONS.items():
+            ref = run_isolated(case, ref_method, args.repeats, args.threads)
+            ours = run_isolated(case, our_method, args.repeats, args.threads)
+            print(
+                f"{path:<6} {case.device:<6} {case.vocab:>7} {case.tokens:>6} {case.hidden:>6} "
+                f"{case.chunk_size:>5} | "
+                f"{_fmt_bytes(ref.peak_bytes):>10} {_fmt_bytes(ours.peak_bytes):>10} "
+                f"{ref.peak_bytes / max(ours.peak_bytes, 1):>15.1f}x | "
+                f"{ref.seconds:>7.2f} {ours.seconds:>7.2f} {ref.seconds / ours.seconds:>10.2f}x | "
+                f"{abs(ref.loss - ours.loss):>8.1e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

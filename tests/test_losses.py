@@ -1,4 +1,4 @@
-"""Tests for stages/lib/training/losses.py: naive float64 references, limits, masking, chunking.
+"""Tests for stages/lib/training/losses/: naive float64 references, limits, masking, chunking.
 
 Run: pytest tests/test_losses.py -q
 """
@@ -341,6 +341,33 @@ def test_chunked_equals_unchunked(name: str, reduction: str) -> None:
         torch.testing.assert_close(torch.autograd.grad(chunked, s)[0], g_plain, rtol=1e-6, atol=1e-6)
 
 
+def fused_one(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Tensor | None,
+    divergence: object,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    reduction: str = "token_mean",
+    chunk_size: int = L.DEFAULT_CHUNK_SIZE,
+    **kwargs: object,
+) -> Tensor:
+    """One divergence on the fused head path (a single-term chunked_divergences_from_hidden)."""
+    term = L.HiddenTerm(student_hidden, teacher_hidden, mask, divergence, 1.0, reduction, kwargs)
+    total, _ = L.chunked_divergences_from_hidden(
+        [term],
+        student_weight,
+        teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        chunk_size=chunk_size,
+    )
+    return total
+
+
 HIDDEN_CASES = [
     ("forward_kl", {}),
     ("reverse_kl", {}),
@@ -384,7 +411,7 @@ def test_hidden_state_path_equals_logits_path(name: str, kwargs: dict, layout: s
     params = (h_s, w_s, b_s)
     g_plain = torch.autograd.grad(plain, params)
     for chunk_size in (3, 7, 100):
-        fused = L.chunked_divergence_from_hidden(
+        fused = fused_one(
             h_s_in,
             w_s,
             h_t_in,
@@ -441,7 +468,7 @@ def test_shared_head_terms_equal_weighted_sum_of_plain_terms() -> None:
 def test_hidden_state_path_allows_one_backward_only() -> None:
     h = torch.randn(2, 3, 4, requires_grad=True)
     w = torch.randn(9, 4, requires_grad=True)
-    loss = L.chunked_divergence_from_hidden(h, w, torch.randn(2, 3, 4), torch.randn(9, 4), None, L.forward_kl)
+    loss = fused_one(h, w, torch.randn(2, 3, 4), torch.randn(9, 4), None, L.forward_kl)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="single backward"):
         loss.backward()
@@ -453,15 +480,15 @@ def test_hidden_state_path_edge_cases() -> None:
     w = torch.randn(9, 4, generator=g, requires_grad=True)
     ht, wt = torch.randn(B, T, 3, generator=g), torch.randn(9, 3, generator=g)
     empty = torch.zeros(B, T, dtype=torch.bool)
-    zero = L.chunked_divergence_from_hidden(h, w, ht, wt, empty, L.forward_kl, chunk_size=2)
+    zero = fused_one(h, w, ht, wt, empty, L.forward_kl, chunk_size=2)
     assert zero.item() == 0.0
     grads = torch.autograd.grad(zero, (h, w))
     assert all((x == 0).all() for x in grads)
     with torch.no_grad():
-        value = L.chunked_divergence_from_hidden(h, w, ht, wt, None, L.reverse_kl, chunk_size=4)
+        value = fused_one(h, w, ht, wt, None, L.reverse_kl, chunk_size=4)
     assert value.item() == pytest.approx(L.reverse_kl(h @ w.T, ht @ wt.T, None).item(), rel=1e-6)
     frozen_head = w.detach()  # e.g. LoRA: only hidden states get gradients
-    loss = L.chunked_divergence_from_hidden(h, frozen_head, ht, wt, None, L.forward_kl, chunk_size=4)
+    loss = fused_one(h, frozen_head, ht, wt, None, L.forward_kl, chunk_size=4)
     (gh,) = torch.autograd.grad(loss, h)
     (gh_ref,) = torch.autograd.grad(L.forward_kl(h @ frozen_head.T, ht @ wt.T, None), h)
     torch.testing.assert_close(gh, gh_ref, rtol=1e-6, atol=1e-6)
@@ -504,9 +531,9 @@ def test_bad_arguments_raise_value_error_naming_the_argument() -> None:
         L.dpkd_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 0.1)
     w = torch.randn(V, 4)
     with pytest.raises(ValueError, match="teacher_weight"):
-        L.chunked_divergence_from_hidden(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w[:-1], mask, L.forward_kl)
+        fused_one(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w[:-1], mask, L.forward_kl)
     with pytest.raises(ValueError, match="mask"):
-        L.chunked_divergence_from_hidden(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w, mask.T, L.forward_kl)
+        fused_one(torch.randn(B, T, 4), w, torch.randn(B, T, 4), w, mask.T, L.forward_kl)
 
 
 # ----------------------------------------------------------------------------- bench
