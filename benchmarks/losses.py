@@ -179,19 +179,19 @@ def our_loss(x: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Same objective from the hidden states, chunk by chunk, one shared weight-grad buffer."""
     terms = [
         HiddenTerm(
-            x["s_chosen"],
-            x["t_chosen"],
-            x["mask"],
-            skew_forward_kl,
+            student_hidden=x["s_chosen"],
+            teacher_hidden=x["t_chosen"],
+            mask=x["mask"],
+            divergence=skew_forward_kl,
             weight=1 - BETA,
             reduction="sequence_mean",
             kwargs={"alpha": x["alpha_chosen"]},
         ),
         HiddenTerm(
-            x["s_rejected"],
-            x["t_rejected"],
-            x["mask"],
-            skew_reverse_kl,
+            student_hidden=x["s_rejected"],
+            teacher_hidden=x["t_rejected"],
+            mask=x["mask"],
+            divergence=skew_reverse_kl,
             weight=BETA,
             reduction="sequence_mean",
             kwargs={"alpha": x["alpha_rejected"], "detach_mixture_student": True},

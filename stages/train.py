@@ -180,6 +180,11 @@ def model_card(
     return "\n".join(lines)
 
 
+def log_done(round_index: int, p: TrainParams, rows: list[dict[str, float]], n_pairs: int, seconds: float) -> None:
+    what = f"round {round_index} of {p.total_rounds}, {p.method}, {len(rows)} steps on {n_pairs} pairs"
+    log.info("train: %s in %.1fs, final loss %.4f", what, seconds, rows[-1]["loss"])
+
+
 def main() -> None:
     args = entry.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "live", optional=("previous",))
     used = params.load_sections(args.params, SECTIONS)
@@ -218,16 +223,7 @@ def main() -> None:
     distributed.finish()
     if rank != 0:
         return  # every process holds the same weights and logs; one writes them
-    log.info(
-        "train: round %d of %d, %s, %d steps on %d pairs in %.1fs, final loss %.4f",
-        round_index,
-        p.total_rounds,
-        p.method,
-        len(rows),
-        len(pairs),
-        time.perf_counter() - t0,
-        rows[-1]["loss"],
-    )
+    log_done(round_index, p, rows, len(pairs), time.perf_counter() - t0)
     metrics = {"round": round_index, **summary(rows, len(pairs), p.method)}
     s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, t_dir)
     with atomic_dir(args.out) as tmp:

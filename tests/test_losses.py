@@ -356,7 +356,15 @@ def fused_one(
     **kwargs: object,
 ) -> Tensor:
     """One divergence on the fused head path (a single-term chunked_divergences_from_hidden)."""
-    term = L.HiddenTerm(student_hidden, teacher_hidden, mask, divergence, 1.0, reduction, kwargs)
+    term = L.HiddenTerm(
+        student_hidden=student_hidden,
+        teacher_hidden=teacher_hidden,
+        mask=mask,
+        divergence=divergence,
+        weight=1.0,
+        reduction=reduction,
+        kwargs=kwargs,
+    )
     total, _ = L.chunked_divergences_from_hidden(
         [term],
         student_weight,
@@ -442,15 +450,23 @@ def test_shared_head_terms_equal_weighted_sum_of_plain_terms() -> None:
     m_c[:, 0] = m_r[:, 0] = True
     a_c, a_r, beta = torch.tensor([0.1, 0.05, 0.2]), torch.tensor([0.1, 0.3]), 0.6
     terms = [
-        L.HiddenTerm(h_c, t_c, m_c, L.skew_forward_kl, 1 - beta, "sequence_mean", {"alpha": a_c}),
         L.HiddenTerm(
-            h_r,
-            t_r,
-            m_r,
-            L.skew_reverse_kl,
-            beta,
-            "sequence_mean",
-            {"alpha": a_r, "detach_mixture_student": True},
+            student_hidden=h_c,
+            teacher_hidden=t_c,
+            mask=m_c,
+            divergence=L.skew_forward_kl,
+            weight=1 - beta,
+            reduction="sequence_mean",
+            kwargs={"alpha": a_c},
+        ),
+        L.HiddenTerm(
+            student_hidden=h_r,
+            teacher_hidden=t_r,
+            mask=m_r,
+            divergence=L.skew_reverse_kl,
+            weight=beta,
+            reduction="sequence_mean",
+            kwargs={"alpha": a_r, "detach_mixture_student": True},
         ),
     ]
     total, parts = L.chunked_divergences_from_hidden(terms, w_s, w_t, chunk_size=4)

@@ -63,7 +63,7 @@ class BetaSchedule:
         return self.start + x * (self.end - self.start)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistiLLM2Params:
     """params.yaml `train.distillm2`, with the three ablation switches."""
 
@@ -112,7 +112,7 @@ class DPKDParams:
 Method = Literal["distillm2", "distillm", "gkd", "kd", "sft", "dpkd"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodParams:
     """Everything a method reads (the method-specific parts of params.yaml `train`)."""
 
@@ -141,7 +141,7 @@ class TopK:
     target: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Side:
     """One batch of sequences (the chosen or the rejected responses) through both models.
 
@@ -168,7 +168,7 @@ class Term:
     kwargs: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Heads:
     """The two LM heads, cut to the shared vocabulary, and how to apply them."""
 
@@ -215,7 +215,13 @@ class Heads:
         if self.chunked:
             hidden_terms = [
                 losses.HiddenTerm(
-                    t.side.s_hidden, t.side.t_hidden, t.side.mask, t.divergence, t.weight, self.reduction, t.kwargs
+                    student_hidden=t.side.s_hidden,
+                    teacher_hidden=t.side.t_hidden,
+                    mask=t.side.mask,
+                    divergence=t.divergence,
+                    weight=t.weight,
+                    reduction=self.reduction,
+                    kwargs=t.kwargs,
                 )
                 for t in terms
             ]
@@ -314,7 +320,7 @@ class AlphaCurriculum:
 # ---------------------------------------------------------------- the methods
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Context:
     """What a method gets for one batch."""
 

@@ -67,7 +67,14 @@ class TrainParams:
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
 
     def method_params(self) -> MethodParams:
-        return MethodParams(self.method, self.reduction, self.distillm2, self.distillm, self.gkd, self.dpkd)
+        return MethodParams(
+            method=self.method,
+            reduction=self.reduction,
+            distillm2=self.distillm2,
+            distillm=self.distillm,
+            gkd=self.gkd,
+            dpkd=self.dpkd,
+        )
 
 
 def round_seed(seed: int, round_index: int) -> int:

@@ -116,13 +116,13 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
     cut = lambda t: None if t is None else t[:vocab]  # noqa: E731
     s_head, t_head = heads["student"], heads["teacher"]
     return Heads(
-        s_head.weight[:vocab],
-        cut(s_head.bias),
-        cut(t_head.weight) if t_head is not None else None,
-        cut(t_head.bias) if t_head is not None else None,
-        p.logits == "chunked",
-        p.chunk_size,
-        p.reduction,
+        s_weight=s_head.weight[:vocab],
+        s_bias=cut(s_head.bias),
+        t_weight=cut(t_head.weight) if t_head is not None else None,
+        t_bias=cut(t_head.bias) if t_head is not None else None,
+        chunked=p.logits == "chunked",
+        chunk_size=p.chunk_size,
+        reduction=p.reduction,
         topk=teacher is None,
     )
 
@@ -180,7 +180,9 @@ def side(
         t_h = hidden(teacher, batch, device) if teacher is not None else None
     if topk is not None:
         topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
-    return Side(s_h, t_h, batch.response_mask.to(device), batch.targets.to(device), topk)
+    return Side(
+        s_hidden=s_h, t_hidden=t_h, mask=batch.response_mask.to(device), targets=batch.targets.to(device), t_topk=topk
+    )
 
 
 @torch.no_grad()
@@ -310,22 +312,24 @@ def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[in
         on_rejected = (
             side(student, loop.online_teacher, rejected, p.device, topk_r)
             if rej
-            else Side(torch.empty(0), None, rejected.response_mask[:0], rejected.targets[:0])
+            else Side(
+                s_hidden=torch.empty(0), t_hidden=None, mask=rejected.response_mask[:0], targets=rejected.targets[:0]
+            )
         )
         ctx = Context(
-            on_chosen,
-            on_rejected,
-            loop.heads,
-            loop.mp,
-            step,
-            loop.total,
-            loop.seed,
-            loop.curriculum,
-            micro,
-            positions,
-            len(global_idx),
-            job.round_index,
-            p.total_rounds,
+            chosen=on_chosen,
+            rejected=on_rejected,
+            heads=loop.heads,
+            p=loop.mp,
+            step=step,
+            total_steps=loop.total,
+            seed=loop.seed,
+            curriculum=loop.curriculum,
+            micro=micro,
+            positions=positions,
+            global_size=len(global_idx),
+            round_index=job.round_index,
+            rounds=p.total_rounds,
         )
         loss, logs = METHODS[p.method](ctx)
     (loss * share * loop.world).backward()

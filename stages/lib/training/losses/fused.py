@@ -38,7 +38,7 @@ from stages.lib.training.losses.chunks import (
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HiddenTerm:
     """One divergence term over one batch of final hidden states.
 
@@ -63,7 +63,7 @@ class HiddenTerm:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _PreparedTerm:
     """A validated term, reduced to its masked-in rows (n of them)."""
 
