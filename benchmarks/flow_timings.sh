@@ -26,19 +26,18 @@ export PATH="$(dirname "$(command -v "$PY")"):$PATH"
 export GIT_AUTHOR_NAME=bench GIT_AUTHOR_EMAIL=bench@localhost GIT_COMMITTER_NAME=bench GIT_COMMITTER_EMAIL=bench@localhost
 unset PREFECT_API_URL
 
-timed() {  # label command...: wall time, load average, distillflow's own breakdown line
+timed() {  # label command...: wall time, CPU time (its processes, user+sys), load average, distillflow's breakdown
   local label=$1; shift
   local start end
   start=$(date +%s.%N)
-  "$@" > "$WORK/out.log" 2>&1 || { cat "$WORK/out.log"; exit 1; }
+  /usr/bin/time -f "%U %S" -o "$WORK/cpu" "$@" > "$WORK/out.log" 2>&1 || { cat "$WORK/out.log"; exit 1; }
   end=$(date +%s.%N)
-  printf "%-52s %6.1f s   (load %s)\n" "$label" "$(echo "$end - $start" | bc)" "$(cut -d' ' -f1 /proc/loadavg)"
+  printf "%-52s %6.1f s wall %6.1f s cpu   (load %s)\n" "$label" "$(echo "$end - $start" | bc)" \
+    "$(awk '{print $1 + $2}' "$WORK/cpu")" "$(cut -d' ' -f1 /proc/loadavg)"
   grep -E "^flow run " "$WORK/out.log" | sed 's/^/    /' || true
 }
-bare_flow() {  # Prefect alone: import it, start up, run one flow with no tasks
-  "$PY" -c 'from prefect import flow
-flow(name="bare")(lambda: None)()'
-}
+BARE_FLOW='from prefect import flow
+flow(name="bare")(lambda: None)()'  # Prefect alone: import it, start up, run one flow with no tasks
 
 if [ $# -ge 1 ]; then
   REPO=$(cd "$1" && pwd)
@@ -53,13 +52,13 @@ else
   timed "dvc repro (cold, smoke profile)" "$PY" -m dvc repro
 fi
 cd "$REPO"
-"$PY" -m dvc status | grep -q "Data and pipelines are up to date" || { echo "$REPO: dvc status is not clean; run dvc repro first" >&2; exit 1; }
+"$PY" -m dvc status | grep "Data and pipelines are up to date" > /dev/null || { echo "$REPO: dvc status is not clean; run dvc repro first" >&2; exit 1; }
 echo "repo: $REPO ($("$PY" -m dvc dag --dot | grep -c '^"[^"]*";$') stages)"
 # A fresh Prefect home: no cache records yet, so the first flow run finds every stage up to date in dvc.lock.
 rm -rf "$REPO/.dvc/tmp/distillflow-prefect"
 export PREFECT_HOME="$WORK/prefect-home"
 timed "dvc repro (all cached)" "$PY" -m dvc repro
-timed "prefect: an empty flow (no server)" bare_flow
+timed "prefect: an empty flow (no server)" "$PY" -c "$BARE_FLOW"
 timed "distillflow run (dvc.lock up to date, no server)" "$PY" -m flows.cli run
 timed "distillflow run (all cached, no server)" "$PY" -m flows.cli run
 
@@ -73,8 +72,8 @@ if [ "${WITH_SERVER:-0}" = 1 ]; then
   until curl -sf "http://127.0.0.1:$PORT/api/health" > /dev/null; do sleep 0.2; done
   printf "%-52s %6.1f s\n" "prefect server start (until healthy)" "$(echo "$(date +%s.%N) - $start" | bc)"
   export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
-  timed "prefect: an empty flow (server)" bare_flow
+  timed "prefect: an empty flow (server)" "$PY" -c "$BARE_FLOW"
   timed "distillflow run (all cached, server)" "$PY" -m flows.cli run
 fi
-"$PY" -m dvc status | grep -q "Data and pipelines are up to date" || { echo "dvc status is not clean after the runs" >&2; exit 1; }
+"$PY" -m dvc status | grep "Data and pipelines are up to date" > /dev/null || { echo "dvc status is not clean after the runs" >&2; exit 1; }
 echo "work dir (remove when done): $WORK"

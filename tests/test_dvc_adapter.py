@@ -228,6 +228,9 @@ def test_a_declared_param_or_a_dep_change_is_a_change_an_undeclared_param_is_not
     with dvc.project(repo) as p:
         assert p.changed("round@1") and p.param_hashes("round@1") == {"params.yaml": {"rounds.scale": 5}}
         assert not p.changed("prep")
+        status = p.status()  # what `distillflow lineage verify` reads
+    assert set(status) == {"round@1", "round@2"}, status
+    assert {"changed deps": {"params.yaml": {"rounds.scale": "modified"}}} in status["round@1"], status["round@1"]
     assert dvc_ops.fingerprint(repo, "round@1") != before
     params.write_text(PARAMS)
     (repo / "round.py").write_text(SCRIPTS["round.py"] + "# edited\n")
