@@ -6,7 +6,8 @@
 - `reuse`: before running anything, what DVC already has: a stage that dvc.lock says
   is up to date, or one DVC's run-cache can restore, is not run again.
 - `run_command`: the stage's `cmd`, run as `dvc repro` runs it (same shell, working
-  directory, DVC_ROOT/DVC_STAGE), outside any lock so independent stages overlap.
+  directory, DVC_ROOT/DVC_STAGE), outside the process's DVC lock so independent
+  stages overlap.
 - `commit`: record the stage as `dvc repro` would after running it: deps and outs
   hashed, outs moved into the DVC cache, the run-cache entry saved, dvc.lock updated.
 - `ensure`: after a Prefect cache hit, the stage's outputs are put back from the DVC
