@@ -94,7 +94,8 @@ def _print_summary(summary: dict, total: float) -> None:
     if started:
         before = (
             f"; {started - invoked:.1f} s before the flow body started: {imported - invoked:.1f} s imports, "
-            f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) and flow-run creation"
+            f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) "
+            "and flow-run creation"
         )
     print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
 

@@ -4,71 +4,18 @@ Nothing here parses dvc.yaml by hand: stages come from DVC's own index, so
 `foreach`/`matrix` stages are expanded exactly as `dvc repro` expands them
 (`round_student@2`, ...) and the edges are the ones `dvc dag` draws.
 
-Every use of DVC's Python API in this package goes through `open_repo`, which holds
-one process-wide lock: DVC's in-process API is not thread-safe, and two DVC
-operations on one repo at once fight over its lock and state database (see
-docs/STACK.md). Stage commands themselves run outside the lock.
+DVC is read through flows/dvc_adapter.py (one opened repo per flow run, under one
+process-wide lock: DVC's in-process API is not thread-safe; see docs/STACK.md).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from dvc.repo import Repo
-    from dvc.stage import Stage as DvcStage
+from flows.dvc_adapter import project, stage_name
 
-# Serialises every in-process DVC call of this process (fingerprints, commits,
-# checkouts). Reentrant so a helper holding it can call another.
-DVC_LOCK = threading.RLock()
-
-
-@contextmanager
-def open_repo(root: Path) -> Iterator[Repo]:
-    """A fresh DVC Repo on `root`, used under DVC_LOCK and closed afterwards.
-
-    Fresh each time: a Repo caches its index and dvc.lock, which stage commits change.
-    The process must run in `root` (the flow changes into it when it starts).
-    """
-    from dvc.repo import Repo
-
-    root = Path(root).resolve()
-    if Path.cwd().resolve() != root:
-        # DVC resolves some paths against the process's working directory, not the
-        # repo (run-cache restore builds its stage from the relative "dvc.yaml").
-        raise RuntimeError(f"DVC operations on {root} must run with it as the working directory (cwd is {Path.cwd()})")
-    with DVC_LOCK:
-        repo = Repo(str(root))
-        try:
-            yield repo
-        finally:
-            repo.close()
-
-
-def stage_name(stage: DvcStage) -> str:
-    """The stage's address relative to the repo root, as `dvc dag` run there prints it.
-
-    (DVC's own `stage.addressing` is relative to the process's working directory.)
-    """
-    path = Path(stage.path_in_repo).as_posix()
-    name = getattr(stage, "name", None)
-    if name is None:  # a .dvc file (dvc add / dvc import)
-        return path
-    return name if path == "dvc.yaml" else f"{path}:{name}"
-
-
-def find_stage(repo: Repo, name: str) -> DvcStage:
-    for stage in repo.index.stages:
-        if stage_name(stage) == name:
-            return stage
-    known = sorted(stage_name(s) for s in repo.index.stages)
-    raise KeyError(f"DVC knows no stage {name!r} in {repo.root_dir}; stages: {', '.join(known)}")
+__all__ = ["Dag", "StageSpec", "load_dag", "stage_name"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +29,7 @@ class StageSpec:
     metrics: tuple[str, ...]  # the outs that are metrics files
     always_changed: bool
     frozen: bool
+    dvcfile: str = "dvc.yaml"  # the file that defines it (a data source: its .dvc file)
 
     @property
     def group(self) -> str:
@@ -135,46 +83,17 @@ class Dag:
         return found
 
 
-def _relative(root_dir: str, path: str) -> str:
-    return Path(os.path.relpath(path, root_dir)).as_posix()
-
-
 def load_dag(root: Path) -> Dag:
     """Read the pipeline from DVC's index (foreach/matrix expanded) and its graph."""
     import networkx as nx
-    from dvc.dependency.param import ParamsDependency
 
-    root = Path(root).resolve()
-    with open_repo(root) as repo:
-        index = repo.index
-        graph = index.graph  # edges point from a stage to the stages it depends on
-        names = {stage: stage_name(stage) for stage in index.stages}
-        specs: dict[str, StageSpec] = {}
-        for stage in index.stages:
-            deps = tuple(_relative(repo.root_dir, d.fs_path) for d in stage.deps if not isinstance(d, ParamsDependency))
-            params = {
-                _relative(repo.root_dir, d.fs_path): tuple(d.params)
-                for d in stage.deps
-                if isinstance(d, ParamsDependency)
-            }
-            outs = tuple(_relative(repo.root_dir, o.fs_path) for o in stage.outs)
-            metrics = tuple(_relative(repo.root_dir, o.fs_path) for o in stage.outs if o.metric)
-            specs[names[stage]] = StageSpec(
-                name=names[stage],
-                cmd=stage.cmd,
-                wdir=_relative(repo.root_dir, stage.wdir) or ".",
-                deps=deps,
-                params=params,
-                outs=outs,
-                metrics=metrics,
-                always_changed=bool(stage.always_changed),
-                frozen=bool(stage.frozen),
-            )
-        edges = {(names[up], names[down]) for down, up in graph.edges}
-        # Topological order, ties broken by dvc.yaml order, so runs and logs read the same way each time.
-        position = {n: i for i, n in enumerate(specs)}
-        order_graph = nx.DiGraph()
-        order_graph.add_nodes_from(specs)
-        order_graph.add_edges_from(edges)
-        order = list(nx.lexicographical_topological_sort(order_graph, key=lambda n: position[n]))
+    with project(Path(root)) as p:
+        described, edges = p.describe()
+    specs = {d["name"]: StageSpec(**d) for d in described}
+    # Topological order, ties broken by dvc.yaml order, so runs and logs read the same way each time.
+    position = {n: i for i, n in enumerate(specs)}
+    order_graph = nx.DiGraph()
+    order_graph.add_nodes_from(specs)
+    order_graph.add_edges_from(edges)
+    order = list(nx.lexicographical_topological_sort(order_graph, key=lambda n: position[n]))
     return Dag(stages={n: specs[n] for n in order}, edges=edges)

@@ -40,6 +40,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_ops, report
 from flows.dag import Dag, StageSpec, load_dag
+from flows.dvc_adapter import session
 
 # Where Prefect keeps task results (the cache records), relative to the repo root.
 # Inside .dvc/tmp: git- and dvc-ignored, and it lives as long as this DVC cache does.
@@ -85,7 +86,8 @@ def run_stage(
         how = reused
     elif cmd is None:
         raise dvc_ops.StageError(
-            f"stage {stage!r} is a data source or frozen and its recorded outputs are not in the workspace or DVC cache (try `dvc pull`)"
+            f"stage {stage!r} is a data source or frozen and its recorded outputs are not in the workspace "
+            "or DVC cache (try `dvc pull`)"
         )
     else:
         dvc_ops.remove_outs(path, stage)  # as `dvc repro` does before running a stage
@@ -104,7 +106,8 @@ def run_stage(
     after = dvc_ops.fingerprint(path, stage)
     if after != fingerprint:
         raise dvc_ops.StageError(
-            f"stage {stage!r}: its inputs changed while it ran (fingerprint {fingerprint} before, {after} after); not caching"
+            f"stage {stage!r}: its inputs changed while it ran "
+            f"(fingerprint {fingerprint} before, {after} after); not caching"
         )
     return {
         "stage": stage,
@@ -184,7 +187,8 @@ def distill(
     previous_cwd = Path.cwd()
     os.chdir(root_path)  # DVC's API resolves some paths against the working directory
     try:
-        with dvc_ops.run_lock(root_path):
+        # One DVC repo and index for the run (flows/dvc_adapter.py), as `dvc repro` has.
+        with dvc_ops.run_lock(root_path), session(root_path):
             return _distill(
                 logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started
             )
@@ -255,7 +259,8 @@ def _distill(
             if name in refreshed:
                 raise dvc_ops.StageError(f"stage {name!r}: ran, yet DVC holds no copy of its outputs")
             logger.warning(
-                "stage %s: Prefect cache hit, but its outputs are neither in the workspace nor in the DVC cache; running it again",
+                "stage %s: Prefect cache hit, but its outputs are neither in the workspace nor in the DVC cache; "
+                "running it again",
                 name,
             )
             refreshed.add(name)
@@ -301,8 +306,6 @@ def _distill(
         ],
     )
     if failed:
-        raise PipelineFailed(
-            f"stages failed: {', '.join(f'{n} ({m.splitlines()[0]})' for n, m in failed.items())}; not run: {', '.join(not_run) or 'none'}",
-            summary,
-        )
+        which = ", ".join(f"{n} ({m.splitlines()[0]})" for n, m in failed.items())
+        raise PipelineFailed(f"stages failed: {which}; not run: {', '.join(not_run) or 'none'}", summary)
     return summary

@@ -69,13 +69,15 @@ def validation_lines(metrics: dict[str, Any], manifests: dict[str, dict[str, Any
         total = sum(metrics["dropped_by_reason"].values())
         ok = total == metrics["quarantined"]
         lines.append(
-            f"- quarantined {metrics['quarantined']} = sum of drops by reason {total}: {'reconciled' if ok else 'MISMATCH'}"
+            f"- quarantined {metrics['quarantined']} = sum of drops by reason {total}: "
+            f"{'reconciled' if ok else 'MISMATCH'}"
         )
     for manifest_path, manifest in manifests.items():
         outputs = manifest.get("outputs", {})
         if outputs:
             lines.append(
-                f"- {manifest_path}: {len(outputs)} output file(s) with sha256 and row counts recorded; inputs passed the schema checks on read"
+                f"- {manifest_path}: {len(outputs)} output file(s) with sha256 and row counts recorded; "
+                "inputs passed the schema checks on read"
             )
     return lines or ["- the stage reports no validation data"]
 

@@ -297,10 +297,10 @@ class Report:
 
 def dvc_status(root: Path) -> dict[str, Any]:
     """`dvc status` through DVC's API: stage -> its changes (empty when all agree)."""
-    from flows.dag import open_repo
+    from flows.dvc_adapter import project
 
-    with open_repo(root) as repo:
-        return repo.status()
+    with project(root) as p:
+        return p.status()
 
 
 def _status_lines(name: str, changes: list[Any]) -> list[str]:

@@ -86,7 +86,8 @@ def run_flow(repo: Path, env: dict[str, str], *args: str, expect_rc: int = 0) ->
     out = done.stdout + done.stderr
     if done.returncode != expect_rc or not summary.is_file():
         raise AssertionError(
-            f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), summary written: {summary.is_file()}:\n{out[-6000:]}"
+            f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), "
+            f"summary written: {summary.is_file()}:\n{out[-6000:]}"
         )
     return json.loads(summary.read_text()), out
 
@@ -127,7 +128,10 @@ def dvc_stages(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
 def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
     """What DVC reruns when params `keys` change: the stages declaring them and
     everything downstream of those in `dvc dag`."""
-    covers = lambda d, k: k == d or k.startswith(d + ".") or d.startswith(k + ".")
+
+    def covers(d: str, k: str) -> bool:
+        return k == d or k.startswith(d + ".") or d.startswith(k + ".")
+
     found = {
         name for name, info in dvc_stages(repo, env).items() if any(covers(d, k) for d in info["params"] for k in keys)
     }
@@ -494,7 +498,10 @@ def test_reverting_params_restores_every_output_from_the_dvc_cache(
         >= {"teacher", "pairs", "curate", "score", "train", "evaluate"}
     )
     assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - changed >= {"bootstrap", "seed", "student"}
-    recorded = lambda lock: {n: e for n, e in lock["stages"].items() if n not in uncacheable}
+
+    def recorded(lock: dict[str, Any]) -> dict[str, Any]:
+        return {n: e for n, e in lock["stages"].items() if n not in uncacheable}
+
     assert recorded(yaml.safe_load((smoke / "dvc.lock").read_text())) == recorded(cold["lock"])
     assert (smoke / "metrics" / "evaluate.json").read_text() == cold["evaluate"]
     assert_dvc_agrees(smoke, server.env)
@@ -680,7 +687,8 @@ import json
 rows = [int(x) for i in (1, 2) for x in open(f"out/round{i}.txt")]
 odd = sum(r % 2 for r in rows)
 open("out/report.txt", "w").write(f"{sum(rows)}\\n")
-json.dump({"rows": len(rows), "kept": len(rows) - odd, "quarantined": odd, "dropped_by_reason": {"odd": odd}}, open("metrics/report.json", "w"))
+metrics = {"rows": len(rows), "kept": len(rows) - odd, "quarantined": odd, "dropped_by_reason": {"odd": odd}}
+json.dump(metrics, open("metrics/report.json", "w"))
 """,
 }
 
