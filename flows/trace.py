@@ -57,6 +57,22 @@ def lock_outs(root: Path) -> list[Out]:
     return [Out(name, o["path"], o.get("md5")) for name, entry in stages.items() for o in entry.get("outs", [])]
 
 
+def run_environment(root: Path, manifest: Path) -> dict[str, str] | None:
+    """The library versions of the run that wrote `manifest`: the newest run record in
+    lineage/runs/history.jsonl with that manifest's sha256 (versions live in run records,
+    not in manifests: docs/decisions/library-versions.md). None if no record has it."""
+    history = root / "lineage" / "runs" / "history.jsonl"
+    if not history.is_file() or not manifest.is_file():
+        return None
+    digest = digest_path(manifest)
+    found = None
+    for line in history.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("manifest_sha256") == digest:
+            found = record.get("environment")
+    return found
+
+
 def owning_out(outs: list[Out], path: str) -> Out | None:
     """The out that is `path` or holds it (the longest match)."""
     rel = Path(path).as_posix().rstrip("/")
@@ -99,7 +115,10 @@ def artifact_tree(root: Path, path: str, outs: list[Out] | None = None, seen: se
     if manifest is None:
         return node
     node["manifest"] = f"{out.path}/manifest.json"
-    node |= {k: manifest[k] for k in ("params", "seeds", "environment", "counts", "code") if k in manifest}
+    node |= {k: manifest[k] for k in ("params", "seeds", "counts", "code") if k in manifest}
+    env = run_environment(root, root / out.path / "manifest.json")
+    if env is not None:
+        node["environment"] = env
     from stages.lib.audit.lineage import model_fingerprints
 
     node["models"] = model_fingerprints(
@@ -245,7 +264,8 @@ def render(node: dict[str, Any], indent: int = 0) -> list[str]:
     if "manifest" in node:
         lines.append(f"{pad}  manifest: {node['manifest']}")
         lines.append(
-            f"{pad}  params: {', '.join(node.get('params', {}))}; seeds: {json.dumps(node.get('seeds', {}), sort_keys=True)}"
+            f"{pad}  params: {', '.join(node.get('params', {}))}; seeds: "
+            f"{json.dumps(node.get('seeds', {}), sort_keys=True)}"
         )
         if node.get("models"):
             lines.append(f"{pad}  models: " + "; ".join(f"{k} {v}" for k, v in sorted(node["models"].items())))
@@ -274,7 +294,8 @@ def _render_record(node: dict[str, Any], indent: int) -> list[str]:
         lines.append(f"{pad}  model: {rec['model']}  engine: {rec['engine']}  sample_index: {rec['sample_index']}")
         lines.append(f"{pad}  sampling: {json.dumps(rec['sampling'], sort_keys=True)}")
         lines.append(
-            f"{pad}  finish_reason: {rec['finish_reason']}  tokens: prompt {rec['prompt_tokens']}, response {rec['response_tokens']}"
+            f"{pad}  finish_reason: {rec['finish_reason']}  tokens: prompt {rec['prompt_tokens']}, response "
+            f"{rec['response_tokens']}"
         )
     if "dropped" in node:
         lines.append(f"{pad}  dropped by curate: {node['dropped']}")
@@ -337,12 +358,14 @@ def check_manifest(
             continue
         if (got := digest_path(path)) != entry["sha256"]:
             report.mismatches.append(
-                f"{mfile}: input {name} {entry['path']}: the file now has sha256 {got}, the manifest recorded {entry['sha256']}"
+                f"{mfile}: input {name} {entry['path']}: the file now has sha256 {got}, the manifest recorded "
+                f"{entry['sha256']}"
             )
         upstream = recorded.get(Path(entry["path"]).as_posix())
         if upstream is not None and upstream[1] != entry["sha256"]:
             report.mismatches.append(
-                f"{mfile}: input {name} {entry['path']}: recorded sha256 {entry['sha256']}, but {upstream[0]} recorded {upstream[1]} for it"
+                f"{mfile}: input {name} {entry['path']}: recorded sha256 {entry['sha256']}, but {upstream[0]} "
+                f"recorded {upstream[1]} for it"
             )
     for rel, digest in manifest.get("code", {}).items():
         report.checked += 1
@@ -350,7 +373,8 @@ def check_manifest(
             report.mismatches.append(f"{mfile}: code {rel} no longer exists")
         elif (got := digest_path(root / rel)) != digest:
             report.mismatches.append(
-                f"{mfile}: code {rel} now has sha256 {got}, the manifest recorded {digest} (changed since {out.path} was made)"
+                f"{mfile}: code {rel} now has sha256 {got}, the manifest recorded {digest} (changed since {out.path} "
+                "was made)"
             )
 
 
@@ -431,7 +455,10 @@ def cost_table(records: list[dict[str, Any]]) -> dict[str, Any]:
 def render_cost(table: dict[str, Any]) -> list[str]:
     head = f"{'stage':<24} " + " ".join(f"{k:>16}" for k in COST_COLUMNS) + "  cache hits"
     lines = [f"run {table['run_id']}", head]
-    fmt = lambda v: "-" if v is None else f"{v:>16.1f}" if isinstance(v, float) else f"{v:>16}"
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:>16.1f}" if isinstance(v, float) else f"{v:>16}"
+
     for job, row in table["stages"].items():
         lines.append(
             f"{job:<24} "
@@ -441,6 +468,7 @@ def render_cost(table: dict[str, Any]) -> list[str]:
     lines.append(f"{'total':<24} " + " ".join(f"{fmt(table['total'][k]):>16}" for k in COST_COLUMNS))
     kinds = sorted({row["device_seconds_kind"] for row in table["stages"].values() if row["device_seconds_kind"]})
     lines.append(
-        f"device_seconds: {', '.join(kinds)} (cpu_seconds: user + system CPU time; cuda_process_wall_seconds: wall time with a CUDA context)"
+        f"device_seconds: {', '.join(kinds)} (cpu_seconds: user + system CPU time; cuda_process_wall_seconds: wall "
+        "time with a CUDA context)"
     )
     return lines

@@ -58,6 +58,10 @@ def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(
     assert record["cost"]["device_seconds_kind"] == "cpu_seconds" and {"commit", "dirty"} <= set(record["git"])
     history = (tmp_path / "lineage" / "runs" / "history.jsonl").read_text().splitlines()
     assert len(history) == 2
+    # `lineage show` finds the versions through the manifest's digest in the run history
+    assert flin.run_environment(tmp_path, out / "manifest.json") == record["environment"]
+    (out / "manifest.json").write_text("{}")
+    assert flin.run_environment(tmp_path, out / "manifest.json") is None
 
 
 def test_openlineage_events_are_well_formed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
