@@ -64,7 +64,7 @@ class BenchSpec:
 
 
 def open_bench_engine(spec: BenchSpec) -> TransformersEngine:
-    """shards.generate's engine opener in each worker process: eos suppressed."""
+    """shards.run_shards's engine opener in each worker process: eos suppressed."""
     tok = models.load_tokenizer(models.ModelRef(str(spec.model_dir), None), Path(), False)
     model = models.load_model(models.ModelRef(str(spec.model_dir), None), Path(), False, "float32").to(spec.p.device)
     return TransformersEngine(model, tok, spec.p, "bench", ignore_eos=True)
@@ -73,7 +73,7 @@ def open_bench_engine(spec: BenchSpec) -> TransformersEngine:
 def toy_prompts(n: int) -> list[dict[str, Any]]:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())["task"]
     task = TaskParams(**{**raw, "skills": tuple(raw["skills"])}).toy()
-    return [{"prompt_id": f"p{i}", "prompt": ex.prompt} for i, ex in zip(range(n), toytask.generate(task, 0))]
+    return [{"prompt_id": f"p{i}", "prompt": ex.prompt} for i, ex in zip(range(n), toytask.examples(task, 0))]
 
 
 def interleaved(repeats: int, fns: list[Callable[[], int]]) -> tuple[list[int], list[list[float]]]:
@@ -186,7 +186,7 @@ def cpu_table(args: argparse.Namespace) -> None:
 
     def ours_workers() -> int:
         work = Path(tempfile.mkdtemp(dir=tmp))
-        shards.generate(work, planned, prompts, open_bench_engine, spec, args.workers, 0)
+        shards.run_shards(work, planned, prompts, open_bench_engine, spec, args.workers, 0)
         return sum(r["response_tokens"] for r in shards.gather(work, planned, prompts, 1))
 
     tuned = ContinuousBatchingConfig(max_batch_tokens=4096, max_requests_per_batch=256, num_blocks=512, page_size=64)

@@ -46,7 +46,7 @@ STAGES = (
 )
 
 
-def check(path: Path) -> int:
+def check_params_file(path: Path) -> int:
     from stages.lib.core import params
 
     failures = 0
@@ -100,7 +100,7 @@ def _print_summary(summary: dict, total: float) -> None:
     print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_flow(args: argparse.Namespace) -> int:
     """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
     temporary local server for the run)."""
     invoked = time.time()
@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lineage":
         return lineage(args)
     if args.command == "check":
-        return check(args.params)
+        return check_params_file(args.params)
     if args.command == "run":
-        return run(args)
+        return run_flow(args)
     if args.command == "serve":
         return serve(args)
     if args.command == "dag":

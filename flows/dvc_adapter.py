@@ -403,7 +403,7 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return to_path_overrides(overrides)
 
 
-def apply_overrides(path: Path, overrides: list[str]) -> None:
+def apply_file_overrides(path: Path, overrides: list[str]) -> None:
     """Apply one file's overrides in place with DVC's Hydra code; OverrideError if DVC
     rejects one (an unknown key without `+`, bad grammar)."""
     from dvc.exceptions import InvalidArgumentError

@@ -38,8 +38,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flows.dvc_adapter import OverrideError, Project, StageError, project, shell_argv, split_overrides, stage_env
-from flows.dvc_adapter import apply_overrides as dvc_apply_overrides
+from flows.dvc_adapter import (
+    OverrideError,
+    Project,
+    StageError,
+    apply_file_overrides,
+    project,
+    shell_argv,
+    split_overrides,
+    stage_env,
+)
 from flows.dvc_adapter import command_lines as dvc_command_lines
 
 __all__ = ["StageError", "StageCommandFailed"]
@@ -102,7 +110,7 @@ def fingerprint_parts(root: Path, name: str) -> dict[str, Any] | None:
         }
 
 
-def fingerprint(root: Path, name: str) -> str | None:
+def stage_fingerprint(root: Path, name: str) -> str | None:
     """sha256 of `fingerprint_parts` (canonical JSON); None: never cache this stage."""
     parts = fingerprint_parts(root, name)
     if parts is None:
@@ -263,7 +271,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
             raise StageError(f"-S {' '.join(file_overrides)}: params file {rel} does not exist in {root}")
         before = _flatten(yaml.safe_load(path.read_text()) or {})
         try:
-            dvc_apply_overrides(path, file_overrides)
+            apply_file_overrides(path, file_overrides)
         except OverrideError as exc:
             raise StageError(f"-S {' '.join(file_overrides)}: cannot apply to {rel}: {exc}") from exc
         after = _flatten(yaml.safe_load(path.read_text()) or {})

@@ -38,7 +38,7 @@ from prefect.runtime import task_run as runtime_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from flows import dvc_ops, report
+from flows import artifacts, dvc_ops
 from flows.dag import Dag, StageSpec, load_dag
 from flows.dvc_adapter import session
 
@@ -60,7 +60,7 @@ def cache_key(stage: str, fingerprint: str | None) -> str | None:
     """The Prefect cache key of a stage: its name (made file-safe) and fingerprint."""
     if fingerprint is None:
         return None  # always_changed stage: never cached
-    return f"{report.artifact_key(stage)}-{fingerprint}"
+    return f"{artifacts.artifact_key(stage)}-{fingerprint}"
 
 
 def _key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -103,7 +103,7 @@ def run_stage(
                     "stage %s: attempt %d failed; removed its partial output: %s", stage, attempt, removed or "none"
                 )
         how = "ran"
-    after = dvc_ops.fingerprint(path, stage)
+    after = dvc_ops.stage_fingerprint(path, stage)
     if after != fingerprint:
         raise dvc_ops.StageError(
             f"stage {stage!r}: its inputs changed while it ran "
@@ -143,7 +143,7 @@ def _submit(
     refresh: bool,
 ) -> PrefectFuture:
     spec = dag.stages[name]
-    fp = dvc_ops.fingerprint(root, name)
+    fp = dvc_ops.stage_fingerprint(root, name)
     n = retries_for(spec, retries, retry_stages)
     configured = stage_task.with_options(
         name=name,
@@ -283,8 +283,8 @@ def _distill(
         done.add(name)
         logger.info("stage %s: %s (%.1f s)", name, outcome, seconds)
         create_markdown_artifact(
-            key=report.artifact_key(name),
-            markdown=report.stage_markdown(root, dag.stages[name], outcome, record, seconds),
+            key=artifacts.artifact_key(name),
+            markdown=artifacts.stage_markdown(root, dag.stages[name], outcome, record, seconds),
             description=f"distillflow stage {name}: {outcome}",
         )
 

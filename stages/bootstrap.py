@@ -78,12 +78,12 @@ PARAMS = tuple(SECTIONS)
 
 def training_examples(task: TaskParams, seed: int) -> Iterator[toytask.ToyExample]:
     """The toy stream restricted to the train split: eval prompts are never seen."""
-    for ex in toytask.generate(task.toy(), seed):
+    for ex in toytask.examples(task.toy(), seed):
         if records.split_of(records.prompt_id(records.normalise_prompt(ex.prompt)), task.eval_fraction) == "train":
             yield ex
 
 
-def sft(
+def train_toy(
     model: torch.nn.Module, tok: Any, examples: Iterator[toytask.ToyExample], p: ToyModelParams, desc: str
 ) -> list[float]:
     """Supervised fine-tuning on (prompt, answer): token NLL on the answer only."""
@@ -127,7 +127,7 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
             model = models.build_toy_model(mp.arch(), len(tok), tok, seed, p.max_positions)
             t0 = time.perf_counter()
             # Teacher and student see different draws of the same training split.
-            losses = sft(model, tok, training_examples(task, seed), mp, desc=f"train toy {role}")
+            losses = train_toy(model, tok, training_examples(task, seed), mp, desc=f"train toy {role}")
             log.info(
                 "%s: %d parameters, %d steps in %.1fs, final loss %.4f",
                 role,

@@ -37,7 +37,7 @@ from stages.lib.evaluation.settings import PREDICTION_SCHEMA, EvaluateParams
 from stages.lib.training import basics, trainer
 from stages.lib.training.cells import SHARED_TRAIN, RunParams, cell_params
 from stages.lib.training.checkpoint import Checkpoint, run_key
-from stages.lib.training.summary import summary
+from stages.lib.training.summary import run_summary
 
 log = logging.getLogger("compare")
 
@@ -78,9 +78,9 @@ def main() -> None:
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
     )
-    key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, t_dir))
+    key = run_key(p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir))
     ckpt = Checkpoint.beside(args.out, key)
-    rows = trainer.run(
+    rows = trainer.train(
         trainer.Job(
             student=student,
             teacher=teacher,
@@ -95,18 +95,20 @@ def main() -> None:
     )
     if teacher is None:  # topk signal: training never needed the teacher; evaluation does
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
-    t_metrics, t_gens, _ = evaluator.generate(teacher, tok_t, models.fingerprint(t_ref, t_dir), "teacher", prompts, ev)
+    t_metrics, t_gens, _ = evaluator.generate_responses(
+        teacher, tok_t, models.model_fingerprint(t_ref, t_dir), "teacher", prompts, ev
+    )
     with atomic_dir(args.out) as tmp:
         basics.save_model(student.to("cpu"), tok_s, tmp / "model")
-        fp = models.fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
-        s_metrics, s_gens, predictions = evaluator.generate(student, tok_s, fp, args.run, prompts, ev)
+        fp = models.model_fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
+        s_metrics, s_gens, predictions = evaluator.generate_responses(student, tok_s, fp, args.run, prompts, ev)
         s_metrics |= evaluator.student_metrics(teacher, tok_t, student, tok_s, prompts, t_gens, s_gens, ev)
         metrics = {
             "run": args.run,
             "method": run.method,
             "disable": list(run.disable),
             "seed": args.seed,
-            "train": summary(rows, len(pairs), run.method),
+            "train": run_summary(rows, len(pairs), run.method),
             "student": s_metrics,
             "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match"),
         }

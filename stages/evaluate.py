@@ -64,11 +64,11 @@ def main() -> None:
         name: (
             models.load_model(ref, d, trust, dtype),
             models.load_tokenizer(ref, d, trust),
-            models.fingerprint(ref, d),
+            models.model_fingerprint(ref, d),
         )
         for name, (ref, d) in refs.items()
     }
-    metrics, predictions = evaluator.run(loaded, prompts, used["evaluate"])
+    metrics, predictions = evaluator.evaluate_models(loaded, prompts, used["evaluate"])
     metrics["eval_prompts"] = len(prompts)
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "predictions.parquet", predictions, PREDICTION_SCHEMA)

@@ -30,9 +30,9 @@ from stages.lib.data import records
 from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
 from stages.lib.engines import sampling
 from stages.lib.engines.generation import SEEDING, engine_version, sampling_record
-from stages.lib.engines.sampling import fingerprint, sample
+from stages.lib.engines.sampling import generation_fingerprint, sample
 
-__all__ = ["fingerprint", "sample", "sections", "inputs", "generate_part", "main"]
+__all__ = ["generation_fingerprint", "sample", "sections", "inputs", "generate_part", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def main(role: str, doc: str | None) -> None:
         truncation=role == "teacher",
     )
     validation = gates.finish()
-    counts["gates"] = quality.summary(validation)
+    counts["gates"] = quality.validation_summary(validation)
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
         lineage.write_manifest(

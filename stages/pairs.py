@@ -1,4 +1,4 @@
-"""pairs: join teacher and student responses into preference pairs, on ids (stages/lib/data/pairs.py).
+"""pairs: join teacher and student responses into preference pairs, on ids (stages/lib/data/pairing.py).
 
     python -m stages.pairs --params params.yaml --prompts data/seed --teacher data/teacher \
         --student data/student --out data/pairs --metrics metrics/pairs.json
@@ -23,10 +23,9 @@ import pyarrow as pa
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, params
-from stages.lib.data import pairs as pairing
-from stages.lib.data import records
+from stages.lib.data import pairing, records
 from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
-from stages.lib.data.pairs import QUARANTINE_SCHEMA, PairsParams
+from stages.lib.data.pairing import QUARANTINE_SCHEMA, PairsParams
 
 __all__ = ["SECTIONS", "PARAMS", "PairsParams", "QUARANTINE_SCHEMA", "run", "main"]
 
@@ -43,8 +42,8 @@ def run(
     student: list[dict[str, Any]],
     files: tuple[Path, Path] = (Path("teacher"), Path("student")),
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(pairs, quarantine, counts): stages/lib/data/pairs.py's `build`."""
-    return pairing.build(p, prompts, teacher, student, files)
+    """(pairs, quarantine, counts): stages/lib/data/pairing.py's `build`."""
+    return pairing.build_pairs(p, prompts, teacher, student, files)
 
 
 def main() -> None:
@@ -87,7 +86,7 @@ def main() -> None:
         "pairs", args.out / "pairs.parquet", "pair", pa.Table.from_pylist(pairs, schema=records.PAIR_SCHEMA), refs=refs
     )
     validation = gates.finish()
-    counts["gates"] = quality.summary(validation)
+    counts["gates"] = quality.validation_summary(validation)
     with atomic_dir(args.out) as tmp:
         outputs = {
             "pairs.parquet": write_table(tmp / "pairs.parquet", pairs, records.PAIR_SCHEMA),

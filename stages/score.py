@@ -85,7 +85,7 @@ def main() -> None:
         "rows": len(rows),
         "k": p.k,
         "positions": sum(r["positions"] for r in rows),
-        "gates": quality.summary(validation),
+        "gates": quality.validation_summary(validation),
     }
     with atomic_dir(args.out) as tmp:
         n = write_table(tmp / "topk.parquet", rows, records.TOPK_SCHEMA)

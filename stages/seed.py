@@ -60,7 +60,7 @@ def gate_outputs(tmp: Path, out: Path, q: quality.QualityParams, docs: Path | No
     and no training prompt is an eval prompt. Rows seed rejects never reach the files
     (they are in quarantine.parquet), so any failure here stops the stage."""
     gates = quality.StageGates(q, docs)
-    eval_ids = quality.prompt_ids(tmp / "eval.parquet")
+    eval_ids = quality.read_prompt_ids(tmp / "eval.parquet")
     gates.check_file("eval prompts", tmp / "eval.parquet", "prompt", shown=out / "eval.parquet")
     gates.check_file(
         "train prompts", tmp / "train.parquet", "prompt", shown=out / "train.parquet", refs={"eval": eval_ids}
@@ -81,7 +81,7 @@ def main() -> None:
     with atomic_dir(args.out) as tmp:
         result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth)
         validation = gate_outputs(tmp, args.out, sections["quality"], args.docs)
-        counts = {**result.counts, "gates": quality.summary(validation)}
+        counts = {**result.counts, "gates": quality.validation_summary(validation)}
         lineage.write_manifest(
             tmp,
             "seed",

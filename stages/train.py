@@ -46,7 +46,7 @@ from stages.lib.training import basics, distributed, trainer
 from stages.lib.training.checkpoint import Checkpoint, run_key
 from stages.lib.training.objectives import AlphaCurriculum
 from stages.lib.training.settings import TrainParams
-from stages.lib.training.summary import summary, tokens_trained
+from stages.lib.training.summary import run_summary, tokens_trained
 
 log = logging.getLogger("train")
 
@@ -202,7 +202,7 @@ def main() -> None:
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
     )
-    key = run_key(p, digest_path(src), models.fingerprint(s_ref, s_dir), models.fingerprint(t_ref, t_dir))
+    key = run_key(p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir))
     ckpt = Checkpoint.beside(args.out, key)
     t0 = time.perf_counter()
     job = trainer.Job(
@@ -218,13 +218,13 @@ def main() -> None:
         checkpoint=ckpt,
         live=args.live,
     )
-    rows = trainer.run(job)
+    rows = trainer.train(job)
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:
         return  # every process holds the same weights and logs; one writes them
     log_done(round_index, p, rows, len(pairs), time.perf_counter() - t0)
-    metrics = {"round": round_index, **summary(rows, len(pairs), p.method)}
+    metrics = {"round": round_index, **run_summary(rows, len(pairs), p.method)}
     s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, t_dir)
     with atomic_dir(args.out) as tmp:
         basics.save_model(student.to("cpu"), tok_s, tmp / "model")

@@ -297,6 +297,6 @@ def train_run(
 ) -> list[dict[str, float]]:
     """One trainer run, checkpointing into `ckpt_dir` under `key` when given."""
     ckpt = Checkpoint(ckpt_dir, key) if ckpt_dir is not None else None
-    return trainer.run(
+    return trainer.train(
         trainer.Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p, checkpoint=ckpt, **kw)
     )  # type: ignore[arg-type]

@@ -85,7 +85,7 @@ def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: 
     p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
     assert bootstrap.run(real, TASK, p, tmp_path / "out") == {}
     assert not (tmp_path / "out" / "teacher").exists()
-    assert models.fingerprint(real.teacher.ref(), tmp_path).startswith("sha256:")
+    assert models.model_fingerprint(real.teacher.ref(), tmp_path).startswith("sha256:")
 
 
 def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Path) -> None:
@@ -97,9 +97,9 @@ def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Pat
 
 def test_hub_model_without_revision_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a pinned `revision`"):
-        models.fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", None), tmp_path)
+        models.model_fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", None), tmp_path)
     assert (
-        models.fingerprint(
+        models.model_fingerprint(
             models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", "7ae557604adf67be50417f59c2c2f167def9a775"), tmp_path
         )
         == "hub:Qwen/Qwen2.5-0.5B-Instruct@7ae557604adf67be50417f59c2c2f167def9a775"
@@ -111,4 +111,4 @@ def test_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="no .safetensors weights"):
-        models.fingerprint(models.ModelRef(str(tmp_path / "m"), None), tmp_path)
+        models.model_fingerprint(models.ModelRef(str(tmp_path / "m"), None), tmp_path)

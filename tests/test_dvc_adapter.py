@@ -219,11 +219,11 @@ def test_status_after_dvc_repro_is_clean_and_hashes_are_what_dvc_lock_records(re
 
 def test_a_declared_param_or_a_dep_change_is_a_change_an_undeclared_param_is_not(repo: Path) -> None:
     params = repo / "params.yaml"
-    before = dvc_ops.fingerprint(repo, "round@1")
+    before = dvc_ops.stage_fingerprint(repo, "round@1")
     params.write_text(PARAMS.replace("unused: 1", "unused: 2"))
     with dvc.project(repo) as p:
         assert not p.changed("round@1"), "a param the stage does not declare now counts as a change"
-    assert dvc_ops.fingerprint(repo, "round@1") == before
+    assert dvc_ops.stage_fingerprint(repo, "round@1") == before
     params.write_text(PARAMS.replace("scale: 3", "scale: 5"))
     with dvc.project(repo) as p:
         assert p.changed("round@1") and p.param_hashes("round@1") == {"params.yaml": {"rounds.scale": 5}}
@@ -231,18 +231,18 @@ def test_a_declared_param_or_a_dep_change_is_a_change_an_undeclared_param_is_not
         status = p.status()  # what `distillflow lineage verify` reads
     assert set(status) == {"round@1", "round@2"}, status
     assert {"changed deps": {"params.yaml": {"rounds.scale": "modified"}}} in status["round@1"], status["round@1"]
-    assert dvc_ops.fingerprint(repo, "round@1") != before
+    assert dvc_ops.stage_fingerprint(repo, "round@1") != before
     params.write_text(PARAMS)
     (repo / "round.py").write_text(SCRIPTS["round.py"] + "# edited\n")
     with dvc.project(repo) as p:
         assert p.changed("round@1") and p.changed("round@2")
-    assert dvc_ops.fingerprint(repo, "round@1") != before
+    assert dvc_ops.stage_fingerprint(repo, "round@1") != before
 
 
 def test_a_missing_dep_or_params_key_is_a_stage_error_naming_it(repo: Path) -> None:
     shutil.rmtree(repo / "out" / "prep")
     with pytest.raises(dvc.StageError, match=r"stage 'round@1': dependency out/prep does not exist"):
-        dvc_ops.fingerprint(repo, "round@1")
+        dvc_ops.stage_fingerprint(repo, "round@1")
     (repo / "params.yaml").write_text("prep:\n  n: 4\n")
     with pytest.raises(dvc.StageError, match=r"stage 'prep'|stage 'round@1': cannot read its params"):
         with dvc.project(repo) as p:
@@ -340,7 +340,7 @@ def test_overrides_are_grouped_and_applied_as_dvc_exp_run_does(repo: Path) -> No
         "other.yaml": ["a=1"],
     }
     params = repo / "params.yaml"
-    dvc.apply_overrides(params, ["rounds.scale=4", "+rounds.extra={k: v}"])
+    dvc.apply_file_overrides(params, ["rounds.scale=4", "+rounds.extra={k: v}"])
     assert yaml.safe_load(params.read_text())["rounds"] == {"scale": 4, "unused": 1, "extra": {"k": "v"}}
     with pytest.raises(dvc.OverrideError, match="nope"):
-        dvc.apply_overrides(params, ["rounds.nope=1"])
+        dvc.apply_file_overrides(params, ["rounds.nope=1"])

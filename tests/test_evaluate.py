@@ -106,9 +106,9 @@ def test_run_reports_every_model(tiny_models: Path) -> None:
     loaded = {}
     for name, role in (("teacher", "teacher"), ("student_initial", "student"), ("student_distilled", "student")):
         m, tok = load(tiny_models / role)
-        loaded[name] = (m, tok, models.fingerprint(models.ModelRef(str(tiny_models / role), None), tiny_models))
+        loaded[name] = (m, tok, models.model_fingerprint(models.ModelRef(str(tiny_models / role), None), tiny_models))
     ps = [prompt(i) for i in range(6)]
-    got, predictions = evaluator.run(loaded, ps, EP)
+    got, predictions = evaluator.evaluate_models(loaded, ps, EP)
     assert set(got) == {"teacher", "student_initial", "student_distilled"}
     assert (
         got["student_initial"]["kl_teacher_student"] == got["student_distilled"]["kl_teacher_student"]

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from flows import dvc_ops
-from flows.report import artifact_key
+from flows.artifacts import artifact_key
 
 from .conftest import ROOT, copy_repo
 

@@ -78,7 +78,7 @@ def test_sharded_run_equals_one_shard_and_the_plain_engine(tiny_models: Path, tm
     assert sharded == whole and len(whole) == 28
     model = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", use_safetensors=True)
     tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
-    assert generate_transformers(model, tok, ps, gp(), models.fingerprint(TOY, tiny_models / "teacher")) == whole
+    assert generate_transformers(model, tok, ps, gp(), models.model_fingerprint(TOY, tiny_models / "teacher")) == whole
     assert len(list((tmp_path / "b").glob("shard-*.done"))) == 4
 
 

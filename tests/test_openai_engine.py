@@ -303,4 +303,7 @@ def test_against_transformers_serve(tiny_models: Path, tmp_path: Path) -> None:
 
 def test_genstage_fingerprint_names_the_endpoint(tmp_path: Path) -> None:
     p = api("http://127.0.0.1:9/v1", tmp_path / "c")
-    assert genstage.fingerprint(p, models.ModelRef("toy", None), tmp_path) == "openai:tiny@http://127.0.0.1:9/v1"
+    assert (
+        genstage.generation_fingerprint(p, models.ModelRef("toy", None), tmp_path)
+        == "openai:tiny@http://127.0.0.1:9/v1"
+    )

@@ -261,8 +261,7 @@ def test_the_gate_disjointness_expectation_uses_in_eval() -> None:
 
 def test_every_quarantine_file_is_the_artifact_columns_plus_reason() -> None:
     from stages.lib.audit import quarantine
-    from stages.lib.data import curation, split
-    from stages.lib.data import pairs as pairing
+    from stages.lib.data import curation, pairing, split
 
     for qs, base in [
         (split.QUARANTINE_SCHEMA, records.PROMPT_SCHEMA),

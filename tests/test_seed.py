@@ -210,7 +210,7 @@ def synth_params(
 def new_toy_prompts(seen: set[str]) -> dict[str, str]:
     """A fresh toy prompt per split (from another generator seed), in neither set."""
     found: dict[str, str] = {}
-    for ex in toytask.generate(TASK.toy(), 99):
+    for ex in toytask.examples(TASK.toy(), 99):
         pid = records.prompt_id(ex.prompt)
         split = records.split_of(pid, TASK.eval_fraction)
         if pid not in seen and split not in found:

@@ -43,7 +43,7 @@ def test_sampling_is_seeded_and_records_are_complete(tiny_models: Path) -> None:
         assert 1 <= r["response_tokens"] <= 6
         assert r["finish_reason"] == "stop" or r["response_tokens"] == 6
         assert r["engine"].startswith("transformers ")
-        assert r["model"] == models.fingerprint(models.ModelRef("toy", None), tiny_models / "teacher")
+        assert r["model"] == models.model_fingerprint(models.ModelRef("toy", None), tiny_models / "teacher")
 
 
 def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(tiny_models: Path) -> None:

@@ -8,7 +8,7 @@ CFG = toytask.ToyTaskConfig(skills=toytask.SKILLS, max_digits=3, min_len=3, max_
 
 
 def take(n: int, seed: int = 0) -> list[toytask.ToyExample]:
-    return list(itertools.islice(toytask.generate(CFG, seed), n))
+    return list(itertools.islice(toytask.examples(CFG, seed), n))
 
 
 def test_generator_is_deterministic_and_seed_dependent() -> None:

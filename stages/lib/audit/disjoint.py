@@ -36,7 +36,7 @@ def in_eval(
     return pc.fill_null(pc.is_in(_ids(prompt_ids), value_set=value_set), False)
 
 
-def prompt_ids(path: Path) -> pa.Array:
+def read_prompt_ids(path: Path) -> pa.Array:
     """The prompt_id column of a prompt (or pair) Parquet file, as one array."""
     return pq.read_table(path, columns=["prompt_id"]).column("prompt_id").combine_chunks()
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from stages.lib.audit import quarantine as _quarantine
-from stages.lib.audit.disjoint import check_disjoint, in_eval, prompt_ids
+from stages.lib.audit.disjoint import check_disjoint, in_eval, read_prompt_ids
 from stages.lib.audit.docs import DataDocs, _no_progress_bars, _quiet_gx
 from stages.lib.audit.suites import (
     DUPLICATE,
@@ -92,9 +92,9 @@ __all__ = [
     "derive",
     "derived_names",
     "in_eval",
-    "prompt_ids",
+    "read_prompt_ids",
     "suite_checks",
-    "summary",
+    "validation_summary",
 ]
 
 log = logging.getLogger("quality")
@@ -390,7 +390,7 @@ class StageGates:
         return out
 
 
-def summary(validation: dict[str, Any]) -> dict[str, Any]:
+def validation_summary(validation: dict[str, Any]) -> dict[str, Any]:
     """The metrics view of StageGates.finish(): per gate, the counts and what failed."""
     return {
         g["artifact"]: {

@@ -40,13 +40,13 @@ def parse_paths(
     return args
 
 
-def stage_name() -> str:
+def running_stage() -> str:
     """The stage this process runs: its main module's name (`python -m stages.teacher` -> teacher)."""
     return Path(sys.modules["__main__"].__file__).stem
 
 
 def run(main: Callable[[], None], stage: str | None = None) -> None:
-    """Run a stage's main() as one OpenLineage run of `stage` (default: stage_name()).
+    """Run a stage's main() as one OpenLineage run of `stage` (default: running_stage()).
 
     START is emitted before main() and FAIL (ABORT on Ctrl-C) when it raises;
     COMPLETE comes with the run record (lineage.write_manifest), or here when main()
@@ -54,7 +54,7 @@ def run(main: Callable[[], None], stage: str | None = None) -> None:
     is one) ends the process with that message and exit status 2, not a traceback
     through the library that noticed it.
     """
-    ol = lineage.start_run(stage or stage_name())
+    ol = lineage.start_run(stage or running_stage())
     try:
         main()
     except DataError as exc:

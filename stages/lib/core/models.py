@@ -143,7 +143,7 @@ def load_model(ref: ModelRef, toy_dir: Path, trust_remote_code: bool, dtype: str
     return model
 
 
-def fingerprint(ref: ModelRef, toy_dir: Path) -> str:
+def model_fingerprint(ref: ModelRef, toy_dir: Path) -> str:
     """A stable identity for a model, used in generation ids and lineage.
 
     Local folders (the toy models included) are fingerprinted by the digest of their
@@ -170,7 +170,7 @@ def fingerprint(ref: ModelRef, toy_dir: Path) -> str:
 def describe(ref: ModelRef, toy_dir: Path) -> dict[str, Any]:
     """Identity and size of a model folder, for lineage manifests."""
     where, revision = resolve(ref, toy_dir)
-    info: dict[str, Any] = {"name": ref.name, "revision": revision, "fingerprint": fingerprint(ref, toy_dir)}
+    info: dict[str, Any] = {"name": ref.name, "revision": revision, "fingerprint": model_fingerprint(ref, toy_dir)}
     config = Path(where) / "config.json"
     if config.is_file():
         cfg = json.loads(config.read_text())

@@ -137,7 +137,7 @@ Filter = Callable[[dict[str, Any]], "str | None"]
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def words(text: str) -> list[str]:
+def word_tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
@@ -150,7 +150,7 @@ def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
 
 def repetition_ratio(text: str, n: int) -> tuple[float, int]:
     """(1 - distinct/total word n-grams, total); 0 for text with no repeats."""
-    tokens = words(text)
+    tokens = word_tokens(text)
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0, 0
@@ -164,7 +164,7 @@ def gram_key(gram: tuple[str, ...]) -> int:
 def eval_ngrams(eval_prompts: list[str], n: int) -> set[int]:
     """The eval prompts' word n-grams, as 64-bit digests (a set of tuples of strings
     took about 500 bytes per n-gram: 400 MB for 100k eval prompts)."""
-    return {gram_key(g) for p in eval_prompts for g in ngrams(words(p), n)}
+    return {gram_key(g) for p in eval_prompts for g in ngrams(word_tokens(p), n)}
 
 
 class NearDuplicates:
@@ -190,7 +190,7 @@ class NearDuplicates:
         self._seen: list[set[int]] = [set() for _ in range(self.b)]
 
     def signature(self, text: str) -> Any:
-        shingles = {" ".join(g).encode("utf-8") for g in ngrams(words(text), self.p.shingle_words)}
+        shingles = {" ".join(g).encode("utf-8") for g in ngrams(word_tokens(text), self.p.shingle_words)}
         m = self._minhash(
             num_perm=self.p.num_perm, seed=1, permutations=self._base.permutations, scheme=self._base.scheme
         )
@@ -260,7 +260,7 @@ def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
         grams = eval_ngrams(eval_prompts, d.ngram)
 
         def contaminated(x: dict[str, Any]) -> str | None:
-            mine = ngrams(words(x["prompt"]), d.ngram)
+            mine = ngrams(word_tokens(x["prompt"]), d.ngram)
             return (
                 "eval_overlap" if mine and sum(gram_key(g) in grams for g in mine) / len(mine) > d.max_overlap else None
             )
@@ -395,7 +395,7 @@ def curate_file(
         "kept": outputs["curated.parquet"],
         "quarantined": outputs["quarantine.parquet"],
         "dropped_by_reason": dict(sorted(reasons.items())),
-        "gates": quality.summary(validation),
+        "gates": quality.validation_summary(validation),
     }
     if counts["kept"] + counts["quarantined"] != counts["pairs_in"]:  # the reconciliation the metrics promise
         raise AssertionError(f"curate: counts do not reconcile: {counts}")

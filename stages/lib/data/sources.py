@@ -129,7 +129,7 @@ class Raw(NamedTuple):
 
 
 def _toy_rows(task: TaskParams, seed: int) -> Iterator[Raw]:
-    for i, ex in enumerate(toytask.generate(task.toy(), seed)):
+    for i, ex in enumerate(toytask.examples(task.toy(), seed)):
         yield Raw(f"toy:seed={seed}:index={i}", ex.prompt, ex.answer, ex.skill, None)
 
 

@@ -273,7 +273,7 @@ def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[s
         model_dir=t.model_dir,
         trust_remote_code=t.trust_remote_code,
         dtype=t.dtype,
-        fingerprint=sampling.fingerprint(gp, t.ref, t.model_dir),
+        fingerprint=sampling.generation_fingerprint(gp, t.ref, t.model_dir),
     )
     engine = sampling.open_engine(spec)
     batches_done = 0
@@ -281,7 +281,7 @@ def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[s
     def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         nonlocal batches_done
         out: list[dict[str, Any]] = []
-        for shard in sampling.plan(spec, prompts):
+        for shard in sampling.shard_plan(spec, prompts):
             # run-wide batch numbers: every round of attempts gets fresh seeds
             out.extend(
                 engine.generate(prompts, dataclasses.replace(shard, first_batch=batches_done + shard.first_batch))

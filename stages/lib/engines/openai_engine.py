@@ -53,7 +53,7 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx: what the openai client retries
 FINISH = {"stop": "stop", "length": "length"}
 
 
-def fingerprint(o: OpenAIParams) -> str:
+def endpoint_fingerprint(o: OpenAIParams) -> str:
     """The model's identity in records: the same id at another endpoint may be another model."""
     return f"openai:{o.model}@{o.base_url}"
 
@@ -112,7 +112,7 @@ class OpenAIEngine:
             raise ValueError("openai: engine openai needs openai.base_url and openai.model")
         self.p, self.o = p, p.openai
         self.name = engine_version("openai")
-        self.fingerprint = fingerprint(self.o)
+        self.fingerprint = endpoint_fingerprint(self.o)
         self.sampling = sampling_record(p)
         self.openai = openai
         self.limiter = RateLimiter(self.o.requests_per_second)

@@ -52,14 +52,14 @@ class EngineSpec:
     fingerprint: str
 
 
-def fingerprint(p: GenerationParams, ref: ModelRef, model_dir: Path) -> str:
+def generation_fingerprint(p: GenerationParams, ref: ModelRef, model_dir: Path) -> str:
     """The `model` column: a local model's digest or hub id, or the API endpoint's model."""
     if p.engine == "openai":
-        from stages.lib.engines.openai_engine import fingerprint as api_fingerprint
+        from stages.lib.engines.openai_engine import endpoint_fingerprint
 
         assert p.openai is not None  # GenerationParams checks it for engine openai
-        return api_fingerprint(p.openai)
-    return models.fingerprint(ref, model_dir)
+        return endpoint_fingerprint(p.openai)
+    return models.model_fingerprint(ref, model_dir)
 
 
 def open_engine(spec: EngineSpec) -> Engine:
@@ -79,7 +79,7 @@ def open_engine(spec: EngineSpec) -> Engine:
     return TransformersEngine(model, tok, p, spec.fingerprint)
 
 
-def plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
+def shard_plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
     """The run's shards; the transformers engine buckets by prompt length in tokens."""
     lengths = None
     if spec.p.engine == "transformers":
@@ -88,7 +88,7 @@ def plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
     return plan_shards(spec.p, lengths, len(prompts))
 
 
-def code_digest() -> dict[str, str]:
+def generation_code_digest() -> dict[str, str]:
     """The generation code's files: shards made by other code are not resumed."""
     from stages.lib.core import config
     from stages.lib.data import encoding, io
@@ -125,9 +125,9 @@ def sample(
         model_dir=model_dir,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
-        fingerprint=fingerprint(p, ref, model_dir),
+        fingerprint=generation_fingerprint(p, ref, model_dir),
     )
-    planned = plan(spec, prompts)
+    planned = shard_plan(spec, prompts)
     key = {
         "role": role,
         "model": spec.fingerprint,
@@ -136,12 +136,12 @@ def sample(
         "shard_size": p.shard_size,
         "prompts": records.content_id("prompt-list", *(pr["prompt_id"] for pr in prompts)),
         "plan": records.content_id("shard-plan", records.canonical_json([list(s.prompts) for s in planned])),
-        "code": code_digest(),
+        "code": generation_code_digest(),
     }
     shards.prepare(work, key)
     mine = planned if part is None else [s for s in planned if s.index % part[1] == part[0]]
     gpus = 0 if p.engine == "openai" or (p.engine == "transformers" and p.device == "cpu") else p.tensor_parallel_size
-    generated = shards.generate(work, mine, prompts, open_engine, spec, p.workers, gpus)
+    generated = shards.run_shards(work, mine, prompts, open_engine, spec, p.workers, gpus)
     if stats is not None:
         stats |= {"shards": len(planned), "shards_generated": generated, "shards_resumed": len(mine) - generated}
     if part is not None:

@@ -90,7 +90,7 @@ def write_shard(work: Path, index: int, rows: list[dict[str, Any]]) -> None:
         tmp.write_text(json.dumps({"rows": n, "sha256": digest_path(data)}, sort_keys=True) + "\n")
 
 
-def generate(
+def run_shards(
     work: Path,
     shards: Sequence[Shard],
     prompts: Sequence[dict[str, Any]],

@@ -13,7 +13,7 @@ from stages.lib.evaluation.settings import EvaluateParams
 from stages.lib.task import toytask
 
 
-def generate(
+def generate_responses(
     model: torch.nn.Module, tok: Any, fp: str, name: str, prompts: list[dict[str, Any]], p: EvaluateParams
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """A model's eval responses: (metrics, generations, prediction rows)."""
@@ -82,7 +82,7 @@ def student_metrics(
     return out
 
 
-def run(
+def evaluate_models(
     loaded: dict[str, tuple[torch.nn.Module, Any, str]], prompts: list[dict[str, Any]], p: EvaluateParams
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`loaded` maps teacher / student_initial / student_distilled to (model, tokenizer, fingerprint)."""
@@ -90,7 +90,7 @@ def run(
     predictions: list[dict[str, Any]] = []
     responses: dict[str, list[dict[str, Any]]] = {}
     for name, (model, tok, fp) in loaded.items():
-        metrics[name], responses[name], rows = generate(model, tok, fp, name, prompts, p)
+        metrics[name], responses[name], rows = generate_responses(model, tok, fp, name, prompts, p)
         predictions.extend(rows)
     teacher, tok_t, _ = loaded["teacher"]
     for name in ("student_initial", "student_distilled"):

@@ -32,7 +32,7 @@ def accuracy(prompts: list[dict[str, Any]], gens: list[dict[str, Any]]) -> dict[
     }
 
 
-def words(text: str) -> list[str]:
+def rouge_tokens(text: str) -> list[str]:
     """ROUGE's tokens: lower-cased runs of letters and digits (rouge-score's default)."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -41,7 +41,7 @@ def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1: the longest common subsequence of words, as a harmonic mean of its
     precision and recall, as the rouge-score package computes it (no stemming): an empty
     text on either side (after tokenizing) scores 0, two empty texts included."""
-    c, r = words(candidate), words(reference)
+    c, r = rouge_tokens(candidate), rouge_tokens(reference)
     if not c or not r:
         return 0.0
     prev = [0] * (len(r) + 1)

@@ -98,7 +98,7 @@ _MAKERS: dict[str, Callable[[random.Random, ToyTaskConfig], tuple[dict[str, str]
 }
 
 
-def generate(cfg: ToyTaskConfig, seed: int) -> Iterator[ToyExample]:
+def examples(cfg: ToyTaskConfig, seed: int) -> Iterator[ToyExample]:
     """Yield an endless, deterministic stream of examples, skills in round robin.
 
     Round robin (rather than a random skill per example) keeps the skill mix exact

@@ -1,7 +1,7 @@
 """Resumable training state: saved every `train.checkpoint_every` optimizer steps into
 `<out>.checkpoints/state.pt`, restored only by a run with the same key (params, data and
 both models), removed once the run is complete. A resumed run ends with the weights of
-an uninterrupted one (the batch plan is a pure function of the seed, see settings.plan)."""
+an uninterrupted one (the batch plan is a pure function of the seed, see settings.batch_plan)."""
 
 from __future__ import annotations
 

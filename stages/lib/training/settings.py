@@ -82,7 +82,7 @@ def round_seed(seed: int, round_index: int) -> int:
     return seed + 7919 * (round_index - 1)
 
 
-def plan(n_pairs: int, p: TrainParams, seed: int) -> list[list[list[int]]]:
+def batch_plan(n_pairs: int, p: TrainParams, seed: int) -> list[list[list[int]]]:
     """Optimizer steps, each a list of micro-batches of pair indices.
 
     The shuffle of each epoch is a pure function of (seed, epoch), so a resumed run

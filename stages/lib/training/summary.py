@@ -1,5 +1,5 @@
 """What a training run reports: one log row per optimizer step, written through DVCLive
-(`LiveLog`), and the run summary that goes into the metrics file (`summary`).
+(`LiveLog`), and the run summary that goes into the metrics file (`run_summary`).
 
 DVCLive writes one `plots/metrics/<name>.tsv` per logged value (columns step and the
 value) under its folder, e.g. plots/train/plots/metrics/loss.tsv. It runs with no
@@ -34,7 +34,7 @@ class LiveLog:
                 self.live.log_metric(k, round(v, 6) if isinstance(v, float) else v, timestamp=False)
 
 
-def summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str, Any]:
+def run_summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict[str, Any]:
     """Metrics: the tail-averaged loss and the last values of the schedule knobs."""
     tail = rows[-min(10, len(rows)) :]
     out: dict[str, Any] = {

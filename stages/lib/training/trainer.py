@@ -3,7 +3,7 @@
 
     job = Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p,
               scores=..., checkpoint=..., live=...)
-    rows = run(job)          # trains job.student in place; one log row per optimizer step
+    rows = train(job)          # trains job.student in place; one log row per optimizer step
 
 Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
 (one optimizer step over its micro-batches), checkpointing (checkpoint.py) and per-step
@@ -40,7 +40,7 @@ from stages.lib.training.objectives import (
     Side,
     TopK,
 )
-from stages.lib.training.settings import TrainParams, plan, round_seed
+from stages.lib.training.settings import TrainParams, batch_plan, round_seed
 from stages.lib.training.summary import LiveLog
 
 log = logging.getLogger("train")
@@ -248,7 +248,7 @@ def setup(job: Job) -> Loop:
         teacher.to(p.device)
     encoded = [encoding.encode_pair(tok_s, pr) for pr in job.pairs]
     seed = round_seed(p.seed, job.round_index)
-    steps = plan(len(encoded), p, seed)
+    steps = batch_plan(len(encoded), p, seed)
     basics.seed_everything(seed)
     opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, len(steps))
     if job.curriculum is None:
@@ -359,7 +359,7 @@ def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
     }
 
 
-def run(job: Job) -> list[dict[str, float]]:
+def train(job: Job) -> list[dict[str, float]]:
     """Train `job.student` in place; returns one log row per optimizer step."""
     loop = setup(job)
     p, ckpt = job.p, job.checkpoint

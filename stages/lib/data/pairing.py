@@ -70,7 +70,7 @@ def pair_row(pr: dict[str, Any], c: dict[str, Any], r: dict[str, Any]) -> dict[s
     }
 
 
-def build(
+def build_pairs(
     p: PairsParams,
     prompts: list[dict[str, Any]],
     teacher: list[dict[str, Any]],
