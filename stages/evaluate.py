@@ -21,11 +21,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stages.lib.audit import lineage
+from stages.lib.audit import disjoint, lineage
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import Dtype, ModelParams
 from stages.lib.data import records
-from stages.lib.data.io import DataError, atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
 from stages.lib.evaluation import evaluator
 from stages.lib.evaluation.settings import PREDICTION_SCHEMA, EvaluateParams
 
@@ -47,14 +47,12 @@ def main() -> None:
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     eval_file, train_file = args.prompts / "eval.parquet", args.prompts / "train.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
-    leaked = {pr["prompt_id"] for pr in prompts} & {
-        pr["prompt_id"] for pr in read_rows(train_file, records.PROMPT_SCHEMA)
-    }
-    if leaked:
-        raise DataError(
-            f"{eval_file}: {len(leaked)} eval prompts are also training prompts (e.g. {sorted(leaked)[0]}); "
-            "evaluation would be contaminated"
-        )
+    disjoint.check_disjoint(
+        disjoint.read_prompt_ids(train_file),
+        [pr["prompt_id"] for pr in prompts],
+        train_file=train_file,
+        eval_file=eval_file,
+    )
     refs = {
         "teacher": (used["models.teacher"].ref(), args.models / "teacher"),
         "student_initial": (used["models.student"].ref(), args.models / "student"),
