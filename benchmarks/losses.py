@@ -63,7 +63,7 @@ BETA = 0.5  # DistiLLM-2's starting contrastive weight
 SEQS_PER_SIDE = 2  # sequences in the teacher-response batch and in the student-response batch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Case:
     vocab: int
     tokens: int  # total response tokens: half teacher responses, half student responses

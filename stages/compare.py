@@ -33,7 +33,7 @@ from stages.lib.core.config import Dtype, ModelParams
 from stages.lib.data import records
 from stages.lib.data.io import atomic_dir, digest_path, read_rows, write_json, write_table
 from stages.lib.evaluation import evaluator
-from stages.lib.evaluation.settings import PREDICTION_SCHEMA, EvaluateParams
+from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
 from stages.lib.training import basics, trainer
 from stages.lib.training.cells import SHARED_TRAIN, RunParams, cell_params
 from stages.lib.training.checkpoint import Checkpoint, run_key
@@ -141,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_stage(main)

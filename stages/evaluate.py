@@ -25,9 +25,9 @@ from stages.lib.audit import disjoint, lineage
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import Dtype, ModelParams
 from stages.lib.data import records
-from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.io import atomic_dir, read_rows, read_table, write_json, write_table
 from stages.lib.evaluation import evaluator
-from stages.lib.evaluation.settings import PREDICTION_SCHEMA, EvaluateParams
+from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
 
 log = logging.getLogger("evaluate")
 
@@ -48,7 +48,7 @@ def main() -> None:
     eval_file, train_file = args.prompts / "eval.parquet", args.prompts / "train.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
     disjoint.check_disjoint(
-        disjoint.read_prompt_ids(train_file),
+        read_table(train_file, records.PROMPT_SCHEMA).column("prompt_id"),
         [pr["prompt_id"] for pr in prompts],
         train_file=train_file,
         eval_file=eval_file,
@@ -90,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_stage(main)

@@ -18,4 +18,4 @@ SECTIONS = genstage.sections("student")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    entry.run(lambda: genstage.main("student", __doc__))
+    entry.run_stage(lambda: genstage.main("student", __doc__))

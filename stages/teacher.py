@@ -18,4 +18,4 @@ SECTIONS = genstage.sections("teacher")
 PARAMS = tuple(SECTIONS)
 
 if __name__ == "__main__":
-    entry.run(lambda: genstage.main("teacher", __doc__))
+    entry.run_stage(lambda: genstage.main("teacher", __doc__))

@@ -45,8 +45,8 @@ from stages.lib.data.io import DataError, atomic_dir, digest_path, write_json
 from stages.lib.training import basics, distributed, trainer
 from stages.lib.training.checkpoint import Checkpoint, run_key
 from stages.lib.training.objectives import AlphaCurriculum
-from stages.lib.training.settings import TrainParams
 from stages.lib.training.summary import run_summary, tokens_trained
+from stages.lib.training.train_params import TrainParams
 
 log = logging.getLogger("train")
 
@@ -74,11 +74,11 @@ def previous_round(previous: Path, p: TrainParams) -> tuple[int, AlphaCurriculum
             "--previous must be a train stage's output folder"
         )
     e = manifest["round"] + 1
-    entry = p.rounds.get(f"r{e}")
-    if entry is None or Path(entry.previous) != previous:
+    round_entry = p.rounds.get(f"r{e}")
+    if round_entry is None or Path(round_entry.previous) != previous:
         raise ValueError(
-            f"train.rounds: {previous} holds round {e - 1}, so this is round {e}, but train.rounds.r{e} is {entry}; "
-            f"r{e} must have previous: {previous}"
+            f"train.rounds: {previous} holds round {e - 1}, so this is round {e}, "
+            f"but train.rounds.r{e} is {round_entry}; r{e} must have previous: {previous}"
         )
     state = json.loads((previous / "curriculum.json").read_text())
     curriculum = AlphaCurriculum(p.distillm2)
@@ -260,4 +260,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_stage(main)

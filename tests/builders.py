@@ -23,7 +23,7 @@ from stages.lib.data.io import write_table
 from stages.lib.training import trainer
 from stages.lib.training.checkpoint import Checkpoint
 from stages.lib.training.objectives import BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
-from stages.lib.training.settings import TrainParams
+from stages.lib.training.train_params import TrainParams
 
 
 def prompt(i: int) -> dict:

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerState:
     delay_s: float = 0.0  # each request waits this long before generating (overlap)
     # what to answer the next requests with: a status code, or (status code, response headers);

@@ -12,7 +12,7 @@ import yaml
 
 from stages.lib.data import io, records
 from stages.lib.training import cells
-from stages.lib.training.settings import RoundParams
+from stages.lib.training.train_params import RoundParams
 
 from .builders import pair, prompt, tp
 from .conftest import ROOT

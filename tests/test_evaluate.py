@@ -6,7 +6,7 @@ import torch
 from stages.lib.core import models
 from stages.lib.data import encoding
 from stages.lib.evaluation import evaluator, metrics
-from stages.lib.evaluation.settings import EvaluateParams
+from stages.lib.evaluation.eval_params import EvaluateParams
 
 from .builders import load, prompt
 

@@ -29,7 +29,7 @@ from .conftest import copy_repo
 
 
 def _run_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
-    """write_stage as one OpenLineage run, as entry.run runs a stage's main()."""
+    """write_stage as one OpenLineage run, as entry.run_stage runs a stage's main()."""
     lineage.start_run("pairs")
     return write_stage(tmp_path)
 
@@ -211,7 +211,7 @@ def test_run_records_and_cost(smoke: Path) -> None:
     events = [json.loads(f.read_text()) for f in (smoke / "lineage" / "openlineage").rglob("*.json")]
     for event in events:
         check_event(event)
-    # every stage process: one START, then its COMPLETE (entry.run and the run record)
+    # every stage process: one START, then its COMPLETE (entry.run_stage and the run record)
     types: dict[str, list[str]] = {}
     for event in events:
         types.setdefault(event["run"]["runId"], []).append(event["eventType"])

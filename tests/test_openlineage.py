@@ -42,7 +42,7 @@ def events(lineage: Path, job: str) -> dict[str, dict[str, Any]]:
 
 
 def test_a_stage_that_succeeds_leaves_start_and_complete(tmp_path: Path, lineage_env: Path) -> None:
-    entry.run(lambda: write_stage(tmp_path), stage="pairs")
+    entry.run_stage(lambda: write_stage(tmp_path), stage="pairs")
     ev = events(lineage_env, "pairs")
     assert set(ev) == {"START", "COMPLETE"}
     run_id = ev["START"]["run"]["runId"]
@@ -56,7 +56,7 @@ def test_a_stage_that_succeeds_leaves_start_and_complete(tmp_path: Path, lineage
 
 
 def test_a_stage_that_writes_no_record_is_completed_by_entry(lineage_env: Path) -> None:
-    entry.run(lambda: None, stage="report")
+    entry.run_stage(lambda: None, stage="report")
     ev = events(lineage_env, "report")
     assert set(ev) == {"START", "COMPLETE"} and ev["START"]["run"]["runId"] == ev["COMPLETE"]["run"]["runId"]
 
@@ -66,7 +66,7 @@ def test_a_stage_that_raises_leaves_start_and_fail(lineage_env: Path) -> None:
         raise RuntimeError("the model diverged")
 
     with pytest.raises(RuntimeError, match="the model diverged"):
-        entry.run(boom, stage="train")
+        entry.run_stage(boom, stage="train")
     ev = events(lineage_env, "train")
     assert set(ev) == {"START", "FAIL"} and ev["FAIL"]["run"]["runId"] == ev["START"]["run"]["runId"]
     error = ev["FAIL"]["run"]["facets"]["errorMessage"]
@@ -80,7 +80,7 @@ def test_bad_input_exits_2_and_leaves_fail(lineage_env: Path) -> None:
         raise DataError("x.parquet: row 3: field score: not a number")
 
     with pytest.raises(SystemExit) as exc:
-        entry.run(bad, stage="score")
+        entry.run_stage(bad, stage="score")
     assert exc.value.code == 2
     assert events(lineage_env, "score")["FAIL"]["run"]["facets"]["errorMessage"]["message"].startswith("DataError")
 
@@ -138,10 +138,10 @@ def test_events_go_to_the_http_server_openlineage_url_names(
     tmp_path: Path, lineage_env: Path, lineage_server: tuple[str, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, received = lineage_server
-    entry.run(lambda: write_stage(tmp_path / "plain"), stage="pairs")
+    entry.run_stage(lambda: write_stage(tmp_path / "plain"), stage="pairs")
     plain = (tmp_path / "plain" / "data" / "pairs" / "manifest.json").read_bytes()
     monkeypatch.setenv("OPENLINEAGE_URL", url)
-    entry.run(lambda: write_stage(tmp_path / "sent"), stage="pairs")
+    entry.run_stage(lambda: write_stage(tmp_path / "sent"), stage="pairs")
     assert [(path, e["eventType"]) for path, e in received] == [
         ("/api/v1/lineage", "START"),
         ("/api/v1/lineage", "COMPLETE"),
@@ -162,7 +162,7 @@ def test_an_unreachable_server_is_logged_and_the_stage_completes(
     config.write_text("transport:\n  type: http\n  url: http://127.0.0.1:9\n  timeout: 2\n  retry:\n    total: 0\n")
     monkeypatch.setenv("OPENLINEAGE_CONFIG", str(config))
     with caplog.at_level(logging.ERROR, logger="stages.lib.audit.openlineage"):
-        entry.run(lambda: write_stage(tmp_path), stage="pairs")
+        entry.run_stage(lambda: write_stage(tmp_path), stage="pairs")
     assert set(events(lineage_env, "pairs")) == {"START", "COMPLETE"}
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and all("not sent through the http transport" in m for m in logged), logged
@@ -175,7 +175,7 @@ def test_a_stage_that_fails_after_its_record_ends_with_fail(tmp_path: Path, line
         raise OSError("metrics.json: disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        entry.run(late, stage="pairs")
+        entry.run_stage(late, stage="pairs")
     ev = events(lineage_env, "pairs")
     assert set(ev) == {"START", "COMPLETE", "FAIL"}
     assert ev["FAIL"]["run"]["facets"]["errorMessage"]["message"] == "OSError: metrics.json: disk full"

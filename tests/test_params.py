@@ -21,7 +21,7 @@ class Inner:
     mode: Literal["a", "b"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Outer:
     name: str
     count: int
@@ -36,7 +36,7 @@ GOOD = {"name": "x", "count": 3, "flag": True, "inner": {"rate": 1, "mode": "a"}
 
 def test_build_converts_nested_values() -> None:
     o = params.build(Outer, GOOD, "sec")
-    assert o == Outer("x", 3, True, Inner(1.0, "a"), ("p", "q"), None)
+    assert o == Outer(name="x", count=3, flag=True, inner=Inner(1.0, "a"), tags=("p", "q"), maybe=None)
     assert isinstance(o.inner.rate, float)
 
 

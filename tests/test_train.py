@@ -9,7 +9,7 @@ from stages.lib.training.objectives import (
     AlphaCurriculum,
     BetaSchedule,
 )
-from stages.lib.training.settings import RoundParams
+from stages.lib.training.train_params import RoundParams
 
 from .builders import D2, PAIRS, fresh, pair, tp, train_run
 

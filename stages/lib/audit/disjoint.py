@@ -3,8 +3,8 @@
 Every stage that holds training rows and eval prompts uses these two functions:
 `in_eval` gives the per-row mask the quality gates' `prompt_id__in_eval` expectation
 checks (seed's train prompts, curate's pairs), and `check_disjoint` raises, naming
-both files, the count and an example id (for stages that read both sets without a
-gate: evaluate, compare).
+both files, the count and an example id (for a stage that reads both sets without a
+gate: evaluate; the comparison cells check through the curated-pairs gate).
 
     from stages.lib.audit import quality
     quality.check_disjoint(train_ids, eval_ids, train_file=src, eval_file=eval_file, what="training pairs")

@@ -16,7 +16,7 @@ Two records per stage run, split by whether they may change from run to run:
       lineage/runs/<job>.json          the latest run of that job (DVC stage name)
       lineage/runs/history.jsonl       every run, appended, one JSON object per line
   and the run's OpenLineage 2-0-2 RunEvents (stages.lib.audit.openlineage):
-      lineage/openlineage/<job>/<runId>-START.json    when main() starts (entry.run)
+      lineage/openlineage/<job>/<runId>-START.json    when main() starts (entry.run_stage)
       lineage/openlineage/<job>/<runId>-COMPLETE.json when the run record is written
       lineage/openlineage/<job>/<runId>-FAIL.json     when main() raises
   (and to Marquez or any OpenLineage server when OPENLINEAGE_URL is set).

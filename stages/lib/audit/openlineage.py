@@ -2,10 +2,10 @@
 
 One run per stage process, three moments:
 
-- START when the stage's main() begins (`core.entry.run`, through `lineage.start_run`);
+- START when the stage's main() begins (`core.entry.run_stage`, through `lineage.start_run`);
 - COMPLETE when the stage writes its run record (`lineage.write_run_record`), with the
   input and output datasets (schema, version = sha256, row counts) and the run record
-  as a custom run facet; `entry.run` completes a run that wrote no record (report);
+  as a custom run facet; `entry.run_stage` completes a run that wrote no record (report);
 - FAIL when main() raises (ABORT on Ctrl-C), with the error message and traceback
   (after COMPLETE too, when the stage fails after writing its record).
 
@@ -267,6 +267,6 @@ def current() -> StageRun:
     if _current is None:
         raise RuntimeError(
             "lineage: no OpenLineage run started in this process; a stage's main() runs under"
-            " stages.lib.core.entry.run (or call lineage.start_run first)"
+            " stages.lib.core.entry.run_stage (or call lineage.start_run first)"
         )
     return _current

@@ -45,7 +45,7 @@ def running_stage() -> str:
     return Path(sys.modules["__main__"].__file__).stem
 
 
-def run(main: Callable[[], None], stage: str | None = None) -> None:
+def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
     """Run a stage's main() as one OpenLineage run of `stage` (default: running_stage()).
 
     START is emitted before main() and FAIL (ABORT on Ctrl-C) when it raises;

@@ -8,8 +8,8 @@ import torch
 
 from stages.lib.core import models
 from stages.lib.engines.generation import generate_transformers
+from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.evaluation.metrics import accuracy, length_stats, rouge_l, sequences, speculative, teacher_forced
-from stages.lib.evaluation.settings import EvaluateParams
 from stages.lib.task import toytask
 
 

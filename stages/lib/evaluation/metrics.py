@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from stages.lib.data import encoding
-from stages.lib.evaluation.settings import EvaluateParams
+from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.task import toytask
 from stages.lib.training import losses
 

@@ -9,7 +9,7 @@ from typing import Any
 from stages.lib.core import params
 from stages.lib.core.params import check
 from stages.lib.training.objectives import DistiLLM2Params, Method
-from stages.lib.training.settings import TrainParams
+from stages.lib.training.train_params import TrainParams
 
 SWITCHES = ("contrastive", "beta_ramp", "adaptive_alpha")
 

@@ -1,7 +1,7 @@
 """Resumable training state: saved every `train.checkpoint_every` optimizer steps into
 `<out>.checkpoints/state.pt`, restored only by a run with the same key (params, data and
 both models), removed once the run is complete. A resumed run ends with the weights of
-an uninterrupted one (the batch plan is a pure function of the seed, see settings.batch_plan)."""
+an uninterrupted one (the batch plan is a pure function of the seed, see train_params.batch_plan)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from stages.lib.data import records
 from stages.lib.data.io import atomic_path
 from stages.lib.training.objectives import AlphaCurriculum
-from stages.lib.training.settings import TrainParams
+from stages.lib.training.train_params import TrainParams
 
 log = logging.getLogger("train")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from stages.lib.data import encoding
 from stages.lib.training.objectives import NEEDS_REJECTED
-from stages.lib.training.settings import TrainParams
+from stages.lib.training.train_params import TrainParams
 
 
 class LiveLog:

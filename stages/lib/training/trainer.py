@@ -40,8 +40,8 @@ from stages.lib.training.objectives import (
     Side,
     TopK,
 )
-from stages.lib.training.settings import TrainParams, batch_plan, round_seed
 from stages.lib.training.summary import LiveLog
+from stages.lib.training.train_params import TrainParams, batch_plan, round_seed
 
 log = logging.getLogger("train")
 
