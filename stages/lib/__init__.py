@@ -1,0 +1,1 @@
+"""What the stages share, by concern: core, data, engines, training, evaluation, audit, task."""
