@@ -24,6 +24,17 @@ from .conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
+def restore_environ():
+    """openlineage-python writes OPENLINEAGE__TRANSPORT__* into os.environ when it reads
+    OPENLINEAGE_URL (its client.py), which monkeypatch does not undo: restore the whole
+    environment so later tests' stage processes do not inherit a half-configured client."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def lineage_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
     for var in [v for v in os.environ if v.startswith("OPENLINEAGE") or v in ("DVC_STAGE", "RANK")]:
