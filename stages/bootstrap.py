@@ -1,6 +1,7 @@
 """bootstrap: build the embedded default's models, or fingerprint real ones.
 
-    python -m stages.bootstrap --params params.yaml --out data/bootstrap --metrics metrics/bootstrap.json
+    python -m stages.bootstrap --params params.yaml --identity data/identity.json --out data/bootstrap \
+        --metrics metrics/bootstrap.json
 
 With `models.teacher.name: toy` and `models.student.name: toy` it builds a character
 tokenizer (the `tokenizers` library, saved as a transformers tokenizer folder with a
@@ -10,8 +11,17 @@ the task, and a smaller student trained briefly, so it starts weak (the paper's 
 student"). Both are saved with save_pretrained (safetensors) in out/teacher and
 out/student.
 
-With real models (a local folder or a hub id at a revision) it trains nothing: it
-records their identity (fingerprint, architecture, vocabulary) in the manifest.
+With real models (a local folder or a hub id at a revision) it trains nothing.
+
+Either way it is the pre-flight gate (models.preflight), the first stage that sees
+both models: one tokenizer (vocabulary, merges and special tokens digest; different
+tokenizers are refused while `models.cross_tokenizer` is none), a chat template, eos
+and pad ids, logit widths covering the tokenizer (each may be padded past it, by
+different amounts), safetensors weights. A refusal stops the run here, before any
+generation, with `error:` and exit 2 naming both models and what differs. The findings
+(fingerprints, widths, eos ids, max positions, ...) go into the manifest. --identity is
+the identify stage's file (stages/identify.py): through it DVC reruns bootstrap, and
+all that depends on it, when a local model folder changes in place.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from tqdm import tqdm
 from stages.lib.audit import lineage
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import ModelsParams, TaskParams
+from stages.lib.core.errors import ModelError
 from stages.lib.core.params import check
 from stages.lib.data import encoding, records
 from stages.lib.data.io import atomic_dir, write_json
@@ -115,7 +126,7 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
     """
     toy = [m.name == "toy" for m in (models_p.teacher, models_p.student)]
     if any(toy) and not all(toy):
-        raise ValueError(
+        raise ModelError(
             "models: teacher and student must both be `toy` or both be real models; the toy tokenizer fits nothing else"
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -146,15 +157,22 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
 
 
 def main() -> None:
-    args = entry.parse_paths(__doc__, "out", "metrics")
+    args = entry.parse_paths(__doc__, "identity", "out", "metrics")
     sections = params.load_sections(args.params, SECTIONS)
     with atomic_dir(args.out) as tmp:
-        metrics = run(sections["models"], sections["task"], sections["bootstrap"], tmp)
-        describe = {
-            role: models.describe(getattr(sections["models"], role).ref(), tmp / role)
-            for role in ("teacher", "student")
-        }
-        lineage.write_manifest(tmp, "bootstrap", sections, inputs={}, outputs={}, counts={}, extra={"models": describe})
+        m: ModelsParams = sections["models"]
+        metrics = run(m, sections["task"], sections["bootstrap"], tmp)
+        # The pre-flight gate, before any stage generates: its findings go into the manifest.
+        gate = models.preflight(m.teacher.ref(), m.student.ref(), tmp, m.trust_remote_code, m.cross_tokenizer)
+        lineage.write_manifest(
+            tmp,
+            "bootstrap",
+            sections,
+            inputs={"identity": args.identity},
+            outputs={},
+            counts={},
+            extra={"models": gate},
+        )
     write_json(args.metrics, metrics)
 
 

@@ -60,7 +60,7 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         student=bootstrap.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size),
     )
     toy = ModelParams("toy", None)
-    bootstrap.run(ModelsParams(toy, toy, False, "float32"), task, p, root)
+    bootstrap.run(ModelsParams(toy, toy, False, "float32", "none"), task, p, root)
     return root
 
 

@@ -27,7 +27,7 @@ def tiny(steps: int) -> bootstrap.ToyModelParams:
 
 
 def toy_models() -> ModelsParams:
-    return ModelsParams(ModelParams("toy", None), ModelParams("toy", None), False, "float32")
+    return ModelsParams(ModelParams("toy", None), ModelParams("toy", None), False, "float32", "none")
 
 
 def test_char_tokenizer_round_trips_and_renders_the_chat_template() -> None:
@@ -81,6 +81,7 @@ def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: 
         ModelParams(str(tiny_models / "student"), None),
         False,
         "float32",
+        "none",
     )
     p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
     assert bootstrap.run(real, TASK, p, tmp_path / "out") == {}
@@ -89,7 +90,7 @@ def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: 
 
 
 def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Path) -> None:
-    mixed = ModelsParams(ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32")
+    mixed = ModelsParams(ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32", "none")
     p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
     with pytest.raises(ValueError, match="both be `toy` or both be real"):
         bootstrap.run(mixed, TASK, p, tmp_path)

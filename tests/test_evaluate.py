@@ -19,7 +19,9 @@ def test_accuracy_overall_and_per_category() -> None:
     assert metrics.accuracy([{**prompt(0), "reference": None}], [{"response": "x"}]) is None
 
 
-EP = EvaluateParams(batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2)
+EP = EvaluateParams(
+    batch_size=4, max_new_tokens=4, temperature=1.0, seed=0, speculative_prompts=3, draft_tokens=2, device="cpu"
+)
 
 
 def test_rouge_l_is_the_word_lcs_f1() -> None:
@@ -87,19 +89,67 @@ def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
         metrics.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
 
 
+def spec(teacher: torch.nn.Module, student: torch.nn.Module, tok, ps: list[dict], p: EvaluateParams) -> dict:
+    vocab = models.check_vocabularies(tok, tok, student.config.vocab_size, teacher.config.vocab_size)
+    ends = set(models.end_ids(tok, teacher.generation_config))
+    return metrics.speculative(teacher, student, tok, ps, p, vocab, ends)
+
+
 def test_speculative_decoding_counts_teacher_calls_and_keeps_greedy_output(
     tiny_models: Path, taught_models: Path
 ) -> None:
     teacher, tok = load(taught_models / "teacher")
-    twin, _ = load(taught_models / "teacher")  # a perfect draft (a separate copy: calls are counted per module)
+    twin, _ = load(taught_models / "teacher")  # a perfect draft
     student, _ = load(tiny_models / "student")
     ps = [prompt(i) for i in range(4)]
-    own = metrics.speculative(teacher, twin, tok, ps, EP)  # every drafted token is accepted
+    own = spec(teacher, twin, tok, ps, EP)  # every drafted token is accepted
     assert own["prompts"] == 3 and own["matches_greedy"] == 1.0 and own["teacher_calls_per_token_plain"] == 1.0
-    assert own["teacher_call_speedup"] > 1.5
-    other = metrics.speculative(teacher, student, tok, ps, EP)
+    assert own["acceptance_rate"] == 1.0 and own["teacher_call_speedup"] > 1.5
+    other = spec(teacher, student, tok, ps, EP)
     assert other["matches_greedy"] == 1.0 and other["tokens"] == own["tokens"]
     assert other["teacher_call_speedup"] <= own["teacher_call_speedup"]
+    assert other["acceptance_rate"] < 1.0
+
+
+def test_speculative_plain_decoding_is_the_teachers_greedy_generate(taught_models: Path) -> None:
+    """Our decoding loop against transformers' own greedy `generate` (unpadded model)."""
+    teacher, tok = load(taught_models / "teacher")
+    ends = set(models.end_ids(tok, teacher.generation_config))
+    for i in range(3):
+        ids = encoding.prompt_ids(tok, prompt(i)["prompt"])
+        ours, calls = metrics.greedy(teacher, ids, ends, EP, len(tok), "cpu")
+        theirs = teacher.generate(
+            torch.tensor([ids]), max_new_tokens=EP.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, len(ids) :].tolist()
+        assert ours == theirs[: len(ours)] and calls == len(ours)
+
+
+def test_speculative_decoding_with_padded_widths_drafts_exactly_draft_tokens(taught_models: Path) -> None:
+    """A teacher and student of one tokenizer whose logit rows are padded to different
+    widths (transformers' assisted generation refuses them); the padded rows never win
+    even when they hold the largest logits, and each teacher pass checks exactly
+    `draft_tokens` drafted tokens."""
+    teacher, tok = load(taught_models / "teacher")
+    twin, _ = load(taught_models / "teacher")
+    v = len(tok)
+    for model, extra in ((teacher, 5), (twin, 13)):
+        head = model.get_output_embeddings()
+        model.resize_token_embeddings(v + extra)
+        with torch.no_grad():
+            model.get_output_embeddings().weight[v:] = 50.0  # would win every argmax if not cut
+        assert head is not None and model.config.vocab_size == v + extra
+    long = EvaluateParams(
+        batch_size=4, max_new_tokens=7, temperature=0.0, seed=0, speculative_prompts=2, draft_tokens=3, device="cpu"
+    )
+    ps = [{**prompt(i), "prompt": "Reverse the letters of abcdefghij."} for i in range(2)]
+    ends: set[int] = set()  # no eos: every response is max_new_tokens long, so the pass count is exact
+    vocab = models.check_vocabularies(tok, tok, twin.config.vocab_size, teacher.config.vocab_size)
+    got = metrics.speculative(teacher, twin, tok, ps, long, vocab, ends)
+    # 7 tokens a prompt: draft 3 + 1 from the teacher, twice (the second draft is cut to the 2 left): 2 passes
+    assert got["tokens"] == 14 and got["teacher_calls_per_token"] == round(4 / 14, 4)
+    assert got["acceptance_rate"] == 1.0 and got["matches_greedy"] == 1.0 and got["draft_tokens"] == 3
+    out, _ = metrics.greedy(teacher, encoding.prompt_ids(tok, ps[0]["prompt"]), ends, long, vocab, "cpu")
+    assert max(out) < v
 
 
 def test_run_reports_every_model(tiny_models: Path) -> None:

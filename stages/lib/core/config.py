@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.lib.core.models import ModelRef
+from stages.lib.core.identity import ModelRef
 from stages.lib.core.params import check
 from stages.lib.task.toytask import SKILLS, ToyTaskConfig
 
@@ -32,6 +32,9 @@ class ModelsParams:
     student: ModelParams
     trust_remote_code: bool
     dtype: Dtype
+    # Distillation across different tokenizers: "none" (today's only value) makes the
+    # pre-flight gate refuse models whose tokenizers differ; a later release adds methods.
+    cross_tokenizer: Literal["none"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stages.lib.audit import lineage
-from stages.lib.data.io import DataError
+from stages.lib.core.errors import UsageError
 
 
 def parse_paths(
@@ -50,14 +50,15 @@ def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
 
     START is emitted before main() and FAIL (ABORT on Ctrl-C) when it raises;
     COMPLETE comes with the run record (lineage.write_manifest), or here when main()
-    wrote none. Bad input (DataError, which names the file, row and field; GateError
-    is one) ends the process with that message and exit status 2, not a traceback
-    through the library that noticed it.
+    wrote none. A refusal of the user's input (errors.UsageError: bad data naming the
+    file, row and field, a params key, a model property) ends the process with
+    `error: <message>` and exit status 2, not a traceback through the library that
+    noticed it.
     """
     ol = lineage.start_run(stage or running_stage())
     try:
         main()
-    except DataError as exc:
+    except UsageError as exc:
         ol.fail(lineage.now(), exc)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

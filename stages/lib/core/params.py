@@ -3,7 +3,7 @@
 Each stage declares the params.yaml keys it reads (`PARAMS` in its module, the same
 list as its `params:` in dvc.yaml; a test checks they agree) and parses them into
 dataclasses. An unknown key, a missing key, a wrong type or an out-of-range value
-raises ValueError naming the full key, so a typo never silently falls back to a
+raises ParamsError (a ValueError) naming the full key, so a typo never silently falls back to a
 default: there are no defaults here, params.yaml is the only source of behaviour.
 """
 
@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from stages.lib.core.errors import ParamsError
+
 T = TypeVar("T")
 
 
@@ -24,9 +26,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+        raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return data
 
 
@@ -35,7 +37,7 @@ def select(data: dict[str, Any], key: str, source: str) -> Any:
     node: Any = data
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"{source}: missing key {key!r}")
+            raise ParamsError(f"{source}: missing key {key!r}")
         node = node[part]
     return node
 
@@ -49,7 +51,7 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if value is None:
             if type(None) in options:
                 return None
-            raise ValueError(f"{key}: must not be null")
+            raise ParamsError(f"{key}: must not be null")
         errors = []
         for option in options:
             if option is type(None):
@@ -58,25 +60,25 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError("; ".join(errors))
+        raise ParamsError("; ".join(errors))
     if origin is Literal:
         if value not in get_args(typ):
-            raise ValueError(f"{key}: {value!r} is not one of {list(get_args(typ))}")
+            raise ParamsError(f"{key}: {value!r} is not one of {list(get_args(typ))}")
         return value
     if origin is tuple:
         (inner, _ellipsis) = get_args(typ)
         if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ParamsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {type(value).__name__}")
+            raise ParamsError(f"{key}: expected a mapping, got {type(value).__name__}")
         _k, inner = get_args(typ)
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
             # YAML reads `2:` as an integer key, and DVC's foreach silently skips
             # integer keys (measured, dvc 3.x): no stages, no error. Refuse them here.
-            raise ValueError(
+            raise ParamsError(
                 f'{key}: keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}; quote them ("{bad[0]}": ...)'
             )
         return {k: _convert(v, inner, f"{key}.{k}") for k, v in value.items()}
@@ -84,19 +86,19 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         return build(typ, value, key)
     if typ is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: params field type {typ!r} is not supported by the loader")
 
@@ -108,26 +110,26 @@ def build(cls: type[T], data: Any, key: str) -> T:
     out-of-range values; the message is prefixed with `key`.
     """
     if not isinstance(data, dict):
-        raise ValueError(f"{key}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ParamsError(f"{key}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"{key}: unknown key(s) {[f'{key}.{u}' for u in unknown]}; allowed: {names}")
+        raise ParamsError(f"{key}: unknown key(s) {[f'{key}.{u}' for u in unknown]}; allowed: {names}")
     missing = [n for n in names if n not in data]
     if missing:
-        raise ValueError(f"{key}: missing key(s) {[f'{key}.{m}' for m in missing]}")
+        raise ParamsError(f"{key}: missing key(s) {[f'{key}.{m}' for m in missing]}")
     kwargs = {n: _convert(data[n], hints[n], f"{key}.{n}") for n in names}
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise ValueError(f"{key}: {exc}") from exc
+        raise ParamsError(f"{key}: {exc}") from exc
 
 
 def check(condition: bool, field: str, message: str) -> None:
-    """For `__post_init__`: raise ValueError naming `field` when `condition` fails."""
+    """For `__post_init__`: raise ParamsError naming `field` when `condition` fails."""
     if not condition:
-        raise ValueError(f"{field}: {message}")
+        raise ParamsError(f"{field}: {message}")
 
 
 def load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -147,4 +149,4 @@ def load_sections(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
     try:
         return {key: _convert(raw[key], typ, key) for key, typ in sections.items()}
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise ParamsError(f"{path}: {exc}") from exc

@@ -20,8 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.lib.core.errors import UsageError
 
-class DataError(ValueError):
+
+class DataError(UsageError):
     """Bad input data; the message names the file, and the row and field where known."""
 
 

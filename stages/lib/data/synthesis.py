@@ -281,7 +281,8 @@ def open_generate(s: SynthesisParams, t: Teacher) -> tuple[Generate, str, dict[s
     def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         nonlocal batches_done
         out: list[dict[str, Any]] = []
-        for shard in sampling.shard_plan(spec, prompts):
+        lengths = sampling.prompt_lengths(spec, "seed.synthesis", prompts)
+        for shard in sampling.shard_plan(spec, prompts, lengths):
             # run-wide batch numbers: every round of attempts gets fresh seeds
             out.extend(
                 engine.generate(prompts, dataclasses.replace(shard, first_batch=batches_done + shard.first_batch))

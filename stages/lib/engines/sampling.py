@@ -79,13 +79,27 @@ def open_engine(spec: EngineSpec) -> Engine:
     return TransformersEngine(model, tok, p, spec.fingerprint)
 
 
-def shard_plan(spec: EngineSpec, prompts: list[dict[str, Any]]) -> list[Shard]:
+def prompt_lengths(spec: EngineSpec, role: str, prompts: list[dict[str, Any]]) -> list[int] | None:
+    """Each prompt's length in tokens (None for the openai engine: its tokenizer is the
+    server's). Refuses, before anything is generated, a model whose max positions do not
+    hold the longest prompt plus `max_new_tokens`."""
+    if spec.p.engine == "openai":
+        return None
+    tok = models.load_tokenizer(spec.ref, spec.model_dir, spec.trust_remote_code)
+    lengths = [len(prompt_ids(tok, pr["prompt"])) for pr in prompts]
+    models.check_positions(
+        models.config_max_positions(spec.ref, spec.model_dir, spec.trust_remote_code),
+        f"models.{role} ({spec.ref.name})",
+        max(lengths, default=0),
+        spec.p.max_new_tokens,
+        f"{role}.max_new_tokens",
+    )
+    return lengths
+
+
+def shard_plan(spec: EngineSpec, prompts: list[dict[str, Any]], lengths: list[int] | None) -> list[Shard]:
     """The run's shards; the transformers engine buckets by prompt length in tokens."""
-    lengths = None
-    if spec.p.engine == "transformers":
-        tok = models.load_tokenizer(spec.ref, spec.model_dir, spec.trust_remote_code)
-        lengths = [len(prompt_ids(tok, pr["prompt"])) for pr in prompts]
-    return plan_shards(spec.p, lengths, len(prompts))
+    return plan_shards(spec.p, lengths if spec.p.engine == "transformers" else None, len(prompts))
 
 
 def generation_code_digest() -> dict[str, str]:
@@ -127,7 +141,7 @@ def sample(
         dtype=dtype,
         fingerprint=generation_fingerprint(p, ref, model_dir),
     )
-    planned = shard_plan(spec, prompts)
+    planned = shard_plan(spec, prompts, prompt_lengths(spec, role, prompts))
     key = {
         "role": role,
         "model": spec.fingerprint,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from stages.lib.core.config import GenerationParams
+from stages.lib.core.config import Device, GenerationParams
 from stages.lib.core.params import check
 from stages.lib.data import records
 
@@ -33,6 +33,7 @@ class EvaluateParams:
     seed: int
     speculative_prompts: int  # eval prompts run through assisted generation (student drafts for teacher); 0 = off
     draft_tokens: int  # tokens the student drafts per teacher verification
+    device: Device  # where the models and batches run (generation, teacher-forced scores, speculative decoding)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -51,4 +52,5 @@ class EvaluateParams:
             num_samples=1,
             seed=self.seed,
             tensor_parallel_size=1,
+            device=self.device,
         )

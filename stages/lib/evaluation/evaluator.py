@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from stages.lib.core import models
+from stages.lib.data import encoding
 from stages.lib.engines.generation import generate_transformers
 from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.evaluation.metrics import accuracy, length_stats, rouge_l, sequences, speculative, teacher_forced
@@ -16,7 +17,14 @@ from stages.lib.task import toytask
 def generate_responses(
     model: torch.nn.Module, tok: Any, fp: str, name: str, prompts: list[dict[str, Any]], p: EvaluateParams
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """A model's eval responses: (metrics, generations, prediction rows)."""
+    """A model's eval responses: (metrics, generations, prediction rows). The model runs
+    on `p.device`; the longest prompt plus `evaluate.max_new_tokens` must fit its max
+    positions (checked before generating)."""
+    model.to(p.device)
+    longest = max(len(encoding.prompt_ids(tok, pr["prompt"])) for pr in prompts)
+    models.check_positions(
+        models.max_positions(model), f"evaluate: {name}", longest, p.max_new_tokens, "evaluate.max_new_tokens"
+    )
     gens = generate_transformers(model, tok, prompts, p.generation(), fp, desc=f"evaluate {name}")
     acc = accuracy(prompts, gens)
     metrics: dict[str, Any] = {"accuracy": acc} if acc is not None else {}
@@ -45,7 +53,10 @@ def student_metrics(
     own_gens: list[dict[str, Any]],
     p: EvaluateParams,
 ) -> dict[str, Any]:
-    """What a student is measured on besides accuracy, against the teacher's responses."""
+    """What a student is measured on besides accuracy, against the teacher's responses
+    (both models on `p.device`)."""
+    teacher.to(p.device)
+    student.to(p.device)
     vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
     on_teacher = teacher_forced(
         teacher,
@@ -55,13 +66,14 @@ def student_metrics(
         vocab,
         p.batch_size,
         "the teacher's eval responses",
+        p.device,
     )
     own = sequences(tok_s, prompts, own_gens)
     # A student may answer with nothing scorable at all (only special tokens, cut off):
     # then there is no NLL on its own responses, and the metrics say so.
     scorable = sum(len(r) for _, r in own)
     on_own = (
-        teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses")
+        teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses", p.device)
         if scorable
         else {"nll": None}
     )
@@ -78,7 +90,8 @@ def student_metrics(
         ),
     }
     if p.speculative_prompts:
-        out["speculative"] = speculative(teacher, student, tok_s, prompts, p)
+        ends = set(models.end_ids(tok_t, teacher.generation_config))
+        out["speculative"] = speculative(teacher, student, tok_s, prompts, p, vocab, ends, p.device)
     return out
 
 

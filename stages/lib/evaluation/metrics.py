@@ -4,12 +4,14 @@ greedy agreement, and speculative decoding with the student drafting for the tea
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 
+from stages.lib.core.errors import ModelError
 from stages.lib.data import encoding
 from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.task import toytask
@@ -78,6 +80,35 @@ def sequences(
     ]
 
 
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 logits over the shared vocabulary from final hidden states (rows of the
+    output layer past `vocab` are padding and never scored)."""
+    head = model.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias[:vocab]
+    return torch.nn.functional.linear(hidden, head.weight[:vocab], bias).float()
+
+
+@torch.no_grad()
+def check_plain_head(model: torch.nn.Module, ids: torch.Tensor, vocab: int, name: str) -> None:
+    """Refuse a model whose logits are not its output layer applied to the final hidden
+    state (soft-capping, scaling): the scores below are computed that way."""
+    full = model(input_ids=ids, use_cache=False).logits[..., :vocab].float()
+    mine = head_logits(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state, vocab)
+    if not torch.allclose(full, mine, atol=1e-4, rtol=1e-3):
+        raise ModelError(
+            f"evaluate: {name}'s logits are not its output layer applied to the final hidden state "
+            "(soft-capping or scaling?); this model is not supported"
+        )
+
+
+def response_hidden(model: torch.nn.Module, b: encoding.Batch, mask: torch.Tensor, device: str) -> torch.Tensor:
+    """Final hidden states at the response positions of a batch, (positions, H); no KV cache."""
+    out = model.base_model(
+        input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False
+    )
+    return out.last_hidden_state[mask]
+
+
 @torch.no_grad()
 def teacher_forced(
     teacher: torch.nn.Module | None,
@@ -87,28 +118,45 @@ def teacher_forced(
     vocab: int,
     batch_size: int,
     where: str,
+    device: str = "cpu",
+    chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Token-mean scores of `student` on fixed responses: its NLL, and with a teacher,
     KL(teacher || student) and the greedy agreement (the share of positions where both
     models' most likely next token is the same: the acceptance rate of greedy
     speculative decoding with the student drafting for the teacher).
 
+    Both models run on `device`, `batch_size` sequences at a time, with no KV cache;
+    logits are made only at response positions, `chunk_size` positions at a time, so
+    memory holds two (chunk_size, vocab) tensors, never two (B, T, vocab) ones.
     Responses are re-tokenized from their text, so a response of only special tokens
     scores nothing; with no token at all this raises, naming `where`."""
     nll = kl = agree = 0.0
     tokens = 0
+    checked = False
     for s in range(0, len(seqs), batch_size):
         b = encoding.collate(seqs[s : s + batch_size], tok.pad_token_id)
-        s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
-        n = int(b.response_mask.sum())
+        mask = b.response_mask.to(device)
+        n = int(mask.sum())
         if not n:
             continue
-        s_logp = torch.log_softmax(s_logits[b.response_mask].float(), dim=-1)
-        nll -= float(s_logp.gather(-1, b.targets[b.response_mask].unsqueeze(-1)).sum())
-        if teacher is not None:
-            t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
-            kl += losses.forward_kl(s_logits, t_logits, b.response_mask, reduction="token_mean").item() * n
-            agree += float((t_logits[b.response_mask].argmax(-1) == s_logits[b.response_mask].argmax(-1)).sum())
+        if not checked:
+            first = b.input_ids[:1, : int(b.attention_mask[0].sum())].to(device)
+            for name, model in (("the student", student), ("the teacher", teacher)):
+                if model is not None:
+                    check_plain_head(model, first, vocab, name)
+            checked = True
+        targets = b.targets.to(device)[mask]
+        s_h = response_hidden(student, b, mask, device)
+        t_h = response_hidden(teacher, b, mask, device) if teacher is not None else None
+        for c in range(0, n, chunk_size):
+            s_logits = head_logits(student, s_h[c : c + chunk_size], vocab)
+            s_logp = torch.log_softmax(s_logits, dim=-1)
+            nll -= float(s_logp.gather(-1, targets[c : c + chunk_size, None]).sum())
+            if t_h is not None:
+                t_logits = head_logits(teacher, t_h[c : c + chunk_size], vocab)
+                kl += float(losses.forward_kl(s_logits, t_logits, None, reduction="none").sum())
+                agree += float((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
         tokens += n
     if tokens == 0:
         raise ValueError(
@@ -121,45 +169,120 @@ def teacher_forced(
     return out
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its KV cache by (`cache` in newer transformers 5
+    releases, `past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Stepper:
+    """One model decoding one sequence greedily over the shared vocabulary, with a KV
+    cache that can be cut back (to drop rejected draft tokens). `calls` counts forward
+    passes."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int, device: str) -> None:
+        self.model, self.vocab, self.device = model, vocab, device
+        self.key = cache_kwarg(model)
+        self.cache: Any = None
+        self.seen = 0  # tokens of the sequence the cache holds
+        self.calls = 0
+
+    def feed(self, seq: list[int]) -> torch.Tensor:
+        """Run the tokens of `seq` the cache has not seen; their greedy next tokens (n,)."""
+        new = torch.tensor([seq[self.seen :]], device=self.device)
+        kw = {self.key: self.cache} if self.cache is not None else {}
+        out = self.model(input_ids=new, use_cache=True, **kw)
+        self.cache = out[self.key] if self.key in out else out["past_key_values"]
+        self.seen = len(seq)
+        self.calls += 1
+        return out.logits[0, :, : self.vocab].argmax(-1)
+
+    def keep(self, n: int) -> None:
+        """Forget all but the first `n` tokens of the sequence."""
+        if n < self.seen:
+            self.cache.crop(n - self.seen)
+            self.seen = n
+
+
+def greedy(
+    model: torch.nn.Module, prompt: list[int], ends: set[int], p: EvaluateParams, vocab: int, device: str
+) -> tuple[list[int], int]:
+    """The model's own greedy response: (tokens, forward passes)."""
+    step = Stepper(model, vocab, device)
+    seq = list(prompt)
+    while len(seq) - len(prompt) < p.max_new_tokens:
+        seq.append(int(step.feed(seq)[-1]))
+        if seq[-1] in ends:
+            break
+    return seq[len(prompt) :], step.calls
+
+
+def assisted(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    prompt: list[int],
+    ends: set[int],
+    p: EvaluateParams,
+    vocab: int,
+    device: str,
+) -> tuple[list[int], int, int, int]:
+    """Greedy speculative decoding: the student drafts up to `draft_tokens` tokens, the
+    teacher checks them in one forward pass, keeps the longest prefix it agrees with
+    and adds its own next token (a correction, or one more after a fully accepted
+    draft). (tokens, teacher passes, drafted tokens, accepted tokens)."""
+    t, s = Stepper(teacher, vocab, device), Stepper(student, vocab, device)
+    seq = list(prompt)
+    drafted = accepted = 0
+    while len(seq) - len(prompt) < p.max_new_tokens:
+        room = p.max_new_tokens - (len(seq) - len(prompt))
+        draft: list[int] = []
+        while len(draft) < min(p.draft_tokens, room - 1) and not (draft and draft[-1] in ends):
+            draft.append(int(s.feed(seq + draft)[-1]))
+        verdict = t.feed(seq + draft)[-(len(draft) + 1) :].tolist()  # teacher's next token after each prefix
+        n = 0
+        while n < len(draft) and draft[n] == verdict[n]:
+            n += 1
+        drafted, accepted = drafted + len(draft), accepted + n
+        new = [*draft[:n], verdict[n]]
+        stop = next((i for i, tok in enumerate(new) if tok in ends), None)
+        base = len(seq)
+        seq.extend(new if stop is None else new[: stop + 1])
+        if stop is not None:
+            break
+        t.keep(base + n)
+        s.keep(min(s.seen, base + n))
+    return seq[len(prompt) :], t.calls, drafted, accepted
+
+
 @torch.no_grad()
 def speculative(
-    teacher: torch.nn.Module, student: torch.nn.Module, tok: Any, prompts: list[dict[str, Any]], p: EvaluateParams
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    tok: Any,
+    prompts: list[dict[str, Any]],
+    p: EvaluateParams,
+    vocab: int,
+    ends: set[int],
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """Greedy assisted generation (transformers' speculative decoding) with the student
-    drafting `draft_tokens` tokens for the teacher, one prompt at a time, on the first
-    `speculative_prompts` eval prompts. Reports teacher forward passes per generated
-    token with and without the draft (counted, so the figure is exact and repeatable;
-    wall-clock speed-up depends on hardware and lives in benchmarks/), and checks the
-    output equals the teacher's own greedy output, as greedy speculative decoding must."""
-    calls = [0]
-    hook = teacher.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        plain_calls = assisted_calls = new_tokens = same = 0
-        for pr in prompts[: p.speculative_prompts]:
-            ids = torch.tensor([encoding.prompt_ids(tok, pr["prompt"])])
-            kw = dict(
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=p.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )
-            calls[0] = 0
-            plain = teacher.generate(ids, **kw)
-            plain_calls += calls[0]
-            calls[0] = 0
-            assisted = teacher.generate(
-                ids,
-                assistant_model=student,
-                num_assistant_tokens=p.draft_tokens,
-                num_assistant_tokens_schedule="constant",
-                assistant_confidence_threshold=0.0,
-                **kw,
-            )
-            assisted_calls += calls[0]
-            new_tokens += plain.shape[1] - ids.shape[1]
-            same += int(torch.equal(plain, assisted))
-    finally:
-        hook.remove()
+    """Greedy speculative decoding with the student drafting `draft_tokens` tokens for
+    the teacher, one prompt at a time, on the first `speculative_prompts` eval prompts,
+    by our own verification loop over the shared vocabulary (assisted and plain),
+    so models of one tokenizer whose logit rows are padded to different widths work, and
+    the draft length is exactly `draft_tokens`. Reports teacher forward passes per
+    generated token with and without the draft, and the share of drafted tokens the
+    teacher accepted (counted, so the figures are exact and repeatable; wall-clock
+    speed-up depends on hardware and lives in benchmarks/), and checks the output equals
+    the teacher's own greedy output, as greedy speculative decoding must."""
+    plain_calls = assisted_calls = new_tokens = same = drafted = accepted = 0
+    for pr in prompts[: p.speculative_prompts]:
+        ids = encoding.prompt_ids(tok, pr["prompt"])
+        plain, calls = greedy(teacher, ids, ends, p, vocab, device)
+        plain_calls += calls
+        out, calls, d, a = assisted(teacher, student, ids, ends, p, vocab, device)
+        assisted_calls, drafted, accepted = assisted_calls + calls, drafted + d, accepted + a
+        new_tokens += len(plain)
+        same += int(plain == out)
     n = min(len(prompts), p.speculative_prompts)
     return {
         "prompts": n,
@@ -168,5 +291,6 @@ def speculative(
         "teacher_calls_per_token": round(assisted_calls / new_tokens, 4),
         "teacher_calls_per_token_plain": round(plain_calls / new_tokens, 4),
         "teacher_call_speedup": round(plain_calls / assisted_calls, 4),
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "matches_greedy": round(same / n, 4),
     }
