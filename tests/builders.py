@@ -14,7 +14,7 @@ import jsonschema
 import pyarrow as pa
 import torch
 
-from stages import bootstrap, compare, curate, evaluate, pairs, report, score, seed, student, teacher, train
+from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
 from stages.lib.audit import lineage
 from stages.lib.core import models
 from stages.lib.core.config import GenerationParams, TaskParams
@@ -187,7 +187,7 @@ def fresh(tiny_models: Path) -> tuple:
 
 STAGES = {
     m.__name__.split(".")[-1]: m
-    for m in (bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
+    for m in (identify, bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
 }
 
 

@@ -90,7 +90,9 @@ def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: 
 
 
 def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Path) -> None:
-    mixed = ModelsParams(ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32", "none")
+    mixed = ModelsParams(
+        ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32", "none"
+    )
     p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
     with pytest.raises(ValueError, match="both be `toy` or both be real"):
         bootstrap.run(mixed, TASK, p, tmp_path)

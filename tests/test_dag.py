@@ -16,8 +16,9 @@ RAW = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
 COMPARISON = ["compare", "report"]
+IDENTIFY = ["identify"]  # always runs; no params section of its own (it reads models.teacher / models.student)
 ROUND = ["round_student", "round_pairs", "round_curate", "round_score", "round_train", "round_evaluate"]
-EXPECTED = BASE + COMPARISON + ROUND
+EXPECTED = IDENTIFY + BASE + COMPARISON + ROUND
 # The round_* groups are `foreach: ${train.rounds}` templates and compare a matrix over
 # compare.runs x compare.seeds; static checks read them instantiated for round 2 and
 # the cell (kd, 1) (tests/test_pipeline.py runs them through DVC itself).
@@ -55,6 +56,7 @@ def test_stage_names_agree_everywhere() -> None:
     for name in COMPARISON:
         assert (ROOT / "stages" / f"{name}.py").is_file() and (ROOT / "tests" / f"test_{name}.py").is_file()
     assert "compare" in PARAMS
+    assert RAW["identify"]["always_changed"] is True and (ROOT / "tests" / "test_preflight.py").is_file()
     for name in BASE:
         assert name in PARAMS, f"params.yaml has no section {name!r}"
         assert (ROOT / "stages" / f"{name}.py").is_file()
@@ -86,7 +88,7 @@ def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Pa
     path.write_text(stale)
     assert codedeps.sync(path, check_only=True, root=ROOT) == 1 and path.read_text() == stale
     synced, changed = codedeps.sync_text(stale, ROOT)
-    assert synced == text and changed == ["bootstrap", "pairs"]
+    assert synced == text and changed == ["identify", "pairs"]
 
 
 def test_no_stage_imports_another_stage() -> None:
@@ -154,6 +156,7 @@ def test_graph_edges() -> None:
         if o.startswith(d + "/")
     }
     assert edges == {
+        ("identify", "bootstrap"),
         ("bootstrap", "seed"),
         ("bootstrap", "teacher"),
         ("bootstrap", "student"),
