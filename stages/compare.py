@@ -78,7 +78,9 @@ def main() -> None:
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
     )
-    key = run_key(p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir))
+    key = run_key(
+        p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir), dtype
+    )
     ckpt = Checkpoint.beside(args.out, key)
     rows = trainer.train(
         trainer.Job(
@@ -99,7 +101,8 @@ def main() -> None:
         teacher, tok_t, models.model_fingerprint(t_ref, t_dir), "teacher", prompts, ev
     )
     with atomic_dir(args.out) as tmp:
-        basics.save_model(student.to("cpu"), tok_s, tmp / "model")
+        # float32 master weights -> models.dtype, in place: the student evaluated below is the saved one
+        basics.export_student(student, tok_s, tmp / "model", dtype)
         fp = models.model_fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
         s_metrics, s_gens, predictions = evaluator.generate_responses(student, tok_s, fp, args.run, prompts, ev)
         s_metrics |= evaluator.student_metrics(teacher, tok_t, student, tok_s, prompts, t_gens, s_gens, ev)

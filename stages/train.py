@@ -26,6 +26,11 @@ Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.tra
 (gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
 batch (stages/lib/training/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
 for GPUs.
+
+Precision: the student trains with float32 master weights whatever `models.dtype` says
+(a bfloat16 weight would lose most AdamW updates at lr 1e-5); `train.bf16_autocast`
+computes under bf16 autocast; out/model is saved in `models.dtype` (its config's `dtype`
+says so). The teacher stays in `models.dtype` (frozen).
 """
 
 from __future__ import annotations
@@ -202,7 +207,8 @@ def main() -> None:
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
     )
-    key = run_key(p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir))
+    s_fp, t_fp = models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir)
+    key = run_key(p, digest_path(src), s_fp, t_fp, dtype)
     ckpt = Checkpoint.beside(args.out, key)
     t0 = time.perf_counter()
     job = trainer.Job(
@@ -227,7 +233,7 @@ def main() -> None:
     metrics = {"round": round_index, **run_summary(rows, len(pairs), p.method)}
     s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, t_dir)
     with atomic_dir(args.out) as tmp:
-        basics.save_model(student.to("cpu"), tok_s, tmp / "model")
+        basics.export_student(student, tok_s, tmp / "model", dtype)  # float32 master weights -> models.dtype
         (tmp / "model" / "README.md").write_text(model_card(used, metrics, src, s_info, t_info, round_index))
         write_json(tmp / "curriculum.json", curriculum.state())
         lineage.write_manifest(

@@ -169,22 +169,32 @@ def test_adaptive_alpha_off_keeps_alpha_at_alpha_0(tiny_models: Path) -> None:
             assert r[k] == pytest.approx(0.1)
 
 
-def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_path: Path) -> None:
-    p = tp(epochs=4, checkpoint_every=2)
-    student, teacher, tok_s, tok_t = fresh(tiny_models)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_killed_run_resumes_to_the_same_final_weights(tiny_models: Path, tmp_path: Path, dtype: str) -> None:
+    """bfloat16: models.dtype bfloat16 with bf16 autocast, the float32 masters resumed exactly."""
+    p = tp(epochs=4, checkpoint_every=2, bf16_autocast=dtype == "bfloat16")
+
+    def models_of(folder: Path) -> tuple:  # the teacher in models.dtype, the student's masters in float32
+        student, teacher, tok_s, tok_t = fresh(folder)
+        return student, teacher.to(getattr(torch, dtype)), tok_s, tok_t
+
+    student, teacher, tok_s, tok_t = models_of(tiny_models)
     straight = train_run(student, teacher, tok_s, tok_t, PAIRS, p, live=tmp_path / "straight")
     expected = [q.detach().clone() for q in student.parameters()]
+    assert {q.dtype for q in expected} == {torch.float32}
 
     def crash(step: int) -> None:
         if step == 4:
             raise KeyboardInterrupt("killed")
 
-    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    student, teacher, tok_s, tok_t = models_of(tiny_models)
     with pytest.raises(KeyboardInterrupt):
         train_run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", on_step=crash, live=tmp_path / "resumed")
     assert (tmp_path / "state.pt").is_file()
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert {v.dtype for v in saved["student"].values()} == {torch.float32}
     assert len(live_rows(tmp_path / "resumed")) == 5  # logged step by step until the crash
-    student, teacher, tok_s, tok_t = fresh(tiny_models)  # a new process: weights from disk again
+    student, teacher, tok_s, tok_t = models_of(tiny_models)  # a new process: weights from disk again
     resumed = train_run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key", live=tmp_path / "resumed")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert all(torch.equal(a, b) for a, b in zip(expected, student.parameters()))
@@ -324,3 +334,157 @@ def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Pa
     assert e == 2 and cur.ready and cur.gaps_t == [0.2, 0.3]
     with pytest.raises(ValueError, match="r2 must have previous"):
         train.previous_round(prev, tp(rounds={"r2": RoundParams("elsewhere")}))
+
+
+def bf16_models(tiny_models: Path, root: Path) -> Path:
+    """The tiny models stored in bfloat16, as a `models.dtype: bfloat16` run finds hub models."""
+    from stages.lib.core import models
+    from stages.lib.training import basics
+
+    for role in ("teacher", "student"):
+        ref = models.ModelRef(str(tiny_models / role), None)
+        model = models.load_model(ref, tiny_models, False, "bfloat16")
+        basics.save_model(model, models.load_tokenizer(ref, tiny_models, False), root / role)
+    return root
+
+
+def changed_share(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """The share of weights whose bfloat16 value (what is saved) moved from the start."""
+    changed = sum(int((v.to(torch.bfloat16) != start[k].to(torch.bfloat16)).sum()) for k, v in state.items())
+    return changed / sum(v.numel() for v in state.values())
+
+
+def test_bf16_models_train_float32_master_weights_under_autocast(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models.dtype bfloat16 + bf16_autocast at lr 1e-5: the updates land as in float32
+    training (a bf16 weight updated directly keeps most of them from moving), the forward
+    runs in bf16, and the saved student is bfloat16, the same as the one in memory."""
+    import json
+
+    from stages.lib.core import models
+    from stages.lib.training import basics, trainer
+
+    root = bf16_models(tiny_models, tmp_path / "bf16")
+    ref = {r: models.ModelRef(str(root / r), None) for r in ("student", "teacher")}
+    args = (ref["student"], root / "student", ref["teacher"], root / "teacher", tmp_path / "score", False)
+    p = tp(lr=1e-5, epochs=5, warmup_steps=1, bf16_autocast=True)  # 10 steps
+    shares: dict[str, float] = {}
+
+    student, teacher, tok_s, tok_t, _ = trainer.load_inputs(p, *args, "bfloat16")
+    assert {q.dtype for q in student.parameters()} == {torch.float32}  # the masters
+    assert {q.dtype for q in teacher.parameters()} == {torch.bfloat16}  # frozen: stays in models.dtype
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    seen: list[torch.dtype] = []
+    # the training forwards (with gradients; setup's head check runs in float32, outside autocast)
+    down_proj = student.model.layers[0].mlp.down_proj
+    hook = down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype) if out.requires_grad else None)
+    train_run(student, teacher, tok_s, tok_t, PAIRS, p)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # computed under bf16 autocast
+    assert {q.dtype for q in student.parameters()} == {torch.float32}
+    shares["master"] = changed_share(student.state_dict(), start)
+
+    basics.export_student(student, tok_s, tmp_path / "out", "bfloat16")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved_ref = models.ModelRef(str(tmp_path / "out"), None)
+    saved = models.load_model(saved_ref, Path(), False, "bfloat16")  # as evaluate loads it
+    for (k, a), (_, b) in zip(student.state_dict().items(), saved.state_dict().items()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), k
+    assert {b.dtype for b in student.buffers()} == {b.dtype for b in saved.buffers()}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+    assert torch.equal(student(input_ids=ids).logits, saved(input_ids=ids).logits)  # compare evaluates this one
+
+    # float32 reference: the same start, float32 compute
+    student, teacher, tok_s, tok_t, _ = trainer.load_inputs(p, *args, "bfloat16")
+    train_run(student, teacher, tok_s, tok_t, PAIRS, replace(p, bf16_autocast=False))
+    shares["float32"] = changed_share(student.state_dict(), start)
+
+    # the old behaviour: AdamW on the bf16 weights themselves (setup now refuses them)
+    student = models.load_model(ref["student"], root, False, "bfloat16")
+    with pytest.raises(ValueError, match=r"student has \['torch.bfloat16'\] weights; it must be trained with float32"):
+        train_run(student, teacher, tok_s, tok_t, PAIRS, p)
+    monkeypatch.setattr(trainer, "check_master_weights", lambda s: None)
+    train_run(student, teacher, tok_s, tok_t, PAIRS, p)
+    shares["bf16"] = changed_share(student.state_dict(), start)
+    print("share of changed bf16 weights after 10 steps at lr 1e-5:", shares)
+    assert shares["master"] > 2 * shares["bf16"]
+    assert shares["master"] == pytest.approx(shares["float32"], rel=0.1)
+
+
+def test_float32_export_casts_nothing(tiny_models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from stages.lib.training import basics
+
+    student, _, tok_s, _ = fresh(tiny_models)
+    basics.export_student(student, tok_s, tmp_path / "out", "float32")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tiny_models / "student" / "model.safetensors"
+    ).read_bytes()
+    assert {v.dtype for v in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.float32}
+
+
+def test_checkpoint_of_other_dtype_weights_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    """load_state_dict would cast bf16 weights into the float32 masters without a word."""
+    p = tp(epochs=2, checkpoint_every=2)
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(
+            student,
+            teacher,
+            tok_s,
+            tok_t,
+            PAIRS,
+            p,
+            tmp_path,
+            "key",
+            on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 2 else None,
+        )
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state["student"] = {k: v.to(torch.bfloat16) for k, v in state["student"].items()}
+    torch.save(state, tmp_path / "state.pt")
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    with pytest.raises(
+        ValueError, match=r"state.pt holds student weights of another dtype .*torch.bfloat16, the model"
+    ):
+        train_run(student, teacher, tok_s, tok_t, PAIRS, p, tmp_path, "key")
+
+
+def test_train_stage_saves_a_bf16_run_in_bfloat16(tiny_models: Path, tmp_path: Path) -> None:
+    """The train stage with models.dtype bfloat16: out/model is bfloat16 and says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from stages.lib.data import io, records
+
+    from .conftest import ROOT
+
+    io.write_table(tmp_path / "curate" / "curated.parquet", PAIRS, records.PAIR_SCHEMA)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["models"]["dtype"] = "bfloat16"
+    params["train"].update(epochs=1, batch_size=4, lr=1e-5, bf16_autocast=True, checkpoint_every=0, chunk_size=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "stages.train", "--params", str(tmp_path / "params.yaml")]
+    for flag, path in (
+        ("pairs", tmp_path / "curate"),
+        ("scores", tmp_path / "score"),
+        ("models", bf16_models(tiny_models, tmp_path / "bf16")),
+        ("out", out),
+        ("metrics", tmp_path / "m.json"),
+        ("live", tmp_path / "live"),
+    ):
+        cmd += [f"--{flag}", str(path)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = load_file(out / "model" / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    start = load_file(tmp_path / "bf16" / "student" / "model.safetensors")
+    assert any(not torch.equal(v, start[k]) for k, v in weights.items())  # 2 steps at lr 1e-5 moved it

@@ -21,12 +21,28 @@ from stages.lib.training.train_params import TrainParams
 log = logging.getLogger("train")
 
 
-def run_key(p: TrainParams, pairs_digest: str, student_fp: str, teacher_fp: str) -> str:
-    """What a checkpoint must match to be resumed: params, data and both models."""
+def run_key(p: TrainParams, pairs_digest: str, student_fp: str, teacher_fp: str, dtype: str) -> str:
+    """What a checkpoint must match to be resumed: params, data, both models and
+    `models.dtype` (the teacher runs in it; a hub model's fingerprint does not say it)."""
     blob = records.canonical_json(
-        {"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp}
+        {"train": asdict(p), "pairs": pairs_digest, "student": student_fp, "teacher": teacher_fp, "dtype": dtype}
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_dtypes(file: Path, saved: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> None:
+    """A checkpoint restores the float32 master weights exactly: load_state_dict would
+    silently cast tensors of another dtype into the model's, so refuse them."""
+    wrong = [
+        f"{k} ({t.dtype}, the model has {model[k].dtype})"
+        for k, t in saved.items()
+        if k in model and t.dtype != model[k].dtype
+    ]
+    if wrong:
+        raise ValueError(
+            f"train: checkpoint {file} holds student weights of another dtype than the model being trained: "
+            f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; delete it to start afresh"
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ class Checkpoint:
                 "train: ignoring checkpoint %s from another configuration (params, data or models changed)", self.file
             )
             return 0, []
+        check_dtypes(self.file, state["student"], student.state_dict())
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -33,6 +33,9 @@ class TrainParams:
     logits: Literal["full", "chunked"]  # chunked: never materialise (B, T, V) logits
     chunk_size: int  # tokens per loss chunk
     device: Literal["cpu", "cuda"]
+    # Compute under bf16 autocast. The student's weights are float32 masters either way and are
+    # saved in models.dtype; with models.dtype bfloat16 turn this on for bf16 compute (off: float32
+    # compute). No float16 autocast (it needs a gradient scaler): float16 models train like this too.
     bf16_autocast: bool
     gradient_checkpointing: bool
     checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none

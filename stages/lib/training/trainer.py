@@ -232,11 +232,32 @@ def check_world(loop: Loop) -> None:
     loop.curriculum.mean = global_mean
 
 
+def check_master_weights(student: torch.nn.Module) -> None:
+    """AdamW updates the student's own weights: they must be float32 masters (a bfloat16
+    weight loses most updates at fine-tuning learning rates; load_inputs loads the student
+    in basics.MASTER_DTYPE and `train.bf16_autocast` gives bf16 compute)."""
+    master = getattr(torch, basics.MASTER_DTYPE)
+    other = {str(q.dtype) for q in student.parameters() if q.is_floating_point() and q.dtype != master}
+    if other:
+        raise ValueError(
+            f"train: the student has {sorted(other)} weights; it must be trained with {basics.MASTER_DTYPE} master "
+            "weights (load it in float32; models.dtype applies when it is saved, train.bf16_autocast to compute)"
+        )
+
+
+def autocast_of(p: TrainParams) -> AbstractContextManager[Any]:
+    """The compute precision: bf16 autocast with `train.bf16_autocast` (the master weights
+    stay float32), plain float32 otherwise. There is no float16 autocast: it would need a
+    gradient scaler, which distillflow does not have."""
+    return torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
+
+
 def setup(job: Job) -> Loop:
     """Models on the device, the batch plan, seeding, optimizer and schedule, heads, and
     the resume state; in this order (the order seeds and floats see)."""
     check_job(job)
     p, student, teacher, tok_s = job.p, job.student, job.teacher, job.tok_s
+    check_master_weights(student)
     vocab = models.check_vocabularies(
         tok_s,
         job.tok_t,
@@ -261,7 +282,7 @@ def setup(job: Job) -> Loop:
     if teacher is not None:
         teacher.eval()
     rank, world = distributed.rank_and_size()
-    autocast = torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
+    autocast = autocast_of(p)
     online = teacher if NEEDS_TEACHER[p.method] else None
     loop = Loop(
         encoded=encoded,
@@ -414,8 +435,10 @@ def load_inputs(
     dtype: str,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
     """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
-    None): with `teacher_signal: topk` the teacher model is never loaded."""
-    student = models.load_model(s_ref, s_dir, trust, dtype)
+    None): with `teacher_signal: topk` the teacher model is never loaded. The student is
+    loaded in float32 (its master weights, see basics.MASTER_DTYPE) whatever `dtype`; the
+    frozen teacher in `dtype` (models.dtype)."""
+    student = models.load_model(s_ref, s_dir, trust, basics.MASTER_DTYPE)
     scores: Scores | None = None
     teacher: torch.nn.Module | None = None
     if p.teacher_signal == "topk":
