@@ -27,8 +27,10 @@ Writes into OUT_DIR (deterministic: fixed seeds, one CPU thread while it trains)
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -111,8 +113,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _take(it, n: int) -> list:  # type: ignore[no-untyped-def]
-    return [next(it) for _ in range(n)]
+def _take(examples: Iterator[toytask.ToyExample], n: int) -> list[toytask.ToyExample]:
+    return list(itertools.islice(examples, n))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -207,6 +207,29 @@ def test_response_cut_mid_character_has_no_replacement_character(realarch: dict[
     assert rec["response"] == expected
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="generation.py lets generate sample the logit rows padded past the tokenizer (ids >= len(tok)); "
+    "decode drops them silently while response_tokens counts them",
+)
+def test_sampling_never_emits_ids_past_the_tokenizer(realarch: dict[str, Path], monkeypatch) -> None:
+    model, tok = load(realarch["teacher"])
+    assert model.config.vocab_size == len(tok) + builder.TEACHER_PAD_ROWS
+    generated: list[torch.Tensor] = []
+    real_generate = model.generate
+
+    def spy(**kw: Any) -> torch.Tensor:
+        out = real_generate(**kw)
+        generated.append(out[:, kw["input_ids"].shape[1] :])
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    rows = generate_transformers(model, tok, toy_prompts(16), gp(temperature=1.0, num_samples=4, seed=1), "t")
+    assert len(rows) == 64 and generated
+    past = sorted({int(t) for g in generated for t in g.flatten() if t >= len(tok)})
+    assert past == [], f"sampled ids past the tokenizer ({len(tok)} tokens): {past}"
+
+
 # c ---------------------------------------------------------------------------------------
 
 
@@ -300,7 +323,7 @@ def test_max_new_tokens_is_truncation_and_the_second_eos_is_a_stop(realarch: dic
             assert s["response_tokens"] == 2 and f["response"].startswith(s["response"]) and f["response_tokens"] > 2
         else:
             assert s == f | {"generation_id": s["generation_id"], "sampling": s["sampling"]}
-    assert 0 < sum(cut) < len(cut) or all(cut)
+    assert sum(cut) >= 1, "max_new_tokens=2 should cut some answers"
     rejected = generate_transformers(student, tok, prompts, gp(), "s")
     pairs, _, _ = pairing.build_pairs(pairing.PairsParams(max_pairs_per_prompt=1), prompts, short, rejected)
     kept, quarantined, counts = curation.curate(CURATE, pairs)
