@@ -83,3 +83,13 @@ def copy_repo(dst: Path) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "smoke"]):
         subprocess.run(cmd, cwd=dst, env={**os.environ, **ident}, capture_output=True, text=True, check=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def realarch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real-architecture tiny models (tests/realarch.py), built once: `tokenizer`, `teacher`
+    (Qwen2, untied, 64 padded logit rows), `student` (Llama, tied, 16 padded rows) and
+    `prompts` (a local HF dataset folder); byte-level BPE, ChatML with a system turn, two eos ids."""
+    from . import realarch as builder
+
+    return builder.build(tmp_path_factory.mktemp("realarch"))
