@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from stages.lib.core.errors import ParamsError
 from stages.lib.core.params import check
 from stages.lib.data import encoding
 
@@ -35,7 +36,7 @@ def score(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: Sc
     """Top-k rows for every (pair, side), in pair order, chosen before rejected."""
     vocab = len(tok)
     if p.k > vocab:
-        raise ValueError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
+        raise ParamsError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
     device = next(teacher.parameters()).device
     seqs = []
     for pr in pairs:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from stages.lib.audit import quality
 from stages.lib.core import models
+from stages.lib.core.errors import ModelError
 from stages.lib.data import encoding, records
 from stages.lib.data.io import DataError, read_rows, read_table
 from stages.lib.training import basics, distributed
@@ -109,7 +110,7 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
     }
     for name, head in heads.items():
         if head is not None and not isinstance(head, torch.nn.Linear):
-            raise ValueError(
+            raise ModelError(
                 f"models.{name}: output layer is {type(head).__name__}, not a Linear head; "
                 "distillflow computes logits as hidden @ W.T"
             )
@@ -191,7 +192,7 @@ def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: s
     full = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
     mine = model.get_output_embeddings()(hidden(model, batch, device))
     if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
-        raise ValueError(
+        raise ModelError(
             f"models.{role}: logits are not the LM head applied to the final hidden state "
             "(soft-capping or scaling?); this model is not supported"
         )
@@ -268,6 +269,14 @@ def setup(job: Job) -> Loop:
     if teacher is not None:
         teacher.to(p.device)
     encoded = [encoding.encode_pair(tok_s, pr) for pr in job.pairs]
+    longest = max(len(e[0]) + max(len(e[1]), len(e[2])) for e in encoded)
+    for role, model in (("student", student), ("teacher", teacher)):
+        limit = None if model is None else models.max_positions(model)
+        if limit is not None and longest > limit:  # a training sequence is a prompt and a whole response
+            raise ModelError(
+                f"train: models.{role}: max positions {limit} < the longest pair ({longest} tokens, prompt and "
+                "response); lower curate.max_chosen_tokens / max_rejected_tokens or use a longer-context model"
+            )
     seed = round_seed(p.seed, job.round_index)
     steps = batch_plan(len(encoded), p, seed)
     basics.seed_everything(seed)
