@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.lib.core.config import GenerationParams
 from stages.lib.data import records
@@ -164,6 +164,12 @@ def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+# Multi-token prediction came to `generate` during transformers 5.x (5.5.1, the oldest transformers
+# vLLM >= 0.19.1 admits, has none): where GenerationConfig has no `use_mtp`, there is nothing to switch off,
+# and naming it would make `generate` reject it as an unknown model kwarg.
+HAS_MTP = hasattr(GenerationConfig(), "use_mtp")
+
+
 def transformers_settings(
     p: GenerationParams, tok: PreTrainedTokenizerBase, ends: set[int], ignore_eos: bool = False
 ) -> dict[str, Any]:
@@ -187,7 +193,7 @@ def transformers_settings(
         "force_words_ids": None,
         "prompt_lookup_num_tokens": None,
         "assistant_early_exit": None,
-        "use_mtp": False,
+        **({"use_mtp": False} if HAS_MTP else {}),
         "token_healing": False,
         # sampling warpers
         "temperature": None if greedy else p.temperature,
