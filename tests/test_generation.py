@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -185,6 +187,89 @@ def test_stop_string_token_count_is_the_shortest_prefix_holding_it(tiny_models: 
     assert generation.cut_at_stop_string(tok, ids, "abXYcdXY", ["zz"]) is None
 
 
+# What Qwen2.5-Instruct's generation_config.json carries (made stronger, so a tiny model shows
+# it), and a no-repeat n-gram size as other models ship (the tiny random model repeats itself).
+OPINIONATED = {
+    "do_sample": True,
+    "temperature": 0.5,
+    "top_p": 0.5,
+    "top_k": 2,
+    "repetition_penalty": 1.3,
+    "no_repeat_ngram_size": 2,
+}
+
+
+def opinionated_copy(tiny_models: Path, dst: Path) -> Path:
+    """The tiny teacher with sampling defaults in its generation_config.json."""
+    shutil.copytree(tiny_models / "teacher", dst)
+    path = dst / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **OPINIONATED}))
+    return dst
+
+
+def argmax_loop(model: AutoModelForCausalLM, ids: list[int], ends: set[int], n: int) -> list[int]:
+    """Greedy decoding by hand: the argmax of the model's last-position logits, no cache, no penalty."""
+    out: list[int] = []
+    with torch.no_grad():
+        while len(out) < n:
+            logits = model(input_ids=torch.tensor([ids + out]), use_cache=False).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if out[-1] in ends:
+                break
+    return out
+
+
+def test_greedy_is_argmax_whatever_the_models_generation_config_says(tiny_models: Path, tmp_path: Path) -> None:
+    where = opinionated_copy(tiny_models, tmp_path / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True)
+    assert model.generation_config.repetition_penalty == 1.3 and model.generation_config.top_k == 2
+    tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
+    ps = prompts(8)
+    p = gp(temperature=0.0, num_samples=1, max_new_tokens=10)
+    ends = generation.stop_ids(model, tok)
+    rows = generate_transformers(model, tok, ps, p, "fp")
+    by_hand = [argmax_loop(model, prompt_ids(tok, pr["prompt"]), ends, p.max_new_tokens) for pr in ps]
+    for r, new in zip(rows, by_hand, strict=True):
+        body = new[:-1] if new[-1] in ends else new
+        assert (r["response"], r["response_tokens"]) == (tok.decode(body, skip_special_tokens=True), len(new))
+    # the config does change greedy outputs here: what `generate` gives when it fills in the
+    # model's defaults (as it did for the engine's unset penalties before they were all set) differs
+    inherited = [
+        model.generate(
+            input_ids=torch.tensor([prompt_ids(tok, pr["prompt"])]),
+            attention_mask=torch.ones(1, len(prompt_ids(tok, pr["prompt"])), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=p.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(ends),
+        )[0, len(prompt_ids(tok, pr["prompt"])) :].tolist()
+        for pr in ps
+    ]
+    assert inherited != by_hand
+
+
+def test_sampling_ignores_the_models_generation_config(tiny_models: Path, tmp_path: Path) -> None:
+    """Same weights, same seeds: the engine samples the same tokens from a model whose
+    generation_config sets top_k 2, top_p 0.5, temperature 0.5 and a repetition penalty as
+    from the same model without them."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models / "teacher", use_safetensors=True)
+    where = opinionated_copy(tiny_models, tmp_path / "teacher")
+    opinionated = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True)
+    tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
+    ps = prompts(8)
+    for p in (gp(top_p=1.0, max_new_tokens=10), gp(temperature=0.7, top_p=0.95, max_new_tokens=10)):
+        assert generate_transformers(opinionated, tok, ps, p, "fp") == generate_transformers(plain, tok, ps, p, "fp")
+    # and the config is strong enough to show: sampling with its top_k 2 and temperature 0.5 differs
+    p = gp(top_p=1.0, max_new_tokens=10)
+    torch.manual_seed(p.seed * 1_000_003)
+    ids = torch.tensor([prompt_ids(tok, ps[0]["prompt"])] * 4)
+    settings = generation.transformers_settings(p, tok, generation.stop_ids(plain, tok))
+    drawn = [plain.generate(input_ids=ids, **settings)[:, ids.shape[1] :] for _ in range(2)]
+    torch.manual_seed(p.seed * 1_000_003)
+    inherited = [opinionated.generate(input_ids=ids, max_new_tokens=10, num_return_sequences=2) for _ in range(2)]
+    assert any(not torch.equal(a, b[:, ids.shape[1] :]) for a, b in zip(drawn, inherited, strict=True))
+
+
 def test_seeds_follow_the_prompt_not_the_shard() -> None:
     assert sample_seed(2, "p1") == sample_seed(2, "p1") != sample_seed(3, "p1")
     assert sample_seed(2, "p1", "0") != sample_seed(2, "p1", "1")
@@ -237,6 +322,7 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
         "seed": 7,
         "tensor_parallel_size": 2,
         "trust_remote_code": False,
+        "generation_config": "vllm",  # vLLM's defaults, not the model's generation_config.json
     }
     assert calls["prompts"] == [{"prompt_token_ids": prompt_ids(tok, ps[i]["prompt"])} for i in (2, 0, 1)]
     assert [c.kw for c in calls["params"]] == [
@@ -244,7 +330,13 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
             "n": 2,
             "temperature": 1.0,
             "top_p": 0.9,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
             "max_tokens": 6,
+            "min_tokens": 0,
             "seed": sample_seed(7, ps[i]["prompt_id"]),
             "stop": ["\n\n"],
         }

@@ -16,6 +16,16 @@ several; stages/genstage.py opens the engine a params section names.
   and handed over as token ids.
 - openai (stages/lib/engines/openai_engine.py): any OpenAI-compatible endpoint.
 
+Every sampling setting is given explicitly (`transformers_settings`,
+`vllm_sampling_kwargs`): a model's generation_config.json may carry sampling defaults
+(Qwen2.5 ships repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7,
+do_sample true) which `model.generate` fills into every setting a call leaves unset,
+and which vLLM applies only to requests without SamplingParams (and, with
+`generation_config="auto"`, as a server-wide max_tokens cap). So both engines do what
+the params say and nothing else: temperature 0 is plain argmax, otherwise the
+temperature and top_p given, no top-k, min-p or repetition/presence/frequency penalty.
+Only the model's eos ids are taken from its generation config, by both engines.
+
 Each record says why generation stopped ("stop": an eos token or a stop string;
 "length": max_new_tokens reached) and how many tokens the prompt and the response
 have (the response's count includes the eos token or the stop string's tokens, i.e.
@@ -32,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.lib.core.config import GenerationParams
 from stages.lib.data import records
@@ -58,14 +68,17 @@ class Engine(Protocol):
     def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]: ...
 
 
-# How each engine derives its random seeds from `seed` (the manifest records this).
+# How each engine derives its random seeds from `seed`, and where its other settings come from (the
+# manifest records this).
 SEEDING = {
     "transformers": (
         "torch.manual_seed(seed * 1000003 + b) before batch b; "
-        "batches cut every batch_size from the prompts sorted by (prompt tokens, position)"
+        "batches cut every batch_size from the prompts sorted by (prompt tokens, position); "
+        "every generate setting explicit (transformers_settings), none from the model's generation_config"
     ),
     "vllm": (
-        "LLM(seed=seed); SamplingParams.seed = sample_seed(seed, prompt_id) per prompt, its n samples from that stream"
+        "LLM(seed=seed, generation_config='vllm'); SamplingParams.seed = sample_seed(seed, prompt_id) per prompt, "
+        "its n samples from that stream; every sampling setting explicit (vllm_sampling_kwargs)"
     ),
     "openai": (
         "request seed = sample_seed(seed, prompt_id, sample_index) per request "
@@ -151,6 +164,79 @@ def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+# Multi-token prediction came to `generate` during transformers 5.x (5.5.1, the oldest transformers
+# vLLM >= 0.19.1 admits, has none): where GenerationConfig has no `use_mtp`, there is nothing to switch off,
+# and naming it would make `generate` reject it as an unknown model kwarg.
+HAS_MTP = hasattr(GenerationConfig(), "use_mtp")
+
+
+def transformers_settings(
+    p: GenerationParams, tok: PreTrainedTokenizerBase, ends: set[int], ignore_eos: bool = False
+) -> dict[str, Any]:
+    """Every `model.generate` setting that decides which tokens come out, given explicitly.
+
+    `generate` fills each setting a call leaves unset (None) from the model's
+    generation_config and then from transformers' own defaults (top_k 50), so a fresh
+    GenerationConfig is not enough: these go in as keyword arguments, which transformers
+    applies last, over both, a None included (None is "off" for the settings that have
+    no neutral value). Sampling: the params' temperature and top_p (1.0: no warper, so
+    the random stream is what plain multinomial sampling draws); greedy: argmax, the
+    sampling warpers unset (transformers applies them only when sampling).
+    """
+    greedy = p.temperature == 0.0
+    return {
+        # the decoding method: one beam, sampling or greedy, no assisted/contrastive/constrained search
+        "do_sample": not greedy,
+        "num_beams": 1,
+        "penalty_alpha": None,
+        "constraints": None,
+        "force_words_ids": None,
+        "prompt_lookup_num_tokens": None,
+        "assistant_early_exit": None,
+        **({"use_mtp": False} if HAS_MTP else {}),
+        "token_healing": False,
+        # sampling warpers
+        "temperature": None if greedy else p.temperature,
+        "top_p": None if greedy else p.top_p,
+        "top_k": None if greedy else 0,  # 0: no top-k (transformers' own default is 50)
+        "min_p": None,
+        "typical_p": None if greedy else 1.0,
+        "epsilon_cutoff": None if greedy else 0.0,
+        "eta_cutoff": None if greedy else 0.0,
+        "top_h": None,
+        # logits processors: all off
+        "repetition_penalty": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "bad_words_ids": None,
+        "sequence_bias": None,
+        "guidance_scale": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "suppress_tokens": None,
+        "begin_suppress_tokens": None,
+        "exponential_decay_length_penalty": None,
+        "remove_invalid_values": False,
+        "renormalize_logits": False,
+        "watermarking_config": None,
+        # length and stopping
+        # (max_new_tokens and min_new_tokens override max_length and min_length, whatever the model says)
+        "max_new_tokens": p.max_new_tokens,
+        "min_new_tokens": p.max_new_tokens if ignore_eos else 0,
+        "max_time": None,
+        "eos_token_id": sorted(ends),
+        "pad_token_id": tok.pad_token_id,
+        "stop_strings": list(p.stop) or None,
+        # what comes back: a tensor of ids, n per prompt
+        "num_return_sequences": p.num_samples,
+        "return_dict_in_generate": False,
+        "output_scores": False,
+        "output_logits": False,
+        "use_cache": True,
+    }
+
+
 def record(
     prompt: dict[str, Any],
     k: int,
@@ -228,7 +314,8 @@ class TransformersEngine:
         device = next(self.model.parameters()).device
         encoded = {i: prompt_ids(tok, prompts[i]["prompt"]) for i in shard.prompts}
         batches = [shard.prompts[s : s + p.batch_size] for s in range(0, len(shard.prompts), p.batch_size)]
-        greedy = p.temperature == 0.0
+        settings = transformers_settings(p, tok, self.ends, self.ignore_eos)
+        extra = {"tokenizer": tok} if p.stop else {}  # stop strings are matched on the tokenizer's text
         rows: list[dict[str, Any]] = []
         for j, idx in enumerate(tqdm(batches, desc=self.desc, unit="batch", mininterval=2.0)):
             width = max(len(encoded[i]) for i in idx)
@@ -240,23 +327,8 @@ class TransformersEngine:
             # One seed per batch, from its index in the whole run: reruns repeat exactly,
             # and a batch's outputs do not depend on the shard or process it runs in.
             torch.manual_seed(p.seed * 1_000_003 + shard.first_batch + j)
-            extra: dict[str, Any] = {}
-            if p.stop:
-                extra.update(stop_strings=list(p.stop), tokenizer=tok)
-            if self.ignore_eos:
-                extra.update(min_new_tokens=p.max_new_tokens)
             generated = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                max_new_tokens=p.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else p.temperature,
-                top_p=None if greedy else p.top_p,
-                top_k=None,
-                num_return_sequences=p.num_samples,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=sorted(self.ends),
-                **extra,
+                input_ids=ids.to(device), attention_mask=attn.to(device), **settings, **extra
             )[:, width:].cpu()
             for row, i in enumerate(idx):
                 for k in range(p.num_samples):
@@ -303,6 +375,26 @@ def generate_transformers(
     return [r for i in range(len(prompts)) for r in by_prompt[i]]
 
 
+def vllm_sampling_kwargs(p: GenerationParams, prompt_id: str) -> dict[str, Any]:
+    """One prompt's SamplingParams, every setting that shapes the distribution given
+    explicitly (vLLM's neutral values, as transformers_settings gives transformers).
+    temperature 0 is greedy (vLLM then sets top_p 1, top_k 0, min_p 0 itself)."""
+    return {
+        "n": p.num_samples,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": 0,  # no top-k (SamplingParams: "Set to 0 (or -1) to consider all tokens")
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "max_tokens": p.max_new_tokens,
+        "min_tokens": 0,
+        "seed": sample_seed(p.seed, prompt_id),
+        "stop": list(p.stop) or None,
+    }
+
+
 class VllmEngine:
     """vLLM's offline API (`LLM.generate`), same records as the transformers engine.
 
@@ -337,20 +429,15 @@ class VllmEngine:
             seed=p.seed,
             tensor_parallel_size=p.tensor_parallel_size,
             trust_remote_code=trust_remote_code,
+            # vLLM's defaults, not the model's generation_config.json: no server-wide max_tokens
+            # cap from its max_new_tokens, no sampling defaults (the model's eos ids still stop)
+            generation_config="vllm",
         )
 
     def sampling_params(self, prompt_id: str) -> Any:
         from vllm import SamplingParams
 
-        p = self.p
-        return SamplingParams(
-            n=p.num_samples,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            max_tokens=p.max_new_tokens,
-            seed=sample_seed(p.seed, prompt_id),
-            stop=list(p.stop) or None,
-        )
+        return SamplingParams(**vllm_sampling_kwargs(self.p, prompt_id))
 
     def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]:
         chosen = [prompts[i] for i in shard.prompts]
