@@ -28,6 +28,7 @@ Writes into OUT_DIR (deterministic: fixed seeds, one CPU thread while it trains)
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +40,14 @@ import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from stages import bootstrap
 from stages.lib.core.config import TaskParams
@@ -232,14 +240,27 @@ def write_prompts(folder: Path, n: int = 200) -> Path:
     return path
 
 
+def load_as_qwen2(tok: PreTrainedTokenizerFast, folder: Path) -> PreTrainedTokenizerFast:
+    """Save the tokenizer with `tokenizer_class: Qwen2Tokenizer` (as Qwen2.5 folders ship
+    it) and load it back, so both models train with, and save, the tokenizer that loads.
+
+    Without the class name, transformers picks the class from each folder's config.json:
+    the same tokenizer files then load as Qwen2Tokenizer (its own NFC normalizer and split
+    regex) beside the Qwen2 teacher and as a plain byte-level tokenizer beside the Llama
+    student, two different tokenizers, which the pre-flight gate refuses."""
+    tok.save_pretrained(folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"tokenizer_class": "Qwen2Tokenizer"}, indent=2))
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def build(root: Path) -> dict[str, Path]:
     """Write tokenizer/, teacher/, student/ and prompts/ under `root`; their paths."""
     root.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same float reductions, hence the same bytes, on every machine
     try:
-        tok = build_tokenizer()
-        tok.save_pretrained(root / "tokenizer")
+        tok = load_as_qwen2(build_tokenizer(), root / "tokenizer")
         teacher, _ = build_teacher(tok)
         basics.save_model(teacher, tok, root / "teacher")
         student, _ = build_student(tok)

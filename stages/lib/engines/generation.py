@@ -171,7 +171,7 @@ HAS_MTP = hasattr(GenerationConfig(), "use_mtp")
 
 
 def transformers_settings(
-    p: GenerationParams, tok: PreTrainedTokenizerBase, ends: set[int], ignore_eos: bool = False
+    p: GenerationParams, tok: PreTrainedTokenizerBase, ends: set[int], ignore_eos: bool = False, width: int = 0
 ) -> dict[str, Any]:
     """Every `model.generate` setting that decides which tokens come out, given explicitly.
 
@@ -181,9 +181,12 @@ def transformers_settings(
     applies last, over both, a None included (None is "off" for the settings that have
     no neutral value). Sampling: the params' temperature and top_p (1.0: no warper, so
     the random stream is what plain multinomial sampling draws); greedy: argmax, the
-    sampling warpers unset (transformers applies them only when sampling).
+    sampling warpers unset (transformers applies them only when sampling). Logit rows
+    padded past the tokenizer (`width` > len(tok): ids that are no token) are
+    suppressed, so they are never generated.
     """
     greedy = p.temperature == 0.0
+    padded = list(range(len(tok), width))
     return {
         # the decoding method: one beam, sampling or greedy, no assisted/contrastive/constrained search
         "do_sample": not greedy,
@@ -214,7 +217,7 @@ def transformers_settings(
         "guidance_scale": None,
         "forced_bos_token_id": None,
         "forced_eos_token_id": None,
-        "suppress_tokens": None,
+        "suppress_tokens": padded or None,
         "begin_suppress_tokens": None,
         "exponential_decay_length_penalty": None,
         "remove_invalid_values": False,
@@ -235,6 +238,18 @@ def transformers_settings(
         "output_logits": False,
         "use_cache": True,
     }
+
+
+def whole_characters(tok: PreTrainedTokenizerBase, ids: list[int], text: str) -> str:
+    """The text of a response cut at max_new_tokens, without a character the cut split:
+    a byte-level BPE token can hold part of a character's UTF-8 bytes, which decodes to
+    U+FFFD. Up to 3 trailing tokens (a character has at most 4 bytes) are dropped until
+    the text ends whole; the token count stays what was generated."""
+    for drop in range(1, min(3, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tok.decode(ids[:-drop], skip_special_tokens=True)
+    return text
 
 
 def record(
@@ -314,7 +329,8 @@ class TransformersEngine:
         device = next(self.model.parameters()).device
         encoded = {i: prompt_ids(tok, prompts[i]["prompt"]) for i in shard.prompts}
         batches = [shard.prompts[s : s + p.batch_size] for s in range(0, len(shard.prompts), p.batch_size)]
-        settings = transformers_settings(p, tok, self.ends, self.ignore_eos)
+        width = self.model.get_output_embeddings().weight.shape[0]
+        settings = transformers_settings(p, tok, self.ends, self.ignore_eos, width)
         extra = {"tokenizer": tok} if p.stop else {}  # stop strings are matched on the tokenizer's text
         rows: list[dict[str, Any]] = []
         for j, idx in enumerate(tqdm(batches, desc=self.desc, unit="batch", mininterval=2.0)):
@@ -339,6 +355,8 @@ class TransformersEngine:
                     else:
                         body, finish, n_resp = new[:stop_at], "stop", stop_at + 1
                     text = tok.decode(body, skip_special_tokens=True)
+                    if finish == "length":
+                        text = whole_characters(tok, body, text)
                     cut = cut_at_stop_string(tok, body, text, p.stop) if p.stop else None
                     if cut is not None:
                         text, n_resp = cut
