@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from stages.lib.audit import quality
 from stages.lib.core import models
 from stages.lib.data import encoding, records
-from stages.lib.data.io import DataError, read_rows, read_table
+from stages.lib.data.io import DataError, read_table
 from stages.lib.training import basics, distributed
 from stages.lib.training.checkpoint import Checkpoint
 from stages.lib.training.objectives import (
@@ -45,7 +46,7 @@ from stages.lib.training.train_params import TrainParams, batch_plan, round_seed
 
 log = logging.getLogger("train")
 
-# (pair_id, side) -> (k, top-k ids (positions, k), top-k log-probs (positions, k), target log-probs (positions,))
+# (pair_id, side) -> (k, top-k ids (positions, k) int32, top-k log-probs (positions, k), target log-probs (positions,))
 Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -127,15 +128,35 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
     )
 
 
-def index_scores(rows: list[dict[str, Any]]) -> Scores:
+def index_scores(table: pa.Table) -> Scores:
+    """The stored top-k signal (records.TOPK_SCHEMA rows) keyed by (pair_id, side), read
+    from the Arrow columns: one numpy copy of each flattened list column, and per row
+    tensor views into it at the list offsets (no Python list per entry)."""
+
+    def flat(name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        col = table.column(name).combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False).astype(dtype)  # a writable copy
+        return values, col.offsets.to_numpy()
+
+    ids, id_off = flat("topk_ids", np.int32)
+    lps, lp_off = flat("topk_logprobs", np.float32)
+    tgt, tg_off = flat("target_logprob", np.float32)
+    positions = table.column("positions").to_numpy()
+    ks = table.column("k").to_numpy()
     out: Scores = {}
-    for r in rows:
-        n, k = r["positions"], r["k"]
-        out[(r["pair_id"], r["side"])] = (
+    for i, (pid, side_) in enumerate(zip(table.column("pair_id").to_pylist(), table.column("side").to_pylist())):
+        n, k = int(positions[i]), int(ks[i])
+        lengths = (id_off[i + 1] - id_off[i], lp_off[i + 1] - lp_off[i], tg_off[i + 1] - tg_off[i])
+        if lengths != (n * k, n * k, n):
+            raise DataError(
+                f"data/score: pair {pid} ({side_}), row {i}: topk_ids/topk_logprobs/target_logprob have "
+                f"{lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
+            )
+        out[(pid, side_)] = (
             k,
-            torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
-            torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
-            torch.tensor(r["target_logprob"], dtype=torch.float32),
+            torch.from_numpy(ids[id_off[i] : id_off[i + 1]]).view(n, k),
+            torch.from_numpy(lps[lp_off[i] : lp_off[i + 1]]).view(n, k),
+            torch.from_numpy(tgt[tg_off[i] : tg_off[i + 1]]),
         )
     return out
 
@@ -157,7 +178,7 @@ def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) 
                 f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, "
                 f"the tokenizer gives {int(m.sum())}"
             )
-        ids[row, m], lps[row, m], target[row, m] = i, lp, tg
+        ids[row, m], lps[row, m], target[row, m] = i.long(), lp, tg
     return TopK(ids, lps, target)
 
 
@@ -419,7 +440,7 @@ def load_inputs(
     scores: Scores | None = None
     teacher: torch.nn.Module | None = None
     if p.teacher_signal == "topk":
-        scores = index_scores(read_rows(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+        scores = index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
     else:
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
     return (
