@@ -16,8 +16,8 @@ pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattene
 target_logprob (positions). The scoring itself: stages/lib/engines/scoring.py.
 
 Memory stays bounded at any scale: each model batch becomes one typed Arrow record
-batch (never Python lists), streamed into the file in row groups of quality.batch_rows
-(stages/lib/data/stream.py), and the output gate then streams the written file in
+batch (never Python lists), streamed into the file in row groups of 2 x score.batch_size
+rows (stages/lib/data/stream.py), and the output gate then streams the written file in
 batches (quality.StageGates.check_file). The teacher runs on `score.device`; token
 ids are checked against the tokenizer's length (head rows past it are padding).
 """
@@ -65,7 +65,8 @@ def run(teacher: Any, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> 
 def write_scores(path: Path, batches: Iterable[pa.RecordBatch], batch_rows: int) -> tuple[int, int]:
     """Stream top-k record batches into `path` (row groups of `batch_rows`, atomically):
     (rows, response positions) written. Only one model batch and one row group's worth of
-    Arrow buffers are held at a time."""
+    Arrow buffers are held at a time. main() passes 2 * score.batch_size (a top-k row is
+    positions x k entries, so quality.batch_rows rows could be gigabytes)."""
     positions = 0
     with ParquetSink(path, records.TOPK_SCHEMA, batch_rows) as sink:
         for batch in batches:
@@ -111,7 +112,7 @@ def main() -> None:
         vocab = len(tok)  # ids past the tokenizer are head padding, never real tokens
         batches = scoring.score_batches(teacher, tok, pairs, p)
     with atomic_dir(args.out) as tmp:
-        n, positions = write_scores(tmp / "topk.parquet", batches, q.batch_rows)
+        n, positions = write_scores(tmp / "topk.parquet", batches, 2 * p.batch_size)
         gate_scores(gates, tmp / "topk.parquet", args.out / "topk.parquet", vocab, [pr["pair_id"] for pr in pairs])
         validation = gates.finish()
         counts = {

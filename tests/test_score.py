@@ -179,7 +179,9 @@ def test_index_scores_names_a_row_whose_lists_do_not_fit_its_positions() -> None
     table = pa.Table.from_pylist(
         [row | {"topk_logprobs": [0.0, -1.0, -2.0], "target_logprob": [0.0, -1.0]}], schema=records.TOPK_SCHEMA
     )
-    with pytest.raises(DataError, match=r"pair p1 \(chosen\), row 0: .* expected \(4, 4, 2\)"):
+    with pytest.raises(
+        DataError, match=r"pair p1 \(chosen\), row 0: .* have \(3, 3, 2\) entries, expected \(4, 4, 2\)"
+    ):
         trainer.index_scores(table)
 
 

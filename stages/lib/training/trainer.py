@@ -13,13 +13,13 @@ logging (summary.LiveLog). `load_inputs` and `gate_inputs` read what a run train
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
@@ -130,34 +130,32 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
 
 def index_scores(table: pa.Table) -> Scores:
     """The stored top-k signal (records.TOPK_SCHEMA rows) keyed by (pair_id, side), read
-    from the Arrow columns: one numpy copy of each flattened list column, and per row
-    tensor views into it at the list offsets (no Python list per entry)."""
-
-    def flat(name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-        col = table.column(name).combine_chunks()
-        values = col.values.to_numpy(zero_copy_only=False).astype(dtype)  # a writable copy
-        return values, col.offsets.to_numpy()
-
-    ids, id_off = flat("topk_ids", np.int32)
-    lps, lp_off = flat("topk_logprobs", np.float32)
-    tgt, tg_off = flat("target_logprob", np.float32)
-    positions = table.column("positions").to_numpy()
-    ks = table.column("k").to_numpy()
+    from the Arrow columns: per record batch, zero-copy numpy views of each flattened list
+    column, and per row tensor views into them at the list offsets (no Python list per
+    entry, no copy of the values). The tensors share the table's read-only buffers: read
+    them, never write into them (topk_of copies them into its batch tensors)."""
     out: Scores = {}
-    for i, (pid, side_) in enumerate(zip(table.column("pair_id").to_pylist(), table.column("side").to_pylist())):
-        n, k = int(positions[i]), int(ks[i])
-        lengths = (id_off[i + 1] - id_off[i], lp_off[i + 1] - lp_off[i], tg_off[i + 1] - tg_off[i])
-        if lengths != (n * k, n * k, n):
-            raise DataError(
-                f"data/score: pair {pid} ({side_}), row {i}: topk_ids/topk_logprobs/target_logprob have "
-                f"{lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
-            )
-        out[(pid, side_)] = (
-            k,
-            torch.from_numpy(ids[id_off[i] : id_off[i + 1]]).view(n, k),
-            torch.from_numpy(lps[lp_off[i] : lp_off[i + 1]]).view(n, k),
-            torch.from_numpy(tgt[tg_off[i] : tg_off[i + 1]]),
-        )
+    row = 0
+    for batch in table.to_batches():
+        cols = {name: batch.column(name) for name in ("topk_ids", "topk_logprobs", "target_logprob")}
+        flat = {name: col.values.to_numpy(zero_copy_only=True) for name, col in cols.items()}
+        offsets = {name: col.offsets.to_numpy() for name, col in cols.items()}
+        positions, ks = batch.column("positions").to_numpy(), batch.column("k").to_numpy()
+        with warnings.catch_warnings():  # torch warns that the Arrow buffers are not writable
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for i, (pid, side_) in enumerate(
+                zip(batch.column("pair_id").to_pylist(), batch.column("side").to_pylist())
+            ):
+                n, k = int(positions[i]), int(ks[i])
+                lengths = tuple(int(o[i + 1] - o[i]) for o in offsets.values())
+                if lengths != (n * k, n * k, n):
+                    raise DataError(
+                        f"data/score: pair {pid} ({side_}), row {row + i}: topk_ids/topk_logprobs/target_logprob "
+                        f"have {lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
+                    )
+                ids, lps, tgt = (torch.from_numpy(flat[c][offsets[c][i] : offsets[c][i + 1]]) for c in cols)
+                out[(pid, side_)] = (k, ids.view(n, k), lps.view(n, k), tgt)
+        row += batch.num_rows
     return out
 
 
