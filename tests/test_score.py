@@ -295,6 +295,17 @@ def test_score_stage_streams_and_gates_against_the_tokenizer_length(
     metrics = json.loads((tmp_path / "score.json").read_text())
     assert metrics["rows"] == 2 * len(PAIRS) and metrics["positions"] == sum(got.column("positions").to_pylist())
     assert metrics["gates"]["teacher top-k"]["rows_in"] == 2 * len(PAIRS)
+    # train's reader (load_inputs with the topk signal): the file's rows as tensors, no teacher loaded
+    t_dir = tmp_path / "models" / "teacher"
+    ref = models.ModelRef(str(t_dir), None)
+    *_, teacher_, _, _, stored = trainer.load_inputs(
+        tp(teacher_signal="topk"), ref, t_dir, ref, t_dir, tmp_path / "score", False, "float32"
+    )
+    assert teacher_ is None and stored is not None and len(stored) == 2 * len(PAIRS)
+    for r in got.to_pylist():
+        k, ids, lps, tgt = stored[(r["pair_id"], r["side"])]
+        assert k == 4 and ids.tolist() == torch.tensor(r["topk_ids"]).view(-1, 4).tolist()
+        assert torch.equal(tgt, torch.tensor(r["target_logprob"], dtype=torch.float32))
 
     real = scoring.score_batches
 
