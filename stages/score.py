@@ -14,24 +14,34 @@ error, measured in tests/test_losses_topk.py, shrinks as k grows).
 written), for runs that keep the online teacher. Output rows (one per pair and side):
 pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
 target_logprob (positions). The scoring itself: stages/lib/engines/scoring.py.
+
+Memory stays bounded at any scale: each model batch becomes one typed Arrow record
+batch (never Python lists), streamed into the file in row groups of 2 x score.batch_size
+rows (stages/lib/data/stream.py), and the output gate then streams the written file in
+batches (quality.StageGates.check_file). The teacher runs on `score.device`; token
+ids are checked against the tokenizer's length (head rows past it are padding).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import Dtype, ModelParams
 from stages.lib.data import records
-from stages.lib.data.io import atomic_dir, read_table, write_json, write_table
+from stages.lib.data.io import atomic_dir, read_table, write_json
+from stages.lib.data.stream import ParquetSink
 from stages.lib.engines import scoring
 from stages.lib.engines.scoring import ScoreParams
 
-__all__ = ["SECTIONS", "PARAMS", "ScoreParams", "run", "main"]
+__all__ = ["SECTIONS", "PARAMS", "ScoreParams", "gate_scores", "main", "run", "write_scores"]
 
 log = logging.getLogger("score")
 
@@ -46,49 +56,72 @@ SECTIONS: dict[str, Any] = {
 PARAMS = tuple(SECTIONS)
 
 
-def run(teacher: Any, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> list[dict[str, Any]]:
-    """Top-k rows for every (pair, side), in pair order, chosen before rejected: scoring.score."""
+def run(teacher: Any, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> pa.Table:
+    """Top-k rows for every (pair, side), in pair order, chosen before rejected, as one
+    table: scoring.score (in-process callers; main streams instead)."""
     return scoring.score(teacher, tok, pairs, p)
+
+
+def write_scores(path: Path, batches: Iterable[pa.RecordBatch], batch_rows: int) -> tuple[int, int]:
+    """Stream top-k record batches into `path` (row groups of `batch_rows`, atomically):
+    (rows, response positions) written. Only one model batch and one row group's worth of
+    Arrow buffers are held at a time. main() passes 2 * score.batch_size (a top-k row is
+    positions x k entries, so quality.batch_rows rows could be gigabytes)."""
+    positions = 0
+    with ParquetSink(path, records.TOPK_SCHEMA, batch_rows) as sink:
+        for batch in batches:
+            sink.write(batch)
+            positions += pc.sum(batch.column("positions")).as_py() or 0
+    return sink.rows, positions
+
+
+def gate_scores(
+    gates: quality.StageGates, path: Path, shown: Path, vocab_size: int | None, pair_ids: list[str]
+) -> None:
+    """The strict output gate over the written file, streamed in batches of
+    quality.batch_rows: finite, sorted log-probs, token ids below `vocab_size` (the
+    tokenizer's length: head rows past it are padding), every pair id known."""
+    gates.check_file(
+        "teacher top-k",
+        path,
+        "topk",
+        shown=shown,
+        vocab_size=vocab_size,
+        refs={"pair_id": pa.array(pair_ids, type=pa.string())},
+    )
 
 
 def main() -> None:
     args = entry.parse_paths(__doc__, "pairs", "models", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     p: ScoreParams = used["score"]
+    q: quality.QualityParams = used["quality"]
     ref = used["models.teacher"].ref()
     src = args.pairs / "curated.parquet"
-    gates = quality.StageGates(used["quality"], args.docs)
+    gates = quality.StageGates(q, args.docs)
     table = read_table(src, records.PAIR_SCHEMA)
     gates.strict("curated pairs", src, "curated", table)
     pairs = table.to_pylist()
-    rows: list[dict[str, Any]] = []
+    batches: Iterable[pa.RecordBatch] = ()
     vocab: int | None = None
     if p.k > 0:
         teacher = models.load_model(
             ref, args.models / "teacher", used["models.trust_remote_code"], used["models.dtype"]
-        )
+        ).to(p.device)
         tok = models.load_tokenizer(ref, args.models / "teacher", used["models.trust_remote_code"])
-        vocab = int(teacher.get_output_embeddings().weight.shape[0])
-        rows = run(teacher, tok, pairs, p)
-    # the output: finite, sorted log-probs, token ids inside the teacher's vocabulary, every pair id known
-    gates.strict(
-        "teacher top-k",
-        args.out / "topk.parquet",
-        "topk",
-        pa.Table.from_pylist(rows, schema=records.TOPK_SCHEMA),
-        vocab_size=vocab,
-        refs={"pair_id": pa.array([pr["pair_id"] for pr in pairs], type=pa.string())},
-    )
-    validation = gates.finish()
-    counts = {
-        "pairs": len(pairs),
-        "rows": len(rows),
-        "k": p.k,
-        "positions": sum(r["positions"] for r in rows),
-        "gates": quality.validation_summary(validation),
-    }
+        vocab = len(tok)  # ids past the tokenizer are head padding, never real tokens
+        batches = scoring.score_batches(teacher, tok, pairs, p)
     with atomic_dir(args.out) as tmp:
-        n = write_table(tmp / "topk.parquet", rows, records.TOPK_SCHEMA)
+        n, positions = write_scores(tmp / "topk.parquet", batches, 2 * p.batch_size)
+        gate_scores(gates, tmp / "topk.parquet", args.out / "topk.parquet", vocab, [pr["pair_id"] for pr in pairs])
+        validation = gates.finish()
+        counts = {
+            "pairs": len(pairs),
+            "rows": n,
+            "k": p.k,
+            "positions": positions,
+            "gates": quality.validation_summary(validation),
+        }
         lineage.write_manifest(
             tmp,
             "score",

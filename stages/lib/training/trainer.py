@@ -13,6 +13,7 @@ logging (summary.LiveLog). `load_inputs` and `gate_inputs` read what a run train
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from stages.lib.audit import quality
 from stages.lib.core import models
 from stages.lib.core.errors import ModelError
 from stages.lib.data import encoding, records
-from stages.lib.data.io import DataError, read_rows, read_table
+from stages.lib.data.io import DataError, read_table
 from stages.lib.training import basics, distributed
 from stages.lib.training.checkpoint import Checkpoint
 from stages.lib.training.objectives import (
@@ -46,7 +47,7 @@ from stages.lib.training.train_params import TrainParams, batch_plan, round_seed
 
 log = logging.getLogger("train")
 
-# (pair_id, side) -> (k, top-k ids (positions, k), top-k log-probs (positions, k), target log-probs (positions,))
+# (pair_id, side) -> (k, top-k ids (positions, k) int32, top-k log-probs (positions, k), target log-probs (positions,))
 Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -128,16 +129,34 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
     )
 
 
-def index_scores(rows: list[dict[str, Any]]) -> Scores:
+def index_scores(table: pa.Table) -> Scores:
+    """The stored top-k signal (records.TOPK_SCHEMA rows) keyed by (pair_id, side), read
+    from the Arrow columns: per record batch, zero-copy numpy views of each flattened list
+    column, and per row tensor views into them at the list offsets (no Python list per
+    entry, no copy of the values). The tensors share the table's read-only buffers: read
+    them, never write into them (topk_of copies them into its batch tensors)."""
     out: Scores = {}
-    for r in rows:
-        n, k = r["positions"], r["k"]
-        out[(r["pair_id"], r["side"])] = (
-            k,
-            torch.tensor(r["topk_ids"], dtype=torch.long).view(n, k),
-            torch.tensor(r["topk_logprobs"], dtype=torch.float32).view(n, k),
-            torch.tensor(r["target_logprob"], dtype=torch.float32),
-        )
+    row = 0
+    for batch in table.to_batches():
+        cols = {name: batch.column(name) for name in ("topk_ids", "topk_logprobs", "target_logprob")}
+        flat = {name: col.values.to_numpy(zero_copy_only=True) for name, col in cols.items()}
+        offsets = {name: col.offsets.to_numpy() for name, col in cols.items()}
+        positions, ks = batch.column("positions").to_numpy(), batch.column("k").to_numpy()
+        with warnings.catch_warnings():  # torch warns that the Arrow buffers are not writable
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for i, (pid, side_) in enumerate(
+                zip(batch.column("pair_id").to_pylist(), batch.column("side").to_pylist())
+            ):
+                n, k = int(positions[i]), int(ks[i])
+                lengths = tuple(int(o[i + 1] - o[i]) for o in offsets.values())
+                if lengths != (n * k, n * k, n):
+                    raise DataError(
+                        f"data/score: pair {pid} ({side_}), row {row + i}: topk_ids/topk_logprobs/target_logprob "
+                        f"have {lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
+                    )
+                ids, lps, tgt = (torch.from_numpy(flat[c][offsets[c][i] : offsets[c][i + 1]]) for c in cols)
+                out[(pid, side_)] = (k, ids.view(n, k), lps.view(n, k), tgt)
+        row += batch.num_rows
     return out
 
 
@@ -158,7 +177,7 @@ def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) 
                 f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, "
                 f"the tokenizer gives {int(m.sum())}"
             )
-        ids[row, m], lps[row, m], target[row, m] = i, lp, tg
+        ids[row, m], lps[row, m], target[row, m] = i.long(), lp, tg
     return TopK(ids, lps, target)
 
 
@@ -451,7 +470,7 @@ def load_inputs(
     scores: Scores | None = None
     teacher: torch.nn.Module | None = None
     if p.teacher_signal == "topk":
-        scores = index_scores(read_rows(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+        scores = index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
     else:
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
     return (
