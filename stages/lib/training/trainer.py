@@ -183,7 +183,9 @@ def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) 
 
 def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
     """Final hidden states (B, T, H), after the model's last norm: logits = head(hidden)."""
-    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    out = model.base_model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    )
     return out.last_hidden_state
 
 
@@ -208,7 +210,9 @@ def side(
 @torch.no_grad()
 def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: str, role: str) -> None:
     """Refuse models whose logits are not head(final hidden) (e.g. logit soft-capping)."""
-    full = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    full = model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    ).logits
     mine = model.get_output_embeddings()(hidden(model, batch, device))
     if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
         raise ModelError(
