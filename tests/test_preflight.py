@@ -193,3 +193,11 @@ def test_identify_writes_the_same_bytes_until_a_folder_changes(tmp_path: Path, t
     after = json.loads((tmp_path / "identity.json").read_text())
     assert (tmp_path / "identity.json").read_bytes() != before
     assert after["teacher"]["fingerprint"] == models.model_fingerprint(models.ModelRef(str(t), None), t)
+
+
+def test_a_missing_model_folder_is_named_as_such(tmp_path: Path) -> None:
+    for where in (str(tmp_path / "nope"), "fixtures/realarch/teacher", "./model"):
+        with pytest.raises(ModelError, match="no such model folder"):
+            models.model_fingerprint(models.ModelRef(where, None), tmp_path)
+    with pytest.raises(ModelError, match="needs a pinned `revision`"):
+        models.model_fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", None), tmp_path)

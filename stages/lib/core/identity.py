@@ -67,6 +67,8 @@ def fingerprint(where: str, revision: str | None) -> str:
             h.update(p.relative_to(path).as_posix().encode())
             h.update(digest_path(p).encode())
         return f"sha256:{h.hexdigest()[:32]}"
+    if where.startswith(("/", ".", "~")) or where.count("/") != 1:  # a hub id is `owner/name`
+        raise ModelError(f"model {where!r}: no such model folder (and not a hub id, which is `owner/name`)")
     if revision is None:
         raise ModelError(
             f"model {where!r} is not a local folder, so it needs a pinned `revision` (a commit hash or tag)"
