@@ -1,19 +1,28 @@
 """The whole DAG under `dvc repro` on the smoke profile, in a temporary copy of the repo.
 
-Slow tier (about a minute and a half on 2 cores), run in CI. It checks what a new user
-meets: every stage runs, outputs and metrics exist and agree, a second repro does
-nothing, and `dvc exp run -S` reruns exactly the stages downstream of the param.
+Slow tier (a few minutes on 2 cores), run in CI. It checks what a new user meets:
+every stage runs, outputs and metrics exist and agree, a second repro reruns only
+`identify` (always changed; same bytes), and `dvc exp run -S` reruns exactly the stages
+downstream of the param. The same DAG then runs on the real-architecture profile
+(profiles/realarch.yaml: a Qwen2 teacher and a Llama student with a byte-level BPE
+tokenizer, padded logit rows, prompts from a local dataset folder), its lineage
+verifies, and editing a model folder in place makes DVC rerun bootstrap.
 """
 
 import csv
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from .builders import sh
+from . import realarch as builder
+from .builders import ENV, sh
 from .conftest import copy_repo
 
 pytestmark = pytest.mark.slow
@@ -30,6 +39,9 @@ def restored(output: str) -> set[str]:
 
 # The smoke profile's comparison: runs kd and distillm2, seed 1.
 COMPARISON = {"compare@kd-1", "compare@distillm2-1", "report"}
+# always_changed (it hashes the model folders): runs on every repro, its output the same bytes
+ALWAYS = {"identify"}
+DAG = {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | ALWAYS
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +51,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
-    assert (
-        ran(out)
-        == {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
-    )
+    assert ran(out) == DAG | COMPARISON
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for name in ("teacher", "student_initial", "student_distilled"):
         assert 0.0 <= ev[name]["accuracy"]["exact_match"] <= 1.0
@@ -91,22 +100,22 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
 
 
 def test_second_repro_is_a_no_op(repo: Path) -> None:
+    before = (repo / "data" / "identity.json").read_bytes()
     out = sh(repo, "dvc", "repro")
-    assert ran(out) == set()
-    assert "Data and pipelines are up to date" in out
-    assert "changed" not in sh(repo, "dvc", "status")
+    assert ran(out) == ALWAYS and (repo / "data" / "identity.json").read_bytes() == before
+    assert sh(repo, "dvc", "status").split() == ["identify:", "always", "changed"]
 
 
 def test_training_param_reruns_only_train_and_evaluate(repo: Path) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first run")
     out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.005")
-    assert ran(out) == {"train", "evaluate"} | COMPARISON  # the comparison cells share train's settings
+    assert ran(out) == {"train", "evaluate"} | COMPARISON | ALWAYS  # the comparison cells share train's settings
 
 
 def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -> None:
     out = sh(repo, "dvc", "exp", "run", "-S", "teacher.temperature=0.8")
-    assert ran(out) == {"teacher", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON
+    assert ran(out) == {"teacher", "pairs", "curate", "score", "train", "evaluate"} | COMPARISON | ALWAYS
 
 
 @pytest.mark.parametrize(
@@ -133,7 +142,7 @@ def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: lis
     # the comparison sets its own method and switches, but shares train's other settings
     shared = any(o.startswith(("train.teacher_signal", "train.logits")) for o in overrides)
     # (the report redraws its teacher / initial-student lines from metrics/evaluate.json)
-    assert ran(out) == {"train", "evaluate", "report"} | (COMPARISON if shared else set())
+    assert ran(out) == {"train", "evaluate", "report"} | (COMPARISON if shared else set()) | ALWAYS
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     # `dvc exp run -S` leaves its change in the workspace, so each case names its method.
     method = next(o.split("=")[1] for o in overrides if o.startswith("train.method="))
@@ -192,3 +201,56 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
     ev = json.loads((repo / "metrics" / "rounds" / "r2" / "evaluate.json").read_text())
     assert ev["eval_prompts"] == 32 and "kl_teacher_student" in ev["student_distilled"]
     assert ran(sh(repo, "dvc", "repro")) == set()
+
+
+# --- the real-architecture profile (profiles/realarch.yaml) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def realarch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo copy on profiles/realarch.yaml, its models and prompts built by tests/realarch.py."""
+    repo = copy_repo(tmp_path_factory.mktemp("realarch"))
+    builder.build(repo / "fixtures" / "realarch")
+    shutil.copy(repo / "profiles" / "realarch.yaml", repo / "params.yaml")
+    sh(repo, "git", "commit", "-qam", "the real-architecture profile")
+    return repo
+
+
+def test_realarch_profile_runs_the_default_dag_and_its_lineage_verifies(realarch_repo: Path) -> None:
+    repo = realarch_repo
+    assert ran(sh(repo, "dvc", "repro")) == DAG | COMPARISON
+    gate = json.loads((repo / "data" / "bootstrap" / "manifest.json").read_text())["models"]
+    assert gate["shared_tokenizer"] and gate["chat_templates_equal"]
+    vocab = gate["vocab"]
+    assert (gate["teacher"]["logit_width"], gate["student"]["logit_width"]) == (vocab + 64, vocab + 16)
+    assert gate["teacher"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert gate["student"]["architectures"] == ["LlamaForCausalLM"]
+    assert len(gate["teacher"]["eos_token_ids"]) == 2
+    ident = json.loads((repo / "data" / "identity.json").read_text())
+    assert ident["student"]["fingerprint"] == gate["student"]["fingerprint"]
+    seed_m = json.loads((repo / "metrics" / "seed.json").read_text())
+    assert seed_m["train"] == 96 and seed_m["eval"] == 24
+    ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    for name in ("student_initial", "student_distilled"):  # padded widths 664 vs 616: our own verification
+        spec = ev[name]["speculative"]
+        assert spec["matches_greedy"] == 1.0 and spec["prompts"] > 0 and spec["draft_tokens"] == 4
+    topk = pq.read_table(repo / "data" / "score" / "topk.parquet")
+    ids = topk.column("topk_ids").combine_chunks().flatten().to_numpy()
+    assert ids.size > 0 and int(ids.max()) < vocab
+    for part in ("teacher", "student"):
+        texts = pq.read_table(repo / "data" / part / "generations.parquet").column("response").to_pylist()
+        assert not any("\ufffd" in t for t in texts)
+    verified = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "lineage", "verify"], cwd=repo, env=ENV, capture_output=True, text=True
+    )
+    assert verified.returncode == 0 and " 0 mismatches" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_editing_a_model_folder_in_place_reruns_bootstrap_and_what_follows(realarch_repo: Path) -> None:
+    repo = realarch_repo
+    assert ran(sh(repo, "dvc", "repro")) == ALWAYS  # nothing changed: identify alone, same bytes
+    f = repo / "fixtures" / "realarch" / "student" / "generation_config.json"
+    f.write_text(json.dumps(json.loads(f.read_text()) | {"max_length": 96}))
+    sh(repo, "dvc", "repro", "identify")
+    status = yaml.safe_load(sh(repo, "dvc", "status", "--json").splitlines()[-1])
+    assert "bootstrap" in status and {"changed deps": {"data/identity.json": "modified"}} in status["bootstrap"]
