@@ -201,3 +201,22 @@ def test_a_missing_model_folder_is_named_as_such(tmp_path: Path) -> None:
             models.model_fingerprint(models.ModelRef(where, None), tmp_path)
     with pytest.raises(ModelError, match="needs a pinned `revision`"):
         models.model_fingerprint(models.ModelRef("Qwen/Qwen2.5-0.5B-Instruct", None), tmp_path)
+
+
+def test_a_model_whose_logits_are_not_its_head_of_the_hidden_state_is_refused(tiny_models: Path) -> None:
+    """train, score and evaluate all make logits as head(final hidden state); a model that
+    scales or soft-caps them afterwards (here: a forward that doubles them) is refused."""
+    t = tiny_models / "teacher"
+    model = models.load_model(models.ModelRef(str(t), None), t, False, "float32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    models.check_plain_head(model, ids, torch.ones_like(ids), "teacher")  # a plain Llama passes
+    plain = model.forward
+
+    def doubled(*args: object, **kwargs: object) -> object:
+        out = plain(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    with pytest.raises(ModelError, match="models.teacher: logits are not the LM head"):
+        models.check_plain_head(model, ids, torch.ones_like(ids), "teacher")

@@ -304,6 +304,39 @@ def check_positions(limit: int | None, name: str, longest_prompt: int, budget: i
         )
 
 
+def lm_head(model: torch.nn.Module, vocab: int, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer's weight and bias cut to the tokenizer's `vocab` rows (rows past
+    it are padding): logits = hidden @ W.T + b. Refuses a head that is not a Linear layer
+    or has fewer rows than the tokenizer."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ModelError(
+            f"models.{role}: output layer is {type(head).__name__}, not a Linear head; "
+            "distillflow computes logits as hidden @ W.T"
+        )
+    if head.weight.shape[0] < vocab:
+        raise ModelError(
+            f"models.{role}: the LM head has {head.weight.shape[0]} rows, fewer than the tokenizer's {vocab} tokens"
+        )
+    return head.weight[:vocab], (head.bias[:vocab] if head.bias is not None else None)
+
+
+@torch.no_grad()
+def check_plain_head(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, role: str) -> None:
+    """Refuse a model whose logits are not its output layer applied to the final hidden
+    state (logit soft-capping, scaling): train, score and evaluate compute logits that
+    way, from hidden states, without (B, T, V) tensors. One batch (a sequence is enough)
+    through the full model, compared with the head path."""
+    full = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    hidden = model.base_model(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    mine = model.get_output_embeddings()(hidden)
+    if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
+        raise ModelError(
+            f"models.{role}: logits are not the LM head applied to the final hidden state "
+            "(soft-capping or scaling?); this model is not supported"
+        )
+
+
 def describe(ref: ModelRef, toy_dir: Path) -> dict[str, Any]:
     """Identity and size of a model folder, for lineage manifests."""
     where, revision = resolve(ref, toy_dir)

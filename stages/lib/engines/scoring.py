@@ -27,6 +27,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from stages.lib.core import models
 from stages.lib.core.config import Device
 from stages.lib.core.errors import ParamsError
 from stages.lib.core.params import check
@@ -47,36 +48,6 @@ class ScoreParams:
         check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
-
-
-def _head(teacher: torch.nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight and bias cut to the tokenizer's `vocab` rows (the rest is padding)."""
-    head = teacher.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"models.teacher: output layer is {type(head).__name__}, not a Linear head; "
-            "score computes logits as hidden @ W.T"
-        )
-    if head.weight.shape[0] < vocab:
-        raise ValueError(
-            f"models.teacher: the LM head has {head.weight.shape[0]} rows, fewer than the tokenizer's {vocab} tokens"
-        )
-    return head.weight[:vocab], (head.bias[:vocab] if head.bias is not None else None)
-
-
-def _check_head_is_plain(teacher: torch.nn.Module, b: encoding.Batch, device: torch.device) -> None:
-    """Refuse a teacher whose logits are not head(final hidden) (e.g. logit soft-capping):
-    one sequence of the first batch through the full model, compared with the head path."""
-    ids, attn = b.input_ids[:1].to(device), b.attention_mask[:1].to(device)
-    full = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    mine = teacher.get_output_embeddings()(
-        teacher.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-    )
-    if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
-        raise ValueError(
-            "models.teacher: logits are not the LM head applied to the final hidden state "
-            "(soft-capping or scaling?); score does not support this model"
-        )
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa.ListArray:
@@ -127,7 +98,7 @@ def score_batches(
     device = next(teacher.parameters()).device
     if device.type != p.device:
         raise ValueError(f"score.device is {p.device}, but the teacher's parameters are on {device}; move it first")
-    weight, bias = _head(teacher, vocab)
+    weight, bias = models.lm_head(teacher, vocab, "teacher")
     seqs = []
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
@@ -136,7 +107,7 @@ def score_batches(
         chunk = seqs[s : s + p.batch_size]
         b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
         if s == 0:
-            _check_head_is_plain(teacher, b, device)
+            models.check_plain_head(teacher, b.input_ids[:1].to(device), b.attention_mask[:1].to(device), "teacher")
         h = teacher.base_model(
             input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False
         ).last_hidden_state

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from stages.lib.core.errors import ModelError
+from stages.lib.core import models
 from stages.lib.data import encoding
 from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.task import toytask
@@ -80,25 +80,11 @@ def sequences(
     ]
 
 
-def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: int, role: str) -> torch.Tensor:
     """float32 logits over the shared vocabulary from final hidden states (rows of the
     output layer past `vocab` are padding and never scored)."""
-    head = model.get_output_embeddings()
-    bias = None if getattr(head, "bias", None) is None else head.bias[:vocab]
-    return torch.nn.functional.linear(hidden, head.weight[:vocab], bias).float()
-
-
-@torch.no_grad()
-def check_plain_head(model: torch.nn.Module, ids: torch.Tensor, vocab: int, name: str) -> None:
-    """Refuse a model whose logits are not its output layer applied to the final hidden
-    state (soft-capping, scaling): the scores below are computed that way."""
-    full = model(input_ids=ids, use_cache=False).logits[..., :vocab].float()
-    mine = head_logits(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state, vocab)
-    if not torch.allclose(full, mine, atol=1e-4, rtol=1e-3):
-        raise ModelError(
-            f"evaluate: {name}'s logits are not its output layer applied to the final hidden state "
-            "(soft-capping or scaling?); this model is not supported"
-        )
+    weight, bias = models.lm_head(model, vocab, role)
+    return torch.nn.functional.linear(hidden, weight, bias).float()
 
 
 def response_hidden(model: torch.nn.Module, b: encoding.Batch, mask: torch.Tensor, device: str) -> torch.Tensor:
@@ -142,19 +128,19 @@ def teacher_forced(
             continue
         if not checked:
             first = b.input_ids[:1, : int(b.attention_mask[0].sum())].to(device)
-            for name, model in (("the student", student), ("the teacher", teacher)):
+            for role, model in (("student", student), ("teacher", teacher)):
                 if model is not None:
-                    check_plain_head(model, first, vocab, name)
+                    models.check_plain_head(model, first, torch.ones_like(first), role)
             checked = True
         targets = b.targets.to(device)[mask]
         s_h = response_hidden(student, b, mask, device)
         t_h = response_hidden(teacher, b, mask, device) if teacher is not None else None
         for c in range(0, n, chunk_size):
-            s_logits = head_logits(student, s_h[c : c + chunk_size], vocab)
+            s_logits = head_logits(student, s_h[c : c + chunk_size], vocab, "student")
             s_logp = torch.log_softmax(s_logits, dim=-1)
             nll -= float(s_logp.gather(-1, targets[c : c + chunk_size, None]).sum())
             if t_h is not None:
-                t_logits = head_logits(teacher, t_h[c : c + chunk_size], vocab)
+                t_logits = head_logits(teacher, t_h[c : c + chunk_size], vocab, "teacher")
                 kl += float(losses.forward_kl(s_logits, t_logits, None, reduction="none").sum())
                 agree += float((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
         tokens += n

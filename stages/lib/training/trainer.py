@@ -105,23 +105,13 @@ class Loop:
 
 def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: int, p: TrainParams) -> Heads:
     """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
-    heads = {
-        "student": student.get_output_embeddings(),
-        "teacher": teacher.get_output_embeddings() if teacher is not None else None,
-    }
-    for name, head in heads.items():
-        if head is not None and not isinstance(head, torch.nn.Linear):
-            raise ModelError(
-                f"models.{name}: output layer is {type(head).__name__}, not a Linear head; "
-                "distillflow computes logits as hidden @ W.T"
-            )
-    cut = lambda t: None if t is None else t[:vocab]  # noqa: E731
-    s_head, t_head = heads["student"], heads["teacher"]
+    s_weight, s_bias = models.lm_head(student, vocab, "student")
+    t_weight, t_bias = models.lm_head(teacher, vocab, "teacher") if teacher is not None else (None, None)
     return Heads(
-        s_weight=s_head.weight[:vocab],
-        s_bias=cut(s_head.bias),
-        t_weight=cut(t_head.weight) if t_head is not None else None,
-        t_bias=cut(t_head.bias) if t_head is not None else None,
+        s_weight=s_weight,
+        s_bias=s_bias,
+        t_weight=t_weight,
+        t_bias=t_bias,
         chunked=p.logits == "chunked",
         chunk_size=p.chunk_size,
         reduction=p.reduction,
@@ -205,20 +195,6 @@ def side(
     return Side(
         s_hidden=s_h, t_hidden=t_h, mask=batch.response_mask.to(device), targets=batch.targets.to(device), t_topk=topk
     )
-
-
-@torch.no_grad()
-def check_head_is_plain(model: torch.nn.Module, batch: encoding.Batch, device: str, role: str) -> None:
-    """Refuse models whose logits are not head(final hidden) (e.g. logit soft-capping)."""
-    full = model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-    ).logits
-    mine = model.get_output_embeddings()(hidden(model, batch, device))
-    if not torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-4):
-        raise ModelError(
-            f"models.{role}: logits are not the LM head applied to the final hidden state "
-            "(soft-capping or scaling?); this model is not supported"
-        )
 
 
 def check_job(job: Job) -> None:
@@ -337,9 +313,10 @@ def setup(job: Job) -> Loop:
     if world > 1:
         check_world(loop)
     first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
-    check_head_is_plain(student, first, p.device, "student")
+    ids, attn = first.input_ids.to(p.device), first.attention_mask.to(p.device)
+    models.check_plain_head(student, ids, attn, "student")
     if NEEDS_TEACHER[p.method] and teacher is not None:
-        check_head_is_plain(teacher, first, p.device, "teacher")
+        models.check_plain_head(teacher, ids, attn, "teacher")
     return loop
 
 
