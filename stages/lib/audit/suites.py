@@ -270,7 +270,8 @@ def _topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, pa.Array]:
     - topk__ids_in_vocab: every id in [0, vocab_size) (>= 0 when the vocabulary is unknown);
     - topk__lengths_match: positions * k ids and log-probs, positions targets.
     A null list counts as empty, a null positions or k as 0; a null entry inside a list
-    fails finite (log-probs) or ids_in_vocab (ids).
+    (the Python version raised TypeError) is read as NaN: a log-prob fails finite, and
+    sorted against a neighbour in its position; an id fails ids_in_vocab.
 
     Computed in numpy on the flat list values and offsets (zero-copy views of the Arrow
     buffers), with index arrays only for the failing entries: memory is a few bytes per
