@@ -2,9 +2,11 @@
 them on a stream: real GX suites on small Arrow tables, and `python -m stages.curate`."""
 
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib.audit import quality
+from stages.lib.audit import quality, suites
 from stages.lib.data import records
 from stages.lib.data.io import write_table
 
@@ -274,3 +276,196 @@ def test_every_quarantine_file_is_the_artifact_columns_plus_reason() -> None:
     assert quarantine.top_reasons({"b": 2, "a": 2, "missing_field:x": 5, "c": 1}, n=2) == (
         "missing field 'x' (5), a (2), and 2 more reasons"
     )
+
+
+def old_topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, list[bool]]:
+    """The Python-list `suites._topk_flags` this project had before the numpy one: the reference."""
+    flags: dict[str, list[bool]] = {name: [] for name in suites.TOPK_OK}
+    for ids, lps, target, positions, k in zip(
+        *(batch.column(c).to_pylist() for c in ("topk_ids", "topk_logprobs", "target_logprob", "positions", "k")),
+        strict=True,
+    ):
+        ids, lps, target = ids or [], lps or [], target or []
+        flags["topk__finite"].append(all(math.isfinite(x) for x in lps) and all(math.isfinite(x) for x in target))
+        rows = [lps[i : i + k] for i in range(0, len(lps), k)] if k and k > 0 else []
+        flags["topk__sorted"].append(all(a >= b for row in rows for a, b in itertools.pairwise(row)))
+        flags["topk__ids_in_vocab"].append(
+            all(0 <= t < vocab_size for t in ids) if vocab_size is not None else all(t >= 0 for t in ids)
+        )
+        n = (positions or 0) * (k or 0)
+        flags["topk__lengths_match"].append(len(ids) == n and len(lps) == n and len(target) == (positions or 0))
+    return flags
+
+
+# The top-k schema with every field nullable: rows the writer never makes (a null list,
+# a null k) that a damaged file could still hold.
+LOOSE_TOPK = pa.schema([f.with_nullable(True) for f in records.TOPK_SCHEMA])
+
+
+def raw_topk(ids: list | None, lps: list | None, target: list | None, positions: int | None, k: int | None) -> dict:
+    return {
+        "pair_id": "p",
+        "side": "chosen",
+        "positions": positions,
+        "k": k,
+        "topk_ids": ids,
+        "topk_logprobs": lps,
+        "target_logprob": target,
+    }
+
+
+VOCAB = 40
+NAN, INF = math.nan, math.inf
+# (row, the flags that must fail), each kind of fault in its own row, good rows in between
+TOPK_CASES = [
+    (raw_topk([1, 2, 3, 4], [-0.1, -0.5, -0.2, -0.3], [-0.1, -0.2], 2, 2), set()),
+    # ascending from one position to the next is allowed: only inside a position must it descend
+    (raw_topk([1, 2, 3, 4], [-0.5, -0.6, -0.1, -0.2], [-0.1, -0.2], 2, 2), set()),
+    (raw_topk([1, 2, 3, 4], [-0.1, -0.5, -0.3, -0.2], [-0.1, -0.2], 2, 2), {"topk__sorted"}),
+    (raw_topk([1, 2, 3], [-0.1, -0.1, -0.1], [-1.0], 1, 3), set()),  # ties are sorted
+    (raw_topk([5], [-0.4], [-0.0], 1, 1), set()),
+    (raw_topk([], [], [], 0, 4), set()),  # an empty response
+    (raw_topk([1, 2], [-0.1, -INF], [-0.1], 1, 2), {"topk__finite"}),
+    (raw_topk([1, 2], [INF, -0.5], [-0.1], 1, 2), {"topk__finite"}),
+    (raw_topk([1, 2], [NAN, -0.5], [-0.1], 1, 2), {"topk__finite", "topk__sorted"}),
+    (raw_topk([1, 2], [-0.1, -0.5], [-INF], 1, 2), {"topk__finite"}),
+    (raw_topk([1, 2], [-0.1, -0.5], [NAN], 1, 2), {"topk__finite"}),
+    (raw_topk([1, -1], [-0.1, -0.5], [-0.1], 1, 2), {"topk__ids_in_vocab"}),
+    (raw_topk([VOCAB, 2], [-0.1, -0.5], [-0.1], 1, 2), {"topk__ids_in_vocab"}),
+    (raw_topk([VOCAB - 1, 0], [-0.1, -0.5], [-0.1], 1, 2), set()),
+    (raw_topk([1, 2], [-0.1, -0.5], [-0.1], 2, 2), {"topk__lengths_match"}),  # positions says 2
+    (raw_topk([1], [-0.1, -0.5], [-0.1], 1, 2), {"topk__lengths_match"}),  # ids short
+    (raw_topk([1, 2], [-0.1, -0.5, -0.6], [-0.1], 1, 2), {"topk__lengths_match"}),  # log-probs long
+    (raw_topk([1, 2], [-0.1, -0.5], [-0.1, -0.2], 1, 2), {"topk__lengths_match"}),  # targets long
+    # not a multiple of k: the last chunk is short and still checked on its own
+    (raw_topk([1, 2, 3], [-0.1, -0.5, -0.2], [-0.1], 1, 2), {"topk__lengths_match"}),
+    (raw_topk([1, 2, 3], [-0.1, -0.5, -0.9], [-0.1], 1, 2), {"topk__lengths_match"}),
+    (raw_topk([1, 2, 3, 4, 5], [-0.1, -0.5, -0.9, -0.2, -0.1], [-0.1], 2, 2), {"topk__lengths_match", "topk__sorted"}),
+    (raw_topk([1, 2], [-0.5, -0.1], [-0.1], 2, 0), {"topk__lengths_match"}),  # k 0: no chunks to sort
+    (raw_topk([], [], [], 3, 0), {"topk__lengths_match"}),
+    (raw_topk([1, 2], [-0.5, -0.1], [-0.1], -1, -2), {"topk__lengths_match"}),  # negative k: no chunks
+    (raw_topk([], [], [], 0, 0), set()),
+    # nulls a damaged file could hold: a null list is empty, a null count is 0
+    (raw_topk(None, None, None, 0, 2), set()),
+    (raw_topk(None, [-0.1, -0.5], [-0.1], 1, 2), {"topk__lengths_match"}),
+    (raw_topk([1, 2], [-0.1, -0.5], None, 1, 2), {"topk__lengths_match"}),
+    (raw_topk([1, 2], [-0.5, -0.1], [-0.1], 1, None), {"topk__lengths_match"}),
+    (raw_topk([], [], [], None, 2), set()),
+    (raw_topk([1, 2], [-0.1, -0.5], [-0.1], None, 2), {"topk__lengths_match"}),
+    # every fault at once
+    (raw_topk([-3, 99, 7], [-0.5, NAN, 0.1], [INF, -0.1], 2, 2), set(suites.TOPK_OK)),
+    (raw_topk([1, 2, 3, 4], [-0.1, -0.5, -0.2, -0.3], [-0.1, -0.2], 2, 2), set()),
+]
+
+
+def assert_flags_match(batch: pa.Table, vocab_size: int | None) -> dict[str, list[bool]]:
+    want = old_topk_flags(batch, vocab_size)
+    got = {name: col.to_pylist() for name, col in suites._topk_flags(batch, vocab_size).items()}
+    assert list(got) == list(want) == list(suites.TOPK_OK)
+    assert all(isinstance(v, bool) for col in got.values() for v in col)
+    assert got == want
+    return got
+
+
+@pytest.mark.parametrize("vocab_size", [VOCAB, None, 2**40])
+def test_array_topk_flags_flag_exactly_the_rows_the_python_checks_flagged(vocab_size: int | None) -> None:
+    batch = table([row for row, _ in TOPK_CASES], LOOSE_TOPK)
+    got = assert_flags_match(batch, vocab_size)
+    if vocab_size == VOCAB:  # and the faults are the ones each row was built with
+        failing = [{name for name, col in got.items() if not col[i]} for i in range(batch.num_rows)]
+        assert failing == [bad for _, bad in TOPK_CASES]
+    # a slice (offsets not at 0), a table of several chunks, an empty table
+    assert_flags_match(batch.slice(5, 17), vocab_size)
+    assert_flags_match(pa.concat_tables([batch.slice(0, 7), batch.slice(7, 1), batch.slice(8)]), vocab_size)
+    assert_flags_match(batch.slice(0, 0), vocab_size)
+
+
+def test_array_topk_flags_ignore_what_a_null_list_points_at() -> None:
+    # Arrow lets a null list own a non-empty segment of the child values: the middle row's is all faults
+    null_middle = pa.array([False, True, False])
+
+    def lists(offsets: list[int], values: list, type_: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type_), mask=null_middle)
+
+    batch = pa.table(
+        {
+            "positions": pa.array([1, 0, 1], pa.int32()),
+            "k": pa.array([2, 2, 2], pa.int32()),
+            "topk_ids": lists([0, 2, 4, 6], [1, 2, -5, 99, 3, 4], pa.int32()),
+            "topk_logprobs": lists([0, 2, 4, 6], [-0.1, -0.5, NAN, 0.5, -0.1, -0.2], pa.float32()),
+            "target_logprob": lists([0, 1, 2, 3], [-0.1, INF, -0.3], pa.float32()),
+        }
+    )
+    assert batch.column("topk_ids").to_pylist() == [[1, 2], None, [3, 4]]
+    got = assert_flags_match(batch, VOCAB)
+    assert all(all(col) for col in got.values())
+    assert_flags_match(batch.slice(1), VOCAB)
+
+
+def test_array_topk_flags_agree_with_the_python_checks_on_random_rows() -> None:
+    rng = random.Random(7)
+    rows = []
+    for _ in range(400):
+        k, positions = rng.choice([1, 2, 3, 4]), rng.randint(0, 5)
+        lps = []
+        for _ in range(positions):
+            lps += sorted((-rng.expovariate(1.0) for _ in range(k)), reverse=True)
+        ids = [rng.randrange(VOCAB) for _ in range(positions * k)]
+        target = [-rng.expovariate(1.0) for _ in range(positions)]
+        fault = rng.randrange(8)
+        if fault == 1 and len(lps) > 1:
+            i = rng.randrange(len(lps) - 1)
+            lps[i], lps[i + 1] = lps[i + 1], lps[i]
+        elif fault == 2 and lps:
+            lps[rng.randrange(len(lps))] = rng.choice([NAN, INF, -INF])
+        elif fault == 3 and target:
+            target[rng.randrange(len(target))] = rng.choice([NAN, INF, -INF])
+        elif fault == 4 and ids:
+            ids[rng.randrange(len(ids))] = rng.choice([-1, VOCAB, VOCAB + 7, -(2**31)])
+        elif fault == 5:
+            rng.choice([ids, lps, target]).append(-0.5 if rng.random() < 0.5 else 3)
+        elif fault == 6:
+            positions += rng.choice([-1, 1])
+        elif fault == 7:
+            k = rng.choice([0, -1, k + 1])
+        rows.append(raw_topk([int(i) for i in ids], lps, target, positions, k))
+    batch = table(rows, LOOSE_TOPK)
+    got = assert_flags_match(batch, VOCAB)
+    assert sum(not all(col[i] for col in got.values()) for i in range(len(rows))) > 100  # faults were made
+    assert_flags_match(batch, None)
+
+
+def test_a_null_entry_inside_a_topk_list_fails_its_check() -> None:
+    # the Python checks raised TypeError on these; a missing id or log-prob is not a valid one
+    rows = [
+        raw_topk([1, None], [-0.1, -0.5], [-0.1], 1, 2),
+        raw_topk([1, 2], [-0.1, None], [-0.1], 1, 2),
+        raw_topk([1, 2], [-0.1, -0.5], [None], 1, 2),
+        raw_topk([1, 2], [-0.1, -0.5], [-0.1], 1, 2),
+    ]
+    flags = {n: c.to_pylist() for n, c in suites._topk_flags(table(rows, LOOSE_TOPK), VOCAB).items()}
+    assert flags["topk__ids_in_vocab"] == [False, True, True, True]
+    assert flags["topk__finite"] == [True, False, False, True]
+    assert flags["topk__lengths_match"] == [True] * 4
+
+
+def test_a_quarantining_topk_gate_names_the_first_failing_check_per_row() -> None:
+    rows = [{**row, "pair_id": f"p{i}"} for i, (row, _) in enumerate(TOPK_CASES) if None not in row.values()]
+    gate = quality.Gate(
+        "topk",
+        "topk.parquet",
+        "topk",
+        dataclasses.replace(Q, max_quarantine_share=1.0),
+        quarantine=True,
+        vocab_size=VOCAB,
+    )
+    kept, bad = gate.check(table(rows, records.TOPK_SCHEMA))
+    want = {}
+    for row, (_, flags) in zip(rows, [(r, f) for r, f in TOPK_CASES if None not in r.values()], strict=True):
+        if row["k"] < 1:
+            want[row["pair_id"]] = "gate:expect_column_values_to_be_between:k"
+        elif flags:
+            first = next(name for name in suites.TOPK_OK if name in flags)
+            want[row["pair_id"]] = f"gate:expect_column_values_to_be_in_set:{first}"
+    assert {b["pair_id"]: b["reason"] for b in bad} == want
+    assert kept.num_rows == len(rows) - len(want) > 0

@@ -7,11 +7,10 @@ column's order). stages/lib/audit/quality.py runs them.
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -194,22 +193,95 @@ def _first_occurrence(values: list[str | None], seen: set[int]) -> list[bool]:
     return out
 
 
-def _topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, list[bool]]:
-    flags: dict[str, list[bool]] = {name: [] for name in TOPK_OK}
-    for ids, lps, target, positions, k in zip(
-        *(batch.column(c).to_pylist() for c in ("topk_ids", "topk_logprobs", "target_logprob", "positions", "k")),
-        strict=True,
-    ):
-        ids, lps, target = ids or [], lps or [], target or []
-        flags["topk__finite"].append(all(math.isfinite(x) for x in lps) and all(math.isfinite(x) for x in target))
-        rows = [lps[i : i + k] for i in range(0, len(lps), k)] if k and k > 0 else []
-        flags["topk__sorted"].append(all(a >= b for row in rows for a, b in itertools.pairwise(row)))
-        flags["topk__ids_in_vocab"].append(
-            all(0 <= t < vocab_size for t in ids) if vocab_size is not None else all(t >= 0 for t in ids)
-        )
-        n = (positions or 0) * (k or 0)
-        flags["topk__lengths_match"].append(len(ids) == n and len(lps) == n and len(target) == (positions or 0))
-    return flags
+def _list_parts(batch: pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One list column of `batch` as numpy, without copying its values: (flat values of
+    the batch's rows, offsets rebased to 0, per-row lengths with a null list counted as
+    empty, per-row validity). A null list's segment (Arrow allows it to be non-empty)
+    stays in `values`: callers mask what they find there with `valid`."""
+    arr = batch.column(column)
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise TypeError(f"top-k column {column!r} must be a list column, got {arr.type}")
+    offsets = arr.offsets.to_numpy()  # respects the batch's slice: n + 1 entries
+    start, end = int(offsets[0]), int(offsets[-1])
+    values = arr.values.slice(start, end - start)
+    flat = values.to_numpy(zero_copy_only=False)  # zero-copy unless the values hold nulls
+    if values.null_count:  # a missing entry fails like a non-finite one (the old Python check raised TypeError)
+        flat = np.where(values.is_null().to_numpy(zero_copy_only=False), np.nan, flat)
+    local = offsets.astype(np.int64) - start
+    valid = np.ones(len(arr), dtype=bool) if not arr.null_count else arr.is_valid().to_numpy(zero_copy_only=False)
+    return flat, local, np.where(valid, np.diff(local), 0), valid
+
+
+def _rows_of(elements: np.ndarray, offsets: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per row: True where one of the flat `elements` indices falls in a (non-null) row's segment."""
+    hit = np.zeros(len(valid), dtype=bool)
+    hit[np.searchsorted(offsets, elements, side="right") - 1] = True
+    return hit & valid
+
+
+def _int_column(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """An integer column as int64, a null as 0 (the Python check's `x or 0`)."""
+    return pc.fill_null(batch.column(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _topk_batch_flags(batch: pa.RecordBatch, vocab_size: int | None) -> dict[str, np.ndarray]:
+    ids, id_off, id_len, id_valid = _list_parts(batch, "topk_ids")
+    lps, lp_off, lp_len, lp_valid = _list_parts(batch, "topk_logprobs")
+    target, t_off, t_len, t_valid = _list_parts(batch, "target_logprob")
+    positions, k = _int_column(batch, "positions"), _int_column(batch, "k")
+
+    finite = ~(
+        _rows_of(np.flatnonzero(~np.isfinite(lps)), lp_off, lp_valid)
+        | _rows_of(np.flatnonzero(~np.isfinite(target)), t_off, t_valid)
+    )
+
+    # sorted: entry i against entry i + 1 inside one row and one position (a chunk of k
+    # entries from the row's start; the last chunk may be short); NaN compares unsorted
+    pair = np.flatnonzero(~(lps[:-1] >= lps[1:]))
+    row = np.searchsorted(lp_off, pair, side="right") - 1
+    same_row = pair + 1 < lp_off[row + 1]
+    pair, row = pair[same_row], row[same_row]
+    kr = k[row]
+    positive = kr > 0  # k null or <= 0: no chunks, nothing to compare
+    pair, row, kr = pair[positive], row[positive], kr[positive]
+    inside = (pair + 1 - lp_off[row]) % kr != 0
+    unsorted = np.zeros(batch.num_rows, dtype=bool)
+    unsorted[row[inside]] = True
+
+    known = ids >= 0  # written so that a NaN (a null entry) fails
+    if vocab_size is not None:
+        known &= ids < vocab_size
+    in_vocab = ~_rows_of(np.flatnonzero(~known), id_off, id_valid)
+
+    n = positions * k
+    lengths = (id_len == n) & (lp_len == n) & (t_len == positions)
+    return {
+        "topk__finite": finite,
+        "topk__sorted": ~(unsorted & lp_valid),
+        "topk__ids_in_vocab": in_vocab,
+        "topk__lengths_match": lengths,
+    }
+
+
+def _topk_flags(batch: pa.Table, vocab_size: int | None) -> dict[str, pa.Array]:
+    """Per row of a top-k batch, the TOPK_OK flags:
+    - topk__finite: every top-k log-prob and every target log-prob is finite;
+    - topk__sorted: the log-probs descend inside each position (chunks of k from the row's start);
+    - topk__ids_in_vocab: every id in [0, vocab_size) (>= 0 when the vocabulary is unknown);
+    - topk__lengths_match: positions * k ids and log-probs, positions targets.
+    A null list counts as empty, a null positions or k as 0; a null entry inside a list
+    (the Python version raised TypeError) is read as NaN: a log-prob fails finite, and
+    sorted against a neighbour in its position; an id fails ids_in_vocab.
+
+    Computed in numpy on the flat list values and offsets (zero-copy views of the Arrow
+    buffers), with index arrays only for the failing entries: memory is a few bytes per
+    entry on top of the batch's own Arrow data, not Python objects per entry.
+    """
+    parts = [_topk_batch_flags(b, vocab_size) for b in batch.to_batches() if b.num_rows]
+    return {
+        name: pa.array(np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, dtype=bool))
+        for name in TOPK_OK
+    }
 
 
 @dataclass
