@@ -6,7 +6,7 @@
                                       run the DVC pipeline as a Prefect flow (flows/pipeline.py)
     distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
                                       serve that flow as a deployment with a schedule
-    distillflow dag sync [--check]   write each stage's code deps into dvc.yaml (flows/codedeps.py)
+    distillflow dag sync [--check]   write each stage's code deps into dvc.yaml and comparison/dvc.yaml
     distillflow lineage show PATH_OR_ID [--json]
                                       an artifact's or a record's lineage back to its sources
     distillflow lineage verify        recompute every digest: files, manifests and dvc.lock agree?
@@ -236,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     dsub = dag.add_subparsers(dest="dag_command", required=True)
     dsync = dsub.add_parser("sync", help="rewrite each stage's code deps in dvc.yaml from its imports")
     dsync.add_argument("--check", action="store_true", help="only report; exit 1 if dvc.yaml is out of date")
-    dsync.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    dsync.add_argument(
+        "--dvc-yaml",
+        type=Path,
+        action="append",
+        help="a pipeline file (repeatable; default: dvc.yaml and comparison/dvc.yaml); stage modules live under .",
+    )
     lin = sub.add_parser("lineage", help="trace, verify and cost the pipeline's artifacts")
     lsub = lin.add_subparsers(dest="action", required=True)
     show = lsub.add_parser("show", help="an artifact path, model folder or record id, back to its sources")
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dag":
         from flows import codedeps
 
-        return codedeps.sync(args.dvc_yaml, args.check)
+        files = args.dvc_yaml or [f for f in codedeps.PIPELINES if f.is_file()]
+        return max(codedeps.sync(f, args.check, root=Path(".")) for f in files)
     return stages(args.dvc_yaml)
 
 

@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE_DEP = re.compile(r"^\s+- (stages/\S+\.py)\s*$")
 
 
+# The pipeline files whose code deps `distillflow dag sync` keeps (repo-relative): the
+# default pipeline and the method comparison's (run from the repo root: wdir ..).
+PIPELINES = (Path("dvc.yaml"), Path("comparison") / "dvc.yaml")
+
+
 def module_file(root: Path, module: str) -> Path | None:
     """The file a dotted `stages...` module name loads, or None if there is none."""
     base = root / module.replace(".", "/")

@@ -49,20 +49,36 @@ class Dag:
             self.upstream[down].add(up)
 
     def resolve(self, target: str) -> list[str]:
-        """Stage names a target means: one stage, or every member of a foreach group."""
+        """Stage names a target means, across every pipeline file: one stage, every member
+        of a foreach/matrix group, or every stage of a pipeline file (`comparison/dvc.yaml`);
+        a stage of another file may be named without its `file:` prefix when that is
+        unambiguous (`report` for `comparison/dvc.yaml:report`)."""
         if target in self.stages:
             return [target]
-        members = [n for n, s in self.stages.items() if "@" in n and s.group == target]
-        if members:
-            return members
-        raise KeyError(f"no stage {target!r} in dvc.yaml; stages: {', '.join(self.stages)}")
+        in_file = [n for n, s in self.stages.items() if s.dvcfile == target]
+        if in_file:
+            return in_file
+        for name in (target, *sorted({n.rsplit(":", 1)[0] + ":" + target for n in self.stages if ":" in n})):
+            members = [n for n, s in self.stages.items() if n == name or ("@" in n and s.group == name)]
+            if members:
+                return members
+        raise KeyError(f"no stage {target!r} in the pipelines; stages: {', '.join(self.stages)}")
+
+    def default(self) -> list[str]:
+        """What a plain `distillflow run` runs, as a plain `dvc repro` does: the stages of
+        the root dvc.yaml and what they depend on; not the other pipeline files' stages
+        (the method comparison, comparison/dvc.yaml), which run when targeted."""
+        return self._upstream_closure([n for n, s in self.stages.items() if s.dvcfile == "dvc.yaml"])
 
     def closure(self, targets: list[str] | None) -> list[str]:
         """The targets and everything upstream of them (what `dvc repro TARGET` runs), in
-        topological order; every stage when targets is empty."""
+        topological order; with no targets, `default()`."""
         if not targets:
-            return list(self.stages)
-        todo = [n for t in targets for n in self.resolve(t)]
+            return self.default()
+        return self._upstream_closure([n for t in targets for n in self.resolve(t)])
+
+    def _upstream_closure(self, names: list[str]) -> list[str]:
+        todo = list(names)
         keep: set[str] = set()
         while todo:
             name = todo.pop()

@@ -49,12 +49,28 @@ class Out:
 
 
 def lock_outs(root: Path) -> list[Out]:
-    """Every out dvc.lock records, in dvc.lock's order."""
+    """Every out the pipelines' lock files record: dvc.lock's, in its order, then those of
+    the other pipeline files that have run (comparison/dvc.lock; their stages named
+    `comparison/dvc.yaml:<stage>`, as `dvc status` names them). Paths are repo-relative
+    (a lock records them relative to its stage's wdir)."""
+    from flows.codedeps import PIPELINES
+
     lock = root / "dvc.lock"
     if not lock.is_file():
         raise LineageError(f"{lock}: not found; run the pipeline (dvc repro or distillflow run) first")
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return [Out(name, o["path"], o.get("md5")) for name, entry in stages.items() for o in entry.get("outs", [])]
+    found: list[Out] = []
+    for pipeline in PIPELINES:
+        lock = root / pipeline.with_suffix(".lock")
+        if not lock.is_file():
+            continue
+        spec = (yaml.safe_load((root / pipeline).read_text()) or {}).get("stages", {})
+        prefix = "" if pipeline == Path("dvc.yaml") else f"{pipeline.as_posix()}:"
+        for name, entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages", {})).items():
+            wdir = (spec.get(name.split("@", 1)[0]) or {}).get("wdir", ".")
+            base = Path(os.path.normpath(pipeline.parent / wdir))
+            for o in entry.get("outs", []):
+                found.append(Out(prefix + name, (base / o["path"]).as_posix(), o.get("md5")))
+    return found
 
 
 def run_environment(root: Path, manifest: Path) -> dict[str, str] | None:
@@ -384,7 +400,7 @@ def verify(root: Path) -> Report:
     outs = lock_outs(root)
     locked = {o.stage for o in outs}
     for name, changes in sorted(dvc_status(root).items()):
-        if name.split(":")[-1] not in locked:
+        if name not in locked:
             report.notes.append(f"stage {name}: not run yet (no dvc.lock entry)")
             continue
         if changes == ["always changed"]:  # `always_changed: true` (identify): DVC reports it whatever it holds

@@ -1,4 +1,6 @@
-"""dvc.yaml is the one DAG: its names, params, code deps and paths agree with the code."""
+"""dvc.yaml (the default pipeline) and comparison/dvc.yaml (the method comparison, its
+own pipeline over the default one's outputs) agree with the code: names, params, code
+deps and paths."""
 
 import ast
 import shlex
@@ -12,13 +14,15 @@ from flows import codedeps
 from .builders import STAGES
 from .conftest import ROOT
 
-RAW = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+MAIN = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+SECOND = yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())
+RAW = MAIN["stages"] | SECOND["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
 COMPARISON = ["compare", "report"]
 IDENTIFY = ["identify"]  # always runs; no params section of its own (it reads models.teacher / models.student)
 ROUND = ["round_student", "round_pairs", "round_curate", "round_score", "round_train", "round_evaluate"]
-EXPECTED = IDENTIFY + BASE + COMPARISON + ROUND
+EXPECTED = IDENTIFY + BASE + ROUND + COMPARISON  # dvc.yaml, then comparison/dvc.yaml
 # The round_* groups are `foreach: ${train.rounds}` templates and compare a matrix over
 # compare.runs x compare.seeds; static checks read them instantiated for round 2 and
 # the cell (kd, 1) (tests/test_pipeline.py runs them through DVC itself).
@@ -53,6 +57,11 @@ def test_stage_names_agree_everywhere() -> None:
     assert list(DVC) == EXPECTED
     assert all(RAW[name]["foreach"] == "${train.rounds}" for name in ROUND)
     assert set(RAW["compare"]["matrix"]) == {"run", "seed"}
+    # the comparison is its own pipeline: not in dvc.yaml (a plain `dvc repro` never runs
+    # it), run from the repo root with the root params file
+    assert list(SECOND["stages"]) == COMPARISON and not set(COMPARISON) & set(MAIN["stages"])
+    assert SECOND["vars"] == ["../params.yaml:compare"]
+    assert all(SECOND["stages"][n]["wdir"] == ".." for n in COMPARISON)
     for name in COMPARISON:
         assert (ROOT / "stages" / f"{name}.py").is_file() and (ROOT / "tests" / f"test_{name}.py").is_file()
     assert "compare" in PARAMS
@@ -78,6 +87,8 @@ def test_code_deps_are_exactly_the_import_closure(stage: str) -> None:
 
 
 def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Path) -> None:
+    for f in codedeps.PIPELINES:
+        assert codedeps.sync_text((ROOT / f).read_text(), ROOT)[1] == [], f"{f}: run `distillflow dag sync`"
     text = (ROOT / "dvc.yaml").read_text()
     assert codedeps.sync_text(text, ROOT) == (text, [])
     stale = text.replace("      - stages/lib/data/io.py\n", "", 1).replace(

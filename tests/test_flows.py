@@ -103,8 +103,9 @@ def with_outcome(summary: dict[str, Any], outcome: str) -> set[str]:
 
 
 def dvc_dag(repo: Path, env: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
-    """The stages and edges (upstream -> downstream) `dvc dag --dot` draws."""
-    dot = sh(repo, env, PY, "-m", "dvc", "dag", "--dot")
+    """The stages and edges (upstream -> downstream) `dvc dag --dot dvc.yaml` draws: the
+    default pipeline, what a plain `distillflow run` runs (not comparison/dvc.yaml's)."""
+    dot = sh(repo, env, PY, "-m", "dvc", "dag", "--dot", "dvc.yaml")
     return set(re.findall(r'^"([^"]+)";$', dot, re.MULTILINE)), set(re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot))
 
 
@@ -128,16 +129,18 @@ def dvc_stages(repo: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
-    """What DVC reruns when params `keys` change: the stages declaring them and
-    everything downstream of those in `dvc dag`."""
+    """What DVC reruns when params `keys` change: the stages of the default pipeline
+    declaring them and everything downstream of those in `dvc dag dvc.yaml`."""
 
     def covers(d: str, k: str) -> bool:
         return k == d or k.startswith(d + ".") or d.startswith(k + ".")
 
+    names, edges = dvc_dag(repo, env)
     found = {
-        name for name, info in dvc_stages(repo, env).items() if any(covers(d, k) for d in info["params"] for k in keys)
+        name
+        for name, info in dvc_stages(repo, env).items()
+        if name in names and any(covers(d, k) for d in info["params"] for k in keys)
     }
-    edges = dvc_dag_edges(repo, env)
     todo = list(found)
     while todo:
         cur = todo.pop()
@@ -148,16 +151,18 @@ def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
     return found
 
 
-def assert_dvc_agrees(repo: Path, env: dict[str, str]) -> None:
-    """After a Prefect run, DVC sees everything up to date: `dvc status` reports only
-    the identify stage (`always changed`: it hashes the model folders on every repro)
-    and `dvc repro` runs nothing else, leaving identify's output byte-identical."""
-    status = sh(repo, env, PY, "-m", "dvc", "status")
-    assert status.split() == ["identify:", "always", "changed"], status
-    before = (repo / "data" / "identity.json").read_bytes()
-    repro = sh(repo, env, PY, "-m", "dvc", "repro")
-    assert set(re.findall(r"Running stage '([\w@.-]+)'", repro)) == {"identify"}, repro
-    assert (repo / "data" / "identity.json").read_bytes() == before
+def assert_dvc_agrees(repo: Path, env: dict[str, str], pipeline: str = "dvc.yaml") -> None:
+    """After a Prefect run, DVC sees `pipeline` up to date: `dvc status` reports nothing
+    but `always changed` stages (identify: it hashes the model folders on every repro)
+    and `dvc repro` runs only those, leaving their outputs byte-identical. (Checked per
+    pipeline file: a training param change leaves comparison/dvc.yaml stale, as it must.)"""
+    status = json.loads(sh(repo, env, PY, "-m", "dvc", "status", "--json", pipeline).strip().splitlines()[-1])
+    assert all(v == ["always changed"] for v in status.values()), status
+    outs = {p: p.read_bytes() for p in (repo / "data").glob("identity.json")}
+    repro = sh(repo, env, PY, "-m", "dvc", "repro", pipeline)
+    ran = set(re.findall(r"Running stage '([\w@.:/-]+)'", repro))
+    assert ran == set(status) | ({"identify"} & ran), repro  # identify is upstream of both pipelines
+    assert {p: p.read_bytes() for p in outs} == outs
 
 
 def free_port() -> int:
@@ -528,12 +533,28 @@ def test_reverting_params_restores_every_output_from_the_dvc_cache(
     assert_dvc_agrees(smoke, server.env)
 
 
+def test_the_comparison_runs_only_when_targeted_as_its_own_pipeline(
+    smoke: Path, server: Server, cold: dict[str, Any]
+) -> None:
+    """comparison/dvc.yaml is in DVC's index but not in a plain run (the cold run ran
+    none of its stages); `--target comparison/dvc.yaml` runs its matrix cells and report
+    on the default pipeline's outputs, which are cache hits."""
+    comparison = {"comparison/dvc.yaml:compare@kd-1", "comparison/dvc.yaml:compare@distillm2-1"}
+    comparison |= {"comparison/dvc.yaml:report"}
+    assert not comparison & set(outcomes(cold["summary"]))
+    summary, _ = run_flow(smoke, server.env, "--target", "comparison/dvc.yaml")
+    assert with_outcome(summary, "ran") == comparison | ALWAYS
+    assert with_outcome(summary, "cached") == stages_of(smoke, server.env) - ALWAYS
+    assert (smoke / "reports" / "comparison" / "table.csv").is_file()
+    assert_dvc_agrees(smoke, server.env, "comparison/dvc.yaml")
+
+
 def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
     tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.rounds drives dvc.yaml's foreach round_* stages: with rounds r2 and r3 the
     flow's DAG has round_<stage>@r2/@r3 wired exactly as `dvc dag` wires them. (The
-    cold run above already runs the real matrix stages compare@<run>-<seed>.)"""
+    comparison test below runs the real matrix stages compare@<run>-<seed>.)"""
     from flows.dag import load_dag
     from flows.dvc_ops import apply_overrides
 
@@ -549,7 +570,8 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
     }
     assert rounds <= set(dag.stages)
     nodes, edges = dvc_dag(repo, server.env)
-    assert set(dag.stages) == nodes and dag.edges == edges
+    default = set(dag.default())  # comparison/dvc.yaml's stages are in the index, not in a plain run
+    assert default == nodes and {(u, d) for u, d in dag.edges if d in default} == edges
     assert ("round_train@r2", "round_student@r3") in dag.edges
     assert dag.closure(["round_student"]) == [n for n in dag.stages if n in set(dag.closure(["round_student@r3"]))]
 
