@@ -4,7 +4,8 @@
         --models data/bootstrap --prompts data/seed --out data/compare/kd-2 --metrics metrics/compare/kd-2.json \
         --live plots/compare/kd-2
 
-dvc.yaml runs this as a matrix over `compare.runs` x `compare.seeds`: every cell trains
+comparison/dvc.yaml (the comparison's own pipeline) runs this as a matrix over
+`compare.runs` x `compare.seeds`: every cell trains
 the initial student on the same curated pairs with the train stage's trainer, input
 gates and settings (`train`: epochs, lr, batch, teacher signal, ...; stages/lib/training/),
 with the cell's method, DistiLLM-2 switches and seed, then evaluates it with the evaluate
