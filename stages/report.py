@@ -7,9 +7,10 @@ Reads one metrics file per (run, seed) cell of the `compare` matrix (stages/comp
 and the evaluate stage's metrics (teacher and initial student, for scale). Writes, under
 `--out` (committed to git, not the DVC cache): table.md and table.csv (mean and standard
 deviation over seeds of every metric, per run), exact_match.png (mean with the seed
-spread), and README.md, which places our ordering beside the paper's
-(docs/METHOD.md) and says where they agree, per adjacent pair, and whether
-the gap is larger than the spread across seeds. `--plot` is the same means as a DVC plot.
+spread), and README.md: exact match per skill, every run's paired difference (by seed)
+from DistiLLM-2 and from KD with a 95% interval, and our ordering beside the paper's
+(docs/METHOD.md), per adjacent pair, claimed only where the interval excludes 0 ("no
+difference measured" otherwise). `--plot` is the same means as a DVC plot.
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ METRICS: list[tuple[str, tuple[str, ...], bool]] = [
     ("final_train_loss", ("train", "final_loss"), False),
 ]
 
-# The paper's orderings (docs/METHOD.md), worst to best, with its figures.
+# The paper's orderings (docs/METHOD.md), worst to best, with its figures. The paper's
+# "SFT" rows are the SFT *student* every method starts from: here the initial student
+# (INITIAL, metrics/evaluate.json), not our `sft` run (SeqKD: NLL on the teacher's
+# responses), for which the paper reports no row; SeqKD is in the table only.
+INITIAL = "initial student"
 PAPER = {
     "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": [
-        ("sft", 30.33),
+        (INITIAL, 30.33),
         ("kd", 41.19),
         ("gkd", 56.14),
         ("distillm", 56.35),
@@ -79,7 +84,7 @@ PAPER = {
         ("distillm2", 46.50),
     ],
     "speculative decoding drafter (acceptance rate)": [
-        ("sft", 0.412),
+        (INITIAL, 0.412),
         ("gkd", 0.464),
         ("distillm", 0.469),
         ("distillm2", 0.487),
@@ -104,20 +109,24 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def aggregate(cells_dir: Path, p: CompareParams) -> dict[str, dict[str, tuple[float, float]]]:
-    """run -> metric -> (mean, sample std over seeds); every listed cell must exist."""
-    cols = [c for c, _, _ in METRICS]
+# run -> metric -> seed -> value (a metric a cell recorded as null is absent for that seed)
+Values = dict[str, dict[str, dict[int, float]]]
+
+
+def collect(cells_dir: Path, p: CompareParams) -> Values:
+    """Every cell's metrics by run, metric and seed; every listed cell must exist. Per
+    skill exact match comes as `exact_match/<skill>`."""
     has_accuracy: bool | None = None
-    out: dict[str, dict[str, tuple[float, float]]] = {}
+    out: Values = {}
     nulls: list[str] = []
     for run in p.runs:
-        values: dict[str, list[float]] = {c: [] for c in cols}
+        values: dict[str, dict[int, float]] = {}
         for seed in p.seeds:
             f = cells_dir / f"{run}-{seed}.json"
             if not f.is_file():
                 raise DataError(
                     f"{f}: missing; compare.runs lists {run!r} and compare.seeds {seed}, "
-                    "so `dvc repro` should have made it"
+                    "so `dvc repro comparison/dvc.yaml` should have made it"
                 )
             cell = json.loads(f.read_text())
             if (cell["run"], cell["seed"]) != (run, seed):
@@ -135,53 +144,166 @@ def aggregate(cells_dir: Path, p: CompareParams) -> dict[str, dict[str, tuple[fl
                 if v is None:
                     nulls.append(f"{run}-{seed}: {c}")
                 else:
-                    values[c].append(v)
-        out[run] = {c: mean_std(v) for c, v in values.items() if v}
+                    values.setdefault(c, {})[seed] = v
+            if acc:
+                for skill, v in sorted(cell["student"]["accuracy"].get("per_category", {}).items()):
+                    values.setdefault(f"exact_match/{skill}", {})[seed] = float(v)
+        out[run] = values
     if nulls:
         log.warning("report: no value (null) in %d cells, left out of their means: %s", len(nulls), ", ".join(nulls))
     return out
 
 
-def verdict(table: dict[str, dict[str, tuple[float, float]]], default_metric: str) -> list[str]:
-    """Per paper ordering: our value for each row, and per adjacent pair whether we agree."""
+def summarise(values: Values) -> dict[str, dict[str, tuple[float, float]]]:
+    """run -> metric -> (mean, sample std over seeds)."""
+    return {run: {c: mean_std(list(v.values())) for c, v in m.items() if v} for run, m in values.items()}
+
+
+def aggregate(cells_dir: Path, p: CompareParams) -> dict[str, dict[str, tuple[float, float]]]:
+    """run -> metric -> (mean, sample std over seeds); every listed cell must exist."""
+    return summarise(collect(cells_dir, p))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Student's t quantile (e.g. q = 0.975 for a two-sided 95% interval): bisection on
+    the CDF, which is integrated from the density (Simpson's rule, 2,000 panels on
+    [0, t]). Exact to about 1e-6 for df >= 1; no scipy needed."""
+    if df < 1 or not 0.5 < q < 1.0:
+        raise ValueError(f"t_quantile: need df >= 1 and 0.5 < q < 1, got df={df}, q={q}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+
+    def cdf(t: float, n: int = 2000) -> float:
+        h = t / n
+        odd = sum(pdf((2 * i - 1) * h) for i in range(1, n // 2 + 1))
+        even = sum(pdf(2 * i * h) for i in range(1, n // 2))
+        return 0.5 + h / 3 * (pdf(0.0) + 4 * odd + 2 * even + pdf(t))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Paired:
+    """b - a over the seeds both have (same seed: same data order and initial student)."""
+
+    mean: float
+    low: float  # the 95% confidence interval of the mean difference (t, n - 1 df)
+    high: float
+    n: int
+
+    @property
+    def measured(self) -> bool:
+        """An ordering is claimed only when the interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+
+def paired(a: dict[int, float] | float, b: dict[int, float] | float) -> Paired:
+    """Paired differences b - a by seed, with a 95% t interval; a float is a model that
+    does not depend on the seed (the initial student). Needs two seeds or more."""
+    keys = [set(x) for x in (a, b) if isinstance(x, dict)]
+    seeds = sorted(set.intersection(*keys)) if keys else []
+    at = lambda x, s: x[s] if isinstance(x, dict) else x  # noqa: E731
+    d = [at(b, s) - at(a, s) for s in seeds]
+    if len(d) < 2:
+        raise ValueError(f"paired: {len(d)} common seeds; an interval needs at least 2")
+    m, sd = mean_std(d)
+    half = t_quantile(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+    return Paired(m, m - half, m + half, len(d))
+
+
+def ordering(a: str, b: str, diff: Paired) -> str:
+    """What a paired difference b - a lets us say."""
+    if not diff.measured:
+        return "no difference measured"
+    return f"{b} > {a}" if diff.mean > 0 else f"{b} < {a}"
+
+
+def verdict(values: Values, default_metric: str, reference: dict[str, Any]) -> list[str]:
+    """Per paper ordering: our value for each row, and per adjacent pair the paired
+    difference over seeds with its 95% interval; an ordering is claimed only where the
+    interval excludes 0 ("no difference measured" otherwise). The paper's SFT rows are
+    the initial student (`reference`: metrics/evaluate.json), one model for every seed."""
+    initial = reference.get("student_initial", {})
+    fixed = {"exact_match": (initial.get("accuracy") or {}).get("exact_match")}
+    fixed |= {c: initial.get(c) for c in ("greedy_agreement", "rouge_l_vs_teacher", "kl_teacher_student")}
     lines: list[str] = []
     for title, order in PAPER.items():
         metric = PAPER_METRIC.get(title, default_metric)
-        present = [(run, fig) for run, fig in order if run in table and metric in table[run]]
+        at = {run: values[run][metric] for run, _ in order if run in values and metric in values[run]}
+        if fixed.get(metric) is not None:
+            at[INITIAL] = fixed[metric]  # type: ignore[assignment]
+        present = [(run, fig) for run, fig in order if run in at]
         if len(present) < 2:
             continue
         lines += [f"**{title}**, ours by {metric}:", ""]
-        lines += ["| run | paper | ours (mean ± std) |", "|---|---|---|"]
-        lines += [
-            f"| {run} | {fig} | {table[run][metric][0]:.4f} ± {table[run][metric][1]:.4f} |" for run, fig in present
-        ]
-        lines.append("")
-        agree = 0
-        for (a, _), (b, _) in zip(present, present[1:]):
-            (ma, sa), (mb, sb) = table[a][metric], table[b][metric]
-            diff = mb - ma
-            same = diff > 0
-            agree += same
-            clear = abs(diff) > sa + sb
-            lines.append(
-                f"- paper: {b} > {a}; ours: {b} {'>' if diff > 0 else '<='} {a} by {abs(diff):.4f} "
-                f"({'agrees' if same else 'disagrees'}; {'larger than' if clear else 'within'} "
-                f"the seed spread {sa + sb:.4f})"
+        lines += ["| run | paper | ours (mean ± std over seeds) |", "|---|---|---|"]
+        for run, fig in present:
+            v = at[run]
+            ours = (
+                f"{v:.4f} (one model)"
+                if isinstance(v, float)
+                else "{:.4f} ± {:.4f}".format(*mean_std(list(v.values())))
             )
-        lines += ["", f"{agree} of {len(present) - 1} adjacent orderings agree with the paper.", ""]
+            lines.append(f"| {run} | {fig} | {ours} |")
+        lines.append("")
+        same = other = none = 0
+        for (a, _), (b, _) in zip(present, present[1:]):
+            diff = paired(at[a], at[b])
+            said = ordering(a, b, diff)
+            same += said == f"{b} > {a}"
+            other += said == f"{b} < {a}"
+            none += not diff.measured
+            tag = "agrees" if said == f"{b} > {a}" else "disagrees" if diff.measured else "no claim"
+            lines.append(
+                f"- paper: {b} > {a}; ours: {b} - {a} = {diff.mean:+.4f}, 95% CI [{diff.low:+.4f}, {diff.high:+.4f}] "
+                f"over {diff.n} paired seeds: {said} ({tag})"
+            )
+        lines += [
+            "",
+            f"Of {len(present) - 1} adjacent orderings: {same} measured in the paper's direction, {other} measured "
+            f"the other way, {none} with no difference measured (the 95% interval holds 0).",
+            "",
+        ]
     return lines
 
 
-def write(
-    out: Path, plot: Path, table: dict[str, dict[str, tuple[float, float]]], p: CompareParams, reference: dict[str, Any]
-) -> None:
+def pairs_table(values: Values, metric: str, against: tuple[str, ...] = ("distillm2", "kd")) -> list[str]:
+    """Every run's paired difference from each of `against` on `metric`."""
+    lines: list[str] = []
+    for base in against:
+        if base not in values or metric not in values[base]:
+            continue
+        lines += [
+            f"Paired by seed, {metric}: run - {base} (95% CI)",
+            "",
+            "| run | difference | 95% CI | |",
+            "|---|---|---|---|",
+        ]
+        for run in values:
+            if run == base or metric not in values[run]:
+                continue
+            d = paired(values[base][metric], values[run][metric])
+            lines.append(f"| {run} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {ordering(base, run, d)} |")
+        lines.append("")
+    return lines
+
+
+def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = summarise(values)
     cols = [c for c, _, _ in METRICS if any(c in v for v in table.values())]
     main = "exact_match" if "exact_match" in cols else "rouge_l_vs_teacher"
+    skills = sorted({c for v in table.values() for c in v if c.startswith("exact_match/")})
     with atomic_dir(out) as tmp:
         with (tmp / "table.csv").open("w", newline="") as f:
             w = csv.writer(f)
@@ -206,6 +328,19 @@ def write(
                 + " |"
             )
         (tmp / "table.md").write_text("\n".join(md) + "\n")
+        per_skill = []
+        if skills:
+            per_skill = [
+                "| run | " + " | ".join(c.split("/", 1)[1] for c in skills) + " |",
+                "|---|" + "---|" * len(skills),
+            ]
+            for run in ranked:
+                v = table[run]
+                per_skill.append(
+                    f"| {run} | "
+                    + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in skills)
+                    + " |"
+                )
         fig, ax = plt.subplots(figsize=(9, 4))
         means, stds = [table[r][main][0] for r in ranked], [table[r][main][1] for r in ranked]
         ax.bar(ranked, means, yerr=stds, capsize=4, color="#4c72b0")
@@ -232,7 +367,11 @@ def write(
             f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), "
             "all trained from the same initial student on the same",
             "curated pairs with the same loop; mean ± sample standard deviation over seeds. Produced by",
-            "`dvc repro report` (stages compare@<run>-<seed> and report).",
+            "`dvc repro comparison/dvc.yaml` (stages compare@<run>-<seed> and report). Differences between",
+            "runs are paired by seed (same seed: same data order from the same initial student) with a 95%",
+            "t interval; an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
+            "are the SFT student the methods start from: our initial student. Our `sft` run is SeqKD",
+            "(NLL on the teacher's responses), which the paper has no row for.",
             "",
             *ref_lines,
             "",
@@ -240,9 +379,17 @@ def write(
             "",
             *md,
             "",
+            *(["## Exact match per skill", "", *per_skill, ""] if per_skill else []),
+            "## Paired differences",
+            "",
+            *(
+                pairs_table(values, main)
+                if len(p.seeds) > 1
+                else ["(one seed: no interval; list two seeds or more)", ""]
+            ),
             "## Against the paper",
             "",
-            *verdict(table, main),
+            *(verdict(values, main, reference) if len(p.seeds) > 1 else ["(one seed: no interval, no claim)"]),
         ]
         (tmp / "README.md").write_text("\n".join(readme))
     with atomic_path(plot) as tmp_plot, tmp_plot.open("w", newline="") as f:
@@ -255,8 +402,8 @@ def write(
 def main() -> None:
     args = entry.parse_paths(__doc__, "cells", "reference", "out", "plot")
     p: CompareParams = params.load_sections(args.params, SECTIONS)["compare"]
-    table = aggregate(args.cells, p)
-    write(args.out, args.plot, table, p, json.loads(args.reference.read_text()))
+    values = collect(args.cells, p)
+    write(args.out, args.plot, values, p, json.loads(args.reference.read_text()))
     log.info("report: %d runs x %d seeds -> %s", len(p.runs), len(p.seeds), args.out)
 
 

@@ -19,7 +19,7 @@ def cell(run: str, seed: int, em: float, agree: float = 0.5) -> dict:
         "disable": [],
         "train": {"final_loss": 1.0},
         "student": {
-            "accuracy": {"exact_match": em},
+            "accuracy": {"exact_match": em, "per_category": {"add": em / 2, "sort": 1.0}},
             "rouge_l_vs_teacher": em,
             "kl_teacher_student": 1 - em,
             "nll_on_teacher_responses": 2.0,
@@ -61,24 +61,58 @@ def test_missing_or_mislabelled_cells_are_refused(tmp_path: Path) -> None:
         report.aggregate(tmp_path, P)
 
 
-def test_verdict_says_where_we_agree_and_whether_it_beats_the_spread(tmp_path: Path) -> None:
+REF = {
+    "teacher": {"accuracy": {"exact_match": 0.9}},
+    "student_initial": {"accuracy": {"exact_match": 0.1}, "greedy_agreement": 0.3},
+}
+
+
+def test_t_quantiles_match_the_table() -> None:
+    for df, want in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert report.t_quantile(0.975, df) == pytest.approx(want, abs=6e-4)
+    with pytest.raises(ValueError):
+        report.t_quantile(0.975, 0)
+
+
+def test_paired_differences_by_seed_with_a_t_interval() -> None:
+    d = report.paired({1: 0.30, 2: 0.34, 3: 0.20}, {1: 0.50, 2: 0.52, 3: 0.45})  # b - a: 0.20, 0.18, 0.25
+    sd = ((0.01**2 + 0.03**2 + 0.04**2) / 2) ** 0.5  # deviations from the mean 0.21: -0.01, -0.03, +0.04
+    half = 4.303 * sd / 3**0.5
+    assert d.n == 3 and d.mean == pytest.approx(0.21) and d.high - d.mean == pytest.approx(half, rel=1e-3)
+    assert d.measured and report.ordering("a", "b", d) == "b > a"
+    noisy = report.paired({1: 0.40, 2: 0.60}, {1: 0.50, 2: 0.52})
+    assert not noisy.measured and report.ordering("a", "b", noisy) == "no difference measured"
+    fixed = report.paired(0.1, {1: 0.30, 2: 0.34, 3: 0.32})  # a model that does not depend on the seed
+    assert fixed.mean == pytest.approx(0.22) and fixed.measured
+    with pytest.raises(ValueError, match="at least 2"):
+        report.paired({1: 0.1}, {1: 0.2})
+
+
+def test_verdict_claims_an_ordering_only_where_the_interval_excludes_zero(tmp_path: Path) -> None:
     write_cells(tmp_path)
-    lines = "\n".join(report.verdict(report.aggregate(tmp_path, P), "exact_match"))
-    assert "paper: kd > sft; ours: kd > sft by 0.1900 (agrees; larger than the seed spread" in lines
-    assert "paper: distillm2 > kd; ours: distillm2 <= kd by 0.0100 (disagrees; within the seed spread" in lines
-    assert "1 of 2 adjacent orderings agree with the paper." in lines
+    lines = "\n".join(report.verdict(report.collect(tmp_path, P), "exact_match", REF))
+    # the paper's SFT row is the initial student (0.1 here, one model), not our `sft` run (SeqKD)
+    assert "| initial student | 30.33 | 0.1000 (one model) |" in lines and "| sft |" not in lines
+    assert "paper: kd > initial student; ours: kd - initial student = +0.4100" in lines
+    assert "over 2 paired seeds: kd > initial student (agrees)" in lines
+    assert "paper: distillm2 > kd; ours: distillm2 - kd = -0.0100" in lines
+    assert "no difference measured (no claim)" in lines
+    assert "1 measured in the paper's direction, 0 measured the other way, 1 with no difference measured" in lines
+    # drafter: the initial student's greedy agreement (0.3) against DistiLLM-2's (0.5 every seed)
+    assert "distillm2 - initial student = +0.2000, 95% CI [+0.2000, +0.2000]" in lines
 
 
 def test_write_produces_table_plot_and_readme(tmp_path: Path) -> None:
     write_cells(tmp_path / "cells")
-    table = report.aggregate(tmp_path / "cells", P)
-    ref = {"teacher": {"accuracy": {"exact_match": 0.9}}, "student_initial": {"accuracy": {"exact_match": 0.1}}}
-    report.write(tmp_path / "out", tmp_path / "plot.csv", table, P, ref)
+    report.write(tmp_path / "out", tmp_path / "plot.csv", report.collect(tmp_path / "cells", P), P, REF)
     rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
     assert [r["run"] for r in rows] == ["sft", "kd", "distillm2"] and rows[1]["exact_match_mean"] == "0.510000"
     md = (tmp_path / "out" / "table.md").read_text().splitlines()
     assert md[2].startswith("| kd |") and "0.5100 ± 0.0141" in md[2]  # ranked by exact match
     assert (tmp_path / "out" / "exact_match.png").read_bytes()[:4] == b"\x89PNG"
     readme = (tmp_path / "out" / "README.md").read_text()
-    assert "teacher: exact match 0.9000" in readme and "adjacent orderings agree" in readme
+    assert "teacher: exact match 0.9000" in readme and "adjacent orderings" in readme
+    assert "## Exact match per skill" in readme and "| kd | 0.2550 ± 0.0071 | 1.0000 ± 0.0000 |" in readme
+    # paired differences from distillm2 (sft - distillm2: -0.10, -0.26) and from kd (-0.20, -0.18)
+    assert "| sft | -0.1800 | [" in readme and "| sft | -0.1900 | [" in readme
     assert (tmp_path / "plot.csv").read_text().splitlines()[1].startswith("kd,0.510000")
