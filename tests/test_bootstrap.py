@@ -112,6 +112,8 @@ def test_hub_model_without_revision_is_refused(tmp_path: Path) -> None:
 def test_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="no .safetensors weights"):
+        models.model_fingerprint(models.ModelRef(str(tmp_path / "m"), None), tmp_path)
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")  # named as such (tests/test_preflight.py)
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\)"):
         models.model_fingerprint(models.ModelRef(str(tmp_path / "m"), None), tmp_path)
