@@ -49,10 +49,11 @@ PARAMS = tuple(SECTIONS)
 
 
 def run(
-    task: TaskParams, p: SeedParams, rows: Iterator[Raw]
+    task: TaskParams, p: SeedParams, rows: Iterator[Raw], eval_rows: Iterator[Raw] | None = None
 ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
-    """(train, eval, quarantine, counts) in memory: split.prompt_sets."""
-    return prompt_sets(task, p, rows)
+    """(train, eval, quarantine, counts) in memory: split.prompt_sets (`eval_rows`: the
+    rows of seed.eval_source, when it is set)."""
+    return prompt_sets(task, p, rows, eval_rows)
 
 
 def gate_outputs(tmp: Path, out: Path, q: quality.QualityParams, docs: Path | None) -> dict[str, Any]:
@@ -72,14 +73,19 @@ def main() -> None:
     args = entry.parse_paths(__doc__, "out", "metrics", optional=("models", "docs"))
     sections = params.load_sections(args.params, SECTIONS)
     task, p = sections["task"], sections["seed"]
-    inputs = {"source": Path(p.source.path)} if p.source.kind in ("jsonl", "parquet") and p.source.path else {}
+    inputs = {
+        name: Path(src.path)
+        for name, src in (("source", p.source), ("eval_source", p.eval_source))
+        if src is not None and src.kind in ("jsonl", "parquet") and src.path
+    }
     synth, extra = None, {}
     if p.synthesis.enabled:
         teacher = teacher_of(sections, args.models)
         generate, fingerprint, details = open_generate(p.synthesis, teacher)
         synth, extra, inputs["teacher"] = (generate, fingerprint), {"synthesis": details}, teacher.lineage_input
     with atomic_dir(args.out) as tmp:
-        result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth)
+        held_out = source_rows(task, p, p.eval_source) if p.eval_source is not None else None
+        result, outputs = stream_to(tmp, task, p, source_rows(task, p), synth, eval_rows=held_out)
         validation = gate_outputs(tmp, args.out, sections["quality"], args.docs)
         counts = {**result.counts, "gates": quality.validation_summary(validation)}
         lineage.write_manifest(

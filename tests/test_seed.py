@@ -9,11 +9,12 @@ import pytest
 
 from stages import seed
 from stages.lib.audit import quarantine as qshape
-from stages.lib.core import params
+from stages.lib.core import models, params
 from stages.lib.core.config import ModelParams
 from stages.lib.data import records, sources, split, synthesis
 from stages.lib.data.io import DataError, read_table, write_table
 from stages.lib.task import toytask
+from stages.lib.training import basics
 
 from .builders import TASK, seed_params
 from .conftest import ROOT
@@ -304,10 +305,16 @@ def test_parse_toy_prompt_checks_the_task_ranges() -> None:
     assert synthesis.parse_toy_prompt("Reverse the word abc", TASK) is None
 
 
-def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: Path) -> None:
+def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path) -> None:
     """A real (tiny, random) teacher through the real engine: few of its outputs parse
     as toy prompts, and whatever it says, every attempt is accounted for."""
     p = synth_params(num_prompts=2, max_attempts=6, batch_size=3, max_new_tokens=8)
+    # few-shot prompts are about 190 tokens: a teacher with a 256-position context (the
+    # 64-position tiny models are refused before generating: tests/test_preflight.py)
+    tok = models.build_char_tokenizer()
+    arch = models.ToyArch(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    basics.save_model(models.build_toy_model(arch, len(tok), tok, seed=0, max_positions=256), tok, tmp_path / "teacher")
+    tiny_models = tmp_path
     sections = {
         "models.teacher": ModelParams("toy", None),
         "models.trust_remote_code": False,
@@ -323,3 +330,42 @@ def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path, tiny_models: P
     assert details["sampling"]["max_new_tokens"] == 8 and fingerprint.startswith("sha256:")
     with pytest.raises(ValueError, match="pass --models data/bootstrap"):
         synthesis.teacher_of(sections, None)
+
+
+def jsonl(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in prompts))
+    return path
+
+
+def test_an_eval_source_is_the_eval_set_and_its_prompts_never_train(tmp_path: Path) -> None:
+    """seed.eval_source: a held-out set (a benchmark) gives the eval prompts; the source
+    gives only train prompts, and one of them that is an eval prompt is quarantined."""
+    bench = jsonl(tmp_path / "bench.jsonl", [f"Benchmark question {i}?" for i in range(6)] + ["Benchmark question 0?"])
+    pool = jsonl(tmp_path / "pool.jsonl", [f"Train question {i}?" for i in range(30)] + ["Benchmark  question 3?"])
+    held = sources.SourceParams(kind="jsonl", path=str(bench), config=None, split=None, revision=None, field="text")
+    p = dataclasses.replace(seed_params("jsonl", str(pool), "text", num_train=100, num_eval=5), eval_source=held)
+    train, evals, quarantine, counts = seed.run(
+        TASK, p, sources.source_rows(TASK, p), sources.source_rows(TASK, p, held)
+    )
+    assert [r["prompt"] for r in evals] == [f"Benchmark question {i}?" for i in range(5)]  # num_eval of them
+    assert len(train) == 30 and {r["split"] for r in train} == {"train"}  # no eval_fraction split of the source
+    assert {r["prompt_id"] for r in train}.isdisjoint(r["prompt_id"] for r in evals)
+    assert [(q["reason"], q["source_ref"]) for q in quarantine] == [("eval_prompt", f"{pool}:line=31")]
+    assert counts["dropped_by_reason"] == {"eval_prompt": 1} and counts["eval"] == 5
+    reconcile(counts)
+    with pytest.raises(ValueError, match="eval_source: must be a jsonl, parquet or hf source"):
+        dataclasses.replace(p, eval_source=dataclasses.replace(held, kind="toy", path=None, field=None))
+
+
+def test_a_small_file_with_no_eval_prompt_says_how_many_the_fraction_needs(tmp_path: Path) -> None:
+    # 12 prompts at eval_fraction 0.1: none of these lands in eval (the split is a hash of the prompt)
+    texts = [f"Small question {i}?" for i in range(40)]
+    kept = [t for t in texts if records.split_of(records.prompt_id(t), TASK.eval_fraction) == "train"][:12]
+    assert len(kept) == 12
+    p = seed_params("jsonl", str(jsonl(tmp_path / "small.jsonl", kept)), "text", num_train=100, num_eval=5)
+    with pytest.raises(
+        DataError, match=r"12 of 12 rows usable, giving 12 train and 0 eval prompts; task.eval_fraction"
+    ):
+        seed.run(TASK, p, sources.source_rows(TASK, p))
+    with pytest.raises(DataError, match=r"about 30 usable prompts give at least one eval prompt .* seed.eval_source"):
+        seed.run(TASK, p, sources.source_rows(TASK, p))

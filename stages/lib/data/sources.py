@@ -104,9 +104,18 @@ class SeedParams:
     num_train: int
     num_eval: int
     max_prompt_chars: int
+    # A held-out eval set (a benchmark): its prompts are the eval prompts and `source`
+    # gives only train prompts (any of them that is an eval prompt is quarantined as
+    # eval_prompt); null: `source` is split by task.eval_fraction.
+    eval_source: SourceParams | None = None  # params files always give it (strict loader)
     synthesis: SynthesisParams = SYNTHESIS_OFF  # params files always give it (strict loader)
 
     def __post_init__(self) -> None:
+        check(
+            self.eval_source is None or self.eval_source.kind != "toy",
+            "eval_source",
+            "must be a jsonl, parquet or hf source (the toy task is split by task.eval_fraction); null: no eval source",
+        )
         check(self.num_train >= 1, "num_train", "must be >= 1")
         check(self.num_eval >= 1, "num_eval", "must be >= 1")
         check(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
@@ -176,9 +185,9 @@ def _hf_rows(s: SourceParams) -> Iterator[Raw]:
     yield from _table_rows(iter(ds), s.where(), s.field)
 
 
-def source_rows(task: TaskParams, p: SeedParams) -> Iterator[Raw]:
-    """The raw rows of `p.source`, in source order."""
-    s = p.source
+def source_rows(task: TaskParams, p: SeedParams, s: SourceParams | None = None) -> Iterator[Raw]:
+    """The raw rows of `s` (default `p.source`; e.g. `p.eval_source`), in source order."""
+    s = p.source if s is None else s
     if s.kind == "toy":
         return _toy_rows(task, p.seed)
     assert s.path is not None and s.field is not None

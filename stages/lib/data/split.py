@@ -10,6 +10,8 @@ read = train + eval + quarantined + unused_over_quota.
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +64,9 @@ class _Tally:
     reasons: Counter[str] = field(default_factory=Counter)
     fields: dict[str, None] = field(default_factory=dict)  # fields of rows missing the prompt field, in order
 
+    def reasons_text(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in self.reasons.most_common(3)) or "no rows"
+
     def full(self, p: SeedParams) -> bool:
         return self.train >= p.num_train and self.eval >= p.num_eval
 
@@ -76,26 +81,37 @@ class _Tally:
         }
 
 
-def _check_not_empty(p: SeedParams, t: _Tally) -> None:
-    """Both sets need a prompt; when none is usable, say why (top reasons, the fields rows have)."""
+def _check_not_empty(task: TaskParams, p: SeedParams, t: _Tally) -> None:
+    """Both sets need a prompt; when none is usable, say why (top reasons, the fields rows
+    have), and for an empty eval set how many prompts the eval fraction needs."""
     if t.train and t.eval:
         return
     if not t.train and not t.eval and not t.unused:
         raise DataError(q.nothing_left(p.source.where(), t.read, t.reasons, fields=t.fields))
-    raise DataError(
-        f"{p.source.where()}: {t.train + t.eval + t.unused} of {t.read} rows usable, giving {t.train} train and "
-        f"{t.eval} eval prompts; both sets need at least one"
-    )
+    usable = t.train + t.eval + t.unused
+    if p.eval_source is not None and not t.eval:
+        raise DataError(f"seed.eval_source {p.eval_source.where()}: no usable eval prompt ({t.reasons_text()})")
+    msg = f"{p.source.where()}: {usable} of {t.read} rows usable, giving {t.train} train and {t.eval} eval prompts; "
+    if not t.eval:
+        f = task.eval_fraction
+        msg += (
+            f"task.eval_fraction {f} sends about one prompt in {1 / f:.0f} to eval, so about {math.ceil(3 / f)} "
+            "usable prompts give at least one eval prompt with 95% probability; add prompts, raise "
+            "task.eval_fraction, or name a held-out set in seed.eval_source"
+        )
+    else:
+        msg += "both sets need at least one"
+    raise DataError(msg)
 
 
-def _prompt_row(p: SeedParams, r: Raw, pid: str, text: str, split: str) -> dict[str, Any]:
+def _prompt_row(kind: str, r: Raw, pid: str, text: str, split: str) -> dict[str, Any]:
     return {
         "prompt_id": pid,
         "prompt": text,
         "split": split,
         "reference": r.reference,
         "category": r.category,
-        "source": p.source.kind,
+        "source": kind,
         "source_ref": r.source_ref,
     }
 
@@ -108,6 +124,7 @@ def stream(
     evals: RowSink,
     quarantine: RowSink,
     pool: Pool | None = None,
+    eval_rows: Iterator[Raw] | None = None,
 ) -> SeedResult:
     """Stream `rows` into the train, eval and quarantine sinks, in source order.
 
@@ -115,58 +132,89 @@ def stream(
     buffers. Reading stops once both quotas are full; a toy stream is endless, so it
     gives up after 50x the quota with an error instead of looping forever. Each id is
     kept at most once and its split is a function of the id, so no prompt can be in
-    both sets. `pool`, when given, samples the train prompts for synthesis.
+    both sets. With `eval_rows` (seed.eval_source) those are the eval prompts, read
+    first, and every valid row of `rows` is a train prompt unless it is an eval prompt
+    (quarantined as eval_prompt). `pool`, when given, samples the train prompts for
+    synthesis.
     """
+    if (eval_rows is None) != (p.eval_source is None):
+        raise ValueError("split.stream: pass eval_rows exactly when seed.eval_source is set")
     seen: set[bytes] = set()
+    held_out: set[bytes] = set()
     t = _Tally()
+    if eval_rows is not None:
+        assert p.eval_source is not None
+        for r in eval_rows:
+            if t.eval >= p.num_eval:
+                break
+            taken = _take(p, r, t, seen, held_out, quarantine, p.eval_source.kind)
+            if taken is not None:
+                evals.write([_prompt_row(p.eval_source.kind, r, taken[0], taken[1], "eval")])
+                t.eval += 1
+        held_out, seen = seen, set()
     limit = 50 * (p.num_train + p.num_eval) if p.source.kind == "toy" else None
     for r in rows:
-        if t.full(p):
+        if t.full(p) or (eval_rows is not None and t.train >= p.num_train):
             break
         if limit is not None and t.read >= limit:
             raise ValueError(
                 f"seed: the toy task yielded only {t.train} train / {t.eval} eval distinct prompts in {t.read} draws; "
                 "widen `task` or lower seed.num_train / seed.num_eval"
             )
-        t.read += 1
-        reason, text = _reason(p, r.value, r.error)
-        pid = records.prompt_id(text) if reason is None else None
-        key = bytes.fromhex(pid) if pid is not None else b""
-        if pid is not None and key in seen:
-            reason = "duplicate_prompt"
-        if reason is not None:
-            t.reasons[reason] += 1
-            t.fields.update(dict.fromkeys(r.fields))
-            raw_text = r.value if isinstance(r.value, str) else None
-            quarantine.write(
-                [
-                    q.prompt_row(
-                        reason,
-                        source=p.source.kind,
-                        source_ref=r.source_ref,
-                        prompt=raw_text,
-                        prompt_id=pid,
-                        reference=r.reference,
-                        category=r.category,
-                    )
-                ]
-            )
+        taken = _take(p, r, t, seen, held_out, quarantine, p.source.kind)
+        if taken is None:
             continue
-        assert pid is not None
-        seen.add(key)
-        split = records.split_of(pid, task.eval_fraction)
+        pid, text = taken
+        split = "train" if eval_rows is not None else records.split_of(pid, task.eval_fraction)
         if (split == "eval" and t.eval >= p.num_eval) or (split == "train" and t.train >= p.num_train):
             t.unused += 1  # valid, but its split's quota is already full
             continue
-        (evals if split == "eval" else train).write([_prompt_row(p, r, pid, text, split)])
+        (evals if split == "eval" else train).write([_prompt_row(p.source.kind, r, pid, text, split)])
         if split == "eval":
             t.eval += 1
         else:
             t.train += 1
             if pool is not None:
                 pool.offer(pid, text)
-    _check_not_empty(p, t)
-    return SeedResult(t.counts(), seen, pool)
+    _check_not_empty(task, p, t)
+    return SeedResult(t.counts(), seen | held_out, pool)
+
+
+def _take(
+    p: SeedParams, r: Raw, t: _Tally, seen: set[bytes], held_out: set[bytes], quarantine: RowSink, kind: str
+) -> tuple[str, str] | None:
+    """(prompt id, normalised text) of a usable row, counted as read; None when the row
+    is quarantined (with its reason: unusable, a duplicate, or an eval prompt of
+    seed.eval_source offered as a train prompt)."""
+    t.read += 1
+    reason, text = _reason(p, r.value, r.error)
+    pid = records.prompt_id(text) if reason is None else None
+    key = bytes.fromhex(pid) if pid is not None else b""
+    if pid is not None and key in held_out:
+        reason = "eval_prompt"
+    elif pid is not None and key in seen:
+        reason = "duplicate_prompt"
+    if reason is not None:
+        t.reasons[reason] += 1
+        t.fields.update(dict.fromkeys(r.fields))
+        raw_text = r.value if isinstance(r.value, str) else None
+        quarantine.write(
+            [
+                q.prompt_row(
+                    reason,
+                    source=kind,
+                    source_ref=r.source_ref,
+                    prompt=raw_text,
+                    prompt_id=pid,
+                    reference=r.reference,
+                    category=r.category,
+                )
+            ]
+        )
+        return None
+    assert pid is not None
+    seen.add(key)
+    return pid, text
 
 
 class ListSink:
@@ -183,12 +231,12 @@ class ListSink:
 
 
 def prompt_sets(
-    task: TaskParams, p: SeedParams, rows: Iterator[Raw]
+    task: TaskParams, p: SeedParams, rows: Iterator[Raw], eval_rows: Iterator[Raw] | None = None
 ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """`stream` into lists: (train, eval, quarantine, counts). For small sets (tests,
     other stages' fixtures, a comparison cell); the seed stage streams to Parquet."""
     train, evals, quarantine = ListSink(), ListSink(), ListSink()
-    result = stream(task, p, rows, train, evals, quarantine)
+    result = stream(task, p, rows, train, evals, quarantine, eval_rows=eval_rows)
     return train.items, evals.items, quarantine.items, result.counts
 
 
@@ -199,6 +247,7 @@ def stream_to(
     rows: Iterator[Raw],
     synth: tuple[Generate, str] | None = None,
     batch_rows: int = BATCH_ROWS,
+    eval_rows: Iterator[Raw] | None = None,
 ) -> tuple[SeedResult, dict[str, int]]:
     """`stream` into folder/{train,eval,quarantine}.parquet, then, given `synth`
     (generate, model fingerprint), append synthesised prompts to train and their
@@ -210,7 +259,7 @@ def stream_to(
         ParquetSink(folder / "quarantine.parquet", QUARANTINE_SCHEMA, batch_rows) as quarantine,
     ):
         pool = Pool(FEW_SHOT_POOL, p.synthesis.seed) if synth is not None else None
-        result = stream(task, p, rows, train, evals, quarantine, pool)
+        result = stream(task, p, rows, train, evals, quarantine, pool, eval_rows)
         if synth is not None:
             assert pool is not None
             result.counts["synthesis"] = synthesise(task, p, result.seen, pool, synth[0], synth[1], train, quarantine)
