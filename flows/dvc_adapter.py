@@ -131,7 +131,13 @@ class Project:
                         self._rel(d.fs_path): tuple(d.params) for d in stage.deps if isinstance(d, ParamsDependency)
                     },
                     "outs": tuple(self._rel(o.fs_path) for o in stage.outs),
-                    "metrics": tuple(self._rel(o.fs_path) for o in stage.outs if o.metric),
+                    # the stage's numbers: its DVC metrics and its plain metrics/*.json outs
+                    # (dvc.yaml declares as metrics only what experiments are compared on)
+                    "metrics": tuple(
+                        rel
+                        for o, rel in ((o, self._rel(o.fs_path)) for o in stage.outs)
+                        if o.metric or (rel.startswith("metrics/") and rel.endswith(".json"))
+                    ),
                     "always_changed": bool(stage.always_changed),
                     "frozen": bool(stage.frozen),
                 }

@@ -1,7 +1,7 @@
 """evaluate: teacher, initial student and distilled student on the held-out prompts.
 
     python -m stages.evaluate --params params.yaml --prompts data/seed --models data/bootstrap \
-        --trained data/train --out data/evaluate --metrics metrics/evaluate.json
+        --trained data/train --out data/evaluate --metrics metrics/evaluate.json --summary metrics/summary.json
 
 For each model, responses to every eval prompt (greedy unless `evaluate.temperature`
 says otherwise) and, where prompts carry reference answers (the toy task), exact-match
@@ -11,7 +11,9 @@ data/seed/eval.parquet, which is disjoint from every training prompt (checked he
 against data/seed/train.parquet again, not assumed).
 
 Outputs: predictions.parquet (one row per model and prompt, with correctness),
-manifest.json, and the metrics file (DVC metrics). The evaluation itself lives in
+manifest.json, the metrics file (every number, a plain output) and the summary (the
+headline numbers, the DVC metric that `dvc metrics show` and `dvc exp show` compare:
+evaluator.headline). The evaluation itself lives in
 stages/lib/evaluation/ (shared with the comparison cells).
 """
 
@@ -42,7 +44,7 @@ PARAMS = tuple(SECTIONS)
 
 
 def main() -> None:
-    args = entry.parse_paths(__doc__, "prompts", "models", "trained", "out", "metrics")
+    args = entry.parse_paths(__doc__, "prompts", "models", "trained", "out", "metrics", "summary")
     used = params.load_sections(args.params, SECTIONS)
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     eval_file, train_file = args.prompts / "eval.parquet", args.prompts / "train.parquet"
@@ -79,6 +81,7 @@ def main() -> None:
             counts=metrics,
         )
     write_json(args.metrics, metrics)
+    write_json(args.summary, evaluator.headline(metrics))
     for name in loaded:
         acc = metrics[name].get("accuracy")
         log.info(

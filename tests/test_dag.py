@@ -126,7 +126,7 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     )
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
     out_flags, value_flags = (
-        {"--out", "--metrics", "--plot", "--live", "--docs"},
+        {"--out", "--metrics", "--summary", "--plot", "--live", "--docs"},
         {"--run", "--seed"},
     )  # compare's matrix values
     assert {v for k, v in args.items() if k in out_flags} == outs

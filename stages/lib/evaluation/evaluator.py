@@ -112,3 +112,22 @@ def evaluate_models(
             teacher, tok_t, student, tok_s, prompts, responses["teacher"], responses[name], p
         )
     return metrics, predictions
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers a user compares across experiments (metrics/summary.json, the
+    evaluate stage's one DVC metric): per model, exact match overall and per skill where
+    prompts have references, and for the students KL(teacher || student) and ROUGE-L
+    against the teacher. The details stay in metrics/evaluate.json."""
+    out: dict[str, Any] = {}
+    for name in ("teacher", "student_initial", "student_distilled"):
+        m, row = metrics[name], {}
+        acc = m.get("accuracy")
+        if acc is not None:
+            row["exact_match"] = acc["exact_match"]
+            row["per_skill"] = dict(acc["per_category"])
+        for key in ("kl_teacher_student", "rouge_l_vs_teacher"):
+            if key in m:
+                row[key] = m[key]
+        out[name] = row
+    return out
