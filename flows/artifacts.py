@@ -82,12 +82,21 @@ def validation_lines(metrics: dict[str, Any], manifests: dict[str, dict[str, Any
     return lines or ["- the stage reports no validation data"]
 
 
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """`new` into `into`, nested mappings merged key by key (a later file's value wins)."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
 def stage_markdown(root: Path, spec: StageSpec, outcome: str, record: dict[str, Any], seconds: float) -> str:
     metrics: dict[str, Any] = {}
     for rel in spec.metrics:
         data = _read_json(root / rel)
         if data is not None:
-            metrics.update(data)
+            _merge(metrics, data)  # evaluate: its summary's numbers beside the full metrics, per model
     manifests = {}
     for rel in spec.outs:
         manifest = _read_json(root / rel / "manifest.json") if (root / rel).is_dir() else None
