@@ -32,6 +32,7 @@ import yaml
 
 # Stage modules; the round_* stages run the same modules, compare one cell per compare.runs entry.
 STAGES = (
+    "identify",
     "bootstrap",
     "seed",
     "teacher",

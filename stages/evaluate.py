@@ -1,7 +1,8 @@
 """evaluate: teacher, initial student and distilled student on the held-out prompts.
 
     python -m stages.evaluate --params params.yaml --prompts data/seed --models data/bootstrap \
-        --trained data/train --out data/evaluate --metrics metrics/evaluate.json --summary metrics/summary.json
+        --trained data/train --out data/evaluate --metrics metrics/evaluate.json --summary metrics/summary.json \
+        --round r1
 
 For each model, responses to every eval prompt (greedy unless `evaluate.temperature`
 says otherwise) and, where prompts carry reference answers (the toy task), exact-match
@@ -44,7 +45,9 @@ PARAMS = tuple(SECTIONS)
 
 
 def main() -> None:
-    args = entry.parse_paths(__doc__, "prompts", "models", "trained", "out", "metrics", "summary")
+    args = entry.parse_paths(
+        __doc__, "prompts", "models", "trained", "out", "metrics", "summary", values={"round": str}
+    )
     used = params.load_sections(args.params, SECTIONS)
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     eval_file, train_file = args.prompts / "eval.parquet", args.prompts / "train.parquet"
@@ -81,7 +84,7 @@ def main() -> None:
             counts=metrics,
         )
     write_json(args.metrics, metrics)
-    write_json(args.summary, evaluator.headline(metrics))
+    write_json(args.summary, evaluator.headline(metrics, args.round))
     for name in loaded:
         acc = metrics[name].get("accuracy")
         log.info(

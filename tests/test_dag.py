@@ -127,8 +127,8 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
     out_flags, value_flags = (
         {"--out", "--metrics", "--summary", "--plot", "--live", "--docs"},
-        {"--run", "--seed"},
-    )  # compare's matrix values
+        {"--run", "--seed", "--round"},
+    )  # compare's matrix values, evaluate's round label
     assert {v for k, v in args.items() if k in out_flags} == outs
     assert {v for k, v in args.items() if k not in out_flags | value_flags | {"--params"}} == data_deps
     assert args["--params"] == "params.yaml"

@@ -114,20 +114,19 @@ def evaluate_models(
     return metrics, predictions
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def headline(metrics: dict[str, Any], label: str) -> dict[str, Any]:
     """The few numbers a user compares across experiments (metrics/summary.json, the
-    evaluate stage's one DVC metric): per model, exact match overall and per skill where
-    prompts have references, and for the students KL(teacher || student) and ROUGE-L
-    against the teacher. The details stay in metrics/evaluate.json."""
+    evaluate stage's one DVC metric), under `label` (the round: r1, r2, ...), so each
+    round's columns in `dvc exp show` have short, distinct names: exact match of the
+    teacher, the initial and the distilled student, the distilled student's per skill,
+    and KL(teacher || student) of both students. The details stay in
+    metrics/evaluate.json."""
     out: dict[str, Any] = {}
-    for name in ("teacher", "student_initial", "student_distilled"):
-        m, row = metrics[name], {}
-        acc = m.get("accuracy")
-        if acc is not None:
-            row["exact_match"] = acc["exact_match"]
-            row["per_skill"] = dict(acc["per_category"])
-        for key in ("kl_teacher_student", "rouge_l_vs_teacher"):
-            if key in m:
-                row[key] = m[key]
-        out[name] = row
-    return out
+    names = {"teacher": "teacher", "student_initial": "initial", "student_distilled": "distilled"}
+    accs = {short: metrics[name].get("accuracy") for name, short in names.items()}
+    if all(a is not None for a in accs.values()):
+        out["exact_match"] = {short: a["exact_match"] for short, a in accs.items()}
+        out["distilled_per_skill"] = dict(accs["distilled"]["per_category"])
+    out["kl"] = {"initial": metrics["student_initial"]["kl_teacher_student"]}
+    out["kl"]["distilled"] = metrics["student_distilled"]["kl_teacher_student"]
+    return {label: out}
