@@ -18,7 +18,7 @@ from stages import bootstrap, compare, curate, evaluate, identify, pairs, report
 from stages.lib.audit import lineage
 from stages.lib.core import models
 from stages.lib.core.config import GenerationParams, TaskParams
-from stages.lib.data import records, sources
+from stages.lib.data import curation, records, sources
 from stages.lib.data.io import write_table
 from stages.lib.training import trainer
 from stages.lib.training.checkpoint import Checkpoint
@@ -300,3 +300,23 @@ def train_run(
     return trainer.train(
         trainer.Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p, checkpoint=ckpt, **kw)
     )  # type: ignore[arg-type]
+
+
+# Every curate filter off (tests turn on the ones they check with dataclasses.replace).
+CURATE_OFF = curation.CurateParams(
+    drop_duplicates=False,
+    drop_empty_chosen=False,
+    drop_empty_rejected=False,
+    drop_truncated_chosen=False,
+    drop_truncated_rejected=False,
+    min_chosen_tokens=0,
+    max_chosen_tokens=100,
+    max_rejected_tokens=100,
+    max_length_ratio=1000.0,
+    require_correct_chosen=False,
+    student_matches_teacher="keep",
+    repetition=curation.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
+    decontamination=curation.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
+    near_duplicates=curation.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
+    balance=curation.BalanceParams(key=None, max_per_value=None),
+)

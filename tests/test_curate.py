@@ -5,25 +5,9 @@ import pytest
 from stages import curate
 from stages.lib.data import curation
 
-from .builders import pair
+from .builders import CURATE_OFF, pair
 
-OFF = curation.CurateParams(
-    drop_duplicates=False,
-    drop_empty_chosen=False,
-    drop_empty_rejected=False,
-    drop_truncated_chosen=False,
-    drop_truncated_rejected=False,
-    min_chosen_tokens=0,
-    max_chosen_tokens=100,
-    max_rejected_tokens=100,
-    max_length_ratio=1000.0,
-    require_correct_chosen=False,
-    student_matches_teacher="keep",
-    repetition=curation.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
-    decontamination=curation.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
-    near_duplicates=curation.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
-    balance=curation.BalanceParams(key=None, max_per_value=None),
-)
+OFF = CURATE_OFF
 ALL_ON = dataclasses.replace(
     OFF,
     drop_duplicates=True,

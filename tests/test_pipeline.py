@@ -219,7 +219,11 @@ def test_exp_show_is_a_readable_table(repo: Path) -> None:
     metrics/summary.json), not one per number of every stage and per dependency."""
     header = sh(repo, *EXP_SHOW, "--csv").splitlines()[0].split(",")
     assert len(header) <= 30 and max(map(len, header)) <= 32, header
-    assert {"r1.exact_match.distilled", "r2.exact_match.distilled", "train.method"} <= set(header), header
+    # (the headline columns that differ between the experiments: which ones depends on the run)
+    assert "train.method" in header and {h.split(".")[0] for h in header if h[:1] == "r" and h[1:2].isdigit()} == {
+        "r1",
+        "r2",
+    }, header
     assert not any("gates." in h or "/" in h for h in header), header
 
 

@@ -23,6 +23,7 @@ from stages.lib.engines.generation import generate_transformers
 from stages.lib.task import toytask
 
 from . import realarch as builder
+from .builders import CURATE_OFF
 
 NO_TOY = Path("no-toy-dir")  # real model folders: the toy dir is never used
 
@@ -278,23 +279,7 @@ def test_training_batches_pad_right_and_score_each_sequence_alone(realarch: dict
 
 # d ---------------------------------------------------------------------------------------
 
-CURATE = curation.CurateParams(
-    drop_duplicates=False,
-    drop_empty_chosen=False,
-    drop_empty_rejected=False,
-    drop_truncated_chosen=True,
-    drop_truncated_rejected=False,
-    min_chosen_tokens=0,
-    max_chosen_tokens=100,
-    max_rejected_tokens=100,
-    max_length_ratio=1000.0,
-    require_correct_chosen=False,
-    student_matches_teacher="keep",
-    repetition=curation.RepetitionParams(ngram=3, max_ratio=1.0, min_ngrams=4),
-    decontamination=curation.DecontaminationParams(enabled=False, ngram=8, max_overlap=0.5),
-    near_duplicates=curation.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
-    balance=curation.BalanceParams(key=None, max_per_value=None),
-)
+CURATE = dataclasses.replace(CURATE_OFF, drop_truncated_chosen=True)
 
 
 def test_max_new_tokens_is_truncation_and_the_second_eos_is_a_stop(realarch: dict[str, Path]) -> None:
