@@ -82,16 +82,20 @@ def pair(i: int, chars: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def old_rows(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """The replaced scorer: full logits, Python lists per row."""
+def old_rows(
+    teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], k: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """The replaced scorer (full (B, T, V) logits, .tolist() per row): what this benchmark
+    measures the streamed path against, and the reference tests/test_score.py checks the
+    streamed path reproduces."""
     vocab = len(tok)
     seqs = []
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
         seqs += [(pr["pair_id"], "chosen", (prompt, chosen)), (pr["pair_id"], "rejected", (prompt, rejected))]
     rows = []
-    for s in range(0, len(seqs), BATCH_SIZE):
-        chunk = seqs[s : s + BATCH_SIZE]
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s : s + batch_size]
         b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
         logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
         for i, (pid, side, _) in enumerate(chunk):
@@ -139,7 +143,7 @@ def child(mode: str, work: Path, positions: int, k: int, chars: int) -> None:
         p = scoring.ScoreParams(k=k, batch_size=BATCH_SIZE, device="cpu")
         rows, scored = score.write_scores(out, scoring.score_batches(teacher, tok, pairs, p), 2 * BATCH_SIZE)
     elif mode == "write-old":
-        old = old_rows(teacher, tok, pairs, k)
+        old = old_rows(teacher, tok, pairs, k, BATCH_SIZE)
         rows, scored = write_table(out, old, records.TOPK_SCHEMA), sum(r["positions"] for r in old)
     elif mode == "read-new":
         index = trainer.index_scores(read_table(work / "write-new.parquet", records.TOPK_SCHEMA))

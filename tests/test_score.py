@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from benchmarks.score_memory import old_rows  # the replaced list-based scorer, the reference
 from stages import score
 from stages.lib.data import encoding
 from stages.lib.training import trainer
@@ -97,38 +98,6 @@ def test_missing_or_misaligned_scores_fail_naming_the_pair(taught_models: Path) 
 
 
 # --- streaming: typed Arrow batches, the file, the reader ---------------------------------------------------------
-
-
-@torch.no_grad()
-def old_rows(teacher: torch.nn.Module, tok: object, pairs: list[dict], k: int, batch_size: int) -> list[dict]:
-    """The list-based scorer this module replaced (full (B, T, V) logits, .tolist() per
-    row), kept as the reference the streamed path must reproduce."""
-    vocab = len(tok)
-    seqs = []
-    for pr in pairs:
-        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
-        seqs += [(pr["pair_id"], "chosen", (prompt, chosen)), (pr["pair_id"], "rejected", (prompt, rejected))]
-    rows = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s : s + batch_size]
-        b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
-        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
-        for i, (pid, side, _) in enumerate(chunk):
-            m = b.response_mask[i]
-            lp = torch.log_softmax(logits[i][m].float(), dim=-1)
-            top = lp.topk(k, dim=-1)
-            rows.append(
-                {
-                    "pair_id": pid,
-                    "side": side,
-                    "positions": int(m.sum()),
-                    "k": k,
-                    "topk_ids": top.indices.flatten().tolist(),
-                    "topk_logprobs": top.values.flatten().tolist(),
-                    "target_logprob": lp.gather(-1, b.targets[i][m][:, None]).squeeze(-1).tolist(),
-                }
-            )
-    return rows
 
 
 def test_streamed_scores_match_the_old_list_path(
