@@ -5,14 +5,14 @@
 
 Reads `models.student`, `models.trust_remote_code`, `models.dtype` and the `student`
 sampling section; writes data/student/generations.parquet and its manifest. The
-shared logic lives in stages/genstage.py (the teacher stage is the same with the
+shared logic lives in stages/lib/engines/genstage.py (the teacher stage is the same with the
 teacher model).
 """
 
 from __future__ import annotations
 
-from stages import genstage
 from stages.lib.core import entry
+from stages.lib.engines import genstage
 
 SECTIONS = genstage.sections("student")
 PARAMS = tuple(SECTIONS)

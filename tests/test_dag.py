@@ -103,7 +103,7 @@ def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Pa
 
 
 def test_no_stage_imports_another_stage() -> None:
-    """Stages share code through stages/lib (and the generation stage body), never by
+    """Stages share code through stages/lib (the generation stage body included), never by
     importing one another: a stage's behaviour is its own module plus the library."""
     stage_modules = {f"stages.{module(s)}" for s in EXPECTED}
     for stage in sorted({module(s) for s in EXPECTED}):

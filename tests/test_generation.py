@@ -20,12 +20,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from stages import genstage, seed
+from stages import seed
 from stages.lib.core import models
 from stages.lib.core.config import GenerationParams
 from stages.lib.data import io, records
 from stages.lib.data.encoding import prompt_ids
-from stages.lib.engines import generation, sampling, shards
+from stages.lib.engines import generation, genstage, sampling, shards
 from stages.lib.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 
 from .builders import TASK, gp, prompts, seed_params

@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import genstage, seed
+from stages import seed
 from stages.lib.core import models
 from stages.lib.core.config import GenerationParams, OpenAIParams
 from stages.lib.data import io, records
 from stages.lib.data.encoding import prompt_ids
+from stages.lib.engines import genstage
 from stages.lib.engines.generation import Shard, sample_seed
 from stages.lib.engines.openai_engine import OpenAIEngine
 

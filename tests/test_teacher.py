@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from stages import genstage
 from stages.lib.core import models
 from stages.lib.core.config import GenerationParams
 from stages.lib.data import records
+from stages.lib.engines import genstage
 from stages.lib.engines.generation import generate_transformers
 
 from .builders import gp, prompts

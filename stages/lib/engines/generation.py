@@ -4,7 +4,7 @@ An engine has a `name` ("transformers 5.23.0") and `generate(prompts, shard)`, w
 returns generation records (records.GENERATION_SCHEMA rows), `num_samples` per
 prompt, for the prompts of one `Shard`, in the shard's order. `plan_shards` cuts a
 prompt list into shards; stages/lib/engines/shards.py runs them resumably, in one process or
-several; stages/genstage.py opens the engine a params section names.
+several; stages/lib/engines/genstage.py opens the engine a params section names.
 
 - transformers (default; CPU or GPU, here): prompts sorted by token length and cut
   into batches (length bucketing, so little compute goes to padding), left-padded,

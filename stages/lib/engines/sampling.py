@@ -1,5 +1,5 @@
 """Sampling a model's responses for a list of prompts, resumably: the teacher and
-student stages' body (stages/genstage.py wraps it for the command line), callable in
+student stages' body (stages/lib/engines/genstage.py wraps it for the command line), callable in
 process with in-memory prompts (an on-policy round in a comparison cell, seed's
 synthesis).
 
