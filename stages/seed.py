@@ -14,7 +14,8 @@ split is a hash of the prompt id (records.split_of), the same function bootstrap
 so an eval prompt can never be a training prompt (stages/lib/data/split.py). With
 `seed.synthesis.enabled` the teacher adds train prompts (stages/lib/data/synthesis.py).
 Outputs: train.parquet, eval.parquet, quarantine.parquet, manifest.json; counts
-reconcile: read = train + eval + quarantined + unused_over_quota.
+reconcile: read = train + eval + quarantined + unused_over_quota + reserved_for_sft (bootstrap's
+student SFT bucket, toy source only).
 """
 
 from __future__ import annotations

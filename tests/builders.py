@@ -88,7 +88,19 @@ def pair(
 
 
 TASK = TaskParams(
-    skills=("add", "reverse", "sort", "upper"), max_digits=2, min_len=3, max_len=5, alphabet="abcdef", eval_fraction=0.1
+    skills=("add", "reverse", "sort", "upper"),
+    max_digits=2,
+    min_len=3,
+    max_len=5,
+    alphabet="abcdef",
+    min_terms=6,
+    max_terms=9,
+    min_span=8,
+    max_span=14,
+    min_columns=3,
+    max_columns=5,
+    eval_fraction=0.1,
+    sft_fraction=0.0,
 )
 
 

@@ -87,7 +87,7 @@ def test_seed_quarantines_every_bad_jsonl_line_with_its_reason(tmp_path: Path) -
     lines_of = {r["reason"]: r["source_ref"] for r in q}
     assert lines_of["invalid_utf8"] == f"{src}:line=44"  # file and line of each rejected row
     m = json.loads((tmp_path / "seed.json").read_text())
-    assert m["read"] == 48 == m["train"] + m["eval"] + m["quarantined"] + m["unused_over_quota"]
+    assert m["read"] == 48 == m["train"] + m["eval"] + m["quarantined"] + m["unused_over_quota"] + m["reserved_for_sft"]
 
 
 def test_seed_on_an_empty_file_says_so(tmp_path: Path) -> None:

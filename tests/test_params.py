@@ -107,12 +107,25 @@ def test_range_checks_name_the_key() -> None:
         params.build(GenerationParams, {**good, "top_p": 0.0}, "teacher")
     with pytest.raises(ValueError, match="teacher: num_samples: greedy decoding"):
         params.build(GenerationParams, {**good, "temperature": 0.0, "num_samples": 2}, "teacher")
+    task = {
+        "skills": ["countdown"],
+        "max_digits": 2,
+        "min_len": 1,
+        "max_len": 2,
+        "alphabet": "ab",
+        **{"min_terms": 6, "max_terms": 9, "min_span": 8, "max_span": 14, "min_columns": 3, "max_columns": 5},
+        "eval_fraction": 0.1,
+        "sft_fraction": 0.3,
+    }
+    assert params.build(TaskParams, task, "task").skills == ("countdown",)
     with pytest.raises(ValueError, match="task: skills: unknown skill 'divide'"):
-        params.build(
-            TaskParams,
-            {"skills": ["divide"], "max_digits": 2, "min_len": 1, "max_len": 2, "alphabet": "ab", "eval_fraction": 0.1},
-            "task",
-        )
+        params.build(TaskParams, {**task, "skills": ["divide"]}, "task")
+    with pytest.raises(ValueError, match="task: sft_fraction: must be >= 0 and leave room"):
+        params.build(TaskParams, {**task, "sft_fraction": 0.9}, "task")
+    with pytest.raises(ValueError, match="task: min_span: must be >= 2"):
+        params.build(TaskParams, {**task, "min_span": 1}, "task")
+    with pytest.raises(ValueError, match="task: min_len: perm needs min_len distinct letters"):
+        params.build(TaskParams, {**task, "skills": ["perm"], "min_len": 3}, "task")
 
 
 def test_load_sections_names_the_file_and_missing_dotted_key(tmp_path: Path) -> None:

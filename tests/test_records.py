@@ -25,9 +25,9 @@ def test_content_id_is_unambiguous_under_concatenation() -> None:
 
 def test_split_is_a_pure_function_with_the_requested_fraction() -> None:
     ids = [records.prompt_id(f"prompt {i}") for i in range(20000)]
-    splits = [records.split_of(i, 0.1) for i in ids]
-    assert splits == [records.split_of(i, 0.1) for i in ids]
+    splits = [records.split_of(i, 0.1, 0.0) for i in ids]
+    assert splits == [records.split_of(i, 0.1, 0.0) for i in ids]
     share = splits.count("eval") / len(splits)
     assert 0.09 < share < 0.11
     # A larger eval fraction only moves prompts from train to eval, never back.
-    assert all(records.split_of(i, 0.2) == "eval" for i, s in zip(ids, splits) if s == "eval")
+    assert all(records.split_of(i, 0.2, 0.0) == "eval" for i, s in zip(ids, splits) if s == "eval")

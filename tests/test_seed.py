@@ -21,7 +21,14 @@ from .conftest import ROOT
 
 
 def reconcile(counts: dict) -> None:
-    assert counts["read"] == counts["train"] + counts["eval"] + counts["quarantined"] + counts["unused_over_quota"]
+    assert (
+        counts["read"]
+        == counts["train"]
+        + counts["eval"]
+        + counts["quarantined"]
+        + counts["unused_over_quota"]
+        + counts["reserved_for_sft"]
+    )
     assert counts["quarantined"] == sum(counts["dropped_by_reason"].values())
 
 
@@ -213,7 +220,7 @@ def new_toy_prompts(seen: set[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for ex in toytask.examples(TASK.toy(), 99):
         pid = records.prompt_id(ex.prompt)
-        split = records.split_of(pid, TASK.eval_fraction)
+        split = records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction)
         if pid not in seen and split not in found:
             found[split] = ex.prompt
         if len(found) == 2:
@@ -360,7 +367,9 @@ def test_an_eval_source_is_the_eval_set_and_its_prompts_never_train(tmp_path: Pa
 def test_a_small_file_with_no_eval_prompt_says_how_many_the_fraction_needs(tmp_path: Path) -> None:
     # 12 prompts at eval_fraction 0.1: none of these lands in eval (the split is a hash of the prompt)
     texts = [f"Small question {i}?" for i in range(40)]
-    kept = [t for t in texts if records.split_of(records.prompt_id(t), TASK.eval_fraction) == "train"][:12]
+    kept = [
+        t for t in texts if records.split_of(records.prompt_id(t), TASK.eval_fraction, TASK.sft_fraction) == "train"
+    ][:12]
     assert len(kept) == 12
     p = seed_params("jsonl", str(jsonl(tmp_path / "small.jsonl", kept)), "text", num_train=100, num_eval=5)
     with pytest.raises(
@@ -369,3 +378,17 @@ def test_a_small_file_with_no_eval_prompt_says_how_many_the_fraction_needs(tmp_p
         seed.run(TASK, p, sources.source_rows(TASK, p))
     with pytest.raises(DataError, match=r"about 30 usable prompts give at least one eval prompt .* seed.eval_source"):
         seed.run(TASK, p, sources.source_rows(TASK, p))
+
+
+@pytest.mark.parametrize("skills", [("add",), ("countdown",)])
+def test_a_task_too_small_for_the_quota_is_a_clear_error(skills: tuple[str, ...]) -> None:
+    """The toy stream is endless, its distinct prompts are not: asking for more stops with
+    the counts found and what to change, for the first task's skills and the step skills."""
+    task = dataclasses.replace(TASK, skills=skills, max_digits=1, min_terms=6, max_terms=6, min_span=8, max_span=8)
+    p = seed_params(num_train=1000, num_eval=100)  # countdown with 6 numbers: about 980 distinct prompts
+    with pytest.raises(
+        ValueError,
+        match=r"the toy task yielded only \d+ train / \d+ eval distinct prompts in \d+ draws; "
+        "widen `task` or lower seed.num_train / seed.num_eval",
+    ):
+        seed.run(task, p, sources.source_rows(task, p))

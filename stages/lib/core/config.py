@@ -46,7 +46,16 @@ class TaskParams:
     min_len: int
     max_len: int
     alphabet: str
+    min_terms: int
+    max_terms: int
+    min_span: int
+    max_span: int
+    min_columns: int
+    max_columns: int
     eval_fraction: float
+    # The hash bucket held out for bootstrap's student SFT data: seed never makes a
+    # distillation prompt of it (toy source), so the warm student's data is disjoint.
+    sft_fraction: float
 
     def __post_init__(self) -> None:
         check(len(self.skills) > 0, "skills", "name at least one skill")
@@ -59,7 +68,20 @@ class TaskParams:
             "alphabet",
             "must be at least two lower-case letters",
         )
+        check(2 <= self.min_terms <= self.max_terms <= 12, "min_terms", "must be >= 2 and <= max_terms <= 12")
+        check(2 <= self.min_span <= self.max_span <= 40, "min_span", "must be >= 2 and <= max_span <= 40")
+        check(1 <= self.min_columns <= self.max_columns <= 9, "min_columns", "must be >= 1 and <= max_columns <= 9")
+        check(
+            "perm" not in self.skills or self.min_len <= len(self.alphabet),
+            "min_len",
+            f"perm needs min_len distinct letters; the alphabet has {len(self.alphabet)}",
+        )
         check(0.0 < self.eval_fraction < 1.0, "eval_fraction", "must be in (0, 1)")
+        check(
+            0.0 <= self.sft_fraction < 1.0 - self.eval_fraction,
+            "sft_fraction",
+            "must be >= 0 and leave room for train prompts (< 1 - eval_fraction)",
+        )
 
     def toy(self) -> ToyTaskConfig:
         return ToyTaskConfig(
@@ -68,6 +90,12 @@ class TaskParams:
             min_len=self.min_len,
             max_len=self.max_len,
             alphabet=self.alphabet,
+            min_terms=self.min_terms,
+            max_terms=self.max_terms,
+            min_span=self.min_span,
+            max_span=self.max_span,
+            min_columns=self.min_columns,
+            max_columns=self.max_columns,
         )
 
 

@@ -251,7 +251,7 @@ def filters(p: CurateParams, eval_prompts: list[str]) -> list[Filter]:
         out.append(
             lambda x: (
                 "chosen_incorrect"
-                if x["reference"] is not None and not toytask.is_correct(x["chosen"], x["reference"])
+                if x["reference"] is not None and not toytask.is_correct(x["chosen"], x["reference"], x["category"])
                 else None
             )
         )

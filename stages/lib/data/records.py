@@ -69,14 +69,18 @@ def pair_id(pid: str, chosen_id: str, rejected_id: str) -> str:
     return content_id("pair", pid, chosen_id, rejected_id)
 
 
-def split_of(pid: str, eval_fraction: float) -> str:
-    """'eval' or 'train', a pure function of the prompt id.
+def split_of(pid: str, eval_fraction: float, sft_fraction: float) -> str:
+    """'eval', 'train' or 'sft', a pure function of the prompt id.
 
     Every stage that needs a split (bootstrap's training data, seed's prompt sets)
-    calls this, so evaluation prompts can never appear in any training set.
+    calls this, so evaluation prompts can never appear in any training set. The top
+    `sft_fraction` of the hash range is bootstrap's student SFT data (the embedded
+    task's warm student): seed keeps it out of the distillation prompts.
     """
     bucket = int(pid[:8], 16) / 0x100000000
-    return "eval" if bucket < eval_fraction else "train"
+    if bucket < eval_fraction:
+        return "eval"
+    return "sft" if bucket >= 1.0 - sft_fraction else "train"
 
 
 def schema(name: str, fields: list[pa.Field]) -> pa.Schema:

@@ -5,7 +5,8 @@ prompts, over-long prompts, prompts of the wrong type and duplicates go to quara
 (stages/lib/audit/quarantine.py's prompt_quarantine shape) with the reason; the split
 is a hash of the prompt id (records.split_of), the same function bootstrap uses, so an
 eval prompt can never be a training prompt. Counts reconcile:
-read = train + eval + quarantined + unused_over_quota.
+read = train + eval + quarantined + unused_over_quota + reserved_for_sft (bootstrap's
+student SFT bucket, toy source only).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def _reason(p: SeedParams, raw: Any, error: str | None) -> tuple[str | None, str
 class _Tally:
     read: int = 0
     unused: int = 0
+    reserved: int = 0
     train: int = 0
     eval: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
@@ -77,6 +79,7 @@ class _Tally:
             "eval": self.eval,
             "quarantined": sum(self.reasons.values()),
             "unused_over_quota": self.unused,
+            "reserved_for_sft": self.reserved,
             "dropped_by_reason": dict(sorted(self.reasons.items())),
         }
 
@@ -165,7 +168,11 @@ def stream(
         if taken is None:
             continue
         pid, text = taken
-        split = "train" if eval_rows is not None else records.split_of(pid, task.eval_fraction)
+        sft = task.sft_fraction if p.source.kind == "toy" else 0.0
+        split = "train" if eval_rows is not None else records.split_of(pid, task.eval_fraction, sft)
+        if split == "sft":
+            t.reserved += 1  # bootstrap's student SFT data: never a distillation prompt
+            continue
         if (split == "eval" and t.eval >= p.num_eval) or (split == "train" and t.train >= p.num_train):
             t.unused += 1  # valid, but its split's quota is already full
             continue

@@ -70,13 +70,26 @@ def candidate_text(response: str) -> str:
     return _NEXT_ITEM.split(text, maxsplit=1)[0]
 
 
-_FIELD_PATTERNS = {"a": r"(?P<a>\d+)", "b": r"(?P<b>\d+)", "w": r"(?P<w>[a-z]+)", "c": r"(?P<c>[a-z])"}
+_FIELD_PATTERNS = {
+    "a": r"(?P<a>\d+)",
+    "b": r"(?P<b>\d+)",
+    "w": r"(?P<w>[a-z]+)",
+    "c": r"(?P<c>[a-z])",
+    "xs": r"(?P<xs>\d(?: \d)*)",
+    "n": r"(?P<n>\d+)",
+    "d": r"(?P<d>\d)",
+    "m": r"(?P<m>\d+)",
+    "s": r"(?P<s>\d)",
+    "t": r"(?P<t>\d)",
+}
 _ANSWERS: dict[str, Callable[[dict[str, str]], str]] = {
     "add": lambda f: str(int(f["a"]) + int(f["b"])),
     "reverse": lambda f: f["w"][::-1],
     "sort": lambda f: "".join(sorted(f["w"])),
     "upper": lambda f: f["w"].upper(),
     "count": lambda f: str(f["w"].count(f["c"])),
+    "minus": lambda f: str(int(f["n"]) - int(f["d"])),
+    **{s: (lambda f, s=s: toytask.answer(s, f, None)) for s in ("countdown", "walk", "runsum", "addc", "perm")},
 }
 
 
@@ -91,13 +104,33 @@ def _template_regex(template: str) -> re.Pattern[str]:
 _TOY_PATTERNS = [(skill, _template_regex(t)) for skill, ts in toytask._TEMPLATES.items() for t in ts]
 
 
-def _fields_fit(fields: dict[str, str], task: TaskParams) -> bool:
-    """Within the configured task: operand digits, word lengths, the alphabet."""
-    for name in ("a", "b"):
-        if name in fields and (len(fields[name]) > task.max_digits or str(int(fields[name])) != fields[name]):
+def _fields_fit(skill: str, fields: dict[str, str], task: TaskParams) -> bool:
+    """Within the configured task: operand digits, word lengths, the alphabet, runsum's
+    and countdown's count of numbers, walk's span, addc's equal operand lengths, perm's
+    distinct letters."""
+    for name in ("a", "b", "n", "m"):
+        if name in fields and str(int(fields[name])) != fields[name]:
             return False
+    if skill == "minus":
+        return 10 <= int(fields["n"]) <= 99 and 3 <= int(fields["d"]) <= 9
+    if skill == "countdown":
+        n, d, m = int(fields["n"]), int(fields["d"]), int(fields["m"])
+        fit = 20 <= n <= 99 and 3 <= d <= 9 and (n - m) % d == 0
+        return fit and task.min_terms <= (n - m) // d + 1 <= task.max_terms
+    if skill == "walk":
+        a, b, s, t = (int(fields[k]) for k in ("a", "b", "s", "t"))
+        return 10 <= a and b <= 99 and task.min_span <= b - a <= task.max_span and (s, t) in toytask.WALK_STEPS
+    if skill == "add" and any(len(fields[n]) > task.max_digits for n in ("a", "b")):
+        return False
+    if skill == "addc" and not (task.min_columns <= len(fields["a"]) == len(fields["b"]) <= task.max_columns):
+        return False
+    xs = fields.get("xs")
+    if xs is not None and not (task.min_terms <= len(xs.split()) <= task.max_terms and "0" not in xs):
+        return False
     w = fields.get("w")
     if w is not None and not (task.min_len <= len(w) <= task.max_len and set(w) <= set(task.alphabet)):
+        return False
+    if skill == "perm" and len(set(fields["w"])) != len(fields["w"]):
         return False
     return fields.get("c", task.alphabet[0]) in task.alphabet
 
@@ -107,7 +140,7 @@ def parse_toy_prompt(text: str, task: TaskParams) -> tuple[str, str] | None:
     of the configured skills' phrasings with in-range fields."""
     for skill, pattern in _TOY_PATTERNS:
         m = pattern.fullmatch(text)
-        if m is not None and skill in task.skills and _fields_fit(m.groupdict(), task):
+        if m is not None and skill in task.skills and _fields_fit(skill, m.groupdict(), task):
             return skill, _ANSWERS[skill](m.groupdict())
     return None
 
@@ -146,8 +179,9 @@ def judge(
         return Candidate(reason="duplicate_of_seed", text=text, pid=pid)
     if key in synthetic:
         return Candidate(reason="duplicate_of_synthetic", text=text, pid=pid)
-    if records.split_of(pid, task.eval_fraction) == "eval":
-        return Candidate(reason="in_eval_split", text=text, pid=pid)  # synthetic prompts are train-only
+    split = records.split_of(pid, task.eval_fraction, task.sft_fraction if p.source.kind == "toy" else 0.0)
+    if split != "train":
+        return Candidate(reason=f"in_{split}_split", text=text, pid=pid)  # synthetic prompts are train-only
     return Candidate(reason=None, text=text, pid=pid, reference=reference, category=category)
 
 

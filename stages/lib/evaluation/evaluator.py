@@ -36,7 +36,9 @@ def generate_responses(
             "category": pr["category"],
             "response": g["response"],
             "finish_reason": g["finish_reason"],
-            "correct": None if pr["reference"] is None else toytask.is_correct(g["response"], pr["reference"]),
+            "correct": None
+            if pr["reference"] is None
+            else toytask.is_correct(g["response"], pr["reference"], pr["category"]),
         }
         for pr, g in zip(prompts, gens, strict=True)
     ]
@@ -119,7 +121,8 @@ def headline(metrics: dict[str, Any], label: str) -> dict[str, Any]:
     evaluate stage's one DVC metric), under `label` (the round: r1, r2, ...), so each
     round's columns in `dvc exp show` have short, distinct names: exact match of the
     teacher, the initial and the distilled student, the distilled student's per skill,
-    and KL(teacher || student) of both students. The details stay in
+    the share of right steps (step skills) of all three, and KL(teacher || student) of
+    both students. The details stay in
     metrics/evaluate.json."""
     out: dict[str, Any] = {}
     names = {"teacher": "teacher", "student_initial": "initial", "student_distilled": "distilled"}
@@ -127,6 +130,8 @@ def headline(metrics: dict[str, Any], label: str) -> dict[str, Any]:
     if all(a is not None for a in accs.values()):
         out["exact_match"] = {short: a["exact_match"] for short, a in accs.items()}
         out["distilled_per_skill"] = dict(accs["distilled"]["per_category"])
+        if all("step_share" in a for a in accs.values()):
+            out["step_share"] = {short: a["step_share"] for short, a in accs.items()}
     out["kl"] = {"initial": metrics["student_initial"]["kl_teacher_student"]}
     out["kl"]["distilled"] = metrics["student_distilled"]["kl_teacher_student"]
     return {label: out}

@@ -17,21 +17,47 @@ from stages.lib.evaluation.eval_params import EvaluateParams
 from stages.lib.task import toytask
 from stages.lib.training import losses
 
+# Reference answers by length in characters (the toy tokenizer's tokens): the control
+# skill's words, perm's letters, and runsum/addc's short and long halves.
+LENGTH_BINS = ((10, "01-10"), (17, "11-17"), (22, "18-22"))
+
+
+def length_bin(chars: int) -> str:
+    return next((name for top, name in LENGTH_BINS if chars <= top), "23+")
+
 
 def accuracy(prompts: list[dict[str, Any]], gens: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Exact match overall and per category; None when no prompt has a reference."""
+    """The verifier's pass rate ("exact_match": perm accepts any order) overall, per
+    category and per reference length (length_bin), and on step skills the share of
+    steps right by the rule from what was written (steps left out count as wrong);
+    None when no prompt has a reference."""
     if all(pr["reference"] is None for pr in prompts):
         return None
     per: dict[str, list[bool]] = defaultdict(list)
+    by_length: dict[str, list[bool]] = defaultdict(list)
+    step: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for pr, g in zip(prompts, gens, strict=True):
         if pr["reference"] is not None:
-            per[pr["category"] or "all"].append(toytask.is_correct(g["response"], pr["reference"]))
+            cat = pr["category"] or "all"
+            ok = toytask.is_correct(g["response"], pr["reference"], pr["category"])
+            per[cat].append(ok)
+            by_length[length_bin(len(pr["reference"]))].append(ok)
+            scored = toytask.step_score(g["response"], pr["reference"], pr["category"])
+            if scored is not None:
+                step[cat].append(scored)
     flat = [c for v in per.values() for c in v]
-    return {
+    out: dict[str, Any] = {
         "exact_match": round(sum(flat) / len(flat), 4),
         "per_category": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())},
+        "per_length": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_length.items())},
         "n": len(flat),
     }
+    if step:
+        right = {k: sum(r for r, _ in v) / sum(n for _, n in v) for k, v in step.items()}
+        every = [x for v in step.values() for x in v]
+        out["step_share"] = round(sum(r for r, _ in every) / sum(n for _, n in every), 4)
+        out["step_share_per_category"] = {k: round(v, 4) for k, v in sorted(right.items())}
+    return out
 
 
 def rouge_tokens(text: str) -> list[str]:

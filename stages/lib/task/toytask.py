@@ -1,16 +1,24 @@
-"""The embedded default task: short instructions with verifiable answers.
+"""The embedded task: instructions with verifiable answers.
 
-Five skills, each a deterministic function of a `random.Random`:
+Eleven skills, each a deterministic function of a `random.Random`. The step skills
+(stages/lib/task/steps.py: responses of dependent steps, a rule for the next step
+after any written prefix, a verifier) and the control; params.yaml `task.skills`
+picks the mix (the default: countdown, walk, minus):
+
+    countdown "Count down from 46 by 9."             -> "46 37 28 19 10 1"
+    walk      "Walk from 13 to 20 by 1 or 2."        -> "13 14 16 17 19 20" (any such walk passes)
+    runsum    "Running sum of 3 8 1 4 9 2."          -> "3 11 12 16 25 27"
+    addc      "Add 472 and 385 column by column."    -> "7c0 5c1 8c0 = 857"
+    perm      "List each letter of cadbe once."      -> "c a d b e" (any order passes)
+    minus     "Subtract 7 from 38."                  -> "31" (the short control: one countdown step)
+
+The short-answer skills of the first toy task stay for fast tests (profiles/smoke.yaml):
 
     add      "Add 47 and 385."              -> "432"
     reverse  "Reverse the word qkdfa."      -> "afdkq"
     sort     "Sort the letters of qkdfa."   -> "adfkq"
     upper    "Write qkdfa in capitals."     -> "QKDFA"
     count    "Count the letter a in abaca." -> "3"
-
-The default mix (params.yaml `task.skills`) leaves out `count`: measured here, a
-2-layer, 64-wide Llama stays near 55% on it after 2,500 steps, while it learns the
-other four to 88-100% in the same budget.
 
 The generator is pure: the same `(config, seed, n)` always yields the same examples,
 so bootstrap (which trains the teacher and student) and seed (which makes the
@@ -24,7 +32,9 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-SKILLS: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count")
+from stages.lib.task import steps
+
+SKILLS: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count", "minus", *steps.STEP_SKILLS)
 
 # Two phrasings per skill: the model has to read the instruction, not a fixed prefix.
 _TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -33,6 +43,12 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     "sort": ("Sort the letters of {w}.", "Put the letters of {w} in order."),
     "upper": ("Write {w} in capitals.", "Spell {w} in upper case."),
     "count": ("Count the letter {c} in {w}.", "How many {c} are in {w}?"),
+    "minus": ("Subtract {d} from {n}.", "What is {n} minus {d}?", "Take {d} away from {n}."),
+    "countdown": ("Count down from {n} by {d} to {m}.", "From {n}, count down by {d} to {m}."),
+    "walk": ("Walk from {a} to {b} by {s} or {t}.", "From {a} to {b} in steps of {s} or {t}."),
+    "runsum": ("Running sum of {xs}.", "Write the running totals of {xs}."),
+    "addc": ("Add {a} and {b} column by column.", "Sum {a} and {b} digit by digit."),
+    "perm": ("List each letter of {w} once.", "Write the letters of {w} in any order."),
 }
 
 
@@ -51,9 +67,15 @@ class ToyTaskConfig:
 
     skills: tuple[str, ...]
     max_digits: int  # operands of `add` have 1..max_digits digits
-    min_len: int  # words of reverse/sort/count have min_len..max_len letters
+    min_len: int  # words of reverse/sort/upper/count/perm have min_len..max_len letters (perm: distinct)
     max_len: int
     alphabet: str  # letters words are drawn from
+    min_terms: int  # countdown writes, runsum adds, min_terms..max_terms numbers
+    max_terms: int
+    min_span: int  # walk goes up min_span..max_span from its start
+    max_span: int
+    min_columns: int  # addc's two operands have min_columns..max_columns digits each
+    max_columns: int
 
 
 def _word(rng: random.Random, cfg: ToyTaskConfig) -> str:
@@ -89,12 +111,88 @@ def _count(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]
     return {"c": c, "w": w}, str(w.count(c))
 
 
+def _minus(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    """One step of countdown, alone: the control with no step to compound."""
+    n, d = rng.randint(10, 99), rng.randint(3, 9)
+    return {"n": str(n), "d": str(d)}, str(n - d)
+
+
+def _countdown(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    """From a two-digit start down by 3-9, min_terms..max_terms numbers, the last the floor."""
+    d, k = rng.randint(3, 9), rng.randint(cfg.min_terms, cfg.max_terms)
+    n = rng.randint(max(20, d * (k - 1)), 99)
+    fields = {"n": str(n), "d": str(d), "m": str(n - d * (k - 1))}
+    return fields, answer("countdown", fields, rng)
+
+
+WALK_STEPS = ((1, 2), (1, 3))
+
+
+def _walk(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    """From a two-digit start up min_span..max_span (goal <= 99) by two step sizes; the
+    answer is a uniform walk that uses both (so its differences name them)."""
+    s, t = rng.choice(WALK_STEPS)
+    span = rng.randint(cfg.min_span, cfg.max_span)
+    a = rng.randint(10, 99 - span)
+    fields = {"a": str(a), "b": str(a + span), "s": str(s), "t": str(t)}
+    return fields, answer("walk", fields, rng)
+
+
+def _runsum(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    xs = [rng.randint(1, 9) for _ in range(rng.randint(cfg.min_terms, cfg.max_terms))]
+    return {"xs": " ".join(map(str, xs))}, answer("runsum", {"xs": " ".join(map(str, xs))}, rng)
+
+
+def _addc(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    n = rng.randint(cfg.min_columns, cfg.max_columns)
+    fields = {k: str(rng.randint(10 ** (n - 1), 10**n - 1)) for k in ("a", "b")}
+    return fields, answer("addc", fields, rng)
+
+
+def _perm(rng: random.Random, cfg: ToyTaskConfig) -> tuple[dict[str, str], str]:
+    n = rng.randint(cfg.min_len, min(cfg.max_len, len(cfg.alphabet)))
+    fields = {"w": "".join(rng.sample(cfg.alphabet, n))}
+    return fields, answer("perm", fields, rng)
+
+
+def answer(skill: str, fields: dict[str, str], rng: random.Random | None) -> str:
+    """A step skill's right answer from its prompt fields (perm, walk: a uniform choice
+    given `rng`; without one, the word's own order and a fixed walk)."""
+    if skill == "countdown":
+        inst = steps.Instance(skill, values=(int(fields["n"]), int(fields["d"]), int(fields["m"])))
+    elif skill == "walk":  # a uniform choice of step at each point given `rng`, until both sizes are used
+        inst = steps.Instance(skill, values=tuple(int(fields[k]) for k in ("a", "b", "s", "t")))
+        walk_rng = rng or random.Random(0)
+        while True:
+            walk = steps.rollout(inst, [], walk_rng)
+            if len({int(y) - int(x) for x, y in zip(walk, walk[1:])}) == 2:
+                return steps.join_steps(skill, walk)
+    elif skill == "runsum":
+        inst = steps.Instance(skill, values=tuple(int(x) for x in fields["xs"].split()))
+    elif skill == "addc":
+        a, b = fields["a"], fields["b"]
+        inst = steps.Instance(skill, values=tuple(int(x) + int(y) for x, y in zip(reversed(a), reversed(b))))
+    elif skill == "perm":
+        if rng is None:
+            return steps.join_steps(skill, list(fields["w"]))
+        inst = steps.Instance(skill, letters=fields["w"])
+    else:
+        raise ValueError(f"not a step skill: {skill!r}")
+    return steps.join_steps(skill, steps.rollout(inst, [], rng or random.Random(0)))
+
+
 _MAKERS: dict[str, Callable[[random.Random, ToyTaskConfig], tuple[dict[str, str], str]]] = {
     "add": _add,
     "reverse": _reverse,
     "sort": _sort,
     "upper": _upper,
     "count": _count,
+    "minus": _minus,
+    "countdown": _countdown,
+    "walk": _walk,
+    "runsum": _runsum,
+    "addc": _addc,
+    "perm": _perm,
 }
 
 
@@ -114,6 +212,16 @@ def examples(cfg: ToyTaskConfig, seed: int) -> Iterator[ToyExample]:
         i += 1
 
 
-def is_correct(response: str, answer: str) -> bool:
-    """Exact match after stripping surrounding whitespace: the task's verifier."""
+def is_correct(response: str, answer: str, skill: str | None) -> bool:
+    """The task's verifier: perm accepts any order of its letters (steps.verify); every
+    other skill, and a reference of another source, wants exact match after stripping
+    surrounding whitespace. Never raises on an unparseable response: it is wrong."""
+    if skill in steps.SEPARATOR:
+        return steps.verify(response, answer, skill)
     return response.strip() == answer.strip()
+
+
+def step_score(response: str, answer: str, skill: str | None) -> tuple[int, int] | None:
+    """(right steps, steps) of a step-skill response (steps.step_score); None for the
+    short-answer skills, whose answers are one step."""
+    return steps.step_score(response, answer, skill) if skill in steps.SEPARATOR else None
