@@ -5,11 +5,23 @@
 
 With `models.teacher.name: toy` and `models.student.name: toy` it builds a character
 tokenizer (the `tokenizers` library, saved as a transformers tokenizer folder with a
-chat template) and trains two Llama models on the toy task's training split with
-supervised fine-tuning on ground-truth answers: a teacher trained long enough to know
-the task, and a smaller student trained briefly, so it starts weak (the paper's "SFT
-student"). Both are saved with save_pretrained (safetensors) in out/teacher and
-out/student.
+chat template) and trains two Llama models by supervised fine-tuning on the embedded
+task (stages/lib/task/):
+- the teacher, on fresh draws of every non-eval prompt; a share of its sequences
+  (`corrupt_share`) has one wrong step, masked out of the loss, followed by the steps
+  the rule gives from the written prefix, so its next-token distribution after a
+  student's mistake means something (where the skew reverse KL learns);
+- the student (the paper's warm "SFT student" every method starts from), on a fixed
+  set of `examples` prompts from the bucket seed keeps out of the distillation prompts
+  (`task.sft_fraction`), epoch after epoch until the held-out loss is flat; its size
+  and that data size set where it starts.
+With `--student-from DIR` (comparison/dvc.yaml's plain_bootstrap, a control) it trains
+only the teacher, with corrupt_share 0, and copies DIR/student: the teacher without
+corrupted prefixes, beside the same warm student.
+Both are saved with save_pretrained (safetensors) in out/teacher and out/student. The
+metrics file records, per model, the held-out SFT loss curve and greedy accuracy on
+`heldout` eval-split prompts, plain (verifier pass rate) and after a fresh corrupted
+prefix (the continuation follows the rule from the written prefix to the right end).
 
 With real models (a local folder or a hub id at a revision) it trains nothing.
 
@@ -26,10 +38,16 @@ all that depends on it, when a local model folder changes in place.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import multiprocessing
+import random
+import shutil
 import time
+from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +59,11 @@ from tqdm import tqdm
 from stages.lib.audit import lineage
 from stages.lib.core import entry, models, params
 from stages.lib.core.config import ModelsParams, TaskParams
-from stages.lib.core.errors import ModelError
+from stages.lib.core.errors import ModelError, ParamsError
 from stages.lib.core.params import check
 from stages.lib.data import encoding, records
 from stages.lib.data.io import atomic_dir, write_json
-from stages.lib.task import toytask
+from stages.lib.task import steps, toytask
 from stages.lib.training import basics
 
 log = logging.getLogger("bootstrap")
@@ -63,11 +81,15 @@ class ToyModelParams:
     batch_size: int
     lr: float
     warmup_steps: int
+    examples: int  # distinct SFT examples, cycled in epochs; 0: a fresh draw every step
+    corrupt_share: float  # sequences with one wrong step (step skills); 0: right answers only
 
     def __post_init__(self) -> None:
         check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
         check(self.steps >= 1 and self.batch_size >= 1, "steps", "steps and batch_size must be >= 1")
         check(self.lr > 0, "lr", "must be > 0")
+        check(self.examples >= 0, "examples", "must be >= 0 (0: a fresh draw every step)")
+        check(0.0 <= self.corrupt_share < 1.0, "corrupt_share", "must be in [0, 1)")
 
     def arch(self) -> models.ToyArch:
         return models.ToyArch(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size)
@@ -79,50 +101,239 @@ class BootstrapParams:
 
     seed: int
     max_positions: int
+    workers: int  # 2: teacher and student train at once, one process and one thread each; 1: in turn
+    heldout: int  # eval-split prompts the models' held-out loss and accuracies are measured on
+    eval_every: int  # steps between held-out loss measurements
+    max_new_tokens: int  # greedy budget of the accuracy measurements
     teacher: ToyModelParams
     student: ToyModelParams
+
+    def __post_init__(self) -> None:
+        check(self.workers in (1, 2), "workers", "must be 1 (in turn) or 2 (teacher and student at once)")
+        check(self.heldout >= 1, "heldout", "must be >= 1")
+        check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
 
 
 SECTIONS: dict[str, type] = {"models": ModelsParams, "task": TaskParams, "bootstrap": BootstrapParams}
 PARAMS = tuple(SECTIONS)
 
 
-def training_examples(task: TaskParams, seed: int) -> Iterator[toytask.ToyExample]:
-    """The toy stream restricted to the train split: eval prompts are never seen."""
+def _split(ex: toytask.ToyExample, task: TaskParams) -> str:
+    return records.split_of(
+        records.prompt_id(records.normalise_prompt(ex.prompt)), task.eval_fraction, task.sft_fraction
+    )
+
+
+def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytask.ToyExample]:
+    """The toy stream restricted to what `role` may train on: eval prompts never; the
+    teacher every other prompt, the student only the SFT bucket (task.sft_fraction;
+    the train split when that is 0), which seed never makes a distillation prompt."""
+    want = {"train", "sft"} if role == "teacher" or task.sft_fraction == 0.0 else {"sft"}
     for ex in toytask.examples(task.toy(), seed):
-        if records.split_of(records.prompt_id(records.normalise_prompt(ex.prompt)), task.eval_fraction) == "train":
+        if _split(ex, task) in want:
             yield ex
 
 
-def train_toy(
-    model: torch.nn.Module, tok: Any, examples: Iterator[toytask.ToyExample], p: ToyModelParams, desc: str
-) -> list[float]:
-    """Supervised fine-tuning on (prompt, answer): token NLL on the answer only."""
-    opt, sched = basics.optimizer_and_schedule(model, p.lr, p.warmup_steps, p.steps)
+def heldout_examples(task: TaskParams, seed: int, n: int) -> list[toytask.ToyExample]:
+    """`n` distinct eval-split examples: prompts no model was trained on."""
+    out: dict[str, toytask.ToyExample] = {}
+    for ex in toytask.examples(task.toy(), seed):
+        if _split(ex, task) == "eval":
+            out.setdefault(ex.prompt, ex)
+            if len(out) == n:
+                return list(out.values())
+    raise AssertionError("unreachable: the toy stream is endless")
+
+
+def sft_stream(examples: Iterator[toytask.ToyExample], p: ToyModelParams, seed: int) -> Iterator[toytask.ToyExample]:
+    """Fresh draws (examples: 0), or a fixed set of `examples` distinct ones cycled in
+    shuffled epochs."""
+    if p.examples == 0:
+        yield from examples
+        return
+    fixed: dict[str, toytask.ToyExample] = {}
+    for draws, ex in enumerate(examples, start=1):
+        fixed.setdefault(ex.prompt, ex)
+        if len(fixed) == p.examples:
+            break
+        if draws >= 50 * p.examples:
+            raise ParamsError(
+                f"bootstrap: examples: the task gave only {len(fixed)} distinct prompts this model may train on in "
+                f"{draws} draws, not {p.examples}; lower examples, raise task.sft_fraction or widen `task`"
+            )
+    pool, rng = list(fixed.values()), random.Random(seed)
+    while True:
+        rng.shuffle(pool)
+        yield from pool
+
+
+Sequence = tuple[list[int], list[int], range]  # prompt ids, response ids, response positions out of the loss
+
+
+def sequence(tok: Any, ex: toytask.ToyExample, rng: random.Random, p: ToyModelParams, alphabet: str) -> Sequence:
+    """The right answer, or with probability corrupt_share (step skills) one wrong
+    step, masked out of the loss, then the rule's steps from the written prefix."""
+    prompt = encoding.prompt_ids(tok, ex.prompt)
+    if ex.skill in steps.SEPARATOR and p.corrupt_share > 0.0 and rng.random() < p.corrupt_share:
+        inst = steps.instance(ex.skill, ex.answer)
+        made = None if inst is None else steps.corrupted(inst, rng, alphabet)
+        if made is not None:
+            written, j = made
+            sep = steps.SEPARATOR[ex.skill]
+            before = steps.join_steps(ex.skill, written[:j]) + (sep if j else "")
+            after = (sep + steps.join_steps(ex.skill, written[j + 1 :])) if j + 1 < len(written) else ""
+            ids_before = encoding.response_ids(tok, before, eos=False)
+            ids_bad = encoding.response_ids(tok, written[j], eos=False)
+            rest = encoding.response_ids(tok, after, eos=True)
+            return prompt, ids_before + ids_bad + rest, range(len(ids_before), len(ids_before) + len(ids_bad))
+    return prompt, encoding.response_ids(tok, ex.answer, eos=True), range(0)
+
+
+def _batch(tok: Any, seqs: list[Sequence]) -> tuple[encoding.Batch, torch.Tensor]:
+    """The collated batch and its loss mask (response positions minus wrong steps)."""
+    b = encoding.collate([(pr, r) for pr, r, _ in seqs], tok.pad_token_id)
+    mask = b.response_mask.clone()
+    for i, (pr, _, masked) in enumerate(seqs):
+        for k in masked:
+            mask[i, len(pr) - 1 + k] = False  # the logit at len(pr)-1+k predicts response token k
+    return b, mask
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, tok: Any, exs: list[toytask.ToyExample]) -> float:
+    """Mean token NLL of the right answers of held-out examples."""
+    model.eval()
+    seqs = [(encoding.prompt_ids(tok, e.prompt), encoding.response_ids(tok, e.answer, eos=True), range(0)) for e in exs]
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), 256):
+        b, mask = _batch(tok, seqs[i : i + 256])
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        total += F.cross_entropy(logits[mask], b.targets[mask], reduction="sum").item()
+        count += int(mask.sum())
     model.train()
-    losses = []
-    for _ in tqdm(range(p.steps), desc=desc, unit="step", mininterval=5.0):
-        batch = list(itertools.islice(examples, p.batch_size))
-        b = encoding.collate(
-            [(encoding.prompt_ids(tok, e.prompt), encoding.response_ids(tok, e.answer, eos=True)) for e in batch],
-            tok.pad_token_id,
-        )
+    return total / count
+
+
+def train_toy(
+    model: torch.nn.Module,
+    tok: Any,
+    examples: Iterator[toytask.ToyExample],
+    p: ToyModelParams,
+    desc: str,
+    *,
+    seed: int,
+    alphabet: str,
+    heldout: list[toytask.ToyExample],
+    eval_every: int,
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """Supervised fine-tuning on (prompt, answer): token NLL on the answer only (wrong
+    steps of corrupted sequences left out). (train losses, [(step, held-out loss)])."""
+    opt, sched = basics.optimizer_and_schedule(model, p.lr, p.warmup_steps, p.steps)
+    rng = random.Random(seed)
+    model.train()
+    losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    for step in tqdm(range(1, p.steps + 1), desc=desc, unit="step", mininterval=5.0):
+        b, mask = _batch(tok, [sequence(tok, e, rng, p, alphabet) for e in itertools.islice(examples, p.batch_size)])
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[b.response_mask], b.targets[b.response_mask])
+        loss = F.cross_entropy(logits[mask], b.targets[mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if step % eval_every == 0 or step == p.steps:
+            curve.append((step, round(heldout_loss(model, tok, heldout), 4)))
     model.eval()
-    return losses
+    return losses, curve
 
 
-def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path) -> dict[str, Any]:
+@torch.no_grad()
+def greedy(model: torch.nn.Module, tok: Any, inputs: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token id lists (left-padded batches), decoded up to eos."""
+    out: list[str] = []
+    for i in range(0, len(inputs), 256):
+        chunk = inputs[i : i + 256]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for r, x in enumerate(chunk):
+            ids[r, width - len(x) :] = torch.tensor(x)
+            att[r, width - len(x) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=att,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[:, width:]
+        for row in gen.tolist():
+            row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+            out.append(tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+def _rate(d: dict[str, list[bool]]) -> dict[str, Any]:
+    flat = [x for v in d.values() for x in v]
+    return {
+        "accuracy": round(sum(flat) / len(flat), 4) if flat else None,
+        "per_skill": {k: round(sum(v) / len(v), 4) for k, v in sorted(d.items())},
+        "n": len(flat),
+    }
+
+
+def follows_rule(inst: steps.Instance, prefix: list[str], continuation: str) -> bool:
+    """Whether a continuation of `prefix` (ending in its separator) writes only steps the
+    rule gives from what is written, and stops where the rule ends."""
+    sep = steps.SEPARATOR[inst.skill]
+    if sep and continuation != continuation.strip():
+        return False
+    written = [*prefix, *steps.split_steps(inst.skill, continuation)]
+    for k in range(len(prefix), len(written)):
+        valid = steps.next_steps(inst, written[:k])
+        if valid is None or written[k] not in valid:
+            return False
+    return steps.next_steps(inst, written) == frozenset()
+
+
+def accuracies(
+    model: torch.nn.Module, tok: Any, exs: list[toytask.ToyExample], alphabet: str, seed: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """Greedy accuracy on held-out prompts: plain (the verifier's pass rate, overall
+    and per skill) and, on the step skills, after a fresh corrupted prefix (right steps
+    and one wrong step written, then the model continues; right per follows_rule)."""
+    plain = greedy(model, tok, [encoding.prompt_ids(tok, e.prompt) for e in exs], max_new_tokens)
+    per: dict[str, list[bool]] = defaultdict(list)
+    for e, r in zip(exs, plain, strict=True):
+        per[e.skill].append(toytask.is_correct(r, e.answer, e.skill))
+    rng = random.Random(seed)
+    cases: list[tuple[str, steps.Instance, list[str], list[int]]] = []
+    for e in exs:
+        inst = steps.instance(e.skill, e.answer) if e.skill in steps.SEPARATOR else None
+        made = None if inst is None else steps.corrupted(inst, rng, alphabet)
+        if inst is not None and made is not None:
+            written, j = made
+            text = steps.join_steps(e.skill, written[: j + 1]) + steps.SEPARATOR[e.skill]
+            ids = encoding.prompt_ids(tok, e.prompt) + encoding.response_ids(tok, text, eos=False)
+            cases.append((e.skill, inst, written[: j + 1], ids))
+    after: dict[str, list[bool]] = defaultdict(list)
+    conts = greedy(model, tok, [c[3] for c in cases], max_new_tokens) if cases else []
+    for (skill, inst, prefix, _), cont in zip(cases, conts, strict=True):
+        after[skill].append(follows_rule(inst, prefix, cont))
+    return {"plain": _rate(per), "after_corruption": _rate(after)}
+
+
+def run(
+    models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path, student_from: Path | None = None
+) -> dict[str, Any]:
     """Build the toy models into `out` (nothing for real models); returns metrics.
 
     Real models are only described (fingerprint, architecture), in the manifest.
+    `student_from` (the comparison's control): train only the teacher, with
+    corrupt_share 0 (no corrupted prefixes), and copy the student from that folder.
     """
     toy = [m.name == "toy" for m in (models_p.teacher, models_p.student)]
     if any(toy) and not all(toy):
@@ -133,42 +344,110 @@ def run(models_p: ModelsParams, task: TaskParams, p: BootstrapParams, out: Path)
     metrics: dict[str, Any] = {}
     if all(toy):
         tok = models.build_char_tokenizer()
-        for role, mp, seed_offset in (("teacher", p.teacher, 0), ("student", p.student, 1)):
-            seed = p.seed * 100 + seed_offset
-            model = models.build_toy_model(mp.arch(), len(tok), tok, seed, p.max_positions)
-            t0 = time.perf_counter()
-            # Teacher and student see different draws of the same training split.
-            losses = train_toy(model, tok, training_examples(task, seed), mp, desc=f"train toy {role}")
-            log.info(
-                "%s: %d parameters, %d steps in %.1fs, final loss %.4f",
-                role,
-                basics.count_parameters(model),
-                mp.steps,
-                time.perf_counter() - t0,
-                losses[-1],
-            )
-            basics.save_model(model, tok, out / role)
-            metrics[role] = {
-                "parameters": basics.count_parameters(model),
-                "steps": mp.steps,
-                "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-            }
+        heldout = heldout_examples(task, p.seed * 100 + 99, p.heldout)
+        if student_from is not None:
+            plain = dataclasses.replace(p.teacher, corrupt_share=0.0)
+            metrics["teacher"] = build_one("teacher", plain, p.seed * 100, tok, task, p, heldout, out / "teacher")
+            shutil.copytree(student_from / "student", out / "student")
+            return metrics
+        jobs = [("teacher", p.teacher, p.seed * 100), ("student", p.student, p.seed * 100 + 1)]
+        if p.workers == 1:
+            for role, mp, seed in jobs:
+                metrics[role] = build_one(role, mp, seed, tok, task, p, heldout, out / role)
+        else:
+            # One thread per process: on 2 cores two 1-thread trainings beat two 2-thread ones in turn.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+                futures = {
+                    role: pool.submit(_build_in_worker, role, mp, seed, task, p, heldout, out / role)
+                    for role, mp, seed in jobs
+                }
+                metrics = {role: f.result() for role, f in futures.items()}
+    elif student_from is not None:
+        raise ModelError("bootstrap --student-from: the plain-teacher control trains a toy teacher; models are not toy")
     return metrics
 
 
+def _build_in_worker(
+    role: str,
+    mp: ToyModelParams,
+    seed: int,
+    task: TaskParams,
+    p: BootstrapParams,
+    heldout: list[toytask.ToyExample],
+    folder: Path,
+) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return build_one(role, mp, seed, models.build_char_tokenizer(), task, p, heldout, folder)
+
+
+def build_one(
+    role: str,
+    mp: ToyModelParams,
+    seed: int,
+    tok: Any,
+    task: TaskParams,
+    p: BootstrapParams,
+    heldout: list[toytask.ToyExample],
+    folder: Path,
+) -> dict[str, Any]:
+    """Train one toy model, save it to `folder`, and measure it: its metrics entry."""
+    model = models.build_toy_model(mp.arch(), len(tok), tok, seed, p.max_positions)
+    t0 = time.perf_counter()
+    data = sft_stream(training_examples(task, seed, role), mp, seed)
+    losses, curve = train_toy(
+        model,
+        tok,
+        data,
+        mp,
+        f"train toy {role}",
+        seed=seed,
+        alphabet=task.alphabet,
+        heldout=heldout,
+        eval_every=p.eval_every,
+    )
+    seconds = time.perf_counter() - t0
+    acc = accuracies(model, tok, heldout, task.alphabet, seed + 7, p.max_new_tokens)
+    log.info(
+        "%s: %d parameters, %d steps in %.1fs, held-out loss %.4f, accuracy %s plain / %s after corruption",
+        role,
+        basics.count_parameters(model),
+        mp.steps,
+        seconds,
+        curve[-1][1],
+        acc["plain"]["accuracy"],
+        acc["after_corruption"]["accuracy"],
+    )
+    basics.save_model(model, tok, folder)
+    return {
+        "parameters": basics.count_parameters(model),
+        "steps": mp.steps,
+        "examples": mp.examples,
+        "corrupt_share": mp.corrupt_share,
+        "seconds": round(seconds, 1),
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "heldout_loss": curve[-1][1],
+        "heldout_loss_curve": [{"step": s, "loss": v} for s, v in curve],
+        **acc,
+    }
+
+
 def main() -> None:
-    args = entry.parse_paths(__doc__, "identity", "out", "metrics")
+    args = entry.parse_paths(__doc__, "identity", "out", "metrics", optional=("student_from",))
     sections = params.load_sections(args.params, SECTIONS)
     with atomic_dir(args.out) as tmp:
         m: ModelsParams = sections["models"]
-        metrics = run(m, sections["task"], sections["bootstrap"], tmp)
+        metrics = run(m, sections["task"], sections["bootstrap"], tmp, args.student_from)
         # The pre-flight gate, before any stage generates: its findings go into the manifest.
         gate = models.preflight(m.teacher.ref(), m.student.ref(), tmp, m.trust_remote_code, m.cross_tokenizer)
         lineage.write_manifest(
             tmp,
             "bootstrap",
             sections,
-            inputs={"identity": args.identity},
+            inputs={
+                "identity": args.identity,
+                **({"student": args.student_from / "student"} if args.student_from else {}),
+            },
             outputs={},
             counts={},
             extra={"models": gate},

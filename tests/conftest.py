@@ -50,12 +50,23 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         min_len=2,
         max_len=3,
         alphabet="abc",
+        min_terms=6,
+        max_terms=9,
+        min_span=8,
+        max_span=14,
+        min_columns=3,
+        max_columns=5,
         eval_fraction=0.1,
+        sft_fraction=0.0,
     )
-    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2)
+    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2, examples=0, corrupt_share=0.0)
     p = bootstrap.BootstrapParams(
         seed=0,
         max_positions=64,
+        workers=1,
+        heldout=8,
+        eval_every=40,
+        max_new_tokens=8,
         teacher=bootstrap.ToyModelParams(hidden_size=32, intermediate_size=64, steps=80, **size),
         student=bootstrap.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size),
     )

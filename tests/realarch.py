@@ -85,7 +85,14 @@ TASK = TaskParams(
     min_len=3,
     max_len=6,
     alphabet="abcdefghij",
+    min_terms=6,
+    max_terms=9,
+    min_span=8,
+    max_span=14,
+    min_columns=3,
+    max_columns=5,
     eval_fraction=0.1,
+    sft_fraction=0.0,
 )
 
 UNICODE_TEXT = (
@@ -171,7 +178,17 @@ def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: bootstrap.Toy
     head = model.get_output_embeddings().weight
     v = len(tok)
     init = head.detach()[v:].clone()
-    losses = bootstrap.train_toy(model, tok, bootstrap.training_examples(TASK, seed), mp, desc="realarch sft")
+    losses, _ = bootstrap.train_toy(
+        model,
+        tok,
+        bootstrap.training_examples(TASK, seed, "teacher"),
+        mp,
+        "realarch sft",
+        seed=seed,
+        alphabet=TASK.alphabet,
+        heldout=bootstrap.heldout_examples(TASK, seed, 8),
+        eval_every=mp.steps,
+    )
     with torch.no_grad():
         head[v:] = init
     return sum(losses[-10:]) / 10
@@ -180,7 +197,7 @@ def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: bootstrap.Toy
 def build_teacher(tok: PreTrainedTokenizerFast) -> tuple[Qwen2ForCausalLM, float]:
     mp = bootstrap.ToyModelParams(
         hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, steps=200, batch_size=32, lr=0.01,
-        warmup_steps=10,
+        warmup_steps=10, examples=0, corrupt_share=0.0,
     )  # fmt: skip
     config = Qwen2Config(
         vocab_size=len(tok) + TEACHER_PAD_ROWS,
@@ -206,7 +223,7 @@ def build_teacher(tok: PreTrainedTokenizerFast) -> tuple[Qwen2ForCausalLM, float
 def build_student(tok: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, float]:
     mp = bootstrap.ToyModelParams(
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=60, batch_size=32, lr=0.01,
-        warmup_steps=5,
+        warmup_steps=5, examples=0, corrupt_share=0.0,
     )  # fmt: skip
     config = LlamaConfig(
         vocab_size=len(tok) + STUDENT_PAD_ROWS,

@@ -1,5 +1,8 @@
+import dataclasses
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,9 @@ from stages import bootstrap
 from stages.lib.core import models
 from stages.lib.core.config import ModelParams, ModelsParams
 from stages.lib.data import encoding
+from stages.lib.task import steps, toytask
 
-from .builders import TASK
+from .builders import TASK, seed_params
 
 
 def tiny(steps: int) -> bootstrap.ToyModelParams:
@@ -23,6 +27,21 @@ def tiny(steps: int) -> bootstrap.ToyModelParams:
         batch_size=16,
         lr=0.003,
         warmup_steps=2,
+        examples=0,
+        corrupt_share=0.0,
+    )
+
+
+def boot(teacher: bootstrap.ToyModelParams, student: bootstrap.ToyModelParams) -> bootstrap.BootstrapParams:
+    return bootstrap.BootstrapParams(
+        seed=0,
+        max_positions=64,
+        workers=1,
+        heldout=8,
+        eval_every=10,
+        max_new_tokens=8,
+        teacher=teacher,
+        student=student,
     )
 
 
@@ -43,7 +62,7 @@ def test_char_tokenizer_round_trips_and_renders_the_chat_template() -> None:
 
 
 def test_toy_models_are_trained_saved_and_loadable(tmp_path: Path) -> None:
-    p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(40), student=tiny(5))
+    p = boot(tiny(40), tiny(5))
     metrics = bootstrap.run(toy_models(), TASK, p, tmp_path)
     for role in ("teacher", "student"):
         folder = tmp_path / role
@@ -59,7 +78,7 @@ def test_toy_models_are_trained_saved_and_loadable(tmp_path: Path) -> None:
 
 
 def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
-    p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
+    p = boot(tiny(3), tiny(2))
     bootstrap.run(toy_models(), TASK, p, tmp_path / "a")
     bootstrap.run(toy_models(), TASK, p, tmp_path / "b")
     for role in ("teacher", "student"):
@@ -71,8 +90,9 @@ def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
 def test_training_examples_never_include_eval_prompts() -> None:
     from stages.lib.data import records
 
-    for ex, _ in zip(bootstrap.training_examples(TASK, 0), range(500)):
-        assert records.split_of(records.prompt_id(records.normalise_prompt(ex.prompt)), TASK.eval_fraction) == "train"
+    for ex, _ in zip(bootstrap.training_examples(TASK, 0, "teacher"), range(500)):
+        pid = records.prompt_id(records.normalise_prompt(ex.prompt))
+        assert records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction) == "train"
 
 
 def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: Path) -> None:
@@ -83,7 +103,7 @@ def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: 
         "float32",
         "none",
     )
-    p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
+    p = boot(tiny(3), tiny(2))
     assert bootstrap.run(real, TASK, p, tmp_path / "out") == {}
     assert not (tmp_path / "out" / "teacher").exists()
     assert models.model_fingerprint(real.teacher.ref(), tmp_path).startswith("sha256:")
@@ -93,7 +113,7 @@ def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Pat
     mixed = ModelsParams(
         ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32", "none"
     )
-    p = bootstrap.BootstrapParams(seed=0, max_positions=64, teacher=tiny(3), student=tiny(2))
+    p = boot(tiny(3), tiny(2))
     with pytest.raises(ValueError, match="both be `toy` or both be real"):
         bootstrap.run(mixed, TASK, p, tmp_path)
 
@@ -117,3 +137,85 @@ def test_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")  # named as such (tests/test_preflight.py)
     with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\)"):
         models.model_fingerprint(models.ModelRef(str(tmp_path / "m"), None), tmp_path)
+
+
+STEP_TASK = dataclasses.replace(TASK, skills=("countdown", "walk", "reverse"), min_len=4, max_len=6, sft_fraction=0.3)
+
+
+def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
+    tok = models.build_char_tokenizer()
+    p = dataclasses.replace(tiny(1), corrupt_share=0.99)
+    rng = random.Random(0)
+    seen = 0
+    for ex in itertools.islice(toytask.examples(STEP_TASK.toy(), 3), 60):
+        prompt_ids, response, masked = bootstrap.sequence(tok, ex, rng, p, STEP_TASK.alphabet)
+        assert prompt_ids == encoding.prompt_ids(tok, ex.prompt) and response[-1] == tok.eos_token_id
+        if not masked:
+            continue
+        seen += 1
+        last = (prompt_ids, response, masked)
+        text = tok.decode(response[:-1])
+        bad = tok.decode(response[masked.start : masked.stop])
+        inst = steps.instance(ex.skill, ex.answer)
+        written = steps.split_steps(ex.skill, text)
+        j = len(steps.split_steps(ex.skill, tok.decode(response[: masked.start]))) if masked.start else 0
+        assert written[j] == bad and bad not in steps.next_steps(inst, written[:j])
+        assert bootstrap.follows_rule(inst, written[: j + 1], steps.join_steps(ex.skill, written[j + 1 :]))
+    assert seen > 40
+    # the loss mask: every response position but the wrong step's
+    b, mask = bootstrap._batch(tok, [last])
+    scored = b.response_mask[0].nonzero().flatten().tolist()
+    assert [t - (len(last[0]) - 1) for t in scored if not mask[0, t]] == list(last[2])
+    assert int(mask.sum()) == len(scored) - len(last[2])
+
+
+def test_follows_rule_checks_every_step_and_the_end() -> None:
+    inst = steps.instance("countdown", "46 37 28 19 10 1")
+    assert bootstrap.follows_rule(inst, ["46", "36"], "27 18 9")  # from the written 36, down to the floor of 1
+    assert not bootstrap.follows_rule(inst, ["46", "36"], "27 18 9 0")  # 0 is below the floor
+    assert not bootstrap.follows_rule(inst, ["46", "36"], "28 19 10 1")  # back to the answer: not the rule
+    assert not bootstrap.follows_rule(inst, ["46", "36"], "27 18")  # stops too early
+    assert not bootstrap.follows_rule(inst, ["46", "36"], " 27 18 9")  # a doubled separator
+    walk = steps.instance("walk", "13 14 16")
+    assert bootstrap.follows_rule(walk, ["13", "12"], "14 16") and bootstrap.follows_rule(
+        walk, ["13", "12"], "13 15 16"
+    )
+
+
+def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
+    from stages.lib.data import records, sources, split
+
+    student = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "student"), 200))
+    teacher = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "teacher"), 200))
+    split_of = lambda e: records.split_of(  # noqa: E731
+        records.prompt_id(records.normalise_prompt(e.prompt)), STEP_TASK.eval_fraction, STEP_TASK.sft_fraction
+    )
+    assert {split_of(e) for e in student} == {"sft"} and {split_of(e) for e in teacher} == {"train", "sft"}
+    p = seed_params(num_train=200, num_eval=20)
+    train, evals, _, counts = split.prompt_sets(STEP_TASK, p, sources.source_rows(STEP_TASK, p))
+    assert counts["reserved_for_sft"] > 0
+    assert counts["read"] == sum(
+        counts[k] for k in ("train", "eval", "quarantined", "unused_over_quota", "reserved_for_sft")
+    )
+    assert {records.split_of(r["prompt_id"], 0.1, 0.3) for r in train} == {"train"}
+    assert {pr.prompt for pr in student}.isdisjoint({r["prompt"] for r in train + evals})
+
+
+def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> None:
+    p = dataclasses.replace(boot(dataclasses.replace(tiny(6), corrupt_share=0.25), tiny(4)), workers=2)
+    p = dataclasses.replace(p, student=dataclasses.replace(p.student, examples=24))
+    a = bootstrap.run(toy_models(), STEP_TASK, p, tmp_path / "a")
+    b = bootstrap.run(toy_models(), STEP_TASK, p, tmp_path / "b")
+    for role in ("teacher", "student"):
+        assert (tmp_path / "a" / role / "model.safetensors").read_bytes() == (
+            tmp_path / "b" / role / "model.safetensors"
+        ).read_bytes()
+        m = a[role]
+        assert m["heldout_loss_curve"][-1] == {"step": m["steps"], "loss": m["heldout_loss"]}
+        assert m["plain"]["n"] == 8 and 0 <= m["plain"]["accuracy"] <= 1
+        assert set(m["after_corruption"]["per_skill"]) <= {"countdown", "walk", "reverse"}
+        assert 0 < m["after_corruption"]["n"] <= 8
+    assert (a["teacher"]["corrupt_share"], a["student"]["examples"]) == (0.25, 24)
+    assert {k: v for k, v in a["teacher"].items() if k != "seconds"} == {
+        k: v for k, v in b["teacher"].items() if k != "seconds"
+    }
