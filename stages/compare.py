@@ -1,27 +1,39 @@
 """compare: one cell of the method comparison, a method (or DistiLLM-2 ablation) and a seed.
 
-    python -m stages.compare --params params.yaml --run kd --seed 2 --pairs data/curate --scores data/score \
-        --models data/bootstrap --prompts data/seed --out data/compare/kd-2 --metrics metrics/compare/kd-2.json \
-        --live plots/compare/kd-2
+    python -m stages.compare --params params.yaml --run kd --seed 2 --prompts data/seed \
+        --teacher-gens data/teacher --pairs data/curate --scores data/score --models data/bootstrap \
+        --plain-models data/compare/plain/bootstrap --plain-teacher-gens data/compare/plain/teacher \
+        --plain-pairs data/compare/plain/curate --plain-scores data/compare/plain/score \
+        --out data/compare/kd-2 --metrics metrics/compare/kd-2.json --live plots/compare/kd-2
 
 comparison/dvc.yaml (the comparison's own pipeline) runs this as a matrix over
-`compare.runs` x `compare.seeds`: every cell trains
-the initial student on the same curated pairs with the train stage's trainer, input
-gates and settings (`train`: epochs, lr, batch, teacher signal, ...; stages/lib/training/),
-with the cell's method, DistiLLM-2 switches and seed, then evaluates it with the evaluate
-stage's evaluator (stages/lib/evaluation/: exact match, ROUGE-L, NLL on teacher and own
-responses, KL, greedy agreement, speculative decoding, lengths). The curated pairs'
-gate also checks that no pair's prompt is an eval prompt. The comparison is
-single-round: `train.rounds` does not apply. stages/report.py turns the cells into the
-comparison table.
+`compare.runs` x `compare.seeds`. Every cell starts from the initial student and runs
+the default pipeline's E rounds (1 + len(train.rounds)) in one process, with the train
+stage's trainer, input gates and settings (`train`: epochs, lr, batch, teacher signal,
+...; stages/lib/training/) and the cell's method, DistiLLM-2 switches and seed:
+round 1 trains on the curated pairs (teacher responses against the initial student's
+samples); each later round samples the student again from the model the last round
+left (`student` settings, a seed of its own per cell seed and round), pairs those
+samples with the same teacher responses, curates them with `curate` and gates them
+like the curated file, and trains on (stages/lib/engines, stages/lib/data: the same
+library functions the student, pairs and curate stages call). The controls
+(cells.RunParams): `rounds: stale` trains every round on round 1's pairs (the same
+optimizer steps, no fresh samples); `teacher: plain` uses the plain_* stages' teacher,
+bootstrapped without corrupted prefixes, its responses and its curated pairs.
+Then the evaluate stage's evaluator (stages/lib/evaluation/: the verifier's pass rate,
+share of right steps, ROUGE-L, NLL, KL, greedy agreement, speculative decoding,
+lengths). stages/report.py turns the cells into the comparison table.
 
 Outputs: model/ (the trained student), predictions.parquet, manifest.json, the metrics
-file, and the per-step training log through DVCLive in the --live folder.
+file (with each round's training summary, curation counts and seconds), and the
+per-step training log through DVCLive in the --live folder (the last round's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,14 +42,18 @@ import pyarrow as pa
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, models, params
-from stages.lib.core.config import Dtype, ModelParams
+from stages.lib.core.config import Dtype, GenerationParams, ModelParams
+from stages.lib.core.errors import ParamsError
 from stages.lib.data import records
-from stages.lib.data.io import atomic_dir, digest_path, read_rows, write_json, write_table
+from stages.lib.data.curation import CurateParams, curate
+from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.pairing import PairsParams, build_pairs
+from stages.lib.engines.generation import generate_transformers, sample_seed
 from stages.lib.evaluation import evaluator
 from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
 from stages.lib.training import basics, trainer
 from stages.lib.training.cells import SHARED_TRAIN, RunParams, cell_params
-from stages.lib.training.checkpoint import Checkpoint, run_key
+from stages.lib.training.objectives import AlphaCurriculum
 from stages.lib.training.summary import run_summary
 
 log = logging.getLogger("compare")
@@ -51,6 +67,9 @@ def sections(run: str) -> dict[str, Any]:
         "models.trust_remote_code": bool,
         "models.dtype": Dtype,
         **dict.fromkeys(SHARED_TRAIN, Any),  # built into TrainParams by cells.cell_params
+        "student": GenerationParams,
+        "pairs": PairsParams,
+        "curate": CurateParams,
         "evaluate": EvaluateParams,
         "quality": quality.QualityParams,
         f"compare.runs.{run}": RunParams,
@@ -61,30 +80,90 @@ SECTIONS = sections("${item.run}")  # as dvc.yaml's matrix template writes it
 PARAMS = tuple(SECTIONS)
 
 
+def fresh_pairs(
+    used: dict[str, Any],
+    student: Any,
+    tok_s: Any,
+    prompts: list[dict[str, Any]],
+    teacher_gens: list[dict[str, Any]],
+    eval_prompts: list[dict[str, Any]],
+    seed: int,
+    round_index: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A round's pairs: the student sampled on the train prompts, paired with the
+    teacher's responses, curated, and through the curated pairs' gate (also disjoint
+    from the eval prompts). (pairs, counts)."""
+    sp: GenerationParams = used["student"]
+    if sp.engine != "transformers" or sp.num_samples != 1:
+        raise ParamsError(
+            "student: a comparison cell samples its rounds in process with engine transformers and num_samples 1; "
+            f"got engine {sp.engine}, num_samples {sp.num_samples}"
+        )
+    sp = dataclasses.replace(sp, seed=sample_seed(sp.seed, f"cell-seed-{seed}", f"round-{round_index}"))
+    student.eval()
+    gens = generate_transformers(
+        student, tok_s, prompts, sp, f"round-{round_index}", desc=f"round {round_index} student"
+    )
+    pairs, unpaired, pair_counts = build_pairs(used["pairs"], prompts, teacher_gens, gens)
+    kept, _, cur_counts = curate(used["curate"], pairs, [pr["prompt"] for pr in eval_prompts])
+    if not kept:
+        raise ParamsError(
+            f"round {round_index}: curate kept no pair of {len(pairs)} ({cur_counts['dropped_by_reason']})"
+        )
+    gates = quality.StageGates(used["quality"], None)
+    eval_ids = pa.array([pr["prompt_id"] for pr in eval_prompts], type=pa.string())
+    table = pa.Table.from_pylist(kept, schema=records.PAIR_SCHEMA)
+    gates.strict(f"round {round_index} curated pairs", "(in memory)", "curated", table, refs={"eval": eval_ids})
+    gates.finish()
+    return kept, {"unpaired": len(unpaired), "pairs": pair_counts["pairs"], "curate": cur_counts}
+
+
 def main() -> None:
+    paths = ("prompts", "teacher_gens", "pairs", "scores", "models")
     args = entry.parse_paths(
-        __doc__, "pairs", "scores", "models", "prompts", "out", "metrics", "live", values={"run": str, "seed": int}
+        __doc__,
+        *paths,
+        *(f"plain_{k}" for k in paths[1:]),
+        "out",
+        "metrics",
+        "live",
+        values={"run": str, "seed": int},
     )
     used = params.load_sections(args.params, sections(args.run))
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     run: RunParams = used[f"compare.runs.{args.run}"]
     p = cell_params(used, run, args.seed)
+    if p.total_rounds > 1 and p.teacher_signal == "topk" and run.rounds == "fresh":
+        raise ParamsError(
+            "train.teacher_signal: topk stores the teacher's signal for round 1's pairs only; a comparison cell's "
+            "fresh rounds need teacher_signal: online"
+        )
     ev: EvaluateParams = used["evaluate"]
+    pick = "plain_" if run.teacher == "plain" else ""
+    models_dir, pairs_dir, scores_dir, gens_dir = (
+        getattr(args, pick + k) for k in ("models", "pairs", "scores", "teacher_gens")
+    )
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
-    s_dir, t_dir = args.models / "student", args.models / "teacher"
-    src, eval_file = args.pairs / "curated.parquet", args.prompts / "eval.parquet"
+    s_dir, t_dir = models_dir / "student", models_dir / "teacher"
+    src, eval_file = pairs_dir / "curated.parquet", args.prompts / "eval.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
     eval_ids = pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())
-    pairs, validation = trainer.gate_inputs(used["quality"], src, args.scores, p, eval_ids)
+    pairs, validation = trainer.gate_inputs(used["quality"], src, scores_dir, p, eval_ids)
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
-        p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
+        p, s_ref, s_dir, t_ref, t_dir, scores_dir, trust, dtype
     )
-    key = run_key(
-        p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir), dtype
-    )
-    ckpt = Checkpoint.beside(args.out, key)
-    rows = trainer.train(
-        trainer.Job(
+    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if p.total_rounds > 1 else []
+    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if train_prompts else []
+    curriculum = AlphaCurriculum(p.distillm2)
+    rows: list[dict[str, float]] = []
+    rounds: list[dict[str, Any]] = []
+    for e in range(1, p.total_rounds + 1):
+        t0 = time.perf_counter()
+        counts: dict[str, Any] = {}
+        if e > 1 and run.rounds == "fresh":
+            pairs, counts = fresh_pairs(used, student, tok_s, train_prompts, teacher_gens, prompts, args.seed, e)
+        t1 = time.perf_counter()
+        job = trainer.Job(
             student=student,
             teacher=teacher,
             tok_s=tok_s,
@@ -92,12 +171,25 @@ def main() -> None:
             pairs=pairs,
             p=p,
             scores=scores,
-            checkpoint=ckpt,
-            live=args.live,
+            round_index=e,
+            curriculum=curriculum,
+            live=args.live if e == p.total_rounds else None,  # one DVCLive log: the last round's
         )
-    )
+        got = trainer.train(job)
+        rows += got
+        rounds.append(
+            {
+                "round": e,
+                "pairs": len(pairs),
+                **counts,
+                "train": run_summary(got, len(pairs), run.method),
+                "sample_seconds": round(t1 - t0, 1),
+                "train_seconds": round(time.perf_counter() - t1, 1),
+            }
+        )
     if teacher is None:  # topk signal: training never needed the teacher; evaluation does
         teacher = models.load_model(t_ref, t_dir, trust, dtype)
+    t_eval = time.perf_counter()
     t_metrics, t_gens, _ = evaluator.generate_responses(
         teacher, tok_t, models.model_fingerprint(t_ref, t_dir), "teacher", prompts, ev
     )
@@ -111,8 +203,16 @@ def main() -> None:
             "run": args.run,
             "method": run.method,
             "disable": list(run.disable),
+            "rounds": run.rounds,
+            "teacher": run.teacher,
             "seed": args.seed,
             "train": run_summary(rows, len(pairs), run.method),
+            "per_round": rounds,
+            "seconds": {
+                "sample": round(sum(r["sample_seconds"] for r in rounds), 1),
+                "train": round(sum(r["train_seconds"] for r in rounds), 1),
+                "evaluate": round(time.perf_counter() - t_eval, 1),
+            },
             "student": s_metrics,
             "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match"),
         }
@@ -124,23 +224,25 @@ def main() -> None:
             inputs={
                 "pairs": src,
                 "eval_prompts": eval_file,
-                "student": models.lineage_input(s_ref, args.models, "student"),
-                "teacher": models.lineage_input(t_ref, args.models, "teacher"),
-                **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
+                "student": models.lineage_input(s_ref, models_dir, "student"),
+                "teacher": models.lineage_input(t_ref, models_dir, "teacher"),
+                **({"teacher_generations": gens_dir / "generations.parquet"} if teacher_gens else {}),
+                **({"train_prompts": args.prompts / "train.parquet"} if train_prompts else {}),
+                **({"scores": scores_dir / "topk.parquet"} if scores is not None else {}),
             },
             outputs={"predictions.parquet": n},
             counts=metrics,
             extra={"seed": args.seed, "run": args.run, "train_params": asdict(p), "validation": validation},
         )
     write_json(args.metrics, metrics)
-    ckpt.clear()
     acc = s_metrics.get("accuracy")
     log.info(
-        "compare %s seed %d: exact match %s, KL %.4f",
+        "compare %s seed %d: exact match %s, KL %.4f, %s s",
         args.run,
         args.seed,
         acc["exact_match"] if acc else "n/a",
         s_metrics["kl_teacher_student"],
+        metrics["seconds"],
     )
 
 

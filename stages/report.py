@@ -53,6 +53,7 @@ PARAMS = tuple(SECTIONS)
 # (column, where it is in a cell's metrics, higher is better)
 METRICS: list[tuple[str, tuple[str, ...], bool]] = [
     ("exact_match", ("student", "accuracy", "exact_match"), True),
+    ("step_share", ("student", "accuracy", "step_share"), True),
     ("rouge_l_vs_teacher", ("student", "rouge_l_vs_teacher"), True),
     ("kl_teacher_student", ("student", "kl_teacher_student"), False),
     ("nll_on_teacher_responses", ("student", "nll_on_teacher_responses"), False),
@@ -62,6 +63,14 @@ METRICS: list[tuple[str, tuple[str, ...], bool]] = [
     ("mean_response_tokens", ("student", "response_tokens", "mean"), False),
     ("final_train_loss", ("train", "final_loss"), False),
 ]
+OPTIONAL = {"step_share": ("accuracy", "step_share"), "teacher_call_speedup": ("speculative",)}
+# Per-cell breakdowns: metric prefix -> where the cell keeps that dict under student.accuracy
+BREAKDOWNS = {"exact_match/": "per_category", "step_share/": "step_share_per_category", "by_length/": "per_length"}
+# The controls (cells.RunParams) and what each changes
+CONTROLS = {
+    "rounds": ("stale", "one stale round of student samples"),
+    "teacher": ("plain", "a teacher trained without corrupted prefixes"),
+}
 
 # The paper's orderings (docs/METHOD.md), worst to best, with its figures. The paper's
 # "SFT" rows are the SFT *student* every method starts from: here the initial student
@@ -138,7 +147,7 @@ def collect(cells_dir: Path, p: CompareParams) -> Values:
             for c, path, _ in METRICS:
                 if c == "exact_match" and not acc:
                     continue  # prompts without reference answers: no exact match anywhere
-                if c == "teacher_call_speedup" and "speculative" not in cell["student"]:
+                if c in OPTIONAL and not _has(cell["student"], OPTIONAL[c]):
                     continue
                 v = dig(cell, path, str(f))
                 if v is None:
@@ -146,12 +155,23 @@ def collect(cells_dir: Path, p: CompareParams) -> Values:
                 else:
                     values.setdefault(c, {})[seed] = v
             if acc:
-                for skill, v in sorted(cell["student"]["accuracy"].get("per_category", {}).items()):
-                    values.setdefault(f"exact_match/{skill}", {})[seed] = float(v)
+                for prefix, key in BREAKDOWNS.items():
+                    for name, v in sorted(cell["student"]["accuracy"].get(key, {}).items()):
+                        values.setdefault(prefix + name, {})[seed] = float(v)
+            if "seconds" in cell:
+                values.setdefault("seconds", {})[seed] = float(sum(cell["seconds"].values()))
         out[run] = values
     if nulls:
         log.warning("report: no value (null) in %d cells, left out of their means: %s", len(nulls), ", ".join(nulls))
     return out
+
+
+def _has(node: dict[str, Any], path: tuple[str, ...]) -> bool:
+    for k in path:
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return True
 
 
 def summarise(values: Values) -> dict[str, dict[str, tuple[float, float]]]:
@@ -294,6 +314,91 @@ def pairs_table(values: Values, metric: str, against: tuple[str, ...] = ("distil
     return lines
 
 
+def control_of(run: RunParams) -> str | None:
+    """What a control run changes ('rounds' or 'teacher'), None for a default run."""
+    changed = [k for k, (value, _) in CONTROLS.items() if getattr(run, k) == value]
+    return "+".join(changed) if changed else None
+
+
+def counterpart(p: CompareParams, name: str) -> str | None:
+    """The default run a control run differs from only by its control."""
+    run = p.runs[name]
+    for other, o in p.runs.items():
+        if control_of(o) is None and (o.method, o.disable) == (run.method, run.disable):
+            return other
+    return None
+
+
+def controls_table(values: Values, p: CompareParams, metric: str) -> list[str]:
+    """Each control against its default run (control - default, paired by seed), and
+    where both KD and DistiLLM-2 have a control of one kind, the DistiLLM-2 - KD gain
+    under the control against the gain without it (a difference of paired differences)."""
+    lines: list[str] = []
+    rows = [(name, counterpart(p, name)) for name, r in p.runs.items() if control_of(r) is not None]
+    rows = [(c, d) for c, d in rows if d is not None and metric in values.get(c, {}) and metric in values.get(d, {})]
+    if not rows:
+        return lines
+    lines += [f"Paired by seed, {metric}: control - its default run (95% CI)", ""]
+    lines += ["| control | changes | default run | difference | 95% CI | |", "|---|---|---|---|---|---|"]
+    for c, d in rows:
+        diff = paired(values[d][metric], values[c][metric])
+        what = ", ".join(CONTROLS[k][1] for k in control_of(p.runs[c]).split("+"))  # type: ignore[union-attr]
+        lines.append(
+            f"| {c} | {what} | {d} | {diff.mean:+.4f} | [{diff.low:+.4f}, {diff.high:+.4f}] | {ordering(d, c, diff)} |"
+        )
+    lines.append("")
+    by_kind: dict[str, dict[str, str]] = {}
+    for c, d in rows:
+        by_kind.setdefault(control_of(p.runs[c]) or "", {})[p.runs[d].method if not p.runs[d].disable else ""] = c
+    for kind, runs in by_kind.items():
+        if {"kd", "distillm2"} <= set(runs) and "kd" in values and "distillm2" in values:
+            k, m = runs["kd"], runs["distillm2"]
+            seeds = set(values[k][metric]) & set(values[m][metric]) & set(values["kd"][metric])
+            seeds &= set(values["distillm2"][metric])
+            gain = {s: values["distillm2"][metric][s] - values["kd"][metric][s] for s in seeds}
+            under = {s: values[m][metric][s] - values[k][metric][s] for s in seeds}
+            if len(seeds) >= 2:
+                diff = paired(gain, under)
+                lines.append(
+                    f"- DistiLLM-2 - KD with {', '.join(CONTROLS[x][1] for x in kind.split('+'))}: "
+                    f"{mean_std(list(under.values()))[0]:+.4f}, without: {mean_std(list(gain.values()))[0]:+.4f}; "
+                    f"change {diff.mean:+.4f}, 95% CI [{diff.low:+.4f}, {diff.high:+.4f}] over {diff.n} seeds: "
+                    + (
+                        "the gain shrinks"
+                        if diff.measured and diff.mean < 0
+                        else "the gain grows"
+                        if diff.measured
+                        else "no difference measured"
+                    )
+                )
+    return [*lines, ""]
+
+
+def breakdown(table: dict[str, dict[str, tuple[float, float]]], ranked: list[str], prefix: str) -> list[str]:
+    """One row per run, one column per `prefix`<name> metric (mean ± std over seeds)."""
+    cols = sorted({c for v in table.values() for c in v if c.startswith(prefix)})
+    if not cols:
+        return []
+    lines = ["| run | " + " | ".join(c[len(prefix) :] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for run in ranked:
+        v = table[run]
+        lines.append(
+            f"| {run} | " + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols) + " |"
+        )
+    return [*lines, ""]
+
+
+def cost_lines(table: dict[str, dict[str, tuple[float, float]]], ranked: list[str]) -> list[str]:
+    """Seconds per cell (sampling, training and evaluation), per run."""
+    have = [r for r in ranked if "seconds" in table[r]]
+    if not have:
+        return []
+    total = sum(table[r]["seconds"][0] for r in have)
+    lines = ["| run | seconds per cell (mean ± std) |", "|---|---|"]
+    lines += [f"| {r} | {table[r]['seconds'][0]:.1f} ± {table[r]['seconds'][1]:.1f} |" for r in have]
+    return [*lines, "", f"Mean cell: {total / len(have):.1f} s over {len(have)} runs.", ""]
+
+
 def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: dict[str, Any]) -> None:
     import matplotlib
 
@@ -303,44 +408,38 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
     table = summarise(values)
     cols = [c for c, _, _ in METRICS if any(c in v for v in table.values())]
     main = "exact_match" if "exact_match" in cols else "rouge_l_vs_teacher"
-    skills = sorted({c for v in table.values() for c in v if c.startswith("exact_match/")})
     with atomic_dir(out) as tmp:
         with (tmp / "table.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["run", "method", "disable", "seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))])
+            w.writerow(
+                ["run", "method", "disable", "control", "seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))]
+            )
             for run, v in table.items():
                 w.writerow(
                     [
                         run,
                         p.runs[run].method,
                         "+".join(p.runs[run].disable),
+                        control_of(p.runs[run]) or "",
                         len(p.seeds),
                         *(f"{v[c][i]:.6f}" if c in v else "" for c in cols for i in (0, 1)),
                     ]
                 )
         ranked = sorted(table, key=lambda r: -table[r][main][0])
-        md = [f"| run | method | disabled | {' | '.join(cols)} |", "|---|---|---|" + "---|" * len(cols)]
+        md = [f"| run | method | disabled | control | {' | '.join(cols)} |", "|---|---|---|---|" + "---|" * len(cols)]
         for run in ranked:
             v = table[run]
             md.append(
                 f"| {run} | {p.runs[run].method} | {', '.join(p.runs[run].disable) or '-'} | "
+                f"{control_of(p.runs[run]) or '-'} | "
                 + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols)
                 + " |"
             )
         (tmp / "table.md").write_text("\n".join(md) + "\n")
-        per_skill = []
-        if skills:
-            per_skill = [
-                "| run | " + " | ".join(c.split("/", 1)[1] for c in skills) + " |",
-                "|---|" + "---|" * len(skills),
-            ]
-            for run in ranked:
-                v = table[run]
-                per_skill.append(
-                    f"| {run} | "
-                    + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in skills)
-                    + " |"
-                )
+        per_skill = breakdown(table, ranked, "exact_match/")
+        step_skill = breakdown(table, ranked, "step_share/")
+        per_length = breakdown(table, ranked, "by_length/")
+        cost = cost_lines(table, ranked)
         fig, ax = plt.subplots(figsize=(9, 4))
         means, stds = [table[r][main][0] for r in ranked], [table[r][main][1] for r in ranked]
         ax.bar(ranked, means, yerr=stds, capsize=4, color="#4c72b0")
@@ -365,13 +464,16 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             "# Method comparison",
             "",
             f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), "
-            "all trained from the same initial student on the same",
-            "curated pairs with the same loop; mean ± sample standard deviation over seeds. Produced by",
+            "all trained from the same initial student with the same",
+            "loop and rounds (round 1 on the same curated pairs; later rounds on fresh student samples,",
+            "except the stale-round controls); mean ± sample standard deviation over seeds. Produced by",
             "`dvc repro comparison/dvc.yaml` (stages compare@<run>-<seed> and report). Differences between",
             "runs are paired by seed (same seed: same data order from the same initial student) with a 95%",
             "t interval; an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
             "are the SFT student the methods start from: our initial student. Our `sft` run is SeqKD",
-            "(NLL on the teacher's responses), which the paper has no row for.",
+            "(NLL on the teacher's responses), which the paper has no row for. exact_match is the",
+            "verifier's pass rate (walk: any walk by its steps to its goal); step_share the share of steps",
+            "right by the rule from what the student wrote.",
             "",
             *ref_lines,
             "",
@@ -379,7 +481,11 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             "",
             *md,
             "",
-            *(["## Exact match per skill", "", *per_skill, ""] if per_skill else []),
+            *(["## Exact match per skill", "", *per_skill] if per_skill else []),
+            *(["## Share of right steps per skill", "", *step_skill] if step_skill else []),
+            *(["## Exact match by reference length (characters)", "", *per_length] if per_length else []),
+            *(["## Controls", "", *controls_table(values, p, main)] if len(p.seeds) > 1 else []),
+            *(["## Cost", "", *cost] if cost else []),
             "## Paired differences",
             "",
             *(
@@ -404,6 +510,9 @@ def main() -> None:
     p: CompareParams = params.load_sections(args.params, SECTIONS)["compare"]
     values = collect(args.cells, p)
     write(args.out, args.plot, values, p, json.loads(args.reference.read_text()))
+    for run, v in summarise(values).items():
+        if "seconds" in v:
+            log.info("report: %s: %.1f s per cell (mean over %d seeds)", run, v["seconds"][0], len(p.seeds))
     log.info("report: %d runs x %d seeds -> %s", len(p.runs), len(p.seeds), args.out)
 
 

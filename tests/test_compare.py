@@ -1,6 +1,7 @@
 """The comparison cell: a method (or DistiLLM-2 ablation) and a seed, trained and evaluated."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, is_dataclass
@@ -14,39 +15,49 @@ from stages.lib.data import io, records
 from stages.lib.training import cells
 from stages.lib.training.train_params import RoundParams
 
-from .builders import pair, prompt, tp
+from .builders import gen, pair, prompt, tp
 from .conftest import ROOT
 
 
 def test_run_params_name_the_bad_switch() -> None:
-    assert cells.RunParams("distillm2", ("beta_ramp",)).disable == ("beta_ramp",)
+    assert cells.RunParams("distillm2", ("beta_ramp",), "fresh", "default").disable == ("beta_ramp",)
     with pytest.raises(ValueError, match=r"disable: unknown switch 'beta'"):
-        cells.RunParams("distillm2", ("beta",))
+        cells.RunParams("distillm2", ("beta",), "fresh", "default")
     with pytest.raises(ValueError, match="disable: switches belong to distillm2, not kd"):
-        cells.RunParams("kd", ("contrastive",))
+        cells.RunParams("kd", ("contrastive",), "fresh", "default")
 
 
-def test_cell_params_set_method_switches_and_seed_and_one_round() -> None:
+def test_cell_params_set_method_switches_and_seed_and_keep_the_rounds() -> None:
     base = tp(rounds={"r2": RoundParams("data/train")}, lr=0.02)
     used = {
         k: getattr(base, k.split(".")[1]) if k.count(".") == 1 else getattr(base.distillm2, k.split(".")[2])
         for k in cells.SHARED_TRAIN
     }
-    used = {k: (asdict(v) if is_dataclass(v) else v) for k, v in used.items()}
-    p = cells.cell_params(used, cells.RunParams("distillm2", ("beta_ramp", "adaptive_alpha")), 7)
-    assert (p.method, p.seed, p.rounds, p.lr) == ("distillm2", 7, {}, 0.02)
+    raw = lambda v: asdict(v) if is_dataclass(v) else {k: raw(x) for k, x in v.items()} if isinstance(v, dict) else v  # noqa: E731
+    used = {k: raw(v) for k, v in used.items()}
+    p = cells.cell_params(used, cells.RunParams("distillm2", ("beta_ramp", "adaptive_alpha"), "fresh", "default"), 7)
+    assert (p.method, p.seed, p.rounds, p.lr) == ("distillm2", 7, {"r2": RoundParams("data/train")}, 0.02)
     assert (p.distillm2.contrastive, p.distillm2.beta_ramp, p.distillm2.adaptive_alpha) == (True, False, False)
     assert p.distillm2.beta == base.distillm2.beta and p.gkd == base.gkd
     assert "train.method" not in cells.SHARED_TRAIN and "train.distillm2.beta_ramp" not in cells.SHARED_TRAIN
     with pytest.raises(ValueError, match="train: lr: must be > 0"):
-        cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", ()), 1)
+        cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", (), "fresh", "default"), 1)
 
 
 def cell(
-    tmp_path: Path, models_dir: Path, run: str, seed: int, params: dict
+    tmp_path: Path, models_dir: Path, run: str, seed: int, params: dict, plain_models: Path | None = None
 ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run one cell; the plain-teacher control's inputs are the default ones unless
+    `plain_models` is given (then its own folder holds them)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "compare" / f"{run}-{seed}"
+    plain = tmp_path / "plain" if plain_models is not None else tmp_path
+    controls = [
+        *("--plain-teacher-gens", str(plain / "teacher")),
+        *("--plain-pairs", str(plain / "curate")),
+        *("--plain-scores", str(plain / "score")),
+        *("--plain-models", str(plain_models or models_dir)),
+    ]
     cmd = [
         sys.executable,
         "-m",
@@ -65,6 +76,9 @@ def cell(
         str(models_dir),
         "--prompts",
         str(tmp_path / "seed"),
+        "--teacher-gens",
+        str(tmp_path / "teacher"),
+        *controls,
         "--out",
         str(out),
         "--metrics",
@@ -75,6 +89,9 @@ def cell(
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True), out
 
 
+SPEC = {"disable": [], "rounds": "fresh", "teacher": "default"}
+
+
 def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_path: Path, taught_models: Path) -> None:
     train_pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y") for i in range(8)]
     io.write_table(tmp_path / "curate" / "curated.parquet", train_pairs, records.PAIR_SCHEMA)
@@ -83,7 +100,12 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     params["train"].update(epochs=1, batch_size=4, checkpoint_every=0)
     params["evaluate"].update(batch_size=4, max_new_tokens=4, speculative_prompts=2, draft_tokens=2)
-    params["compare"]["runs"]["ablated"] = {"method": "distillm2", "disable": ["contrastive"]}
+    params["compare"]["runs"]["ablated"] = {
+        "method": "distillm2",
+        "disable": ["contrastive"],
+        "rounds": "fresh",
+        "teacher": "default",
+    }
     done, out = cell(tmp_path, taught_models, "ablated", 3, params)
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((tmp_path / "metrics" / "ablated-3.json").read_text())
@@ -120,8 +142,75 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
         taught_models,
         "kd",
         1,
-        {**params, "compare": {**params["compare"], "runs": {"kd": {"method": "kd", "disable": []}}}},
+        {**params, "compare": {**params["compare"], "runs": {"kd": SPEC | {"method": "kd"}}}},
     )
     assert done.returncode == 2 and "curated pairs failed expectation" in done.stderr, done.stderr[-3000:]
     assert "prompt_id__in_eval" in done.stderr
     assert not out.exists()
+
+
+def rounds_setup(tmp_path: Path) -> dict:
+    """Train prompts with the teacher's responses, round 1's curated pairs, eval prompts,
+    and smoke params with E = 2 (train.rounds r2)."""
+    prompts = [prompt(i) for i in range(8)]
+    io.write_table(tmp_path / "seed" / "train.parquet", prompts, records.PROMPT_SCHEMA)
+    io.write_table(
+        tmp_path / "seed" / "eval.parquet",
+        [{**prompt(100 + i), "split": "eval"} for i in range(4)],
+        records.PROMPT_SCHEMA,
+    )
+    teacher = [gen(pr, "teacher", 0, text=pr["reference"]) for pr in prompts]
+    io.write_table(tmp_path / "teacher" / "generations.parquet", teacher, records.GENERATION_SCHEMA)
+    pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y") for i in range(8)]
+    io.write_table(tmp_path / "curate" / "curated.parquet", pairs, records.PAIR_SCHEMA)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["train"].update(epochs=1, batch_size=4, checkpoint_every=0, rounds={"r2": {"previous": "data/train"}})
+    params["student"].update(batch_size=4, shard_size=0, max_new_tokens=4)
+    params["evaluate"].update(batch_size=4, max_new_tokens=4, speculative_prompts=0)
+    params["curate"]["decontamination"]["enabled"] = False
+    params["compare"]["runs"] = {
+        "kd": SPEC | {"method": "kd"},
+        "kd_stale": SPEC | {"method": "kd", "rounds": "stale"},
+        "kd_plain": SPEC | {"method": "kd", "teacher": "plain"},
+    }
+    return params
+
+
+def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: Path, taught_models: Path) -> None:
+    params = rounds_setup(tmp_path)
+    done, out = cell(tmp_path, taught_models, "kd", 1, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics" / "kd-1.json").read_text())
+    first, second = m["per_round"]
+    assert (first["round"], second["round"], first["pairs"]) == (1, 2, 8)
+    # round 2 sampled the student afresh on the 8 train prompts and paired it with the teacher's responses
+    assert second["pairs"] == 8 and second["curate"]["pairs_in"] == 8
+    assert second["curate"]["kept"] + second["curate"]["quarantined"] == 8 and second["sample_seconds"] > 0
+    assert m["train"]["steps"] == first["train"]["steps"] + second["train"]["steps"]
+    live = tmp_path / "live" / "kd-1" / "plots" / "metrics" / "loss.tsv"
+    assert len(live.read_text().splitlines()) == 1 + second["train"]["steps"]  # the last round's log
+    # the stale control: round 1's pairs again, the same number of optimizer steps, no sampling
+    done, _ = cell(tmp_path, taught_models, "kd_stale", 1, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stale = json.loads((tmp_path / "metrics" / "kd_stale-1.json").read_text())
+    assert [r["pairs"] for r in stale["per_round"]] == [8, 8] and "curate" not in stale["per_round"][1]
+    assert stale["per_round"][1]["sample_seconds"] == 0 and stale["rounds"] == "stale"
+    assert stale["train"]["steps"] == m["train"]["steps"]
+    # the plain-teacher control reads the plain_* inputs: here a folder with other models
+    plain = tmp_path / "plain"
+    for sub in ("teacher", "curate"):
+        shutil.copytree(tmp_path / sub, plain / sub)
+    other = tmp_path / "other_models"
+    shutil.copytree(taught_models, other)
+    done, out = cell(tmp_path, taught_models, "kd_plain", 1, params, plain_models=other)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["teacher"]["path"].startswith(str(other))
+    assert manifest["inputs"]["pairs"]["path"] == str(plain / "curate" / "curated.parquet")
+
+
+def test_fresh_rounds_refuse_the_stored_topk_signal(tmp_path: Path, taught_models: Path) -> None:
+    params = rounds_setup(tmp_path)
+    params["train"]["teacher_signal"] = "topk"
+    done, _ = cell(tmp_path, taught_models, "kd", 1, params)
+    assert done.returncode == 2 and "fresh rounds need teacher_signal: online" in done.stderr, done.stderr[-2000:]

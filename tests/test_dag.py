@@ -19,7 +19,8 @@ SECOND = yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())
 RAW = MAIN["stages"] | SECOND["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
-COMPARISON = ["compare", "report"]
+PLAIN = ["plain_bootstrap", "plain_teacher", "plain_pairs", "plain_curate", "plain_score"]  # the control teacher
+COMPARISON = PLAIN + ["compare", "report"]
 IDENTIFY = ["identify"]  # always runs; no params section of its own (it reads models.teacher / models.student)
 ROUND = ["round_student", "round_pairs", "round_curate", "round_score", "round_train", "round_evaluate"]
 EXPECTED = IDENTIFY + BASE + ROUND + COMPARISON  # dvc.yaml, then comparison/dvc.yaml
@@ -45,8 +46,8 @@ DVC = {name: instantiate(spec["do"]) if "foreach" in spec else instantiate(spec)
 
 
 def module(stage: str) -> str:
-    """The stage module a dvc.yaml stage runs: round_<x> runs stages.<x>."""
-    return stage.removeprefix("round_")
+    """The stage module a dvc.yaml stage runs: round_<x> and plain_<x> run stages.<x>."""
+    return stage.removeprefix("round_").removeprefix("plain_")
 
 
 def closure(stage: str) -> set[str]:
@@ -63,7 +64,8 @@ def test_stage_names_agree_everywhere() -> None:
     assert SECOND["vars"] == ["../params.yaml:compare"]
     assert all(SECOND["stages"][n]["wdir"] == ".." for n in COMPARISON)
     for name in COMPARISON:
-        assert (ROOT / "stages" / f"{name}.py").is_file() and (ROOT / "tests" / f"test_{name}.py").is_file()
+        assert (ROOT / "stages" / f"{module(name)}.py").is_file()
+        assert (ROOT / "tests" / f"test_{module(name)}.py").is_file()
     assert "compare" in PARAMS
     assert RAW["identify"]["always_changed"] is True and (ROOT / "tests" / "test_preflight.py").is_file()
     for name in BASE:
@@ -118,6 +120,15 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     argv = shlex.split(spec["cmd"])
     assert argv[:3] == ["python", "-m", f"stages.{module(stage)}"]
     args = dict(zip(argv[3::2], argv[4::2]))
+    if stage in PLAIN:  # the control teacher's stages: the base stage's flags, their own paths
+        assert set(args) == set(dict(zip(*[iter(shlex.split(DVC[module(stage)]["cmd"])[3:])] * 2))) | (
+            {"--student-from"} if stage == "plain_bootstrap" else set()
+        )
+        assert all(
+            v.startswith(("data/compare/plain/", "metrics/plain/", "reports/quality/plain/"))
+            for k, v in args.items()
+            if k in ("--out", "--metrics", "--docs")
+        )
     name = lambda o: o if isinstance(o, str) else next(iter(o))  # noqa: E731  (an out with options is {path: {...}})
     outs = (
         {name(o) for o in spec["outs"]}
@@ -209,8 +220,26 @@ def test_graph_edges() -> None:
         ("score", "compare@kd-1"),
         ("bootstrap", "compare@kd-1"),
         ("seed", "compare@kd-1"),
+        ("teacher", "compare@kd-1"),  # the teacher's responses, for the fresh rounds' pairs
         ("compare@kd-1", "report"),
         ("evaluate", "report"),
+        # the control teacher: bootstrapped without corrupted prefixes beside the same student,
+        # then its responses, pairs (with the initial student's samples), curation and scores
+        ("identify", "plain_bootstrap"),
+        ("bootstrap", "plain_bootstrap"),
+        ("seed", "plain_teacher"),
+        ("plain_bootstrap", "plain_teacher"),
+        ("seed", "plain_pairs"),
+        ("plain_teacher", "plain_pairs"),
+        ("student", "plain_pairs"),
+        ("plain_pairs", "plain_curate"),
+        ("seed", "plain_curate"),
+        ("plain_curate", "plain_score"),
+        ("plain_bootstrap", "plain_score"),
+        ("plain_teacher", "compare@kd-1"),
+        ("plain_curate", "compare@kd-1"),
+        ("plain_score", "compare@kd-1"),
+        ("plain_bootstrap", "compare@kd-1"),
     }
 
 

@@ -32,7 +32,12 @@ def cell(run: str, seed: int, em: float, agree: float = 0.5) -> dict:
 
 
 P = report.CompareParams(
-    seeds=(1, 2), runs={"sft": RunParams("sft", ()), "kd": RunParams("kd", ()), "distillm2": RunParams("distillm2", ())}
+    seeds=(1, 2),
+    runs={
+        "sft": RunParams("sft", (), "fresh", "default"),
+        "kd": RunParams("kd", (), "fresh", "default"),
+        "distillm2": RunParams("distillm2", (), "fresh", "default"),
+    },
 )
 EMS = {"sft": (0.30, 0.34), "kd": (0.50, 0.52), "distillm2": (0.40, 0.60)}
 
@@ -116,3 +121,52 @@ def test_write_produces_table_plot_and_readme(tmp_path: Path) -> None:
     # paired differences from distillm2 (sft - distillm2: -0.10, -0.26) and from kd (-0.20, -0.18)
     assert "| sft | -0.1800 | [" in readme and "| sft | -0.1900 | [" in readme
     assert (tmp_path / "plot.csv").read_text().splitlines()[1].startswith("kd,0.510000")
+
+
+def test_controls_breakdowns_and_cost_are_reported(tmp_path: Path) -> None:
+    """Each control against its default run, the DistiLLM-2 - KD gain with and without
+    it, per skill step shares, exact match by length, and seconds per cell."""
+    runs = {
+        "kd": RunParams("kd", (), "fresh", "default"),
+        "distillm2": RunParams("distillm2", (), "fresh", "default"),
+        "kd_stale": RunParams("kd", (), "stale", "default"),
+        "distillm2_stale": RunParams("distillm2", (), "stale", "default"),
+    }
+    p = report.CompareParams(seeds=(1, 2, 3), runs=runs)
+    ems = {"kd": (0.40, 0.42, 0.41), "distillm2": (0.60, 0.63, 0.62), "kd_stale": (0.40, 0.41, 0.43)}
+    ems["distillm2_stale"] = (0.45, 0.47, 0.46)
+    d = tmp_path / "cells"
+    d.mkdir()
+    for run, vals in ems.items():
+        for seed, em in zip(p.seeds, vals):
+            c = cell(run, seed, em)
+            c["student"]["accuracy"] |= {
+                "step_share": em + 0.2,
+                "step_share_per_category": {"walk": em},
+                "per_length": {"01-10": 1.0, "18-22": em},
+            }
+            c["seconds"] = {"sample": 10.0, "train": 20.0 + seed, "evaluate": 5.0}
+            (d / f"{run}-{seed}.json").write_text(json.dumps(c))
+    values = report.collect(d, p)
+    assert values["kd"]["step_share/walk"] == {1: 0.40, 2: 0.42, 3: 0.41}
+    assert values["kd"]["by_length/18-22"][2] == 0.42 and values["kd"]["seconds"][3] == 38.0
+    assert report.counterpart(p, "distillm2_stale") == "distillm2" and report.control_of(runs["kd"]) is None
+    lines = "\n".join(report.controls_table(values, p, "exact_match"))
+    assert "| distillm2_stale | one stale round of student samples | distillm2 | -0.1567 |" in lines
+    assert (
+        "| kd_stale | one stale round of student samples | kd | +0.0033 |" in lines
+        and "no difference measured" in lines
+    )
+    # the gain: 0.2067 without the control, 0.0467 with it; the change is measured
+    assert "DistiLLM-2 - KD with one stale round of student samples: +0.0467, without: +0.2067" in lines
+    assert "the gain shrinks" in lines
+    report.write(tmp_path / "out", tmp_path / "plot.csv", values, p, REF)
+    text = (tmp_path / "out" / "README.md").read_text()
+    for section in (
+        "## Share of right steps per skill",
+        "## Exact match by reference length",
+        "## Controls",
+        "## Cost",
+    ):
+        assert section in text
+    assert "| kd | 37.0 ± 1.0 |" in text and "step_share" in (tmp_path / "out" / "table.md").read_text()

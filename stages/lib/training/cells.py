@@ -4,7 +4,7 @@ trains with. Used by stages/compare.py (one cell) and stages/report.py (the tabl
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from stages.lib.core import params
 from stages.lib.core.params import check
@@ -17,10 +17,16 @@ SWITCHES = ("contrastive", "beta_ramp", "adaptive_alpha")
 @dataclass(frozen=True)
 class RunParams:
     """One entry of params.yaml `compare.runs`: a method and, for distillm2, the
-    ablation switches turned off. (Not named `off`: YAML 1.1 reads that key as false.)"""
+    ablation switches turned off (not named `off`: YAML 1.1 reads that key as false);
+    which rounds and teacher it trains with. The controls: `rounds: stale` trains every
+    round on round 1's pairs (one stale round of student samples, the same optimizer
+    steps as E fresh ones); `teacher: plain` distils the teacher bootstrap trained
+    without corrupted prefixes (comparison/dvc.yaml's plain_* stages)."""
 
     method: Method
     disable: tuple[str, ...]
+    rounds: Literal["fresh", "stale"]
+    teacher: Literal["default", "plain"]
 
     def __post_init__(self) -> None:
         for s in self.disable:
@@ -33,21 +39,21 @@ class RunParams:
 
 
 # The train settings a cell shares with the train stage: all but what the cell sets
-# itself (method, seed, DistiLLM-2's switches) and the rounds (a cell is one round).
+# itself (method, seed, DistiLLM-2's switches); train.rounds gives the cell its E rounds.
 # Listing them one by one keeps DVC from rerunning every cell when train.method changes.
-OWN = ("method", "seed", "rounds", "distillm2")
+OWN = ("method", "seed", "distillm2")
 SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(TrainParams) if f.name not in OWN) + tuple(
     f"train.distillm2.{f.name}" for f in fields(DistiLLM2Params) if f.name not in SWITCHES
 )
 
 
 def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> TrainParams:
-    """TrainParams from the shared train settings plus this cell's method, switches and
-    seed, one round; checked as strictly as the train stage's own."""
+    """TrainParams from the shared train settings (train.rounds included: a cell runs
+    the default pipeline's E rounds) plus this cell's method, switches and seed;
+    checked as strictly as the train stage's own."""
     raw: dict[str, Any] = {
         "method": run.method,
         "seed": seed,
-        "rounds": {},
         "distillm2": {s: s not in run.disable for s in SWITCHES},
     }
     for key in SHARED_TRAIN:
