@@ -37,8 +37,10 @@ def restored(output: str) -> set[str]:
     return set(re.findall(r"Stage '([\w@.:/-]+)' is cached - skipping run", output))
 
 
-# The smoke profile's comparison (its own pipeline, comparison/dvc.yaml): runs kd and distillm2, seed 1.
-COMPARISON = {f"comparison/dvc.yaml:{n}" for n in ("compare@kd-1", "compare@distillm2-1", "report")}
+# The smoke profile's comparison (its own pipeline, comparison/dvc.yaml): runs kd and distillm2, seed 1,
+# after the control teacher's stages.
+PLAIN = ("plain_bootstrap", "plain_teacher", "plain_pairs", "plain_curate", "plain_score")
+COMPARISON = {f"comparison/dvc.yaml:{n}" for n in ("compare@kd-1", "compare@distillm2-1", "report", *PLAIN)}
 # always_changed (it hashes the model folders): runs on every repro, its output the same bytes
 ALWAYS = {"identify"}
 DAG = {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | ALWAYS
@@ -207,6 +209,15 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
     ev = json.loads((repo / "metrics" / "rounds" / "r2" / "evaluate.json").read_text())
     assert ev["eval_prompts"] == 32 and "kl_teacher_student" in ev["student_distilled"]
     assert ran(sh(repo, "dvc", "repro")) == ALWAYS
+
+
+def test_with_rounds_a_training_param_reruns_train_the_rounds_and_evaluate(repo: Path) -> None:
+    """The README's claim with on-policy rounds (E = 2 here, 3 in params.yaml): a train
+    setting reruns train, every round_* stage (each samples the student train wrote)
+    and the evaluations; not bootstrap, seed, teacher, student, pairs, curate or score."""
+    out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.004")
+    rounds = {f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate")}
+    assert ran(out) == {"train", "evaluate"} | rounds | ALWAYS
 
 
 # The README's command for a table of experiments that fits a terminal.
