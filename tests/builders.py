@@ -87,21 +87,23 @@ def pair(
     }
 
 
-TASK = TaskParams(
-    skills=("add", "reverse", "sort", "upper"),
-    max_digits=2,
-    min_len=3,
-    max_len=5,
-    alphabet="abcdef",
-    min_terms=6,
-    max_terms=9,
-    min_span=8,
-    max_span=14,
-    min_columns=3,
-    max_columns=5,
-    eval_fraction=0.1,
-    sft_fraction=0.0,
-)
+def task(**kw: object) -> TaskParams:
+    """Task params: the first toy task's short skills and the step skills' default
+    sizes, unless `kw` says otherwise (`.toy()` gives the generator's config)."""
+    base: dict[str, object] = {
+        "skills": ("add", "reverse", "sort", "upper"),
+        "max_digits": 2,
+        "min_len": 3,
+        "max_len": 5,
+        "alphabet": "abcdef",
+        **{"min_terms": 6, "max_terms": 9, "min_span": 8, "max_span": 14, "min_columns": 3, "max_columns": 5},
+        "eval_fraction": 0.1,
+        "sft_fraction": 0.0,
+    }
+    return TaskParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
+TASK = task()
 
 
 def seed_params(

@@ -41,24 +41,12 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_models, but the teacher has had 80 SFT steps on the toy task, so it is
     confident on right answers where the student is not (what adaptive alpha reacts to)."""
     from stages import bootstrap
-    from stages.lib.core.config import ModelParams, ModelsParams, TaskParams
+    from stages.lib.core.config import ModelParams, ModelsParams
+
+    from .builders import task as task_params
 
     root = tmp_path_factory.mktemp("taught_models")
-    task = TaskParams(
-        skills=("add", "reverse", "sort", "upper"),
-        max_digits=1,
-        min_len=2,
-        max_len=3,
-        alphabet="abc",
-        min_terms=6,
-        max_terms=9,
-        min_span=8,
-        max_span=14,
-        min_columns=3,
-        max_columns=5,
-        eval_fraction=0.1,
-        sft_fraction=0.0,
-    )
+    task = task_params(max_digits=1, min_len=2, max_len=3, alphabet="abc")
     size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2, examples=0, corrupt_share=0.0)
     p = bootstrap.BootstrapParams(
         seed=0,

@@ -78,7 +78,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '" + IM_START + "assistant\\n' }}{%- endif %}"
 )
 
-# The toy task as params.yaml and profiles/smoke.yaml set it.
+# The first toy task, as profiles/smoke.yaml and profiles/realarch.yaml set it (this file
+# also runs as a script, so it spells the params out instead of importing tests/builders.py).
 TASK = TaskParams(
     skills=("add", "reverse", "sort", "upper"),
     max_digits=2,

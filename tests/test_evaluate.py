@@ -15,8 +15,18 @@ def test_accuracy_overall_and_per_category() -> None:
     ps = [prompt(0), prompt(1), {**prompt(2), "category": "sort"}]
     gens = [{"response": "1"}, {"response": "3"}, {"response": " 3 "}]
     acc = metrics.accuracy(ps, gens)
-    assert acc == {"exact_match": round(2 / 3, 4), "per_category": {"add": 0.5, "sort": 1.0}, "n": 3}
+    want = {"exact_match": round(2 / 3, 4), "per_category": {"add": 0.5, "sort": 1.0}, "n": 3}
+    assert acc == want | {"per_length": {"01-10": round(2 / 3, 4)}}  # no step skill: no step share
     assert metrics.accuracy([{**prompt(0), "reference": None}], [{"response": "x"}]) is None
+    # a step skill: the verifier's pass rate, the share of steps right by the rule, and length bins
+    down = {**prompt(3), "category": "countdown", "reference": "46 37 28 19 10 1"}  # 16 characters
+    walk = {**prompt(4), "category": "walk", "reference": "13 14 16 17 19 20"}  # 17 characters
+    acc = metrics.accuracy([down, walk], [{"response": "46 36 27 18 9"}, {"response": "13 15 17 18 20"}])
+    assert acc["exact_match"] == 0.5 and acc["per_category"] == {"countdown": 0.0, "walk": 1.0}
+    # countdown: 46 right, 36 wrong, then 27 18 9 right by the rule from 36, which ends there (0 < 1): 4 of 5;
+    # walk: another right walk, 5 of 5
+    assert acc["step_share_per_category"] == {"countdown": 0.8, "walk": 1.0}
+    assert acc["step_share"] == 0.9 and acc["per_length"] == {"11-17": 0.5}
 
 
 EP = EvaluateParams(

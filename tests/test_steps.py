@@ -8,19 +8,14 @@ import pytest
 
 from stages.lib.task import steps, toytask
 
-CFG = toytask.ToyTaskConfig(
+from .builders import task
+
+CFG = task(
     skills=("countdown", "walk", "runsum", "addc", "perm", "reverse", "minus"),
-    max_digits=2,
     min_len=6,
     max_len=9,
     alphabet="abcdefghij",
-    min_terms=6,
-    max_terms=9,
-    min_span=8,
-    max_span=14,
-    min_columns=3,
-    max_columns=5,
-)
+).toy()
 
 
 def take(n: int, seed: int = 0) -> list[toytask.ToyExample]:
@@ -49,7 +44,7 @@ def test_answers_are_ground_truth_from_the_prompt(ex: toytask.ToyExample) -> Non
         word = words[4] if ex.prompt.startswith("List") else words[4]
         assert sorted(ex.answer.split()) == sorted(word) and len(set(word)) == len(word)
     elif ex.skill == "minus":
-        d, n = nums if ex.prompt.startswith("Subtract") else nums[::-1]
+        d, n = nums if ex.prompt.startswith(("Subtract", "Take")) else nums[::-1]
         assert ex.answer == str(n - d)
     else:
         assert ex.skill == "reverse"
@@ -128,7 +123,8 @@ def test_step_score_counts_right_steps_by_the_rule_and_missing_ones_as_wrong() -
     assert steps.step_score("3 11", "3 11 12 16", "runsum") == (2, 4)  # two steps left out
     assert steps.step_score("3 11 12 16 20", "3 11 12 16", "runsum") == (4, 5)  # one step too many
     assert steps.step_score("b a", "a b", "perm") == (2, 2)
-    assert steps.step_score("a a", "a b", "perm") == (1, 2)
+    assert steps.step_score("a a", "a b", "perm") == (1, 3)  # the repeat is wrong, and b is still missing
+    assert steps.step_score("46 36 27 18 9", "46 37 28 19 10 1", "countdown") == (4, 5)  # ends where its rule ends
     assert toytask.step_score("42", "42", "add") is None  # short answers have no steps
 
 

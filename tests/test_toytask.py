@@ -4,19 +4,9 @@ import pytest
 
 from stages.lib.task import toytask
 
-CFG = toytask.ToyTaskConfig(
-    skills=("add", "reverse", "sort", "upper", "count"),
-    max_digits=3,
-    min_len=3,
-    max_len=7,
-    alphabet="abcdefghij",
-    min_terms=6,
-    max_terms=9,
-    min_span=8,
-    max_span=14,
-    min_columns=3,
-    max_columns=5,
-)
+from .builders import task
+
+CFG = task(skills=("add", "reverse", "sort", "upper", "count"), max_digits=3, max_len=7, alphabet="abcdefghij").toy()
 
 
 def take(n: int, seed: int = 0) -> list[toytask.ToyExample]:

@@ -172,8 +172,10 @@ def instance(skill: str, reference: str) -> Instance | None:
 
 def step_score(response: str, reference: str, skill: str) -> tuple[int, int]:
     """(steps right by the rule from what was written, steps counted): every written
-    step is checked against the rule; steps the response leaves out (fewer than the
-    reference has) count as wrong. An unparseable response scores 0, never raises."""
+    step is checked against the rule, and where the response stops before the rule
+    ends, the steps the rule still needs count as wrong (as many as a rollout from the
+    written prefix takes; the reference's remainder when that prefix is unreadable).
+    An unparseable response scores 0, never raises."""
     inst = instance(skill, reference)
     ref_steps = split_steps(skill, reference)
     if inst is None:
@@ -183,7 +185,19 @@ def step_score(response: str, reference: str, skill: str) -> tuple[int, int]:
     for k, step in enumerate(written):
         valid = next_steps(inst, written[:k])
         right += valid is not None and step in valid
-    return right, max(len(written), len(ref_steps))
+    return right, max(len(written) + _still_needed(inst, written, len(ref_steps)), 1)
+
+
+def _still_needed(inst: Instance, written: list[str], ref_len: int) -> int:
+    """How many steps the rule still needs after `written` (a rollout's length; the
+    reference's remainder, at least 1, where the rule cannot go on)."""
+    out = list(written)
+    rng = random.Random(0)
+    while (valid := next_steps(inst, out)) is not None:
+        if not valid:
+            return len(out) - len(written)
+        out.append(rng.choice(sorted(valid)))
+    return len(out) - len(written) + max(ref_len - len(out), 1)
 
 
 def verify(response: str, reference: str, skill: str) -> bool:
