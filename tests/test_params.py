@@ -125,7 +125,7 @@ def test_range_checks_name_the_key() -> None:
     with pytest.raises(ValueError, match="task: min_span: must be >= 2"):
         params.build(TaskParams, {**task, "min_span": 1}, "task")
     with pytest.raises(ValueError, match="task: min_len: perm needs min_len distinct letters"):
-        params.build(TaskParams, {**task, "skills": ["perm"], "min_len": 3}, "task")
+        params.build(TaskParams, {**task, "skills": ["perm"], "min_len": 3, "max_len": 4}, "task")
 
 
 def test_load_sections_names_the_file_and_missing_dotted_key(tmp_path: Path) -> None:
