@@ -46,13 +46,14 @@ from stages.lib.core.config import Dtype, GenerationParams, ModelParams
 from stages.lib.core.errors import ParamsError
 from stages.lib.data import records
 from stages.lib.data.curation import CurateParams, curate
-from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
+from stages.lib.data.io import atomic_dir, digest_path, read_rows, write_json, write_table
 from stages.lib.data.pairing import PairsParams, build_pairs
 from stages.lib.engines.generation import generate_transformers, sample_seed
 from stages.lib.evaluation import evaluator
 from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
 from stages.lib.training import basics, trainer
 from stages.lib.training.cells import SHARED_TRAIN, RunParams, cell_params
+from stages.lib.training.checkpoint import Checkpoint, run_key
 from stages.lib.training.objectives import AlphaCurriculum
 from stages.lib.training.summary import run_summary
 
@@ -152,15 +153,21 @@ def main() -> None:
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, scores_dir, trust, dtype
     )
-    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if p.total_rounds > 1 else []
-    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if train_prompts else []
+    # round 1 resumes from its checkpoints as the train stage does (later rounds rerun from round 1's end)
+    key = run_key(
+        p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir), dtype
+    )
+    ckpt = Checkpoint.beside(args.out, key)
+    fresh = p.total_rounds > 1 and run.rounds == "fresh"  # only fresh rounds sample: stale ones reread nothing
+    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if fresh else []
+    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if fresh else []
     curriculum = AlphaCurriculum(p.distillm2)
     rows: list[dict[str, float]] = []
     rounds: list[dict[str, Any]] = []
     for e in range(1, p.total_rounds + 1):
         t0 = time.perf_counter()
         counts: dict[str, Any] = {}
-        if e > 1 and run.rounds == "fresh":
+        if e > 1 and fresh:
             pairs, counts = fresh_pairs(used, student, tok_s, train_prompts, teacher_gens, prompts, args.seed, e)
         t1 = time.perf_counter()
         job = trainer.Job(
@@ -173,6 +180,7 @@ def main() -> None:
             scores=scores,
             round_index=e,
             curriculum=curriculum,
+            checkpoint=ckpt if e == 1 else None,
             live=args.live if e == p.total_rounds else None,  # one DVCLive log: the last round's
         )
         got = trainer.train(job)
@@ -235,6 +243,7 @@ def main() -> None:
             extra={"seed": args.seed, "run": args.run, "train_params": asdict(p), "validation": validation},
         )
     write_json(args.metrics, metrics)
+    ckpt.clear()
     acc = s_metrics.get("accuracy")
     log.info(
         "compare %s seed %d: exact match %s, KL %.4f, %s s",
