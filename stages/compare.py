@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from stages.lib.audit import lineage, quality
 from stages.lib.core import entry, models, params
@@ -74,6 +75,7 @@ def sections(run: str) -> dict[str, Any]:
         "evaluate": EvaluateParams,
         "quality": quality.QualityParams,
         f"compare.runs.{run}": RunParams,
+        "compare.threads": int,
     }
 
 
@@ -131,6 +133,12 @@ def main() -> None:
         values={"run": str, "seed": int},
     )
     used = params.load_sections(args.params, sections(args.run))
+    threads = used["compare.threads"]
+    if threads < 1:
+        raise ParamsError(f"{args.params}: compare.threads: must be >= 1; got {threads}")
+    # A fixed thread count per cell, whatever runs beside it: outputs do not depend on
+    # how many cells run at once (`distillflow run --jobs 2` runs two on 2 cores).
+    torch.set_num_threads(threads)
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     run: RunParams = used[f"compare.runs.{args.run}"]
     p = cell_params(used, run, args.seed)
@@ -240,7 +248,13 @@ def main() -> None:
             },
             outputs={"predictions.parquet": n},
             counts=metrics,
-            extra={"seed": args.seed, "run": args.run, "train_params": asdict(p), "validation": validation},
+            extra={
+                "seed": args.seed,
+                "run": args.run,
+                "threads": torch.get_num_threads(),
+                "train_params": asdict(p),
+                "validation": validation,
+            },
         )
     write_json(args.metrics, metrics)
     ckpt.clear()

@@ -37,8 +37,10 @@ class CompareParams:
 
     seeds: tuple[int, ...]  # train.seed of each repetition
     runs: dict[str, RunParams]  # name -> method and DistiLLM-2 switches disabled
+    threads: int  # torch threads per cell (stages/compare.py)
 
     def __post_init__(self) -> None:
+        check(self.threads >= 1, "threads", "must be >= 1")
         check(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
             "seeds",

@@ -135,6 +135,11 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
         and manifest["train_params"]["seed"] == 3
         and "train.lr" in manifest["params"]
     )
+    # the cell's thread count is its param, whatever runs beside it (recorded in its lineage)
+    assert manifest["threads"] == params["compare"]["threads"] == 1 and "compare.threads" in manifest["params"]
+    done, out = cell(tmp_path, taught_models, "ablated", 4, {**params, "compare": {**params["compare"], "threads": 0}})
+    assert done.returncode == 2 and "compare.threads: must be >= 1; got 0" in done.stderr, done.stderr[-3000:]
+    assert not out.exists()
     # an eval prompt among the training pairs: refused by the curated pairs' gate, nothing written
     io.write_table(tmp_path / "seed" / "eval.parquet", [*evals, {**prompt(0), "split": "eval"}], records.PROMPT_SCHEMA)
     done, out = cell(

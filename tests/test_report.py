@@ -38,6 +38,7 @@ P = report.CompareParams(
         "kd": RunParams("kd", (), "fresh", "default"),
         "distillm2": RunParams("distillm2", (), "fresh", "default"),
     },
+    threads=1,
 )
 EMS = {"sft": (0.30, 0.34), "kd": (0.50, 0.52), "distillm2": (0.40, 0.60)}
 
@@ -132,7 +133,7 @@ def test_controls_breakdowns_and_cost_are_reported(tmp_path: Path) -> None:
         "kd_stale": RunParams("kd", (), "stale", "default"),
         "distillm2_stale": RunParams("distillm2", (), "stale", "default"),
     }
-    p = report.CompareParams(seeds=(1, 2, 3), runs=runs)
+    p = report.CompareParams(seeds=(1, 2, 3), runs=runs, threads=1)
     ems = {"kd": (0.40, 0.42, 0.41), "distillm2": (0.60, 0.63, 0.62), "kd_stale": (0.40, 0.41, 0.43)}
     ems["distillm2_stale"] = (0.45, 0.47, 0.46)
     d = tmp_path / "cells"
