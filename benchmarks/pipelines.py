@@ -1,14 +1,17 @@
 """Wall time of both pipelines from a fresh copy of the repo: the default one
 (`dvc repro`, bootstrap through evaluate and the on-policy rounds) and the method
-comparison (`dvc repro comparison/dvc.yaml`), with each comparison cell's cost.
+comparison (`distillflow run --target comparison/dvc.yaml --jobs 2`, the README's
+command: two cells at once, one torch thread each, `compare.threads`; `--jobs 1` runs
+them in turn, as `dvc repro comparison/dvc.yaml` does), with each comparison cell's cost.
 
-    python benchmarks/pipelines.py [--params params.yaml] [--skip-comparison] [--keep DIR]
+    python benchmarks/pipelines.py [--params params.yaml] [--jobs 2] [--skip-comparison] [--keep DIR]
 
 The copy holds the repo's tracked and untracked (not ignored) files minus outputs, so
 nothing is cached: what a fresh clone pays. Prints the wall time of each `dvc repro`,
 the slowest stages, and per comparison cell its wall and CPU seconds (from the run
-records, `distillflow lineage cost`). Torch stages use 2 threads (stages/lib/core/entry.py);
-time it on an otherwise idle machine: other jobs slow 2-thread torch 10-35x.
+records, `distillflow lineage cost`). Torch stages use 2 threads (stages/lib/core/entry.py),
+comparison cells `compare.threads`; time it on an otherwise idle machine: other jobs
+slow 2-thread torch 10-35x.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def run_records(repo: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--jobs", type=int, default=2, help="comparison stages at once (distillflow run --jobs)")
     ap.add_argument("--skip-comparison", action="store_true")
     ap.add_argument("--keep", type=Path, help="run in this (empty) folder and keep it")
     args = ap.parse_args()
@@ -82,9 +86,13 @@ def main() -> None:
         print(f"    {r['job']:<28} {r['cost']['wall_seconds']:8.1f} s wall")
     if args.skip_comparison:
         return
-    comparison_s = timed(repo, *dvc, "comparison/dvc.yaml")
+    flow = [sys.executable, "-m", "flows.cli", "run", "--target", "comparison/dvc.yaml", "--jobs", str(args.jobs)]
+    comparison_s = timed(repo, *flow)
     cells = [r for r in run_records(repo)[seen:] if r["stage"] in ("compare", "report")]
-    print(f"comparison pipeline (dvc repro comparison/dvc.yaml):   {comparison_s:8.1f} s, {len(cells)} stage runs")
+    print(
+        f"comparison pipeline (distillflow run --target comparison/dvc.yaml --jobs {args.jobs}): "
+        f"{comparison_s:8.1f} s, {len(cells)} stage runs"
+    )
     for r in cells:
         c = r["cost"]
         print(f"    {r['job']:<40} {c['wall_seconds']:8.1f} s wall {c['cpu_seconds']:8.1f} s cpu")

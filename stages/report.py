@@ -341,6 +341,13 @@ def controls_table(values: Values, p: CompareParams, metric: str) -> list[str]:
     if not rows:
         return lines
     lines += [f"Paired by seed, {metric}: control - its default run (95% CI)", ""]
+    if any(p.runs[c].rounds == "stale" for c, _ in rows):
+        lines += [
+            "A stale-round control trains on the same data as its default run for a method that reads only the",
+            "teacher's responses (sft, kd: no student samples), so equal rows there are the expected outcome,",
+            "a check of the control itself; it tests on-policy sampling for the methods that read student samples.",
+            "",
+        ]
     lines += ["| control | changes | default run | difference | 95% CI | |", "|---|---|---|---|---|---|"]
     for c, d in rows:
         diff = paired(values[d][metric], values[c][metric])
@@ -469,7 +476,8 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             "all trained from the same initial student with the same",
             "loop and rounds (round 1 on the same curated pairs; later rounds on fresh student samples,",
             "except the stale-round controls); mean ± sample standard deviation over seeds. Produced by",
-            "`dvc repro comparison/dvc.yaml` (stages compare@<run>-<seed> and report). Differences between",
+            "the comparison pipeline, comparison/dvc.yaml (`distillflow run --target comparison/dvc.yaml",
+            "--jobs 2`, or `dvc repro comparison/dvc.yaml`: stages compare@<run>-<seed> and report). Differences between",
             "runs are paired by seed (same seed: same data order from the same initial student) with a 95%",
             "t interval; an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
             "are the SFT student the methods start from: our initial student. Our `sft` run is SeqKD",
