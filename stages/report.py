@@ -449,6 +449,9 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
         step_skill = breakdown(table, ranked, "step_share/")
         per_length = breakdown(table, ranked, "by_length/")
         cost = cost_lines(table, ranked)
+        # The main metric, then the share of right steps and the KL to the teacher where cells have them
+        present = {c for v in values.values() for c in v}
+        paired_metrics = [main, *(m for m in ("step_share", "kl_teacher_student") if m != main and m in present)]
         fig, ax = plt.subplots(figsize=(9, 4))
         means, stds = [table[r][main][0] for r in ranked], [table[r][main][1] for r in ranked]
         ax.bar(ranked, means, yerr=stds, capsize=4, color="#4c72b0")
@@ -477,9 +480,10 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             "loop and rounds (round 1 on the same curated pairs; later rounds on fresh student samples,",
             "except the stale-round controls); mean ± sample standard deviation over seeds. Produced by",
             "the comparison pipeline, comparison/dvc.yaml (`distillflow run --target comparison/dvc.yaml",
-            "--jobs 2`, or `dvc repro comparison/dvc.yaml`: stages compare@<run>-<seed> and report). Differences between",
-            "runs are paired by seed (same seed: same data order from the same initial student) with a 95%",
-            "t interval; an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
+            "--jobs 2`, or `dvc repro comparison/dvc.yaml`: stages compare@<run>-<seed> and report).",
+            "Differences between runs (exact match, share of right steps, KL to the teacher) are paired",
+            "by seed (same seed: same data order from the same initial student) with a 95% t interval;",
+            "an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
             "are the SFT student the methods start from: our initial student. Our `sft` run is SeqKD",
             "(NLL on the teacher's responses), which the paper has no row for. exact_match is the",
             "verifier's pass rate (walk: any walk by its steps to its goal); step_share the share of steps",
@@ -494,12 +498,16 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             *(["## Exact match per skill", "", *per_skill] if per_skill else []),
             *(["## Share of right steps per skill", "", *step_skill] if step_skill else []),
             *(["## Exact match by reference length (characters)", "", *per_length] if per_length else []),
-            *(["## Controls", "", *controls_table(values, p, main)] if len(p.seeds) > 1 else []),
+            *(
+                ["## Controls", "", *(line for m in paired_metrics for line in controls_table(values, p, m))]
+                if len(p.seeds) > 1
+                else []
+            ),
             *(["## Cost", "", *cost] if cost else []),
             "## Paired differences",
             "",
             *(
-                pairs_table(values, main)
+                [line for m in paired_metrics for line in pairs_table(values, m)]
                 if len(p.seeds) > 1
                 else ["(one seed: no interval; list two seeds or more)", ""]
             ),

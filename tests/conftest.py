@@ -64,7 +64,8 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def copy_repo(dst: Path) -> Path:
-    """The repo's tracked and untracked (not ignored) files, minus outputs and dvc.lock,
+    """The repo's tracked and untracked (not ignored) files, minus outputs, the committed
+    comparison report and both pipelines' dvc.lock (they record the default params' run),
     with the smoke profile as params.yaml, committed to a fresh git repo."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -74,7 +75,8 @@ def copy_repo(dst: Path) -> Path:
         check=True,
     ).stdout.split()
     for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("data/", "metrics/", "plots/")) and f != "dvc.lock":
+        outputs = ("data/", "metrics/", "plots/", "reports/comparison/")
+        if (ROOT / f).is_file() and not f.startswith(outputs) and not f.endswith("dvc.lock"):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
     shutil.copy(ROOT / "profiles" / "smoke.yaml", dst / "params.yaml")

@@ -171,3 +171,12 @@ def test_controls_breakdowns_and_cost_are_reported(tmp_path: Path) -> None:
     ):
         assert section in text
     assert "| kd | 37.0 ± 1.0 |" in text and "step_share" in (tmp_path / "out" / "table.md").read_text()
+    # paired differences and controls on the share of right steps and the KL, not only exact match
+    # (step share = exact match + 0.2 and KL = 1 - exact match in these cells: the same gaps, KL's reversed)
+    for metric in ("step_share", "kl_teacher_student"):
+        assert f"Paired by seed, {metric}: run - kd (95% CI)" in text
+        assert f"Paired by seed, {metric}: control - its default run (95% CI)" in text
+    steps = text.split("Paired by seed, step_share: run - kd")[1].split("Paired by seed")[0]
+    assert "| distillm2 | +0.2067 |" in steps and "distillm2 > kd" in steps
+    kl = text.split("Paired by seed, kl_teacher_student: run - kd")[1].split("Paired by seed")[0]
+    assert "| distillm2 | -0.2067 |" in kl and "distillm2 < kd" in kl
