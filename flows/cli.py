@@ -101,12 +101,26 @@ def _print_summary(summary: dict, total: float) -> None:
     print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
 
 
+# Seconds the temporary Prefect server may take to start. A machine's first one creates and
+# migrates its SQLite database (PREFECT_HOME): 28.6 s on an idle 2-core machine, over
+# Prefect's own 20 s limit, so a first `distillflow run` failed with "Timed out while
+# attempting to connect to ephemeral Prefect API server". Later starts take about 14 s.
+TEMP_SERVER_STARTUP_S = 180
+
+
+def prefect_startup_timeout() -> None:
+    """Give the temporary server TEMP_SERVER_STARTUP_S to start, unless the user set
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (theirs wins). Before Prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(TEMP_SERVER_STARTUP_S))
+
+
 def run_flow(args: argparse.Namespace) -> int:
     """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
     temporary local server for the run)."""
     invoked = time.time()
     # One run id for every stage this flow runs: their run records (lineage/runs) share it.
     os.environ.setdefault("DISTILLFLOW_RUN_ID", str(uuid.uuid4()))
+    prefect_startup_timeout()
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.dvc_ops import StageError

@@ -405,6 +405,9 @@ def test_second_run_is_all_cached_and_runs_no_stage_code(smoke: Path, server: Se
 def test_flow_works_with_no_server_configured_and_restores_missing_outputs(smoke: Path, tmp_path: Path) -> None:
     env = base_env(tmp_path / "prefect-home", None)
     assert "PREFECT_API_URL" not in env
+    # A first temporary server on a fresh PREFECT_HOME (it creates and migrates its database,
+    # 28.6 s on an idle 2-core machine against Prefect's 20 s default): the CLI's own limit, not the tests'
+    del env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
     lock = yaml.safe_load((smoke / "dvc.lock").read_text())
     shutil.rmtree(smoke / "data" / "teacher")
     (smoke / "metrics" / "teacher.json").unlink()
@@ -837,3 +840,16 @@ def test_an_unknown_override_key_is_an_error_naming_it(tiny: Path, tiny_env: dic
     )
     assert done.returncode == 1
     assert "rounds.nope" in done.stderr, done.stderr[-3000:]
+
+
+def test_the_temporary_server_start_up_limit_is_the_clis_unless_the_user_set_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows import cli
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    cli.prefect_startup_timeout()
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == str(cli.TEMP_SERVER_STARTUP_S) == "180"
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "45")
+    cli.prefect_startup_timeout()
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "45"
