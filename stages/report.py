@@ -343,9 +343,9 @@ def controls_table(values: Values, p: CompareParams, metric: str) -> list[str]:
     lines += [f"Paired by seed, {metric}: control - its default run (95% CI)", ""]
     if any(p.runs[c].rounds == "stale" for c, _ in rows):
         lines += [
-            "A stale-round control trains on the same data as its default run for a method that reads only the",
-            "teacher's responses (sft, kd: no student samples), so equal rows there are the expected outcome,",
-            "a check of the control itself; it tests on-policy sampling for the methods that read student samples.",
+            "A stale-round control trains on the same teacher responses as its default run for a method that",
+            "reads no student samples (sft, kd), so no difference should be measured there: a check of the",
+            "control itself; it tests on-policy sampling for the methods that read student samples.",
             "",
         ]
     lines += ["| control | changes | default run | difference | 95% CI | |", "|---|---|---|---|---|---|"]
