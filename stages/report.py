@@ -331,17 +331,18 @@ def counterpart(p: CompareParams, name: str) -> str | None:
     return None
 
 
-def controls_table(values: Values, p: CompareParams, metric: str) -> list[str]:
+def controls_table(values: Values, p: CompareParams, metric: str, explain: bool = True) -> list[str]:
     """Each control against its default run (control - default, paired by seed), and
     where both KD and DistiLLM-2 have a control of one kind, the DistiLLM-2 - KD gain
-    under the control against the gain without it (a difference of paired differences)."""
+    under the control against the gain without it (a difference of paired differences).
+    `explain`: say what a stale-round control checks (once per report, not per metric)."""
     lines: list[str] = []
     rows = [(name, counterpart(p, name)) for name, r in p.runs.items() if control_of(r) is not None]
     rows = [(c, d) for c, d in rows if d is not None and metric in values.get(c, {}) and metric in values.get(d, {})]
     if not rows:
         return lines
     lines += [f"Paired by seed, {metric}: control - its default run (95% CI)", ""]
-    if any(p.runs[c].rounds == "stale" for c, _ in rows):
+    if explain and any(p.runs[c].rounds == "stale" for c, _ in rows):
         lines += [
             "A stale-round control trains on the same teacher responses as its default run for a method that",
             "reads no student samples (sft, kd), so no difference should be measured there: a check of the",
@@ -499,7 +500,8 @@ def write(out: Path, plot: Path, values: Values, p: CompareParams, reference: di
             *(["## Share of right steps per skill", "", *step_skill] if step_skill else []),
             *(["## Exact match by reference length (characters)", "", *per_length] if per_length else []),
             *(
-                ["## Controls", "", *(line for m in paired_metrics for line in controls_table(values, p, m))]
+                ["## Controls", ""]
+                + [line for m in paired_metrics for line in controls_table(values, p, m, explain=m == main)]
                 if len(p.seeds) > 1
                 else []
             ),

@@ -176,6 +176,7 @@ def test_controls_breakdowns_and_cost_are_reported(tmp_path: Path) -> None:
     for metric in ("step_share", "kl_teacher_student"):
         assert f"Paired by seed, {metric}: run - kd (95% CI)" in text
         assert f"Paired by seed, {metric}: control - its default run (95% CI)" in text
+    assert text.count("A stale-round control trains on the same teacher responses") == 1  # once, not per metric
     steps = text.split("Paired by seed, step_share: run - kd")[1].split("Paired by seed")[0]
     assert "| distillm2 | +0.2067 |" in steps and "distillm2 > kd" in steps
     kl = text.split("Paired by seed, kl_teacher_student: run - kd")[1].split("Paired by seed")[0]
