@@ -21,7 +21,8 @@ corrupted prefixes, beside the same warm student.
 Both are saved with save_pretrained (safetensors) in out/teacher and out/student. The
 metrics file records, per model, the held-out SFT loss curve and greedy accuracy on
 `heldout` eval-split prompts, plain (verifier pass rate) and after a fresh corrupted
-prefix (the continuation follows the rule from the written prefix to the right end).
+prefix (the prefix ends with the wrong step, as in training; the continuation follows
+the rule from the written prefix to the right end), with the failures counted by kind.
 
 With real models (a local folder or a hub id at a revision) it trains nothing.
 
@@ -285,18 +286,34 @@ def _rate(d: dict[str, list[bool]]) -> dict[str, Any]:
     }
 
 
-def follows_rule(inst: steps.Instance, prefix: list[str], continuation: str) -> bool:
-    """Whether a continuation of `prefix` (ending in its separator) writes only steps the
-    rule gives from what is written, and stops where the rule ends."""
+FAILURES = ("wrong_step", "past_end", "short", "malformed")
+
+
+def continuation_failure(inst: steps.Instance, prefix: list[str], continuation: str) -> str | None:
+    """None where a continuation of `prefix` (its last step written, no separator after
+    it, as in the training sequences) goes on only by the separator and steps the rule
+    gives from what is written, and stops where the rule ends; else how it fails: a
+    `wrong_step`, a step `past_end` (the rule had ended), `short` (stops before the
+    rule ends) or `malformed` (no separator first, a doubled or trailing one; an empty
+    step inside is a wrong step)."""
     sep = steps.SEPARATOR[inst.skill]
-    if sep and continuation != continuation.strip():
-        return False
-    written = [*prefix, *steps.split_steps(inst.skill, continuation)]
+    rest: list[str] = []
+    if continuation:
+        body = continuation[len(sep) :]
+        if not continuation.startswith(sep) or not body or body != body.strip():
+            return "malformed"
+        rest = steps.split_steps(inst.skill, body)
+    written = [*prefix, *rest]
     for k in range(len(prefix), len(written)):
         valid = steps.next_steps(inst, written[:k])
         if valid is None or written[k] not in valid:
-            return False
-    return steps.next_steps(inst, written) == frozenset()
+            return "past_end" if valid == frozenset() else "wrong_step"
+    return None if steps.next_steps(inst, written) == frozenset() else "short"
+
+
+def follows_rule(inst: steps.Instance, prefix: list[str], continuation: str) -> bool:
+    """Whether a continuation of `prefix` follows the rule (continuation_failure is None)."""
+    return continuation_failure(inst, prefix, continuation) is None
 
 
 def accuracies(
@@ -304,7 +321,11 @@ def accuracies(
 ) -> dict[str, Any]:
     """Greedy accuracy on held-out prompts: plain (the verifier's pass rate, overall
     and per skill) and, on the step skills, after a fresh corrupted prefix (right steps
-    and one wrong step written, then the model continues; right per follows_rule)."""
+    and one wrong step written, then the model continues; right per follows_rule, and
+    the failures counted by kind). The prefix ends with the wrong step itself, as the
+    training sequences have it: whether a separator and another step follow, or the
+    end, is the model's to write (after a wrong step that overshoots a walk's goal the
+    rule ends there)."""
     plain = greedy(model, tok, [encoding.prompt_ids(tok, e.prompt) for e in exs], max_new_tokens)
     per: dict[str, list[bool]] = defaultdict(list)
     for e, r in zip(exs, plain, strict=True):
@@ -316,14 +337,22 @@ def accuracies(
         made = None if inst is None else steps.corrupted(inst, rng, alphabet)
         if inst is not None and made is not None:
             written, j = made
-            text = steps.join_steps(e.skill, written[: j + 1]) + steps.SEPARATOR[e.skill]
+            text = steps.join_steps(e.skill, written[: j + 1])
             ids = encoding.prompt_ids(tok, e.prompt) + encoding.response_ids(tok, text, eos=False)
             cases.append((e.skill, inst, written[: j + 1], ids))
     after: dict[str, list[bool]] = defaultdict(list)
+    failures: dict[str, dict[str, int]] = {}
     conts = greedy(model, tok, [c[3] for c in cases], max_new_tokens) if cases else []
     for (skill, inst, prefix, _), cont in zip(cases, conts, strict=True):
-        after[skill].append(follows_rule(inst, prefix, cont))
-    return {"plain": _rate(per), "after_corruption": _rate(after)}
+        kind = continuation_failure(inst, prefix, cont)
+        after[skill].append(kind is None)
+        if kind is not None:
+            by_kind = failures.setdefault(skill, dict.fromkeys(FAILURES, 0))
+            by_kind[kind] += 1
+    return {
+        "plain": _rate(per),
+        "after_corruption": {**_rate(after), "failures": {k: failures[k] for k in sorted(failures)}},
+    }
 
 
 def run(

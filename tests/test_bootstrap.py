@@ -160,7 +160,9 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
         written = steps.split_steps(ex.skill, text)
         j = len(steps.split_steps(ex.skill, tok.decode(response[: masked.start]))) if masked.start else 0
         assert written[j] == bad and bad not in steps.next_steps(inst, written[:j])
-        assert bootstrap.follows_rule(inst, written[: j + 1], steps.join_steps(ex.skill, written[j + 1 :]))
+        sep = steps.SEPARATOR[ex.skill]
+        rest = sep + steps.join_steps(ex.skill, written[j + 1 :]) if j + 1 < len(written) else ""
+        assert bootstrap.follows_rule(inst, written[: j + 1], rest)
     assert seen > 40
     # the loss mask: every response position but the wrong step's
     b, mask = bootstrap._batch(tok, [last])
@@ -170,16 +172,25 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
 
 
 def test_follows_rule_checks_every_step_and_the_end() -> None:
+    # the prefix ends with its wrong step, as training sequences do: the separator is the model's to write
     inst = steps.instance("countdown", "46 37 28 19 10 1")
-    assert bootstrap.follows_rule(inst, ["46", "36"], "27 18 9")  # from the written 36, down to the floor of 1
-    assert not bootstrap.follows_rule(inst, ["46", "36"], "27 18 9 0")  # 0 is below the floor
-    assert not bootstrap.follows_rule(inst, ["46", "36"], "28 19 10 1")  # back to the answer: not the rule
-    assert not bootstrap.follows_rule(inst, ["46", "36"], "27 18")  # stops too early
-    assert not bootstrap.follows_rule(inst, ["46", "36"], " 27 18 9")  # a doubled separator
+    fail = lambda prefix, cont: bootstrap.continuation_failure(inst, prefix, cont)  # noqa: E731
+    assert bootstrap.follows_rule(inst, ["46", "36"], " 27 18 9")  # from the written 36, down to the floor of 1
+    assert fail(["46", "36"], " 27 18 9 0") == "past_end"  # 0 is below the floor
+    assert fail(["46", "36"], " 28 19 10 1") == "wrong_step"  # back to the answer: not the rule
+    assert fail(["46", "36"], " 27 18") == "short"  # stops too early
+    assert fail(["46", "36"], "  27 18 9") == "malformed"  # a doubled separator
+    assert fail(["46", "36"], " 27 18 9 ") == "malformed"  # a trailing one
+    assert fail(["46", "36"], " 27  18 9") == "wrong_step"  # an empty step
+    assert fail(["46", "36"], "27 18 9") == "malformed"  # no separator after the written step
+    assert fail(["46", "36"], "") == "short"
     walk = steps.instance("walk", "13 14 16")
-    assert bootstrap.follows_rule(walk, ["13", "12"], "14 16") and bootstrap.follows_rule(
-        walk, ["13", "12"], "13 15 16"
+    assert bootstrap.follows_rule(walk, ["13", "12"], " 14 16") and bootstrap.follows_rule(
+        walk, ["13", "12"], " 13 15 16"
     )
+    # a wrong step that overshoots the goal ends the walk there: the right continuation is none
+    assert bootstrap.follows_rule(walk, ["13", "19"], "")
+    assert bootstrap.continuation_failure(walk, ["13", "19"], " 20") == "past_end"
 
 
 def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
@@ -214,7 +225,12 @@ def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> 
         assert m["heldout_loss_curve"][-1] == {"step": m["steps"], "loss": m["heldout_loss"]}
         assert m["plain"]["n"] == 8 and 0 <= m["plain"]["accuracy"] <= 1
         assert set(m["after_corruption"]["per_skill"]) <= {"countdown", "walk", "reverse"}
-        assert 0 < m["after_corruption"]["n"] <= 8
+        after = m["after_corruption"]
+        assert 0 < after["n"] <= 8
+        wrong = sum(n for by_kind in after["failures"].values() for n in by_kind.values())
+        assert wrong == round((1 - after["accuracy"]) * after["n"])  # every failure counted by kind
+        assert all(set(by_kind) == set(bootstrap.FAILURES) for by_kind in after["failures"].values())
+        assert set(after["failures"]) <= set(after["per_skill"])
     assert (a["teacher"]["corrupt_share"], a["student"]["examples"]) == (0.25, 24)
     assert {k: v for k, v in a["teacher"].items() if k != "seconds"} == {
         k: v for k, v in b["teacher"].items() if k != "seconds"
