@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from flows import trace as flin
@@ -49,6 +50,9 @@ def test_manifest_is_deterministic_and_the_run_record_holds_what_varies(
     # library versions go in the run record (docs/decisions/library-versions.md)
     assert {"python", "pyarrow"} <= set(record["environment"])
     assert record["environment"]["openlineage-python"] == importlib.metadata.version("openlineage-python")
+    # torch's CPU kernels and threads: what makes trained weights differ between machines
+    assert record["environment"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["environment"]["torch_threads"] == torch.get_num_threads()
     assert record["run_id"] == lineage.RUN_ID and record["validation"] == {"success": True}
     assert (
         record["cost"]["tokens_read"] == 5

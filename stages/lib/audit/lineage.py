@@ -116,12 +116,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def library_versions() -> dict[str, str]:
-    """Python and the versions of the recorded libraries this process imported."""
-    versions = {"python": platform.python_version()}
+def library_versions() -> dict[str, Any]:
+    """Python and the versions of the recorded libraries this process imported; with
+    torch, the CPU kernels it picked and its thread count (float results, so trained
+    weights, differ between instruction sets and thread counts)."""
+    versions: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
     for module, dist in LIBRARIES.items():
         if module in sys.modules:
             versions[dist] = importlib.metadata.version(dist)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        versions["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        versions["torch_threads"] = torch.get_num_threads()
     return versions
 
 
