@@ -73,8 +73,9 @@ def lock_outs(root: Path) -> list[Out]:
     return found
 
 
-def run_environment(root: Path, manifest: Path) -> dict[str, str] | None:
-    """The library versions of the run that wrote `manifest`: the newest run record in
+def run_environment(root: Path, manifest: Path) -> dict[str, Any] | None:
+    """The library versions (and torch's CPU capability and threads) of the run that wrote
+    `manifest`: the newest run record in
     lineage/runs/history.jsonl with that manifest's sha256 (versions live in run records,
     not in manifests: docs/decisions/library-versions.md). None if no record has it."""
     history = root / "lineage" / "runs" / "history.jsonl"
