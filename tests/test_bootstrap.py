@@ -3,6 +3,8 @@ import itertools
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,22 @@ def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> 
     assert {k: v for k, v in a["teacher"].items() if k != "seconds"} == {
         k: v for k, v in b["teacher"].items() if k != "seconds"
     }
+
+
+def test_step_benchmark_quick_smoke() -> None:
+    """benchmarks/bootstrap_step.py on the params.yaml teacher: the three variants side by
+    side, ratios against bootstrap's own step, and sorting by length pads no more."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bootstrap_step.py"), "--quick"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = {line[9:29].strip(): line.split() for line in out.splitlines() if line[:9].strip() == "1"}
+    assert set(rows) == {"as bootstrap trains", "length-sorted", "bf16 autocast"}, out
+    assert rows["as bootstrap trains"][-2] == "1.00x", out
+    real = {name: float(cols[-3]) for name, cols in rows.items()}
+    assert real["length-sorted"] >= real["as bootstrap trains"] == real["bf16 autocast"], out

@@ -1,0 +1,174 @@
+"""Where a bootstrap training step's time goes, and what would shorten it.
+
+bootstrap's teacher training is most of the default `dvc repro` on 2 cores (README,
+"Timing"). This times train_toy's step on the params.yaml model (`--role teacher` or
+`student`), phase by phase, on the sequences bootstrap trains on (`sft_stream` of
+`training_examples`, each made by `bootstrap.sequence`), side by side in one run:
+
+  as bootstrap trains   batches in stream order, float32 (what the pipeline does today)
+  length-sorted         the same sequences, all of them sorted by length, cut into
+                        batches, batches shuffled: fewer pad tokens (a grouped sampler
+                        sorting within a smaller pool gains less). Batches then group by
+                        skill, so the training itself changes: not adopted, a measurement
+  bf16 autocast         stream order, forward under torch.autocast(cpu, bfloat16)
+
+Columns: batch building (tokenizing and collating, the same for every variant), forward,
+backward, optimizer (clip, AdamW, schedule), the step in all, the share of real tokens in
+the padded batches, and the step's ratio to bootstrap's at the same thread count. Each
+variant starts from the same freshly built model and optimizer; the first `--warmup` steps
+are not timed. Benchmark on an idle machine: 2-thread torch under other load is 10-35x
+slower (README, "Timing").
+
+Run:
+    python benchmarks/bootstrap_step.py                  # the teacher, 1 and 2 threads
+    python benchmarks/bootstrap_step.py --role student
+    python benchmarks/bootstrap_step.py --quick          # a few steps, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from stages import bootstrap  # noqa: E402
+from stages.lib.core import models, params  # noqa: E402
+from stages.lib.training import basics  # noqa: E402
+
+Batches = list[list[bootstrap.Sequence]]
+
+
+def sequences(
+    tok: object, task: object, p: bootstrap.BootstrapParams, role: str, n: int
+) -> tuple[bootstrap.ToyModelParams, int, list[bootstrap.Sequence], float]:
+    """(the role's model params, its seed, the first n sequences bootstrap trains it on,
+    seconds it took to make them)."""
+    mp, seed = (p.teacher, p.seed * 100) if role == "teacher" else (p.student, p.seed * 100 + 1)
+    stream = bootstrap.sft_stream(bootstrap.training_examples(task, seed, role), mp, seed)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    seqs = [bootstrap.sequence(tok, e, rng, mp, task.alphabet) for e in itertools.islice(stream, n)]
+    return mp, seed, seqs, time.perf_counter() - t0
+
+
+def time_steps(
+    tok: object,
+    mp: bootstrap.ToyModelParams,
+    seed: int,
+    max_positions: int,
+    batches: Batches,
+    warmup: int,
+    forward: Callable[[torch.nn.Module, object], torch.Tensor],
+) -> dict[str, float]:
+    """Mean ms per timed step of each phase, and the share of real tokens."""
+    model = models.build_toy_model(mp.arch(), len(tok), tok, seed, max_positions)
+    opt, sched = basics.optimizer_and_schedule(model, mp.lr, mp.warmup_steps, mp.steps)
+    model.train()
+    sums = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    real = padded = 0
+    for i, chunk in enumerate(batches):
+        t0 = time.perf_counter()
+        b, mask = bootstrap._batch(tok, chunk)
+        t1 = time.perf_counter()
+        logits = forward(model, b)
+        loss = F.cross_entropy(logits[mask], b.targets[mask])
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss.item()
+        t4 = time.perf_counter()
+        real += int(b.attention_mask.sum())
+        padded += b.attention_mask.numel()
+        if i >= warmup:
+            for k, dt in zip(sums, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                sums[k] += dt
+    timed = len(batches) - warmup
+    out = {k: 1000.0 * v / timed for k, v in sums.items()}
+    out["real_tokens"] = real / padded
+    return out
+
+
+def fp32(model: torch.nn.Module, b: object) -> torch.Tensor:
+    return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def bf16(model: torch.nn.Module, b: object) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--role", choices=("teacher", "student"), default="teacher")
+    ap.add_argument("--steps", type=int, default=48, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--quick", action="store_true", help="3 timed steps, 1 thread: a smoke test")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.threads = 3, 1, [1]
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    sections = params.load_sections(args.params, bootstrap.SECTIONS)
+    p: bootstrap.BootstrapParams = sections["bootstrap"]
+    bs = (p.teacher if args.role == "teacher" else p.student).batch_size
+    n_batches = args.steps + args.warmup
+    tok = models.build_char_tokenizer()
+    mp, seed, seqs, make_s = sequences(tok, sections["task"], p, args.role, n_batches * bs)
+    stream = [seqs[i : i + bs] for i in range(0, len(seqs), bs)]
+    by_len = sorted(seqs, key=lambda s: len(s[0]) + len(s[1]))
+    sorted_batches = [by_len[i : i + bs] for i in range(0, len(by_len), bs)]
+    random.Random(1).shuffle(sorted_batches)
+    make_ms = 1000.0 * make_s / n_batches
+    print(
+        f"bootstrap {args.role}: {mp.arch()}, batch {bs}, {args.steps} timed steps after {args.warmup}; "
+        f"making the sequences (examples, corruption, tokenizing): {make_ms:.1f} ms per batch"
+    )
+    variants = (
+        ("as bootstrap trains", stream, fp32),
+        ("length-sorted", sorted_batches, fp32),
+        ("bf16 autocast", stream, bf16),
+    )
+    header = (
+        f"{'threads':>7}  {'variant':<20} {'collate':>8} {'forward':>8} {'backward':>9} {'optim':>6} "
+        f"{'step ms':>8} {'real tok':>9} {'vs bootstrap':>13} {'steps s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        base = None
+        for name, batches, forward in variants:
+            r = time_steps(tok, mp, seed, p.max_positions, batches, args.warmup, forward)
+            step = make_ms + r["collate"] + r["forward"] + r["backward"] + r["optimizer"]
+            base = step if base is None else base
+            print(
+                f"{threads:>7}  {name:<20} {r['collate']:>8.1f} {r['forward']:>8.1f} {r['backward']:>9.1f} "
+                f"{r['optimizer']:>6.1f} {step:>8.1f} {r['real_tokens']:>9.2f} {step / base:>12.2f}x "
+                f"{mp.steps * step / 1000.0:>8.0f}"
+            )
+    print(
+        f"(step ms: making the sequences + collate + forward + backward + optimizer; steps s: the "
+        f"{mp.steps} steps of params.yaml at that rate, without bootstrap's held-out measurements)"
+    )
+
+
+if __name__ == "__main__":
+    main()
