@@ -9,7 +9,8 @@ bootstrap's teacher training is most of the default `dvc repro` on 2 cores (READ
   length-sorted         the same sequences, all of them sorted by length, cut into
                         batches, batches shuffled: fewer pad tokens (a grouped sampler
                         sorting within a smaller pool gains less). Batches then group by
-                        skill, so the training itself changes: not adopted, a measurement
+                        skill, so the training itself changes: tried in the pipeline,
+                        the teacher then failed two skills (benchmarks/README.md)
   bf16 autocast         stream order, forward under torch.autocast(cpu, bfloat16)
 
 Columns: batch building (tokenizing and collating, the same for every variant), forward,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,13 @@ def sh(cwd: Path, *cmd: str) -> str:
             f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         )
     return done.stdout + done.stderr
+
+
+def quick_benchmark(script: str) -> str:
+    """What `python benchmarks/<script> --quick` prints, run from the repo root (the
+    benchmarks' smoke tests)."""
+    root = Path(__file__).resolve().parents[1]
+    return sh(root, sys.executable, str(root / "benchmarks" / script), "--quick")
 
 
 # The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)

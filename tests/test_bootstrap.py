@@ -3,8 +3,6 @@ import itertools
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from stages.lib.core.config import ModelParams, ModelsParams
 from stages.lib.data import encoding
 from stages.lib.task import steps, toytask
 
-from .builders import TASK, seed_params
+from .builders import TASK, quick_benchmark, seed_params
 
 
 def tiny(steps: int) -> bootstrap.ToyModelParams:
@@ -242,15 +240,7 @@ def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> 
 def test_step_benchmark_quick_smoke() -> None:
     """benchmarks/bootstrap_step.py on the params.yaml teacher: the three variants side by
     side, ratios against bootstrap's own step, and sorting by length pads no more."""
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bootstrap_step.py"), "--quick"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = quick_benchmark("bootstrap_step.py")
     rows = {line[9:29].strip(): line.split() for line in out.splitlines() if line[:9].strip() == "1"}
     assert set(rows) == {"as bootstrap trains", "length-sorted", "bf16 autocast"}, out
     assert rows["as bootstrap trains"][-2] == "1.00x", out

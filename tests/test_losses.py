@@ -6,17 +6,15 @@ Run: pytest tests/test_losses.py -q
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from stages.lib.training import losses as L
 
+from .builders import quick_benchmark
+
 Tensor = torch.Tensor
-ROOT = Path(__file__).resolve().parents[1]
 B, T, V = 3, 5, 11
 
 
@@ -556,12 +554,5 @@ def test_bad_arguments_raise_value_error_naming_the_argument() -> None:
 
 
 def test_benchmark_quick_smoke() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert "memory reduction" in out.stdout and "abs diff" in out.stdout
+    out = quick_benchmark("losses.py")
+    assert "memory reduction" in out and "abs diff" in out
