@@ -217,8 +217,8 @@ ENV = {
 }
 
 
-def sh(cwd: Path, *cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+def sh(cwd: Path, *cmd: str, timeout: float | None = None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -230,7 +230,7 @@ def quick_benchmark(script: str) -> str:
     """What `python benchmarks/<script> --quick` prints, run from the repo root (the
     benchmarks' smoke tests)."""
     root = Path(__file__).resolve().parents[1]
-    return sh(root, sys.executable, str(root / "benchmarks" / script), "--quick")
+    return sh(root, sys.executable, str(root / "benchmarks" / script), "--quick", timeout=120)
 
 
 # The parts of OpenLineage 2-0-2 (https://openlineage.io/spec/2-0-2/OpenLineage.json)
