@@ -45,9 +45,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from distillflow.base import models, params  # noqa: E402
+from distillflow.training import basics  # noqa: E402
 from stages import bootstrap  # noqa: E402
-from stages.lib.core import models, params  # noqa: E402
-from stages.lib.training import basics  # noqa: E402
 
 Batches = list[list[bootstrap.Sequence]]
 

@@ -42,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.data import records
+from distillflow.base import records
 
 TARGET_BYTES = 2 * 1024**3
 CHUNK = 50_000

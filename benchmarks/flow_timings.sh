@@ -11,7 +11,7 @@
 #
 # each with no server (Prefect starts a temporary one per process) and, with
 # WITH_SERVER=1, against a running `prefect server start` too. The flow code measured
-# is REPO's own flows/ (`python -m flows.cli` run in REPO).
+# is REPO's own flows/ (`python -m distillflow.cli` run in REPO).
 #
 #   bash benchmarks/flow_timings.sh REPO     # REPO: a checkout `dvc repro` has run (dvc status clean)
 #   bash benchmarks/flow_timings.sh          # first makes one: this checkout on the smoke profile in a
@@ -59,8 +59,8 @@ rm -rf "$REPO/.dvc/tmp/distillflow-prefect"
 export PREFECT_HOME="$WORK/prefect-home"
 timed "dvc repro (all cached)" "$PY" -m dvc repro
 timed "prefect: an empty flow (no server)" "$PY" -c "$BARE_FLOW"
-timed "distillflow run (dvc.lock up to date, no server)" "$PY" -m flows.cli run
-timed "distillflow run (all cached, no server)" "$PY" -m flows.cli run
+timed "distillflow run (dvc.lock up to date, no server)" "$PY" -m distillflow.cli run
+timed "distillflow run (all cached, no server)" "$PY" -m distillflow.cli run
 
 if [ "${WITH_SERVER:-0}" = 1 ]; then
   export PREFECT_HOME="$WORK/prefect-server"
@@ -73,7 +73,7 @@ if [ "${WITH_SERVER:-0}" = 1 ]; then
   printf "%-52s %6.1f s\n" "prefect server start (until healthy)" "$(echo "$(date +%s.%N) - $start" | bc)"
   export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
   timed "prefect: an empty flow (server)" "$PY" -c "$BARE_FLOW"
-  timed "distillflow run (all cached, server)" "$PY" -m flows.cli run
+  timed "distillflow run (all cached, server)" "$PY" -m distillflow.cli run
 fi
 "$PY" -m dvc status | grep "Data and pipelines are up to date" > /dev/null || { echo "dvc status is not clean after the runs" >&2; exit 1; }
 echo "work dir (remove when done): $WORK"

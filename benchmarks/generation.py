@@ -13,9 +13,9 @@ that time every method once in turn (load from other jobs falls on all alike):
 - plain batched generate: prompts in their given order, `--batch-size` per call, left-padded;
 - transformers continuous batching: `model.generate_batch` (paged attention), with its
   default config and with a config tuned for this workload;
-- ours, 1 process: stages.lib.engines.generation.TransformersEngine over length-bucketed shards;
+- ours, 1 process: distillflow.engines.generation.TransformersEngine over length-bucketed shards;
 - ours, N processes: the same shards spread over `--workers` spawned processes by
-  stages.lib.engines.shards (wall time includes starting them and loading the model).
+  distillflow.engines.shards (wall time includes starting them and loading the model).
 
 Tokens per second counts new tokens only. With CUDA, a second table runs our engine
 on a random-initialised ~0.5B-parameter Llama in bfloat16 and estimates the share of
@@ -48,13 +48,13 @@ import yaml  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
 
-from stages.lib.core import models  # noqa: E402
-from stages.lib.core.config import GenerationParams, TaskParams  # noqa: E402
-from stages.lib.data.encoding import prompt_ids  # noqa: E402
-from stages.lib.engines import shards
-from stages.lib.engines.generation import Shard, TransformersEngine, length_order, plan_shards  # noqa: E402
-from stages.lib.task import toytask
-from stages.lib.training import basics
+from distillflow.base import models  # noqa: E402
+from distillflow.base.config import GenerationParams, TaskParams  # noqa: E402
+from distillflow.base.encoding import prompt_ids  # noqa: E402
+from distillflow.engines import shards
+from distillflow.engines.generation import Shard, TransformersEngine, length_order, plan_shards  # noqa: E402
+from distillflow.tasks.toy import toytask
+from distillflow.training import basics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Two comparisons, each a row of the table:
   (a) "reference": in the style of jongwooko/distillm-2 -- full (tokens, V) logits of
       both models from the final hidden states, float32 softmax / log_softmax copies,
       mixtures formed by adding probabilities and taking a log;
-  (b) "ours": ``stages.lib.training.losses.chunked_divergences_from_hidden`` -- only
+  (b) "ours": ``distillflow.training.losses.chunked_divergences_from_hidden`` -- only
       (chunk, V) logits exist at a time, gradients folded into the head/hidden gradients
       per chunk, both terms sharing one weight-gradient buffer.
 ``public`` (given full logits of both models, ``train.logits: full``):
@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages.lib.training.losses import (  # noqa: E402
+from distillflow.training.losses import (  # noqa: E402
     HiddenTerm,
     chunked_divergences_from_hidden,
     skew_forward_kl,

@@ -9,7 +9,7 @@ them in turn, as `dvc repro comparison/dvc.yaml` does), with each comparison cel
 The copy holds the repo's tracked and untracked (not ignored) files minus outputs, so
 nothing is cached: what a fresh clone pays. Prints the wall time of each `dvc repro`,
 the slowest stages, and per comparison cell its wall and CPU seconds (from the run
-records, `distillflow lineage cost`). Torch stages use 2 threads (stages/lib/core/entry.py),
+records, `distillflow lineage cost`). Torch stages use 2 threads (distillflow/stagekit/entry.py),
 comparison cells `compare.threads`; time it on an otherwise idle machine: other jobs
 slow 2-thread torch 10-35x.
 """
@@ -86,7 +86,7 @@ def main() -> None:
         print(f"    {r['job']:<28} {r['cost']['wall_seconds']:8.1f} s wall")
     if args.skip_comparison:
         return
-    flow = [sys.executable, "-m", "flows.cli", "run", "--target", "comparison/dvc.yaml", "--jobs", str(args.jobs)]
+    flow = [sys.executable, "-m", "distillflow.cli", "run", "--target", "comparison/dvc.yaml", "--jobs", str(args.jobs)]
     comparison_s = timed(repo, *flow)
     cells = [r for r in run_records(repo)[seen:] if r["stage"] in ("compare", "report")]
     print(

@@ -41,12 +41,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from distillflow.base import (  # noqa: E402
+    encoding,
+    models,  # noqa: E402
+    records,
+)
+from distillflow.base.io import read_rows, read_table, write_table  # noqa: E402
+from distillflow.engines import scoring  # noqa: E402
+from distillflow.training import basics, trainer  # noqa: E402
 from stages import score  # noqa: E402
-from stages.lib.core import models  # noqa: E402
-from stages.lib.data import encoding, records  # noqa: E402
-from stages.lib.data.io import read_rows, read_table, write_table  # noqa: E402
-from stages.lib.engines import scoring  # noqa: E402
-from stages.lib.training import basics, trainer  # noqa: E402
 
 BATCH_SIZE = 256
 

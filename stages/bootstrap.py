@@ -6,7 +6,7 @@
 With `models.teacher.name: toy` and `models.student.name: toy` it builds a character
 tokenizer (the `tokenizers` library, saved as a transformers tokenizer folder with a
 chat template) and trains two Llama models by supervised fine-tuning on the embedded
-task (stages/lib/task/):
+task (distillflow/tasks/):
 - the teacher, on fresh draws of every non-eval prompt; a share of its sequences
   (`corrupt_share`) has one wrong step, masked out of the loss, followed by the steps
   the rule gives from the written prefix, so its next-token distribution after a
@@ -57,15 +57,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages.lib.audit import lineage
-from stages.lib.core import entry, models, params
-from stages.lib.core.config import ModelsParams, TaskParams
-from stages.lib.core.errors import ModelError, ParamsError
-from stages.lib.core.params import check
-from stages.lib.data import encoding, records
-from stages.lib.data.io import atomic_dir, write_json
-from stages.lib.task import steps, toytask
-from stages.lib.training import basics
+from distillflow.audit import lineage
+from distillflow.base import encoding, models, params, records
+from distillflow.base.config import ModelsParams, TaskParams
+from distillflow.base.errors import ModelError, ParamsError
+from distillflow.base.io import atomic_dir, write_json
+from distillflow.base.params import check
+from distillflow.stagekit import entry
+from distillflow.tasks.toy import steps, toytask
+from distillflow.training import basics
 
 log = logging.getLogger("bootstrap")
 
@@ -131,7 +131,7 @@ def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytas
     teacher every other prompt, the student only the SFT bucket (task.sft_fraction;
     the train split when that is 0), which seed never makes a distillation prompt."""
     want = {"train", "sft"} if role == "teacher" or task.sft_fraction == 0.0 else {"sft"}
-    for ex in toytask.examples(task.toy(), seed):
+    for ex in toytask.examples(toytask.config_of(task), seed):
         if _split(ex, task) in want:
             yield ex
 
@@ -139,7 +139,7 @@ def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytas
 def heldout_examples(task: TaskParams, seed: int, n: int) -> list[toytask.ToyExample]:
     """`n` distinct eval-split examples: prompts no model was trained on."""
     out: dict[str, toytask.ToyExample] = {}
-    for ex in toytask.examples(task.toy(), seed):
+    for ex in toytask.examples(toytask.config_of(task), seed):
         if _split(ex, task) == "eval":
             out.setdefault(ex.prompt, ex)
             if len(out) == n:

@@ -10,17 +10,17 @@ comparison/dvc.yaml (the comparison's own pipeline) runs this as a matrix over
 `compare.runs` x `compare.seeds`. Every cell starts from the initial student and runs
 the default pipeline's E rounds (1 + len(train.rounds)) in one process, with the train
 stage's trainer, input gates and settings (`train`: epochs, lr, batch, teacher signal,
-...; stages/lib/training/) and the cell's method, DistiLLM-2 switches and seed:
+...; distillflow/training/) and the cell's method, DistiLLM-2 switches and seed:
 round 1 trains on the curated pairs (teacher responses against the initial student's
 samples); each later round samples the student again from the model the last round
 left (`student` settings, a seed of its own per cell seed and round), pairs those
 samples with the same teacher responses, curates them with `curate` and gates them
-like the curated file, and trains on (stages/lib/engines, stages/lib/data: the same
+like the curated file, and trains on (distillflow/engines, distillflow/data: the same
 library functions the student, pairs and curate stages call). The controls
 (cells.RunParams): `rounds: stale` trains every round on round 1's pairs (the same
 optimizer steps, no fresh samples); `teacher: plain` uses the plain_* stages' teacher,
 bootstrapped without corrupted prefixes, its responses and its curated pairs.
-Then the evaluate stage's evaluator (stages/lib/evaluation/: the verifier's pass rate,
+Then the evaluate stage's evaluator (distillflow/evaluation/: the verifier's pass rate,
 share of right steps, ROUGE-L, NLL, KL, greedy agreement, speculative decoding,
 lengths). stages/report.py turns the cells into the comparison table.
 
@@ -41,22 +41,22 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, models, params
-from stages.lib.core.config import Dtype, GenerationParams, ModelParams
-from stages.lib.core.errors import ParamsError
-from stages.lib.data import records
-from stages.lib.data.curation import CurateParams, curate
-from stages.lib.data.io import atomic_dir, digest_path, read_rows, write_json, write_table
-from stages.lib.data.pairing import PairsParams, build_pairs
-from stages.lib.engines.generation import generate_transformers, sample_seed
-from stages.lib.evaluation import evaluator
-from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
-from stages.lib.training import basics, trainer
-from stages.lib.training.cells import SHARED_TRAIN, RunParams, cell_params
-from stages.lib.training.checkpoint import Checkpoint, run_key
-from stages.lib.training.objectives import AlphaCurriculum
-from stages.lib.training.summary import run_summary
+from distillflow.audit import lineage, quality
+from distillflow.base import models, params, records
+from distillflow.base.config import Dtype, GenerationParams, ModelParams
+from distillflow.base.errors import ParamsError
+from distillflow.base.io import atomic_dir, digest_path, read_rows, write_json, write_table
+from distillflow.data.curation import CurateParams, curate
+from distillflow.data.pairing import PairsParams, build_pairs
+from distillflow.engines.generation import generate_transformers, sample_seed
+from distillflow.evaluation import evaluator
+from distillflow.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
+from distillflow.stagekit import entry, trainrun
+from distillflow.training import basics, trainer
+from distillflow.training.cells import SHARED_TRAIN, RunParams, cell_params
+from distillflow.training.checkpoint import Checkpoint, run_key
+from distillflow.training.objectives import AlphaCurriculum
+from distillflow.training.summary import run_summary
 
 log = logging.getLogger("compare")
 
@@ -157,7 +157,7 @@ def main() -> None:
     src, eval_file = pairs_dir / "curated.parquet", args.prompts / "eval.parquet"
     prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
     eval_ids = pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())
-    pairs, validation = trainer.gate_inputs(used["quality"], src, scores_dir, p, eval_ids)
+    pairs, validation = trainrun.gate_inputs(used["quality"], src, scores_dir, p, eval_ids)
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, scores_dir, trust, dtype
     )

@@ -1,5 +1,5 @@
 """curate: filter the pairs; every drop counted by reason and kept in quarantine
-(the logic: stages/lib/data/curation.py).
+(the logic: distillflow/data/curation.py).
 
     python -m stages.curate --params params.yaml --pairs data/pairs --prompts data/seed \
         --out data/curate --metrics metrics/curate.json --docs reports/quality/curate
@@ -7,7 +7,7 @@
 The pairs stream through in Arrow record batches (`quality.batch_rows` rows), so memory
 is bounded by the batch plus the filters' state (ids seen, MinHash LSH bands).
 
-1. The input gate (stages/lib/audit/quality.py, kind `pair`): a row that fails a row-level
+1. The input gate (distillflow/audit/quality.py, kind `pair`): a row that fails a row-level
    expectation (null field, repeated pair id, a prompt id that is not a seed training
    prompt, ...) is quarantined with the reason `gate:<expectation>:<column>`; a
    table-level failure (eval prompts among the pairs, too many duplicates) stops the
@@ -31,11 +31,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, params
-from stages.lib.data import curation, records
-from stages.lib.data.curation import CurateParams
-from stages.lib.data.io import atomic_dir, read_table, write_json
+from distillflow.audit import lineage, quality
+from distillflow.base import params, records
+from distillflow.base.io import atomic_dir, read_table, write_json
+from distillflow.data import curation
+from distillflow.data.curation import CurateParams
+from distillflow.stagekit import curating, entry
 
 __all__ = ["SECTIONS", "PARAMS", "CurateParams", "run", "main"]
 
@@ -64,7 +65,7 @@ def main() -> None:
     train_ids = read_table(files["train_prompts"], records.PROMPT_SCHEMA).column("prompt_id").combine_chunks()
     evals = read_table(files["eval_prompts"], records.PROMPT_SCHEMA)
     with atomic_dir(args.out) as tmp:
-        c = curation.curate_file(
+        c = curating.curate_file(
             src, tmp, used["curate"], used["quality"], train_ids, evals, docs=args.docs, shown=args.out
         )
         lineage.write_manifest(

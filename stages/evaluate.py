@@ -15,7 +15,7 @@ Outputs: predictions.parquet (one row per model and prompt, with correctness),
 manifest.json, the metrics file (every number, a plain output) and the summary (the
 headline numbers, the DVC metric that `dvc metrics show` and `dvc exp show` compare:
 evaluator.headline). The evaluation itself lives in
-stages/lib/evaluation/ (shared with the comparison cells).
+distillflow/evaluation/ (shared with the comparison cells).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stages.lib.audit import disjoint, lineage
-from stages.lib.core import entry, models, params
-from stages.lib.core.config import Dtype, ModelParams
-from stages.lib.data import records
-from stages.lib.data.io import atomic_dir, read_rows, read_table, write_json, write_table
-from stages.lib.evaluation import evaluator
-from stages.lib.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
+from distillflow.audit import disjoint, lineage
+from distillflow.base import models, params, records
+from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.io import atomic_dir, read_rows, read_table, write_json, write_table
+from distillflow.evaluation import evaluator
+from distillflow.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
+from distillflow.stagekit import entry
 
 log = logging.getLogger("evaluate")
 

@@ -6,7 +6,7 @@ DVC tracks the files dvc.yaml names; a model folder named in params.yaml
 (`models.teacher.name: /models/qwen-7b`) is not one of them, so editing it in place (new
 weights, tokenizer, chat template or generation_config) would rerun nothing. This stage
 runs on every `dvc repro` (`always_changed: true` in dvc.yaml; it reads only file
-digests, no model) and writes each model's fingerprint (stages/lib/core/identity.py:
+digests, no model) and writes each model's fingerprint (distillflow/base/identity.py:
 every file of a local folder that can change outputs; a hub id at its revision; `toy`
 for the models bootstrap builds, whose identity is bootstrap's own params and code).
 bootstrap depends on the file: when a folder changed, the fingerprint changes and
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.lib.core import entry, identity, params
-from stages.lib.core.config import ModelParams
-from stages.lib.data.io import write_json
+from distillflow.base import identity, params
+from distillflow.base.config import ModelParams
+from distillflow.base.io import write_json
+from distillflow.stagekit import entry
 
 SECTIONS: dict[str, Any] = {"models.teacher": ModelParams, "models.student": ModelParams}
 PARAMS = tuple(SECTIONS)

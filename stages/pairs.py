@@ -1,4 +1,4 @@
-"""pairs: join teacher and student responses into preference pairs, on ids (stages/lib/data/pairing.py).
+"""pairs: join teacher and student responses into preference pairs, on ids (distillflow/data/pairing.py).
 
     python -m stages.pairs --params params.yaml --prompts data/seed --teacher data/teacher \
         --student data/student --out data/pairs --metrics metrics/pairs.json
@@ -21,11 +21,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, params
-from stages.lib.data import pairing, records
-from stages.lib.data.io import atomic_dir, read_rows, write_json, write_table
-from stages.lib.data.pairing import QUARANTINE_SCHEMA, PairsParams
+from distillflow.audit import lineage, quality
+from distillflow.base import params, records
+from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
+from distillflow.data import pairing
+from distillflow.data.pairing import QUARANTINE_SCHEMA, PairsParams
+from distillflow.stagekit import entry
 
 __all__ = ["SECTIONS", "PARAMS", "PairsParams", "QUARANTINE_SCHEMA", "run", "main"]
 
@@ -42,7 +43,7 @@ def run(
     student: list[dict[str, Any]],
     files: tuple[Path, Path] = (Path("teacher"), Path("student")),
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(pairs, quarantine, counts): stages/lib/data/pairing.py's `build`."""
+    """(pairs, quarantine, counts): distillflow/data/pairing.py's `build`."""
     return pairing.build_pairs(p, prompts, teacher, student, files)
 
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.lib.core import entry, params
-from stages.lib.core.params import check
-from stages.lib.data.io import DataError, atomic_dir, atomic_path
-from stages.lib.training.cells import RunParams
+from distillflow.base import params
+from distillflow.base.io import DataError, atomic_dir, atomic_path
+from distillflow.base.params import check
+from distillflow.stagekit import entry
+from distillflow.training.cells import RunParams
 
 log = logging.getLogger("report")
 

@@ -13,11 +13,11 @@ error, measured in tests/test_losses_topk.py, shrinks as k grows).
 `score.k: 0` switches scoring off (the teacher is not loaded; an empty topk.parquet is
 written), for runs that keep the online teacher. Output rows (one per pair and side):
 pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
-target_logprob (positions). The scoring itself: stages/lib/engines/scoring.py.
+target_logprob (positions). The scoring itself: distillflow/engines/scoring.py.
 
 Memory stays bounded at any scale: each model batch becomes one typed Arrow record
 batch (never Python lists), streamed into the file in row groups of 2 x score.batch_size
-rows (stages/lib/data/stream.py), and the output gate then streams the written file in
+rows (distillflow/base/stream.py), and the output gate then streams the written file in
 batches (quality.StageGates.check_file). The teacher runs on `score.device`; token
 ids are checked against the tokenizer's length (head rows past it are padding).
 """
@@ -32,14 +32,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, models, params
-from stages.lib.core.config import Dtype, ModelParams
-from stages.lib.data import records
-from stages.lib.data.io import atomic_dir, read_table, write_json
-from stages.lib.data.stream import ParquetSink
-from stages.lib.engines import scoring
-from stages.lib.engines.scoring import ScoreParams
+from distillflow.audit import lineage, quality
+from distillflow.base import models, params, records
+from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.io import atomic_dir, read_table, write_json
+from distillflow.base.stream import ParquetSink
+from distillflow.engines import scoring
+from distillflow.engines.scoring import ScoreParams
+from distillflow.stagekit import entry
 
 __all__ = ["SECTIONS", "PARAMS", "ScoreParams", "gate_scores", "main", "run", "write_scores"]
 

@@ -2,17 +2,17 @@
 
     python -m stages.seed --params params.yaml --out data/seed --metrics metrics/seed.json
 
-Sources (params.yaml `seed.source.kind`, stages/lib/data/sources.py):
+Sources (params.yaml `seed.source.kind`, distillflow/data/sources.py):
 - toy: the embedded task's generator (`task`), with ground-truth answers;
 - jsonl / parquet: a local file, prompt text in `seed.source.field`;
 - hf: a Hugging Face dataset (`path` = name, `config`, `split`, `revision`, `field`).
 
 Every prompt is normalised (NFC, whitespace collapsed) and gets a content id. Empty
 prompts, over-long prompts, prompts of the wrong type and duplicates go to
-quarantine.parquet (prompt columns + `reason`, stages/lib/audit/quarantine.py); the
+quarantine.parquet (prompt columns + `reason`, distillflow/base/quarantine.py); the
 split is a hash of the prompt id (records.split_of), the same function bootstrap uses,
-so an eval prompt can never be a training prompt (stages/lib/data/split.py). With
-`seed.synthesis.enabled` the teacher adds train prompts (stages/lib/data/synthesis.py).
+so an eval prompt can never be a training prompt (distillflow/data/split.py). With
+`seed.synthesis.enabled` the teacher adds train prompts (distillflow/data/synthesis.py).
 Outputs: train.parquet, eval.parquet, quarantine.parquet, manifest.json; counts
 reconcile: read = train + eval + quarantined + unused_over_quota + reserved_for_sft (bootstrap's
 student SFT bucket, toy source only).
@@ -25,13 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, params
-from stages.lib.core.config import Dtype, ModelParams, TaskParams
-from stages.lib.data.io import atomic_dir, write_json
-from stages.lib.data.sources import Raw, SeedParams, source_rows
-from stages.lib.data.split import prompt_sets, stream_to
-from stages.lib.data.synthesis import open_generate, teacher_of
+from distillflow.audit import lineage, quality
+from distillflow.base import params
+from distillflow.base.config import Dtype, ModelParams, TaskParams
+from distillflow.base.io import atomic_dir, write_json
+from distillflow.data.sources import Raw, SeedParams, source_rows
+from distillflow.data.split import prompt_sets, stream_to
+from distillflow.data.synthesis import open_generate, teacher_of
+from distillflow.stagekit import entry
 
 __all__ = ["SECTIONS", "PARAMS", "run", "source_rows", "gate_outputs", "main"]
 
@@ -58,7 +59,7 @@ def run(
 
 
 def gate_outputs(tmp: Path, out: Path, q: quality.QualityParams, docs: Path | None) -> dict[str, Any]:
-    """The output gates (stages/lib/audit/quality.py): both prompt sets pass the prompt suite,
+    """The output gates (distillflow/audit/quality.py): both prompt sets pass the prompt suite,
     and no training prompt is an eval prompt. Rows seed rejects never reach the files
     (they are in quarantine.parquet), so any failure here stops the stage."""
     gates = quality.StageGates(q, docs)

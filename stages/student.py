@@ -5,14 +5,13 @@
 
 Reads `models.student`, `models.trust_remote_code`, `models.dtype` and the `student`
 sampling section; writes data/student/generations.parquet and its manifest. The
-shared logic lives in stages/lib/engines/genstage.py (the teacher stage is the same with the
+shared logic lives in distillflow/stagekit/genstage.py (the teacher stage is the same with the
 teacher model).
 """
 
 from __future__ import annotations
 
-from stages.lib.core import entry
-from stages.lib.engines import genstage
+from distillflow.stagekit import entry, genstage
 
 SECTIONS = genstage.sections("student")
 PARAMS = tuple(SECTIONS)

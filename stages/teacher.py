@@ -5,14 +5,13 @@
 
 Reads `models.teacher`, `models.trust_remote_code`, `models.dtype` and the `teacher`
 sampling section; writes data/teacher/generations.parquet and its manifest. The
-shared logic lives in stages/lib/engines/genstage.py (the student stage is the same with the
+shared logic lives in distillflow/stagekit/genstage.py (the student stage is the same with the
 student model).
 """
 
 from __future__ import annotations
 
-from stages.lib.core import entry
-from stages.lib.engines import genstage
+from distillflow.stagekit import entry, genstage
 
 SECTIONS = genstage.sections("teacher")
 PARAMS = tuple(SECTIONS)

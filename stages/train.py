@@ -3,7 +3,7 @@
     python -m stages.train --params params.yaml --pairs data/curate --scores data/score \
         --models data/bootstrap --out data/train --metrics metrics/train.json --live plots/train
 
-`train.method` picks the objective (stages/lib/training/objectives.py): `distillm2` (default),
+`train.method` picks the objective (distillflow/training/objectives.py): `distillm2` (default),
 `distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
 DistiLLM-2 objective (docs/METHOD.md), per pair i:
 
@@ -19,12 +19,12 @@ final hidden states, so full (B, T, V) logits never exist. Long runs save a resu
 checkpoint every `checkpoint_every` steps into `<out>.checkpoints/`; a killed run picks
 up from it (when params, data and models are unchanged) and ends with the same
 weights as an uninterrupted run. The loop, checkpoints and logging live in
-stages/lib/training/ (trainer.py, shared with the comparison cells). The distilled student is saved with save_pretrained
+distillflow/training/ (trainer.py, shared with the comparison cells). The distilled student is saved with save_pretrained
 (safetensors) in out/model.
 
 Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.train ...`
 (gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
-batch (stages/lib/training/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
+batch (distillflow/training/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
 for GPUs.
 
 Precision: the student trains with float32 master weights whatever `models.dtype` says
@@ -43,15 +43,16 @@ from typing import Any
 
 import yaml
 
-from stages.lib.audit import lineage, quality
-from stages.lib.core import entry, models, params
-from stages.lib.core.config import Dtype, ModelParams
-from stages.lib.data.io import DataError, atomic_dir, digest_path, write_json
-from stages.lib.training import basics, distributed, trainer
-from stages.lib.training.checkpoint import Checkpoint, run_key
-from stages.lib.training.objectives import AlphaCurriculum
-from stages.lib.training.summary import run_summary, tokens_trained
-from stages.lib.training.train_params import TrainParams
+from distillflow.audit import lineage, quality
+from distillflow.base import models, params
+from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.io import DataError, atomic_dir, digest_path, write_json
+from distillflow.stagekit import entry, trainrun
+from distillflow.training import basics, distributed, trainer
+from distillflow.training.checkpoint import Checkpoint, run_key
+from distillflow.training.objectives import AlphaCurriculum
+from distillflow.training.summary import run_summary, tokens_trained
+from distillflow.training.train_params import TrainParams
 
 log = logging.getLogger("train")
 
@@ -202,7 +203,7 @@ def main() -> None:
         round_index, curriculum = previous_round(args.previous, p)
         s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
     src = args.pairs / "curated.parquet"
-    pairs, validation = trainer.gate_inputs(used["quality"], src, args.scores, p)
+    pairs, validation = trainrun.gate_inputs(used["quality"], src, args.scores, p)
     distributed.init_from_env(p.device)
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype

@@ -15,16 +15,16 @@ import jsonschema
 import pyarrow as pa
 import torch
 
+from distillflow.audit import lineage
+from distillflow.base import models, records
+from distillflow.base.config import GenerationParams, TaskParams
+from distillflow.base.io import write_table
+from distillflow.data import curation, sources
+from distillflow.training import trainer
+from distillflow.training.checkpoint import Checkpoint
+from distillflow.training.objectives import BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
+from distillflow.training.train_params import TrainParams
 from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
-from stages.lib.audit import lineage
-from stages.lib.core import models
-from stages.lib.core.config import GenerationParams, TaskParams
-from stages.lib.data import curation, records, sources
-from stages.lib.data.io import write_table
-from stages.lib.training import trainer
-from stages.lib.training.checkpoint import Checkpoint
-from stages.lib.training.objectives import BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
-from stages.lib.training.train_params import TrainParams
 
 
 def prompt(i: int) -> dict:

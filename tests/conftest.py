@@ -17,8 +17,8 @@ os.environ["DO_NOT_TRACK"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from stages.lib.core import models  # noqa: E402
-from stages.lib.training import basics
+from distillflow.base import models  # noqa: E402
+from distillflow.training import basics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_models, but the teacher has had 80 SFT steps on the toy task, so it is
     confident on right answers where the student is not (what adaptive alpha reacts to)."""
+    from distillflow.base.config import ModelParams, ModelsParams
     from stages import bootstrap
-    from stages.lib.core.config import ModelParams, ModelsParams
 
     from .builders import task as task_params
 

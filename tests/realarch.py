@@ -49,10 +49,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from distillflow.base.config import TaskParams
+from distillflow.tasks.toy import toytask
+from distillflow.training import basics
 from stages import bootstrap
-from stages.lib.core.config import TaskParams
-from stages.lib.task import toytask
-from stages.lib.training import basics
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL = (ENDOFTEXT, IM_START, IM_END)
@@ -123,7 +123,7 @@ def _corpus() -> list[str]:
     answers, and the unicode lines (repeated a little, so some accents merge while
     emoji stay split into byte tokens)."""
     lines = [SYSTEM, "system", "user", "assistant"] * 20
-    for ex in _take(toytask.examples(TASK.toy(), 12345), 2000):
+    for ex in _take(toytask.examples(toytask.config_of(TASK), 12345), 2000):
         lines += [ex.prompt, ex.answer]
     lines += list(UNICODE_TEXT) * 5
     return lines
@@ -248,7 +248,7 @@ def build_student(tok: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, float
 
 def write_prompts(folder: Path, n: int = 200) -> Path:
     """A local HF dataset folder: data/train-00000-of-00001.parquet (prompt, answer, skill)."""
-    exs = _take(toytask.examples(TASK.toy(), 777), n)
+    exs = _take(toytask.examples(toytask.config_of(TASK), 777), n)
     rows = [{"prompt": e.prompt, "answer": e.answer, "skill": e.skill} for e in exs]
     rows += [{"prompt": p, "answer": None, "skill": None} for p in UNICODE_PROMPTS]
     schema = pa.schema([("prompt", pa.string()), ("answer", pa.string()), ("skill", pa.string())])

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib.data import records
-from stages.lib.data.io import write_table
+from distillflow.base import records
+from distillflow.base.io import write_table
 
 from .builders import pair, prompt
 

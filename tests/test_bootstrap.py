@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distillflow.base import encoding, models
+from distillflow.base.config import ModelParams, ModelsParams
+from distillflow.tasks.toy import steps, toytask
 from stages import bootstrap
-from stages.lib.core import models
-from stages.lib.core.config import ModelParams, ModelsParams
-from stages.lib.data import encoding
-from stages.lib.task import steps, toytask
 
 from .builders import TASK, quick_benchmark, seed_params
 
@@ -88,7 +87,7 @@ def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_training_examples_never_include_eval_prompts() -> None:
-    from stages.lib.data import records
+    from distillflow.base import records
 
     for ex, _ in zip(bootstrap.training_examples(TASK, 0, "teacher"), range(500)):
         pid = records.prompt_id(records.normalise_prompt(ex.prompt))
@@ -147,7 +146,7 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
     p = dataclasses.replace(tiny(1), corrupt_share=0.99)
     rng = random.Random(0)
     seen = 0
-    for ex in itertools.islice(toytask.examples(STEP_TASK.toy(), 3), 60):
+    for ex in itertools.islice(toytask.examples(toytask.config_of(STEP_TASK), 3), 60):
         prompt_ids, response, masked = bootstrap.sequence(tok, ex, rng, p, STEP_TASK.alphabet)
         assert prompt_ids == encoding.prompt_ids(tok, ex.prompt) and response[-1] == tok.eos_token_id
         if not masked:
@@ -194,7 +193,8 @@ def test_follows_rule_checks_every_step_and_the_end() -> None:
 
 
 def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
-    from stages.lib.data import records, sources, split
+    from distillflow.base import records
+    from distillflow.data import sources, split
 
     student = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "student"), 200))
     teacher = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "teacher"), 200))

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib.data import io, records
-from stages.lib.training import cells
-from stages.lib.training.train_params import RoundParams
+from distillflow.base import io, records
+from distillflow.training import cells
+from distillflow.training.train_params import RoundParams
 
 from .builders import gen, pair, prompt, tp
 from .conftest import ROOT
@@ -124,7 +124,7 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     assert pq.read_table(out / "predictions.parquet").num_rows == 6 and (out / "model" / "model.safetensors").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     # the shared trainer and evaluator are in its lineage; no other stage is
-    assert {"stages/lib/training/trainer.py", "stages/lib/evaluation/evaluator.py"} <= set(manifest["code"])
+    assert {"distillflow/training/trainer.py", "distillflow/evaluation/evaluator.py"} <= set(manifest["code"])
     assert not {"stages/train.py", "stages/evaluate.py"} & set(manifest["code"])
     assert [g["artifact"] for g in manifest["validation"]["gates"]] == ["curated pairs"]  # train's input gate
     live = tmp_path / "live" / "ablated-3" / "plots" / "metrics"

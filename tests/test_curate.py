@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
+from distillflow.data import curation
 from stages import curate
-from stages.lib.data import curation
 
 from .builders import CURATE_OFF, pair
 

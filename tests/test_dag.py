@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import codedeps
+from distillflow.orchestration import codedeps
 
 from .builders import STAGES
 from .conftest import ROOT
@@ -80,12 +80,20 @@ def test_dvc_params_are_exactly_what_the_stage_reads(stage: str) -> None:
 
 
 @pytest.mark.parametrize("stage", EXPECTED)
-def test_code_deps_are_exactly_the_import_closure(stage: str) -> None:
-    code_deps = {d for d in DVC[stage]["deps"] if d.startswith("stages/")}
-    want = closure(module(stage))
-    assert code_deps == want, (
-        f"dvc.yaml {stage}: missing {sorted(want - code_deps)}, not imported {sorted(code_deps - want)}"
-    )
+def test_code_deps_are_the_layers_of_the_import_closure(stage: str) -> None:
+    """The stage's module and the layer folder of every library file it loads: no
+    loaded file outside them (a missed change), no layer it does not load from."""
+    code_deps = {d for d in DVC[stage]["deps"] if d.startswith(("stages/", "distillflow"))}
+    loaded = closure(module(stage))
+    assert code_deps == set(codedeps.layer_deps(sorted(loaded))), f"dvc.yaml {stage}: run `distillflow dag sync`"
+    uncovered = [
+        f
+        for f in loaded
+        if f not in codedeps.DOCSTRING_ONLY and not any(f == d or f.startswith(d + "/") for d in code_deps)
+    ]
+    assert not uncovered, f"dvc.yaml {stage}: no dep covers {uncovered}"
+    for d in code_deps:
+        assert any(f == d or f.startswith(d + "/") for f in loaded), f"dvc.yaml {stage}: {d} holds nothing it loads"
 
 
 def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Path) -> None:
@@ -93,8 +101,8 @@ def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Pa
         assert codedeps.sync_text((ROOT / f).read_text(), ROOT)[1] == [], f"{f}: run `distillflow dag sync`"
     text = (ROOT / "dvc.yaml").read_text()
     assert codedeps.sync_text(text, ROOT) == (text, [])
-    stale = text.replace("      - stages/lib/data/io.py\n", "", 1).replace(
-        "      - stages/pairs.py\n", "      - stages/pairs.py\n      - stages/lib/task/toytask.py\n", 1
+    stale = text.replace("      - distillflow/audit\n", "", 1).replace(
+        "      - stages/pairs.py\n", "      - stages/pairs.py\n      - distillflow/tasks\n", 1
     )
     assert stale != text
     path = tmp_path / "dvc.yaml"
@@ -105,7 +113,7 @@ def test_dag_sync_finds_nothing_to_change_and_rewrites_a_stale_list(tmp_path: Pa
 
 
 def test_no_stage_imports_another_stage() -> None:
-    """Stages share code through stages/lib (the generation stage body included), never by
+    """Stages share code through distillflow (the generation stage body included), never by
     importing one another: a stage's behaviour is its own module plus the library."""
     stage_modules = {f"stages.{module(s)}" for s in EXPECTED}
     for stage in sorted({module(s) for s in EXPECTED}):
@@ -135,7 +143,7 @@ def test_cmd_paths_are_declared(stage: str) -> None:
         | {name(m) for m in spec.get("metrics", [])}
         | {name(p) for p in spec.get("plots", [])}
     )
-    data_deps = {d for d in spec["deps"] if not d.startswith("stages/")}
+    data_deps = {d for d in spec["deps"] if not d.startswith(("stages/", "distillflow"))}
     out_flags, value_flags = (
         {"--out", "--metrics", "--summary", "--plot", "--live", "--docs"},
         {"--run", "--seed", "--round"},

@@ -1,4 +1,4 @@
-"""The DVC behaviour flows/dvc_adapter.py relies on, pinned on a tiny real DVC project.
+"""The DVC behaviour distillflow/orchestration/dvc_adapter.py relies on, pinned on a tiny real DVC project.
 
 flows/ uses DVC internals (the index, stage status and hashing, save/commit/dump, the
 run-cache, how stage commands run, `-S` parsing) through that one module. A DVC
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import dvc_adapter as dvc
-from flows import dvc_ops
+from distillflow.orchestration import dvc_adapter as dvc
+from distillflow.orchestration import dvc_ops
 
 PY = sys.executable
 ENV = {
@@ -155,7 +155,7 @@ def test_the_installed_dvc_is_the_range_pyproject_pins() -> None:
     req = next(Requirement(d) for d in deps if Requirement(d).name == "dvc")
     assert metadata.version("dvc") in req.specifier, (
         f"dvc {metadata.version('dvc')} is installed, pyproject.toml pins {req}: "
-        "flows/dvc_adapter.py is only checked against the pinned range"
+        "distillflow/orchestration/dvc_adapter.py is only checked against the pinned range"
     )
 
 

@@ -3,10 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.lib.core import models
-from stages.lib.data import encoding
-from stages.lib.evaluation import evaluator, metrics
-from stages.lib.evaluation.eval_params import EvaluateParams
+from distillflow.base import encoding, models
+from distillflow.evaluation import evaluator, metrics
+from distillflow.evaluation.eval_params import EvaluateParams
 
 from .builders import load, prompt
 

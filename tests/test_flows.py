@@ -31,8 +31,8 @@ import httpx
 import pytest
 import yaml
 
-from flows import dvc_ops
-from flows.artifacts import artifact_key
+from distillflow.orchestration import dvc_ops
+from distillflow.orchestration.artifacts import artifact_key
 
 from .conftest import ROOT, copy_repo
 
@@ -83,7 +83,7 @@ def sh(cwd: Path, env: dict[str, str], *cmd: str, timeout: float = 600) -> str:
 def run_flow(repo: Path, env: dict[str, str], *args: str, expect_rc: int = 0) -> tuple[dict[str, Any], str]:
     """`distillflow run ARGS` in the repo; returns its JSON summary and its output."""
     summary = repo.parent / f"summary-{time.monotonic_ns()}.json"
-    cmd = [PY, "-m", "flows.cli", "run", "--retry-delay", "1", "--summary", str(summary), *args]
+    cmd = [PY, "-m", "distillflow.cli", "run", "--retry-delay", "1", "--summary", str(summary), *args]
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
     if done.returncode != expect_rc or not summary.is_file():
@@ -559,8 +559,8 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
     """train.rounds drives dvc.yaml's foreach round_* stages: with rounds r2 and r3 the
     flow's DAG has round_<stage>@r2/@r3 wired exactly as `dvc dag` wires them. (The
     comparison test below runs the real matrix stages compare@<run>-<seed>.)"""
-    from flows.dag import load_dag
-    from flows.dvc_ops import apply_overrides
+    from distillflow.orchestration.dag import load_dag
+    from distillflow.orchestration.dvc_ops import apply_overrides
 
     repo = copy_repo(tmp_path / "repo")
     changes = apply_overrides(
@@ -638,7 +638,7 @@ def test_serve_creates_a_scheduled_deployment_and_runs_it(smoke: Path, server: S
             [
                 PY,
                 "-m",
-                "flows.cli",
+                "distillflow.cli",
                 "serve",
                 "--name",
                 "smoke-serve",
@@ -673,7 +673,7 @@ def test_serve_creates_a_scheduled_deployment_and_runs_it(smoke: Path, server: S
 
 def test_serve_without_a_server_says_what_is_missing(smoke: Path, tmp_path: Path) -> None:
     done = subprocess.run(
-        [PY, "-m", "flows.cli", "serve"],
+        [PY, "-m", "distillflow.cli", "serve"],
         cwd=smoke,
         env=base_env(tmp_path, None),
         capture_output=True,
@@ -760,13 +760,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_env(server: Server) -> dict[str, str]:
-    return {**server.env, "PYTHONPATH": str(ROOT)}  # `python -m flows.cli` from this checkout
+    return {**server.env, "PYTHONPATH": str(ROOT)}  # `python -m distillflow.cli` from this checkout
 
 
 def test_foreach_stages_are_tasks_named_as_dvc_names_them(
     tiny: Path, tiny_env: dict[str, str], server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.dag import load_dag
+    from distillflow.orchestration.dag import load_dag
 
     monkeypatch.chdir(tiny)
     dag = load_dag(tiny)
@@ -824,14 +824,14 @@ def test_a_second_run_in_the_same_checkout_is_refused(tiny: Path, tiny_env: dict
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
         done = subprocess.run(
-            [PY, "-m", "flows.cli", "run"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300
+            [PY, "-m", "distillflow.cli", "run"], cwd=tiny, env=tiny_env, capture_output=True, text=True, timeout=300
         )
     assert done.returncode == 1 and "another distillflow run holds" in done.stderr, done.stderr[-3000:]
 
 
 def test_an_unknown_override_key_is_an_error_naming_it(tiny: Path, tiny_env: dict[str, str]) -> None:
     done = subprocess.run(
-        [PY, "-m", "flows.cli", "run", "-S", "rounds.nope=1"],
+        [PY, "-m", "distillflow.cli", "run", "-S", "rounds.nope=1"],
         cwd=tiny,
         env=tiny_env,
         capture_output=True,
@@ -845,7 +845,7 @@ def test_an_unknown_override_key_is_an_error_naming_it(tiny: Path, tiny_env: dic
 def test_the_temporary_server_start_up_limit_is_the_clis_unless_the_user_set_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows import cli
+    from distillflow import cli
 
     monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
     cli.prefect_startup_timeout()

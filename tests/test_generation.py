@@ -1,4 +1,4 @@
-"""Sharded, resumable generation (stages/lib/engines/shards.py) and the engines' shared parts,
+"""Sharded, resumable generation (distillflow/engines/shards.py) and the engines' shared parts,
 on tiny real models: sharding, worker processes and a SIGKILL never change an output."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from distillflow.base import io, models, records
+from distillflow.base.config import GenerationParams
+from distillflow.base.encoding import prompt_ids
+from distillflow.engines import generation, sampling, shards
+from distillflow.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
+from distillflow.stagekit import genstage
 from stages import seed
-from stages.lib.core import models
-from stages.lib.core.config import GenerationParams
-from stages.lib.data import io, records
-from stages.lib.data.encoding import prompt_ids
-from stages.lib.engines import generation, genstage, sampling, shards
-from stages.lib.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 
 from .builders import TASK, gp, prompts, seed_params
 from .conftest import ROOT
@@ -100,7 +100,7 @@ def test_two_worker_processes_give_the_one_process_output(
 ) -> None:
     ps = prompts(16)
     one = run(tiny_models, ps, gp(shard_size=4, workers=1), tmp_path / "one")
-    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         two = run(tiny_models, ps, gp(shard_size=4, workers=2), tmp_path / "two")
     assert two == one
     assert sum("generated shard" in m for m in caplog.messages) == 4
@@ -115,7 +115,7 @@ def test_parts_on_several_machines_then_a_gathering_run(
     assert run(tiny_models, ps, p, tmp_path / "w", part=(0, 2)) == []
     assert sorted(m.name for m in (tmp_path / "w").glob("*.done")) == ["shard-00000.done", "shard-00002.done"]
     run(tiny_models, ps, p, tmp_path / "w", part=(1, 2))
-    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         gathered = run(tiny_models, ps, p, tmp_path / "w")
     assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
     assert gathered == run(tiny_models, ps, p, tmp_path / "fresh")
@@ -126,12 +126,12 @@ def test_shards_of_other_params_are_never_reused(
 ) -> None:
     ps = prompts(8)
     run(tiny_models, ps, gp(shard_size=4, seed=7), tmp_path / "w")
-    with caplog.at_level(logging.WARNING, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.WARNING, logger="distillflow.engines.shards"):
         other = run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w")
     assert any("made for other inputs, params or code" in m for m in caplog.messages)
     assert other == run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "fresh")
     (tmp_path / "w" / "plan.json").unlink()  # shards nobody can vouch for
-    with caplog.at_level(logging.WARNING, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.WARNING, logger="distillflow.engines.shards"):
         assert run(tiny_models, ps, gp(shard_size=4, seed=8), tmp_path / "w") == other
     assert any("files without a plan.json" in m for m in caplog.messages)
 
@@ -146,7 +146,7 @@ def test_a_shard_that_differs_from_its_marker_is_generated_again(
     io.write_table(
         shards.shard_file(tmp_path / "w", 1), [{**r, "response": "tampered"} for r in rows], records.GENERATION_SCHEMA
     )
-    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         assert run(tiny_models, ps, p, tmp_path / "w") == good
     assert any("differs from its marker's digest; generating shard 1 again" in m for m in caplog.messages)
     assert any("1 of 2 shards already done (skipped), 1 to generate" in m for m in caplog.messages)
@@ -387,7 +387,7 @@ def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
         genstage.generate_part("teacher", part=k, parts=2, **where)
     assert len(list((tmp_path / "out.shards").glob("*.done"))) == 3 and not (tmp_path / "out").exists()
     i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
-    with caplog.at_level(logging.INFO, logger="stages.lib.engines.shards"):
+    with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         rows = sampling.sample("teacher", i.p, i.ref, i.prompts, i.model_dir, tmp_path / "out.shards", **TOY_KW)
     assert any("3 of 3 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
     assert rows == sampling.sample("teacher", i.p, i.ref, i.prompts, i.model_dir, tmp_path / "fresh", **TOY_KW)

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.lib.data import io, records
+from distillflow.base import io, records
 
 
 def prompt_row(i: int) -> dict:

@@ -22,8 +22,8 @@ import pytest
 import torch
 import yaml
 
-from flows import trace as flin
-from stages.lib.audit import lineage
+from distillflow.audit import lineage
+from distillflow.orchestration import trace as flin
 
 from .builders import ENV, check_event, sh, write_stage
 from .conftest import copy_repo
@@ -123,7 +123,7 @@ def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`distillflow ARGS` with the repo copy's code, in the repo copy. Not checked: its
     exit status is what the tests assert on."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "distillflow.cli", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=False
     )
 
 

@@ -1,4 +1,4 @@
-"""Tests for stages/lib/training/losses/: naive float64 references, limits, masking, chunking.
+"""Tests for distillflow/training/losses/: naive float64 references, limits, masking, chunking.
 
 Run: pytest tests/test_losses.py -q
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from stages.lib.training import losses as L
+from distillflow.training import losses as L
 
 from .builders import quick_benchmark
 

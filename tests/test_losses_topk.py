@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.lib.training import losses
+from distillflow.training import losses
 
 V, N = 200, 64
 

@@ -24,14 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from distillflow.base import io, models, records
+from distillflow.base.config import GenerationParams, OpenAIParams
+from distillflow.base.encoding import prompt_ids
+from distillflow.engines.generation import Shard, sample_seed
+from distillflow.engines.openai_engine import OpenAIEngine
+from distillflow.stagekit import genstage
 from stages import seed
-from stages.lib.core import models
-from stages.lib.core.config import GenerationParams, OpenAIParams
-from stages.lib.data import io, records
-from stages.lib.data.encoding import prompt_ids
-from stages.lib.engines import genstage
-from stages.lib.engines.generation import Shard, sample_seed
-from stages.lib.engines.openai_engine import OpenAIEngine
 
 from .builders import TASK, prompts, seed_params
 from .conftest import ROOT

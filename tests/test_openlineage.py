@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from stages.lib.core import entry
-from stages.lib.data.io import DataError
+from distillflow.base.io import DataError
+from distillflow.stagekit import entry
 
 from .builders import check_event, write_stage
 from .conftest import ROOT
@@ -172,7 +172,7 @@ def test_an_unreachable_server_is_logged_and_the_stage_completes(
     config = tmp_path / "openlineage.yml"
     config.write_text("transport:\n  type: http\n  url: http://127.0.0.1:9\n  timeout: 2\n  retry:\n    total: 0\n")
     monkeypatch.setenv("OPENLINEAGE_CONFIG", str(config))
-    with caplog.at_level(logging.ERROR, logger="stages.lib.audit.openlineage"):
+    with caplog.at_level(logging.ERROR, logger="distillflow.audit.openlineage"):
         entry.run_stage(lambda: write_stage(tmp_path), stage="pairs")
     assert set(events(lineage_env, "pairs")) == {"START", "COMPLETE"}
     logged = [r.getMessage() for r in caplog.records]

@@ -3,9 +3,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from distillflow.base import records
+from distillflow.base.io import DataError
 from stages import pairs
-from stages.lib.data import records
-from stages.lib.data.io import DataError
 
 from .builders import gen, prompt
 

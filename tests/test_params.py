@@ -5,9 +5,9 @@ from typing import Literal
 import pytest
 import yaml
 
+from distillflow.base import params
+from distillflow.base.config import GenerationParams, TaskParams
 from stages import compare, train
-from stages.lib.core import params
-from stages.lib.core.config import GenerationParams, TaskParams
 
 from .builders import STAGES
 from .conftest import ROOT
@@ -167,7 +167,7 @@ def test_profiles_have_the_same_keys_as_params_yaml(profile: Path) -> None:
 def test_distillflow_check_covers_every_stage_module_and_each_comparison_run(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from flows import cli
+    from distillflow import cli
 
     assert cli.main(["check", str(ROOT / "profiles" / "smoke.yaml")]) == 0
     out = capsys.readouterr().out

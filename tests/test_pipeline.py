@@ -278,7 +278,11 @@ def test_realarch_profile_runs_the_default_dag_and_its_lineage_verifies(realarch
         rows = pq.read_table(repo / "data" / part / "generations.parquet").to_pylist()
         assert not any(r["finish_reason"] == "length" and r["response"].endswith("\ufffd") for r in rows)
     verified = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "lineage", "verify"], cwd=repo, env=ENV, capture_output=True, text=True
+        [sys.executable, "-m", "distillflow.cli", "lineage", "verify"],
+        cwd=repo,
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     assert verified.returncode == 0 and " 0 mismatches" in verified.stdout, verified.stdout + verified.stderr
 

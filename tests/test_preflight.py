@@ -15,11 +15,10 @@ import pytest
 import torch
 import yaml
 
-from stages.lib.core import models
-from stages.lib.core.errors import ModelError
-from stages.lib.data import encoding
-from stages.lib.engines import sampling
-from stages.lib.training import basics
+from distillflow.base import encoding, models
+from distillflow.base.errors import ModelError
+from distillflow.engines import sampling
+from distillflow.training import basics
 
 from .builders import ENV, gp, prompts
 from .conftest import ROOT

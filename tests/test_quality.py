@@ -1,4 +1,4 @@
-"""The Great Expectations gates (stages/lib/audit/quality.py) and the curate stage that runs
+"""The Great Expectations gates (distillflow/audit/quality.py) and the curate stage that runs
 them on a stream: real GX suites on small Arrow tables, and `python -m stages.curate`."""
 
 import dataclasses
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.lib.audit import quality, suites
-from stages.lib.data import records
-from stages.lib.data.io import write_table
+from distillflow.audit import quality, suites
+from distillflow.base import records
+from distillflow.base.io import write_table
 
 from .builders import gen, pair, prompt
 
@@ -262,8 +262,7 @@ def test_the_gate_disjointness_expectation_uses_in_eval() -> None:
 
 
 def test_every_quarantine_file_is_the_artifact_columns_plus_reason() -> None:
-    from stages.lib.audit import quarantine
-    from stages.lib.data import curation, pairing, split
+    from distillflow.data import curation, pairing, quarantine, split
 
     for qs, base in [
         (split.QUARANTINE_SCHEMA, records.PROMPT_SCHEMA),

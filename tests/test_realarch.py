@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.lib.core import models
-from stages.lib.core.config import GenerationParams
-from stages.lib.core.errors import ModelError
-from stages.lib.data import curation, encoding, pairing, records
-from stages.lib.engines.generation import generate_transformers
-from stages.lib.task import toytask
+from distillflow.base import encoding, models, records
+from distillflow.base.config import GenerationParams
+from distillflow.base.errors import ModelError
+from distillflow.data import curation, pairing
+from distillflow.engines.generation import generate_transformers
+from distillflow.tasks.toy import toytask
 
 from . import realarch as builder
 from .builders import CURATE_OFF
@@ -72,7 +72,7 @@ def prompt_rows(texts: list[str], answers: list[str | None] | None = None) -> li
 
 
 def toy_prompts(n: int, seed: int = 5) -> list[dict[str, Any]]:
-    exs = [ex for _, ex in zip(range(n), toytask.examples(builder.TASK.toy(), seed))]
+    exs = [ex for _, ex in zip(range(n), toytask.examples(toytask.config_of(builder.TASK), seed))]
     return prompt_rows([e.prompt for e in exs], [e.answer for e in exs])
 
 
@@ -322,7 +322,7 @@ def test_max_new_tokens_is_truncation_and_the_second_eos_is_a_stop(realarch: dic
 
 
 def test_prompts_folder_loads_as_an_hf_dataset_offline(realarch: dict[str, Path], monkeypatch) -> None:
-    from stages.lib.data import sources
+    from distillflow.data import sources
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     folder = str(realarch["prompts"])

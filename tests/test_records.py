@@ -1,4 +1,4 @@
-from stages.lib.data import records
+from distillflow.base import records
 
 
 def test_normalise_prompt_collapses_whitespace_and_nfc() -> None:

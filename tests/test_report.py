@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from distillflow.base.io import DataError
+from distillflow.training.cells import RunParams
 from stages import report
-from stages.lib.data.io import DataError
-from stages.lib.training.cells import RunParams
 
 
 def cell(run: str, seed: int, em: float, agree: float = 0.5) -> dict:

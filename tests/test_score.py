@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from benchmarks.score_memory import old_rows  # the replaced list-based scorer, the reference
+from distillflow.base import encoding
+from distillflow.training import trainer
 from stages import score
-from stages.lib.data import encoding
-from stages.lib.training import trainer
 
 from .builders import PAIRS, fresh, load, pair, tp, train_run
 
@@ -103,8 +103,8 @@ def test_missing_or_misaligned_scores_fail_naming_the_pair(taught_models: Path) 
 def test_streamed_scores_match_the_old_list_path(
     taught_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stages.lib.data import io, records
-    from stages.lib.engines import scoring
+    from distillflow.base import io, records
+    from distillflow.engines import scoring
 
     _, teacher, _, tok = fresh(taught_models)
     monkeypatch.setattr(scoring, "HEAD_CHUNK", 7)  # several head chunks per batch, cutting across rows
@@ -141,8 +141,8 @@ def test_streamed_scores_match_the_old_list_path(
 
 
 def test_index_scores_names_a_row_whose_lists_do_not_fit_its_positions() -> None:
-    from stages.lib.data import records
-    from stages.lib.data.io import DataError
+    from distillflow.base import records
+    from distillflow.base.io import DataError
 
     row = {"pair_id": "p1", "side": "chosen", "positions": 2, "k": 2, "topk_ids": [1, 2, 3]}
     table = pa.Table.from_pylist(
@@ -170,7 +170,7 @@ PAD = 13
 def padded_teacher(tok: object) -> torch.nn.Module:
     """A tiny Llama with PAD head rows past the tokenizer, given a bias so large that a
     top-k over the whole head would pick the padding rows at every position."""
-    from stages.lib.core import models
+    from distillflow.base import models
 
     arch = models.ToyArch(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
     model = models.build_toy_model(arch, len(tok) + PAD, tok, seed=3, max_positions=64)
@@ -185,7 +185,7 @@ def padded_teacher(tok: object) -> torch.nn.Module:
 
 
 def test_padded_head_rows_are_never_stored(tiny_models: Path, tmp_path: Path) -> None:
-    from stages.lib.audit import quality
+    from distillflow.audit import quality
 
     _, _, _, tok = fresh(tiny_models)
     teacher = padded_teacher(tok)
@@ -231,10 +231,10 @@ def test_score_stage_streams_and_gates_against_the_tokenizer_length(
 
     import yaml
 
-    from stages.lib.core import entry, models
-    from stages.lib.data import io, records
-    from stages.lib.engines import scoring
-    from stages.lib.training import basics
+    from distillflow.base import io, models, records
+    from distillflow.engines import scoring
+    from distillflow.stagekit import entry
+    from distillflow.training import basics
 
     from .conftest import ROOT
 

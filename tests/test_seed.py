@@ -7,14 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distillflow.base import models, params, records
+from distillflow.base import quarantine as qshape
+from distillflow.base.config import ModelParams
+from distillflow.base.io import DataError, read_table, write_table
+from distillflow.data import sources, split, synthesis
+from distillflow.tasks.toy import toytask
+from distillflow.training import basics
 from stages import seed
-from stages.lib.audit import quarantine as qshape
-from stages.lib.core import models, params
-from stages.lib.core.config import ModelParams
-from stages.lib.data import records, sources, split, synthesis
-from stages.lib.data.io import DataError, read_table, write_table
-from stages.lib.task import toytask
-from stages.lib.training import basics
 
 from .builders import TASK, seed_params
 from .conftest import ROOT
@@ -218,7 +218,7 @@ def synth_params(
 def new_toy_prompts(seen: set[str]) -> dict[str, str]:
     """A fresh toy prompt per split (from another generator seed), in neither set."""
     found: dict[str, str] = {}
-    for ex in toytask.examples(TASK.toy(), 99):
+    for ex in toytask.examples(toytask.config_of(TASK), 99):
         pid = records.prompt_id(ex.prompt)
         split = records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction)
         if pid not in seen and split not in found:

@@ -1,4 +1,4 @@
-"""The step skills (stages/lib/task/steps.py): answers, the rule after any written
+"""The step skills (distillflow/tasks/toy/steps.py): answers, the rule after any written
 prefix, the verifier, the step score and the teacher's corrupted sequences."""
 
 import itertools
@@ -6,16 +6,18 @@ import random
 
 import pytest
 
-from stages.lib.task import steps, toytask
+from distillflow.tasks.toy import steps, toytask
 
 from .builders import task
 
-CFG = task(
-    skills=("countdown", "walk", "runsum", "addc", "perm", "reverse", "minus"),
-    min_len=6,
-    max_len=9,
-    alphabet="abcdefghij",
-).toy()
+CFG = toytask.config_of(
+    task(
+        skills=("countdown", "walk", "runsum", "addc", "perm", "reverse", "minus"),
+        min_len=6,
+        max_len=9,
+        alphabet="abcdefghij",
+    )
+)
 
 
 def take(n: int, seed: int = 0) -> list[toytask.ToyExample]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from distillflow.base import io, records
 from stages import seed
-from stages.lib.data import io, records
 
 from .builders import TASK, seed_params
 from .conftest import ROOT
@@ -48,7 +48,7 @@ def test_entry_point_writes_generations_manifest_and_metrics(tmp_path: Path, tin
     assert "models.teacher" not in manifest["params"]  # the student stage never reads the teacher's params
     assert manifest["inputs"]["prompts"]["sha256"] == io.digest_path(tmp_path / "seed" / "train.parquet")
     assert manifest["outputs"]["generations.parquet"]["rows"] == 12
-    assert "stages/student.py" in manifest["code"] and "stages/lib/engines/generation.py" in manifest["code"]
+    assert "stages/student.py" in manifest["code"] and "distillflow/engines/generation.py" in manifest["code"]
     metrics = yaml.safe_load((tmp_path / "m.json").read_text())
     assert metrics["generations"] == 12 and sum(metrics["finish_reason"].values()) == 12
 

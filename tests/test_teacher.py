@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from stages.lib.core import models
-from stages.lib.core.config import GenerationParams
-from stages.lib.data import records
-from stages.lib.engines import genstage
-from stages.lib.engines.generation import generate_transformers
+from distillflow.base import models, records
+from distillflow.base.config import GenerationParams
+from distillflow.engines.generation import generate_transformers
+from distillflow.stagekit import genstage
 
 from .builders import gp, prompts
 
@@ -84,7 +83,7 @@ def test_generation_ids_change_with_sampling_params(tiny_models: Path) -> None:
 
 
 def genstage_sampling(p: GenerationParams) -> dict:
-    from stages.lib.engines.generation import sampling_record
+    from distillflow.engines.generation import sampling_record
 
     return sampling_record(p)
 

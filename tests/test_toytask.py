@@ -2,11 +2,13 @@ import itertools
 
 import pytest
 
-from stages.lib.task import toytask
+from distillflow.tasks.toy import toytask
 
 from .builders import task
 
-CFG = task(skills=("add", "reverse", "sort", "upper", "count"), max_digits=3, max_len=7, alphabet="abcdefghij").toy()
+CFG = toytask.config_of(
+    task(skills=("add", "reverse", "sort", "upper", "count"), max_digits=3, max_len=7, alphabet="abcdefghij")
+)
 
 
 def take(n: int, seed: int = 0) -> list[toytask.ToyExample]:

@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import train
-from stages.lib.training.objectives import (
+from distillflow.training.objectives import (
     AlphaCurriculum,
     BetaSchedule,
 )
-from stages.lib.training.train_params import RoundParams
+from distillflow.training.train_params import RoundParams
+from stages import train
 
 from .builders import D2, PAIRS, fresh, pair, tp, train_run
 
@@ -57,7 +57,7 @@ def test_rounds_must_be_keyed_r2_to_rE_with_string_keys() -> None:
     ):
         with pytest.raises(ValueError, match=r"rounds: must be keyed r2..rE, one per round after the first"):
             tp(rounds=bad)
-    from stages.lib.core import params
+    from distillflow.base import params
 
     raw = {"previous": "data/train"}
     with pytest.raises(ValueError, match=r"train.rounds: keys must be strings, got int 2; quote them"):
@@ -253,7 +253,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
     import yaml
     from safetensors.torch import load_file
 
-    from stages.lib.data import io, records
+    from distillflow.base import io, records
 
     from .conftest import ROOT
 
@@ -315,7 +315,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models
 def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Path) -> None:
     import json
 
-    from stages.lib.data.io import DataError
+    from distillflow.base.io import DataError
 
     prev = tmp_path / "train"
     prev.mkdir()
@@ -338,8 +338,8 @@ def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Pa
 
 def bf16_models(tiny_models: Path, root: Path) -> Path:
     """The tiny models stored in bfloat16, as a `models.dtype: bfloat16` run finds hub models."""
-    from stages.lib.core import models
-    from stages.lib.training import basics
+    from distillflow.base import models
+    from distillflow.training import basics
 
     for role in ("teacher", "student"):
         ref = models.ModelRef(str(tiny_models / role), None)
@@ -362,8 +362,8 @@ def test_bf16_models_train_float32_master_weights_under_autocast(
     runs in bf16, and the saved student is bfloat16, the same as the one in memory."""
     import json
 
-    from stages.lib.core import models
-    from stages.lib.training import basics, trainer
+    from distillflow.base import models
+    from distillflow.training import basics, trainer
 
     root = bf16_models(tiny_models, tmp_path / "bf16")
     ref = {r: models.ModelRef(str(root / r), None) for r in ("student", "teacher")}
@@ -415,7 +415,7 @@ def test_bf16_models_train_float32_master_weights_under_autocast(
 def test_float32_export_casts_nothing(tiny_models: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from stages.lib.training import basics
+    from distillflow.training import basics
 
     student, _, tok_s, _ = fresh(tiny_models)
     basics.export_student(student, tok_s, tmp_path / "out", "float32")
@@ -461,7 +461,7 @@ def test_train_stage_saves_a_bf16_run_in_bfloat16(tiny_models: Path, tmp_path: P
     import yaml
     from safetensors.torch import load_file
 
-    from stages.lib.data import io, records
+    from distillflow.base import io, records
 
     from .conftest import ROOT
 

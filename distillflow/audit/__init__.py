@@ -1,0 +1,1 @@
+"""The Great Expectations quality gates, lineage manifests and run records, OpenLineage events."""

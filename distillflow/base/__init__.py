@@ -1,0 +1,1 @@
+"""Errors, params loading, the shared params sections, records and their ids, checked I/O, models."""

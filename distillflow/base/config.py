@@ -1,0 +1,187 @@
+"""Params sections shared by several stages (`models`, `task`, generation settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from distillflow.base.identity import ModelRef
+from distillflow.base.params import check
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """One model: `name: toy` (built by bootstrap), a local folder, or a hub id."""
+
+    name: str
+    revision: str | None
+
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.revision)
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelsParams:
+    """params.yaml `models`."""
+
+    teacher: ModelParams
+    student: ModelParams
+    trust_remote_code: bool
+    dtype: Dtype
+    # Distillation across different tokenizers: "none" (today's only value) makes the
+    # pre-flight gate refuse models whose tokenizers differ; a later release adds methods.
+    cross_tokenizer: Literal["none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskParams:
+    """params.yaml `task`: the embedded toy task and the train/eval split.
+
+    The skills are checked against the toy task when it is used (distillflow/tasks/toy:
+    `config_of`); the split fractions serve every source."""
+
+    skills: tuple[str, ...]
+    max_digits: int
+    min_len: int
+    max_len: int
+    alphabet: str
+    min_terms: int
+    max_terms: int
+    min_span: int
+    max_span: int
+    min_columns: int
+    max_columns: int
+    eval_fraction: float
+    # The hash bucket held out for bootstrap's student SFT data: seed never makes a
+    # distillation prompt of it (toy source), so the warm student's data is disjoint.
+    sft_fraction: float
+
+    def __post_init__(self) -> None:
+        check(len(self.skills) > 0, "skills", "name at least one skill")
+        check(1 <= self.max_digits <= 9, "max_digits", "must be in 1..9")
+        check(1 <= self.min_len <= self.max_len, "min_len", "must be >= 1 and <= max_len")
+        check(
+            len(self.alphabet) >= 2 and self.alphabet.isalpha() and self.alphabet.islower(),
+            "alphabet",
+            "must be at least two lower-case letters",
+        )
+        check(2 <= self.min_terms <= self.max_terms <= 12, "min_terms", "must be >= 2 and <= max_terms <= 12")
+        check(2 <= self.min_span <= self.max_span <= 40, "min_span", "must be >= 2 and <= max_span <= 40")
+        check(1 <= self.min_columns <= self.max_columns <= 9, "min_columns", "must be >= 1 and <= max_columns <= 9")
+        check(
+            "perm" not in self.skills or self.min_len <= len(self.alphabet),
+            "min_len",
+            f"perm needs min_len distinct letters; the alphabet has {len(self.alphabet)}",
+        )
+        check(0.0 < self.eval_fraction < 1.0, "eval_fraction", "must be in (0, 1)")
+        check(
+            0.0 <= self.sft_fraction < 1.0 - self.eval_fraction,
+            "sft_fraction",
+            "must be >= 0 and leave room for train prompts (< 1 - eval_fraction)",
+        )
+
+
+Engine = Literal["transformers", "vllm", "openai"]
+Device = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAIParams:
+    """`<role>.openai`: an OpenAI-compatible endpoint as a black-box model (`engine: openai`).
+
+    Unused by the other engines, but present in every params file (one shape for all).
+    The key itself never appears in params: `api_key_env` names the environment
+    variable that holds it (null: send none, for local servers).
+    """
+
+    base_url: str | None  # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
+    model: str | None  # the endpoint's model id
+    api_key_env: str | None
+    max_concurrency: int  # requests in flight at once
+    requests_per_second: float  # request starts per second, retries included
+    max_retries: int  # per request, on 408/409/429/5xx, timeouts and connection errors
+    timeout_s: float  # per request
+    cache_dir: str  # per-request response files (outside any DVC out): a rerun never pays twice
+
+    def __post_init__(self) -> None:
+        check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        check(self.requests_per_second > 0.0, "requests_per_second", "must be > 0")
+        check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        check(self.timeout_s > 0.0, "timeout_s", "must be > 0")
+        check(bool(self.cache_dir), "cache_dir", "name a folder for the response cache")
+        if self.api_key_env is not None:
+            check(
+                self.api_key_env.replace("_", "").isalnum() and not self.api_key_env[0].isdigit(),
+                "api_key_env",
+                "must be the NAME of an environment variable (letters, digits, _), not a key; "
+                f"got {self.api_key_env[:4]!r}...",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    """params.yaml `teacher` / `student`: how responses are sampled (distillflow/engines/generation.py).
+
+    Every key is required in a params file (the strict loader checks); the defaults of
+    the last five fields only serve code that builds one directly for plain in-process
+    transformers generation (evaluate's greedy decoding, tests).
+    """
+
+    engine: Engine
+    batch_size: int  # transformers: prompts per generate call (the seeding unit)
+    max_new_tokens: int
+    temperature: float  # 0 means greedy
+    top_p: float
+    num_samples: int
+    seed: int
+    tensor_parallel_size: int  # vllm only; must be 1 otherwise
+    device: Device = "cpu"  # transformers only; vllm runs on cuda
+    stop: tuple[str, ...] = ()  # a response ends before the first of these strings
+    shard_size: int = 0  # prompts per resumable shard; 0 = one shard (no resume points)
+    workers: int = 1  # processes that generate shards at once (CPU cores, or GPUs each)
+    openai: OpenAIParams | None = None
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.temperature >= 0.0, "temperature", "must be >= 0 (0 = greedy)")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        check(
+            not (self.temperature == 0.0 and self.num_samples > 1),
+            "num_samples",
+            "greedy decoding (temperature 0) gives one distinct sample; set num_samples: 1",
+        )
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(
+            self.engine == "vllm" or self.tensor_parallel_size == 1,
+            "tensor_parallel_size",
+            "only the vllm engine shards a model; use 1 with transformers",
+        )
+        check(
+            self.engine != "vllm" or self.device == "cuda", "device", "the vllm engine runs on GPUs; set device: cuda"
+        )
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        check(self.shard_size >= 0, "shard_size", "must be >= 0 (0 = one shard)")
+        check(
+            self.engine != "transformers" or self.shard_size % self.batch_size == 0,
+            "shard_size",
+            f"must be a multiple of batch_size ({self.batch_size}) with the transformers engine, so a shard holds "
+            "whole batches and sharding never changes an output",
+        )
+        check(self.workers >= 1, "workers", "must be >= 1")
+        if self.engine == "openai":
+            check(
+                self.workers == 1,
+                "workers",
+                "the openai engine runs requests concurrently in one process; "
+                "use openai.max_concurrency and workers: 1",
+            )
+            check(
+                self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,
+                "openai",
+                "engine openai needs openai.base_url and openai.model",
+            )

@@ -1,0 +1,294 @@
+"""The `distillflow` command.
+
+    distillflow check [PARAMS_FILE]   validate a params file for every stage (strict)
+    distillflow stages                list the DAG's stages with the params keys each reads
+    distillflow run [--target STAGE] [-S key=value ...]
+                                      run the DVC pipeline as a Prefect flow (distillflow/orchestration/pipeline.py)
+    distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
+                                      serve that flow as a deployment with a schedule
+    distillflow dag sync [--check]   write each stage's code deps into dvc.yaml and comparison/dvc.yaml
+    distillflow lineage show PATH_OR_ID [--json]
+                                      an artifact's or a record's lineage back to its sources
+    distillflow lineage verify        recompute every digest: files, manifests and dvc.lock agree?
+    distillflow lineage cost [--run ID] [--json]
+                                      a run's cost per stage (time, memory, tokens, cache hits)
+
+The pipeline runs with `dvc repro` or, scheduled, observed and with parallel branches,
+with `distillflow run` (see README, "Running under Prefect"); both keep dvc.lock current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+# Stage modules; the round_* stages run the same modules, compare one cell per compare.runs entry.
+STAGES = (
+    "identify",
+    "bootstrap",
+    "seed",
+    "teacher",
+    "student",
+    "pairs",
+    "curate",
+    "score",
+    "train",
+    "evaluate",
+    "compare",
+    "report",
+)
+
+
+def check_params_file(path: Path) -> int:
+    from distillflow.base import params
+
+    failures = 0
+    for name in STAGES:
+        module = importlib.import_module(f"stages.{name}")
+        try:
+            if name == "compare":  # a matrix: each run reads its own compare.runs entry
+                runs = params.select(params.load_yaml(path), "compare.runs", str(path))
+                if not isinstance(runs, dict):
+                    raise ValueError(
+                        f"{path}: compare.runs: expected a mapping of run names, got {type(runs).__name__}"
+                    )
+                for run in runs:
+                    params.load_sections(path, module.sections(run))
+            else:
+                params.load_sections(path, module.SECTIONS)
+        except ValueError as exc:
+            failures += 1
+            print(f"{name}: {exc}", file=sys.stderr)
+        else:
+            print(f"{name}: ok ({', '.join(module.PARAMS)})")
+    return 1 if failures else 0
+
+
+def stages(dvc_yaml: Path) -> int:
+    spec = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    for name, stage in spec.items():
+        each = ""
+        if "foreach" in stage:  # a template: one stage per entry of the list it iterates
+            each, stage = f" (one per entry of {stage['foreach']})", stage["do"]
+        elif "matrix" in stage:  # one stage per combination of the lists
+            each = f" (one per combination of {' x '.join(stage['matrix'].values())})"
+        data = [d for d in stage["deps"] if not d.startswith(("stages/", "distillflow"))]
+        print(f"{name}{each}: params {stage['params']}; reads {data or '-'}; writes {stage['outs']}")
+    return 0
+
+
+def _print_summary(summary: dict, total: float) -> None:
+    print(f"{'stage':<28} {'outcome':<11} {'seconds':>8}")
+    for name, entry in summary.get("stages", {}).items():
+        seconds = entry.get("seconds")
+        print(f"{name:<28} {entry['outcome']:<11} {'-' if seconds is None else f'{seconds:.1f}':>8}")
+    started, invoked, imported = summary.get("flow_started"), summary["invoked"], summary["imported"]
+    before = ""
+    if started:
+        before = (
+            f"; {started - invoked:.1f} s before the flow body started: {imported - invoked:.1f} s imports, "
+            f"{started - imported:.1f} s Prefect start-up (temporary server if no PREFECT_API_URL) "
+            "and flow-run creation"
+        )
+    print(f"flow run {summary.get('flow_run_id')}: {total:.1f} s{before}")
+
+
+# Seconds the temporary Prefect server may take to start. A machine's first one creates and
+# migrates its SQLite database (PREFECT_HOME): 28.6 s on an idle 2-core machine, over
+# Prefect's own 20 s limit, so a first `distillflow run` failed with "Timed out while
+# attempting to connect to ephemeral Prefect API server". Later starts take about 14 s.
+TEMP_SERVER_STARTUP_S = 180
+
+
+def prefect_startup_timeout() -> None:
+    """Give the temporary server TEMP_SERVER_STARTUP_S to start, unless the user set
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (theirs wins). Before Prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(TEMP_SERVER_STARTUP_S))
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
+    temporary local server for the run)."""
+    invoked = time.time()
+    # One run id for every stage this flow runs: their run records (lineage/runs) share it.
+    os.environ.setdefault("DISTILLFLOW_RUN_ID", str(uuid.uuid4()))
+    prefect_startup_timeout()
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from distillflow.orchestration.dvc_ops import StageError
+    from distillflow.orchestration.pipeline import PipelineFailed, distill
+
+    imported = time.time()
+    flow = distill.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.jobs))
+    rc = 0
+    try:
+        summary = flow(
+            target=args.target,
+            overrides=args.set_params,
+            root=str(args.root.resolve()),
+            retries=args.retries,
+            retry_delay_s=args.retry_delay,
+            retry_stages=args.retry_stages,
+        )
+    except PipelineFailed as exc:
+        summary, rc = exc.summary, 1
+        print(f"distillflow run failed: {exc}", file=sys.stderr)
+    except (StageError, KeyError) as exc:  # a bad override or target, a missing dependency: nothing to summarise
+        print(f"distillflow run failed: {exc}", file=sys.stderr)
+        return 1
+    summary["invoked"], summary["imported"] = invoked, imported
+    _print_summary(summary, time.time() - invoked)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return rc
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the flow as a deployment with a cron schedule, executing its runs here."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        print(
+            "distillflow serve: no PREFECT_API_URL. Schedules need a running Prefect server (the temporary one that "
+            "`distillflow run` starts runs no scheduler): start `prefect server start` and set PREFECT_API_URL.",
+            file=sys.stderr,
+        )
+        return 2
+    from distillflow.orchestration.pipeline import distill
+
+    params = {
+        "target": args.target,
+        "overrides": args.set_params,
+        "root": str(args.root.resolve()),
+        "retries": args.retries,
+        "retry_delay_s": args.retry_delay,
+        "retry_stages": args.retry_stages,
+    }
+    distill.serve(
+        name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled"
+    )
+    return 0
+
+
+def lineage(args: argparse.Namespace) -> int:
+    """`distillflow lineage show|verify|cost`; exit 1 on a mismatch or an untraceable target."""
+    from distillflow.orchestration import trace as lin
+
+    root = args.root.resolve()
+    try:
+        if args.action == "show":
+            tree = lin.show(root, args.target)
+            print(json.dumps(tree, indent=2, sort_keys=True) if args.json else "\n".join(lin.render(tree)))
+            return 0
+        if args.action == "cost":
+            table = lin.cost_table(lin.run_records(args.lineage_dir or root / "lineage", args.run))
+            print(json.dumps(table, indent=2, sort_keys=True) if args.json else "\n".join(lin.render_cost(table)))
+            return 0
+        os.chdir(root)  # DVC's API resolves paths against the working directory
+        report = lin.verify(root)
+    except lin.LineageError as exc:
+        print(f"distillflow lineage {args.action}: {exc}", file=sys.stderr)
+        return 1
+    for note in report.notes:
+        print(f"note: {note}")
+    for line in report.mismatches:
+        print(f"MISMATCH {line}")
+    print(f"lineage verify: {report.checked} digests and records checked, {len(report.mismatches)} mismatches")
+    return 1 if report.mismatches else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a params file for every stage")
+    c.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
+    s = sub.add_parser("stages", help="list the stages of dvc.yaml")
+    s.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    for cmd, text in (
+        ("run", "run the DVC pipeline as a Prefect flow"),
+        ("serve", "serve the flow as a deployment with a cron schedule"),
+    ):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument(
+            "--target", help="a stage (or foreach group): run it and what it depends on; default: every stage"
+        )
+        p.add_argument(
+            "-S",
+            "--set-param",
+            dest="set_params",
+            action="append",
+            default=[],
+            metavar="[FILE:]KEY=VALUE",
+            help="change a param before running, as `dvc exp run -S` does (the change stays in the params file)",
+        )
+        p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
+        p.add_argument("--retries", type=int, default=2, help="retries of generation and training stages (default 2)")
+        p.add_argument(
+            "--retry-delay", type=float, default=10.0, help="first retry delay in seconds, doubling after (default 10)"
+        )
+        p.add_argument(
+            "--retry-stage",
+            dest="retry_stages",
+            action="append",
+            metavar="PATTERN",
+            help="stages (fnmatch pattern, repeatable) that get retries; default: those that load models",
+        )
+    r = sub.choices["run"]
+    r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
+    r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")
+    v = sub.choices["serve"]
+    v.add_argument("--name", default="distillflow-serve", help="deployment name (default distillflow-serve)")
+    v.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 daily)")
+    dag = sub.add_parser("dag", help="dvc.yaml upkeep")
+    dsub = dag.add_subparsers(dest="dag_command", required=True)
+    dsync = dsub.add_parser("sync", help="rewrite each stage's code deps in dvc.yaml from its imports")
+    dsync.add_argument("--check", action="store_true", help="only report; exit 1 if dvc.yaml is out of date")
+    dsync.add_argument(
+        "--dvc-yaml",
+        type=Path,
+        action="append",
+        help="a pipeline file (repeatable; default: dvc.yaml and comparison/dvc.yaml); stage modules live under .",
+    )
+    lin = sub.add_parser("lineage", help="trace, verify and cost the pipeline's artifacts")
+    lsub = lin.add_subparsers(dest="action", required=True)
+    show = lsub.add_parser("show", help="an artifact path, model folder or record id, back to its sources")
+    show.add_argument(
+        "target", help="a path (data/train/model, data/curate/curated.parquet) or a pair_id, generation_id or prompt_id"
+    )
+    show.add_argument("--json", action="store_true", help="print JSON instead of the text tree")
+    lsub.add_parser("verify", help="recompute every digest; exit 1 if files, manifests and dvc.lock disagree")
+    cost = lsub.add_parser("cost", help="a run's cost, summed per stage")
+    cost.add_argument(
+        "--run", help="run id (DISTILLFLOW_RUN_ID); default: the newest run in lineage/runs/history.jsonl"
+    )
+    cost.add_argument("--lineage-dir", type=Path, help="where the run records are (default: ROOT/lineage)")
+    cost.add_argument("--json", action="store_true")
+    for p in lsub.choices.values():
+        p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
+    args = parser.parse_args(argv)
+    if args.command == "lineage":
+        return lineage(args)
+    if args.command == "check":
+        return check_params_file(args.params)
+    if args.command == "run":
+        return run_flow(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "dag":
+        from distillflow.orchestration import codedeps
+
+        files = args.dvc_yaml or [f for f in codedeps.PIPELINES if f.is_file()]
+        return max(codedeps.sync(f, args.check, root=Path(".")) for f in files)
+    return stages(args.dvc_yaml)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

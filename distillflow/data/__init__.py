@@ -1,0 +1,1 @@
+"""Prompt sources, the train/eval split, synthesis, pairing, curation filters and the quarantine."""

@@ -1,0 +1,140 @@
+"""The teacher's top-k log-probs on curated pairs (the score stage's logic, callable in
+process: an on-policy round scores its pairs here).
+
+For both responses of each pair (chosen and rejected), at every response position: the
+teacher's `k` most likely next tokens with their log-probs, and its log-prob of the
+token actually there; rows follow records.TOPK_SCHEMA.
+
+    for batch in score_batches(teacher, tok, pairs, p):   # one pa.RecordBatch per model batch
+        sink.write(batch)
+
+Memory stays bounded by one model batch: each batch's results go straight from torch
+tensors into typed Arrow arrays (int32 ids, float32 log-probs, list offsets from the
+per-row position counts), never into Python lists. The model runs without its LM head
+(`base_model`, no KV cache); the head is applied only at response positions, in chunks
+of `HEAD_CHUNK` positions, so no (batch, length, vocabulary) logits tensor exists.
+Ids past the tokenizer's length are padding rows of the head and are never scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from distillflow.base import encoding, models, records
+from distillflow.base.config import Device
+from distillflow.base.errors import ParamsError
+from distillflow.base.params import check
+
+HEAD_CHUNK = 4096  # response positions per LM-head matmul: (HEAD_CHUNK, vocabulary) float32 logits at a time
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """params.yaml `score`."""
+
+    k: int  # 0 = off
+    batch_size: int
+    device: Device  # cpu | cuda: where the teacher runs
+
+    def __post_init__(self) -> None:
+        check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=typ))
+
+
+def to_record_batch(
+    keys: list[tuple[str, str]], positions: np.ndarray, k: int, ids: np.ndarray, lps: np.ndarray, target: np.ndarray
+) -> pa.RecordBatch:
+    """One TOPK_SCHEMA record batch from flat arrays: row i covers `positions[i]` response
+    positions; `ids` and `lps` are (sum(positions), k), `target` is (sum(positions),)."""
+    n = len(keys)
+    if positions.shape != (n,) or ids.shape != (int(positions.sum()), k) or lps.shape != ids.shape:
+        raise ValueError(
+            f"to_record_batch: {n} rows with {int(positions.sum())} positions at k={k}, "
+            f"but ids {ids.shape}, log-probs {lps.shape}, targets {target.shape}"
+        )
+    if target.shape != (ids.shape[0],):
+        raise ValueError(f"to_record_batch: targets {target.shape}, expected ({ids.shape[0]},)")
+    if int(positions.sum()) * max(k, 1) >= 2**31:
+        raise ValueError(f"to_record_batch: {int(positions.sum())} positions x k={k} overflow int32 list offsets")
+    ends = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(positions, out=ends[1:])
+    return pa.record_batch(
+        [
+            pa.array([key[0] for key in keys], type=pa.string()),
+            pa.array([key[1] for key in keys], type=pa.string()),
+            pa.array(positions, type=pa.int32()),
+            pa.array(np.full(n, k, dtype=np.int32), type=pa.int32()),
+            _list_array(ends * k, ids.reshape(-1).astype(np.int32, copy=False), pa.int32()),
+            _list_array(ends * k, lps.reshape(-1).astype(np.float32, copy=False), pa.float32()),
+            _list_array(ends, target.astype(np.float32, copy=False), pa.float32()),
+        ],
+        schema=records.TOPK_SCHEMA,
+    )
+
+
+@torch.no_grad()
+def score_batches(
+    teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams
+) -> Iterator[pa.RecordBatch]:
+    """Top-k record batches (records.TOPK_SCHEMA), one per model batch of `p.batch_size`
+    sequences, for every (pair, side) in pair order, chosen before rejected. `teacher`
+    must already be on `p.device`."""
+    vocab = len(tok)
+    if p.k > vocab:
+        raise ParamsError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
+    device = next(teacher.parameters()).device
+    if device.type != p.device:
+        raise ValueError(f"score.device is {p.device}, but the teacher's parameters are on {device}; move it first")
+    weight, bias = models.lm_head(teacher, vocab, "teacher")
+    seqs = []
+    for pr in pairs:
+        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
+        seqs += [(pr["pair_id"], "chosen", (prompt, chosen)), (pr["pair_id"], "rejected", (prompt, rejected))]
+    for s in tqdm(range(0, len(seqs), p.batch_size), desc="score teacher", unit="batch", mininterval=5.0):
+        chunk = seqs[s : s + p.batch_size]
+        b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
+        if s == 0:
+            models.check_plain_head(teacher, b.input_ids[:1].to(device), b.attention_mask[:1].to(device), "teacher")
+        h = teacher.base_model(
+            input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False
+        ).last_hidden_state
+        mask = b.response_mask.to(device)
+        h = h[mask]  # (N, H): row-major, so sequence by sequence, positions in order
+        targets = b.targets.to(device)[mask]
+        ids, lps, tgt = [], [], []
+        for c in range(0, h.shape[0], HEAD_CHUNK):
+            logits = torch.nn.functional.linear(h[c : c + HEAD_CHUNK], weight, bias)
+            lp = torch.log_softmax(logits.float(), dim=-1)  # (chunk, vocab)
+            top = lp.topk(p.k, dim=-1)
+            ids.append(top.indices.to(torch.int32).cpu())
+            lps.append(top.values.cpu())
+            tgt.append(lp.gather(-1, targets[c : c + HEAD_CHUNK, None]).squeeze(-1).cpu())
+        positions = b.response_mask.sum(dim=1).numpy().astype(np.int32)
+        k = p.k
+        yield to_record_batch(
+            [(c[0], c[1]) for c in chunk],
+            positions,
+            k,
+            torch.cat(ids).numpy() if ids else np.zeros((0, k), np.int32),
+            torch.cat(lps).numpy() if lps else np.zeros((0, k), np.float32),
+            torch.cat(tgt).numpy() if tgt else np.zeros(0, np.float32),
+        )
+
+
+def score(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> pa.Table:
+    """Top-k rows for every (pair, side), in pair order, chosen before rejected, as one
+    table (small runs and tests; the stage streams score_batches into a file)."""
+    batches = list(score_batches(teacher, tok, pairs, p))
+    return pa.Table.from_batches(batches, schema=records.TOPK_SCHEMA)

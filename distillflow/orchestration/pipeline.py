@@ -1,0 +1,315 @@
+"""The DVC pipeline as a Prefect flow: one task per DVC stage, the DAG read from DVC.
+
+    distill(target=None, overrides=[], root=".")
+
+- The DAG is DVC's (distillflow/orchestration/dag.py): one task per stage (foreach stages included), named
+  after it; a task is submitted once its upstream stages are done, with
+  `wait_for=` its upstream tasks, so Prefect records DVC's edges. Independent stages
+  (teacher and student generation) run at the same time in a thread pool.
+- Cache key: the stage's fingerprint (distillflow/orchestration/dvc_ops.py: command, declared params
+  values, content hashes of deps), computed after its upstream stages finished. Task
+  results (a small JSON record) persist in the repo's `.dvc/tmp/distillflow-prefect/`,
+  so a hit survives across runs and servers. On a hit no stage code runs; the
+  outputs are checked and, if missing, restored from the DVC cache and dvc.lock is
+  updated. On a miss, what DVC already has is reused (dvc.lock up to date, or the
+  run-cache), else the command runs and is recorded as `dvc repro` records it, so
+  `dvc status` is clean after a Prefect run and `dvc repro` has nothing to do.
+- Retries with exponential backoff on stages that load models (generation and
+  training: they declare distillflow/base/models.py); a failed attempt leaves no partial
+  output; other branches finish; a rerun resumes from what is done.
+- Each stage publishes a markdown artifact (outputs, row counts, drops by reason,
+  validation, metrics), and the run a table artifact; stage output goes to the run
+  logger.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.runtime import task_run as runtime_task_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from distillflow.orchestration import artifacts, dvc_ops
+from distillflow.orchestration.dag import Dag, StageSpec, load_dag
+from distillflow.orchestration.dvc_adapter import session
+
+# Where Prefect keeps task results (the cache records), relative to the repo root.
+# Inside .dvc/tmp: git- and dvc-ignored, and it lives as long as this DVC cache does.
+RESULTS_DIR = ".dvc/tmp/distillflow-prefect"
+# A stage that declares one of these deps loads a model (generates or trains) and
+# gets retries with backoff; cheap data stages fail fast.
+RETRY_IF_DEPENDS_ON = (
+    "distillflow/base/models.py",
+    "distillflow/engines/generation.py",
+    "distillflow/training/basics.py",
+)
+
+
+class PipelineFailed(RuntimeError):
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def cache_key(stage: str, fingerprint: str | None) -> str | None:
+    """The Prefect cache key of a stage: its name (made file-safe) and fingerprint."""
+    if fingerprint is None:
+        return None  # always_changed stage: never cached
+    return f"{artifacts.artifact_key(stage)}-{fingerprint}"
+
+
+def _key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
+    return cache_key(parameters["stage"], parameters["fingerprint"])
+
+
+def run_stage(
+    root: str, stage: str, cmd: str | list[str] | None, wdir: str, outs: list[str], fingerprint: str | None
+) -> dict[str, Any]:
+    """One DVC stage (the body of its task; skipped entirely on a cache hit)."""
+    logger = get_run_logger()
+    path = Path(root)
+    attempt = runtime_task_run.run_count
+    logger.info("stage %s: attempt %d, fingerprint %s", stage, attempt, fingerprint)
+    reused = dvc_ops.reuse(path, stage)
+    started = finished = None
+    if reused:
+        logger.info(
+            "stage %s: not run: %s",
+            stage,
+            "dvc.lock is up to date" if reused == "up-to-date" else "outputs restored from DVC's run-cache",
+        )
+        how = reused
+    elif cmd is None:
+        raise dvc_ops.StageError(
+            f"stage {stage!r} is a data source or frozen and its recorded outputs are not in the workspace "
+            "or DVC cache (try `dvc pull`)"
+        )
+    else:
+        dvc_ops.remove_outs(path, stage)  # as `dvc repro` does before running a stage
+        ok = False
+        try:
+            started, finished = dvc_ops.run_command(path, stage, cmd, wdir, logger.info)
+            dvc_ops.commit(path, stage)
+            ok = True
+        finally:
+            if not ok:
+                removed = dvc_ops.clean_failed(path, stage, tuple(outs))
+                logger.warning(
+                    "stage %s: attempt %d failed; removed its partial output: %s", stage, attempt, removed or "none"
+                )
+        how = "ran"
+    after = dvc_ops.stage_fingerprint(path, stage)
+    if after != fingerprint:
+        raise dvc_ops.StageError(
+            f"stage {stage!r}: its inputs changed while it ran "
+            f"(fingerprint {fingerprint} before, {after} after); not caching"
+        )
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "how": how,
+        "started": started,
+        "finished": finished,
+        "attempts": attempt,
+        "outs": dvc_ops.outs_digests(path, stage),
+    }
+
+
+stage_task = task(run_stage, persist_result=True, result_serializer="json", cache_key_fn=_key_fn)
+
+
+def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None) -> int:
+    """`retries` for a stage matched by a `retry_stages` pattern (fnmatch on its name)
+    or, by default, for one that loads models; 0 otherwise."""
+    if retry_stages is not None:
+        return retries if any(fnmatch(spec.name, p) for p in retry_stages) else 0
+    return retries if any(d in spec.deps for d in RETRY_IF_DEPENDS_ON) else 0
+
+
+def _submit(
+    dag: Dag,
+    name: str,
+    root: Path,
+    results_dir: Path,
+    futures: dict[str, PrefectFuture],
+    retries: int,
+    retry_delay_s: float,
+    retry_stages: list[str] | None,
+    refresh: bool,
+) -> PrefectFuture:
+    spec = dag.stages[name]
+    fp = dvc_ops.stage_fingerprint(root, name)
+    n = retries_for(spec, retries, retry_stages)
+    configured = stage_task.with_options(
+        name=name,
+        task_run_name=name,
+        refresh_cache=refresh,
+        result_storage=results_dir,
+        retries=n,
+        retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if n else 0,
+    )
+    return configured.submit(
+        str(root),
+        name,
+        spec.cmd,
+        spec.wdir,
+        list(spec.outs),
+        fp,
+        wait_for=[futures[u] for u in sorted(dag.upstream[name])],
+    )
+
+
+@flow(name="distillflow", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def distill(
+    target: str | None = None,
+    overrides: list[str] | None = None,
+    root: str = ".",
+    retries: int = 2,
+    retry_delay_s: float = 10.0,
+    retry_stages: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the DVC pipeline (or `target` and its upstream stages) as Prefect tasks.
+
+    overrides: `[file:]key=value` params changes, applied to the params file in place
+    as `dvc exp run -S` applies them, before anything runs.
+    retries, retry_delay_s: attempts after a failure, and the first delay (doubling).
+    retry_stages: fnmatch patterns of the stages that get retries; default: the
+    stages that load models (generation and training).
+    """
+    flow_started = time.time()
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    previous_cwd = Path.cwd()
+    os.chdir(root_path)  # DVC's API resolves some paths against the working directory
+    try:
+        # One DVC repo and index for the run (distillflow/orchestration/dvc_adapter.py), as `dvc repro` has.
+        with dvc_ops.run_lock(root_path), session(root_path):
+            return _distill(
+                logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started
+            )
+    finally:
+        os.chdir(previous_cwd)
+
+
+def _distill(
+    logger: Any,
+    root: Path,
+    target: str | None,
+    overrides: list[str],
+    retries: int,
+    retry_delay_s: float,
+    retry_stages: list[str] | None,
+    flow_started: float,
+) -> dict[str, Any]:
+    for change in dvc_ops.apply_overrides(root, overrides) if overrides else []:
+        logger.info("params override: %s", change)
+    dag = load_dag(root)
+    selected = dag.closure([target] if target else None)
+    logger.info("DAG from DVC: %d stages, %d edges; running %s", len(dag.stages), len(dag.edges), ", ".join(selected))
+    results_dir = root / RESULTS_DIR
+
+    summary: dict[str, Any] = {
+        "flow_run_id": str(runtime_flow_run.id),
+        "flow_started": flow_started,
+        "root": str(root),
+        "stages": {},
+    }
+    futures: dict[str, PrefectFuture] = {}
+    running: dict[PrefectFuture, str] = {}
+    submitted_at: dict[str, float] = {}
+    done: set[str] = set()
+    failed: dict[str, str] = {}
+    refreshed: set[str] = set()
+    pending = list(selected)
+
+    def submit(name: str, refresh: bool = False) -> None:
+        submitted_at[name] = time.time()
+        fut = _submit(dag, name, root, results_dir, futures, retries, retry_delay_s, retry_stages, refresh)
+        futures[name] = fut
+        running[fut] = name
+
+    while pending or running:
+        for name in [n for n in pending if dag.upstream[n] <= done]:
+            pending.remove(name)
+            submit(name)
+        if not running:
+            break  # what is left waits on a failed stage
+        fut = next(iter(as_completed(list(running))))
+        name = running.pop(fut)
+        fut.wait()
+        state = fut.state
+        if not state.is_completed():
+            failed[name] = state.message or state.name
+            summary["stages"][name] = {
+                "outcome": "failed",
+                "message": failed[name],
+                "seconds": time.time() - submitted_at[name],
+            }
+            logger.error("stage %s failed: %s", name, failed[name])
+            continue
+        record = fut.result()
+        cached = state.name == "Cached"
+        sync = dvc_ops.ensure(root, name)
+        if sync == "missing":
+            if name in refreshed:
+                raise dvc_ops.StageError(f"stage {name!r}: ran, yet DVC holds no copy of its outputs")
+            logger.warning(
+                "stage %s: Prefect cache hit, but its outputs are neither in the workspace nor in the DVC cache; "
+                "running it again",
+                name,
+            )
+            refreshed.add(name)
+            submit(name, refresh=True)
+            continue
+        if cached:
+            outcome = "restored" if sync == "restored" else "cached"
+        else:
+            outcome = {"ran": "ran", "up-to-date": "up-to-date", "run-cache": "run-cache"}[record["how"]]
+        seconds = time.time() - submitted_at[name]
+        entry = {
+            "outcome": outcome,
+            "fingerprint": record["fingerprint"],
+            "seconds": round(seconds, 3),
+            "task_run_id": str(fut.task_run_id),
+        }
+        if outcome == "ran":
+            entry.update(started=record["started"], finished=record["finished"], attempts=record["attempts"])
+        summary["stages"][name] = entry
+        done.add(name)
+        logger.info("stage %s: %s (%.1f s)", name, outcome, seconds)
+        create_markdown_artifact(
+            key=artifacts.artifact_key(name),
+            markdown=artifacts.stage_markdown(root, dag.stages[name], outcome, record, seconds),
+            description=f"distillflow stage {name}: {outcome}",
+        )
+
+    not_run = [n for n in selected if n not in done and n not in failed]
+    for name in not_run:
+        summary["stages"][name] = {"outcome": "not-run", "message": "an upstream stage failed"}
+    summary["stages"] = {n: summary["stages"][n] for n in selected}
+    create_table_artifact(
+        key="distillflow-run",
+        description="distillflow: outcome per stage",
+        table=[
+            {
+                "stage": n,
+                "outcome": e["outcome"],
+                "seconds": e.get("seconds", ""),
+                "fingerprint": (e.get("fingerprint") or "")[:12],
+            }
+            for n, e in summary["stages"].items()
+        ],
+    )
+    if failed:
+        which = ", ".join(f"{n} ({m.splitlines()[0]})" for n, m in failed.items())
+        raise PipelineFailed(f"stages failed: {which}; not run: {', '.join(not_run) or 'none'}", summary)
+    return summary

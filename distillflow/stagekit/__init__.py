@@ -1,0 +1,1 @@
+"""What the stage modules share: the entry point, the generation stage body."""

@@ -1,0 +1,163 @@
+"""What the teacher and student stages share: generate responses for the train prompts.
+
+The two stages differ only in which model (`models.teacher` / `models.student`) and
+which sampling section (`teacher` / `student`) they use; both write
+generations.parquet (records.GENERATION_SCHEMA) and manifest.json into their output
+folder. The sampling itself is distillflow/engines/sampling.py (`sampling.sample`,
+callable in process without argv); this module is its command line.
+
+Generation runs in resumable shards (distillflow/engines/shards.py) under `<out>.shards/`
+beside the output folder; the folder is removed once the output is written. A run
+killed half-way and started again generates only the shards it had not finished, and
+writes the same bytes an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from distillflow.audit import lineage, quality
+from distillflow.base import models, params, records
+from distillflow.base.config import Dtype, GenerationParams, ModelParams
+from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
+from distillflow.base.models import ModelRef
+from distillflow.engines import sampling
+from distillflow.engines.generation import SEEDING, engine_version, sampling_record
+from distillflow.engines.sampling import generation_fingerprint, sample
+from distillflow.stagekit import entry
+
+__all__ = ["generation_fingerprint", "sample", "sections", "inputs", "generate_part", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def sections(role: str) -> dict[str, Any]:
+    """The params keys the `role` stage reads: its own model, not the other one."""
+    return {
+        f"models.{role}": ModelParams,
+        "models.trust_remote_code": bool,
+        "models.dtype": Dtype,
+        role: GenerationParams,
+        "quality": quality.QualityParams,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inputs:
+    used: dict[str, Any]
+    p: GenerationParams
+    ref: ModelRef
+    model_dir: Path
+    model_input: Path
+    prompt_file: Path
+    prompts: list[dict[str, Any]]
+
+
+def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, previous: Path | None) -> Inputs:
+    """Params, model and prompts of the `role` stage. `previous` (on-policy rounds)
+    samples previous/model, the student a previous round's train stage wrote."""
+    used = params.load_sections(params_file, sections(role))
+    if previous is None:
+        ref: ModelRef = used[f"models.{role}"].ref()
+        model_dir, model_input = models_dir / role, models.lineage_input(ref, models_dir, role)
+    else:
+        ref, model_dir, model_input = models.ModelRef(str(previous / "model"), None), Path(), previous / "model"
+    prompt_file = prompts_dir / "train.parquet"
+    return Inputs(
+        used=used,
+        p=used[role],
+        ref=ref,
+        model_dir=model_dir,
+        model_input=model_input,
+        prompt_file=prompt_file,
+        prompts=read_rows(prompt_file, records.PROMPT_SCHEMA),
+    )
+
+
+def work_dir(out: Path) -> Path:
+    """Where a stage writing `out` keeps its shards: beside it, never inside a DVC out."""
+    return out.with_name(out.name + ".shards")
+
+
+def _sample(role: str, i: Inputs, work: Path, **kwargs: Any) -> list[dict[str, Any]]:
+    trust, dtype = i.used["models.trust_remote_code"], i.used["models.dtype"]
+    return sample(role, i.p, i.ref, i.prompts, i.model_dir, work, trust_remote_code=trust, dtype=dtype, **kwargs)
+
+
+def generate_part(
+    role: str,
+    params_file: Path,
+    prompts_dir: Path,
+    models_dir: Path,
+    out: Path,
+    part: int,
+    parts: int,
+    previous: Path | None = None,
+) -> None:
+    """Generate shards part, part + parts, ... of the stage writing `out`, into its
+    work folder, and nothing else: for an orchestrator (e.g. Prefect tasks mapped over
+    `part` on several machines sharing the folder); the stage run afterwards finds
+    those shards done and only gathers them."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
+    _sample(role, inputs(role, params_file, prompts_dir, models_dir, previous), work_dir(out), part=(part, parts))
+
+
+def main(role: str, doc: str | None) -> None:
+    """`python -m stages.<role> --params P --prompts data/seed --models data/bootstrap --out data/<role>`.
+
+    `--previous DIR` (on-policy rounds) samples DIR/model, the student a previous
+    round's train stage wrote, instead of `models.<role>`.
+    """
+    args = entry.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
+    i = inputs(role, args.params, args.prompts, args.models, args.previous)
+    gates = quality.StageGates(i.used["quality"], args.docs)
+    # the input, already read by inputs(), checked before any model time is spent
+    gates.strict("prompts", i.prompt_file, "prompt", pa.Table.from_pylist(i.prompts, schema=records.PROMPT_SCHEMA))
+    p, work = i.p, work_dir(args.out)
+    stats: dict[str, Any] = {}
+    rows = _sample(role, i, work, stats=stats)
+    counts = sampling.counts(i.prompts, rows)
+    # The output gate: ids unique and pointing at the prompts, lengths in bounds, and
+    # for the teacher the share of truncated responses (a weak student may run long).
+    prompt_ids = pa.array([pr["prompt_id"] for pr in i.prompts], type=pa.string())
+    gates.strict(
+        "generations",
+        args.out / "generations.parquet",
+        "generation",
+        pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
+        refs={"prompt_id": prompt_ids},
+        truncation=role == "teacher",
+    )
+    validation = gates.finish()
+    counts["gates"] = quality.validation_summary(validation)
+    with atomic_dir(args.out) as tmp:
+        n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
+        lineage.write_manifest(
+            tmp,
+            role,
+            i.used,
+            inputs={"prompts": i.prompt_file, "model": i.model_input},
+            outputs={"generations.parquet": n},
+            counts=counts,
+            extra={
+                "validation": validation,
+                "model": sampling.describe_model(p, i.ref, i.model_dir, rows),
+                # engine and version, the sampling record hashed into every generation id,
+                # and how the seeds were derived from it
+                "engine": rows[0]["engine"] if rows else engine_version(p.engine),
+                "sampling": sampling_record(p),
+                "seeding": SEEDING[p.engine],
+            },
+            cost=sampling.generation_cost(p, rows, stats),
+        )
+    write_json(args.metrics, counts)
+    shutil.rmtree(work)
+    finish = counts["finish_reason"]
+    log.info("%s: %d generations, %d stopped, %d hit max_new_tokens", role, len(rows), finish["stop"], finish["length"])

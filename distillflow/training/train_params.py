@@ -1,0 +1,100 @@
+"""The train settings (params.yaml `train`) and the batch plan they imply."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from distillflow.base.params import check
+from distillflow.training.objectives import DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams, Method, MethodParams
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """One entry of params.yaml `train.rounds`: an on-policy round after the first."""
+
+    previous: str  # the train output this round starts from (dvc.yaml passes it as --previous)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainParams:
+    """params.yaml `train`."""
+
+    method: Method
+    seed: int
+    epochs: int
+    batch_size: int  # pairs per micro-batch
+    grad_accum_steps: int  # micro-batches per optimizer step
+    lr: float
+    warmup_steps: int
+    max_grad_norm: float
+    reduction: Literal["sequence_mean", "token_mean"]
+    logits: Literal["full", "chunked"]  # chunked: never materialise (B, T, V) logits
+    chunk_size: int  # tokens per loss chunk
+    device: Literal["cpu", "cuda"]
+    # Compute under bf16 autocast. The student's weights are float32 masters either way and are
+    # saved in models.dtype; with models.dtype bfloat16 turn this on for bf16 compute (off: float32
+    # compute). No float16 autocast (it needs a gradient scaler): float16 models train like this too.
+    bf16_autocast: bool
+    gradient_checkpointing: bool
+    checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
+    teacher_signal: Literal["online", "topk"]  # topk: data/score's top-k log-probs, no teacher model
+    distillm2: DistiLLM2Params
+    distillm: DistiLLMParams
+    gkd: GKDParams
+    dpkd: DPKDParams
+    # Batched on-policy rounds after the first (Algorithm 1), keyed r2..rE; dvc.yaml's
+    # round_* stages iterate over it (DVC templates cannot count). Keys are names, not
+    # numbers: DVC's foreach silently skips integer keys, and `-S` cannot write quoted ones.
+    rounds: dict[str, RoundParams]
+
+    @property
+    def total_rounds(self) -> int:
+        """E: the first round (the train stage) plus one per `rounds` entry."""
+        return 1 + len(self.rounds)
+
+    def __post_init__(self) -> None:
+        want = [f"r{e}" for e in range(2, 2 + len(self.rounds))]
+        check(
+            sorted(self.rounds, key=lambda k: (len(k), k)) == want,
+            "rounds",
+            f"must be keyed r2..rE, one per round after the first, i.e. {want}; got {list(self.rounds)}",
+        )
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
+
+    def method_params(self) -> MethodParams:
+        return MethodParams(
+            method=self.method,
+            reduction=self.reduction,
+            distillm2=self.distillm2,
+            distillm=self.distillm,
+            gkd=self.gkd,
+            dpkd=self.dpkd,
+        )
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of round e: `train.seed` itself in round 1, a distinct one after."""
+    return seed + 7919 * (round_index - 1)
+
+
+def batch_plan(n_pairs: int, p: TrainParams, seed: int) -> list[list[list[int]]]:
+    """Optimizer steps, each a list of micro-batches of pair indices.
+
+    The shuffle of each epoch is a pure function of (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+    steps: list[list[list[int]]] = []
+    for epoch in range(p.epochs):
+        order = list(range(n_pairs))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        micro = [order[s : s + p.batch_size] for s in range(0, n_pairs, p.batch_size)]
+        steps.extend(micro[s : s + p.grad_accum_steps] for s in range(0, len(micro), p.grad_accum_steps))
+    return steps

@@ -1,0 +1,444 @@
+"""The training loop every distillation run shares: the train stage, its on-policy rounds
+(stages/train.py with --previous) and the comparison cells (stages/compare.py).
+
+    job = Job(student=student, teacher=teacher, tok_s=tok_s, tok_t=tok_t, pairs=pairs, p=p,
+              scores=..., checkpoint=..., live=...)
+    rows = train(job)          # trains job.student in place; one log row per optimizer step
+
+Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
+(one optimizer step over its micro-batches), checkpointing (checkpoint.py) and per-step
+logging (summary.LiveLog). `load_inputs` reads what a run trains on (distillflow/stagekit/gates.py gates it first).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from distillflow.base import encoding, models, records
+from distillflow.base.errors import ModelError
+from distillflow.base.io import DataError, read_table
+from distillflow.training import basics, distributed
+from distillflow.training.checkpoint import Checkpoint
+from distillflow.training.objectives import (
+    METHODS,
+    NEEDS_REJECTED,
+    NEEDS_TEACHER,
+    AlphaCurriculum,
+    Context,
+    Heads,
+    MethodParams,
+    Side,
+    TopK,
+)
+from distillflow.training.summary import LiveLog
+from distillflow.training.train_params import TrainParams, batch_plan, round_seed
+
+log = logging.getLogger("train")
+
+# (pair_id, side) -> (k, top-k ids (positions, k) int32, top-k log-probs (positions, k), target log-probs (positions,))
+Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(kw_only=True)
+class Job:
+    """One training run.
+
+    With `p.teacher_signal == "topk"`, `teacher` is None and `scores` holds the teacher's
+    stored top-k signal (stages/score.py). On-policy rounds: `round_index` e (1..E, E =
+    `p.total_rounds`) places this run at training progress (e - 1 + step / T) / E for the
+    beta schedule, so beta rises across all rounds as in the paper's clip(e/E + tau/T,
+    beta_0, 1), and changes the shuffle seed. `curriculum`, when given, is used and left
+    holding the reference gaps for the caller to save (later rounds start from round 1's
+    reference m). `checkpoint`: resumable state (with `p.checkpoint_every`). `on_step(step)`
+    is called after each optimizer step (progress hooks; tests simulate a crash with it).
+    `live`: the folder of the per-step DVCLive log (written by rank 0 only)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tok_s: Any
+    tok_t: Any
+    pairs: list[dict[str, Any]]
+    p: TrainParams
+    scores: Scores | None = None
+    round_index: int = 1
+    curriculum: AlphaCurriculum | None = None
+    checkpoint: Checkpoint | None = None
+    on_step: Callable[[int], None] | None = None
+    live: Path | None = None
+
+
+@dataclass(kw_only=True)
+class Loop:
+    """What `setup` prepares and `train_step` works on."""
+
+    encoded: list[tuple[list[int], list[int], list[int]]]
+    steps: list[list[list[int]]]
+    seed: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    curriculum: AlphaCurriculum
+    mp: MethodParams
+    heads: Heads
+    rank: int
+    world: int
+    online_teacher: torch.nn.Module | None
+    autocast: AbstractContextManager[Any]
+    start: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.steps)
+
+
+def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: int, p: TrainParams) -> Heads:
+    """Both LM heads cut to the shared vocabulary (rows past it are padding)."""
+    s_weight, s_bias = models.lm_head(student, vocab, "student")
+    t_weight, t_bias = models.lm_head(teacher, vocab, "teacher") if teacher is not None else (None, None)
+    return Heads(
+        s_weight=s_weight,
+        s_bias=s_bias,
+        t_weight=t_weight,
+        t_bias=t_bias,
+        chunked=p.logits == "chunked",
+        chunk_size=p.chunk_size,
+        reduction=p.reduction,
+        topk=teacher is None,
+    )
+
+
+def index_scores(table: pa.Table) -> Scores:
+    """The stored top-k signal (records.TOPK_SCHEMA rows) keyed by (pair_id, side), read
+    from the Arrow columns: per record batch, zero-copy numpy views of each flattened list
+    column, and per row tensor views into them at the list offsets (no Python list per
+    entry, no copy of the values). The tensors share the table's read-only buffers: read
+    them, never write into them (topk_of copies them into its batch tensors)."""
+    out: Scores = {}
+    row = 0
+    for batch in table.to_batches():
+        cols = {name: batch.column(name) for name in ("topk_ids", "topk_logprobs", "target_logprob")}
+        flat = {name: col.values.to_numpy(zero_copy_only=True) for name, col in cols.items()}
+        offsets = {name: col.offsets.to_numpy() for name, col in cols.items()}
+        positions, ks = batch.column("positions").to_numpy(), batch.column("k").to_numpy()
+        with warnings.catch_warnings():  # torch warns that the Arrow buffers are not writable
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for i, (pid, side_) in enumerate(
+                zip(batch.column("pair_id").to_pylist(), batch.column("side").to_pylist())
+            ):
+                n, k = int(positions[i]), int(ks[i])
+                lengths = tuple(int(o[i + 1] - o[i]) for o in offsets.values())
+                if lengths != (n * k, n * k, n):
+                    raise DataError(
+                        f"data/score: pair {pid} ({side_}), row {row + i}: topk_ids/topk_logprobs/target_logprob "
+                        f"have {lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
+                    )
+                ids, lps, tgt = (torch.from_numpy(flat[c][offsets[c][i] : offsets[c][i + 1]]) for c in cols)
+                out[(pid, side_)] = (k, ids.view(n, k), lps.view(n, k), tgt)
+        row += batch.num_rows
+    return out
+
+
+def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) -> TopK:
+    """The stored teacher signal of a batch, laid out densely over (B, T) positions."""
+    B, T = batch.response_mask.shape
+    k = next(iter(scores.values()))[0]
+    ids = torch.zeros((B, T, k), dtype=torch.long)
+    lps = torch.zeros((B, T, k), dtype=torch.float32)
+    target = torch.zeros((B, T), dtype=torch.float32)
+    for row, key in enumerate(keys):
+        if key not in scores:
+            raise DataError(f"data/score: no teacher scores for pair {key[0]} ({key[1]}); rerun the score stage")
+        _, i, lp, tg = scores[key]
+        m = batch.response_mask[row]
+        if int(m.sum()) != i.shape[0]:
+            raise DataError(
+                f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, "
+                f"the tokenizer gives {int(m.sum())}"
+            )
+        ids[row, m], lps[row, m], target[row, m] = i.long(), lp, tg
+    return TopK(ids, lps, target)
+
+
+def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
+    """Final hidden states (B, T, H), after the model's last norm: logits = head(hidden)."""
+    out = model.base_model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def side(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: encoding.Batch,
+    device: str,
+    topk: TopK | None = None,
+) -> Side:
+    """One batch through the student (with gradients) and the teacher (without), if needed."""
+    s_h = hidden(student, batch, device)
+    with torch.no_grad():
+        t_h = hidden(teacher, batch, device) if teacher is not None else None
+    if topk is not None:
+        topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
+    return Side(
+        s_hidden=s_h, t_hidden=t_h, mask=batch.response_mask.to(device), targets=batch.targets.to(device), t_topk=topk
+    )
+
+
+def check_job(job: Job) -> None:
+    p = job.p
+    if not 1 <= job.round_index <= p.total_rounds:
+        raise ValueError(
+            f"train: round {job.round_index} is outside 1..{p.total_rounds} (train.rounds has {len(p.rounds)} entries)"
+        )
+    offline = p.teacher_signal == "topk"
+    if offline != (job.teacher is None) or offline != (job.scores is not None):
+        raise ValueError(
+            "train: teacher_signal topk needs scores and no teacher model; online needs the teacher and no scores"
+        )
+    if not job.pairs:
+        raise ValueError("train: no pairs to train on")
+    if job.scores is not None and not job.scores:
+        raise ValueError("train.teacher_signal is topk but data/score holds no scores: set score.k > 0")
+
+
+def check_world(loop: Loop) -> None:
+    """Under torchrun: every micro-batch needs a pair per process; the curriculum's
+    means are taken over all processes."""
+    short = [len(m) for st in loop.steps for m in st if len(m) < loop.world]
+    if short:
+        raise ValueError(
+            f"train: under torchrun every micro-batch needs at least {loop.world} pairs (one per process); "
+            f"{len(short)} have fewer (e.g. {short[0]}): pick train.batch_size so that the last batch of an "
+            f"epoch ({len(loop.encoded)} pairs) is not that small"
+        )
+
+    def global_mean(x: torch.Tensor) -> float:
+        total, count = distributed.sum_floats([float(x.sum()), float(x.numel())])
+        return total / count
+
+    loop.curriculum.mean = global_mean
+
+
+def check_master_weights(student: torch.nn.Module) -> None:
+    """AdamW updates the student's own weights: they must be float32 masters (a bfloat16
+    weight loses most updates at fine-tuning learning rates; load_inputs loads the student
+    in basics.MASTER_DTYPE and `train.bf16_autocast` gives bf16 compute)."""
+    master = getattr(torch, basics.MASTER_DTYPE)
+    other = {str(q.dtype) for q in student.parameters() if q.is_floating_point() and q.dtype != master}
+    if other:
+        raise ValueError(
+            f"train: the student has {sorted(other)} weights; it must be trained with {basics.MASTER_DTYPE} master "
+            "weights (load it in float32; models.dtype applies when it is saved, train.bf16_autocast to compute)"
+        )
+
+
+def autocast_of(p: TrainParams) -> AbstractContextManager[Any]:
+    """The compute precision: bf16 autocast with `train.bf16_autocast` (the master weights
+    stay float32), plain float32 otherwise. There is no float16 autocast: it would need a
+    gradient scaler, which distillflow does not have."""
+    return torch.autocast(device_type=p.device, dtype=torch.bfloat16) if p.bf16_autocast else nullcontext()
+
+
+def setup(job: Job) -> Loop:
+    """Models on the device, the batch plan, seeding, optimizer and schedule, heads, and
+    the resume state; in this order (the order seeds and floats see)."""
+    check_job(job)
+    p, student, teacher, tok_s = job.p, job.student, job.teacher, job.tok_s
+    check_master_weights(student)
+    vocab = models.check_vocabularies(
+        tok_s,
+        job.tok_t,
+        student.config.vocab_size,
+        teacher.config.vocab_size if teacher is not None else len(job.tok_t),
+    )
+    student.to(p.device)
+    if teacher is not None:
+        teacher.to(p.device)
+    encoded = [encoding.encode_pair(tok_s, pr) for pr in job.pairs]
+    longest = max(len(e[0]) + max(len(e[1]), len(e[2])) for e in encoded)
+    for role, model in (("student", student), ("teacher", teacher)):
+        limit = None if model is None else models.max_positions(model)
+        if limit is not None and longest > limit:  # a training sequence is a prompt and a whole response
+            raise ModelError(
+                f"train: models.{role}: max positions {limit} < the longest pair ({longest} tokens, prompt and "
+                "response); lower curate.max_chosen_tokens / max_rejected_tokens or use a longer-context model"
+            )
+    seed = round_seed(p.seed, job.round_index)
+    steps = batch_plan(len(encoded), p, seed)
+    basics.seed_everything(seed)
+    opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, len(steps))
+    if job.curriculum is None:
+        job.curriculum = AlphaCurriculum(p.distillm2)
+    mp = p.method_params()
+    heads = heads_of(student, teacher, vocab, p)
+    if p.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+    rank, world = distributed.rank_and_size()
+    autocast = autocast_of(p)
+    online = teacher if NEEDS_TEACHER[p.method] else None
+    loop = Loop(
+        encoded=encoded,
+        steps=steps,
+        seed=seed,
+        opt=opt,
+        sched=sched,
+        curriculum=job.curriculum,
+        mp=mp,
+        heads=heads,
+        rank=rank,
+        world=world,
+        online_teacher=online,
+        autocast=autocast,
+    )
+    if job.checkpoint is not None:
+        loop.start, loop.rows = job.checkpoint.load(p.device, student, opt, sched, job.curriculum)
+        if loop.start:
+            log.info("train: resuming at step %d of %d from %s", loop.start, loop.total, job.checkpoint.file)
+    if world > 1:
+        check_world(loop)
+    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
+    ids, attn = first.input_ids.to(p.device), first.attention_mask.to(p.device)
+    models.check_plain_head(student, ids, attn, "student")
+    if NEEDS_TEACHER[p.method] and teacher is not None:
+        models.check_plain_head(teacher, ids, attn, "teacher")
+    return loop
+
+
+def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[int]) -> tuple[float, dict[str, Any]]:
+    """Forward and backward on this process's share of one micro-batch; (its share of the
+    step, the loss and its parts)."""
+    p, student = job.p, job.student
+    positions = distributed.shard(list(range(len(global_idx))), loop.rank, loop.world)
+    idx = [global_idx[i] for i in positions]
+    # This process's share of the micro-batch, and of the step's micro-batches:
+    # scaling by it makes the averaged gradient the single-process gradient.
+    share = len(idx) / len(global_idx) / len(loop.steps[step])
+    pad = job.tok_s.pad_token_id
+    chosen = encoding.collate([(loop.encoded[i][0], loop.encoded[i][1]) for i in idx], pad)
+    rejected = encoding.collate([(loop.encoded[i][0], loop.encoded[i][2]) for i in idx], pad)
+    keys = [job.pairs[i]["pair_id"] for i in idx]
+    scores, rej = job.scores, NEEDS_REJECTED[p.method]
+    topk_c = topk_of(chosen, [(k, "chosen") for k in keys], scores) if scores is not None else None
+    topk_r = topk_of(rejected, [(k, "rejected") for k in keys], scores) if scores is not None and rej else None
+    with loop.autocast:
+        on_chosen = side(student, loop.online_teacher, chosen, p.device, topk_c)
+        # sft never looks at the student's responses: an empty side, no forward pass
+        on_rejected = (
+            side(student, loop.online_teacher, rejected, p.device, topk_r)
+            if rej
+            else Side(
+                s_hidden=torch.empty(0), t_hidden=None, mask=rejected.response_mask[:0], targets=rejected.targets[:0]
+            )
+        )
+        ctx = Context(
+            chosen=on_chosen,
+            rejected=on_rejected,
+            heads=loop.heads,
+            p=loop.mp,
+            step=step,
+            total_steps=loop.total,
+            seed=loop.seed,
+            curriculum=loop.curriculum,
+            micro=micro,
+            positions=positions,
+            global_size=len(global_idx),
+            round_index=job.round_index,
+            rounds=p.total_rounds,
+        )
+        loss, logs = METHODS[p.method](ctx)
+    (loss * share * loop.world).backward()
+    return share, {"loss": float(loss.detach()), **logs}
+
+
+def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
+    """One optimizer step over its micro-batches; its log row."""
+    loop.opt.zero_grad(set_to_none=True)
+    logged: dict[str, float] = {}
+    for micro, global_idx in enumerate(loop.steps[step]):
+        share, values = micro_batch(job, loop, step, micro, global_idx)
+        for k, v in values.items():
+            logged[k] = logged.get(k, 0.0) + v * share
+    distributed.average_gradients(list(job.student.parameters()))
+    keys = sorted(logged)
+    logged = dict(zip(keys, distributed.sum_floats([logged[k] for k in keys])))
+    grad_norm = torch.nn.utils.clip_grad_norm_(job.student.parameters(), job.p.max_grad_norm)
+    loop.opt.step()
+    loop.sched.step()
+    return {
+        "step": step,
+        "loss": logged.pop("loss"),
+        **logged,
+        "lr": loop.sched.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+    }
+
+
+def train(job: Job) -> list[dict[str, float]]:
+    """Train `job.student` in place; returns one log row per optimizer step."""
+    loop = setup(job)
+    p, ckpt = job.p, job.checkpoint
+    live = LiveLog(job.live) if job.live is not None and loop.rank == 0 else None
+    if live is not None:
+        for row in loop.rows:  # the steps restored from a checkpoint, logged again
+            live.log(row)
+    bar = tqdm(total=loop.total, initial=loop.start, desc=f"train {p.method}", unit="step", mininterval=5.0)
+    for step in range(loop.start, loop.total):
+        loop.rows.append(train_step(job, loop, step))
+        if live is not None:
+            live.log(loop.rows[-1])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loop.rows[-1]['loss']:.4f}", refresh=False)
+        every = p.checkpoint_every
+        if ckpt is not None and loop.rank == 0 and every and (step + 1) % every == 0 and step + 1 < loop.total:
+            ckpt.save(step + 1, job.student, loop.opt, loop.sched, loop.curriculum, loop.rows)
+        if job.on_step is not None:
+            job.on_step(step)
+    bar.close()
+    if p.gradient_checkpointing:
+        job.student.gradient_checkpointing_disable()
+    job.student.eval()
+    return loop.rows
+
+
+def load_inputs(
+    p: TrainParams,
+    s_ref: models.ModelRef,
+    s_dir: Path,
+    t_ref: models.ModelRef,
+    t_dir: Path,
+    scores_dir: Path,
+    trust: bool,
+    dtype: str,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
+    """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
+    None): with `teacher_signal: topk` the teacher model is never loaded. The student is
+    loaded in float32 (its master weights, see basics.MASTER_DTYPE) whatever `dtype`; the
+    frozen teacher in `dtype` (models.dtype)."""
+    student = models.load_model(s_ref, s_dir, trust, basics.MASTER_DTYPE)
+    scores: Scores | None = None
+    teacher: torch.nn.Module | None = None
+    if p.teacher_signal == "topk":
+        scores = index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+    else:
+        teacher = models.load_model(t_ref, t_dir, trust, dtype)
+    return (
+        student,
+        teacher,
+        models.load_tokenizer(s_ref, s_dir, trust),
+        models.load_tokenizer(t_ref, t_dir, trust),
+        scores,
+    )

@@ -1,1 +1,0 @@
-"""Lineage manifests and run records, and the Great Expectations quality gates."""

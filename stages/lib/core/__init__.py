@@ -1,1 +1,0 @@
-"""Params loading, the shared params sections, model references and loading, and the entry point every stage shares."""

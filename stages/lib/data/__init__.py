@@ -1,1 +1,0 @@
-"""Records and their ids, checked Parquet I/O, streaming sinks, and the prompt/response encoding."""

@@ -1,1 +1,0 @@
-"""The embedded toy task: skills, prompts and verifiable answers."""
