@@ -55,7 +55,7 @@ from distillflow.stagekit import entry, trainrun
 from distillflow.training import basics, trainer
 from distillflow.training.cells import SHARED_TRAIN, RunParams, cell_params
 from distillflow.training.checkpoint import Checkpoint, run_key
-from distillflow.training.objectives import AlphaCurriculum
+from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.summary import run_summary
 
 log = logging.getLogger("compare")

@@ -3,7 +3,7 @@
     python -m stages.train --params params.yaml --pairs data/curate --scores data/score \
         --models data/bootstrap --out data/train --metrics metrics/train.json --live plots/train
 
-`train.method` picks the objective (distillflow/training/objectives.py): `distillm2` (default),
+`train.method` picks the objective (distillflow/training/methods/): `distillm2` (default),
 `distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
 DistiLLM-2 objective (docs/METHOD.md), per pair i:
 
@@ -19,8 +19,8 @@ final hidden states, so full (B, T, V) logits never exist. Long runs save a resu
 checkpoint every `checkpoint_every` steps into `<out>.checkpoints/`; a killed run picks
 up from it (when params, data and models are unchanged) and ends with the same
 weights as an uninterrupted run. The loop, checkpoints and logging live in
-distillflow/training/ (trainer.py, shared with the comparison cells). The distilled student is saved with save_pretrained
-(safetensors) in out/model.
+distillflow/training/ (trainer.py, shared with the comparison cells). The distilled
+student is saved with save_pretrained (safetensors) in out/model.
 
 Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.train ...`
 (gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
@@ -50,7 +50,7 @@ from distillflow.base.io import DataError, atomic_dir, digest_path, write_json
 from distillflow.stagekit import entry, trainrun
 from distillflow.training import basics, distributed, trainer
 from distillflow.training.checkpoint import Checkpoint, run_key
-from distillflow.training.objectives import AlphaCurriculum
+from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.summary import run_summary, tokens_trained
 from distillflow.training.train_params import TrainParams
 

@@ -22,7 +22,10 @@ from distillflow.base.io import write_table
 from distillflow.data import curation, sources
 from distillflow.training import trainer
 from distillflow.training.checkpoint import Checkpoint
-from distillflow.training.objectives import BetaSchedule, DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams
+from distillflow.training.methods.distillm import DistiLLMParams
+from distillflow.training.methods.distillm2 import BetaSchedule, DistiLLM2Params
+from distillflow.training.methods.dpkd import DPKDParams
+from distillflow.training.methods.gkd import GKDParams
 from distillflow.training.train_params import TrainParams
 from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
 

@@ -1,4 +1,5 @@
-"""Tests for distillflow/training/losses/: naive float64 references, limits, masking, chunking.
+"""Tests for distillflow/training/losses/: naive float64 references, limits, masking, chunking;
+and every registered method's loss (distillflow/training/methods/) against the same references.
 
 Run: pytest tests/test_losses.py -q
 """
@@ -6,11 +7,20 @@ Run: pytest tests/test_losses.py -q
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distillflow.training import losses as L
+from distillflow.training.methods import METHODS
+from distillflow.training.methods.distillm import DistiLLMParams
+from distillflow.training.methods.distillm2 import AlphaCurriculum, BetaSchedule, DistiLLM2Params
+from distillflow.training.methods.dpkd import DPKDParams
+from distillflow.training.methods.gkd import GKDParams
+from distillflow.training.methods.heads import Heads, Side
+from distillflow.training.methods.method import MicroBatch, Progress
 
 from .builders import quick_benchmark
 
@@ -506,6 +516,175 @@ def test_hidden_state_path_edge_cases() -> None:
     (gh,) = torch.autograd.grad(loss, h)
     (gh_ref,) = torch.autograd.grad(L.forward_kl(h @ frozen_head.T, ht @ wt.T, None), h)
     torch.testing.assert_close(gh, gh_ref, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------- the methods, on fixed batches
+
+D2 = DistiLLM2Params(
+    contrastive=True,
+    beta_ramp=True,
+    adaptive_alpha=False,
+    alpha_0=0.1,
+    alpha_min=0.01,
+    alpha_eps=1e-5,
+    reference_batches=1,
+    beta=BetaSchedule(0.5, 1.0, 0.0, 1.0),
+    detach_mixture_student=True,
+)
+PARAMS = {"distillm2": D2, "distillm": DistiLLMParams(0.2), "gkd": GKDParams(0.3, 0.0), "dpkd": DPKDParams(0.7)}
+
+
+def method_batch(reduction: str, chunked: bool, curriculum: AlphaCurriculum | None = None) -> MicroBatch:
+    """B pairs with response masks, both models' final hidden states and LM heads, at step 3 of 7."""
+    g = torch.Generator().manual_seed(7)
+    hs, ht = 6, 4
+    w_s, b_s, w_t, b_t = (torch.randn(*shape, generator=g) for shape in ((V, hs), (V,), (V, ht), (V,)))
+    heads = Heads(
+        s_weight=w_s.requires_grad_(True),  # the student's head is trained
+        s_bias=b_s.requires_grad_(True),
+        t_weight=w_t,
+        t_bias=b_t,
+        chunked=chunked,
+        chunk_size=4,
+        reduction=reduction,
+        topk=False,
+    )
+    sides = []
+    for length in (T, T - 1):  # chosen, rejected
+        mask = torch.rand(B, length, generator=g) > 0.35
+        mask[:, 0] = True
+        h_s, h_t = torch.randn(B, length, hs, generator=g), torch.randn(B, length, ht, generator=g)
+        y = torch.randint(0, V, (B, length), generator=g)
+        sides.append(Side(s_hidden=h_s.requires_grad_(True), t_hidden=h_t, mask=mask, targets=y))
+    at = Progress(step=3, total_steps=7, micro=0, round_index=1, rounds=1, seed=0, positions=[0, 1, 2], global_size=B)
+    return MicroBatch(
+        chosen=sides[0], rejected=sides[1], heads=heads, at=at, curriculum=curriculum or AlphaCurriculum(D2)
+    )
+
+
+def ref_logits(x: MicroBatch, side: Side, teacher: bool) -> Tensor:
+    h = x.heads
+    hidden, w, b = (side.t_hidden, h.t_weight, h.t_bias) if teacher else (side.s_hidden, h.s_weight, h.s_bias)
+    return hidden.double() @ w.double().T + b.double()
+
+
+def ref_seq_logprob(x: MicroBatch, side: Side, teacher: bool) -> Tensor:
+    """(B,) mean log-prob of the side's response tokens, from float64 probabilities."""
+    lp = torch.log(ref_softmax(ref_logits(x, side, teacher))).gather(-1, side.targets[..., None]).squeeze(-1)
+    return (lp * side.mask).sum(1) / side.mask.sum(1)
+
+
+def ref_method(name: str, x: MicroBatch, p: object, alphas: tuple[object, object] | None = None) -> Tensor:
+    """docs/METHOD.md's formula of each method, from the float64 references above."""
+    c, r, red = x.chosen, x.rejected, x.heads.reduction
+    sc, tc, sr, tr = (ref_logits(x, side, t) for side in (c, r) for t in (False, True))
+    if name == "sft":
+        nll, n = -ref_seq_logprob(x, c, False), c.mask.sum(1)
+        return (nll * n).sum() / n.sum() if red == "token_mean" else nll.mean()
+    if name == "kd":
+        return ref_loss("forward_kl", sc, tc, c.mask, red)
+    if name == "gkd":  # lmbda 0: every pair on the teacher's response; 1: on the student's
+        s, t, m = (sc, tc, c.mask) if p.lmbda == 0.0 else (sr, tr, r.mask)
+        return ref_loss("generalized_jsd", s, t, m, red, p.beta)
+    if name == "distillm":
+        return 0.5 * ref_loss("skew_reverse_kl", sc, tc, c.mask, red, p.alpha) + 0.5 * ref_loss(
+            "skew_reverse_kl", sr, tr, r.mask, red, p.alpha
+        )
+    if name == "distillm2":
+        beta = p.beta.at(x.at.step, x.at.total_steps)
+        a_t, a_s = alphas or (p.alpha_0, p.alpha_0)
+        return (1 - beta) * ref_loss("skew_forward_kl", sc, tc, c.mask, red, a_t) + beta * ref_loss(
+            "skew_reverse_kl", sr, tr, r.mask, red, a_s
+        )
+    assert name == "dpkd"
+    lq_t, lq_s, lp_t, lp_s = (ref_seq_logprob(x, side, t) for t in (False, True) for side in (c, r))
+    return -F.logsigmoid(p.beta_d * ((lq_t - lq_s) - (lp_t - lp_s))).mean()
+
+
+def formula(name: str, x: MicroBatch, p: object) -> Tensor:
+    """Each method as one expression of the public loss functions on full float32 logits:
+    the arithmetic of the replaced objectives.py dispatch, for the bitwise check."""
+    h, c, r = x.heads, x.chosen, x.rejected
+    kw = {"reduction": h.reduction, "chunk_size": h.chunk_size}
+    sc, sr = F.linear(c.s_hidden, h.s_weight, h.s_bias), F.linear(r.s_hidden, h.s_weight, h.s_bias)
+    tc, tr = F.linear(c.t_hidden, h.t_weight, h.t_bias), F.linear(r.t_hidden, h.t_weight, h.t_bias)
+    if name == "sft":
+        nll = -h.seq_logprob(c, teacher=False)
+        n = c.mask.sum(1).to(nll.dtype)
+        return (nll * n).sum() / n.sum().clamp(min=1) if h.reduction == "token_mean" else nll[c.mask.any(1)].mean()
+    if name == "kd":
+        return L.forward_kl(sc, tc, c.mask, **kw)
+    if name == "gkd":  # lmbda 0: weights 1 and 0
+        return L.generalized_jsd(sc, tc, c.mask, p.beta, **kw)
+    if name == "distillm":
+        return 0.5 * L.skew_reverse_kl(sc, tc, c.mask, p.alpha, **kw) + 0.5 * L.skew_reverse_kl(
+            sr, tr, r.mask, p.alpha, **kw
+        )
+    if name == "distillm2":
+        beta, alpha = p.beta.at(x.at.step, x.at.total_steps), torch.full((B,), p.alpha_0)
+        return (1.0 - beta) * L.skew_forward_kl(sc, tc, c.mask, alpha, **kw) + beta * L.skew_reverse_kl(
+            sr, tr, r.mask, alpha, detach_mixture_student=True, **kw
+        )
+    assert name == "dpkd"
+    lq_t, lq_s = h.seq_logprob(c, teacher=False), h.seq_logprob(r, teacher=False)
+    return L.dpkd_loss(lq_t, lq_s, h.seq_logprob(c, teacher=True), h.seq_logprob(r, teacher=True), p.beta_d)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_method_loss_matches_float64_reference(name: str, reduction: str, chunked: bool) -> None:
+    method = METHODS[name]
+    p = PARAMS.get(method.params_section)
+    x = method_batch(reduction, chunked)
+    got, _ = method.loss(x, p)
+    assert got.dtype == torch.float32 and got.ndim == 0 and got.requires_grad
+    torch.testing.assert_close(got.double(), ref_method(name, x, p), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+def test_method_loss_is_bitwise_its_formula_on_full_logits(name: str, reduction: str) -> None:
+    """Loss and gradients (student hidden states and head) bit for bit."""
+    method = METHODS[name]
+    p = PARAMS.get(method.params_section)
+    x = method_batch(reduction, chunked=False)
+    leaves = [x.chosen.s_hidden, x.rejected.s_hidden, x.heads.s_weight, x.heads.s_bias]
+    got, want = method.loss(x, p)[0], formula(name, x, p)
+    assert torch.equal(got, want), (got.item(), want.item())
+    g_got = torch.autograd.grad(got, leaves, allow_unused=True)
+    g_want = torch.autograd.grad(want, leaves, allow_unused=True)
+    for leaf, a, b in zip(leaves, g_got, g_want, strict=True):  # unused: no gradient, or an all-zero one
+        assert torch.equal(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if b is None else b)
+
+
+def test_gkd_on_student_responses_matches_reference() -> None:
+    p = GKDParams(0.3, 1.0)
+    x = method_batch("sequence_mean", chunked=True)
+    got, logs = METHODS["gkd"].loss(x, p)
+    assert logs["student_fraction"] == 1.0
+    torch.testing.assert_close(got.double(), ref_method("gkd", x, p), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_distillm2_adaptive_alpha_matches_reference(chunked: bool) -> None:
+    """With the reference gaps m_t, m_s measured, alpha per sequence is docs/METHOD.md's clip."""
+    p = replace(D2, adaptive_alpha=True)
+    cur = AlphaCurriculum(p, gaps_t=[0.05], gaps_s=[0.0015])  # m_t, m_s
+    x = method_batch("sequence_mean", chunked, cur)
+    got, logs = METHODS["distillm2"].loss(x, p)
+    q_c, p_c = ref_seq_logprob(x, x.chosen, False).exp(), ref_seq_logprob(x, x.chosen, True).exp()
+    q_r, p_r = ref_seq_logprob(x, x.rejected, False).exp(), ref_seq_logprob(x, x.rejected, True).exp()
+
+    def alpha(gap: Tensor, m: float) -> Tensor:
+        return torch.where(gap > 0, (1 - 0.9 * m / (gap + 1e-5)).clamp(0.01, 0.1), torch.full_like(gap, 0.1))
+
+    a_t, a_s = alpha(p_c - q_c, 0.05), alpha(q_r - p_r, 0.0015)
+    assert logs["alpha_t_mean"] == pytest.approx(a_t.mean().item(), rel=1e-5)
+    assert logs["alpha_s_min"] == pytest.approx(a_s.min().item(), rel=1e-5)
+    every = torch.cat([a_t, a_s]).detach()
+    assert every.min() == 0.01 and every.max() == 0.1 and ((every > 0.01) & (every < 0.1)).any()  # clipped, and not
+    torch.testing.assert_close(got.double(), ref_method("distillm2", x, p, (a_t, a_s)), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- bad arguments

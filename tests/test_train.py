@@ -4,10 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillflow.training.objectives import (
-    AlphaCurriculum,
-    BetaSchedule,
-)
+from distillflow.training.methods.distillm2 import AlphaCurriculum, BetaSchedule
 from distillflow.training.train_params import RoundParams
 from stages import train
 

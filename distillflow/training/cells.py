@@ -4,46 +4,53 @@ trains with. Used by stages/compare.py (one cell) and stages/report.py (the tabl
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from distillflow.base import params
 from distillflow.base.params import check
-from distillflow.training.objectives import DistiLLM2Params, Method
+from distillflow.training.methods import METHODS
 from distillflow.training.train_params import TrainParams
 
-SWITCHES = ("contrastive", "beta_ramp", "adaptive_alpha")
+# The methods with ablation switches (Method.switches: boolean fields of their params section).
+ABLATABLE = {m.name: m for m in METHODS.values() if m.switches}
 
 
 @dataclass(frozen=True)
 class RunParams:
-    """One entry of params.yaml `compare.runs`: a method and, for distillm2, the
-    ablation switches turned off (not named `off`: YAML 1.1 reads that key as false);
+    """One entry of params.yaml `compare.runs`: a method and the ablation switches it
+    declares (distillm2's) turned off (not named `off`: YAML 1.1 reads that key as false);
     which rounds and teacher it trains with. The controls: `rounds: stale` trains every
     round on round 1's pairs (one stale round of student samples, the same optimizer
     steps as E fresh ones); `teacher: plain` distils the teacher bootstrap trained
     without corrupted prefixes (comparison/dvc.yaml's plain_* stages)."""
 
-    method: Method
+    method: str  # a name in distillflow.training.methods.METHODS
     disable: tuple[str, ...]
     rounds: Literal["fresh", "stale"]
     teacher: Literal["default", "plain"]
 
     def __post_init__(self) -> None:
-        for s in self.disable:
-            check(s in SWITCHES, "disable", f"unknown switch {s!r}; DistiLLM-2's switches are {list(SWITCHES)}")
+        check(self.method in METHODS, "method", f"{self.method!r} is not one of {list(METHODS)}")
         check(
-            not self.disable or self.method == "distillm2",
+            not self.disable or self.method in ABLATABLE,
             "disable",
-            f"switches belong to distillm2, not {self.method}",
+            f"switches belong to {', '.join(ABLATABLE)}, not {self.method}",
         )
+        for s in self.disable:
+            switches = list(METHODS[self.method].switches)
+            check(s in switches, "disable", f"unknown switch {s!r}; {self.method}'s switches are {switches}")
 
 
 # The train settings a cell shares with the train stage: all but what the cell sets
-# itself (method, seed, DistiLLM-2's switches); train.rounds gives the cell its E rounds.
+# itself (method, seed, the ablation switches); train.rounds gives the cell its E rounds.
 # Listing them one by one keeps DVC from rerunning every cell when train.method changes.
-OWN = ("method", "seed", "distillm2")
+SECTIONS = {m.params_section: m.switches for m in ABLATABLE.values()}  # train.<section>: its switches
+OWN = ("method", "seed", *SECTIONS)
 SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(TrainParams) if f.name not in OWN) + tuple(
-    f"train.distillm2.{f.name}" for f in fields(DistiLLM2Params) if f.name not in SWITCHES
+    f"train.{section}.{f.name}"
+    for section, switches in SECTIONS.items()
+    for f in fields(get_type_hints(TrainParams)[section])
+    if f.name not in switches
 )
 
 
@@ -54,7 +61,7 @@ def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> TrainParams:
     raw: dict[str, Any] = {
         "method": run.method,
         "seed": seed,
-        "distillm2": {s: s not in run.disable for s in SWITCHES},
+        **{section: {s: s not in run.disable for s in switches} for section, switches in SECTIONS.items()},
     }
     for key in SHARED_TRAIN:
         *parents, leaf = key.split(".")[1:]

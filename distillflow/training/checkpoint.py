@@ -15,7 +15,7 @@ import torch
 
 from distillflow.base import records
 from distillflow.base.io import atomic_path
-from distillflow.training.objectives import AlphaCurriculum
+from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.train_params import TrainParams
 
 log = logging.getLogger("train")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.base import encoding
-from distillflow.training.objectives import NEEDS_REJECTED
+from distillflow.training.methods import METHODS
 from distillflow.training.train_params import TrainParams
 
 
@@ -50,10 +50,13 @@ def run_summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict
 
 
 def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int:
-    """Tokens the student ran forward on: prompt + chosen (+ prompt + rejected for the
-    methods that use the rejected side) per pair, times epochs."""
+    """Tokens the student ran forward on: prompt + chosen for the methods that read the
+    teacher's responses, prompt + rejected for those that read the student's, per pair,
+    times epochs."""
+    method = METHODS[p.method]
     total = 0
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
-        total += len(prompt) + len(chosen) + ((len(prompt) + len(rejected)) if NEEDS_REJECTED[p.method] else 0)
+        total += (len(prompt) + len(chosen)) if method.needs_teacher_samples else 0
+        total += (len(prompt) + len(rejected)) if method.needs_student_samples else 0
     return total * p.epochs

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from distillflow.base.params import check
-from distillflow.training.objectives import DistiLLM2Params, DistiLLMParams, DPKDParams, GKDParams, Method, MethodParams
+from distillflow.training.methods import METHODS
+from distillflow.training.methods.distillm import DistiLLMParams
+from distillflow.training.methods.distillm2 import DistiLLM2Params
+from distillflow.training.methods.dpkd import DPKDParams
+from distillflow.training.methods.gkd import GKDParams
 
 
 @dataclass(frozen=True)
@@ -19,9 +23,10 @@ class RoundParams:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainParams:
-    """params.yaml `train`."""
+    """params.yaml `train`. The methods' own sections (distillm2, distillm, gkd, dpkd) are
+    the `params_section`s of distillflow.training.methods.METHODS: every run reads them all."""
 
-    method: Method
+    method: str  # a name in distillflow.training.methods.METHODS
     seed: int
     epochs: int
     batch_size: int  # pairs per micro-batch
@@ -55,6 +60,12 @@ class TrainParams:
         return 1 + len(self.rounds)
 
     def __post_init__(self) -> None:
+        check(self.method in METHODS, "method", f"{self.method!r} is not one of {list(METHODS)}")
+        check(
+            METHODS[self.method].needs_teacher != "online" or self.teacher_signal == "online",
+            "teacher_signal",
+            f"{self.method} needs the teacher model itself, not its stored top-k: set teacher_signal: online",
+        )
         want = [f"r{e}" for e in range(2, 2 + len(self.rounds))]
         check(
             sorted(self.rounds, key=lambda k: (len(k), k)) == want,
@@ -68,16 +79,6 @@ class TrainParams:
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
-
-    def method_params(self) -> MethodParams:
-        return MethodParams(
-            method=self.method,
-            reduction=self.reduction,
-            distillm2=self.distillm2,
-            distillm=self.distillm,
-            gkd=self.gkd,
-            dpkd=self.dpkd,
-        )
 
 
 def round_seed(seed: int, round_index: int) -> int:

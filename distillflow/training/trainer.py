@@ -6,8 +6,10 @@
     rows = train(job)          # trains job.student in place; one log row per optimizer step
 
 Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
-(one optimizer step over its micro-batches), checkpointing (checkpoint.py) and per-step
-logging (summary.LiveLog). `load_inputs` reads what a run trains on (distillflow/stagekit/gates.py gates it first).
+(one optimizer step over its micro-batches), `micro_batch` (the sides the method
+declares, through the models, then its loss: methods.METHODS[train.method]),
+checkpointing (checkpoint.py) and per-step logging (summary.LiveLog). `load_inputs`
+reads what a run trains on (distillflow/stagekit/gates.py gates it first).
 """
 
 from __future__ import annotations
@@ -29,17 +31,10 @@ from distillflow.base.errors import ModelError
 from distillflow.base.io import DataError, read_table
 from distillflow.training import basics, distributed
 from distillflow.training.checkpoint import Checkpoint
-from distillflow.training.objectives import (
-    METHODS,
-    NEEDS_REJECTED,
-    NEEDS_TEACHER,
-    AlphaCurriculum,
-    Context,
-    Heads,
-    MethodParams,
-    Side,
-    TopK,
-)
+from distillflow.training.methods import METHODS
+from distillflow.training.methods.distillm2 import AlphaCurriculum
+from distillflow.training.methods.heads import Heads, Side, TopK
+from distillflow.training.methods.method import Method, MicroBatch, Progress
 from distillflow.training.summary import LiveLog
 from distillflow.training.train_params import TrainParams, batch_plan, round_seed
 
@@ -87,11 +82,12 @@ class Loop:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     curriculum: AlphaCurriculum
-    mp: MethodParams
+    method: Method
+    params: Any  # the method's params section (train.<method.params_section>), or None
     heads: Heads
     rank: int
     world: int
-    online_teacher: torch.nn.Module | None
+    online_teacher: torch.nn.Module | None  # None unless the method reads the teacher and it runs here
     autocast: AbstractContextManager[Any]
     start: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)
@@ -280,7 +276,7 @@ def setup(job: Job) -> Loop:
     opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, len(steps))
     if job.curriculum is None:
         job.curriculum = AlphaCurriculum(p.distillm2)
-    mp = p.method_params()
+    method = METHODS[p.method]
     heads = heads_of(student, teacher, vocab, p)
     if p.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -289,7 +285,7 @@ def setup(job: Job) -> Loop:
         teacher.eval()
     rank, world = distributed.rank_and_size()
     autocast = autocast_of(p)
-    online = teacher if NEEDS_TEACHER[p.method] else None
+    online = teacher if method.needs_teacher != "none" else None
     loop = Loop(
         encoded=encoded,
         steps=steps,
@@ -297,7 +293,8 @@ def setup(job: Job) -> Loop:
         opt=opt,
         sched=sched,
         curriculum=job.curriculum,
-        mp=mp,
+        method=method,
+        params=getattr(p, method.params_section) if method.params_section is not None else None,
         heads=heads,
         rank=rank,
         world=world,
@@ -313,53 +310,59 @@ def setup(job: Job) -> Loop:
     first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
     ids, attn = first.input_ids.to(p.device), first.attention_mask.to(p.device)
     models.check_plain_head(student, ids, attn, "student")
-    if NEEDS_TEACHER[p.method] and teacher is not None:
+    if online is not None:
         models.check_plain_head(teacher, ids, attn, "teacher")
     return loop
+
+
+def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side]:
+    """This process's pairs `idx` through the models: (chosen, rejected). A side the
+    method does not read is empty, with no forward pass; the teacher signal (online or
+    stored) only for a method that reads it."""
+    method, scores = loop.method, job.scores
+    pad, keys = job.tok_s.pad_token_id, [job.pairs[i]["pair_id"] for i in idx]
+    batches = {
+        "chosen": encoding.collate([(loop.encoded[i][0], loop.encoded[i][1]) for i in idx], pad),
+        "rejected": encoding.collate([(loop.encoded[i][0], loop.encoded[i][2]) for i in idx], pad),
+    }
+    needed = {"chosen": method.needs_teacher_samples, "rejected": method.needs_student_samples}
+    topk = {
+        name: topk_of(b, [(k, name) for k in keys], scores)
+        if scores is not None and needed[name] and method.needs_teacher != "none"
+        else None
+        for name, b in batches.items()
+    }
+    chosen, rejected = (
+        side(job.student, loop.online_teacher, b, job.p.device, topk[name])
+        if needed[name]
+        else Side(s_hidden=torch.empty(0), t_hidden=None, mask=b.response_mask[:0], targets=b.targets[:0])
+        for name, b in batches.items()
+    )
+    return chosen, rejected
 
 
 def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[int]) -> tuple[float, dict[str, Any]]:
     """Forward and backward on this process's share of one micro-batch; (its share of the
     step, the loss and its parts)."""
-    p, student = job.p, job.student
     positions = distributed.shard(list(range(len(global_idx))), loop.rank, loop.world)
     idx = [global_idx[i] for i in positions]
     # This process's share of the micro-batch, and of the step's micro-batches:
     # scaling by it makes the averaged gradient the single-process gradient.
     share = len(idx) / len(global_idx) / len(loop.steps[step])
-    pad = job.tok_s.pad_token_id
-    chosen = encoding.collate([(loop.encoded[i][0], loop.encoded[i][1]) for i in idx], pad)
-    rejected = encoding.collate([(loop.encoded[i][0], loop.encoded[i][2]) for i in idx], pad)
-    keys = [job.pairs[i]["pair_id"] for i in idx]
-    scores, rej = job.scores, NEEDS_REJECTED[p.method]
-    topk_c = topk_of(chosen, [(k, "chosen") for k in keys], scores) if scores is not None else None
-    topk_r = topk_of(rejected, [(k, "rejected") for k in keys], scores) if scores is not None and rej else None
-    with loop.autocast:
-        on_chosen = side(student, loop.online_teacher, chosen, p.device, topk_c)
-        # sft never looks at the student's responses: an empty side, no forward pass
-        on_rejected = (
-            side(student, loop.online_teacher, rejected, p.device, topk_r)
-            if rej
-            else Side(
-                s_hidden=torch.empty(0), t_hidden=None, mask=rejected.response_mask[:0], targets=rejected.targets[:0]
-            )
-        )
-        ctx = Context(
-            chosen=on_chosen,
-            rejected=on_rejected,
-            heads=loop.heads,
-            p=loop.mp,
-            step=step,
-            total_steps=loop.total,
-            seed=loop.seed,
-            curriculum=loop.curriculum,
-            micro=micro,
-            positions=positions,
-            global_size=len(global_idx),
-            round_index=job.round_index,
-            rounds=p.total_rounds,
-        )
-        loss, logs = METHODS[p.method](ctx)
+    at = Progress(
+        step=step,
+        total_steps=loop.total,
+        micro=micro,
+        round_index=job.round_index,
+        rounds=job.p.total_rounds,
+        seed=loop.seed,
+        positions=positions,
+        global_size=len(global_idx),
+    )
+    with loop.autocast:  # one region: forward passes and loss share its cast cache
+        chosen, rejected = sides(job, loop, idx)
+        x = MicroBatch(chosen=chosen, rejected=rejected, heads=loop.heads, at=at, curriculum=loop.curriculum)
+        loss, logs = loop.method.loss(x, loop.params)
     (loss * share * loop.world).backward()
     return share, {"loss": float(loss.detach()), **logs}
 

@@ -9,7 +9,7 @@ between the paths is only how the backward gets each chunk's gradient:
   chunk, and recomputes one chunk at a time in the backward, writing its gradient
   straight into the input's gradient: beyond that gradient, memory is a few
   ``(chunk, V)`` buffers;
-* :func:`run_chunks` (objectives.py's top-k and log-prob passes, whose kernels apply
+* :func:`run_chunks` (methods/heads.py's top-k and log-prob passes, whose kernels apply
   the trainable LM head) maps a kernel over row chunks under activation
   checkpointing, which follows gradients into tensors the kernel closes over;
 * the fused LM-head path (fused.py) walks :func:`chunk_slices` itself, because it
@@ -168,7 +168,7 @@ def sequence_ids(rows: Tensor | None, lead_shape: torch.Size, device: torch.devi
 def reduce_tokens(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, reduction: str) -> Tensor:
     """Apply a reduction to per-token values (n,) (n > 0 for the means).
 
-    Shared by every path (full logits, fused heads, objectives.py's top-k), so all
+    Shared by every path (full logits, fused heads, methods/heads.py's top-k), so all
     reduce alike, bit for bit.
     """
     if reduction == "none":

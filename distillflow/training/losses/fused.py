@@ -6,7 +6,7 @@ through both heads ``chunk_size`` rows at a time (chunks.chunk_slices), so only
 every chunk's gradient w.r.t. its student logits is folded into the hidden / weight /
 bias gradients at once (:class:`_HeadDivergences`). Its values equal the divergences
 of divergences.py on the full logits (tests/test_losses.py checks, gradients too).
-This is the default training path (``train.logits: chunked``, objectives.Heads).
+This is the default training path (``train.logits: chunked``, methods.heads.Heads).
 """
 
 from __future__ import annotations

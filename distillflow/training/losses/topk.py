@@ -1,6 +1,6 @@
 """The offline teacher signal: student and teacher distributions over the teacher's top-k.
 
-objectives.Heads uses :func:`topk_buckets` when the teacher is only known through its
+methods.heads.Heads uses :func:`topk_buckets` when the teacher is only known through its
 stored top-k log-probs (stages/score.py); tests/test_losses_topk.py measures how far
 the bucketed divergences are from the full ones.
 """

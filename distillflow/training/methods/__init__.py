@@ -1,0 +1,39 @@
+"""The distillation methods: `METHODS`, one `Method` object per method, by name
+(`train.method`, `compare.runs.<run>.method`).
+
+Each method is one module here holding its params section (if it has one), its loss (a
+pure function built from distillflow.training.losses) and the `Method` object that
+declares what the trainer must feed it: the teacher (online or as stored top-k, or not
+at all), the teacher's responses (chosen), the student's responses (rejected), and which
+of its params are ablation switches (`compare.runs.<run>.disable`).
+
+    sft        token NLL on the teacher's responses (SeqKD); no teacher signal
+    kd         forward KL on the teacher's responses
+    gkd        generalized JSD(beta) on a lambda-mix of student and teacher responses
+    distillm   skew reverse KL(alpha) on both responses, equal weights (DistiLLM v1)
+    distillm2  (1 - beta) SKL(alpha_t) on teacher responses + beta SRKL(alpha_s) on
+               student responses, rising beta, adaptive alpha (DistiLLM-2); switches
+               contrastive, beta_ramp, adaptive_alpha
+    dpkd       -log sigmoid(beta_d [(lq(y_t) - lq(y_s)) - (lp(y_t) - lp(y_s))])
+
+A loss sees one micro-batch already run through the models (method.MicroBatch: the final
+hidden states of student and teacher on each response it reads, and the two LM heads,
+heads.Heads) and returns the scalar loss plus numbers worth logging; docs/METHOD.md has
+the math. The trainer (trainer.micro_batch) calls `METHODS[train.method].loss` directly.
+
+Adding a method: one module here (its loss and its `Method`), one entry below, its tests;
+if it has params, a dataclass in its module, a `train.<name>` field of
+train_params.TrainParams and the section in params.yaml.
+"""
+
+from __future__ import annotations
+
+from distillflow.training.methods.distillm import DISTILLM
+from distillflow.training.methods.distillm2 import DISTILLM2
+from distillflow.training.methods.dpkd import DPKD
+from distillflow.training.methods.gkd import GKD
+from distillflow.training.methods.kd import KD
+from distillflow.training.methods.method import Method
+from distillflow.training.methods.sft import SFT
+
+METHODS: dict[str, Method] = {m.name: m for m in (DISTILLM2, DISTILLM, GKD, KD, SFT, DPKD)}
