@@ -4,7 +4,8 @@ The prompt is rendered through the tokenizer's chat template with the generation
 prompt opened; the response is the reply's tokens followed by the eos token when the
 reply ended (a response cut off at max_new_tokens gets none). Train,
 generation and evaluation all call these two functions, so a model is trained on
-exactly the token sequence it is later asked to continue.
+exactly the token sequence it is later asked to continue. Batches: right-padded for
+training (`collate`), left-padded for `generate` (`left_pad`).
 """
 
 from __future__ import annotations
@@ -67,3 +68,15 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         scored[i, len(p) - 1 : len(ids) - 1] = True
         targets[i, : len(ids) - 1] = torch.tensor(ids[1:])
     return Batch(input_ids, attention, scored, targets)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch for `generate`: (input_ids, attention_mask), both (B, T) long with
+    T the longest sequence; each row's ids end at column T, where generation continues them."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention

@@ -46,7 +46,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from distillflow.base import records
 from distillflow.base.config import GenerationParams
-from distillflow.base.encoding import prompt_ids
+from distillflow.base.encoding import left_pad, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -334,12 +334,8 @@ class TransformersEngine:
         extra = {"tokenizer": tok} if p.stop else {}  # stop strings are matched on the tokenizer's text
         rows: list[dict[str, Any]] = []
         for j, idx in enumerate(tqdm(batches, desc=self.desc, unit="batch", mininterval=2.0)):
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attn[row, width - len(encoded[i]) :] = 1
+            ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
+            width = ids.shape[1]
             # One seed per batch, from its index in the whole run: reruns repeat exactly,
             # and a batch's outputs do not depend on the shard or process it runs in.
             torch.manual_seed(p.seed * 1_000_003 + shard.first_batch + j)

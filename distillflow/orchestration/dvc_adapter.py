@@ -19,9 +19,10 @@ All calls hold DVC_LOCK, one process-wide lock: DVC's in-process API is not
 thread-safe, and two DVC operations on one repo at once fight over its lock and state
 database (see docs/STACK.md). Stage commands run outside it.
 
-Where a second dvc.yaml joins the repo (e.g. compare/dvc.yaml), DVC's index holds its
-stages too, named `compare/dvc.yaml:<stage>` by `stage_name`; each stage's `dvcfile`
-(in `describe`) says which file it comes from.
+The method comparison's second dvc.yaml, comparison/dvc.yaml, is in DVC's index too:
+its stages are named `comparison/dvc.yaml:<stage>` by `stage_name` (`report` is
+`comparison/dvc.yaml:report`); each stage's `dvcfile` (in `describe`) says which file
+it comes from.
 """
 
 from __future__ import annotations
