@@ -2,7 +2,8 @@
 varies, `distillflow lineage show/verify/cost` trace and check a smoke run, and the
 run survives push / clone / pull through a DVC remote.
 
-The first tests are fast (no pipeline); the `smoke` fixture's tests are the slow tier:
+The first tests are fast (no pipeline; `lineage verify`'s sorting on a tiny git + DVC
+repo laid out as this one, `twin`); the `smoke` fixture's tests are the slow tier:
 a `dvc repro train` on the smoke profile in a temporary copy of the repo.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -114,6 +117,129 @@ def test_cost_sums_the_stages_of_one_run(tmp_path: Path) -> None:
     )
     with pytest.raises(flin.LineageError, match="no records of run zzz"):
         flin.run_records(tmp_path, "zzz")
+
+
+# --- verify sorts what it finds: a tiny git + DVC repo with both pipeline files ---------
+
+# A stage's program: OUT/data.txt (from params.yaml and its inputs) with a manifest.json
+# as the stages write one (outputs, inputs, code: sha256s as distillflow.base.io's
+# digest_path takes them), and a metrics file. Standard library only: it starts fast.
+MAKE = """import hashlib, json, sys
+from pathlib import Path
+
+def digest(path):
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(p.relative_to(path).as_posix().encode())
+        h.update(digest(p).encode())
+    return h.hexdigest()
+
+out, metrics, *inputs = sys.argv[1:]
+folder = Path(out)
+folder.mkdir(parents=True, exist_ok=True)
+(folder / "data.txt").write_text(" ".join([out, Path("params.yaml").read_text(), *(digest(Path(i)) for i in inputs)]))
+manifest = {
+    "outputs": {"data.txt": {"sha256": digest(folder / "data.txt")}},
+    "inputs": {f"in{n}": {"path": i, "sha256": digest(Path(i))} for n, i in enumerate(inputs)},
+    "code": {"make.py": digest(Path("make.py"))},
+}
+(folder / "manifest.json").write_text(json.dumps(manifest))
+Path(metrics).parent.mkdir(parents=True, exist_ok=True)
+Path(metrics).write_text(json.dumps({"inputs": len(inputs)}))
+"""
+
+
+def _stage(out: str, *inputs: str, params: list[str] | None = None, cached_metrics: bool = True) -> dict[str, Any]:
+    metrics = f"metrics/{Path(out).name}.json"
+    stage = {"cmd": " ".join([sys.executable, "make.py", out, metrics, *inputs]), "deps": ["make.py", *inputs]}
+    stage |= {"params": params} if params else {}
+    if cached_metrics:
+        return stage | {"outs": [out, metrics]}
+    return stage | {"outs": [out], "metrics": [{metrics: {"cache": False}}]}
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repo laid out as this one: dvc.yaml (a; b and c read a's out) and
+    comparison/dvc.yaml (cmp reads b's, run from the root; its metrics `cache: false`,
+    committed to git as the comparison's plots are), both run and committed."""
+    repo = tmp_path_factory.mktemp("twin")
+    (repo / "make.py").write_text(MAKE)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"a": {"n": 1}, "b": {"k": 1}}))
+    stages = {"a": _stage("data/a", params=["a.n"]), "b": _stage("data/b", "data/a", params=["b.k"])}
+    stages["c"] = _stage("data/c", "data/a")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (repo / "comparison").mkdir()
+    cmp = _stage("data/cmp", "data/b", cached_metrics=False) | {"wdir": ".."}
+    (repo / "comparison" / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"cmp": cmp}}))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "repro"],
+        ["dvc", "repro", "comparison/dvc.yaml"],
+    ):
+        sh(repo, *cmd)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "both pipelines ran")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def fresh(twin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's first command on a fresh clone of `twin`: `dvc repro` (dvc.yaml only).
+    A test that changes it puts it back."""
+    clone = tmp_path_factory.mktemp("fresh") / "clone"
+    sh(clone.parent, "git", "clone", "-q", str(twin), str(clone))
+    assert set(re.findall(r"Running stage '([\w@.:/-]+)'", sh(clone, "dvc", "repro"))) == {"a", "b", "c"}
+    return clone
+
+
+def test_verify_passes_a_fresh_clone_and_lists_what_never_ran_or_is_not_checked_out(fresh: Path) -> None:
+    out = cli(fresh, "lineage", "verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # cmp has a comparison/dvc.lock entry; its metrics file came with git, its data is nowhere here
+    never = "never ran here: comparison/dvc.yaml:cmp (data/cmp: in neither the workspace nor the DVC cache)"
+    assert never in out.stdout.splitlines(), out.stdout
+    assert out.stdout.splitlines()[-1].endswith(" 0 mismatches; stages: 1 never ran here, 0 not checked out, 0 stale")
+    # an out deleted from the workspace that the DVC cache holds: nothing present disagrees
+    shutil.rmtree(fresh / "data" / "c")
+    try:
+        out = cli(fresh, "lineage", "verify")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "not checked out: c (data/c: not in the workspace; `dvc checkout c` restores" in out.stdout, out.stdout
+        assert " 0 mismatches; stages: 1 never ran here, 1 not checked out, 0 stale" in out.stdout, out.stdout
+    finally:
+        sh(fresh, "dvc", "checkout", "c")
+
+
+def test_verify_fails_on_a_tampered_output_and_names_it(fresh: Path) -> None:
+    data = fresh / "data" / "b" / "data.txt"
+    text = data.read_text()
+    data.unlink()  # a fresh file: never write through a link into DVC's cache
+    data.write_text(text + " (edited)")
+    try:
+        out = cli(fresh, "lineage", "verify")
+        assert out.returncode == 1, out.stdout + out.stderr
+        lines = [x for x in out.stdout.splitlines() if x.startswith("MISMATCH")]
+        assert any(x.startswith("MISMATCH data/b/data.txt: file sha256 ") for x in lines), out.stdout
+        assert "MISMATCH dvc.lock: stage b: changed outs: data/b: modified" in lines, out.stdout
+        assert " 2 mismatches; stages: 1 never ran here, 0 not checked out, 0 stale" in out.stdout, out.stdout
+    finally:
+        sh(fresh, "dvc", "checkout", "--force", "b")
+
+
+def test_verify_lists_the_stages_a_partial_repro_left_stale(twin: Path) -> None:
+    """(The last to use `twin`: it leaves the changed params there.)"""
+    (twin / "params.yaml").write_text(yaml.safe_dump({"a": {"n": 2}, "b": {"k": 2}}))
+    sh(twin, "dvc", "repro", "c")  # reruns a and c: b read the old data/a, and its param changed
+    out = cli(twin, "lineage", "verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # b's manifest records the data/a it read, not the file now there nor a's manifest's: expected, not a mismatch
+    assert "stale: b (changed since it ran: data/a modified, params.yaml b.k modified)" in out.stdout, out.stdout
+    assert "comparison/dvc.yaml:cmp" not in out.stdout  # its dep, data/b, is what it read
+    assert " 0 mismatches; stages: 0 never ran here, 0 not checked out, 1 stale" in out.stdout, out.stdout
 
 
 # --- the slow tier: a smoke run -----------------------------------------------------
@@ -256,8 +382,10 @@ def test_verify_names_an_edited_curated_row(smoke: Path) -> None:
         assert bad.returncode == 1
         lines = [x for x in bad.stdout.splitlines() if x.startswith("MISMATCH")]
         assert any(x.startswith("MISMATCH data/curate/curated.parquet: file sha256") for x in lines), bad.stdout
-        assert any("data/train/manifest.json: input pairs data/curate/curated.parquet" in x for x in lines), bad.stdout
         assert any("stage curate: changed outs: data/curate: modified" in x for x in lines), bad.stdout
+        # train read the file before the edit: stale (listed), its manifest's inputs not counted again
+        assert "stale: train (changed since it ran: data/curate modified)" in bad.stdout.splitlines(), bad.stdout
+        assert not any("data/train/manifest.json" in x for x in lines), bad.stdout
     finally:
         sh(smoke, "dvc", "checkout", "--force", "data/curate")
     assert cli(smoke, "lineage", "verify").returncode == 0

@@ -46,6 +46,23 @@ ALWAYS = {"identify"}
 DAG = {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | ALWAYS
 
 
+def check_verified(repo: Path) -> None:
+    """After the README's first command, `dvc repro` (the comparison never ran: copy_repo
+    drops its dvc.lock): `distillflow lineage verify` passes, and lists each comparison
+    stage as never ran here, no stage stale or not checked out."""
+    verified = subprocess.run(
+        [sys.executable, "-m", "distillflow.cli", "lineage", "verify"],
+        cwd=repo,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0 and " 0 mismatches" in verified.stdout, verified.stdout + verified.stderr
+    lines = verified.stdout.splitlines()
+    assert {s for s in COMPARISON if f"never ran here: {s} (no dvc.lock entry)" in lines} == COMPARISON, lines
+    assert lines[-1].endswith(f" 0 mismatches; stages: {len(COMPARISON)} never ran here, 0 not checked out, 0 stale")
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_repo(tmp_path_factory.mktemp("repo"))
@@ -55,6 +72,7 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     out = sh(repo, "dvc", "repro")
     assert ran(out) == DAG  # the comparison is its own pipeline: not run by a plain repro
     assert not (repo / "metrics" / "compare").exists()  # no cell ran
+    check_verified(repo)
     out = sh(repo, "dvc", "repro", "comparison/dvc.yaml")
     assert ran(out) == COMPARISON | ALWAYS  # its inputs are the default pipeline's outputs, up to date
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -277,14 +295,25 @@ def test_realarch_profile_runs_the_default_dag_and_its_lineage_verifies(realarch
         # that is not UTF-8 before an eos is the model's own output, kept as decoded
         rows = pq.read_table(repo / "data" / part / "generations.parquet").to_pylist()
         assert not any(r["finish_reason"] == "length" and r["response"].endswith("\ufffd") for r in rows)
-    verified = subprocess.run(
-        [sys.executable, "-m", "distillflow.cli", "lineage", "verify"],
-        cwd=repo,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert verified.returncode == 0 and " 0 mismatches" in verified.stdout, verified.stdout + verified.stderr
+    check_verified(repo)
+
+
+def test_editing_the_toy_task_leaves_a_real_model_train_cached(realarch_repo: Path) -> None:
+    """The toy task is a plugin a run on real models and a prompt dataset never loads
+    (distillflow/tasks): editing it reruns only the stages whose code deps name
+    distillflow/tasks, each writes the same bytes (its manifest records the code it
+    loaded, which leaves the toy task out), and DVC keeps train and the rest cached."""
+    repo = realarch_repo
+    assert ran(sh(repo, "dvc", "repro")) == ALWAYS
+    toy = repo / "distillflow" / "tasks" / "toy" / "toytask.py"
+    before = toy.read_text()
+    toy.write_text(before.replace("WALK_STEPS = ((1, 2), (1, 3))", "WALK_STEPS = ((1, 2), (1, 4))"))
+    assert toy.read_text() != before
+    reran = ran(sh(repo, "dvc", "repro"))
+    assert reran == ALWAYS | {"bootstrap", "seed", "curate", "evaluate"}, reran
+    assert "train" not in reran and "teacher" not in reran and "score" not in reran
+    toy.write_text(before)
+    assert ran(sh(repo, "dvc", "repro")) == ALWAYS | {"bootstrap", "seed", "curate", "evaluate"}
 
 
 def test_editing_a_model_folder_in_place_reruns_bootstrap_and_what_follows(realarch_repo: Path) -> None:

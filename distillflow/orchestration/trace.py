@@ -5,12 +5,9 @@
   sources: a pair to its prompt row (with source and source_ref) and both
   generations (model fingerprint, engine, sampling); an artifact through its
   manifest's inputs, recursively, with params, seeds, models and code digests.
-- `verify`: recompute every digest and check that the files, the manifests and
-  dvc.lock agree: DVC's own status (dvc.lock md5s vs the workspace, deps, params,
-  cache); each manifest's output sha256s vs the files; each manifest's input sha256s
-  vs the files now there and vs the upstream manifest that recorded them; each
-  manifest's code digests vs the code now. Every mismatch is one line naming the
-  path and what disagrees.
+- `verify` (distillflow/orchestration/verify.py): recompute every digest; fail on a
+  file that disagrees with dvc.lock or its manifest, report the stages that never ran
+  here, are not checked out or are stale.
 - `cost`: the run records (distillflow/audit/lineage.py) summed per stage for one run.
 
 Record ids are found in the Parquet files of the outs dvc.lock records.
@@ -20,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ class Out:
     stage: str  # the DVC stage name (train, compare@kd-1, round_train@r2)
     path: str  # relative to the repo root, posix
     md5: str | None
+    hash_name: str | None = None  # what `md5` is: "md5" (DVC 3), absent in older lock files
 
 
 def lock_outs(root: Path) -> list[Out]:
@@ -69,7 +67,7 @@ def lock_outs(root: Path) -> list[Out]:
             wdir = (spec.get(name.split("@", 1)[0]) or {}).get("wdir", ".")
             base = Path(os.path.normpath(pipeline.parent / wdir))
             for o in entry.get("outs", []):
-                found.append(Out(prefix + name, (base / o["path"]).as_posix(), o.get("md5")))
+                found.append(Out(prefix + name, (base / o["path"]).as_posix(), o.get("md5"), o.get("hash")))
     return found
 
 
@@ -321,104 +319,6 @@ def _render_record(node: dict[str, Any], indent: int) -> list[str]:
             lines.append(f"{pad}  {part}:")
             lines.extend(_render_record(node[part], indent + 2))
     return lines
-
-
-# --- verify ------------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    mismatches: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    checked: int = 0
-
-
-def dvc_status(root: Path) -> dict[str, Any]:
-    """`dvc status` through DVC's API: stage -> its changes (empty when all agree)."""
-    from distillflow.orchestration.dvc_adapter import project
-
-    with project(root) as p:
-        return p.status()
-
-
-def _status_lines(name: str, changes: list[Any]) -> list[str]:
-    lines = []
-    for change in changes:
-        if isinstance(change, dict):
-            for what, items in change.items():
-                detail = ", ".join(f"{p}: {s}" for p, s in items.items()) if isinstance(items, dict) else str(items)
-                lines.append(f"dvc.lock: stage {name}: {what}: {detail}")
-        else:
-            lines.append(f"dvc.lock: stage {name}: {change}")
-    return lines
-
-
-def check_manifest(
-    root: Path, out: Out, manifest: dict[str, Any], recorded: dict[str, tuple[str, str]], report: Report
-) -> None:
-    """One manifest against its files, its inputs, the upstream manifests and the code."""
-    mfile = f"{out.path}/manifest.json"
-    for name, entry in manifest.get("outputs", {}).items():
-        path = root / out.path / name
-        report.checked += 1
-        if not path.exists():
-            report.mismatches.append(f"{out.path}/{name}: missing, but {mfile} records it (sha256 {entry['sha256']})")
-        elif (got := digest_path(path)) != entry["sha256"]:
-            report.mismatches.append(
-                f"{out.path}/{name}: file sha256 {got} differs from {mfile}'s record {entry['sha256']}"
-            )
-    for name, entry in manifest.get("inputs", {}).items():
-        path = root / entry["path"]
-        report.checked += 1
-        if not path.exists():
-            report.mismatches.append(f"{mfile}: input {name} {entry['path']} is missing")
-            continue
-        if (got := digest_path(path)) != entry["sha256"]:
-            report.mismatches.append(
-                f"{mfile}: input {name} {entry['path']}: the file now has sha256 {got}, the manifest recorded "
-                f"{entry['sha256']}"
-            )
-        upstream = recorded.get(Path(entry["path"]).as_posix())
-        if upstream is not None and upstream[1] != entry["sha256"]:
-            report.mismatches.append(
-                f"{mfile}: input {name} {entry['path']}: recorded sha256 {entry['sha256']}, but {upstream[0]} "
-                f"recorded {upstream[1]} for it"
-            )
-    for rel, digest in manifest.get("code", {}).items():
-        report.checked += 1
-        if not (root / rel).is_file():
-            report.mismatches.append(f"{mfile}: code {rel} no longer exists")
-        elif (got := digest_path(root / rel)) != digest:
-            report.mismatches.append(
-                f"{mfile}: code {rel} now has sha256 {got}, the manifest recorded {digest} (changed since {out.path} "
-                "was made)"
-            )
-
-
-def verify(root: Path) -> Report:
-    """Every disagreement between the files, the manifests and dvc.lock."""
-    report = Report()
-    outs = lock_outs(root)
-    locked = {o.stage for o in outs}
-    for name, changes in sorted(dvc_status(root).items()):
-        if name not in locked:
-            report.notes.append(f"stage {name}: not run yet (no dvc.lock entry)")
-            continue
-        if changes == ["always changed"]:  # `always_changed: true` (identify): DVC reports it whatever it holds
-            report.notes.append(f"stage {name}: always changed (reruns on every repro); its outputs match dvc.lock")
-            continue
-        report.mismatches.extend(_status_lines(name, changes))
-    manifests = [(o, m) for o in outs if (m := read_manifest(root, o)) is not None]
-    # path -> (manifest that wrote it, sha256 it recorded)
-    recorded = {
-        f"{o.path}/{name}": (f"{o.path}/manifest.json", e["sha256"])
-        for o, m in manifests
-        for name, e in m.get("outputs", {}).items()
-    }
-    for out, manifest in manifests:
-        check_manifest(root, out, manifest, recorded, report)
-    report.checked += len(outs)
-    return report
 
 
 # --- cost --------------------------------------------------------------------------
