@@ -3,7 +3,7 @@
 bootstrap's teacher training is most of the default `dvc repro` on 2 cores (README,
 "Timing"). This times train_toy's step on the params.yaml model (`--role teacher` or
 `student`), phase by phase, on the sequences bootstrap trains on (`sft_stream` of
-`training_examples`, each made by `bootstrap.sequence`), side by side in one run:
+`training_examples`, each made by `toymodels.sequence`), side by side in one run:
 
   as bootstrap trains   batches in stream order, float32 (what the pipeline does today)
   length-sorted         the same sequences, all of them sorted by length, cut into
@@ -45,30 +45,31 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from distillflow.base import models, params  # noqa: E402
+from distillflow.base import config, models, params  # noqa: E402
+from distillflow.stagekit import toymodels
 from distillflow.training import basics  # noqa: E402
 from stages import bootstrap  # noqa: E402
 
-Batches = list[list[bootstrap.Sequence]]
+Batches = list[list[toymodels.Sequence]]
 
 
 def sequences(
-    tok: object, task: object, role: str, mp: bootstrap.ToyModelParams, seed: int, n: int
-) -> tuple[list[bootstrap.Sequence], float]:
+    tok: object, task: object, role: str, mp: config.ToyModelParams, seed: int, n: int
+) -> tuple[list[toymodels.Sequence], float]:
     """(the first n sequences bootstrap trains `role` on, seconds it took to make them).
     `seed` is the one bootstrap.run gives the role (teacher seed * 100, student + 1)."""
-    stream = bootstrap.sft_stream(bootstrap.training_examples(task, seed, role), mp, seed)
+    stream = toymodels.sft_stream(toymodels.training_examples(task, seed, role), mp, seed)
     # The first draw collects a fixed SFT set (`examples` > 0) once: start-up, not a step's cost.
     stream = itertools.chain([next(stream)], stream)
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    seqs = [bootstrap.sequence(tok, e, rng, mp, task.alphabet) for e in itertools.islice(stream, n)]
+    seqs = [toymodels.sequence(tok, e, rng, mp, task.alphabet) for e in itertools.islice(stream, n)]
     return seqs, time.perf_counter() - t0
 
 
 def time_steps(
     tok: object,
-    mp: bootstrap.ToyModelParams,
+    mp: config.ToyModelParams,
     seed: int,
     max_positions: int,
     batches: Batches,
@@ -83,7 +84,7 @@ def time_steps(
     real = padded = 0
     for i, chunk in enumerate(batches):
         t0 = time.perf_counter()
-        b, mask = bootstrap._batch(tok, chunk)
+        b, mask = toymodels._batch(tok, chunk)
         t1 = time.perf_counter()
         logits = forward(model, b)
         loss = F.cross_entropy(logits[mask], b.targets[mask])
@@ -131,7 +132,7 @@ def main() -> None:
         ap.error("--steps must be >= 1 and --warmup >= 0")
 
     sections = params.load_sections(args.params, bootstrap.SECTIONS)
-    p: bootstrap.BootstrapParams = sections["bootstrap"]
+    p: config.BootstrapParams = sections["bootstrap"]
     mp, seed = (p.teacher, p.seed * 100) if args.role == "teacher" else (p.student, p.seed * 100 + 1)
     bs = mp.batch_size
     n_batches = args.steps + args.warmup

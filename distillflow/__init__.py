@@ -2,10 +2,11 @@
 
 The library, in layers that import only downward (tests/test_layers.py holds the order):
 
-    base           errors, params loading, shared params sections, records and ids, io, models
+    base           errors, params loading, shared params sections, records and ids, io, models,
+                   quarantine
     tasks          the task interface and registry; the embedded toy task is one plugin
-    data           prompt sources, split, synthesis, pairing, curation filters, quarantine
     engines        generation engines (transformers, vLLM, OpenAI-compatible), scoring, shards
+    data           prompt sources, split, synthesis (it generates: above engines), pairing, curation
     training       losses, methods, the trainer
     evaluation     metrics and the evaluator
     audit          quality gates (Great Expectations), lineage manifests, OpenLineage

@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -47,12 +48,22 @@ STAGES = (
 )
 
 
+def stage_module(name: str) -> Any:
+    """A stage module of the checkout this command runs in (the stage modules are not
+    installed: they run as `python -m stages.<name>` from the repo root)."""
+    if not (Path.cwd() / "stages" / f"{name}.py").is_file():
+        raise SystemExit(f"no stages/{name}.py under {Path.cwd()}: run distillflow from the repo root")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    return importlib.import_module(f"stages.{name}")
+
+
 def check_params_file(path: Path) -> int:
     from distillflow.base import params
 
     failures = 0
     for name in STAGES:
-        module = importlib.import_module(f"stages.{name}")
+        module = stage_module(name)
         try:
             if name == "compare":  # a matrix: each run reads its own compare.runs entry
                 runs = params.select(params.load_yaml(path), "compare.runs", str(path))
@@ -192,26 +203,19 @@ def lineage(args: argparse.Namespace) -> int:
             table = lin.cost_table(lin.run_records(args.lineage_dir or root / "lineage", args.run))
             print(json.dumps(table, indent=2, sort_keys=True) if args.json else "\n".join(lin.render_cost(table)))
             return 0
+        from distillflow.orchestration import verify
+
         os.chdir(root)  # DVC's API resolves paths against the working directory
-        report = lin.verify(root)
+        report = verify.verify(root)
     except lin.LineageError as exc:
         print(f"distillflow lineage {args.action}: {exc}", file=sys.stderr)
         return 1
-    for note in report.notes:
-        print(f"note: {note}")
-    for line in report.mismatches:
-        print(f"MISMATCH {line}")
-    print(f"lineage verify: {report.checked} digests and records checked, {len(report.mismatches)} mismatches")
+    # Only a mismatch fails it; stages that never ran here, are not checked out or are stale are listed.
+    print("\n".join(verify.render_verify(report)))
     return 1 if report.mismatches else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="validate a params file for every stage")
-    c.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
-    s = sub.add_parser("stages", help="list the stages of dvc.yaml")
-    s.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+def _flow_commands(sub: Any) -> None:
     for cmd, text in (
         ("run", "run the DVC pipeline as a Prefect flow"),
         ("serve", "serve the flow as a deployment with a cron schedule"),
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.choices["serve"]
     v.add_argument("--name", default="distillflow-serve", help="deployment name (default distillflow-serve)")
     v.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 03:00 daily)")
+
+
+def _dag_commands(sub: Any) -> None:
     dag = sub.add_parser("dag", help="dvc.yaml upkeep")
     dsub = dag.add_subparsers(dest="dag_command", required=True)
     dsync = dsub.add_parser("sync", help="rewrite each stage's code deps in dvc.yaml from its imports")
@@ -257,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="a pipeline file (repeatable; default: dvc.yaml and comparison/dvc.yaml); stage modules live under .",
     )
+
+
+def _lineage_commands(sub: Any) -> None:
     lin = sub.add_parser("lineage", help="trace, verify and cost the pipeline's artifacts")
     lsub = lin.add_subparsers(dest="action", required=True)
     show = lsub.add_parser("show", help="an artifact path, model folder or record id, back to its sources")
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "target", help="a path (data/train/model, data/curate/curated.parquet) or a pair_id, generation_id or prompt_id"
     )
     show.add_argument("--json", action="store_true", help="print JSON instead of the text tree")
-    lsub.add_parser("verify", help="recompute every digest; exit 1 if files, manifests and dvc.lock disagree")
+    lsub.add_parser("verify", help="recompute every digest; exit 1 if a file disagrees with dvc.lock or a manifest")
     cost = lsub.add_parser("cost", help="a run's cost, summed per stage")
     cost.add_argument(
         "--run", help="run id (DISTILLFLOW_RUN_ID); default: the newest run in lineage/runs/history.jsonl"
@@ -273,7 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--json", action="store_true")
     for p in lsub.choices.values():
         p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
-    args = parser.parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a params file for every stage")
+    c.add_argument("params", nargs="?", type=Path, default=Path("params.yaml"))
+    s = sub.add_parser("stages", help="list the stages of dvc.yaml")
+    s.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    _flow_commands(sub)
+    _dag_commands(sub)
+    _lineage_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "lineage":
         return lineage(args)
     if args.command == "check":

@@ -1,2 +1,2 @@
 """distillflow's pipeline stages: one module per dvc.yaml stage (`python -m stages.<name>`),
-plus genstage, the teacher/student body."""
+run from the repo root; what they share lives in the distillflow package."""

@@ -49,10 +49,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from distillflow.base.config import TaskParams
+from distillflow.base.config import TaskParams, ToyModelParams
+from distillflow.stagekit import toymodels
 from distillflow.tasks.toy import toytask
 from distillflow.training import basics
-from stages import bootstrap
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL = (ENDOFTEXT, IM_START, IM_END)
@@ -173,21 +173,21 @@ def _generation_config(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> 
     gc.repetition_penalty = 1.05
 
 
-def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: bootstrap.ToyModelParams, seed: int) -> float:
+def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: ToyModelParams, seed: int) -> float:
     """bootstrap's SFT (answer tokens + eos through the chat template), then the padded
     output rows put back to their random init (the optimizer pushes never-seen rows down)."""
     head = model.get_output_embeddings().weight
     v = len(tok)
     init = head.detach()[v:].clone()
-    losses, _ = bootstrap.train_toy(
+    losses, _ = toymodels.train_toy(
         model,
         tok,
-        bootstrap.training_examples(TASK, seed, "teacher"),
+        toymodels.training_examples(TASK, seed, "teacher"),
         mp,
         "realarch sft",
         seed=seed,
         alphabet=TASK.alphabet,
-        heldout=bootstrap.heldout_examples(TASK, seed, 8),
+        heldout=toymodels.heldout_examples(TASK, seed, 8),
         eval_every=mp.steps,
     )
     with torch.no_grad():
@@ -196,7 +196,7 @@ def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: bootstrap.Toy
 
 
 def build_teacher(tok: PreTrainedTokenizerFast) -> tuple[Qwen2ForCausalLM, float]:
-    mp = bootstrap.ToyModelParams(
+    mp = ToyModelParams(
         hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, steps=200, batch_size=32, lr=0.01,
         warmup_steps=10, examples=0, corrupt_share=0.0,
     )  # fmt: skip
@@ -222,7 +222,7 @@ def build_teacher(tok: PreTrainedTokenizerFast) -> tuple[Qwen2ForCausalLM, float
 
 
 def build_student(tok: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, float]:
-    mp = bootstrap.ToyModelParams(
+    mp = ToyModelParams(
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=60, batch_size=32, lr=0.01,
         warmup_steps=5, examples=0, corrupt_share=0.0,
     )  # fmt: skip

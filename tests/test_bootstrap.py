@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillflow.base import encoding, models
+from distillflow.base import config, encoding, models
 from distillflow.base.config import ModelParams, ModelsParams
+from distillflow.stagekit import toymodels
 from distillflow.tasks.toy import steps, toytask
 from stages import bootstrap
 
 from .builders import TASK, quick_benchmark, seed_params
 
 
-def tiny(steps: int) -> bootstrap.ToyModelParams:
-    return bootstrap.ToyModelParams(
+def tiny(steps: int) -> config.ToyModelParams:
+    return config.ToyModelParams(
         hidden_size=16,
         num_layers=1,
         num_heads=2,
@@ -31,8 +32,8 @@ def tiny(steps: int) -> bootstrap.ToyModelParams:
     )
 
 
-def boot(teacher: bootstrap.ToyModelParams, student: bootstrap.ToyModelParams) -> bootstrap.BootstrapParams:
-    return bootstrap.BootstrapParams(
+def boot(teacher: config.ToyModelParams, student: config.ToyModelParams) -> config.BootstrapParams:
+    return config.BootstrapParams(
         seed=0,
         max_positions=64,
         workers=1,
@@ -89,7 +90,7 @@ def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
 def test_training_examples_never_include_eval_prompts() -> None:
     from distillflow.base import records
 
-    for ex, _ in zip(bootstrap.training_examples(TASK, 0, "teacher"), range(500)):
+    for ex, _ in zip(toymodels.training_examples(TASK, 0, "teacher"), range(500)):
         pid = records.prompt_id(records.normalise_prompt(ex.prompt))
         assert records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction) == "train"
 
@@ -147,7 +148,7 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
     rng = random.Random(0)
     seen = 0
     for ex in itertools.islice(toytask.examples(toytask.config_of(STEP_TASK), 3), 60):
-        prompt_ids, response, masked = bootstrap.sequence(tok, ex, rng, p, STEP_TASK.alphabet)
+        prompt_ids, response, masked = toymodels.sequence(tok, ex, rng, p, STEP_TASK.alphabet)
         assert prompt_ids == encoding.prompt_ids(tok, ex.prompt) and response[-1] == tok.eos_token_id
         if not masked:
             continue
@@ -161,10 +162,10 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
         assert written[j] == bad and bad not in steps.next_steps(inst, written[:j])
         sep = steps.SEPARATOR[ex.skill]
         rest = sep + steps.join_steps(ex.skill, written[j + 1 :]) if j + 1 < len(written) else ""
-        assert bootstrap.follows_rule(inst, written[: j + 1], rest)
+        assert toymodels.follows_rule(inst, written[: j + 1], rest)
     assert seen > 40
     # the loss mask: every response position but the wrong step's
-    b, mask = bootstrap._batch(tok, [last])
+    b, mask = toymodels._batch(tok, [last])
     scored = b.response_mask[0].nonzero().flatten().tolist()
     assert [t - (len(last[0]) - 1) for t in scored if not mask[0, t]] == list(last[2])
     assert int(mask.sum()) == len(scored) - len(last[2])
@@ -173,8 +174,8 @@ def test_a_corrupted_sequence_masks_only_its_wrong_step() -> None:
 def test_follows_rule_checks_every_step_and_the_end() -> None:
     # the prefix ends with its wrong step, as training sequences do: the separator is the model's to write
     inst = steps.instance("countdown", "46 37 28 19 10 1")
-    fail = lambda prefix, cont: bootstrap.continuation_failure(inst, prefix, cont)  # noqa: E731
-    assert bootstrap.follows_rule(inst, ["46", "36"], " 27 18 9")  # from the written 36, down to the floor of 1
+    fail = lambda prefix, cont: toymodels.continuation_failure(inst, prefix, cont)  # noqa: E731
+    assert toymodels.follows_rule(inst, ["46", "36"], " 27 18 9")  # from the written 36, down to the floor of 1
     assert fail(["46", "36"], " 27 18 9 0") == "past_end"  # 0 is below the floor
     assert fail(["46", "36"], " 28 19 10 1") == "wrong_step"  # back to the answer: not the rule
     assert fail(["46", "36"], " 27 18") == "short"  # stops too early
@@ -184,20 +185,20 @@ def test_follows_rule_checks_every_step_and_the_end() -> None:
     assert fail(["46", "36"], "27 18 9") == "malformed"  # no separator after the written step
     assert fail(["46", "36"], "") == "short"
     walk = steps.instance("walk", "13 14 16")
-    assert bootstrap.follows_rule(walk, ["13", "12"], " 14 16") and bootstrap.follows_rule(
+    assert toymodels.follows_rule(walk, ["13", "12"], " 14 16") and toymodels.follows_rule(
         walk, ["13", "12"], " 13 15 16"
     )
     # a wrong step that overshoots the goal ends the walk there: the right continuation is none
-    assert bootstrap.follows_rule(walk, ["13", "19"], "")
-    assert bootstrap.continuation_failure(walk, ["13", "19"], " 20") == "past_end"
+    assert toymodels.follows_rule(walk, ["13", "19"], "")
+    assert toymodels.continuation_failure(walk, ["13", "19"], " 20") == "past_end"
 
 
 def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
     from distillflow.base import records
     from distillflow.data import sources, split
 
-    student = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "student"), 200))
-    teacher = list(itertools.islice(bootstrap.training_examples(STEP_TASK, 1, "teacher"), 200))
+    student = list(itertools.islice(toymodels.training_examples(STEP_TASK, 1, "student"), 200))
+    teacher = list(itertools.islice(toymodels.training_examples(STEP_TASK, 1, "teacher"), 200))
     split_of = lambda e: records.split_of(  # noqa: E731
         records.prompt_id(records.normalise_prompt(e.prompt)), STEP_TASK.eval_fraction, STEP_TASK.sft_fraction
     )
@@ -229,7 +230,7 @@ def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> 
         assert 0 < after["n"] <= 8
         wrong = sum(n for by_kind in after["failures"].values() for n in by_kind.values())
         assert wrong == round((1 - after["accuracy"]) * after["n"])  # every failure counted by kind
-        assert all(set(by_kind) == set(bootstrap.FAILURES) for by_kind in after["failures"].values())
+        assert all(set(by_kind) == set(toymodels.FAILURES) for by_kind in after["failures"].values())
         assert set(after["failures"]) <= set(after["per_skill"])
     assert (a["teacher"]["corrupt_share"], a["student"]["examples"]) == (0.25, 24)
     assert {k: v for k, v in a["teacher"].items() if k != "seconds"} == {

@@ -28,9 +28,10 @@ LAYERS = [
 ]
 PACKAGE = ROOT / "distillflow"
 # The embedded toy task is a plugin: the registry (distillflow/tasks/__init__.py) loads
-# it by name; only the toy task's own builder stage (bootstrap) and its tests import it.
+# it by name; only the builder of its models (loaded by bootstrap for toy models alone)
+# and its tests import it.
 PLUGIN = "distillflow.tasks.toy"
-MAY_IMPORT_PLUGIN = {"stages/bootstrap.py"}
+MAY_IMPORT_PLUGIN = {"distillflow/stagekit/toymodels.py"}
 
 
 def module_name(path: Path) -> str:

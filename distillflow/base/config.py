@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from distillflow.base import models
 from distillflow.base.identity import ModelRef
 from distillflow.base.params import check
 
@@ -185,3 +186,49 @@ class GenerationParams:
                 "openai",
                 "engine openai needs openai.base_url and openai.model",
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyModelParams:
+    """One toy model's size and its SFT budget."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    examples: int  # distinct SFT examples, cycled in epochs; 0: a fresh draw every step
+    corrupt_share: float  # sequences with one wrong step (step skills); 0: right answers only
+
+    def __post_init__(self) -> None:
+        check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        check(self.steps >= 1 and self.batch_size >= 1, "steps", "steps and batch_size must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.examples >= 0, "examples", "must be >= 0 (0: a fresh draw every step)")
+        check(0.0 <= self.corrupt_share < 1.0, "corrupt_share", "must be in [0, 1)")
+
+    def arch(self) -> models.ToyArch:
+        return models.ToyArch(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    """params.yaml `bootstrap`."""
+
+    seed: int
+    max_positions: int
+    workers: int  # 2: teacher and student train at once, one process and one thread each; 1: in turn
+    heldout: int  # eval-split prompts the models' held-out loss and accuracies are measured on
+    eval_every: int  # steps between held-out loss measurements
+    max_new_tokens: int  # greedy budget of the accuracy measurements
+    teacher: ToyModelParams
+    student: ToyModelParams
+
+    def __post_init__(self) -> None:
+        check(self.workers in (1, 2), "workers", "must be 1 (in turn) or 2 (teacher and student at once)")
+        check(self.heldout >= 1, "heldout", "must be >= 1")
+        check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

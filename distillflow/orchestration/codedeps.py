@@ -13,7 +13,7 @@ which every stage that reaches the registry lists.
 
 Why layer folders rather than the list of files (what this wrote before the package
 had layers): the lists were 60% of dvc.yaml, and a stage's layers are what a reader
-wants to see (train: base, data, training, audit, stagekit; not tasks). The cost is
+wants to see (train: audit, base, stagekit, training; not tasks). The cost is
 reruns that exact file lists would skip: editing a module in a layer a stage uses
 reruns the stage even when it never imports that module, and DVC then finds the same
 outputs and keeps everything downstream cached. Never a missed change: a stage's

@@ -38,16 +38,17 @@ from prefect.runtime import task_run as runtime_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from distillflow.orchestration import artifacts, dvc_ops
+from distillflow.orchestration import artifacts, codedeps, dvc_ops
 from distillflow.orchestration.dag import Dag, StageSpec, load_dag
 from distillflow.orchestration.dvc_adapter import session
 
 # Where Prefect keeps task results (the cache records), relative to the repo root.
 # Inside .dvc/tmp: git- and dvc-ignored, and it lives as long as this DVC cache does.
 RESULTS_DIR = ".dvc/tmp/distillflow-prefect"
-# A stage that declares one of these deps loads a model (generates or trains) and
-# gets retries with backoff; cheap data stages fail fast.
-RETRY_IF_DEPENDS_ON = (
+# A stage whose code loads one of these modules loads a model (generates or trains) and
+# gets retries with backoff; cheap data stages fail fast. (dvc.yaml names layer folders,
+# so the stage's import closure is read from its module: distillflow/orchestration/codedeps.py.)
+RETRY_IF_LOADS = (
     "distillflow/base/models.py",
     "distillflow/engines/generation.py",
     "distillflow/training/basics.py",
@@ -127,12 +128,20 @@ def run_stage(
 stage_task = task(run_stage, persist_result=True, result_serializer="json", cache_key_fn=_key_fn)
 
 
-def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None) -> int:
+def loads_models(spec: StageSpec, root: Path) -> bool:
+    """Whether the stage's module (`python -m stages.X`) loads a model, by its imports."""
+    if not isinstance(spec.cmd, str) or not spec.cmd.strip().startswith("python -m stages."):
+        return False
+    files = codedeps.closure(codedeps.stage_module(spec.name, spec.cmd), root)
+    return any(f in files for f in RETRY_IF_LOADS)
+
+
+def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None, root: Path) -> int:
     """`retries` for a stage matched by a `retry_stages` pattern (fnmatch on its name)
     or, by default, for one that loads models; 0 otherwise."""
     if retry_stages is not None:
         return retries if any(fnmatch(spec.name, p) for p in retry_stages) else 0
-    return retries if any(d in spec.deps for d in RETRY_IF_DEPENDS_ON) else 0
+    return retries if loads_models(spec, root) else 0
 
 
 def _submit(
@@ -148,7 +157,7 @@ def _submit(
 ) -> PrefectFuture:
     spec = dag.stages[name]
     fp = dvc_ops.stage_fingerprint(root, name)
-    n = retries_for(spec, retries, retry_stages)
+    n = retries_for(spec, retries, retry_stages, root)
     configured = stage_task.with_options(
         name=name,
         task_run_name=name,
@@ -270,28 +279,46 @@ def _distill(
             refreshed.add(name)
             submit(name, refresh=True)
             continue
-        if cached:
-            outcome = "restored" if sync == "restored" else "cached"
-        else:
-            outcome = {"ran": "ran", "up-to-date": "up-to-date", "run-cache": "run-cache"}[record["how"]]
         seconds = time.time() - submitted_at[name]
-        entry = {
-            "outcome": outcome,
-            "fingerprint": record["fingerprint"],
-            "seconds": round(seconds, 3),
-            "task_run_id": str(fut.task_run_id),
-        }
-        if outcome == "ran":
-            entry.update(started=record["started"], finished=record["finished"], attempts=record["attempts"])
-        summary["stages"][name] = entry
+        summary["stages"][name] = _completed(logger, root, dag.stages[name], fut, record, cached, sync, seconds)
         done.add(name)
-        logger.info("stage %s: %s (%.1f s)", name, outcome, seconds)
-        create_markdown_artifact(
-            key=artifacts.artifact_key(name),
-            markdown=artifacts.stage_markdown(root, dag.stages[name], outcome, record, seconds),
-            description=f"distillflow stage {name}: {outcome}",
-        )
+    return _finish(summary, selected, done, failed)
 
+
+def _completed(
+    logger: Any,
+    root: Path,
+    spec: StageSpec,
+    fut: PrefectFuture,
+    record: dict[str, Any],
+    cached: bool,
+    sync: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """A completed stage's summary entry; logs it and publishes its Prefect artifact."""
+    if cached:
+        outcome = "restored" if sync == "restored" else "cached"
+    else:
+        outcome = {"ran": "ran", "up-to-date": "up-to-date", "run-cache": "run-cache"}[record["how"]]
+    entry = {
+        "outcome": outcome,
+        "fingerprint": record["fingerprint"],
+        "seconds": round(seconds, 3),
+        "task_run_id": str(fut.task_run_id),
+    }
+    if outcome == "ran":
+        entry.update(started=record["started"], finished=record["finished"], attempts=record["attempts"])
+    logger.info("stage %s: %s (%.1f s)", spec.name, outcome, seconds)
+    create_markdown_artifact(
+        key=artifacts.artifact_key(spec.name),
+        markdown=artifacts.stage_markdown(root, spec, outcome, record, seconds),
+        description=f"distillflow stage {spec.name}: {outcome}",
+    )
+    return entry
+
+
+def _finish(summary: dict[str, Any], selected: list[str], done: set[str], failed: dict[str, str]) -> dict[str, Any]:
+    """The run's summary in DAG order, its table artifact; raises PipelineFailed if a stage failed."""
     not_run = [n for n in selected if n not in done and n not in failed]
     for name in not_run:
         summary["stages"][name] = {"outcome": "not-run", "message": "an upstream stage failed"}
