@@ -2,6 +2,8 @@
 
     distillflow check [PARAMS_FILE]   validate a params file for every stage (strict)
     distillflow stages                list the DAG's stages with the params keys each reads
+    distillflow params [SECTION ...] [--params FILE] [--markdown]
+                                      every setting: key, type, value in the params file, help
     distillflow run [--target STAGE] [-S key=value ...]
                                       run the DVC pipeline as a Prefect flow (distillflow/orchestration/pipeline.py)
     distillflow serve [--cron CRON] [--target STAGE] [-S key=value ...]
@@ -14,7 +16,7 @@
                                       a run's cost per stage (time, memory, tokens, cache hits)
 
 The pipeline runs with `dvc repro` or, scheduled, observed and with parallel branches,
-with `distillflow run` (see README, "Running under Prefect"); both keep dvc.lock current.
+with `distillflow run` (see docs/orchestration.md); both keep dvc.lock current.
 """
 
 from __future__ import annotations
@@ -285,6 +287,25 @@ def _lineage_commands(sub: Any) -> None:
         p.add_argument("--root", type=Path, default=Path("."), help="the DVC repo (default: the current directory)")
 
 
+def _params_commands(sub: Any) -> None:
+    p = sub.add_parser("params", help="every params setting: key, type, value and help (docs/params.md)")
+    p.add_argument("sections", nargs="*", metavar="SECTION", help="params.yaml sections (default: all)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file (default params.yaml)")
+    p.add_argument("--markdown", action="store_true", help="print docs/params.md's Markdown instead")
+
+
+def params_command(args: argparse.Namespace) -> int:
+    from distillflow.orchestration import schema
+
+    render = schema.render_markdown if args.markdown else schema.render_text
+    try:
+        sys.stdout.write(render(args.params, args.sections or None))
+    except (KeyError, ValueError) as exc:
+        print(f"distillflow params: {exc.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillflow", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     _flow_commands(sub)
     _dag_commands(sub)
     _lineage_commands(sub)
+    _params_commands(sub)
     return parser
 
 
@@ -304,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return lineage(args)
     if args.command == "check":
         return check_params_file(args.params)
+    if args.command == "params":
+        return params_command(args)
     if args.command == "run":
         return run_flow(args)
     if args.command == "serve":

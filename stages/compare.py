@@ -45,7 +45,7 @@ from distillflow.audit import lineage, quality
 from distillflow.base import models, params, records
 from distillflow.base.config import Dtype, GenerationParams, ModelParams
 from distillflow.base.errors import ParamsError
-from distillflow.base.io import atomic_dir, digest_path, read_rows, write_json, write_table
+from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
 from distillflow.data.curation import CurateParams, curate
 from distillflow.data.pairing import PairsParams, build_pairs
 from distillflow.engines.generation import generate_transformers, sample_seed
@@ -54,9 +54,9 @@ from distillflow.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
 from distillflow.stagekit import entry, trainrun
 from distillflow.training import basics, trainer
 from distillflow.training.cells import SHARED_TRAIN, RunParams, cell_params
-from distillflow.training.checkpoint import Checkpoint, run_key
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.summary import run_summary
+from distillflow.training.train_params import TrainParams
 
 log = logging.getLogger("compare")
 
@@ -121,77 +121,45 @@ def fresh_pairs(
     return kept, {"unpaired": len(unpaired), "pairs": pair_counts["pairs"], "curate": cur_counts}
 
 
-def main() -> None:
-    paths = ("prompts", "teacher_gens", "pairs", "scores", "models")
-    args = entry.parse_paths(
-        __doc__,
-        *paths,
-        *(f"plain_{k}" for k in paths[1:]),
-        "out",
-        "metrics",
-        "live",
-        values={"run": str, "seed": int},
-    )
-    used = params.load_sections(args.params, sections(args.run))
-    threads = used["compare.threads"]
-    if threads < 1:
-        raise ParamsError(f"{args.params}: compare.threads: must be >= 1; got {threads}")
-    # A fixed thread count per cell, whatever runs beside it: outputs do not depend on
-    # how many cells run at once (`distillflow run --jobs 2` runs two on 2 cores).
-    torch.set_num_threads(threads)
-    trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
-    run: RunParams = used[f"compare.runs.{args.run}"]
-    p = cell_params(used, run, args.seed)
-    if p.total_rounds > 1 and p.teacher_signal == "topk" and run.rounds == "fresh":
-        raise ParamsError(
-            "train.teacher_signal: topk stores the teacher's signal for round 1's pairs only; a comparison cell's "
-            "fresh rounds need teacher_signal: online"
-        )
-    ev: EvaluateParams = used["evaluate"]
+def cell_models(args: Any, used: dict[str, Any], run: RunParams) -> tuple[trainrun.Models, Path, Path, Path]:
+    """(the models, the bootstrap folder, the curated pairs' folder, the teacher's scores
+    folder) of the cell's teacher: the default one or, for `teacher: plain`, the control's."""
     pick = "plain_" if run.teacher == "plain" else ""
-    models_dir, pairs_dir, scores_dir, gens_dir = (
-        getattr(args, pick + k) for k in ("models", "pairs", "scores", "teacher_gens")
-    )
+    models_dir, pairs_dir, scores_dir = (getattr(args, pick + k) for k in ("models", "pairs", "scores"))
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
-    s_dir, t_dir = models_dir / "student", models_dir / "teacher"
-    src, eval_file = pairs_dir / "curated.parquet", args.prompts / "eval.parquet"
-    prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
-    eval_ids = pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())
-    pairs, validation = trainrun.gate_inputs(used["quality"], src, scores_dir, p, eval_ids)
-    student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
-        p, s_ref, s_dir, t_ref, t_dir, scores_dir, trust, dtype
+    m = trainrun.Models(
+        s_ref,
+        models_dir / "student",
+        models.lineage_input(s_ref, models_dir, "student"),
+        t_ref,
+        models_dir / "teacher",
+        models.lineage_input(t_ref, models_dir, "teacher"),
     )
-    # round 1 resumes from its checkpoints as the train stage does (later rounds rerun from round 1's end)
-    key = run_key(
-        p, digest_path(src), models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir), dtype
-    )
-    ckpt = Checkpoint.beside(args.out, key)
-    fresh = p.total_rounds > 1 and run.rounds == "fresh"  # only fresh rounds sample: stale ones reread nothing
-    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if fresh else []
-    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if fresh else []
+    return m, models_dir, pairs_dir, scores_dir
+
+
+def train_rounds(
+    args: Any, used: dict[str, Any], run: RunParams, p: TrainParams, cell: trainrun.Prepared, fresh_inputs: Any
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The cell's E rounds on the trainer: round 1 on the gated pairs (resuming from its
+    checkpoints as the train stage does), later rounds on fresh pairs (`rounds: fresh`)
+    or round 1's again (`stale`). (every step's log row, each round's record, the last
+    round's pairs)."""
+    train_prompts, teacher_gens, eval_prompts = fresh_inputs
     curriculum = AlphaCurriculum(p.distillm2)
     rows: list[dict[str, float]] = []
     rounds: list[dict[str, Any]] = []
+    pairs = cell.pairs
     for e in range(1, p.total_rounds + 1):
         t0 = time.perf_counter()
         counts: dict[str, Any] = {}
-        if e > 1 and fresh:
-            pairs, counts = fresh_pairs(used, student, tok_s, train_prompts, teacher_gens, prompts, args.seed, e)
+        if e > 1 and train_prompts:
+            pairs, counts = fresh_pairs(
+                used, cell.student, cell.tok_s, train_prompts, teacher_gens, eval_prompts, args.seed, e
+            )
         t1 = time.perf_counter()
-        job = trainer.Job(
-            student=student,
-            teacher=teacher,
-            tok_s=tok_s,
-            tok_t=tok_t,
-            pairs=pairs,
-            p=p,
-            scores=scores,
-            round_index=e,
-            curriculum=curriculum,
-            checkpoint=ckpt if e == 1 else None,
-            live=args.live if e == p.total_rounds else None,  # one DVCLive log: the last round's
-        )
-        got = trainer.train(job)
+        live = args.live if e == p.total_rounds else None  # one DVCLive log: the last round's
+        got = trainer.train(trainrun.job(cell, p, e, curriculum, pairs=pairs, checkpoint=e == 1, live=live))
         rows += got
         rounds.append(
             {
@@ -203,18 +171,38 @@ def main() -> None:
                 "train_seconds": round(time.perf_counter() - t1, 1),
             }
         )
+    return rows, rounds, pairs
+
+
+def evaluate_and_write(
+    args: Any,
+    used: dict[str, Any],
+    run: RunParams,
+    p: TrainParams,
+    cell: trainrun.Prepared,
+    m: trainrun.Models,
+    **done: Any,
+) -> dict[str, Any]:
+    """Export the student, score it and the teacher on the eval prompts, and write the
+    cell's folder (model, predictions, manifest); its metrics."""
+    trust, dtype, ev = used["models.trust_remote_code"], used["models.dtype"], used["evaluate"]
+    prompts, rows, rounds, pairs = done["prompts"], done["rows"], done["rounds"], done["pairs"]
+    teacher = cell.teacher
     if teacher is None:  # topk signal: training never needed the teacher; evaluation does
-        teacher = models.load_model(t_ref, t_dir, trust, dtype)
+        teacher = models.load_model(m.t_ref, m.t_dir, trust, dtype)
     t_eval = time.perf_counter()
-    t_metrics, t_gens, _ = evaluator.generate_responses(
-        teacher, tok_t, models.model_fingerprint(t_ref, t_dir), "teacher", prompts, ev
-    )
+    t_fp = models.model_fingerprint(m.t_ref, m.t_dir)
+    t_metrics, t_gens, _ = evaluator.generate_responses(teacher, cell.tok_t, t_fp, "teacher", prompts, ev)
     with atomic_dir(args.out) as tmp:
         # float32 master weights -> models.dtype, in place: the student evaluated below is the saved one
-        basics.export_student(student, tok_s, tmp / "model", dtype)
+        basics.export_student(cell.student, cell.tok_s, tmp / "model", dtype)
         fp = models.model_fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
-        s_metrics, s_gens, predictions = evaluator.generate_responses(student, tok_s, fp, args.run, prompts, ev)
-        s_metrics |= evaluator.student_metrics(teacher, tok_t, student, tok_s, prompts, t_gens, s_gens, ev)
+        s_metrics, s_gens, predictions = evaluator.generate_responses(
+            cell.student, cell.tok_s, fp, args.run, prompts, ev
+        )
+        s_metrics |= evaluator.student_metrics(
+            teacher, cell.tok_t, cell.student, cell.tok_s, prompts, t_gens, s_gens, ev
+        )
         metrics = {
             "run": args.run,
             "method": run.method,
@@ -237,15 +225,7 @@ def main() -> None:
             tmp,
             "compare",
             used,
-            inputs={
-                "pairs": src,
-                "eval_prompts": eval_file,
-                "student": models.lineage_input(s_ref, models_dir, "student"),
-                "teacher": models.lineage_input(t_ref, models_dir, "teacher"),
-                **({"teacher_generations": gens_dir / "generations.parquet"} if teacher_gens else {}),
-                **({"train_prompts": args.prompts / "train.parquet"} if train_prompts else {}),
-                **({"scores": scores_dir / "topk.parquet"} if scores is not None else {}),
-            },
+            inputs={**trainrun.lineage_inputs(cell, done["scores_dir"], m), **done["extra_inputs"]},
             outputs={"predictions.parquet": n},
             counts=metrics,
             extra={
@@ -253,12 +233,71 @@ def main() -> None:
                 "run": args.run,
                 "threads": torch.get_num_threads(),
                 "train_params": asdict(p),
-                "validation": validation,
+                "validation": cell.validation,
             },
         )
+    return metrics
+
+
+def main() -> None:
+    paths = ("prompts", "teacher_gens", "pairs", "scores", "models")
+    args = entry.parse_paths(
+        __doc__,
+        *paths,
+        *(f"plain_{k}" for k in paths[1:]),
+        "out",
+        "metrics",
+        "live",
+        values={"run": str, "seed": int},
+    )
+    used = params.load_sections(args.params, sections(args.run))
+    threads = used["compare.threads"]
+    if threads < 1:
+        raise ParamsError(f"{args.params}: compare.threads: must be >= 1; got {threads}")
+    # A fixed thread count per cell, whatever runs beside it: outputs do not depend on
+    # how many cells run at once (`distillflow run --jobs 2` runs two on 2 cores).
+    torch.set_num_threads(threads)
+    run: RunParams = used[f"compare.runs.{args.run}"]
+    p = cell_params(used, run, args.seed)
+    if p.total_rounds > 1 and p.teacher_signal == "topk" and run.rounds == "fresh":
+        raise ParamsError(
+            "train.teacher_signal: topk stores the teacher's signal for round 1's pairs only; a comparison cell's "
+            "fresh rounds need teacher_signal: online"
+        )
+    m, _, pairs_dir, scores_dir = cell_models(args, used, run)
+    gens_dir = args.plain_teacher_gens if run.teacher == "plain" else args.teacher_gens
+    eval_file = args.prompts / "eval.parquet"
+    prompts = read_rows(eval_file, records.PROMPT_SCHEMA)
+    eval_ids = pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())
+    trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
+    src = pairs_dir / "curated.parquet"
+    cell = trainrun.prepare(p, used["quality"], src, scores_dir, m, trust, dtype, args.out, eval_ids)
+    fresh = p.total_rounds > 1 and run.rounds == "fresh"  # only fresh rounds sample: stale ones reread nothing
+    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if fresh else []
+    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if fresh else []
+    rows, rounds, pairs = train_rounds(args, used, run, p, cell, (train_prompts, teacher_gens, prompts))
+    extra_inputs = {
+        "eval_prompts": eval_file,
+        **({"teacher_generations": gens_dir / "generations.parquet"} if teacher_gens else {}),
+        **({"train_prompts": args.prompts / "train.parquet"} if train_prompts else {}),
+    }
+    metrics = evaluate_and_write(
+        args,
+        used,
+        run,
+        p,
+        cell,
+        m,
+        prompts=prompts,
+        rows=rows,
+        rounds=rounds,
+        pairs=pairs,
+        scores_dir=scores_dir,
+        extra_inputs=extra_inputs,
+    )
     write_json(args.metrics, metrics)
-    ckpt.clear()
-    acc = s_metrics.get("accuracy")
+    cell.checkpoint.clear()
+    acc, s_metrics = metrics["student"].get("accuracy"), metrics["student"]
     log.info(
         "compare %s seed %d: exact match %s, KL %.4f, %s s",
         args.run,

@@ -49,7 +49,6 @@ from distillflow.base.config import Dtype, ModelParams
 from distillflow.base.io import DataError, atomic_dir, digest_path, write_json
 from distillflow.stagekit import entry, trainrun
 from distillflow.training import basics, distributed, trainer
-from distillflow.training.checkpoint import Checkpoint, run_key
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.summary import run_summary, tokens_trained
 from distillflow.training.train_params import TrainParams
@@ -196,57 +195,36 @@ def main() -> None:
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
-    s_ref, t_ref, t_dir = used["models.student"].ref(), used["models.teacher"].ref(), args.models / "teacher"
+    s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
     s_dir, s_input = args.models / "student", models.lineage_input(s_ref, args.models, "student")
     round_index, curriculum = 1, AlphaCurriculum(p.distillm2)
     if args.previous is not None:  # an on-policy round after the first: start from the last round's student
         round_index, curriculum = previous_round(args.previous, p)
         s_ref, s_dir, s_input = models.ModelRef(str(args.previous / "model"), None), Path(), args.previous / "model"
-    src = args.pairs / "curated.parquet"
-    pairs, validation = trainrun.gate_inputs(used["quality"], src, args.scores, p)
+    m = trainrun.Models(
+        s_ref, s_dir, s_input, t_ref, args.models / "teacher", models.lineage_input(t_ref, args.models, "teacher")
+    )
     distributed.init_from_env(p.device)
-    student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
-        p, s_ref, s_dir, t_ref, t_dir, args.scores, trust, dtype
-    )
-    s_fp, t_fp = models.model_fingerprint(s_ref, s_dir), models.model_fingerprint(t_ref, t_dir)
-    key = run_key(p, digest_path(src), s_fp, t_fp, dtype)
-    ckpt = Checkpoint.beside(args.out, key)
+    run = trainrun.prepare(p, used["quality"], args.pairs / "curated.parquet", args.scores, m, trust, dtype, args.out)
     t0 = time.perf_counter()
-    job = trainer.Job(
-        student=student,
-        teacher=teacher,
-        tok_s=tok_s,
-        tok_t=tok_t,
-        pairs=pairs,
-        p=p,
-        scores=scores,
-        round_index=round_index,
-        curriculum=curriculum,
-        checkpoint=ckpt,
-        live=args.live,
-    )
-    rows = trainer.train(job)
+    rows = trainer.train(trainrun.job(run, p, round_index, curriculum, checkpoint=True, live=args.live))
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:
         return  # every process holds the same weights and logs; one writes them
-    log_done(round_index, p, rows, len(pairs), time.perf_counter() - t0)
-    metrics = {"round": round_index, **run_summary(rows, len(pairs), p.method)}
-    s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, t_dir)
+    log_done(round_index, p, rows, len(run.pairs), time.perf_counter() - t0)
+    metrics = {"round": round_index, **run_summary(rows, len(run.pairs), p.method)}
+    s_info, t_info = models.describe(s_ref, s_dir), models.describe(t_ref, m.t_dir)
     with atomic_dir(args.out) as tmp:
-        basics.export_student(student, tok_s, tmp / "model", dtype)  # float32 master weights -> models.dtype
-        (tmp / "model" / "README.md").write_text(model_card(used, metrics, src, s_info, t_info, round_index))
+        basics.export_student(run.student, run.tok_s, tmp / "model", dtype)  # float32 master weights -> models.dtype
+        (tmp / "model" / "README.md").write_text(model_card(used, metrics, run.src, s_info, t_info, round_index))
         write_json(tmp / "curriculum.json", curriculum.state())
+        tokens = tokens_trained(run.tok_s, run.pairs, p)
         lineage.write_manifest(
             tmp,
             "train",
             used,
-            inputs={
-                "pairs": src,
-                **({"scores": args.scores / "topk.parquet"} if scores is not None else {}),
-                "student": s_input,
-                "teacher": models.lineage_input(t_ref, args.models, "teacher"),
-            },
+            inputs=trainrun.lineage_inputs(run, args.scores, m),
             outputs={"curriculum.json": len(curriculum.gaps_t)},
             counts=metrics,
             extra={
@@ -254,16 +232,12 @@ def main() -> None:
                 "rounds": p.total_rounds,
                 "initial_student": s_info,
                 "teacher": t_info,
-                "validation": validation,
+                "validation": run.validation,
             },
-            cost={
-                "tokens_read": tokens_trained(tok_s, pairs, p),
-                "tokens_trained": tokens_trained(tok_s, pairs, p),
-                "optimizer_steps": len(rows),
-            },
+            cost={"tokens_read": tokens, "tokens_trained": tokens, "optimizer_steps": len(rows)},
         )
     write_json(args.metrics, metrics)
-    ckpt.clear()
+    run.checkpoint.clear()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class QualityParams:
     """params.yaml `quality`: the gates' thresholds."""
 
     min_prompt_chars: int  # a prompt shorter than this is a row failure
-    max_prompt_chars: int
+    max_prompt_chars: int  # a prompt longer than this is a row failure
     max_response_tokens: int  # a generation longer than this is a row failure (an engine bug)
     max_truncated_share: float  # teacher generations that hit max_new_tokens; above: the stage stops
     max_duplicate_share: float  # pairs repeating (prompt, chosen, rejected); above: the stage stops

@@ -14,8 +14,8 @@ from distillflow.base.params import check
 class ModelParams:
     """One model: `name: toy` (built by bootstrap), a local folder, or a hub id."""
 
-    name: str
-    revision: str | None
+    name: str  # toy (built by bootstrap) | a local folder | a hub id
+    revision: str | None  # hub revision (commit, branch or tag) of a hub id; null for toy or a folder
 
     def ref(self) -> ModelRef:
         return ModelRef(self.name, self.revision)
@@ -28,10 +28,10 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 class ModelsParams:
     """params.yaml `models`."""
 
-    teacher: ModelParams
-    student: ModelParams
-    trust_remote_code: bool
-    dtype: Dtype
+    teacher: ModelParams  # the teacher model (chosen responses, the distillation target)
+    student: ModelParams  # the student model that is distilled
+    trust_remote_code: bool  # let transformers run a hub model's own code when loading it
+    dtype: Dtype  # weights' dtype when loading models and saving the trained student
     # Distillation across different tokenizers: "none" (today's only value) makes the
     # pre-flight gate refuse models whose tokenizers differ; a later release adds methods.
     cross_tokenizer: Literal["none"]
@@ -44,18 +44,18 @@ class TaskParams:
     The skills are checked against the toy task when it is used (distillflow/tasks/toy:
     `config_of`); the split fractions serve every source."""
 
-    skills: tuple[str, ...]
-    max_digits: int
-    min_len: int
-    max_len: int
-    alphabet: str
-    min_terms: int
-    max_terms: int
-    min_span: int
-    max_span: int
-    min_columns: int
-    max_columns: int
-    eval_fraction: float
+    skills: tuple[str, ...]  # the toy task's skills in the prompt mix (distillflow/tasks/toy)
+    max_digits: int  # add's operands: at most this many digits
+    min_len: int  # words of reverse, sort, upper, count: at least this many letters; perm's distinct letters
+    max_len: int  # those words: at most this many letters
+    alphabet: str  # letters the words are drawn from
+    min_terms: int  # countdown's numbers (and runsum's terms): at least this many
+    max_terms: int  # countdown's numbers (and runsum's terms): at most this many
+    min_span: int  # walk: the smallest distance climbed
+    max_span: int  # walk: the largest distance climbed
+    min_columns: int  # addc's operands: at least this many digits
+    max_columns: int  # addc's operands: at most this many digits
+    eval_fraction: float  # share of prompts (by hash) in the eval split, for a source without eval_source
     # The hash bucket held out for bootstrap's student SFT data: seed never makes a
     # distillation prompt of it (toy source), so the warm student's data is disjoint.
     sft_fraction: float
@@ -98,13 +98,13 @@ class OpenAIParams:
     variable that holds it (null: send none, for local servers).
     """
 
-    base_url: str | None  # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
+    base_url: str | None  # the endpoint's base URL, e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
     model: str | None  # the endpoint's model id
-    api_key_env: str | None
+    api_key_env: str | None  # the NAME of the environment variable holding the API key; null: send none
     max_concurrency: int  # requests in flight at once
     requests_per_second: float  # request starts per second, retries included
     max_retries: int  # per request, on 408/409/429/5xx, timeouts and connection errors
-    timeout_s: float  # per request
+    timeout_s: float  # seconds per request
     cache_dir: str  # per-request response files (outside any DVC out): a rerun never pays twice
 
     def __post_init__(self) -> None:
@@ -131,18 +131,19 @@ class GenerationParams:
     transformers generation (evaluate's greedy decoding, tests).
     """
 
-    engine: Engine
+    engine: Engine  # the generation engine: transformers | vllm | openai
     batch_size: int  # transformers: prompts per generate call (the seeding unit)
-    max_new_tokens: int
-    temperature: float  # 0 means greedy
-    top_p: float
-    num_samples: int
-    seed: int
-    tensor_parallel_size: int  # vllm only; must be 1 otherwise
-    device: Device = "cpu"  # transformers only; vllm runs on cuda
+    max_new_tokens: int  # response budget in tokens; a response that hits it is truncated
+    temperature: float  # sampling temperature; 0 means greedy
+    top_p: float  # nucleus sampling: the smallest token set with this probability mass; 1.0 = off
+    num_samples: int  # responses per prompt
+    seed: int  # sampling seed; each prompt's seed derives from it, whatever shard or batch it lands in
+    tensor_parallel_size: int  # vllm only: GPUs per engine; must be 1 otherwise
+    device: Device = "cpu"  # cpu | cuda: where the transformers engine runs; vllm runs on cuda
     stop: tuple[str, ...] = ()  # a response ends before the first of these strings
     shard_size: int = 0  # prompts per resumable shard; 0 = one shard (no resume points)
     workers: int = 1  # processes that generate shards at once (CPU cores, or GPUs each)
+    # engine openai only: the OpenAI-compatible endpoint (distillflow/engines/openai_engine.py)
     openai: OpenAIParams | None = None
 
     def __post_init__(self) -> None:
@@ -192,14 +193,14 @@ class GenerationParams:
 class ToyModelParams:
     """One toy model's size and its SFT budget."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
+    hidden_size: int  # model width; divisible by num_heads
+    num_layers: int  # transformer layers
+    num_heads: int  # attention heads
+    intermediate_size: int  # MLP width
+    steps: int  # SFT optimizer steps
+    batch_size: int  # SFT sequences per step
+    lr: float  # SFT peak learning rate (linear warmup, then cosine to 0)
+    warmup_steps: int  # SFT steps of linear learning-rate warmup
     examples: int  # distinct SFT examples, cycled in epochs; 0: a fresh draw every step
     corrupt_share: float  # sequences with one wrong step (step skills); 0: right answers only
 
@@ -218,14 +219,14 @@ class ToyModelParams:
 class BootstrapParams:
     """params.yaml `bootstrap`."""
 
-    seed: int
-    max_positions: int
+    seed: int  # seeds the toy models' initialisation and SFT data draws
+    max_positions: int  # the toy models' context length (synthesis's few-shot prompts are about 190 tokens)
     workers: int  # 2: teacher and student train at once, one process and one thread each; 1: in turn
     heldout: int  # eval-split prompts the models' held-out loss and accuracies are measured on
     eval_every: int  # steps between held-out loss measurements
     max_new_tokens: int  # greedy budget of the accuracy measurements
-    teacher: ToyModelParams
-    student: ToyModelParams
+    teacher: ToyModelParams  # the toy teacher's size and SFT budget
+    student: ToyModelParams  # the toy student's size and SFT budget (the warm student distillation starts from)
 
     def __post_init__(self) -> None:
         check(self.workers in (1, 2), "workers", "must be 1 (in turn) or 2 (teacher and student at once)")

@@ -43,10 +43,10 @@ class NearDuplicateParams:
     prompt + chosen response (word, not character, shingles: templated prompts that
     differ only in their operands are different tasks, not near duplicates)."""
 
-    enabled: bool
+    enabled: bool  # off: no near-duplicate filter
     threshold: float  # estimated Jaccard similarity at or above which a pair is a near duplicate
-    num_perm: int
-    shingle_words: int
+    num_perm: int  # MinHash permutations (more: a finer similarity estimate, slower)
+    shingle_words: int  # words per shingle
 
     def __post_init__(self) -> None:
         check(0.0 < self.threshold <= 1.0, "threshold", "must be in (0, 1]")
@@ -74,8 +74,8 @@ class DecontaminationParams:
     n-grams with any eval prompt is dropped. A prompt shorter than `ngram` words is one
     n-gram (so an exact match is always caught)."""
 
-    enabled: bool
-    ngram: int
+    enabled: bool  # off: no decontamination filter
+    ngram: int  # word n-gram size
     max_overlap: float  # share of the prompt's n-grams found among the eval prompts'
 
     def __post_init__(self) -> None:
@@ -88,8 +88,8 @@ class BalanceParams:
     """params.yaml `curate.balance`: at most `max_per_value` pairs per value of `key`
     (kept in input order); key null = off."""
 
-    key: Literal["category"] | None
-    max_per_value: int | None
+    key: Literal["category"] | None  # category: cap pairs per category; null = off
+    max_per_value: int | None  # pairs kept per value of key, at most (in input order)
 
     def __post_init__(self) -> None:
         if self.key is not None:
@@ -105,20 +105,20 @@ class CurateParams:
     """params.yaml `curate`."""
 
     drop_duplicates: bool  # same prompt, chosen and rejected text as an earlier pair
-    drop_empty_chosen: bool
-    drop_empty_rejected: bool
+    drop_empty_chosen: bool  # drop pairs whose chosen (teacher) response is empty
+    drop_empty_rejected: bool  # drop pairs whose rejected (student) response is empty
     drop_truncated_chosen: bool  # the teacher hit max_new_tokens
     drop_truncated_rejected: bool  # the student hit max_new_tokens (often useful signal)
-    min_chosen_tokens: int
-    max_chosen_tokens: int
-    max_rejected_tokens: int
+    min_chosen_tokens: int  # drop pairs whose chosen response has fewer tokens
+    max_chosen_tokens: int  # drop pairs whose chosen response has more tokens
+    max_rejected_tokens: int  # drop pairs whose rejected response has more tokens
     max_length_ratio: float  # (longer + 1) / (shorter + 1) of the two responses' token counts
     require_correct_chosen: bool  # where a reference answer exists (the toy task)
     student_matches_teacher: Literal["keep", "drop"]  # pairs whose rejected text equals the chosen
-    repetition: RepetitionParams
-    decontamination: DecontaminationParams
-    near_duplicates: NearDuplicateParams
-    balance: BalanceParams
+    repetition: RepetitionParams  # degenerate word n-gram repetition in the chosen response
+    decontamination: DecontaminationParams  # word n-gram overlap of the training prompt with the eval prompts
+    near_duplicates: NearDuplicateParams  # MinHash LSH near-duplicate removal on word shingles of prompt + chosen
+    balance: BalanceParams  # cap pairs per category; key null = off
 
     def __post_init__(self) -> None:
         check(self.min_chosen_tokens >= 0, "min_chosen_tokens", "must be >= 0")

@@ -30,6 +30,7 @@ QUARANTINE_SCHEMA = q.PROMPT_SCHEMA  # a prompt that could not be paired, with t
 class PairsParams:
     """params.yaml `pairs`."""
 
+    # pairs per prompt, at most: the k-th teacher sample with the k-th student sample (cycling the shorter side)
     max_pairs_per_prompt: int
 
     def __post_init__(self) -> None:

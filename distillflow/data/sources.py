@@ -23,6 +23,7 @@ from distillflow import tasks
 class SourceParams:
     """params.yaml `seed.source`."""
 
+    # toy (the embedded task) | jsonl | parquet (local files) | hf (a Hugging Face dataset)
     kind: Literal["toy", "jsonl", "parquet", "hf"]
     path: str | None  # file path (jsonl/parquet) or dataset name (hf)
     config: str | None  # hf dataset config
@@ -49,16 +50,16 @@ class SynthesisParams:
     """params.yaml `seed.synthesis`: self-instruct expansion of the train prompts by
     the teacher (`models.teacher`), off by default."""
 
-    enabled: bool
+    enabled: bool  # on: seed loads models.teacher and adds synthetic train prompts (stage run with --models)
     num_prompts: int  # synthetic prompts to keep, at most
     max_attempts: int  # teacher generations, at most (each gives one candidate)
     few_shot: int  # train prompts shown as examples per attempt
-    engine: Literal["transformers", "vllm"]
-    device: Device
-    batch_size: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    engine: Literal["transformers", "vllm"]  # transformers | vllm
+    device: Device  # cpu | cuda: where the teacher generates
+    batch_size: int  # attempts per generate call
+    max_new_tokens: int  # budget of one synthetic prompt in tokens
+    temperature: float  # sampling temperature of the attempts; 0 = greedy
+    top_p: float  # nucleus sampling of the attempts; 1.0 = off
     seed: int  # example draws and sampling
 
     def __post_init__(self) -> None:
@@ -99,11 +100,11 @@ SYNTHESIS_OFF = SynthesisParams(
 class SeedParams:
     """params.yaml `seed`."""
 
-    source: SourceParams
+    source: SourceParams  # where the prompts come from
     seed: int  # toy generator seed
-    num_train: int
-    num_eval: int
-    max_prompt_chars: int
+    num_train: int  # train prompts to keep
+    num_eval: int  # eval prompts to keep
+    max_prompt_chars: int  # a longer prompt (after normalisation) is quarantined as prompt_too_long
     # A held-out eval set (a benchmark): its prompts are the eval prompts and `source`
     # gives only train prompts (any of them that is an eval prompt is quarantined as
     # eval_prompt); null: `source` is split by task.eval_fraction.

@@ -40,7 +40,7 @@ class ScoreParams:
     """params.yaml `score`."""
 
     k: int  # 0 = off
-    batch_size: int
+    batch_size: int  # responses per teacher forward pass
     device: Device  # cpu | cuda: where the teacher runs
 
     def __post_init__(self) -> None:

@@ -27,10 +27,10 @@ PREDICTION_SCHEMA = records.schema(
 class EvaluateParams:
     """params.yaml `evaluate`."""
 
-    batch_size: int
-    max_new_tokens: int
+    batch_size: int  # prompts (or sequences scored) per batch
+    max_new_tokens: int  # response budget of the eval generations
     temperature: float  # 0 = greedy (the default for accuracy)
-    seed: int
+    seed: int  # sampling seed (matters only with temperature > 0)
     speculative_prompts: int  # eval prompts run through assisted generation (student drafts for teacher); 0 = off
     draft_tokens: int  # tokens the student drafts per teacher verification
     device: Device  # where the models and batches run (generation, teacher-forced scores, speculative decoding)

@@ -1,4 +1,4 @@
-"""Runs models over the eval prompts and gathers their scores (lib/evaluation/metrics.py)."""
+"""Runs models over the eval prompts and gathers their scores (distillflow/evaluation/metrics.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one place flows/ uses DVC's Python API (pyproject.toml pins `dvc>=3.60,<4`).
+"""The one place distillflow uses DVC's Python API (pyproject.toml pins `dvc>=3.60,<4`).
 
 Most of what the flow needs is not DVC's public API (`dvc.api` reads data; it does not
 run stages): the repo's index (stages with foreach/matrix expanded, and its graph), a
@@ -7,7 +7,7 @@ stage's deps, params and outs with their hashes, its `changed*` checks, what
 restore, how DVC runs a stage command (shell, environment) and how `dvc exp run -S`
 parses and applies overrides. Every such use is here, and tests/test_dvc_adapter.py
 pins each behaviour it relies on, so a DVC upgrade that changes one fails there,
-naming it. Nothing else in flows/ imports `dvc`.
+naming it. Nothing else in distillflow imports `dvc`.
 
 `Project` is one opened DVC repo. A flow run opens one (`session`) and every DVC call
 of the run goes through it, as `dvc repro` works with one repo: the index is built

@@ -25,8 +25,10 @@ class RunParams:
     without corrupted prefixes (comparison/dvc.yaml's plain_* stages)."""
 
     method: str  # a name in distillflow.training.methods.METHODS
-    disable: tuple[str, ...]
+    disable: tuple[str, ...]  # the method's ablation switches turned off (distillm2's); [] = the full method
+    # fresh: each round samples the student again | stale: every round trains on round 1's pairs
     rounds: Literal["fresh", "stale"]
+    # default: the bootstrap teacher | plain: the one trained without corrupted prefixes
     teacher: Literal["default", "plain"]
 
     def __post_init__(self) -> None:

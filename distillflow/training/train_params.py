@@ -27,28 +27,29 @@ class TrainParams:
     the `params_section`s of distillflow.training.methods.METHODS: every run reads them all."""
 
     method: str  # a name in distillflow.training.methods.METHODS
-    seed: int
-    epochs: int
+    seed: int  # the run's seed (round 1; later rounds derive theirs): the batch order, torch, GKD's draws
+    epochs: int  # passes over the pairs per round
     batch_size: int  # pairs per micro-batch
     grad_accum_steps: int  # micro-batches per optimizer step
-    lr: float
-    warmup_steps: int
-    max_grad_norm: float
+    lr: float  # peak learning rate: AdamW, linear warmup then cosine decay to 0
+    warmup_steps: int  # optimizer steps of linear learning-rate warmup
+    max_grad_norm: float  # gradient clipping by total norm
+    # sequence_mean: mean per pair, then over pairs | token_mean: over all response tokens
     reduction: Literal["sequence_mean", "token_mean"]
     logits: Literal["full", "chunked"]  # chunked: never materialise (B, T, V) logits
     chunk_size: int  # tokens per loss chunk
-    device: Literal["cpu", "cuda"]
+    device: Literal["cpu", "cuda"]  # cpu | cuda: where training runs
     # Compute under bf16 autocast. The student's weights are float32 masters either way and are
     # saved in models.dtype; with models.dtype bfloat16 turn this on for bf16 compute (off: float32
     # compute). No float16 autocast (it needs a gradient scaler): float16 models train like this too.
     bf16_autocast: bool
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool  # recompute activations in the backward pass (less memory, slower)
     checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
     teacher_signal: Literal["online", "topk"]  # topk: data/score's top-k log-probs, no teacher model
-    distillm2: DistiLLM2Params
-    distillm: DistiLLMParams
-    gkd: GKDParams
-    dpkd: DPKDParams
+    distillm2: DistiLLM2Params  # DistiLLM-2's settings and ablation switches
+    distillm: DistiLLMParams  # DistiLLM's settings
+    gkd: GKDParams  # GKD's settings
+    dpkd: DPKDParams  # DPKD's settings
     # Batched on-policy rounds after the first (Algorithm 1), keyed r2..rE; dvc.yaml's
     # round_* stages iterate over it (DVC templates cannot count). Keys are names, not
     # numbers: DVC's foreach silently skips integer keys, and `-S` cannot write quoted ones.

@@ -14,7 +14,7 @@ from distillflow.training.methods.method import Method, MicroBatch, Result
 class DistiLLMParams:
     """params.yaml `train.distillm`."""
 
-    alpha: float
+    alpha: float  # skew of the skew reverse KL on both responses
 
     def __post_init__(self) -> None:
         check(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")

@@ -28,10 +28,10 @@ class BetaSchedule:
     ramp_end, then held. The paper's single-round clip(tau/T, 0.5, 1) is 0.5, 1.0,
     0.5, 1.0; the official code's ramp is 0.5, 0.75, 0.0, 0.5."""
 
-    start: float
-    end: float
-    ramp_start: float
-    ramp_end: float
+    start: float  # beta until ramp_start
+    end: float  # beta from ramp_end on
+    ramp_start: float  # fraction of the whole training (all rounds) where the linear ramp starts
+    ramp_end: float  # fraction of the whole training where the ramp reaches end
 
     def __post_init__(self) -> None:
         check(0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0, "start", "beta start and end must be in [0, 1]")
@@ -56,11 +56,11 @@ class DistiLLM2Params:
     contrastive: bool  # SKL on chosen + SRKL on rejected; off: SRKL on both (DistiLLM's loss)
     beta_ramp: bool  # off: beta stays at beta.start
     adaptive_alpha: bool  # off: alpha stays at alpha_0
-    alpha_0: float
-    alpha_min: float
-    alpha_eps: float
+    alpha_0: float  # the skew mixture's alpha at the start, and the adaptive alpha's upper bound
+    alpha_min: float  # the adaptive alpha's lower bound
+    alpha_eps: float  # eps in the adaptive alpha's denominator (g + eps)
     reference_batches: int  # batches whose mean gaps set m_t, m_s; alpha_0 meanwhile
-    beta: BetaSchedule
+    beta: BetaSchedule  # the weight schedule between the chosen and the rejected terms (beta_ramp on)
     detach_mixture_student: bool  # official DistiLLM-2 code: true; DistiLLM v1: false
 
     def __post_init__(self) -> None:

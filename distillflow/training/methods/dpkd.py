@@ -16,7 +16,7 @@ from distillflow.training.methods.method import Method, MicroBatch, Result
 class DPKDParams:
     """params.yaml `train.dpkd`."""
 
-    beta_d: float
+    beta_d: float  # scale of the preference margin inside -log sigmoid
 
     def __post_init__(self) -> None:
         check(self.beta_d > 0.0, "beta_d", "must be > 0")
