@@ -5,21 +5,39 @@
 RUN_A and RUN_B are repo copies after `dvc repro` (e.g. two `benchmarks/pipelines.py
 --keep DIR` runs, one before the change and one after). Every file under data/,
 metrics/, plots/ and reports/ of either run is compared byte for byte, except what a
-refactor may change by design: a manifest's `code` (digests of the files the stage
-ran, which a refactor edits) and, in metrics files, measured times (keys ending in
-`seconds`, which no two runs share). Such files are compared with those keys left out
-and listed apart. Exits 1 if any other byte differs or a file is in one run only.
+refactor may change by design, or what differs between any two runs:
+- a manifest's `code` (digests of the files the stage ran, which a refactor edits) and
+  the digest of an input that is a folder (another stage's output, with its manifest:
+  that folder's files are compared here one by one);
+- in metrics files, measured times (keys ending in `seconds`);
+- in the Great Expectations Data Docs (reports/quality/), the validation times and
+  context ids GX writes into pages and file names.
+Such files are compared with those left out and listed apart. Exits 1 if any other
+byte differs or a file is in one run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 FOLDERS = ("data", "metrics", "plots", "reports")
+DOCS = "reports/quality/"
+# what GX writes per validation run: times (in pages and file names), sort keys, random ids
+GX_VOLATILE = re.compile(
+    r"\d{8}T\d{6}\.\d+Z|\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?(?: UTC)?|_run_time_sort\W+[\d.]+|"
+    r"dataContextId=[0-9a-f-]+|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:\+00:00|Z)?|"
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
+
+
+def key(rel: str) -> str:
+    """A file's name for pairing: Data Docs pages are named by validation time."""
+    return GX_VOLATILE.sub("<time>", rel) if rel.startswith(DOCS) else rel
 
 
 def files(run: Path) -> set[str]:
@@ -43,29 +61,35 @@ def without_times(value: Any) -> Any:
     return value
 
 
-def masked(rel: str, data: bytes) -> Any | None:
+def masked(run: Path, rel: str, data: bytes) -> Any | None:
     """The comparable content of a file whose bytes may differ by design, else None."""
+    if rel.startswith(DOCS):
+        return GX_VOLATILE.sub("<time>", data.decode("utf-8", "replace"))
     if not rel.endswith(".json"):
         return None
     obj = json.loads(data)
     if rel.endswith("manifest.json") and isinstance(obj, dict):
         obj = {k: v for k, v in obj.items() if k != "code"}
+        inputs = obj.get("inputs", {})
+        for name, entry in inputs.items():
+            if isinstance(entry, dict) and (run / str(entry.get("path", ""))).is_dir():
+                inputs[name] = {k: v for k, v in entry.items() if k != "sha256"}
     return without_times(obj)
 
 
 def compare(a: Path, b: Path) -> dict[str, list[str]]:
-    fa, fb = files(a), files(b)
+    fa, fb = {key(r): r for r in files(a)}, {key(r): r for r in files(b)}
     result: dict[str, list[str]] = {"identical": [], "same_but_masked": [], "different": []}
-    result["only_in_a"] = sorted(fa - fb)
-    result["only_in_b"] = sorted(fb - fa)
-    for rel in sorted(fa & fb):
-        da, db = (a / rel).read_bytes(), (b / rel).read_bytes()
+    result["only_in_a"] = sorted(fa[k] for k in set(fa) - set(fb))
+    result["only_in_b"] = sorted(fb[k] for k in set(fb) - set(fa))
+    for k in sorted(set(fa) & set(fb)):
+        da, db = (a / fa[k]).read_bytes(), (b / fb[k]).read_bytes()
         if da == db:
-            result["identical"].append(rel)
+            result["identical"].append(fa[k])
             continue
-        ma = masked(rel, da)
-        same = ma is not None and ma == masked(rel, db)
-        result["same_but_masked" if same else "different"].append(rel)
+        ma = masked(a, fa[k], da)
+        same = ma is not None and ma == masked(b, fb[k], db)
+        result["same_but_masked" if same else "different"].append(fa[k])
     return result
 
 
