@@ -77,7 +77,7 @@ def time_steps(
     forward: Callable[[torch.nn.Module, object], torch.Tensor],
 ) -> dict[str, float]:
     """Mean ms per timed step of each phase, and the share of real tokens."""
-    model = models.build_toy_model(mp.arch(), len(tok), tok, seed, max_positions)
+    model = models.build_toy_model(toymodels.arch(mp), len(tok), tok, seed, max_positions)
     opt, sched = basics.optimizer_and_schedule(model, mp.lr, mp.warmup_steps, mp.steps)
     model.train()
     sums = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -144,7 +144,7 @@ def main() -> None:
     random.Random(1).shuffle(sorted_batches)
     make_ms = 1000.0 * make_s / n_batches
     print(
-        f"bootstrap {args.role}: {mp.arch()}, batch {bs}, {args.steps} timed steps after {args.warmup}; "
+        f"bootstrap {args.role}: {toymodels.arch(mp)}, batch {bs}, {args.steps} timed steps after {args.warmup}; "
         f"making the sequences (examples, corruption, tokenizing): {make_ms:.1f} ms per batch"
     )
     variants = (

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from distillflow.base import models
 from distillflow.base.identity import ModelRef
 from distillflow.base.params import check
 
@@ -210,9 +209,6 @@ class ToyModelParams:
         check(self.lr > 0, "lr", "must be > 0")
         check(self.examples >= 0, "examples", "must be >= 0 (0: a fresh draw every step)")
         check(0.0 <= self.corrupt_share < 1.0, "corrupt_share", "must be in [0, 1)")
-
-    def arch(self) -> models.ToyArch:
-        return models.ToyArch(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size)
 
 
 @dataclass(frozen=True)

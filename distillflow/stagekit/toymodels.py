@@ -33,6 +33,12 @@ from distillflow.training import basics
 log = logging.getLogger("bootstrap")
 
 
+def arch(mp: ToyModelParams) -> models.ToyArch:
+    """A toy model's architecture from its params (not a method of the params: loading
+    params must not load the model code, so stages that only read params stay light)."""
+    return models.ToyArch(mp.hidden_size, mp.num_layers, mp.num_heads, mp.intermediate_size)
+
+
 def _split(ex: toytask.ToyExample, task: TaskParams) -> str:
     return records.split_of(
         records.prompt_id(records.normalise_prompt(ex.prompt)), task.eval_fraction, task.sft_fraction
@@ -315,7 +321,7 @@ def build_one(
     folder: Path,
 ) -> dict[str, Any]:
     """Train one toy model, save it to `folder`, and measure it: its metrics entry."""
-    model = models.build_toy_model(mp.arch(), len(tok), tok, seed, p.max_positions)
+    model = models.build_toy_model(arch(mp), len(tok), tok, seed, p.max_positions)
     t0 = time.perf_counter()
     data = sft_stream(training_examples(task, seed, role), mp, seed)
     losses, curve = train_toy(
