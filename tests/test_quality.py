@@ -262,7 +262,8 @@ def test_the_gate_disjointness_expectation_uses_in_eval() -> None:
 
 
 def test_every_quarantine_file_is_the_artifact_columns_plus_reason() -> None:
-    from distillflow.data import curation, pairing, quarantine, split
+    from distillflow.base import quarantine
+    from distillflow.data import curation, pairing, split
 
     for qs, base in [
         (split.QUARANTINE_SCHEMA, records.PROMPT_SCHEMA),

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distillflow import tasks
 from distillflow.base import models, params, records
 from distillflow.base import quarantine as qshape
 from distillflow.base.config import ModelParams
@@ -305,11 +306,11 @@ def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Pa
 
 
 def test_parse_toy_prompt_checks_the_task_ranges() -> None:
-    assert synthesis.parse_toy_prompt("Add 4 and 38.", TASK) == ("add", "42")
-    assert synthesis.parse_toy_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
-    assert synthesis.parse_toy_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
-    assert synthesis.parse_toy_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
-    assert synthesis.parse_toy_prompt("Reverse the word abc", TASK) is None
+    assert tasks.get("toy").parse_prompt("Add 4 and 38.", TASK) == ("add", "42")
+    assert tasks.get("toy").parse_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
+    assert tasks.get("toy").parse_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
+    assert tasks.get("toy").parse_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
+    assert tasks.get("toy").parse_prompt("Reverse the word abc", TASK) is None
 
 
 def test_synthesis_end_to_end_with_a_tiny_teacher(tmp_path: Path) -> None:
