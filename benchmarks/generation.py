@@ -72,7 +72,7 @@ def open_bench_engine(spec: BenchSpec) -> TransformersEngine:
 
 def toy_prompts(n: int) -> list[dict[str, Any]]:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())["task"]
-    task = TaskParams(**{**raw, "skills": tuple(raw["skills"])}).toy()
+    task = toytask.config_of(TaskParams(**{**raw, "skills": tuple(raw["skills"])}))
     return [{"prompt_id": f"p{i}", "prompt": ex.prompt} for i, ex in zip(range(n), toytask.examples(task, 0))]
 
 
