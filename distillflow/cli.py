@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-# Stage modules; the round_* stages run the same modules, compare one cell per compare.runs entry.
+# Stage modules; round runs rounds 2..E (round_evaluate runs evaluate), compare one cell per compare.runs entry.
 STAGES = (
     "identify",
     "bootstrap",
@@ -44,6 +44,7 @@ STAGES = (
     "curate",
     "score",
     "train",
+    "round",
     "evaluate",
     "compare",
     "report",

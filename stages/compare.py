@@ -12,11 +12,11 @@ the default pipeline's E rounds (1 + len(train.rounds)) in one process, with the
 stage's trainer, input gates and settings (`train`: epochs, lr, batch, teacher signal,
 ...; distillflow/training/) and the cell's method, DistiLLM-2 switches and seed:
 round 1 trains on the curated pairs (teacher responses against the initial student's
-samples); each later round samples the student again from the model the last round
-left (`student` settings, a seed of its own per cell seed and round), pairs those
-samples with the same teacher responses, curates them with `curate` and gates them
-like the curated file, and trains on (distillflow/engines, distillflow/data: the same
-library functions the student, pairs and curate stages call). The controls
+samples); each later round is the round stage's round (distillflow/stagekit/rounds.py,
+`run_round`): it samples the student the cell holds (in memory, transformers; the
+`student` settings with a seed of its own per cell seed and round), pairs those samples
+with the same teacher responses, curates, scores (topk signal) and trains, writing
+each step's folder under out/rounds/r<e>/. The controls
 (cells.RunParams): `rounds: stale` trains every round on round 1's pairs (the same
 optimizer steps, no fresh samples); `teacher: plain` uses the plain_* stages' teacher,
 bootstrapped without corrupted prefixes, its responses and its curated pairs.
@@ -24,8 +24,9 @@ Then the evaluate stage's evaluator (distillflow/evaluation/: the verifier's pas
 share of right steps, ROUGE-L, NLL, KL, greedy agreement, speculative decoding,
 lengths). stages/report.py turns the cells into the comparison table.
 
-Outputs: model/ (the trained student), predictions.parquet, manifest.json, the metrics
-file (with each round's training summary, curation counts and seconds), and the
+Outputs: model/ (the trained student), predictions.parquet, rounds/r<e>/ (each fresh
+round's student, pairs, curate and score folders), manifest.json (written last), the
+metrics file (with each round's step counts, training summary and seconds), and the
 per-step training log through DVCLive in the --live folder (the last round's).
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,12 +48,13 @@ from distillflow.base import models, params, records
 from distillflow.base.config import Dtype, GenerationParams, ModelParams
 from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
-from distillflow.data.curation import CurateParams, curate
-from distillflow.data.pairing import PairsParams, build_pairs
+from distillflow.data.curation import CurateParams
+from distillflow.data.pairing import PairsParams
 from distillflow.engines.generation import generate_transformers, sample_seed
+from distillflow.engines.scoring import ScoreParams
 from distillflow.evaluation import evaluator
 from distillflow.evaluation.eval_params import PREDICTION_SCHEMA, EvaluateParams
-from distillflow.stagekit import entry, trainrun
+from distillflow.stagekit import entry, rounds, trainrun
 from distillflow.training import basics, trainer
 from distillflow.training.cells import SHARED_TRAIN, RunParams, cell_params
 from distillflow.training.methods.distillm2 import AlphaCurriculum
@@ -72,6 +75,7 @@ def sections(run: str) -> dict[str, Any]:
         "student": GenerationParams,
         "pairs": PairsParams,
         "curate": CurateParams,
+        "score": ScoreParams,
         "evaluate": EvaluateParams,
         "quality": quality.QualityParams,
         f"compare.runs.{run}": RunParams,
@@ -83,42 +87,26 @@ SECTIONS = sections("${item.run}")  # as dvc.yaml's matrix template writes it
 PARAMS = tuple(SECTIONS)
 
 
-def fresh_pairs(
-    used: dict[str, Any],
-    student: Any,
-    tok_s: Any,
-    prompts: list[dict[str, Any]],
-    teacher_gens: list[dict[str, Any]],
-    eval_prompts: list[dict[str, Any]],
-    seed: int,
-    round_index: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A round's pairs: the student sampled on the train prompts, paired with the
-    teacher's responses, curated, and through the curated pairs' gate (also disjoint
-    from the eval prompts). (pairs, counts)."""
+def in_memory_sampler(used: dict[str, Any], cell: trainrun.Prepared, seed: int, e: int) -> rounds.Sampler:
+    """Round `e`'s samples of the student the cell holds, in this process with
+    transformers (the `student` settings, a sampling seed of its own per cell seed and
+    round)."""
     sp: GenerationParams = used["student"]
     if sp.engine != "transformers" or sp.num_samples != 1:
         raise ParamsError(
             "student: a comparison cell samples its rounds in process with engine transformers and num_samples 1; "
             f"got engine {sp.engine}, num_samples {sp.num_samples}"
         )
-    sp = dataclasses.replace(sp, seed=sample_seed(sp.seed, f"cell-seed-{seed}", f"round-{round_index}"))
-    student.eval()
-    gens = generate_transformers(
-        student, tok_s, prompts, sp, f"round-{round_index}", desc=f"round {round_index} student"
-    )
-    pairs, unpaired, pair_counts = build_pairs(used["pairs"], prompts, teacher_gens, gens)
-    kept, _, cur_counts = curate(used["curate"], pairs, [pr["prompt"] for pr in eval_prompts])
-    if not kept:
-        raise ParamsError(
-            f"round {round_index}: curate kept no pair of {len(pairs)} ({cur_counts['dropped_by_reason']})"
-        )
-    gates = quality.StageGates(used["quality"], None)
-    eval_ids = pa.array([pr["prompt_id"] for pr in eval_prompts], type=pa.string())
-    table = pa.Table.from_pylist(kept, schema=records.PAIR_SCHEMA)
-    gates.strict(f"round {round_index} curated pairs", "(in memory)", "curated", table, refs={"eval": eval_ids})
-    gates.finish()
-    return kept, {"unpaired": len(unpaired), "pairs": pair_counts["pairs"], "curate": cur_counts}
+    sp = dataclasses.replace(sp, seed=sample_seed(sp.seed, f"cell-seed-{seed}", f"round-{e}"))
+
+    def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cell.student.eval()
+        return generate_transformers(cell.student, cell.tok_s, prompts, sp, f"round-{e}", desc=f"round {e} student")
+
+    def describe(_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"in_memory": f"the cell's student after round {e - 1}", "fingerprint": f"round-{e}"}
+
+    return rounds.Sampler(generate=generate, describe=describe, model_input=None)
 
 
 def cell_models(args: Any, used: dict[str, Any], run: RunParams) -> tuple[trainrun.Models, Path, Path, Path]:
@@ -139,39 +127,32 @@ def cell_models(args: Any, used: dict[str, Any], run: RunParams) -> tuple[trainr
 
 
 def train_rounds(
-    args: Any, used: dict[str, Any], run: RunParams, p: TrainParams, cell: trainrun.Prepared, fresh_inputs: Any
+    args: Any, used: dict[str, Any], run: RunParams, p: TrainParams, cell: trainrun.Prepared, ri: rounds.RoundInputs
 ) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The cell's E rounds on the trainer: round 1 on the gated pairs (resuming from its
-    checkpoints as the train stage does), later rounds on fresh pairs (`rounds: fresh`)
-    or round 1's again (`stale`). (every step's log row, each round's record, the last
-    round's pairs)."""
-    train_prompts, teacher_gens, eval_prompts = fresh_inputs
+    checkpoints as the train stage does), later rounds through rounds.run_round into
+    out/rounds/r<e>/ (`rounds: fresh`) or on round 1's pairs again (`stale`). (every
+    step's log row, each round's record, the last round's pairs)."""
     curriculum = AlphaCurriculum(p.distillm2)
+    eval_ids = pa.array([pr["prompt_id"] for pr in read_rows(args.prompts / "eval.parquet", records.PROMPT_SCHEMA)])
     rows: list[dict[str, float]] = []
-    rounds: list[dict[str, Any]] = []
+    records_: list[dict[str, Any]] = []
     pairs = cell.pairs
     for e in range(1, p.total_rounds + 1):
-        t0 = time.perf_counter()
-        counts: dict[str, Any] = {}
-        if e > 1 and train_prompts:
-            pairs, counts = fresh_pairs(
-                used, cell.student, cell.tok_s, train_prompts, teacher_gens, eval_prompts, args.seed, e
-            )
-        t1 = time.perf_counter()
         live = args.live if e == p.total_rounds else None  # one DVCLive log: the last round's
-        got = trainer.train(trainrun.job(cell, p, e, curriculum, pairs=pairs, checkpoint=e == 1, live=live))
+        if e > 1 and run.rounds == "fresh":
+            sampler = in_memory_sampler(used, cell, args.seed, e)
+            folder = args.out / "rounds" / f"r{e}"
+            done = rounds.run_round(ri, cell, p, e, curriculum, folder, sampler, live=live, eval_ids=eval_ids)
+            got, pairs, seconds, counts = done.rows, done.pairs, done.seconds, done.counts
+        else:
+            t0 = time.perf_counter()
+            got = trainer.train(trainrun.job(cell, p, e, curriculum, checkpoint=e == 1, live=live))
+            seconds, counts = {"sample": 0.0, "data": 0.0, "train": round(time.perf_counter() - t0, 1)}, {}
         rows += got
-        rounds.append(
-            {
-                "round": e,
-                "pairs": len(pairs),
-                **counts,
-                "train": run_summary(got, len(pairs), run.method),
-                "sample_seconds": round(t1 - t0, 1),
-                "train_seconds": round(time.perf_counter() - t1, 1),
-            }
-        )
-    return rows, rounds, pairs
+        train = run_summary(got, len(pairs), run.method)
+        records_.append({"round": e, "pairs": len(pairs), "steps": counts, "train": train, "seconds": seconds})
+    return rows, records_, pairs
 
 
 def evaluate_and_write(
@@ -184,58 +165,53 @@ def evaluate_and_write(
     **done: Any,
 ) -> dict[str, Any]:
     """Export the student, score it and the teacher on the eval prompts, and write the
-    cell's folder (model, predictions, manifest); its metrics."""
+    rest of the cell's folder (model, predictions, then the manifest, last: a folder
+    with a manifest is complete); its metrics."""
     trust, dtype, ev = used["models.trust_remote_code"], used["models.dtype"], used["evaluate"]
-    prompts, rows, rounds, pairs = done["prompts"], done["rows"], done["rounds"], done["pairs"]
+    prompts, rows, per_round, pairs = done["prompts"], done["rows"], done["rounds"], done["pairs"]
     teacher = cell.teacher
     if teacher is None:  # topk signal: training never needed the teacher; evaluation does
         teacher = models.load_model(m.t_ref, m.t_dir, trust, dtype)
     t_eval = time.perf_counter()
     t_fp = models.model_fingerprint(m.t_ref, m.t_dir)
     t_metrics, t_gens, _ = evaluator.generate_responses(teacher, cell.tok_t, t_fp, "teacher", prompts, ev)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out / "model") as tmp:
         # float32 master weights -> models.dtype, in place: the student evaluated below is the saved one
-        basics.export_student(cell.student, cell.tok_s, tmp / "model", dtype)
-        fp = models.model_fingerprint(models.ModelRef(str(tmp / "model"), None), Path())
-        s_metrics, s_gens, predictions = evaluator.generate_responses(
-            cell.student, cell.tok_s, fp, args.run, prompts, ev
-        )
-        s_metrics |= evaluator.student_metrics(
-            teacher, cell.tok_t, cell.student, cell.tok_s, prompts, t_gens, s_gens, ev
-        )
-        metrics = {
-            "run": args.run,
-            "method": run.method,
-            "disable": list(run.disable),
-            "rounds": run.rounds,
-            "teacher": run.teacher,
+        basics.export_student(cell.student, cell.tok_s, tmp, dtype)
+    fp = models.model_fingerprint(models.ModelRef(str(args.out / "model"), None), Path())
+    s_metrics, s_gens, predictions = evaluator.generate_responses(cell.student, cell.tok_s, fp, args.run, prompts, ev)
+    s_metrics |= evaluator.student_metrics(teacher, cell.tok_t, cell.student, cell.tok_s, prompts, t_gens, s_gens, ev)
+    seconds = {k: round(sum(r["seconds"][k] for r in per_round), 1) for k in ("sample", "data", "train")}
+    metrics = {
+        "run": args.run,
+        "method": run.method,
+        "disable": list(run.disable),
+        "rounds": run.rounds,
+        "teacher": run.teacher,
+        "seed": args.seed,
+        "train": run_summary(rows, len(pairs), run.method),
+        "per_round": per_round,
+        "seconds": {**seconds, "evaluate": round(time.perf_counter() - t_eval, 1)},
+        "student": s_metrics,
+        "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match"),
+    }
+    n = write_table(args.out / "predictions.parquet", predictions, PREDICTION_SCHEMA)
+    scores_dir = done["scores_dir"] if cell.scores is not None else None
+    lineage.write_manifest(
+        args.out,
+        "compare",
+        used,
+        inputs={**trainrun.lineage_inputs(cell.src, scores_dir, m), **done["extra_inputs"]},
+        outputs={"predictions.parquet": n},
+        counts=metrics,
+        extra={
             "seed": args.seed,
-            "train": run_summary(rows, len(pairs), run.method),
-            "per_round": rounds,
-            "seconds": {
-                "sample": round(sum(r["sample_seconds"] for r in rounds), 1),
-                "train": round(sum(r["train_seconds"] for r in rounds), 1),
-                "evaluate": round(time.perf_counter() - t_eval, 1),
-            },
-            "student": s_metrics,
-            "teacher_exact_match": (t_metrics.get("accuracy") or {}).get("exact_match"),
-        }
-        n = write_table(tmp / "predictions.parquet", predictions, PREDICTION_SCHEMA)
-        lineage.write_manifest(
-            tmp,
-            "compare",
-            used,
-            inputs={**trainrun.lineage_inputs(cell, done["scores_dir"], m), **done["extra_inputs"]},
-            outputs={"predictions.parquet": n},
-            counts=metrics,
-            extra={
-                "seed": args.seed,
-                "run": args.run,
-                "threads": torch.get_num_threads(),
-                "train_params": asdict(p),
-                "validation": cell.validation,
-            },
-        )
+            "run": args.run,
+            "threads": torch.get_num_threads(),
+            "train_params": asdict(p),
+            "validation": cell.validation,
+        },
+    )
     return metrics
 
 
@@ -259,11 +235,6 @@ def main() -> None:
     torch.set_num_threads(threads)
     run: RunParams = used[f"compare.runs.{args.run}"]
     p = cell_params(used, run, args.seed)
-    if p.total_rounds > 1 and p.teacher_signal == "topk" and run.rounds == "fresh":
-        raise ParamsError(
-            "train.teacher_signal: topk stores the teacher's signal for round 1's pairs only; a comparison cell's "
-            "fresh rounds need teacher_signal: online"
-        )
     m, _, pairs_dir, scores_dir = cell_models(args, used, run)
     gens_dir = args.plain_teacher_gens if run.teacher == "plain" else args.teacher_gens
     eval_file = args.prompts / "eval.parquet"
@@ -271,15 +242,22 @@ def main() -> None:
     eval_ids = pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     src = pairs_dir / "curated.parquet"
+    if args.out.exists():  # a cell's folder is written in place (its rounds, then the rest): start empty
+        shutil.rmtree(args.out)
     cell = trainrun.prepare(p, used["quality"], src, scores_dir, m, trust, dtype, args.out, eval_ids)
     fresh = p.total_rounds > 1 and run.rounds == "fresh"  # only fresh rounds sample: stale ones reread nothing
-    train_prompts = read_rows(args.prompts / "train.parquet", records.PROMPT_SCHEMA) if fresh else []
-    teacher_gens = read_rows(gens_dir / "generations.parquet", records.GENERATION_SCHEMA) if fresh else []
-    rows, rounds, pairs = train_rounds(args, used, run, p, cell, (train_prompts, teacher_gens, prompts))
+    ri = rounds.RoundInputs(
+        used=used,
+        module="compare",
+        prompts_dir=args.prompts,
+        teacher_file=gens_dir / "generations.parquet",
+        teacher_info=models.describe(m.t_ref, m.t_dir),
+        load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
+    )
+    rows, per_round, pairs = train_rounds(args, used, run, p, cell, ri)
     extra_inputs = {
         "eval_prompts": eval_file,
-        **({"teacher_generations": gens_dir / "generations.parquet"} if teacher_gens else {}),
-        **({"train_prompts": args.prompts / "train.parquet"} if train_prompts else {}),
+        **({"teacher_generations": ri.teacher_file, "train_prompts": args.prompts / "train.parquet"} if fresh else {}),
     }
     metrics = evaluate_and_write(
         args,
@@ -290,7 +268,7 @@ def main() -> None:
         m,
         prompts=prompts,
         rows=rows,
-        rounds=rounds,
+        rounds=per_round,
         pairs=pairs,
         scores_dir=scores_dir,
         extra_inputs=extra_inputs,

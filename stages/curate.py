@@ -31,18 +31,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from distillflow.audit import lineage, quality
-from distillflow.base import params, records
-from distillflow.base.io import atomic_dir, read_table, write_json
+from distillflow.base import params
+from distillflow.base.io import write_json
 from distillflow.data import curation
 from distillflow.data.curation import CurateParams
 from distillflow.stagekit import curating, entry
+from distillflow.stagekit.writer import Writer
 
 __all__ = ["SECTIONS", "PARAMS", "CurateParams", "run", "main"]
 
 log = logging.getLogger("curate")
 
-SECTIONS: dict[str, Any] = {"curate": CurateParams, "quality": quality.QualityParams}
+SECTIONS: dict[str, Any] = curating.CURATE_SECTIONS
 PARAMS = tuple(SECTIONS)
 
 
@@ -56,22 +56,8 @@ def run(
 def main() -> None:
     args = entry.parse_paths(__doc__, "pairs", "prompts", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
-    src = args.pairs / "pairs.parquet"
-    files = {
-        "pairs": src,
-        "train_prompts": args.prompts / "train.parquet",
-        "eval_prompts": args.prompts / "eval.parquet",
-    }
-    train_ids = read_table(files["train_prompts"], records.PROMPT_SCHEMA).column("prompt_id").combine_chunks()
-    evals = read_table(files["eval_prompts"], records.PROMPT_SCHEMA)
-    with atomic_dir(args.out) as tmp:
-        c = curating.curate_file(
-            src, tmp, used["curate"], used["quality"], train_ids, evals, docs=args.docs, shown=args.out
-        )
-        lineage.write_manifest(
-            tmp, "curate", used, inputs=files, outputs=c.outputs, counts=c.counts, extra={"validation": c.validation}
-        )
-    counts = c.counts
+    w = Writer(out=args.out, module="curate", used=used, docs=args.docs)
+    counts = curating.write_curated(w, args.pairs / "pairs.parquet", args.prompts)
     write_json(args.metrics, counts)
     log.info("curate: kept %d of %d pairs; dropped %s", counts["kept"], counts["pairs_in"], counts["dropped_by_reason"])
 

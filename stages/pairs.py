@@ -19,20 +19,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from distillflow.audit import lineage, quality
 from distillflow.base import params, records
-from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
+from distillflow.base.io import read_rows, write_json
 from distillflow.data import pairing
 from distillflow.data.pairing import QUARANTINE_SCHEMA, PairsParams
-from distillflow.stagekit import entry
+from distillflow.stagekit import entry, pairstep
+from distillflow.stagekit.writer import Writer
 
 __all__ = ["SECTIONS", "PARAMS", "PairsParams", "QUARANTINE_SCHEMA", "run", "main"]
 
 log = logging.getLogger("pairs")
 
-SECTIONS: dict[str, Any] = {"pairs": PairsParams, "quality": quality.QualityParams}
+SECTIONS: dict[str, Any] = pairstep.PAIRS_SECTIONS
 PARAMS = tuple(SECTIONS)
 
 
@@ -58,44 +56,8 @@ def main() -> None:
     prompts = read_rows(files["prompts"], records.PROMPT_SCHEMA)
     teacher = read_rows(files["teacher"], records.GENERATION_SCHEMA)
     student = read_rows(files["student"], records.GENERATION_SCHEMA)
-    gates = quality.StageGates(used["quality"], args.docs)
-    ids = {"prompt_id": pa.array([pr["prompt_id"] for pr in prompts], type=pa.string())}
-    gates.strict("prompts", files["prompts"], "prompt", pa.Table.from_pylist(prompts, schema=records.PROMPT_SCHEMA))
-    gates.strict(
-        "teacher generations",
-        files["teacher"],
-        "generation",
-        pa.Table.from_pylist(teacher, schema=records.GENERATION_SCHEMA),
-        refs=ids,
-    )
-    gates.strict(
-        "student generations",
-        files["student"],
-        "generation",
-        pa.Table.from_pylist(student, schema=records.GENERATION_SCHEMA),
-        refs=ids,
-        truncation=False,
-    )
-    pairs, quarantine, counts = run(used["pairs"], prompts, teacher, student, (files["teacher"], files["student"]))
-    # the output: every id resolves upstream (referential integrity), no duplicates beyond the threshold
-    refs = {
-        **ids,
-        "chosen_id": pa.array([g["generation_id"] for g in teacher], type=pa.string()),
-        "rejected_id": pa.array([g["generation_id"] for g in student], type=pa.string()),
-    }
-    gates.strict(
-        "pairs", args.out / "pairs.parquet", "pair", pa.Table.from_pylist(pairs, schema=records.PAIR_SCHEMA), refs=refs
-    )
-    validation = gates.finish()
-    counts["gates"] = quality.validation_summary(validation)
-    with atomic_dir(args.out) as tmp:
-        outputs = {
-            "pairs.parquet": write_table(tmp / "pairs.parquet", pairs, records.PAIR_SCHEMA),
-            "quarantine.parquet": write_table(tmp / "quarantine.parquet", quarantine, QUARANTINE_SCHEMA),
-        }
-        lineage.write_manifest(
-            tmp, "pairs", used, inputs=files, outputs=outputs, counts=counts, extra={"validation": validation}
-        )
+    w = Writer(out=args.out, module="pairs", used=used, docs=args.docs)
+    counts = pairstep.write_pairs(w, prompts, teacher, student, files)
     write_json(args.metrics, counts)
     log.info(
         "pairs: %d pairs from %d prompts, %d prompts quarantined",

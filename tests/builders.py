@@ -28,6 +28,7 @@ from distillflow.training.methods.dpkd import DPKDParams
 from distillflow.training.methods.gkd import GKDParams
 from distillflow.training.train_params import TrainParams
 from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
+from stages import round as round_stage
 
 
 def prompt(i: int) -> dict:
@@ -205,7 +206,21 @@ def fresh(tiny_models: Path) -> tuple:
 
 STAGES = {
     m.__name__.split(".")[-1]: m
-    for m in (identify, bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report)
+    for m in (
+        identify,
+        bootstrap,
+        seed,
+        teacher,
+        student,
+        pairs,
+        curate,
+        score,
+        train,
+        round_stage,
+        evaluate,
+        compare,
+        report,
+    )
 }
 
 

@@ -189,8 +189,16 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     first, second = m["per_round"]
     assert (first["round"], second["round"], first["pairs"]) == (1, 2, 8)
     # round 2 sampled the student afresh on the 8 train prompts and paired it with the teacher's responses
-    assert second["pairs"] == 8 and second["curate"]["pairs_in"] == 8
-    assert second["curate"]["kept"] + second["curate"]["quarantined"] == 8 and second["sample_seconds"] > 0
+    steps = second["steps"]
+    assert second["pairs"] == 8 and steps["curate"]["pairs_in"] == 8
+    assert steps["curate"]["kept"] + steps["curate"]["quarantined"] == 8 and second["seconds"]["data"] > 0
+    # through the round function the round stage runs (stagekit/rounds.py): each step's folder and manifest
+    r2 = out / "rounds" / "r2"
+    for step, name in (("student", "generations"), ("pairs", "pairs"), ("curate", "curated"), ("score", "topk")):
+        manifest = json.loads((r2 / step / "manifest.json").read_text())
+        assert manifest["stage"] == step and "stages/compare.py" in manifest["code"]
+        assert manifest["counts"] == steps[step] and (r2 / step / f"{name}.parquet").is_file()
+    assert steps["score"]["rows"] == 0 and "online" in steps["score"]["skipped"]  # the trainer reads the teacher
     assert m["train"]["steps"] == first["train"]["steps"] + second["train"]["steps"]
     live = tmp_path / "live" / "kd-1" / "plots" / "metrics" / "loss.tsv"
     assert len(live.read_text().splitlines()) == 1 + second["train"]["steps"]  # the last round's log
@@ -198,8 +206,8 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     done, _ = cell(tmp_path, taught_models, "kd_stale", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]
     stale = json.loads((tmp_path / "metrics" / "kd_stale-1.json").read_text())
-    assert [r["pairs"] for r in stale["per_round"]] == [8, 8] and "curate" not in stale["per_round"][1]
-    assert stale["per_round"][1]["sample_seconds"] == 0 and stale["rounds"] == "stale"
+    assert [r["pairs"] for r in stale["per_round"]] == [8, 8] and stale["per_round"][1]["steps"] == {}
+    assert stale["per_round"][1]["seconds"]["sample"] == 0 and stale["rounds"] == "stale"
     assert stale["train"]["steps"] == m["train"]["steps"]
     # the plain-teacher control reads the plain_* inputs: here a folder with other models
     plain = tmp_path / "plain"
@@ -214,8 +222,25 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     assert manifest["inputs"]["pairs"]["path"] == str(plain / "curate" / "curated.parquet")
 
 
-def test_fresh_rounds_refuse_the_stored_topk_signal(tmp_path: Path, taught_models: Path) -> None:
+def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path: Path, taught_models: Path) -> None:
+    """With `teacher_signal: topk`, round 1 reads the score stage's file and each fresh
+    round scores its own curated pairs with the teacher (the round's score step)."""
+    from distillflow.engines import scoring
+    from distillflow.engines.scoring import ScoreParams
+    from distillflow.stagekit import scorestep
+
+    from .builders import load
+
     params = rounds_setup(tmp_path)
     params["train"]["teacher_signal"] = "topk"
-    done, _ = cell(tmp_path, taught_models, "kd", 1, params)
-    assert done.returncode == 2 and "fresh rounds need teacher_signal: online" in done.stderr, done.stderr[-2000:]
+    params["score"].update(k=4, batch_size=8, device="cpu")
+    teacher, tok = load(taught_models / "teacher")
+    pairs = io.read_rows(tmp_path / "curate" / "curated.parquet", records.PAIR_SCHEMA)
+    batches = scoring.score_batches(teacher, tok, pairs, ScoreParams(k=4, batch_size=8, device="cpu"))
+    scorestep.stream_topk(tmp_path / "score" / "topk.parquet", batches, 16)
+    done, out = cell(tmp_path, taught_models, "kd", 1, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = json.loads((tmp_path / "metrics" / "kd-1.json").read_text())["per_round"][1]
+    assert second["steps"]["score"]["k"] == 4 and second["steps"]["score"]["rows"] == 2 * second["pairs"] > 0
+    manifest = json.loads((out / "rounds" / "r2" / "score" / "manifest.json").read_text())
+    assert manifest["outputs"]["topk.parquet"]["rows"] == 2 * second["pairs"]

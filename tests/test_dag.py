@@ -22,9 +22,10 @@ BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "
 PLAIN = ["plain_bootstrap", "plain_teacher", "plain_pairs", "plain_curate", "plain_score"]  # the control teacher
 COMPARISON = PLAIN + ["compare", "report"]
 IDENTIFY = ["identify"]  # always runs; no params section of its own (it reads models.teacher / models.student)
-ROUND = ["round_student", "round_pairs", "round_curate", "round_score", "round_train", "round_evaluate"]
+ROUND = ["round", "round_evaluate"]  # rounds 2..E: stages/round.py, then the evaluate stage on its student
+ROUND_STEPS = ["student", "pairs", "curate", "score", "train"]  # the stages a round runs as steps
 EXPECTED = IDENTIFY + BASE + ROUND + COMPARISON  # dvc.yaml, then comparison/dvc.yaml
-# The round_* groups are `foreach: ${train.rounds}` templates and compare a matrix over
+# The round groups are `foreach: ${train.rounds}` templates and compare a matrix over
 # compare.runs x compare.seeds; static checks read them instantiated for round 2 and
 # the cell (kd, 1) (tests/test_pipeline.py runs them through DVC itself).
 ROUND_2 = {"${key}": "r2", "${item.previous}": "data/train", "${item.run}": "kd", "${item.seed}": "1"}
@@ -46,7 +47,7 @@ DVC = {name: instantiate(spec["do"]) if "foreach" in spec else instantiate(spec)
 
 
 def module(stage: str) -> str:
-    """The stage module a dvc.yaml stage runs: round_<x> and plain_<x> run stages.<x>."""
+    """The stage module a dvc.yaml stage runs: round_<x> and plain_<x> run stages.<x>, round runs stages.round."""
     return stage.removeprefix("round_").removeprefix("plain_")
 
 
@@ -148,26 +149,28 @@ def test_cmd_paths_are_declared(stage: str) -> None:
         {"--out", "--metrics", "--summary", "--plot", "--live", "--docs"},
         {"--run", "--seed", "--round"},
     )  # compare's matrix values, evaluate's round label
-    assert {v for k, v in args.items() if k in out_flags} == outs
+    written = {v for k, v in args.items() if k in out_flags}
+    if stage == "round":  # its --out folder holds one folder per step, each an out
+        written = (written - {args["--out"]}) | {f"{args['--out']}/{step}" for step in ROUND_STEPS}
+    assert written == outs
     assert {v for k, v in args.items() if k not in out_flags | value_flags | {"--params"}} == data_deps
     assert args["--params"] == "params.yaml"
 
 
-@pytest.mark.parametrize("stage", ROUND)
-def test_a_round_runs_its_base_stage_on_the_round_paths(stage: str) -> None:
-    """Same module, params and flags as the base stage; inputs from this round (or the
-    previous round's student), outputs under data/rounds/<e>/."""
-    base, rnd = DVC[module(stage)], DVC[stage]
-    b_args, r_args = (dict(zip(shlex.split(x["cmd"])[3::2], shlex.split(x["cmd"])[4::2])) for x in (base, rnd))
-    resumes = module(stage) in ("student", "train")
-    assert set(r_args) == set(b_args) | ({"--previous"} if resumes else set())
-    if resumes:
-        assert RAW[stage]["do"]["cmd"].count("--previous ${item.previous}") == 1
-    assert (
-        r_args["--out"] == f"data/rounds/r2/{module(stage)}"
-        and r_args["--metrics"] == f"metrics/rounds/r2/{module(stage)}.json"
-    )
-    assert base["params"] == rnd["params"]
+def test_a_round_runs_the_steps_of_its_base_stages_on_the_round_paths() -> None:
+    """The round stage reads every params section its steps' stages read, its inputs are
+    the base stages' inputs (the previous round's student in place of the initial one),
+    its outputs are theirs under data/rounds/<e>/; round_evaluate is evaluate there."""
+    want = [k for step in ROUND_STEPS for k in DVC[step]["params"]]
+    assert set(DVC["round"]["params"]) == set(want)
+    assert RAW["round"]["do"]["cmd"].count("--previous ${item.previous}") == 1
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in DVC["round"]["outs"]]
+    assert outs[:5] == [f"data/rounds/r2/{step}" for step in ROUND_STEPS]
+    base, rnd = (dict(zip(shlex.split(DVC[s]["cmd"])[3::2], shlex.split(DVC[s]["cmd"])[4::2])) for s in ROUND[::-1])
+    ev = dict(zip(shlex.split(DVC["evaluate"]["cmd"])[3::2], shlex.split(DVC["evaluate"]["cmd"])[4::2]))
+    assert set(base) == set(ev) and base["--trained"] == "data/rounds/r2/train" and base["--round"] == "r2"
+    assert DVC["round_evaluate"]["params"] == DVC["evaluate"]["params"]
+    assert rnd["--out"] == "data/rounds/r2" and rnd["--metrics"] == "metrics/rounds/r2/round.json"
 
 
 def test_graph_edges() -> None:
@@ -205,24 +208,15 @@ def test_graph_edges() -> None:
         ("curate", "score"),
         ("bootstrap", "score"),
         ("score", "train"),
-        # round 2 (instantiated): the student is sampled again from round 1's model
-        ("train", "round_student@r2"),
-        ("seed", "round_student@r2"),
-        ("bootstrap", "round_student@r2"),
-        ("seed", "round_pairs@r2"),
-        ("teacher", "round_pairs@r2"),
-        ("round_student@r2", "round_pairs@r2"),
-        ("round_pairs@r2", "round_curate@r2"),
-        ("seed", "round_curate@r2"),
-        ("round_curate@r2", "round_score@r2"),
-        ("bootstrap", "round_score@r2"),
-        ("round_curate@r2", "round_train@r2"),
-        ("round_score@r2", "round_train@r2"),
-        ("bootstrap", "round_train@r2"),
-        ("train", "round_train@r2"),
+        # round 2 (instantiated): the student is sampled again from round 1's model,
+        # paired with the teacher's responses, curated, scored and trained on
+        ("train", "round@r2"),
+        ("seed", "round@r2"),
+        ("teacher", "round@r2"),
+        ("bootstrap", "round@r2"),
         ("seed", "round_evaluate@r2"),
         ("bootstrap", "round_evaluate@r2"),
-        ("round_train@r2", "round_evaluate@r2"),
+        ("round@r2", "round_evaluate@r2"),
         # the comparison: every cell reads what train reads (plus the eval prompts); the report reads every cell
         ("curate", "compare@kd-1"),
         ("score", "compare@kd-1"),

@@ -556,8 +556,9 @@ def test_the_comparison_runs_only_when_targeted_as_its_own_pipeline(
 def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
     tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """train.rounds drives dvc.yaml's foreach round_* stages: with rounds r2 and r3 the
-    flow's DAG has round_<stage>@r2/@r3 wired exactly as `dvc dag` wires them. (The
+    """train.rounds drives dvc.yaml's foreach round stages: with rounds r2 and r3 the
+    flow's DAG has round@r2/@r3 and round_evaluate@r2/@r3 wired exactly as `dvc dag`
+    wires them. (The
     comparison test below runs the real matrix stages compare@<run>-<seed>.)"""
     from distillflow.orchestration.dag import load_dag
     from distillflow.orchestration.dvc_ops import apply_overrides
@@ -569,15 +570,13 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
     assert "params.yaml: train.rounds.r3.previous: '<unset>' -> 'data/rounds/r2/train'" in changes
     monkeypatch.chdir(repo)
     dag = load_dag(repo)
-    rounds = {
-        f"round_{s}@{r}" for s in ("student", "pairs", "curate", "score", "train", "evaluate") for r in ("r2", "r3")
-    }
+    rounds = {f"{s}@{r}" for s in ("round", "round_evaluate") for r in ("r2", "r3")}
     assert rounds <= set(dag.stages)
     nodes, edges = dvc_dag(repo, server.env)
     default = set(dag.default())  # comparison/dvc.yaml's stages are in the index, not in a plain run
     assert default == nodes and {(u, d) for u, d in dag.edges if d in default} == edges
-    assert ("round_train@r2", "round_student@r3") in dag.edges
-    assert dag.closure(["round_student"]) == [n for n in dag.stages if n in set(dag.closure(["round_student@r3"]))]
+    assert ("round@r2", "round@r3") in dag.edges
+    assert dag.closure(["round"]) == [n for n in dag.stages if n in set(dag.closure(["round@r3"]))]
 
 
 def test_deployment_from_prefect_yaml_runs_on_a_worker(smoke: Path, server: Server, cold: dict[str, Any]) -> None:

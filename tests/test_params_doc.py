@@ -12,10 +12,25 @@ import pytest
 from distillflow.base import params
 from distillflow.orchestration import schema
 from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
+from stages import round as round_stage
 
 from .conftest import ROOT
 
-STAGES = [identify, bootstrap, seed, teacher, student, pairs, curate, score, train, evaluate, compare, report]
+STAGES = [
+    identify,
+    bootstrap,
+    seed,
+    teacher,
+    student,
+    pairs,
+    curate,
+    score,
+    train,
+    round_stage,
+    evaluate,
+    compare,
+    report,
+]
 
 
 def test_docs_params_md_is_the_rendering_of_params_yaml() -> None:

@@ -174,9 +174,10 @@ def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: lis
 
 
 def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path) -> None:
-    """train.rounds adds Algorithm 1's rounds: round 2 samples round 1's student again,
-    rebuilds pairs, curates, scores, trains from that student and evaluates, all under
-    data/rounds/r2/. The last of the smoke repo's runs: it leaves E = 2 in the workspace."""
+    """train.rounds adds Algorithm 1's rounds: round 2 (one stage, stages/round.py)
+    samples round 1's student again, rebuilds pairs, curates, scores and trains from that
+    student, then round_evaluate evaluates it, all under data/rounds/r2/. The last of the
+    smoke repo's runs: it leaves E = 2 in the workspace."""
     # the method cases above leave their switches in the workspace: set them back
     defaults = [
         "train.method=distillm2",
@@ -194,15 +195,7 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
         "++train.rounds.r2={previous: data/train}",
     )
     # round 1's train reruns too: with E = 2 its beta ramp covers the first half only
-    assert (
-        ran(out)
-        == {
-            "train",
-            "evaluate",
-            *(f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate")),
-        }
-        | ALWAYS
-    )
+    assert ran(out) == {"train", "evaluate", "round@r2", "round_evaluate@r2"} | ALWAYS
     assert not restored(out) & COMPARISON  # the comparison is not part of an experiment run
     r2 = repo / "data" / "rounds" / "r2"
     gens = pq.read_table(r2 / "student" / "generations.parquet").to_pylist()
@@ -220,6 +213,13 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
     assert (trained["round"], trained["rounds"], round1_student["round"], round1_student["rounds"]) == (2, 2, 1, 2)
     assert trained["inputs"]["student"]["path"] == "data/train/model"
     assert trained["initial_student"]["fingerprint"] == sampled["model"]["fingerprint"]
+    # each step's folder as its own stage writes it, from stages/round.py's code
+    for step in ("student", "pairs", "curate", "score", "train"):
+        manifest = json.loads((r2 / step / "manifest.json").read_text())
+        assert manifest["stage"] == step and "stages/round.py" in manifest["code"]
+    counts = json.loads((repo / "metrics" / "rounds" / "r2" / "round.json").read_text())
+    assert counts["curate"]["kept"] == len(pq.read_table(r2 / "curate" / "curated.parquet"))
+    assert counts["train"]["steps"] == trained["counts"]["steps"] > 0
     beta = lambda d: [float(r["beta"]) for r in csv.DictReader(d.open(), delimiter="\t")]  # noqa: E731
     b1 = beta(repo / "plots" / "train" / "plots" / "metrics" / "beta.tsv")
     b2 = beta(repo / "plots" / "rounds" / "r2" / "train" / "plots" / "metrics" / "beta.tsv")
@@ -231,11 +231,10 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
 
 def test_with_rounds_a_training_param_reruns_train_the_rounds_and_evaluate(repo: Path) -> None:
     """The README's claim with on-policy rounds (E = 2 here, 3 in params.yaml): a train
-    setting reruns train, every round_* stage (each samples the student train wrote)
+    setting reruns train, each round (it samples the student train wrote)
     and the evaluations; not bootstrap, seed, teacher, student, pairs, curate or score."""
     out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.004")
-    rounds = {f"round_{s}@r2" for s in ("student", "pairs", "curate", "score", "train", "evaluate")}
-    assert ran(out) == {"train", "evaluate"} | rounds | ALWAYS
+    assert ran(out) == {"train", "evaluate", "round@r2", "round_evaluate@r2"} | ALWAYS
 
 
 # The README's command for a table of experiments that fits a terminal.
@@ -296,6 +295,27 @@ def test_realarch_profile_runs_the_default_dag_and_its_lineage_verifies(realarch
         rows = pq.read_table(repo / "data" / part / "generations.parquet").to_pylist()
         assert not any(r["finish_reason"] == "length" and r["response"].endswith("\ufffd") for r in rows)
     check_verified(repo)
+
+
+def test_editing_the_toy_task_leaves_a_real_model_train_cached(realarch_repo: Path) -> None:
+    """The toy task is a plugin a run on real models and a prompt dataset never loads
+    (distillflow/tasks): editing it reruns only the stages whose code deps name
+    distillflow/tasks (bootstrap, seed, curate, evaluate), each writes the same bytes
+    (its manifest records the code it loaded, which leaves the toy task out), and DVC
+    keeps teacher, student, pairs, score and train cached."""
+    repo = realarch_repo
+    assert ran(sh(repo, "dvc", "repro")) == ALWAYS
+    toy = repo / "distillflow" / "tasks" / "toy" / "toytask.py"
+    before = toy.read_text()
+    toy.write_text(before.replace("WALK_STEPS = ((1, 2), (1, 3))", "WALK_STEPS = ((1, 2), (1, 4))"))
+    assert toy.read_text() != before
+    task_stages = {"bootstrap", "seed", "curate", "evaluate"}
+    assert ran(sh(repo, "dvc", "repro")) == ALWAYS | task_stages
+    loaded = json.loads((repo / "data" / "curate" / "manifest.json").read_text())["code"]
+    assert not any(name.startswith("distillflow/tasks/toy/") for name in loaded), sorted(loaded)
+    toy.write_text(before)  # back: DVC's run-cache restores those four stages' first outputs, or they rerun
+    out = sh(repo, "dvc", "repro")
+    assert ran(out) | restored(out) == ALWAYS | task_stages
 
 
 def test_editing_a_model_folder_in_place_reruns_bootstrap_and_what_follows(realarch_repo: Path) -> None:

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from distillflow.stagekit import rounds
 from distillflow.training.methods.distillm2 import AlphaCurriculum, BetaSchedule
 from distillflow.training.train_params import RoundParams
-from stages import train
 
 from .builders import D2, PAIRS, fresh, pair, tp, train_run
 
@@ -318,19 +318,19 @@ def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Pa
     prev.mkdir()
     p = tp(rounds={"r2": RoundParams(str(prev))})
     with pytest.raises(DataError, match="no manifest.json; --previous must be a train stage's output folder"):
-        train.previous_round(prev, p)
+        rounds.previous_round(prev, p)
     (prev / "manifest.json").write_text(json.dumps({"stage": "curate"}))
     with pytest.raises(DataError, match="not a train stage's manifest"):
-        train.previous_round(prev, p)
+        rounds.previous_round(prev, p)
     (prev / "manifest.json").write_text(json.dumps({"stage": "train", "round": 2}))
     with pytest.raises(ValueError, match=r"holds round 2, so this is round 3, but train.rounds.r3 is None"):
-        train.previous_round(prev, p)
+        rounds.previous_round(prev, p)
     (prev / "manifest.json").write_text(json.dumps({"stage": "train", "round": 1}))
     (prev / "curriculum.json").write_text(json.dumps({"gaps_t": [0.2, 0.3], "gaps_s": [0.1, 0.1]}))
-    e, cur = train.previous_round(prev, p)
+    e, cur = rounds.previous_round(prev, p)
     assert e == 2 and cur.ready and cur.gaps_t == [0.2, 0.3]
     with pytest.raises(ValueError, match="r2 must have previous"):
-        train.previous_round(prev, tp(rounds={"r2": RoundParams("elsewhere")}))
+        rounds.previous_round(prev, tp(rounds={"r2": RoundParams("elsewhere")}))
 
 
 def bf16_models(tiny_models: Path, root: Path) -> Path:

@@ -180,8 +180,13 @@ def write_manifest(
     *,
     models: dict[str, Any] | None = None,
     cost: dict[str, Any] | None = None,
+    module: str | None = None,
 ) -> dict[str, Any]:
     """Write `out_dir/manifest.json` and this run's record (see the module doc); return the manifest.
+
+    `module`: the stage module that ran (`stages/<module>.py`), when it is not `stage`:
+    an on-policy round writes the student, pairs, curate, score and train folders from
+    stages/round.py (or a comparison cell's stages/compare.py).
 
     outputs maps each written file (relative to out_dir) to its row count; their
     digests are taken here, after they are complete. `models` (role -> description,
@@ -193,7 +198,7 @@ def write_manifest(
     plain_params = {k: _plain(v) for k, v in params.items()}
     manifest = {
         "stage": stage,
-        "code": code_digest(stage),
+        "code": code_digest(module or stage),
         "params": plain_params,
         "seeds": seeds_of(plain_params),
         "inputs": {name: _input_entry(p) for name, p in sorted(inputs.items())},
@@ -278,7 +283,7 @@ def _iso(t: float) -> str:
 
 
 def job_name(stage: str) -> str:
-    """The DVC stage running (DVC_STAGE: train, compare@kd-1, round_train@r2), else the stage module."""
+    """The DVC stage running (DVC_STAGE: train, compare@kd-1, round@r2), else the stage module."""
     return os.environ.get("DVC_STAGE") or stage
 
 

@@ -19,7 +19,7 @@ from distillflow.orchestration.dag import StageSpec
 
 def artifact_key(stage: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, dashes) for a stage name such
-    as `round_student@2`; a short hash keeps two names that map alike apart."""
+    as `round@2`; a short hash keeps two names that map alike apart."""
     slug = re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")
     if slug != stage:
         slug = f"{slug}-{hashlib.sha256(stage.encode()).hexdigest()[:6]}"

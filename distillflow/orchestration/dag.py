@@ -2,7 +2,7 @@
 
 Nothing here parses dvc.yaml by hand: stages come from DVC's own index, so
 `foreach`/`matrix` stages are expanded exactly as `dvc repro` expands them
-(`round_student@2`, ...) and the edges are the ones `dvc dag` draws.
+(`round@2`, ...) and the edges are the ones `dvc dag` draws.
 
 DVC is read through distillflow/orchestration/dvc_adapter.py (one opened repo per flow run, under one
 process-wide lock: DVC's in-process API is not thread-safe; see docs/STACK.md).
@@ -20,7 +20,7 @@ __all__ = ["Dag", "StageSpec", "load_dag", "stage_name"]
 
 @dataclass(frozen=True, kw_only=True)
 class StageSpec:
-    name: str  # e.g. "teacher", "round_student@2", "sub/dvc.yaml:prep", "data.dvc"
+    name: str  # e.g. "teacher", "round@2", "sub/dvc.yaml:prep", "data.dvc"
     cmd: str | list[str] | None  # None for a .dvc data source
     wdir: str  # relative to the repo root
     deps: tuple[str, ...]  # repo-relative paths (not params files)
@@ -33,7 +33,7 @@ class StageSpec:
 
     @property
     def group(self) -> str:
-        """`round_student` for `round_student@2`: the foreach/matrix group name."""
+        """`round` for `round@2`: the foreach/matrix group name."""
         return self.name.split("@", 1)[0]
 
 

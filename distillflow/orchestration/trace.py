@@ -40,7 +40,7 @@ class LineageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Out:
-    stage: str  # the DVC stage name (train, compare@kd-1, round_train@r2)
+    stage: str  # the DVC stage name (train, compare@kd-1, round@r2)
     path: str  # relative to the repo root, posix
     md5: str | None
     hash_name: str | None = None  # what `md5` is: "md5" (DVC 3), absent in older lock files

@@ -1,5 +1,6 @@
 """Curation of a pairs file between the quality gates (distillflow/audit/quality.py):
-the curate stage and each fresh on-policy round (distillflow/data/curation.py holds the filters)."""
+the curate step (distillflow/stagekit/writer.py), which the curate stage and each
+on-policy round (rounds.py) run (distillflow/data/curation.py holds the filters)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from distillflow.audit import quality
+from distillflow.audit import lineage, quality
 from distillflow.base import quarantine as q
 from distillflow.base import records
-from distillflow.base.io import DataError
+from distillflow.base.io import DataError, atomic_dir, read_table
 from distillflow.base.stream import ParquetSink
 from distillflow.data.curation import QUARANTINE_SCHEMA, CurateParams, Curator, pair_batches
+from distillflow.stagekit.writer import Writer
+
+CURATE_SECTIONS: dict[str, Any] = {"curate": CurateParams, "quality": quality.QualityParams}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,3 +86,25 @@ def curate_file(
             + "; nothing to train on: relax params.yaml `curate` or fix the generations upstream"
         )
     return Curated(outputs=outputs, validation=validation, counts=counts)
+
+
+def write_curated(w: Writer, src: Path, prompts_dir: Path) -> dict[str, Any]:
+    """curated.parquet, quarantine.parquet and the manifest from the pairs file `src`
+    (curating.curate_file: the gates and the filters), against the seed's train and
+    eval prompts in `prompts_dir`."""
+    files = {"pairs": src, "train_prompts": prompts_dir / "train.parquet", "eval_prompts": prompts_dir / "eval.parquet"}
+    train_ids = read_table(files["train_prompts"], records.PROMPT_SCHEMA).column("prompt_id").combine_chunks()
+    evals = read_table(files["eval_prompts"], records.PROMPT_SCHEMA)
+    with atomic_dir(w.out) as tmp:
+        c = curate_file(src, tmp, w.used["curate"], w.used["quality"], train_ids, evals, docs=w.docs, shown=w.out)
+        lineage.write_manifest(
+            tmp,
+            "curate",
+            w.only(CURATE_SECTIONS),
+            inputs=files,
+            outputs=c.outputs,
+            counts=c.counts,
+            extra={"validation": c.validation},
+            module=w.module,
+        )
+    return c.counts

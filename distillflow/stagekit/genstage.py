@@ -31,8 +31,9 @@ from distillflow.engines import sampling
 from distillflow.engines.generation import SEEDING, engine_version, sampling_record
 from distillflow.engines.sampling import generation_fingerprint, sample
 from distillflow.stagekit import entry
+from distillflow.stagekit.writer import Writer, ids
 
-__all__ = ["generation_fingerprint", "sample", "sections", "inputs", "generate_part", "main"]
+__all__ = ["generation_fingerprint", "sample", "sections", "inputs", "write_generations", "generate_part", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,56 @@ def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, pr
     )
 
 
+def write_generations(
+    w: Writer,
+    gates: quality.StageGates,
+    role: str,
+    prompts: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    inputs: dict[str, Path],
+    model: dict[str, Any],
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """generations.parquet and its manifest. The output gate: ids unique and pointing at
+    the prompts, lengths in bounds, and for the teacher the share of truncated responses
+    (a weak student may run long). `model`: the sampled model's description; `stats`:
+    the shard counts (sampling.sample's)."""
+    p: GenerationParams = w.used[role]
+    counts = sampling.counts(prompts, rows)
+    gates.strict(
+        "generations",
+        w.out / "generations.parquet",
+        "generation",
+        pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
+        refs={"prompt_id": ids(prompts, "prompt_id")},
+        truncation=role == "teacher",
+    )
+    validation = gates.finish()
+    counts["gates"] = quality.validation_summary(validation)
+    with atomic_dir(w.out) as tmp:
+        n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
+        lineage.write_manifest(
+            tmp,
+            role,
+            w.only(sections(role)),
+            inputs=inputs,
+            outputs={"generations.parquet": n},
+            counts=counts,
+            extra={
+                "validation": validation,
+                "model": model,
+                # engine and version, the sampling record hashed into every generation id,
+                # and how the seeds were derived from it
+                "engine": rows[0]["engine"] if rows else engine_version(p.engine),
+                "sampling": sampling_record(p),
+                "seeding": SEEDING[p.engine],
+            },
+            cost=sampling.generation_cost(p, rows, stats),
+            module=w.module,
+        )
+    return counts
+
+
 def work_dir(out: Path) -> Path:
     """Where a stage writing `out` keeps its shards: beside it, never inside a DVC out."""
     return out.with_name(out.name + ".shards")
@@ -112,51 +163,21 @@ def generate_part(
 def main(role: str, doc: str | None) -> None:
     """`python -m stages.<role> --params P --prompts data/seed --models data/bootstrap --out data/<role>`.
 
-    `--previous DIR` (on-policy rounds) samples DIR/model, the student a previous
-    round's train stage wrote, instead of `models.<role>`.
+    `--previous DIR` samples DIR/model, a model a train stage wrote, instead of
+    `models.<role>`.
     """
     args = entry.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
     i = inputs(role, args.params, args.prompts, args.models, args.previous)
-    gates = quality.StageGates(i.used["quality"], args.docs)
+    w = Writer(out=args.out, module=role, used=i.used, docs=args.docs)
+    gates = w.gates()
     # the input, already read by inputs(), checked before any model time is spent
     gates.strict("prompts", i.prompt_file, "prompt", pa.Table.from_pylist(i.prompts, schema=records.PROMPT_SCHEMA))
-    p, work = i.p, work_dir(args.out)
+    work = work_dir(args.out)
     stats: dict[str, Any] = {}
     rows = _sample(role, i, work, stats=stats)
-    counts = sampling.counts(i.prompts, rows)
-    # The output gate: ids unique and pointing at the prompts, lengths in bounds, and
-    # for the teacher the share of truncated responses (a weak student may run long).
-    prompt_ids = pa.array([pr["prompt_id"] for pr in i.prompts], type=pa.string())
-    gates.strict(
-        "generations",
-        args.out / "generations.parquet",
-        "generation",
-        pa.Table.from_pylist(rows, schema=records.GENERATION_SCHEMA),
-        refs={"prompt_id": prompt_ids},
-        truncation=role == "teacher",
-    )
-    validation = gates.finish()
-    counts["gates"] = quality.validation_summary(validation)
-    with atomic_dir(args.out) as tmp:
-        n = write_table(tmp / "generations.parquet", rows, records.GENERATION_SCHEMA)
-        lineage.write_manifest(
-            tmp,
-            role,
-            i.used,
-            inputs={"prompts": i.prompt_file, "model": i.model_input},
-            outputs={"generations.parquet": n},
-            counts=counts,
-            extra={
-                "validation": validation,
-                "model": sampling.describe_model(p, i.ref, i.model_dir, rows),
-                # engine and version, the sampling record hashed into every generation id,
-                # and how the seeds were derived from it
-                "engine": rows[0]["engine"] if rows else engine_version(p.engine),
-                "sampling": sampling_record(p),
-                "seeding": SEEDING[p.engine],
-            },
-            cost=sampling.generation_cost(p, rows, stats),
-        )
+    model = sampling.describe_model(i.p, i.ref, i.model_dir, rows)
+    files = {"prompts": i.prompt_file, "model": i.model_input}
+    counts = write_generations(w, gates, role, i.prompts, rows, files, model, stats)
     write_json(args.metrics, counts)
     shutil.rmtree(work)
     finish = counts["finish_reason"]

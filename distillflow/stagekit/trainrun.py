@@ -1,24 +1,39 @@
-"""What train and the comparison cells share around the trainer: the training inputs'
-strict gate (distillflow/audit/quality.py), loading the models, the checkpoint key, the
-trainer's job and the manifest's inputs. Each then exports the student
-(training.basics.export_student) and writes its manifest (audit.lineage.write_manifest)."""
+"""What train, the round stage and the comparison cells share around the trainer: the
+training inputs' strict gate (distillflow/audit/quality.py), loading the models, the
+checkpoint key, the trainer's job, the manifest's inputs, and (train and the round stage)
+writing the trained student's folder: the model in models.dtype with its model card,
+the curriculum and the manifest."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import torch
 
-from distillflow.audit import quality
+from distillflow.audit import lineage, quality
 from distillflow.base import models, records
-from distillflow.base.io import digest_path, read_table
-from distillflow.training import trainer
+from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.io import atomic_dir, digest_path, read_table, write_json
+from distillflow.stagekit import modelcard
+from distillflow.training import basics, trainer
 from distillflow.training.checkpoint import Checkpoint, run_key
 from distillflow.training.methods.distillm2 import AlphaCurriculum
+from distillflow.training.summary import run_summary, tokens_trained
 from distillflow.training.train_params import TrainParams
+
+# The params sections a trained student's manifest records (the train stage's).
+TRAIN_SECTIONS: dict[str, Any] = {
+    "models.teacher": ModelParams,
+    "models.student": ModelParams,
+    "models.trust_remote_code": bool,
+    "models.dtype": Dtype,
+    "train": TrainParams,
+    "quality": quality.QualityParams,
+}
 
 
 def gate_inputs(
@@ -36,6 +51,26 @@ def gate_inputs(
     if p.teacher_signal == "topk":  # streamed here, then read again by load_inputs
         gates.check_file("teacher top-k", scores_dir / "topk.parquet", "topk")
     return table.to_pylist(), gates.finish()
+
+
+class Learner(Protocol):
+    """The models a round trains: the student (float32 master weights), the teacher (None
+    with the topk signal) and both tokenizers. `Prepared` is one; `Loaded` another."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tok_s: Any
+    tok_t: Any
+
+
+@dataclass
+class Loaded:
+    """A Learner loaded without a pairs file (trainer.load_models): the round stage's."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tok_s: Any
+    tok_t: Any
 
 
 @dataclass
@@ -85,10 +120,30 @@ def prepare(
     student, teacher, tok_s, tok_t, scores = trainer.load_inputs(
         p, m.s_ref, m.s_dir, m.t_ref, m.t_dir, scores_dir, trust, dtype
     )
-    s_fp, t_fp = models.model_fingerprint(m.s_ref, m.s_dir), models.model_fingerprint(m.t_ref, m.t_dir)
-    key = run_key(p, digest_path(src), s_fp, t_fp, dtype)
-    ckpt = Checkpoint.beside(out, key)
+    ckpt = checkpoint_for(p, src, m, dtype, out)
     return Prepared(src, pairs, validation, student, teacher, tok_s, tok_t, scores, ckpt)
+
+
+def checkpoint_for(p: TrainParams, src: Path, m: Models, dtype: str, out: Path) -> Checkpoint:
+    """The resumable checkpoint folder beside `out`, keyed by the params, the pairs file
+    `src` and both models."""
+    s_fp, t_fp = models.model_fingerprint(m.s_ref, m.s_dir), models.model_fingerprint(m.t_ref, m.t_dir)
+    return Checkpoint.beside(out, run_key(p, digest_path(src), s_fp, t_fp, dtype))
+
+
+def load_learner(p: TrainParams, m: Models, trust: bool, dtype: str) -> Loaded:
+    """The student and (online signal) the teacher of `m`, with their tokenizers."""
+    return Loaded(*trainer.load_models(p, m.s_ref, m.s_dir, m.t_ref, m.t_dir, trust, dtype))
+
+
+def teacher_loader(m: Models, trust: bool, dtype: str, device: str) -> Callable[[], tuple[Any, Any]]:
+    """A function loading (teacher on `device`, its tokenizer): for scoring a round's pairs."""
+
+    def load() -> tuple[Any, Any]:
+        teacher = models.load_model(m.t_ref, m.t_dir, trust, dtype).to(device)
+        return teacher, models.load_tokenizer(m.t_ref, m.t_dir, trust)
+
+    return load
 
 
 def job(
@@ -117,12 +172,62 @@ def job(
     )
 
 
-def lineage_inputs(run: Prepared, scores_dir: Path, m: Models) -> dict[str, Path]:
-    """The manifest inputs every training run has: the pairs, the stored scores (topk
-    signal), the student it started from and the teacher."""
+def lineage_inputs(src: Path, scores_dir: Path | None, m: Models) -> dict[str, Path]:
+    """The manifest inputs every training run has: the pairs file `src`, the stored
+    scores (scores_dir: the topk signal's folder, else None), the student it started
+    from and the teacher."""
     return {
-        "pairs": run.src,
-        **({"scores": scores_dir / "topk.parquet"} if run.scores is not None else {}),
+        "pairs": src,
+        **({"scores": scores_dir / "topk.parquet"} if scores_dir is not None else {}),
         "student": m.s_input,
         "teacher": m.t_input,
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trained:
+    """What a finished run of the train stage or of a round hands to `write_trained`."""
+
+    learner: Learner
+    pairs: list[dict[str, Any]]
+    src: Path
+    rows: list[dict[str, float]]
+    curriculum: AlphaCurriculum
+    round_index: int
+    inputs: dict[str, Path]
+    validation: dict[str, Any]
+
+
+def write_trained(out: Path, used: dict[str, Any], m: Models, t: Trained, module: str) -> dict[str, Any]:
+    """The trained student's folder, atomically: model/ (float32 master weights saved in
+    models.dtype, with its model card), curriculum.json and manifest.json (stage `train`,
+    written by stages/<module>.py). Returns the metrics (round and run summary)."""
+    p: TrainParams = used["train"]
+    dtype = used["models.dtype"]
+    metrics = {"round": t.round_index, **run_summary(t.rows, len(t.pairs), p.method)}
+    s_info, t_info = models.describe(m.s_ref, m.s_dir), models.describe(m.t_ref, m.t_dir)
+    student, tok_s = t.learner.student, t.learner.tok_s
+    with atomic_dir(out) as tmp:
+        basics.export_student(student, tok_s, tmp / "model", dtype)
+        card = modelcard.model_card(used, metrics, t.src, s_info, t_info, t.round_index)
+        (tmp / "model" / "README.md").write_text(card)
+        write_json(tmp / "curriculum.json", t.curriculum.state())
+        tokens = tokens_trained(tok_s, t.pairs, p)
+        lineage.write_manifest(
+            tmp,
+            "train",
+            {k: used[k] for k in TRAIN_SECTIONS},
+            inputs=t.inputs,
+            outputs={"curriculum.json": len(t.curriculum.gaps_t)},
+            counts=metrics,
+            extra={
+                "round": t.round_index,
+                "rounds": p.total_rounds,
+                "initial_student": s_info,
+                "teacher": t_info,
+                "validation": t.validation,
+            },
+            cost={"tokens_read": tokens, "tokens_trained": tokens, "optimizer_steps": len(t.rows)},
+            module=module,
+        )
+    return metrics

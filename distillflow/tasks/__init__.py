@@ -67,7 +67,10 @@ def get(name: str) -> Task:
 
 
 def owner(category: str | None) -> Task | None:
-    """The registered task whose records carry `category`, or None."""
+    """The registered task whose records carry `category`, or None. No category (a
+    dataset's record) loads no task."""
+    if category is None:
+        return None
     for name in REGISTRY:
         task = get(name)
         if category in task.categories:

@@ -51,7 +51,7 @@ class TrainParams:
     gkd: GKDParams  # GKD's settings
     dpkd: DPKDParams  # DPKD's settings
     # Batched on-policy rounds after the first (Algorithm 1), keyed r2..rE; dvc.yaml's
-    # round_* stages iterate over it (DVC templates cannot count). Keys are names, not
+    # round and round_evaluate stages iterate over it (DVC templates cannot count). Keys are names, not
     # numbers: DVC's foreach silently skips integer keys, and `-S` cannot write quoted ones.
     rounds: dict[str, RoundParams]
 

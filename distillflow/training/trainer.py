@@ -417,6 +417,32 @@ def train(job: Job) -> list[dict[str, float]]:
     return loop.rows
 
 
+def load_models(
+    p: TrainParams,
+    s_ref: models.ModelRef,
+    s_dir: Path,
+    t_ref: models.ModelRef,
+    t_dir: Path,
+    trust: bool,
+    dtype: str,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any]:
+    """(student, teacher or None, student tokenizer, teacher tokenizer): with
+    `teacher_signal: topk` the teacher model is never loaded. The student is loaded in
+    float32 (its master weights, see basics.MASTER_DTYPE) whatever `dtype`; the frozen
+    teacher in `dtype` (models.dtype)."""
+    student = models.load_model(s_ref, s_dir, trust, basics.MASTER_DTYPE)
+    teacher = None if p.teacher_signal == "topk" else models.load_model(t_ref, t_dir, trust, dtype)
+    return student, teacher, models.load_tokenizer(s_ref, s_dir, trust), models.load_tokenizer(t_ref, t_dir, trust)
+
+
+def load_scores(p: TrainParams, scores_dir: Path) -> Scores | None:
+    """The teacher's stored top-k signal (scores_dir/topk.parquet) with `teacher_signal:
+    topk`, else None."""
+    if p.teacher_signal != "topk":
+        return None
+    return index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+
+
 def load_inputs(
     p: TrainParams,
     s_ref: models.ModelRef,
@@ -427,21 +453,5 @@ def load_inputs(
     trust: bool,
     dtype: str,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, Any, Any, Scores | None]:
-    """(student, teacher or None, student tokenizer, teacher tokenizer, stored scores or
-    None): with `teacher_signal: topk` the teacher model is never loaded. The student is
-    loaded in float32 (its master weights, see basics.MASTER_DTYPE) whatever `dtype`; the
-    frozen teacher in `dtype` (models.dtype)."""
-    student = models.load_model(s_ref, s_dir, trust, basics.MASTER_DTYPE)
-    scores: Scores | None = None
-    teacher: torch.nn.Module | None = None
-    if p.teacher_signal == "topk":
-        scores = index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
-    else:
-        teacher = models.load_model(t_ref, t_dir, trust, dtype)
-    return (
-        student,
-        teacher,
-        models.load_tokenizer(s_ref, s_dir, trust),
-        models.load_tokenizer(t_ref, t_dir, trust),
-        scores,
-    )
+    """load_models, then the stored scores (load_scores)."""
+    return (*load_models(p, s_ref, s_dir, t_ref, t_dir, trust, dtype), load_scores(p, scores_dir))

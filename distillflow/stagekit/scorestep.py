@@ -1,0 +1,103 @@
+"""The score step (distillflow/stagekit/writer.py): the score stage runs it on the
+curated pairs, an on-policy round (rounds.py) on its own with the topk signal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distillflow.audit import lineage, quality
+from distillflow.base import records
+from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.io import atomic_dir, read_table
+from distillflow.base.stream import ParquetSink
+from distillflow.engines import scoring
+from distillflow.engines.scoring import ScoreParams
+from distillflow.stagekit.writer import Writer
+
+SCORE_SECTIONS: dict[str, Any] = {
+    "models.teacher": ModelParams,
+    "models.trust_remote_code": bool,
+    "models.dtype": Dtype,
+    "score": ScoreParams,
+    "quality": quality.QualityParams,
+}
+
+
+def stream_topk(path: Path, batches: Iterable[pa.RecordBatch], batch_rows: int) -> tuple[int, int]:
+    """Stream top-k record batches into `path` (row groups of `batch_rows`, atomically):
+    (rows, response positions) written. Only one model batch and one row group's worth of
+    Arrow buffers are held at a time. write_scores passes 2 * score.batch_size (a top-k
+    row is positions x k entries, so quality.batch_rows rows could be gigabytes)."""
+    positions = 0
+    with ParquetSink(path, records.TOPK_SCHEMA, batch_rows) as sink:
+        for batch in batches:
+            sink.write(batch)
+            positions += pc.sum(batch.column("positions")).as_py() or 0
+    return sink.rows, positions
+
+
+def gate_topk(gates: quality.StageGates, path: Path, shown: Path, vocab_size: int | None, pair_ids: list[str]) -> None:
+    """The strict output gate over the written file, streamed in batches of
+    quality.batch_rows: finite, sorted log-probs, token ids below `vocab_size` (the
+    tokenizer's length: head rows past it are padding), every pair id known."""
+    gates.check_file(
+        "teacher top-k",
+        path,
+        "topk",
+        shown=shown,
+        vocab_size=vocab_size,
+        refs={"pair_id": pa.array(pair_ids, type=pa.string())},
+    )
+
+
+def write_scores(
+    w: Writer,
+    src: Path,
+    load: Callable[[], tuple[Any, Any]] | None,
+    teacher_info: dict[str, Any],
+    skipped: str | None = None,
+) -> dict[str, Any]:
+    """topk.parquet (records.TOPK_SCHEMA) and the manifest: the teacher's top-k signal on
+    every curated pair of `src` (engines/scoring.py), streamed in row groups of
+    2 x score.batch_size rows and gated as it is read back. `load` gives (teacher,
+    tokenizer), called once the input passed its gate; None writes an empty file
+    (`score.k: 0`, or `skipped`: why a round does not need the signal)."""
+    p: ScoreParams = w.used["score"]
+    gates = w.gates()
+    table = read_table(src, records.PAIR_SCHEMA)
+    gates.strict("curated pairs", src, "curated", table)
+    pairs = table.to_pylist()
+    batches: Iterable[pa.RecordBatch] = ()
+    vocab: int | None = None
+    if load is not None:
+        teacher, tok = load()
+        vocab = len(tok)  # ids past the tokenizer are head padding, never real tokens
+        batches = scoring.score_batches(teacher, tok, pairs, p)
+    with atomic_dir(w.out) as tmp:
+        n, positions = stream_topk(tmp / "topk.parquet", batches, 2 * p.batch_size)
+        gate_topk(gates, tmp / "topk.parquet", w.out / "topk.parquet", vocab, [pr["pair_id"] for pr in pairs])
+        validation = gates.finish()
+        counts = {
+            "pairs": len(pairs),
+            "rows": n,
+            "k": p.k if load is not None else 0,
+            "positions": positions,
+            **({"skipped": skipped} if skipped else {}),
+            "gates": quality.validation_summary(validation),
+        }
+        lineage.write_manifest(
+            tmp,
+            "score",
+            w.only(SCORE_SECTIONS),
+            inputs={"pairs": src},
+            outputs={"topk.parquet": n},
+            counts=counts,
+            extra={"teacher": teacher_info, "validation": validation},
+            module=w.module,
+        )
+    return counts

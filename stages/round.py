@@ -1,0 +1,122 @@
+"""round: one on-policy round after the first (rounds 2..E, `train.rounds`).
+
+    python -m stages.round --params params.yaml --prompts data/seed --teacher data/teacher \
+        --models data/bootstrap --previous data/train --out data/rounds/r2 \
+        --metrics metrics/rounds/r2/round.json --live plots/rounds/r2/train --docs reports/quality/rounds/r2
+
+Samples the student the previous round saved (--previous, a train output folder) on the
+train prompts with the `student` settings and engine, pairs those samples with the
+teacher's responses, curates them, scores them (the topk signal) and trains that
+student on them, as the student, pairs, curate, score and train stages do, with the
+same code and params (distillflow/stagekit/rounds.py, which the comparison cells call
+too). Outputs under --out: student/, pairs/, curate/, score/ (each as its stage writes
+it) and train/ (model/, curriculum.json, manifest.json, as the train stage writes
+it); the metrics file holds each step's counts, the training summary and the seconds.
+The next round's --previous is this round's train/ folder. A killed round resumes its
+sampling shards and its training checkpoint, and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distillflow.base import models, params
+from distillflow.base.io import write_json
+from distillflow.engines import sampling
+from distillflow.stagekit import curating, entry, genstage, pairstep, rounds, scorestep, trainrun
+from distillflow.training.summary import run_summary
+from distillflow.training.train_params import TrainParams
+
+log = logging.getLogger("round")
+
+SECTIONS: dict[str, Any] = {
+    **trainrun.TRAIN_SECTIONS,
+    **genstage.sections("student"),
+    **pairstep.PAIRS_SECTIONS,
+    **curating.CURATE_SECTIONS,
+    **scorestep.SCORE_SECTIONS,
+}
+PARAMS = tuple(SECTIONS)
+
+
+def sampler(used: dict[str, Any], model: Path, work: Path) -> rounds.Sampler:
+    """The previous round's saved student, sampled with the student section's engine in
+    resumable shards under `work` (sampling.sample, as the student stage does)."""
+    p, ref = used["student"], models.ModelRef(str(model), None)
+    stats: dict[str, Any] = {}
+
+    def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
+        return sampling.sample(
+            "student", p, ref, prompts, Path(), work, trust_remote_code=trust, dtype=dtype, stats=stats
+        )
+
+    def describe(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return sampling.describe_model(p, ref, Path(), rows)
+
+    return rounds.Sampler(generate=generate, describe=describe, model_input=model, stats=stats)
+
+
+def main() -> None:
+    args = entry.parse_paths(
+        __doc__, "prompts", "teacher", "models", "previous", "out", "metrics", "live", optional=("docs",)
+    )
+    used = params.load_sections(args.params, SECTIONS)
+    p: TrainParams = used["train"]
+    trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
+    e, curriculum = rounds.previous_round(args.previous, p)
+    t_ref = used["models.teacher"].ref()
+    t_dir = args.models / "teacher"
+    m = trainrun.Models(
+        models.ModelRef(str(args.previous / "model"), None),
+        Path(),
+        args.previous / "model",
+        t_ref,
+        t_dir,
+        models.lineage_input(t_ref, args.models, "teacher"),
+    )
+    learner = trainrun.load_learner(p, m, trust, dtype)
+    ri = rounds.RoundInputs(
+        used=used,
+        module="round",
+        prompts_dir=args.prompts,
+        teacher_file=args.teacher / "generations.parquet",
+        teacher_info=models.describe(t_ref, t_dir),
+        load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
+        docs=args.docs,
+    )
+    work = genstage.work_dir(args.out / "student")
+    done = rounds.run_round(
+        ri,
+        learner,
+        p,
+        e,
+        curriculum,
+        args.out,
+        sampler(used, args.previous / "model", work),
+        checkpoint=lambda src: trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"),
+        live=args.live,
+    )
+    shutil.rmtree(work)
+    trained = trainrun.Trained(
+        learner=learner,
+        pairs=done.pairs,
+        src=done.src,
+        rows=done.rows,
+        curriculum=curriculum,
+        round_index=e,
+        inputs=trainrun.lineage_inputs(done.src, args.out / "score" if p.teacher_signal == "topk" else None, m),
+        validation=done.validation,
+    )
+    trainrun.write_trained(args.out / "train", used, m, trained, "round")
+    metrics = {**done.counts, "train": run_summary(done.rows, len(done.pairs), p.method), "round": e}
+    write_json(args.metrics, metrics)
+    trainrun.checkpoint_for(p, done.src, m, dtype, args.out / "train").clear()
+    log.info("round %d: %d pairs, %s", e, len(done.pairs), done.seconds)
+
+
+if __name__ == "__main__":
+    entry.run_stage(main)
