@@ -1,7 +1,7 @@
 """Peak memory of the score stage's output path and train's read-back, new vs old.
 
 New (what stages/score.py and trainer.index_scores do now): scoring.score_batches
-yields one typed Arrow record batch per model batch, score.write_scores streams them
+yields one typed Arrow record batch per model batch, scorestep.stream_topk streams them
 into topk.parquet (ParquetSink, row groups of 2 x score.batch_size rows, as main does);
 train reads the file with read_table and trainer.index_scores (zero-copy numpy views at
 the list offsets).
@@ -48,8 +48,8 @@ from distillflow.base import (  # noqa: E402
 )
 from distillflow.base.io import read_rows, read_table, write_table  # noqa: E402
 from distillflow.engines import scoring  # noqa: E402
+from distillflow.stagekit import scorestep  # noqa: E402
 from distillflow.training import basics, trainer  # noqa: E402
-from stages import score  # noqa: E402
 
 BATCH_SIZE = 256
 
@@ -144,7 +144,7 @@ def child(mode: str, work: Path, positions: int, k: int, chars: int) -> None:
     before, start = rss_bytes(), time.perf_counter()
     if mode == "write-new":
         p = scoring.ScoreParams(k=k, batch_size=BATCH_SIZE, device="cpu")
-        rows, scored = score.write_scores(out, scoring.score_batches(teacher, tok, pairs, p), 2 * BATCH_SIZE)
+        rows, scored = scorestep.stream_topk(out, scoring.score_batches(teacher, tok, pairs, p), 2 * BATCH_SIZE)
     elif mode == "write-old":
         old = old_rows(teacher, tok, pairs, k, BATCH_SIZE)
         rows, scored = write_table(out, old, records.TOPK_SCHEMA), sum(r["positions"] for r in old)

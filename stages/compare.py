@@ -106,7 +106,7 @@ def in_memory_sampler(used: dict[str, Any], cell: trainrun.Prepared, seed: int, 
     def describe(_rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"in_memory": f"the cell's student after round {e - 1}", "fingerprint": f"round-{e}"}
 
-    return rounds.Sampler(generate=generate, describe=describe, model_input=None)
+    return rounds.Sampler(p=sp, generate=generate, describe=describe, model_input=None)
 
 
 def cell_models(args: Any, used: dict[str, Any], run: RunParams) -> tuple[trainrun.Models, Path, Path, Path]:
@@ -127,14 +127,21 @@ def cell_models(args: Any, used: dict[str, Any], run: RunParams) -> tuple[trainr
 
 
 def train_rounds(
-    args: Any, used: dict[str, Any], run: RunParams, p: TrainParams, cell: trainrun.Prepared, ri: rounds.RoundInputs
-) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[dict[str, Any]]]:
+    args: Any,
+    used: dict[str, Any],
+    run: RunParams,
+    p: TrainParams,
+    cell: trainrun.Prepared,
+    ri: rounds.RoundInputs,
+    eval_ids: pa.Array,
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Path]]:
     """The cell's E rounds on the trainer: round 1 on the gated pairs (resuming from its
     checkpoints as the train stage does), later rounds through rounds.run_round into
     out/rounds/r<e>/ (`rounds: fresh`) or on round 1's pairs again (`stale`). (every
-    step's log row, each round's record, the last round's pairs)."""
+    step's log row, each round's record, the last round's pairs, the files the later
+    rounds trained on: their manifests lead back to the samples and prompts)."""
     curriculum = AlphaCurriculum(p.distillm2)
-    eval_ids = pa.array([pr["prompt_id"] for pr in read_rows(args.prompts / "eval.parquet", records.PROMPT_SCHEMA)])
+    read: dict[str, Path] = {}
     rows: list[dict[str, float]] = []
     records_: list[dict[str, Any]] = []
     pairs = cell.pairs
@@ -143,8 +150,11 @@ def train_rounds(
         if e > 1 and run.rounds == "fresh":
             sampler = in_memory_sampler(used, cell, args.seed, e)
             folder = args.out / "rounds" / f"r{e}"
-            done = rounds.run_round(ri, cell, p, e, curriculum, folder, sampler, live=live, eval_ids=eval_ids)
+            done = rounds.run_round(ri, lambda: cell, p, e, curriculum, folder, sampler, live=live, eval_ids=eval_ids)
             got, pairs, seconds, counts = done.rows, done.pairs, done.seconds, done.counts
+            read[f"pairs_r{e}"] = done.src
+            if p.teacher_signal == "topk":
+                read[f"scores_r{e}"] = folder / "score" / "topk.parquet"
         else:
             t0 = time.perf_counter()
             got = trainer.train(trainrun.job(cell, p, e, curriculum, checkpoint=e == 1, live=live))
@@ -152,7 +162,7 @@ def train_rounds(
         rows += got
         train = run_summary(got, len(pairs), run.method)
         records_.append({"round": e, "pairs": len(pairs), "steps": counts, "train": train, "seconds": seconds})
-    return rows, records_, pairs
+    return rows, records_, pairs, read
 
 
 def evaluate_and_write(
@@ -254,10 +264,11 @@ def main() -> None:
         teacher_info=models.describe(m.t_ref, m.t_dir),
         load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
     )
-    rows, per_round, pairs = train_rounds(args, used, run, p, cell, ri)
+    rows, per_round, pairs, round_inputs = train_rounds(args, used, run, p, cell, ri, eval_ids)
     extra_inputs = {
         "eval_prompts": eval_file,
         **({"teacher_generations": ri.teacher_file, "train_prompts": args.prompts / "train.parquet"} if fresh else {}),
+        **round_inputs,
     }
     metrics = evaluate_and_write(
         args,

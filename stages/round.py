@@ -11,7 +11,10 @@ student on them, as the student, pairs, curate, score and train stages do, with 
 same code and params (distillflow/stagekit/rounds.py, which the comparison cells call
 too). Outputs under --out: student/, pairs/, curate/, score/ (each as its stage writes
 it) and train/ (model/, curriculum.json, manifest.json, as the train stage writes
-it); the metrics file holds each step's counts, the training summary and the seconds.
+it); the metrics file holds each step's counts and the training summary. It loads the
+student and teacher after sampling, so the sampling engine and the training models are
+not both held by the time it trains (the vllm engine's memory is freed when it is
+garbage-collected; vLLM has not run here yet).
 The next round's --previous is this round's train/ folder. A killed round resumes its
 sampling shards and its training checkpoint, and writes the same bytes.
 """
@@ -27,6 +30,7 @@ from distillflow.base import models, params
 from distillflow.base.io import write_json
 from distillflow.engines import sampling
 from distillflow.stagekit import curating, entry, genstage, pairstep, rounds, scorestep, trainrun
+from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.summary import run_summary
 from distillflow.training.train_params import TrainParams
 
@@ -57,7 +61,7 @@ def sampler(used: dict[str, Any], model: Path, work: Path) -> rounds.Sampler:
     def describe(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return sampling.describe_model(p, ref, Path(), rows)
 
-    return rounds.Sampler(generate=generate, describe=describe, model_input=model, stats=stats)
+    return rounds.Sampler(p=p, generate=generate, describe=describe, model_input=model, stats=stats)
 
 
 def main() -> None:
@@ -78,7 +82,11 @@ def main() -> None:
         t_dir,
         models.lineage_input(t_ref, args.models, "teacher"),
     )
-    learner = trainrun.load_learner(p, m, trust, dtype)
+    checkpoints: dict[Path, Checkpoint] = {}
+
+    def checkpoint(src: Path) -> Checkpoint:
+        return checkpoints.setdefault(src, trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"))
+
     ri = rounds.RoundInputs(
         used=used,
         module="round",
@@ -91,18 +99,18 @@ def main() -> None:
     work = genstage.work_dir(args.out / "student")
     done = rounds.run_round(
         ri,
-        learner,
+        lambda: trainrun.load_learner(p, m, trust, dtype),  # after sampling
         p,
         e,
         curriculum,
         args.out,
         sampler(used, args.previous / "model", work),
-        checkpoint=lambda src: trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"),
+        checkpoint=checkpoint,
         live=args.live,
     )
     shutil.rmtree(work)
     trained = trainrun.Trained(
-        learner=learner,
+        learner=done.learner,
         pairs=done.pairs,
         src=done.src,
         rows=done.rows,
@@ -114,7 +122,7 @@ def main() -> None:
     trainrun.write_trained(args.out / "train", used, m, trained, "round")
     metrics = {**done.counts, "train": run_summary(done.rows, len(done.pairs), p.method), "round": e}
     write_json(args.metrics, metrics)
-    trainrun.checkpoint_for(p, done.src, m, dtype, args.out / "train").clear()
+    checkpoint(done.src).clear()
     log.info("round %d: %d pairs, %s", e, len(done.pairs), done.seconds)
 
 

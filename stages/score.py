@@ -36,14 +36,12 @@ from distillflow.engines.scoring import ScoreParams
 from distillflow.stagekit import entry, scorestep
 from distillflow.stagekit.writer import Writer
 
-__all__ = ["SECTIONS", "PARAMS", "ScoreParams", "gate_scores", "main", "run", "write_scores"]
+__all__ = ["SECTIONS", "PARAMS", "ScoreParams", "main", "run"]
 
 log = logging.getLogger("score")
 
 SECTIONS: dict[str, Any] = scorestep.SCORE_SECTIONS
 PARAMS = tuple(SECTIONS)
-write_scores = scorestep.stream_topk
-gate_scores = scorestep.gate_topk
 
 
 def run(teacher: Any, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> pa.Table:

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from distillflow.audit import lineage
+from distillflow.base.io import write_table
 from distillflow.orchestration import trace as flin
 
 from .builders import ENV, check_event, sh, write_stage
@@ -88,6 +89,43 @@ def test_openlineage_events_are_well_formed(tmp_path: Path, monkeypatch: pytest.
     assert done["run"]["facets"]["parent"]["run"]["runId"] == str(
         uuid.uuid5(uuid.NAMESPACE_URL, "distillflow:flow-run-7")
     )
+
+
+def test_a_process_writing_several_folders_has_one_record_and_one_complete_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An on-policy round writes student, pairs, curate and score folders, then train:
+    each step's manifest is written as it finishes, and the process's one run record
+    (lists the steps) and one OpenLineage COMPLETE (their datasets; what a step wrote
+    and a later one read is an output, not an input) come with the last manifest."""
+    monkeypatch.setenv("DISTILLFLOW_LINEAGE_DIR", str(tmp_path / "lineage"))
+    monkeypatch.setenv("DVC_STAGE", "round@r2")
+    lineage.start_run("round")
+    schema = pa.schema([pa.field("x", pa.string())], metadata={"distillflow.schema": "x"})
+    src = tmp_path / "in.parquet"
+    write_table(src, [{"x": "a"}], schema)
+    first, last = tmp_path / "r2" / "pairs", tmp_path / "r2" / "train"
+    for folder, read, stage, step in ((first, src, "pairs", True), (last, first / "p.parquet", "train", False)):
+        folder.mkdir(parents=True)
+        n = write_table(folder / "p.parquet", [{"x": stage}], schema)
+        lineage.write_manifest(
+            folder, stage, {}, inputs={"src": read}, outputs={"p.parquet": n}, counts={"n": n}, step=step
+        )
+        assert (folder / "manifest.json").is_file()
+    records = (tmp_path / "lineage" / "runs" / "history.jsonl").read_text().splitlines()
+    assert len(records) == 1  # one process, one record
+    record = json.loads(records[0])
+    assert record["job"] == "round@r2" and record["stage"] == "train"
+    assert [(s["stage"], s["out"], s["rows_out"]) for s in record["steps"]] == [("pairs", str(first), {"p.parquet": 1})]
+    files = sorted((tmp_path / "lineage" / "openlineage").rglob("*.json"))
+    done = [json.loads(f.read_text()) for f in files if json.loads(f.read_text())["eventType"] == "COMPLETE"]
+    assert len(done) == 1
+    check_event(done[0])
+    assert {d["name"] for d in done[0]["inputs"]} == {str(src.resolve())}
+    assert {d["name"] for d in done[0]["outputs"]} == {
+        str((first / "p.parquet").resolve()),
+        str((last / "p.parquet").resolve()),
+    }
 
 
 def test_final_dir_names_the_out_an_atomic_write_is_for(tmp_path: Path) -> None:

@@ -11,26 +11,9 @@ import pytest
 
 from distillflow.base import params
 from distillflow.orchestration import schema
-from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
-from stages import round as round_stage
 
+from .builders import STAGES
 from .conftest import ROOT
-
-STAGES = [
-    identify,
-    bootstrap,
-    seed,
-    teacher,
-    student,
-    pairs,
-    curate,
-    score,
-    train,
-    round_stage,
-    evaluate,
-    compare,
-    report,
-]
 
 
 def test_docs_params_md_is_the_rendering_of_params_yaml() -> None:
@@ -85,7 +68,7 @@ def test_every_params_yaml_key_has_a_schema_entry_and_back() -> None:
     assert sorted(setting_keys - yaml_keys - unset) == []
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("stage", list(STAGES.values()), ids=list(STAGES))
 def test_stage_sections_use_the_schema_classes(stage: Any) -> None:
     """Each key a stage loads (its SECTIONS) has, in the schema, the type the stage loads it as."""
     for key, typ in stage.SECTIONS.items():

@@ -8,6 +8,7 @@ import torch
 
 from benchmarks.score_memory import old_rows  # the replaced list-based scorer, the reference
 from distillflow.base import encoding
+from distillflow.stagekit import scorestep
 from distillflow.training import trainer
 from stages import score
 
@@ -124,10 +125,10 @@ def test_streamed_scores_match_the_old_list_path(
     # (one row group), and the same table over several row groups.
     batches = list(scoring.score_batches(teacher, tok, PAIRS, score.ScoreParams(k=4, batch_size=3, device="cpu")))
     io.write_table(tmp_path / "old.parquet", new.to_pylist(), records.TOPK_SCHEMA)
-    n, positions = score.write_scores(tmp_path / "new.parquet", batches, batch_rows=10_000)
+    n, positions = scorestep.stream_topk(tmp_path / "new.parquet", batches, batch_rows=10_000)
     assert (tmp_path / "new.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes()
     assert (n, positions) == (2 * len(PAIRS), sum(r["positions"] for r in new.to_pylist()))
-    score.write_scores(tmp_path / "groups.parquet", batches, batch_rows=4)
+    scorestep.stream_topk(tmp_path / "groups.parquet", batches, batch_rows=4)
     assert io.read_table(tmp_path / "groups.parquet", records.TOPK_SCHEMA).equals(new)
     # The reader: tensors from the Arrow columns equal the old ones built from Python lists.
     arrays = trainer.index_scores(io.read_table(tmp_path / "groups.parquet", records.TOPK_SCHEMA))
@@ -210,13 +211,13 @@ def test_padded_head_rows_are_never_stored(tiny_models: Path, tmp_path: Path) ->
         batch_rows=3,
     )
     ids_ = [pr["pair_id"] for pr in PAIRS]
-    score.write_scores(tmp_path / "ok.parquet", score.scoring.score_batches(teacher, tok, PAIRS, p), batch_rows=5)
-    score.gate_scores(quality.StageGates(q, None), tmp_path / "ok.parquet", tmp_path / "ok.parquet", len(tok), ids_)
+    scorestep.stream_topk(tmp_path / "ok.parquet", score.scoring.score_batches(teacher, tok, PAIRS, p), batch_rows=5)
+    scorestep.gate_topk(quality.StageGates(q, None), tmp_path / "ok.parquet", tmp_path / "ok.parquet", len(tok), ids_)
     bad = table.to_pylist()
     bad[-1]["topk_ids"] = [len(tok), *bad[-1]["topk_ids"][1:]]
-    score.write_scores(tmp_path / "bad.parquet", [pa.Table.from_pylist(bad, schema=table.schema)], batch_rows=5)
+    scorestep.stream_topk(tmp_path / "bad.parquet", [pa.Table.from_pylist(bad, schema=table.schema)], batch_rows=5)
     with pytest.raises(quality.GateError, match=r"bad.parquet: teacher top-k failed expectation .*ids_in_vocab"):
-        score.gate_scores(
+        scorestep.gate_topk(
             quality.StageGates(q, None), tmp_path / "bad.parquet", tmp_path / "bad.parquet", len(tok), ids_
         )
 

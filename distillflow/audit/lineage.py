@@ -181,12 +181,17 @@ def write_manifest(
     models: dict[str, Any] | None = None,
     cost: dict[str, Any] | None = None,
     module: str | None = None,
+    step: bool = False,
 ) -> dict[str, Any]:
     """Write `out_dir/manifest.json` and this run's record (see the module doc); return the manifest.
 
     `module`: the stage module that ran (`stages/<module>.py`), when it is not `stage`:
     an on-policy round writes the student, pairs, curate, score and train folders from
-    stages/round.py (or a comparison cell's stages/compare.py).
+    stages/round.py (or a comparison cell's stages/compare.py). `step`: one of several
+    folders this process writes before its last one (a round's student, pairs, curate
+    and score folders): its manifest is written now; its record (counts, rows, `cost`)
+    joins the `steps` of the process's one run record, and its datasets the one
+    OpenLineage COMPLETE event, both written with the last manifest.
 
     outputs maps each written file (relative to out_dir) to its row count; their
     digests are taken here, after they are complete. `models` (role -> description,
@@ -210,8 +215,29 @@ def write_manifest(
         **(extra or {}),
     }
     write_json(out_dir / "manifest.json", manifest)
-    write_run_record(out_dir, manifest, cost or {})
+    if step:
+        _STEPS.append(_step_record(out_dir, manifest, cost or {}))
+    else:
+        write_run_record(out_dir, manifest, cost or {})
     return manifest
+
+
+# The steps this process wrote before its last manifest (write_manifest(step=True)).
+_STEPS: list[dict[str, Any]] = []
+
+
+def _step_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[str, Any]) -> dict[str, Any]:
+    out = final_dir(out_dir)
+    return {
+        "stage": manifest["stage"],
+        "out": str(out),
+        "manifest_sha256": digest_path(out_dir / "manifest.json"),
+        "rows_in": {k: v["rows"] for k, v in manifest["inputs"].items() if "rows" in v},
+        "rows_out": {k: v["rows"] for k, v in manifest["outputs"].items()},
+        "counts": manifest["counts"],
+        "cost": stage_cost,
+        "datasets": openlineage.datasets(out_dir, out, manifest),
+    }
 
 
 # --- the run record (outside DVC) -------------------------------------------------
@@ -315,11 +341,13 @@ def write_run_record(out_dir: Path, manifest: dict[str, Any], stage_cost: dict[s
         "counts": manifest["counts"],
         "validation": manifest.get("validation"),
         "cost": {**measured_cost(end), **stage_cost},
+        **({"steps": [{k: v for k, v in r.items() if k != "datasets"} for r in _STEPS]} if _STEPS else {}),
     }
     runs = lineage_dir() / "runs"
     write_json(runs / f"{job}.json", record)
     _append_line(runs / "history.jsonl", json.dumps(record, sort_keys=True))
-    ol.complete(record["ended"], out_dir, out, manifest, record)
+    ol.complete(record["ended"], out_dir, out, manifest, record, [r["datasets"] for r in _STEPS])
+    _STEPS.clear()
     return record
 
 

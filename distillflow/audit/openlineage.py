@@ -32,6 +32,7 @@ import logging
 import os
 import traceback
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +173,26 @@ class StageRun:
     def start(self, when: str) -> None:
         self.emit(RunState.START, when, self.facets())
 
-    def complete(self, when: str, out_dir: Path, out: Path, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+    def complete(
+        self,
+        when: str,
+        out_dir: Path,
+        out: Path,
+        manifest: dict[str, Any],
+        record: dict[str, Any],
+        steps: Sequence[tuple[list[InputDataset], list[OutputDataset]]] = (),
+    ) -> None:
+        """COMPLETE with the manifest's datasets and those of the `steps` this process
+        wrote before it (an on-policy round's student, pairs, curate and score folders);
+        an input one of them wrote is an output of this run, not an input."""
         facet = DistillflowRunFacet(
             **{k: record[k] for k in ("run_id", "git", "host", "cost", "counts", "validation", "models", "seeds")}
         )
         inputs, outputs = datasets(out_dir, out, manifest)
+        for step_inputs, step_outputs in steps:
+            inputs, outputs = inputs + step_inputs, outputs + step_outputs
+        written = {d.name for d in outputs}
+        inputs = list({d.name: d for d in inputs if d.name not in written}.values())
         self.emit(RunState.COMPLETE, when, {**self.facets(), "distillflow_run": facet}, inputs=inputs, outputs=outputs)
 
     def finish(self, when: str) -> None:

@@ -106,5 +106,6 @@ def write_curated(w: Writer, src: Path, prompts_dir: Path) -> dict[str, Any]:
             counts=c.counts,
             extra={"validation": c.validation},
             module=w.module,
+            step=w.is_step("curate"),
         )
     return c.counts

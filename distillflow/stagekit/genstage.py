@@ -61,8 +61,9 @@ class Inputs:
 
 
 def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, previous: Path | None) -> Inputs:
-    """Params, model and prompts of the `role` stage. `previous` (on-policy rounds)
-    samples previous/model, the student a previous round's train stage wrote."""
+    """Params, model and prompts of the `role` stage. `previous` samples
+    previous/model, a model a train stage wrote, instead of `models.<role>` (the
+    stage's --previous; the round stage samples its previous round itself)."""
     used = params.load_sections(params_file, sections(role))
     if previous is None:
         ref: ModelRef = used[f"models.{role}"].ref()
@@ -127,6 +128,7 @@ def write_generations(
             },
             cost=sampling.generation_cost(p, rows, stats),
             module=w.module,
+            step=w.is_step(role),
         )
     return counts
 

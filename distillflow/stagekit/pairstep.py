@@ -63,5 +63,6 @@ def write_pairs(
             counts=counts,
             extra={"validation": validation},
             module=w.module,
+            step=w.is_step("pairs"),
         )
     return counts

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from distillflow.base import records
+from distillflow.base.config import GenerationParams
 from distillflow.base.io import DataError, read_rows
 from distillflow.stagekit import curating, genstage, pairstep, scorestep, trainrun
 from distillflow.stagekit.writer import Writer
@@ -44,12 +45,15 @@ __all__ = ["Sampler", "RoundInputs", "RoundResult", "previous_round", "run_round
 
 @dataclass(frozen=True, kw_only=True)
 class Sampler:
-    """Where a round's student samples come from. `generate(prompts)` returns
-    records.GENERATION_SCHEMA rows in prompt order and may fill `stats` with its shard
+    """Where a round's student samples come from. `p`: the sampling settings it uses
+    (the student folder's manifest records them: a cell derives its own seed);
+    `generate(prompts)` returns records.GENERATION_SCHEMA rows in prompt order and may
+    fill `stats` with its shard
     counts (sampling.sample's); `describe(rows)` describes the sampled model for the
     student folder's manifest, `model_input` is the file that names it among the inputs
     (None for a student held in memory)."""
 
+    p: GenerationParams
     generate: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
     describe: Callable[[list[dict[str, Any]]], dict[str, Any]]
     model_input: Path | None
@@ -74,10 +78,11 @@ class RoundInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class RoundResult:
-    """A trained round: the curated pairs it trained on (and their file), the training
-    input gate's report, each step's counts, the training log and the seconds spent
-    sampling, on the data steps and training."""
+    """A trained round: the models it trained, the curated pairs it trained on (and
+    their file), the training input gate's report, each step's counts, the training log
+    and the seconds spent sampling, on the data steps and training."""
 
+    learner: trainrun.Learner
     pairs: list[dict[str, Any]]
     src: Path
     validation: dict[str, Any]
@@ -115,7 +120,8 @@ def round_data(ri: RoundInputs, folder: Path, sampler: Sampler, topk: bool) -> t
     """The round's four data steps into `folder`: (each step's counts, seconds sampling)."""
 
     def writer(name: str) -> Writer:
-        return Writer(out=folder / name, module=ri.module, used=ri.used, docs=ri.docs / name if ri.docs else None)
+        used = {**ri.used, "student": sampler.p}  # the settings the samples were drawn with
+        return Writer(out=folder / name, module=ri.module, used=used, docs=ri.docs / name if ri.docs else None)
 
     prompt_file = ri.prompts_dir / "train.parquet"
     prompts = read_rows(prompt_file, records.PROMPT_SCHEMA)
@@ -148,7 +154,7 @@ def round_data(ri: RoundInputs, folder: Path, sampler: Sampler, topk: bool) -> t
 
 def run_round(
     ri: RoundInputs,
-    learner: trainrun.Learner,
+    load: Callable[[], trainrun.Learner],
     p: TrainParams,
     e: int,
     curriculum: AlphaCurriculum,
@@ -159,15 +165,18 @@ def run_round(
     live: Path | None = None,
     eval_ids: pa.Array | None = None,
 ) -> RoundResult:
-    """Round `e`: the data steps into `folder` (round_data), then `learner.student`
-    trained in place on the curated pairs, after the train stage's input gate (with
-    `eval_ids`, also disjoint from those prompts). `checkpoint(src)`: the resumable
+    """Round `e`: the data steps into `folder` (round_data), then the student of
+    `load()` (called after sampling, so an engine and the training models are not held
+    at once where the caller loads them afresh) trained in place on the curated pairs,
+    after the train stage's input gate (with `eval_ids`, also disjoint from those
+    prompts). `checkpoint(src)`: the resumable
     checkpoint for the pairs file `src` (None: no checkpoints); `live`: the DVCLive folder."""
     t0 = time.perf_counter()
     topk = p.teacher_signal == "topk"
     counts, sample_seconds = round_data(ri, folder, sampler, topk)
     src, scores_dir = folder / "curate" / "curated.parquet", folder / "score"
     pairs, validation = trainrun.gate_inputs(ri.used["quality"], src, scores_dir, p, eval_ids)
+    learner = load()
     t1 = time.perf_counter()
     job = trainer.Job(
         student=learner.student,
@@ -188,4 +197,6 @@ def run_round(
         "data": round(t1 - t0 - sample_seconds, 1),
         "train": round(time.perf_counter() - t1, 1),
     }
-    return RoundResult(pairs=pairs, src=src, validation=validation, counts=counts, rows=rows, seconds=seconds)
+    return RoundResult(
+        learner=learner, pairs=pairs, src=src, validation=validation, counts=counts, rows=rows, seconds=seconds
+    )

@@ -99,5 +99,6 @@ def write_scores(
             counts=counts,
             extra={"teacher": teacher_info, "validation": validation},
             module=w.module,
+            step=w.is_step("score"),
         )
     return counts

@@ -152,17 +152,16 @@ def job(
     round_index: int,
     curriculum: AlphaCurriculum,
     *,
-    pairs: list[dict[str, Any]] | None = None,
     checkpoint: bool,
     live: Path | None,
 ) -> trainer.Job:
-    """The trainer's job for one round of `run` (its gated pairs unless `pairs` are given)."""
+    """The trainer's job for one round of `run`, on its gated pairs."""
     return trainer.Job(
         student=run.student,
         teacher=run.teacher,
         tok_s=run.tok_s,
         tok_t=run.tok_t,
-        pairs=run.pairs if pairs is None else pairs,
+        pairs=run.pairs,
         p=p,
         scores=run.scores,
         round_index=round_index,

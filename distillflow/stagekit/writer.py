@@ -34,6 +34,12 @@ class Writer:
     def gates(self) -> quality.StageGates:
         return quality.StageGates(self.used["quality"], self.docs)
 
+    def is_step(self, stage: str) -> bool:
+        """Whether the `stage` folder is one of several this process writes (a round's
+        student, pairs, curate or score folder, written by stages/round.py or a comparison
+        cell): its run record joins the process's one record (lineage.write_manifest)."""
+        return self.module != stage
+
 
 def ids(rows: list[dict[str, Any]], column: str) -> pa.Array:
     return pa.array([r[column] for r in rows], type=pa.string())
