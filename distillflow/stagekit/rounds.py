@@ -169,8 +169,8 @@ def run_round(
     `load()` (called after sampling, so an engine and the training models are not held
     at once where the caller loads them afresh) trained in place on the curated pairs,
     after the train stage's input gate (with `eval_ids`, also disjoint from those
-    prompts). `checkpoint(src)`: the resumable
-    checkpoint for the pairs file `src` (None: no checkpoints); `live`: the DVCLive folder."""
+    prompts). `checkpoint(src)`: the resumable checkpoint for the pairs file `src`
+    (None: no checkpoints); `live`: the DVCLive folder."""
     t0 = time.perf_counter()
     topk = p.teacher_signal == "topk"
     counts, sample_seconds = round_data(ri, folder, sampler, topk)
