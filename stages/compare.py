@@ -157,7 +157,9 @@ def train_rounds(
                 read[f"scores_r{e}"] = folder / "score" / "topk.parquet"
         else:
             t0 = time.perf_counter()
-            got = trainer.train(trainrun.job(cell, p, e, curriculum, checkpoint=e == 1, live=live))
+            ckpt = cell.checkpoint if e == 1 else None
+            job = trainrun.job(cell, p, e, curriculum, pairs=cell.pairs, scores=cell.scores, checkpoint=ckpt, live=live)
+            got = trainer.train(job)
             seconds, counts = {"sample": 0.0, "data": 0.0, "train": round(time.perf_counter() - t0, 1)}, {}
         rows += got
         train = run_summary(got, len(pairs), run.method)

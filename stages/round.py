@@ -30,8 +30,6 @@ from distillflow.base import models, params
 from distillflow.base.io import write_json
 from distillflow.engines import sampling
 from distillflow.stagekit import curating, entry, genstage, pairstep, rounds, scorestep, trainrun
-from distillflow.training.checkpoint import Checkpoint
-from distillflow.training.summary import run_summary
 from distillflow.training.train_params import TrainParams
 
 log = logging.getLogger("round")
@@ -82,11 +80,6 @@ def main() -> None:
         t_dir,
         models.lineage_input(t_ref, args.models, "teacher"),
     )
-    checkpoints: dict[Path, Checkpoint] = {}
-
-    def checkpoint(src: Path) -> Checkpoint:
-        return checkpoints.setdefault(src, trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"))
-
     ri = rounds.RoundInputs(
         used=used,
         module="round",
@@ -105,7 +98,7 @@ def main() -> None:
         curriculum,
         args.out,
         sampler(used, args.previous / "model", work),
-        checkpoint=checkpoint,
+        checkpoint=lambda src: trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"),
         live=args.live,
     )
     shutil.rmtree(work)
@@ -119,10 +112,11 @@ def main() -> None:
         inputs=trainrun.lineage_inputs(done.src, args.out / "score" if p.teacher_signal == "topk" else None, m),
         validation=done.validation,
     )
-    trainrun.write_trained(args.out / "train", used, m, trained, "round")
-    metrics = {**done.counts, "train": run_summary(done.rows, len(done.pairs), p.method), "round": e}
+    summary = trainrun.write_trained(args.out / "train", used, m, trained, "round")
+    metrics = {**done.counts, "round": summary.pop("round"), "train": summary}
     write_json(args.metrics, metrics)
-    checkpoint(done.src).clear()
+    assert done.checkpoint is not None  # run_round was given one
+    done.checkpoint.clear()
     log.info("round %d: %d pairs, %s", e, len(done.pairs), done.seconds)
 
 

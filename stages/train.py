@@ -75,7 +75,10 @@ def main() -> None:
     run = trainrun.prepare(p, used["quality"], args.pairs / "curated.parquet", args.scores, m, trust, dtype, args.out)
     curriculum = AlphaCurriculum(p.distillm2)
     t0 = time.perf_counter()
-    rows = trainer.train(trainrun.job(run, p, 1, curriculum, checkpoint=True, live=args.live))
+    job = trainrun.job(
+        run, p, 1, curriculum, pairs=run.pairs, scores=run.scores, checkpoint=run.checkpoint, live=args.live
+    )
+    rows = trainer.train(job)
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:

@@ -78,11 +78,13 @@ class RoundInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class RoundResult:
-    """A trained round: the models it trained, the curated pairs it trained on (and
-    their file), the training input gate's report, each step's counts, the training log
-    and the seconds spent sampling, on the data steps and training."""
+    """A trained round: the models it trained and their checkpoint (None without), the
+    curated pairs it trained on (and their file), the training input gate's report, each
+    step's counts, the training log and the seconds spent sampling, on the data steps and
+    training."""
 
     learner: trainrun.Learner
+    checkpoint: Checkpoint | None
     pairs: list[dict[str, Any]]
     src: Path
     validation: dict[str, Any]
@@ -178,25 +180,23 @@ def run_round(
     pairs, validation = trainrun.gate_inputs(ri.used["quality"], src, scores_dir, p, eval_ids)
     learner = load()
     t1 = time.perf_counter()
-    job = trainer.Job(
-        student=learner.student,
-        teacher=learner.teacher,
-        tok_s=learner.tok_s,
-        tok_t=learner.tok_t,
-        pairs=pairs,
-        p=p,
-        scores=trainer.load_scores(p, scores_dir),
-        round_index=e,
-        curriculum=curriculum,
-        checkpoint=checkpoint(src) if checkpoint is not None else None,
-        live=live,
+    ckpt = checkpoint(src) if checkpoint is not None else None
+    scores = trainer.load_scores(p, scores_dir)
+    rows = trainer.train(
+        trainrun.job(learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live)
     )
-    rows = trainer.train(job)
     seconds = {
         "sample": round(sample_seconds, 1),
         "data": round(t1 - t0 - sample_seconds, 1),
         "train": round(time.perf_counter() - t1, 1),
     }
     return RoundResult(
-        learner=learner, pairs=pairs, src=src, validation=validation, counts=counts, rows=rows, seconds=seconds
+        learner=learner,
+        checkpoint=ckpt,
+        pairs=pairs,
+        src=src,
+        validation=validation,
+        counts=counts,
+        rows=rows,
+        seconds=seconds,
     )

@@ -147,26 +147,29 @@ def teacher_loader(m: Models, trust: bool, dtype: str, device: str) -> Callable[
 
 
 def job(
-    run: Prepared,
+    learner: Learner,
     p: TrainParams,
     round_index: int,
     curriculum: AlphaCurriculum,
     *,
-    checkpoint: bool,
+    pairs: list[dict[str, Any]],
+    scores: trainer.Scores | None,
+    checkpoint: Checkpoint | None,
     live: Path | None,
 ) -> trainer.Job:
-    """The trainer's job for one round of `run`, on its gated pairs."""
+    """The trainer's job for round `round_index` of `learner`'s models on `pairs` (and,
+    with the topk signal, the teacher's stored `scores`)."""
     return trainer.Job(
-        student=run.student,
-        teacher=run.teacher,
-        tok_s=run.tok_s,
-        tok_t=run.tok_t,
-        pairs=run.pairs,
+        student=learner.student,
+        teacher=learner.teacher,
+        tok_s=learner.tok_s,
+        tok_t=learner.tok_t,
+        pairs=pairs,
         p=p,
-        scores=run.scores,
+        scores=scores,
         round_index=round_index,
         curriculum=curriculum,
-        checkpoint=run.checkpoint if checkpoint else None,
+        checkpoint=checkpoint,
         live=live,
     )
 
