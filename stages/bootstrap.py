@@ -15,6 +15,8 @@ task (distillflow/tasks/):
   set of `examples` prompts from the bucket seed keeps out of the distillation prompts
   (`task.sft_fraction`), epoch after epoch until the held-out loss is flat; its size
   and that data size set where it starts.
+With `--replicate B` (comparison/dvc.yaml's bootstraps) the models come from replicate
+B's seed (records.replicate_seed of bootstrap.seed), recorded in the manifest.
 With `--student-from DIR` (comparison/dvc.yaml's plain_bootstrap, a control) it trains
 only the teacher, with corrupt_share 0, and copies DIR/student: the teacher without
 corrupted prefixes, beside the same warm student.
@@ -39,11 +41,12 @@ all that depends on it, when a local model folder changes in place.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from distillflow.audit import lineage
-from distillflow.base import models, params
+from distillflow.base import models, params, records
 from distillflow.base.config import BootstrapParams, ModelsParams, TaskParams
 from distillflow.base.errors import ModelError
 from distillflow.base.io import atomic_dir, write_json
@@ -79,8 +82,13 @@ def run(
 
 
 def main() -> None:
-    args = entry.parse_paths(__doc__, "identity", "out", "metrics", optional=("student_from",))
+    args = entry.parse_paths(
+        __doc__, "identity", "out", "metrics", optional=("student_from",), optional_values={"replicate": int}
+    )
     sections = params.load_sections(args.params, SECTIONS)
+    if args.replicate is not None:  # a comparison bootstrap: the models from that replicate's seed
+        b: BootstrapParams = sections["bootstrap"]
+        sections["bootstrap"] = dataclasses.replace(b, seed=records.replicate_seed(b.seed, args.replicate))
     with atomic_dir(args.out) as tmp:
         m: ModelsParams = sections["models"]
         metrics = run(m, sections["task"], sections["bootstrap"], tmp, args.student_from)

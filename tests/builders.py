@@ -360,3 +360,24 @@ CURATE_OFF = curation.CurateParams(
     near_duplicates=curation.NearDuplicateParams(enabled=False, threshold=0.9, num_perm=32, shingle_words=3),
     balance=curation.BalanceParams(key=None, max_per_value=None),
 )
+
+
+# The smoke profile's comparison pipeline (comparison/dvc.yaml), as DVC names its stages:
+# bootstraps 1 and 2 (each a teacher and initial student, the control teacher, both
+# teachers' responses, the student's samples, pairs, curated pairs and scores), the cells
+# kd and distillm2 with seed 1 on each bootstrap, and the report.
+_BOOTS = ("1", "2")
+SMOKE_COMPARISON = {
+    f"comparison/dvc.yaml:{n}"
+    for n in (
+        *(f"{stage}@{b}" for stage in ("boot", "boot_plain", "boot_student") for b in _BOOTS),
+        *(
+            f"{stage}@{b}-{t}"
+            for stage in ("boot_teacher", "boot_pairs", "boot_curate", "boot_score")
+            for b in _BOOTS
+            for t in ("default", "plain")
+        ),
+        *(f"compare@{run}-{b}-1" for run in ("kd", "distillm2") for b in _BOOTS),
+        "report",
+    )
+}

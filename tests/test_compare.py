@@ -50,7 +50,7 @@ def cell(
     """Run one cell; the plain-teacher control's inputs are the default ones unless
     `plain_models` is given (then its own folder holds them)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "compare" / f"{run}-{seed}"
+    out = tmp_path / "compare" / f"{run}-b1-s{seed}"
     plain = tmp_path / "plain" if plain_models is not None else tmp_path
     controls = [
         *("--plain-teacher-gens", str(plain / "teacher")),
@@ -66,6 +66,8 @@ def cell(
         str(tmp_path / "params.yaml"),
         "--run",
         run,
+        "--bootstrap",
+        "1",
         "--seed",
         str(seed),
         "--pairs",
@@ -82,7 +84,9 @@ def cell(
         "--out",
         str(out),
         "--metrics",
-        str(tmp_path / "metrics" / f"{run}-{seed}.json"),
+        str(tmp_path / "metrics" / f"{run}-b1-s{seed}.json"),
+        "--prompt-scores",
+        str(tmp_path / "metrics" / f"{run}-b1-s{seed}.prompts.parquet"),
         "--live",
         str(tmp_path / "live" / f"{run}-{seed}"),
     ]
@@ -108,14 +112,30 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     }
     done, out = cell(tmp_path, taught_models, "ablated", 3, params)
     assert done.returncode == 0, done.stderr[-3000:]
-    m = json.loads((tmp_path / "metrics" / "ablated-3.json").read_text())
-    assert (m["run"], m["method"], m["disable"], m["seed"], m["train"]["steps"]) == (
+    m = json.loads((tmp_path / "metrics" / "ablated-b1-s3.json").read_text())
+    assert (m["run"], m["method"], m["disable"], m["bootstrap"], m["seed"], m["train"]["steps"]) == (
         "ablated",
         "distillm2",
         ["contrastive"],
+        1,
         3,
         2,
     )
+    # the cost it trained with: distillm2 reads both responses of each of the 8 pairs
+    assert m["cost"]["optimizer_steps"] == 2 and m["cost"]["sequences"] == 16 and m["cost"]["tokens"] > 16
+    assert m["cost"]["seconds"] >= sum(m["seconds"].values()) - 1
+    # one row of per-prompt scores per eval prompt; the cell's aggregates are their ratios of sums
+    scores = pq.read_table(tmp_path / "metrics" / "ablated-b1-s3.prompts.parquet").to_pylist()
+    assert [r["prompt_id"] for r in scores] == [e["prompt_id"] for e in evals]
+    correct = [r["correct"] for r in scores]
+    assert m["student"]["accuracy"]["exact_match"] == round(sum(correct) / len(correct), 4)
+    tokens = sum(r["teacher_tokens"] for r in scores)
+    assert abs(sum(r["kl_sum"] for r in scores) / tokens - m["student"]["kl_teacher_student"]) < 1e-5
+    assert abs(sum(r["agree_sum"] for r in scores) / tokens - m["student"]["greedy_agreement"]) < 1e-5
+    sampled = sum(r["sampled_tokens"] for r in scores)
+    assert sampled > 0 and m["student"]["nll_on_sampled_responses"] > 0
+    assert abs(sum(r["nll_sampled_sum"] for r in scores) / sampled - m["student"]["nll_on_sampled_responses"]) < 1e-5
+    assert m["student"]["kl_initial_final"] > 0  # the trained student moved away from the initial one
     s = m["student"]
     assert s["accuracy"]["n"] == 6 and s["speculative"]["prompts"] == 2 and s["speculative"]["matches_greedy"] == 1.0
     assert s["kl_teacher_student"] > 0 and 0 <= s["greedy_agreement"] <= 1
@@ -185,7 +205,7 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     params = rounds_setup(tmp_path)
     done, out = cell(tmp_path, taught_models, "kd", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]
-    m = json.loads((tmp_path / "metrics" / "kd-1.json").read_text())
+    m = json.loads((tmp_path / "metrics" / "kd-b1-s1.json").read_text())
     first, second = m["per_round"]
     assert (first["round"], second["round"], first["pairs"]) == (1, 2, 8)
     # round 2 sampled the student afresh on the 8 train prompts and paired it with the teacher's responses
@@ -205,7 +225,7 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     # the stale control: round 1's pairs again, the same number of optimizer steps, no sampling
     done, _ = cell(tmp_path, taught_models, "kd_stale", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]
-    stale = json.loads((tmp_path / "metrics" / "kd_stale-1.json").read_text())
+    stale = json.loads((tmp_path / "metrics" / "kd_stale-b1-s1.json").read_text())
     assert [r["pairs"] for r in stale["per_round"]] == [8, 8] and stale["per_round"][1]["steps"] == {}
     assert stale["per_round"][1]["seconds"]["sample"] == 0 and stale["rounds"] == "stale"
     assert stale["train"]["steps"] == m["train"]["steps"]
@@ -220,6 +240,12 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["teacher"]["path"].startswith(str(other))
     assert manifest["inputs"]["pairs"]["path"] == str(plain / "curate" / "curated.parquet")
+    # ... and is scored against the reference (default) teacher, as every cell of the bootstrap is
+    assert manifest["inputs"]["reference_models"]["path"].startswith(str(taught_models / "teacher"))
+    plain_scores = pq.read_table(tmp_path / "metrics" / "kd_plain-b1-s1.prompts.parquet").to_pylist()
+    kd_scores = pq.read_table(tmp_path / "metrics" / "kd-b1-s1.prompts.parquet").to_pylist()
+    assert [r["teacher_correct"] for r in plain_scores] == [r["teacher_correct"] for r in kd_scores]
+    assert [r["teacher_tokens"] for r in plain_scores] == [r["teacher_tokens"] for r in kd_scores]
 
 
 def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path: Path, taught_models: Path) -> None:
@@ -240,7 +266,7 @@ def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path
     scorestep.stream_topk(tmp_path / "score" / "topk.parquet", batches, 16)
     done, out = cell(tmp_path, taught_models, "kd", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]
-    second = json.loads((tmp_path / "metrics" / "kd-1.json").read_text())["per_round"][1]
+    second = json.loads((tmp_path / "metrics" / "kd-b1-s1.json").read_text())["per_round"][1]
     assert second["steps"]["score"]["k"] == 4 and second["steps"]["score"]["rows"] == 2 * second["pairs"] > 0
     manifest = json.loads((out / "rounds" / "r2" / "score" / "manifest.json").read_text())
     assert manifest["outputs"]["topk.parquet"]["rows"] == 2 * second["pairs"]

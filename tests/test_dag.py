@@ -19,16 +19,29 @@ SECOND = yaml.safe_load((ROOT / "comparison" / "dvc.yaml").read_text())
 RAW = MAIN["stages"] | SECOND["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 BASE = ["bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"]
-PLAIN = ["plain_bootstrap", "plain_teacher", "plain_pairs", "plain_curate", "plain_score"]  # the control teacher
-COMPARISON = PLAIN + ["compare", "report"]
+# the comparison's bootstrap replicates: the teacher and initial student, the control
+# teacher (no corrupted prefixes), and for each teacher its responses, pairs, curated pairs and scores
+REPLICATE = ["boot", "boot_plain", "boot_teacher", "boot_student", "boot_pairs", "boot_curate", "boot_score"]
+COMPARISON = REPLICATE + ["compare", "report"]
 IDENTIFY = ["identify"]  # always runs; no params section of its own (it reads models.teacher / models.student)
 ROUND = ["round", "round_evaluate"]  # rounds 2..E: stages/round.py, then the evaluate stage on its student
 ROUND_STEPS = ["student", "pairs", "curate", "score", "train"]  # the stages a round runs as steps
 EXPECTED = IDENTIFY + BASE + ROUND + COMPARISON  # dvc.yaml, then comparison/dvc.yaml
-# The round groups are `foreach: ${train.rounds}` templates and compare a matrix over
-# compare.runs x compare.seeds; static checks read them instantiated for round 2 and
-# the cell (kd, 1) (tests/test_pipeline.py runs them through DVC itself).
-ROUND_2 = {"${key}": "r2", "${item.previous}": "data/train", "${item.run}": "kd", "${item.seed}": "1"}
+# The round groups are `foreach: ${train.rounds}` templates, the replicates foreach or
+# matrix over compare.bootstraps (x the two teachers), and compare a matrix over
+# compare.runs x compare.bootstraps x compare.seeds; static checks read them
+# instantiated for round 2, bootstrap 1's default teacher and the cell (kd, 1, 1)
+# (tests/test_pipeline.py runs them through DVC itself).
+ROUND_2 = {
+    "${key}": "r2",
+    "${item.previous}": "data/train",
+    "${item.run}": "kd",
+    "${item.seed}": "1",
+    "${item.bootstrap}": "1",
+    "${item.b}": "1",
+    "${item.teacher}": "default",
+    "${item}": "1",
+}
 
 
 def instantiate(node: object) -> object:
@@ -47,8 +60,11 @@ DVC = {name: instantiate(spec["do"]) if "foreach" in spec else instantiate(spec)
 
 
 def module(stage: str) -> str:
-    """The stage module a dvc.yaml stage runs: round_<x> and plain_<x> run stages.<x>, round runs stages.round."""
-    return stage.removeprefix("round_").removeprefix("plain_")
+    """The stage module a dvc.yaml stage runs: round_<x> and boot_<x> run stages.<x>,
+    boot and boot_plain stages.bootstrap, round runs stages.round."""
+    if stage in ("boot", "boot_plain"):
+        return "bootstrap"
+    return stage.removeprefix("round_").removeprefix("boot_")
 
 
 def closure(stage: str) -> set[str]:
@@ -58,12 +74,19 @@ def closure(stage: str) -> set[str]:
 def test_stage_names_agree_everywhere() -> None:
     assert list(DVC) == EXPECTED
     assert all(RAW[name]["foreach"] == "${train.rounds}" for name in ROUND)
-    assert set(RAW["compare"]["matrix"]) == {"run", "seed"}
+    assert set(RAW["compare"]["matrix"]) == {"run", "bootstrap", "seed"}
+    assert RAW["compare"]["matrix"]["bootstrap"] == "${compare.bootstraps}"
+    for name in REPLICATE:  # one per bootstrap, or per bootstrap and teacher
+        spec = RAW[name]
+        assert spec.get("foreach") == "${compare.bootstraps}" or spec["matrix"] == {
+            "b": "${compare.bootstraps}",
+            "teacher": ["default", "plain"],
+        }
     # the comparison is its own pipeline: not in dvc.yaml (a plain `dvc repro` never runs
     # it), run from the repo root with the root params file
     assert list(SECOND["stages"]) == COMPARISON and not set(COMPARISON) & set(MAIN["stages"])
     assert SECOND["vars"] == ["../params.yaml:compare"]
-    assert all(SECOND["stages"][n]["wdir"] == ".." for n in COMPARISON)
+    assert all(DVC[n]["wdir"] == ".." for n in COMPARISON)
     for name in COMPARISON:
         assert (ROOT / "stages" / f"{module(name)}.py").is_file()
         assert (ROOT / "tests" / f"test_{module(name)}.py").is_file()
@@ -129,14 +152,16 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     argv = shlex.split(spec["cmd"])
     assert argv[:3] == ["python", "-m", f"stages.{module(stage)}"]
     args = dict(zip(argv[3::2], argv[4::2]))
-    if stage in PLAIN:  # the control teacher's stages: the base stage's flags, their own paths
-        assert set(args) == set(dict(zip(*[iter(shlex.split(DVC[module(stage)]["cmd"])[3:])] * 2))) | (
-            {"--student-from"} if stage == "plain_bootstrap" else set()
+    if stage in REPLICATE:  # a replicate's stages: the base stage's flags and the replicate, their own paths
+        base = set(dict(zip(*[iter(shlex.split(DVC[module(stage)]["cmd"])[3:])] * 2))) - {"--docs"}
+        seeded = stage in ("boot", "boot_plain", "boot_teacher", "boot_student")  # the stages with a seed
+        assert set(args) == base | ({"--replicate"} if seeded else set()) | (
+            {"--student-from"} if stage == "boot_plain" else set()
         )
         assert all(
-            v.startswith(("data/compare/plain/", "metrics/plain/", "reports/quality/plain/"))
+            v.startswith(("data/compare/b1/", "metrics/replicates/b1/"))
             for k, v in args.items()
-            if k in ("--out", "--metrics", "--docs")
+            if k in ("--out", "--metrics")
         )
     name = lambda o: o if isinstance(o, str) else next(iter(o))  # noqa: E731  (an out with options is {path: {...}})
     outs = (
@@ -146,9 +171,9 @@ def test_cmd_paths_are_declared(stage: str) -> None:
     )
     data_deps = {d for d in spec["deps"] if not d.startswith(("stages/", "distillflow"))}
     out_flags, value_flags = (
-        {"--out", "--metrics", "--summary", "--plot", "--live", "--docs"},
-        {"--run", "--seed", "--round"},
-    )  # compare's matrix values, evaluate's round label
+        {"--out", "--metrics", "--summary", "--plot", "--live", "--docs", "--prompt-scores"},
+        {"--run", "--bootstrap", "--seed", "--round", "--replicate"},
+    )  # compare's matrix values, evaluate's round label, a replicate's bootstrap
     written = {v for k, v in args.items() if k in out_flags}
     if stage == "round":  # its --out folder holds one folder per step, each an out
         written = (written - {args["--out"]}) | {f"{args['--out']}/{step}" for step in ROUND_STEPS}
@@ -217,31 +242,31 @@ def test_graph_edges() -> None:
         ("seed", "round_evaluate@r2"),
         ("bootstrap", "round_evaluate@r2"),
         ("round@r2", "round_evaluate@r2"),
-        # the comparison: every cell reads what train reads (plus the eval prompts); the report reads every cell
-        ("curate", "compare@kd-1"),
-        ("score", "compare@kd-1"),
-        ("bootstrap", "compare@kd-1"),
+        # the comparison's bootstrap 1 (its default teacher's instance): its models, the
+        # control teacher beside the same student, responses, samples, pairs, curation, scores
+        ("identify", "boot"),
+        ("identify", "boot_plain"),
+        ("boot", "boot_plain"),
+        ("seed", "boot_teacher"),
+        ("boot", "boot_teacher"),
+        ("seed", "boot_student"),
+        ("boot", "boot_student"),
+        ("seed", "boot_pairs"),
+        ("boot_teacher", "boot_pairs"),
+        ("boot_student", "boot_pairs"),
+        ("boot_pairs", "boot_curate"),
+        ("seed", "boot_curate"),
+        ("boot_curate", "boot_score"),
+        ("boot", "boot_score"),
+        # a cell reads its bootstrap's models, responses, curated pairs and scores and the
+        # seed prompts, nothing of the default pipeline's training; the report reads every cell
         ("seed", "compare@kd-1"),
-        ("teacher", "compare@kd-1"),  # the teacher's responses, for the fresh rounds' pairs
+        ("boot", "compare@kd-1"),
+        ("boot_plain", "compare@kd-1"),
+        ("boot_teacher", "compare@kd-1"),
+        ("boot_curate", "compare@kd-1"),
+        ("boot_score", "compare@kd-1"),
         ("compare@kd-1", "report"),
-        ("evaluate", "report"),
-        # the control teacher: bootstrapped without corrupted prefixes beside the same student,
-        # then its responses, pairs (with the initial student's samples), curation and scores
-        ("identify", "plain_bootstrap"),
-        ("bootstrap", "plain_bootstrap"),
-        ("seed", "plain_teacher"),
-        ("plain_bootstrap", "plain_teacher"),
-        ("seed", "plain_pairs"),
-        ("plain_teacher", "plain_pairs"),
-        ("student", "plain_pairs"),
-        ("plain_pairs", "plain_curate"),
-        ("seed", "plain_curate"),
-        ("plain_curate", "plain_score"),
-        ("plain_bootstrap", "plain_score"),
-        ("plain_teacher", "compare@kd-1"),
-        ("plain_curate", "compare@kd-1"),
-        ("plain_score", "compare@kd-1"),
-        ("plain_bootstrap", "compare@kd-1"),
     }
 
 

@@ -96,6 +96,16 @@ def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
     empty = metrics.sequences(tok, ps, [{"response": "", "finish_reason": "length"} for _ in ps])
     with pytest.raises(ValueError, match="x have no tokens to score"):
         metrics.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
+    # per sequence (the comparison's per-prompt scores): each row is that sequence scored alone
+    lengths = [str(10**i) for i in range(5)]  # responses of different lengths, batched 2 at a time
+    varied = metrics.sequences(tok, ps, [{"response": r, "finish_reason": "stop"} for r in lengths])
+    rows = metrics.teacher_forced(teacher, student, tok, varied, len(tok), 2, "x", per_sequence=True)["per_sequence"]
+    for i, seq in enumerate(varied):
+        alone = metrics.teacher_forced(teacher, student, tok, [seq], len(tok), 1, "x")
+        n = rows["tokens"][i]
+        assert n == len(seq[1]) and rows["nll"][i] / n == pytest.approx(alone["nll"], rel=1e-5)
+        assert rows["kl"][i] / n == pytest.approx(alone["kl_teacher_student"], rel=1e-4, abs=1e-6)
+        assert rows["agree"][i] / n == pytest.approx(alone["greedy_agreement"], abs=1e-6)
 
 
 def spec(teacher: torch.nn.Module, student: torch.nn.Module, tok, ps: list[dict], p: EvaluateParams) -> dict:

@@ -27,7 +27,7 @@ from .builders import PAIRS, fresh, tp, train_run
 
 
 def test_each_method_is_one_object_in_its_own_module() -> None:
-    assert set(METHODS) == {"sft", "kd", "gkd", "distillm", "distillm2", "dpkd"}
+    assert set(METHODS) == {"sft", "kd", "kd_both", "gkd", "distillm", "distillm2", "dpkd"}
     hints = get_type_hints(TrainParams)
     for name, method in METHODS.items():
         module = importlib.import_module(f"distillflow.training.methods.{name}")
@@ -148,3 +148,25 @@ def test_a_new_method_is_one_registered_object(tiny_models: Path, monkeypatch: p
     assert len(rows) == 2 and rows[0]["loss"] == rows[0]["rkl"]
     assert rows[0]["loss"] == pytest.approx(float(want), rel=1e-5)
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_kd_both_is_kd_on_each_response_averaged(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kd_both's loss equals the mean of kd's loss on the teacher's responses and kd's
+    loss with the student's responses in their place (the same micro-batch)."""
+    seen: list[MicroBatch] = []
+    both = METHODS["kd_both"]
+
+    def spy(x: MicroBatch, p: Any) -> Result:
+        seen.append(x)
+        return both.loss(x, p)
+
+    monkeypatch.setitem(METHODS, "kd_both", replace(both, loss=spy))
+    student, teacher, tok_s, tok_t = fresh(tiny_models)
+    p = tp(method="kd_both", epochs=1, batch_size=4, grad_accum_steps=1)
+    train_run(student, teacher, tok_s, tok_t, PAIRS, p)
+    x = seen[0]
+    total, logged = both.loss(x, None)
+    on_chosen, _ = METHODS["kd"].loss(x, None)
+    on_rejected, _ = METHODS["kd"].loss(replace(x, chosen=x.rejected), None)
+    torch.testing.assert_close(total, 0.5 * (on_chosen + on_rejected), rtol=1e-5, atol=1e-7)
+    assert float(logged["fkl_chosen"]) > 0 and float(logged["fkl_rejected"]) > 0

@@ -69,6 +69,16 @@ def pair_id(pid: str, chosen_id: str, rejected_id: str) -> str:
     return content_id("pair", pid, chosen_id, rejected_id)
 
 
+def replicate_seed(seed: int, replicate: int | None) -> int:
+    """The seed replicate `replicate` of a stage uses (the comparison's bootstraps,
+    comparison/dvc.yaml's `--replicate`): the params' own seed without one, else a
+    31-bit hash of both, so each replicate's models and samples come from seeds of
+    their own."""
+    if replicate is None:
+        return seed
+    return int(content_id("replicate-seed", str(seed), str(replicate))[:8], 16) & 0x7FFFFFFF
+
+
 def split_of(pid: str, eval_fraction: float, sft_fraction: float) -> str:
     """'eval', 'train' or 'sft', a pure function of the prompt id.
 

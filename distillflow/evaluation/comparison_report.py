@@ -1,288 +1,454 @@
-"""The method comparison report's files, rendered from the cells' metrics
-(distillflow/evaluation/comparison.py) into bytes; the report stage (stages/report.py)
-writes them.
+"""The method comparison report's files, from the cells (distillflow/evaluation/comparison.py)
+through the plan's analysis (distillflow/evaluation/analysis.py, docs/comparison-plan.md),
+rendered into bytes; the report stage (stages/report.py) writes them.
 
-Under the report folder: table.md and table.csv (mean and standard deviation over seeds
-of every metric, per run), <metric>.png (the main metric's mean with the seed spread),
-and README.md: exact match per skill, every run's paired difference (by seed) from
-DistiLLM-2 and from KD with a 95% interval, the controls against their default runs, and
-our ordering beside the paper's (docs/METHOD.md), per adjacent pair, claimed only where
-the interval excludes 0 ("no difference measured" otherwise). Beside it, the DVC plot:
-the main metric's means as a CSV.
+Under the report folder: README.md (the replicate; the primary result; the secondary
+family under Holm; every run's mean of each derived metric with its 95% interval, the
+reference teacher and initial student for scale; every run's difference from
+DistiLLM-2 and from KD on the other metrics, as description; exact match per skill;
+the cost and how far each student moved; DPKD's collapse by NLL on its sampled
+responses; our verdict words beside the paper's orderings), table.md and table.csv
+(the run means with their intervals), <metric>.png (the tested metric's run means with
+their intervals). Beside it, the DVC plot: the tested metric's run means as a CSV.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from distillflow.base.errors import ParamsError
+from distillflow.evaluation import analysis
+from distillflow.evaluation.analysis import Estimate, Tested
 from distillflow.evaluation.comparison import (
-    CONTROLS,
-    METRICS,
+    COST,
+    INITIAL,
+    TEACHER,
+    Cells,
     CompareParams,
-    Paired,
-    Table,
-    Values,
     control_of,
     counterpart,
-    mean_std,
-    ordering,
-    paired,
-    summarise,
 )
 
-# The paper's orderings (docs/METHOD.md), worst to best, with its figures. The paper's
-# "SFT" rows are the SFT *student* every method starts from: here the initial student
-# (INITIAL, metrics/evaluate.json), not our `sft` run (SeqKD: NLL on the teacher's
-# responses), for which the paper reports no row; SeqKD is in the table only.
-INITIAL = "initial student"
+log = logging.getLogger("report")
+PLAN = "docs/comparison-plan.md"
+# The paper's orderings (docs/METHOD.md), worst to best, with its figures. Its "SFT" rows
+# are the SFT student every method starts from: our initial student (INITIAL).
 PAPER = {
-    "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": [
-        (INITIAL, 30.33),
-        ("kd", 41.19),
-        ("gkd", 56.14),
-        ("distillm", 56.35),
-        ("distillm2", 58.69),
-    ],
-    "ablation (Evol-Instruct win rate)": [
-        ("distillm", 41.55),
-        ("contrastive", 43.61),
-        ("contrastive_beta", 44.80),
-        ("contrastive_alpha", 45.22),
-        ("distillm2", 46.50),
-    ],
-    "speculative decoding drafter (acceptance rate)": [
-        (INITIAL, 0.412),
-        ("gkd", 0.464),
-        ("distillm", 0.469),
-        ("distillm2", 0.487),
-    ],
+    "methods (instruction following, avg win rate; Qwen2-7B -> 1.5B)": (
+        [(INITIAL, 30.33), ("kd", 41.19), ("gkd", 56.14), ("distillm", 56.35), ("distillm2", 58.69)]
+    ),
+    "ablation (Evol-Instruct win rate)": (
+        [("distillm", 41.55), ("contrastive", 43.61), ("contrastive_beta", 44.80), ("contrastive_alpha", 45.22)]
+        + [("distillm2", 46.50)]
+    ),
 }
-PAPER_METRIC = {"speculative decoding drafter (acceptance rate)": "greedy_agreement"}
 
 
-def _ci(diff: Paired) -> str:
-    return f"[{diff.low:+.4f}, {diff.high:+.4f}]"
+@dataclass(frozen=True)
+class Results:
+    """The analysis of every cell: the tests, every run's means, per skill exact match."""
+
+    p: CompareParams
+    cells: Cells
+    an: analysis.Analysis
+    primary: Tested
+    family: list[Tested]
+    metrics: list[str]  # the derived metrics defined for at least one run
+    means: dict[str, dict[str, Estimate]]  # run (and the reference models) -> metric -> {run: 1}
+    skills: dict[str, analysis.Analysis]  # exact match's skills with a reference answer
+    left_out: list[str]  # what was left out, and why
 
 
-def _paper_rows(present: list[tuple[str, float]], at: dict[str, Any]) -> list[str]:
-    """Our value beside the paper's figure, per row of one of its orderings."""
-    lines = ["| run | paper | ours (mean ± std over seeds) |", "|---|---|---|"]
-    for run, fig in present:
-        v = at[run]
-        ours = f"{v:.4f} (one model)" if isinstance(v, float) else "{:.4f} ± {:.4f}".format(*mean_std(list(v.values())))
-        lines.append(f"| {run} | {fig} | {ours} |")
-    return [*lines, ""]
+def _defined(an: analysis.Analysis, metric: str, runs: list[str], left_out: list[str]) -> list[str]:
+    """The runs with `metric` defined in all their cells; the others named in `left_out`
+    (in one line where it is defined for none)."""
+    bad = {run: an.undefined(metric, [run]) for run in runs}
+    if all(bad.values()):
+        left_out.append(f"{metric} over {an.label}: no denominator in any cell (e.g. no step skill)")
+        return []
+    for run, cells in bad.items():
+        if cells:
+            left_out.append(f"{metric} over {an.label} for {run}: no denominator in {', '.join(cells)}")
+    return [run for run, cells in bad.items() if not cells]
 
 
-def _paper_pairs(present: list[tuple[str, float]], at: dict[str, Any]) -> list[str]:
-    """Per adjacent pair of one of the paper's orderings, our paired difference and what it lets us say."""
-    lines: list[str] = []
-    same = other = none = 0
-    for (a, _), (b, _) in zip(present, present[1:]):
-        diff = paired(at[a], at[b])
-        said = ordering(a, b, diff)
-        same += said == f"{b} > {a}"
-        other += said == f"{b} < {a}"
-        none += not diff.measured
-        tag = "agrees" if said == f"{b} > {a}" else "disagrees" if diff.measured else "no claim"
-        lines.append(
-            f"- paper: {b} > {a}; ours: {b} - {a} = {diff.mean:+.4f}, 95% CI {_ci(diff)} "
-            f"over {diff.n} paired seeds: {said} ({tag})"
+def analyse(cells: Cells, p: CompareParams) -> Results:
+    """The plan's analysis of the cells: the primary test, the Holm family, every run's
+    means (and the reference models' exact match), and the per-skill analyses."""
+    a = p.analysis
+    rep = cells.replicate
+    an = analysis.Analysis(rep, a.resamples, a.resample_seed)
+    (prim_text, prim), fam = p.contrasts()
+    tested = {r for _, c in [(prim_text, prim), *fam] for r in c}
+    bad = an.undefined(a.metric, sorted(tested))
+    if bad:
+        raise ParamsError(
+            f"compare.analysis.metric: {a.metric} is undefined (no denominator, e.g. no reference answers) in "
+            f"cells {bad}; the tests need it in every cell of their runs"
         )
+    left_out: list[str] = []
+    means: dict[str, dict[str, Estimate]] = {}
+    metrics = []
+    for m in analysis.METRICS:
+        runs = list(p.runs) + ([TEACHER, INITIAL] if m == "exact_match" else [])
+        ok = _defined(an, m, runs, left_out)
+        if any(r in p.runs for r in ok):
+            metrics.append(m)
+        for run in ok:
+            means.setdefault(run, {})[m] = an.estimate({run: 1.0}, m, a.alpha)
+    skills = {}
+    for skill in rep.skills() if "exact_match" in metrics else []:
+        sub = analysis.Analysis(rep, a.resamples, a.resample_seed, prompts=rep.skill(skill), label=f"skill {skill}")
+        if len(_defined(sub, "exact_match", list(p.runs), left_out)) == len(p.runs):
+            skills[skill] = sub
+    for line in left_out:
+        log.warning("report: left out: %s", line)
+    return Results(
+        p=p,
+        cells=cells,
+        an=an,
+        primary=analysis.primary(an, prim_text, prim, a.metric, a.alpha, a.margin),
+        family=analysis.family(an, fam, a.metric, a.alpha, a.margin),
+        metrics=metrics,
+        means=means,
+        skills=skills,
+        left_out=left_out,
+    )
+
+
+def _num(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def _ci(low: float, high: float) -> str:
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _p(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _mean_ci(e: Estimate) -> str:
+    low, high = e.interval()
+    return f"{e.estimate:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _diff_ci(e: Estimate) -> str:
+    return f"{_num(e.estimate)} {_ci(*e.interval())}"
+
+
+def _conf(alpha: float) -> str:
+    return f"{100 * (1 - alpha):g}%"
+
+
+def intro(r: Results) -> list[str]:
+    """The title, the plan, the replicate and how every interval is made."""
+    p, a = r.p, r.p.analysis
+    b, s, n = len(p.bootstraps), len(p.seeds), len(r.cells.prompt_ids)
+    unit = analysis.METRICS[a.metric][1]
     return [
-        *lines,
+        "# Method comparison",
         "",
-        f"Of {len(present) - 1} adjacent orderings: {same} measured in the paper's direction, {other} measured "
-        f"the other way, {none} with no difference measured (the 95% interval holds 0).",
+        f"Analysed as [{PLAN}](../../{PLAN}) fixed before the run: its primary test, its secondary family",
+        "under Holm, its equivalence margin and what may be said. Produced by the comparison pipeline,",
+        "comparison/dvc.yaml (`distillflow run --target comparison/dvc.yaml --jobs 2`).",
+        "",
+        f"**The replicate.** B = {b} bootstraps (compare.bootstraps = {list(p.bootstraps)}) x S = {s} training "
+        f"seeds (compare.seeds = {list(p.seeds)}) x {len(p.runs)} runs, every cell scored on the same P = {n} "
+        f"eval prompts. The unit of replication is the bootstrap (its teacher, plain teacher, initial student "
+        f"and teacher responses); seeds are nested in it. Every cell of bootstrap b is scored against bootstrap "
+        f"b's default teacher (the reference teacher), the plain-teacher cells included.",
+        "",
+        f"**Every interval** is D ± t(1 − α/2, B − 1)·sqrt(s_b²/B + v_p) on B − 1 = {b - 1} degrees of freedom: "
+        "d_b is the mean over seeds of the contrast in bootstrap b, D their mean, s_b² their sample variance, "
+        f"v_p the variance of D over {a.resamples} paired resamples of the eval prompts (seed {a.resample_seed}, "
+        "the same draws for every cell). A metric is a ratio of sums over the prompts "
+        f"(distillflow/evaluation/analysis.py). {a.metric} is in {unit or 'its units'}; α = {a.alpha:g}, "
+        f"TOST margin δ = {a.margin:g}.",
+        "",
+        f"**What may be said** ({PLAN}): an ordering only where the primary test rejects, or a family "
+        f'member passes Holm; "equivalent within ±{a.margin:g}" only where TOST rejects both |D| ≥ δ; '
+        'otherwise "not measured to differ". Everything else here is description: it supports no ordering.',
+        "",
+        *(["Left out (no value can be computed):", "", *(f"- {x}" for x in r.left_out), ""] if r.left_out else []),
+    ]
+
+
+def primary_lines(r: Results) -> list[str]:
+    """The one primary test: D, its interval, p, TOST and the verdict."""
+    t, a = r.primary, r.p.analysis
+    e = t.estimate
+    return [
+        "## Primary result",
+        "",
+        f"{t.label} on {e.metric} ({e.prompts}), two-sided, uncorrected, α = {a.alpha:g}:",
+        "",
+        f"- D = {_num(e.estimate)}, {_conf(a.alpha)} interval {_ci(*t.interval)}, p = {_p(e.p)} "
+        f"(t, {e.df} df): **{t.words}**",
+        f"- per bootstrap d_b: {', '.join(_num(x) for x in e.per_bootstrap)}; s_b² = {e.var_between:.6g}, "
+        f"v_p = {e.var_prompts:.6g}, se = {e.se:.6g}",
+        f"- TOST (δ = {a.margin:g}): p = {_p(e.p_tost or 0.0)}, "
+        + ("equivalent" if e.equivalent else "equivalence not shown"),
         "",
     ]
 
 
-def verdict(values: Values, default_metric: str, reference: dict[str, Any]) -> list[str]:
-    """Per paper ordering: our value for each row, and per adjacent pair the paired
-    difference over seeds with its 95% interval; an ordering is claimed only where the
-    interval excludes 0 ("no difference measured" otherwise). The paper's SFT rows are
-    the initial student (`reference`: metrics/evaluate.json), one model for every seed."""
-    initial = reference.get("student_initial", {})
-    fixed = {"exact_match": (initial.get("accuracy") or {}).get("exact_match")}
-    fixed |= {c: initial.get(c) for c in ("greedy_agreement", "rouge_l_vs_teacher", "kl_teacher_student")}
-    lines: list[str] = []
-    for title, order in PAPER.items():
-        metric = PAPER_METRIC.get(title, default_metric)
-        at: dict[str, Any] = {run: values[run][metric] for run, _ in order if run in values and metric in values[run]}
-        if fixed.get(metric) is not None:
-            at[INITIAL] = fixed[metric]
-        present = [(run, fig) for run, fig in order if run in at]
-        if len(present) < 2:
-            continue
-        lines += [f"**{title}**, ours by {metric}:", ""]
-        lines += _paper_rows(present, at)
-        lines += _paper_pairs(present, at)
-    return lines
-
-
-def pairs_table(values: Values, metric: str, against: tuple[str, ...] = ("distillm2", "kd")) -> list[str]:
-    """Every run's paired difference from each of `against` on `metric`."""
-    lines: list[str] = []
-    for base in against:
-        if base not in values or metric not in values[base]:
-            continue
-        lines += [
-            f"Paired by seed, {metric}: run - {base} (95% CI)",
-            "",
-            "| run | difference | 95% CI | |",
-            "|---|---|---|---|",
-        ]
-        for run in values:
-            if run == base or metric not in values[run]:
-                continue
-            d = paired(values[base][metric], values[run][metric])
-            lines.append(f"| {run} | {d.mean:+.4f} | {_ci(d)} | {ordering(base, run, d)} |")
-        lines.append("")
-    return lines
-
-
-def _gain_lines(values: Values, p: CompareParams, metric: str, rows: list[tuple[str, str]]) -> list[str]:
-    """Where both KD and DistiLLM-2 have a control of one kind: the DistiLLM-2 - KD gain
-    under the control against the gain without it (a difference of paired differences)."""
-    lines: list[str] = []
-    by_kind: dict[str, dict[str, str]] = {}
-    for c, d in rows:
-        by_kind.setdefault(control_of(p.runs[c]) or "", {})[p.runs[d].method if not p.runs[d].disable else ""] = c
-    for kind, runs in by_kind.items():
-        if {"kd", "distillm2"} <= set(runs) and "kd" in values and "distillm2" in values:
-            k, m = runs["kd"], runs["distillm2"]
-            seeds = set(values[k][metric]) & set(values[m][metric]) & set(values["kd"][metric])
-            seeds &= set(values["distillm2"][metric])
-            gain = {s: values["distillm2"][metric][s] - values["kd"][metric][s] for s in seeds}
-            under = {s: values[m][metric][s] - values[k][metric][s] for s in seeds}
-            if len(seeds) >= 2:
-                diff = paired(gain, under)
-                lines.append(
-                    f"- DistiLLM-2 - KD with {', '.join(CONTROLS[x][1] for x in kind.split('+'))}: "
-                    f"{mean_std(list(under.values()))[0]:+.4f}, without: {mean_std(list(gain.values()))[0]:+.4f}; "
-                    f"change {diff.mean:+.4f}, 95% CI {_ci(diff)} over {diff.n} seeds: "
-                    + (
-                        "the gain shrinks"
-                        if diff.measured and diff.mean < 0
-                        else "the gain grows"
-                        if diff.measured
-                        else "no difference measured"
-                    )
-                )
-    return lines
-
-
-def controls_table(values: Values, p: CompareParams, metric: str, explain: bool = True) -> list[str]:
-    """Each control against its default run (control - default, paired by seed), and
-    where both KD and DistiLLM-2 have a control of one kind, the DistiLLM-2 - KD gain
-    under the control against the gain without it (a difference of paired differences).
-    `explain`: say what a stale-round control checks (once per report, not per metric)."""
-    lines: list[str] = []
-    found = [(name, counterpart(p, name)) for name, r in p.runs.items() if control_of(r) is not None]
-    rows = [(c, d) for c, d in found if d is not None and metric in values.get(c, {}) and metric in values.get(d, {})]
-    if not rows:
-        return lines
-    lines += [f"Paired by seed, {metric}: control - its default run (95% CI)", ""]
-    if explain and any(p.runs[c].rounds == "stale" for c, _ in rows):
-        lines += [
-            "A stale-round control trains on the same teacher responses as its default run for a method that",
-            "reads no student samples (sft, kd), so no difference should be measured there: a check of the",
-            "control itself; it tests on-policy sampling for the methods that read student samples.",
-            "",
-        ]
-    lines += ["| control | changes | default run | difference | 95% CI | |", "|---|---|---|---|---|---|"]
-    for c, d in rows:
-        diff = paired(values[d][metric], values[c][metric])
-        what = ", ".join(CONTROLS[k][1] for k in control_of(p.runs[c]).split("+"))  # type: ignore[union-attr]
-        lines.append(f"| {c} | {what} | {d} | {diff.mean:+.4f} | {_ci(diff)} | {ordering(d, c, diff)} |")
-    lines.append("")
-    return [*lines, *_gain_lines(values, p, metric, rows), ""]
-
-
-def breakdown(table: Table, ranked: list[str], prefix: str) -> list[str]:
-    """One row per run, one column per `prefix`<name> metric (mean ± std over seeds)."""
-    cols = sorted({c for v in table.values() for c in v if c.startswith(prefix)})
-    if not cols:
-        return []
-    lines = ["| run | " + " | ".join(c[len(prefix) :] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for run in ranked:
-        v = table[run]
+def family_lines(r: Results) -> list[str]:
+    """The secondary family: estimate, raw p, Holm-adjusted p and interval, TOST, verdict."""
+    a = r.p.analysis
+    if not r.family:
+        return ["## Secondary family (Holm)", "", "(compare.analysis.family is empty)", ""]
+    lines = [
+        "## Secondary family (Holm)",
+        "",
+        f"On {a.metric}, two-sided; Holm's step-down over the {len(r.family)} p-values at α = {a.alpha:g}. "
+        "The interval is Holm-adjusted: at the level of the comparison's step, or of the step where the",
+        "procedure stopped for those after it (so it excludes 0 exactly where Holm rejects). TOST at",
+        f"α = {a.alpha:g}, δ = {a.margin:g}.",
+        "",
+        "| # | comparison | estimate | raw p | Holm p | Holm-adjusted interval (level) | TOST p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, t in enumerate(r.family, start=1):
+        e = t.estimate
         lines.append(
-            f"| {run} | " + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols) + " |"
+            f"| F{i} | {t.label} | {_num(e.estimate)} | {_p(e.p)} | {_p(t.p_claim)} | "
+            f"{_ci(*t.interval)} ({_conf(t.level)}) | {_p(e.p_tost or 0.0)} | {t.words} |"
         )
     return [*lines, ""]
 
 
-def cost_lines(table: Table, ranked: list[str]) -> list[str]:
-    """Seconds per cell (sampling, training and evaluation), per run."""
-    have = [r for r in ranked if "seconds" in table[r]]
-    if not have:
+def _settings(r: Results, run: str) -> list[str]:
+    if run not in r.p.runs:
+        return [run, "-", "-", "-"]
+    rp = r.p.runs[run]
+    return [run, rp.method, ", ".join(rp.disable) or "-", control_of(rp) or "-"]
+
+
+def means_md(r: Results) -> list[str]:
+    """Every run's (and the reference models') mean of each metric, 95% interval."""
+    rows = [*ranked(r), *(x for x in (TEACHER, INITIAL) if x in r.means)]
+    head = ["run", "method", "disabled", "control", *r.metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in rows:
+        cells = [_mean_ci(r.means[run][m]) if m in r.means.get(run, {}) else "-" for m in r.metrics]
+        lines.append("| " + " | ".join([*_settings(r, run), *cells]) + " |")
+    return lines
+
+
+def ranked(r: Results, defined: bool = False) -> list[str]:
+    """The runs, best mean on the tested metric first (ties in params order), then those
+    without it (`defined`: only the runs with it)."""
+    m = r.p.analysis.metric
+    have = sorted((x for x in r.p.runs if m in r.means.get(x, {})), key=lambda run: -r.means[run][m].estimate)
+    return have + ([] if defined else [x for x in r.p.runs if x not in have])
+
+
+def differences(r: Results) -> list[str]:
+    """Every run's difference from DistiLLM-2 and from KD on the metrics other than the
+    tested one, with the same intervals: description, uncorrected."""
+    lines: list[str] = []
+    others = [m for m in r.metrics if m != r.p.analysis.metric]
+    for base in ("distillm2", "kd"):
+        if base not in r.p.runs or not others:
+            continue
+        lines += [f"Run − {base}, {_conf(r.p.analysis.alpha)} interval (description, uncorrected):", ""]
+        lines += ["| run | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for run in r.p.runs:
+            if run == base:
+                continue
+            cells = [
+                _diff_ci(r.an.estimate({run: 1.0, base: -1.0}, m, r.p.analysis.alpha))
+                if m in r.means.get(run, {}) and m in r.means.get(base, {})
+                else "-"
+                for m in others
+            ]
+            lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def skill_lines(r: Results) -> list[str]:
+    """Exact match per skill: every run's mean and the tested contrasts, uncorrected."""
+    if not r.skills:
         return []
-    total = sum(table[r]["seconds"][0] for r in have)
-    lines = ["| run | seconds per cell (mean ± std) |", "|---|---|"]
-    lines += [f"| {r} | {table[r]['seconds'][0]:.1f} ± {table[r]['seconds'][1]:.1f} |" for r in have]
-    return [*lines, "", f"Mean cell: {total / len(have):.1f} s over {len(have)} runs.", ""]
+    a, names = r.p.analysis, list(r.skills)
+    runs = [*ranked(r), *(x for x in (TEACHER, INITIAL) if "exact_match" in r.means.get(x, {}))]
+    lines = [
+        "## Exact match per skill (description, uncorrected)",
+        "",
+        "Each skill analysed as the plan's analysis with its prompts as the eval set (resampled among",
+        "themselves). Never a claim.",
+        "",
+        "| run | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run} | "
+            + " | ".join(_mean_ci(r.skills[k].estimate({run: 1.0}, "exact_match", a.alpha)) for k in names)
+        )
+        lines[-1] += " |"
+    lines += ["", "| comparison | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in [r.primary, *r.family]:
+        cells = [_diff_ci(r.skills[k].estimate(t.estimate.contrast, "exact_match", a.alpha)) for k in names]
+        lines.append(f"| {t.label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
-def ranked_runs(table: Table, main: str) -> list[str]:
-    """The runs, best mean on `main` first (ties in params order)."""
-    return sorted(table, key=lambda r: -table[r][main][0])
+def _cell_mean(r: Results, run: str, get: Callable[[dict[str, Any]], Any]) -> tuple[float, float]:
+    """Mean and sample std over a run's cells of get(cell's metrics)."""
+    xs = [float(get(m)) for (name, _, _), m in r.cells.metrics.items() if name == run]
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, sd
 
 
-def table_csv(table: Table, cols: list[str], p: CompareParams) -> str:
-    """table.csv: per run (in params order) its settings and every metric's mean and std."""
+def cost_lines(r: Results) -> list[str]:
+    """Per run: mean optimizer steps, sequences, tokens and seconds per cell; and how far
+    the student moved from the initial student, fresh rounds against stale."""
+    lines = [
+        "## Cost",
+        "",
+        f"Mean per cell over its {len(r.p.bootstraps) * len(r.p.seeds)} cells; KL(initial ‖ final) is how far the "
+        "student moved from the initial student (token-mean, on the reference teacher's eval responses; mean ± std "
+        "over cells).",
+        "",
+        "| run | rounds | optimizer steps | sequences | tokens | seconds | KL(initial ‖ final) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in r.p.runs:
+        cost = [_cell_mean(r, run, lambda m, k=k: m["cost"][k])[0] for k in COST]
+        kl = _cell_mean(r, run, lambda m: m["student"]["kl_initial_final"])
+        lines.append(
+            f"| {run} | {r.p.runs[run].rounds} | {cost[0]:.0f} | {cost[1]:.0f} | {cost[2]:.0f} | {cost[3]:.1f} | "
+            f"{kl[0]:.4f} ± {kl[1]:.4f} |"
+        )
+    lines.append("")
+    for run, rp in r.p.runs.items():
+        base = counterpart(r.p, run) if rp.rounds == "stale" else None
+        if base is not None:
+            s, f = (_cell_mean(r, x, lambda m: m["student"]["kl_initial_final"]) for x in (run, base))
+            lines.append(
+                f"- {run} (stale rounds) moved {s[0]:.4f} ± {s[1]:.4f} from the initial student, {base} (fresh) "
+                f"{f[0]:.4f} ± {f[1]:.4f} (description)."
+            )
+    return [*lines, ""]
+
+
+def collapse_lines(r: Results) -> list[str]:
+    """DPKD's collapse, by the one measurement its paper uses: NLL on the student's own
+    responses sampled at the training temperature."""
+    m = "nll_on_sampled_responses"
+    dpkd = [run for run, rp in r.p.runs.items() if rp.method == "dpkd" and control_of(rp) is None]
+    if not dpkd or m not in r.means.get(dpkd[0], {}):
+        return []
+    run, alpha = dpkd[0], r.p.analysis.alpha
+    others = [x for x in ("kd", "distillm2") if m in r.means.get(x, {})]
+    text = f"{run}: NLL on its own responses sampled at the training temperature {_mean_ci(r.means[run][m])} nats/token"
+    text += "".join(f"; {x}: {_mean_ci(r.means[x][m])}" for x in others)
+    text += "".join(f"; {run} − {x} = {_diff_ci(r.an.estimate({run: 1.0, x: -1.0}, m, alpha))}" for x in others)
+    return ["## DPKD's collapse (description, uncorrected)", "", text + ".", ""]
+
+
+def _our_test(r: Results, a: str, b: str) -> Tested | None:
+    for t in [r.primary, *r.family]:
+        if t.estimate.contrast in ({a: 1.0, b: -1.0}, {b: 1.0, a: -1.0}):
+            return t
+    return None
+
+
+def paper_lines(r: Results) -> list[str]:
+    """Our verdict words beside the paper's orderings: for each run the paper ranks below
+    DistiLLM-2, the plan's test of the two (where the plan has one)."""
+    lines = [
+        "## Against the paper",
+        "",
+        "The paper's orderings (docs/METHOD.md; its SFT rows are our initial student) beside our verdict",
+        f"words on {r.p.analysis.metric}, from the plan's tests only; a pair the plan does not test gets no claim.",
+        "",
+    ]
+    for title, order in PAPER.items():
+        present = [(run, fig) for run, fig in order if r.p.analysis.metric in r.means.get(run, {})]
+        if len(present) < 2 or "distillm2" not in dict(present):
+            continue
+        lines += [f"**{title}**:", "", "| run | paper | ours (mean, 95% interval) |", "|---|---|---|"]
+        lines += [f"| {run} | {fig} | {_mean_ci(r.means[run][r.p.analysis.metric])} |" for run, fig in present]
+        lines.append("")
+        for run, _ in present:
+            if run == "distillm2":
+                continue
+            t = _our_test(r, "distillm2", run)
+            said = f"{t.words} ({'primary' if t is r.primary else 'family, Holm'})" if t else "not tested: no claim"
+            lines.append(f"- paper: distillm2 > {run}; ours: {said}")
+        lines.append("")
+    return lines
+
+
+def readme(r: Results) -> str:
+    """README.md: every section, in order."""
+    diffs = differences(r)
+    lines = [
+        *intro(r),
+        *primary_lines(r),
+        *family_lines(r),
+        "## Every run (description)",
+        "",
+        f"Each run's mean of every metric, {_conf(r.p.analysis.alpha)} interval from the same analysis (the contrast "
+        "{run: 1}); the reference teacher and initial student (each bootstrap's, on the same prompts) for scale.",
+        "",
+        *means_md(r),
+        "",
+        *(["## Differences (description)", "", *diffs] if diffs else []),
+        *skill_lines(r),
+        *cost_lines(r),
+        *collapse_lines(r),
+        *paper_lines(r),
+    ]
+    return "\n".join(lines)
+
+
+def table_csv(r: Results) -> str:
+    """table.csv: per run (params order) its settings, each metric's mean and interval, its mean cost."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["run", "method", "disable", "control", "seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std"))])
-    for run, v in table.items():
-        w.writerow(
-            [
-                run,
-                p.runs[run].method,
-                "+".join(p.runs[run].disable),
-                control_of(p.runs[run]) or "",
-                len(p.seeds),
-                *(f"{v[c][i]:.6f}" if c in v else "" for c in cols for i in (0, 1)),
-            ]
-        )
+    cols = [f"{m}_{x}" for m in r.metrics for x in ("mean", "low", "high")]
+    w.writerow(["run", "method", "disable", "control", "bootstraps", "seeds", *cols, *COST, "kl_initial_final"])
+    for run, rp in r.p.runs.items():
+        vals = []
+        for m in r.metrics:
+            e = r.means[run].get(m)
+            vals += [f"{x:.6f}" for x in (e.estimate, *e.interval())] if e else ["", "", ""]
+        cost = [f"{_cell_mean(r, run, lambda c, k=k: c['cost'][k])[0]:.6f}" for k in COST]
+        kl = f"{_cell_mean(r, run, lambda c: c['student']['kl_initial_final'])[0]:.6f}"
+        row = [run, rp.method, "+".join(rp.disable), control_of(rp) or "", len(r.p.bootstraps), len(r.p.seeds)]
+        w.writerow([*row, *vals, *cost, kl])
     return buf.getvalue()
 
 
-def table_md(table: Table, ranked: list[str], cols: list[str], p: CompareParams) -> list[str]:
-    """table.md's lines: per run (best first) its settings and every metric's mean ± std."""
-    md = [f"| run | method | disabled | control | {' | '.join(cols)} |", "|---|---|---|---|" + "---|" * len(cols)]
-    for run in ranked:
-        v = table[run]
-        md.append(
-            f"| {run} | {p.runs[run].method} | {', '.join(p.runs[run].disable) or '-'} | "
-            f"{control_of(p.runs[run]) or '-'} | "
-            + " | ".join(f"{v[c][0]:.4f} ± {v[c][1]:.4f}" if c in v else "-" for c in cols)
-            + " |"
-        )
-    return md
-
-
-def figure_png(table: Table, ranked: list[str], main: str, reference: dict[str, Any], seeds: int) -> bytes:
-    """The main metric's mean per run with the spread over seeds (and the teacher's and
-    initial student's exact match as lines), as a PNG."""
+def figure_png(r: Results) -> bytes:
+    """The tested metric's mean per run with its interval, the reference models as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    means, stds = [table[r][main][0] for r in ranked], [table[r][main][1] for r in ranked]
-    ax.bar(ranked, means, yerr=stds, capsize=4, color="#4c72b0")
-    for name, style in (("teacher", "--"), ("student_initial", ":")):
-        acc = reference[name].get("accuracy")  # absent for prompts without reference answers
-        if main == "exact_match" and acc is not None:
-            val = acc["exact_match"]
-            ax.axhline(val, linestyle=style, color="gray", label=name)
-    ax.set_ylabel(f"{main} (mean ± std over {seeds} seeds)")
+    m = r.p.analysis.metric
+    runs = ranked(r, defined=True)
+    means = [r.means[x][m].estimate for x in runs]
+    half = [r.means[x][m].interval()[1] - r.means[x][m].estimate for x in runs]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(runs, means, yerr=half, capsize=4, color="#4c72b0")
+    for name, style in ((TEACHER, "--"), (INITIAL, ":")):
+        if m in r.means.get(name, {}):
+            ax.axhline(r.means[name][m].estimate, linestyle=style, color="gray", label=name)
+    ax.set_ylabel(f"{m} (mean, {_conf(r.p.analysis.alpha)} interval)")
     ax.tick_params(axis="x", rotation=30)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
@@ -293,89 +459,15 @@ def figure_png(table: Table, ranked: list[str], main: str, reference: dict[str, 
     return buf.getvalue()
 
 
-def readme_intro(p: CompareParams, reference: dict[str, Any]) -> list[str]:
-    """README.md's title, what the comparison is and how it was made, and the reference models."""
-    ref_lines = []
-    for name in ("teacher", "student_initial"):
-        acc = reference[name].get("accuracy")
-        if acc is not None:
-            ref_lines.append(f"- {name}: exact match {acc['exact_match']:.4f} (metrics/evaluate.json)")
-    return [
-        "# Method comparison",
-        "",
-        f"{len(p.runs)} runs x {len(p.seeds)} seeds (train.seed = {list(p.seeds)}), "
-        "all trained from the same initial student with the same",
-        "loop and rounds (round 1 on the same curated pairs; later rounds on fresh student samples,",
-        "except the stale-round controls); mean ± sample standard deviation over seeds. Produced by",
-        "the comparison pipeline, comparison/dvc.yaml (`distillflow run --target comparison/dvc.yaml",
-        "--jobs 2`, or `dvc repro comparison/dvc.yaml`: stages compare@<run>-<seed> and report).",
-        "Differences between runs (exact match, share of right steps, KL to the teacher) are paired",
-        "by seed (same seed: same data order from the same initial student) with a 95% t interval;",
-        "an ordering is claimed only where the interval excludes 0. The paper's SFT rows",
-        "are the SFT student the methods start from: our initial student. Our `sft` run is SeqKD",
-        "(NLL on the teacher's responses), which the paper has no row for. exact_match is the",
-        "verifier's pass rate (walk: any walk by its steps to its goal); step_share the share of steps",
-        "right by the rule from what the student wrote.",
-        "",
-        *ref_lines,
-        "",
-    ]
-
-
-def _section(title: str, lines: list[str]) -> list[str]:
-    return [f"## {title}", "", *lines] if lines else []
-
-
-def readme(
-    values: Values,
-    table: Table,
-    ranked: list[str],
-    md: list[str],
-    main: str,
-    p: CompareParams,
-    reference: dict[str, Any],
-) -> str:
-    """README.md: the intro, the table (`md`), the breakdowns, controls, cost, paired
-    differences on `main` (and the share of right steps and the KL to the teacher where
-    cells have them), and the verdict against the paper. Intervals need two seeds."""
-    present = {c for v in values.values() for c in v}
-    paired_metrics = [main, *(m for m in ("step_share", "kl_teacher_student") if m != main and m in present)]
-    several = len(p.seeds) > 1
-    controls = (
-        [line for m in paired_metrics for line in controls_table(values, p, m, explain=m == main)] if several else []
-    )
-    lines = [
-        *readme_intro(p, reference),
-        "## Table",
-        "",
-        *md,
-        "",
-        *_section("Exact match per skill", breakdown(table, ranked, "exact_match/")),
-        *_section("Share of right steps per skill", breakdown(table, ranked, "step_share/")),
-        *_section("Exact match by reference length (characters)", breakdown(table, ranked, "by_length/")),
-        *(["## Controls", "", *controls] if several else []),
-        *_section("Cost", cost_lines(table, ranked)),
-        "## Paired differences",
-        "",
-        *(
-            [line for m in paired_metrics for line in pairs_table(values, m)]
-            if several
-            else ["(one seed: no interval; list two seeds or more)", ""]
-        ),
-        "## Against the paper",
-        "",
-        *(verdict(values, main, reference) if several else ["(one seed: no interval, no claim)"]),
-    ]
-    return "\n".join(lines)
-
-
-def plot_csv(table: Table, ranked: list[str], main: str) -> str:
-    """The DVC plot: the main metric's mean and std per run, best first."""
+def plot_csv(r: Results) -> str:
+    """The DVC plot: the tested metric's run means and intervals, best first."""
+    m = r.p.analysis.metric
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["run", f"{main}_mean", f"{main}_std"])
-    for run in ranked:
-        w.writerow([run, f"{table[run][main][0]:.6f}", f"{table[run][main][1]:.6f}"])
+    w.writerow(["run", f"{m}_mean", f"{m}_low", f"{m}_high"])
+    for run in ranked(r, defined=True):
+        e = r.means[run][m]
+        w.writerow([run, *(f"{x:.6f}" for x in (e.estimate, *e.interval()))])
     return buf.getvalue()
 
 
@@ -387,19 +479,14 @@ class Report:
     plot: bytes
 
 
-def render(values: Values, p: CompareParams, reference: dict[str, Any]) -> Report:
-    """The whole report from the cells' values (comparison.collect) and the evaluate
-    stage's metrics (`reference`: teacher and initial student). The main metric is exact
-    match where the cells have it, ROUGE-L against the teacher otherwise."""
-    table = summarise(values)
-    cols = [c for c, _, _ in METRICS if any(c in v for v in table.values())]
-    main = "exact_match" if "exact_match" in cols else "rouge_l_vs_teacher"
-    ranked = ranked_runs(table, main)
-    md = table_md(table, ranked, cols, p)
+def render(cells: Cells, p: CompareParams) -> Report:
+    """The whole report from the cells (comparison.read_cells) and params."""
+    r = analyse(cells, p)
+    md = means_md(r)
     files = {
-        "table.csv": table_csv(table, cols, p).encode(),
+        "table.csv": table_csv(r).encode(),
         "table.md": ("\n".join(md) + "\n").encode(),
-        f"{main}.png": figure_png(table, ranked, main, reference, len(p.seeds)),
-        "README.md": readme(values, table, ranked, md, main, p, reference).encode(),
+        f"{p.analysis.metric}.png": figure_png(r),
+        "README.md": readme(r).encode(),
     }
-    return Report(files, plot_csv(table, ranked, main).encode())
+    return Report(files, plot_csv(r).encode())

@@ -1,4 +1,5 @@
-"""params.yaml `evaluate` and the schema of the predictions an evaluation writes."""
+"""params.yaml `evaluate`, the schema of the predictions an evaluation writes and of a
+comparison cell's per-prompt scores."""
 
 from __future__ import annotations
 
@@ -19,6 +20,35 @@ PREDICTION_SCHEMA = records.schema(
         pa.field("response", pa.string(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),
         pa.field("correct", pa.bool_(), nullable=True),  # null where there is no reference
+    ],
+)
+
+
+# The comparison's per-prompt scores (one row per eval prompt, the eval file's order):
+# every metric the report tests is a ratio of sums of these over prompts, so a paired
+# resample of the prompts recomputes it (distillflow/evaluation/analysis.py).
+PROMPT_SCORES = records.schema(
+    "prompt_scores",
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=True),
+        pa.field("correct", pa.bool_(), nullable=True),  # the student's greedy answer; null: no reference
+        pa.field("steps_right", pa.int64(), nullable=True),  # null: not a step skill
+        pa.field("steps", pa.int64(), nullable=True),
+        pa.field("rouge_l", pa.float64(), nullable=False),  # vs the reference teacher's greedy response
+        # teacher-forced on the reference teacher's greedy response: sums over its tokens
+        pa.field("kl_sum", pa.float64(), nullable=False),  # KL(teacher || student)
+        pa.field("agree_sum", pa.float64(), nullable=False),  # positions where both argmaxes agree
+        pa.field("nll_teacher_sum", pa.float64(), nullable=False),  # the student's NLL
+        pa.field("teacher_tokens", pa.int64(), nullable=False),
+        pa.field("nll_own_sum", pa.float64(), nullable=False),  # on its own greedy response
+        pa.field("own_tokens", pa.int64(), nullable=False),
+        pa.field(
+            "nll_sampled_sum", pa.float64(), nullable=False
+        ),  # on its response sampled at the training temperature
+        pa.field("sampled_tokens", pa.int64(), nullable=False),
+        pa.field("teacher_correct", pa.bool_(), nullable=True),  # the reference teacher's greedy answer
+        pa.field("initial_correct", pa.bool_(), nullable=True),  # the initial student's greedy answer
     ],
 )
 

@@ -53,9 +53,11 @@ def student_metrics(
     teacher_gens: list[dict[str, Any]],
     own_gens: list[dict[str, Any]],
     p: EvaluateParams,
+    per_prompt: bool = False,
 ) -> dict[str, Any]:
     """What a student is measured on besides accuracy, against the teacher's responses
-    (both models on `p.device`)."""
+    (both models on `p.device`). `per_prompt` adds "per_prompt": the columns of
+    eval_params.PROMPT_SCORES each metric's per-prompt sums come from (`prompt_scores`)."""
     teacher.to(p.device)
     student.to(p.device)
     vocab = models.check_vocabularies(tok_s, tok_t, student.config.vocab_size, teacher.config.vocab_size)
@@ -68,15 +70,26 @@ def student_metrics(
         p.batch_size,
         "the teacher's eval responses",
         p.device,
+        per_sequence=per_prompt,
     )
     own = sequences(tok_s, prompts, own_gens)
     # A student may answer with nothing scorable at all (only special tokens, cut off):
     # then there is no NLL on its own responses, and the metrics say so.
     scorable = sum(len(r) for _, r in own)
     on_own = (
-        teacher_forced(None, student, tok_s, own, vocab, p.batch_size, "the student's own eval responses", p.device)
+        teacher_forced(
+            None,
+            student,
+            tok_s,
+            own,
+            vocab,
+            p.batch_size,
+            "the student's own eval responses",
+            p.device,
+            per_sequence=per_prompt,
+        )
         if scorable
-        else {"nll": None}
+        else {"nll": None, "per_sequence": {"nll": [0.0] * len(own), "tokens": [0] * len(own)}}
     )
     out: dict[str, Any] = {
         "kl_teacher_student": on_teacher["kl_teacher_student"],
@@ -93,7 +106,54 @@ def student_metrics(
     if p.speculative_prompts:
         ends = set(models.end_ids(tok_t, teacher.generation_config))
         out["speculative"] = speculative(teacher, student, tok_s, prompts, p, vocab, ends, p.device)
+    if per_prompt:
+        t_seq, own_seq = on_teacher["per_sequence"], on_own["per_sequence"]
+        out["per_prompt"] = {
+            "rouge_l": [rouge_l(g["response"], t["response"]) for g, t in zip(own_gens, teacher_gens, strict=True)],
+            "kl_sum": t_seq["kl"],
+            "agree_sum": t_seq["agree"],
+            "nll_teacher_sum": t_seq["nll"],
+            "teacher_tokens": t_seq["tokens"],
+            "nll_own_sum": own_seq["nll"],
+            "own_tokens": own_seq["tokens"],
+        }
     return out
+
+
+def prompt_scores(
+    prompts: list[dict[str, Any]],
+    gens: dict[str, list[dict[str, Any]]],
+    per_prompt: dict[str, list[Any]],
+    sampled: dict[str, list[Any]],
+) -> list[dict[str, Any]]:
+    """eval_params.PROMPT_SCORES rows: `gens` holds the greedy responses of "student", "teacher" and
+    "initial"; `per_prompt` is student_metrics' (per_prompt=True); `sampled` the
+    per-sequence NLL sums and tokens of the student's sampled responses."""
+
+    def correct(pr: dict[str, Any], g: dict[str, Any]) -> bool | None:
+        return None if pr["reference"] is None else tasks.is_correct(g["response"], pr["reference"], pr["category"])
+
+    rows = []
+    for i, pr in enumerate(prompts):
+        student = gens["student"][i]
+        steps = (
+            None if pr["reference"] is None else tasks.step_score(student["response"], pr["reference"], pr["category"])
+        )
+        rows.append(
+            {
+                "prompt_id": pr["prompt_id"],
+                "category": pr["category"],
+                "correct": correct(pr, student),
+                "steps_right": None if steps is None else steps[0],
+                "steps": None if steps is None else steps[1],
+                **{k: v[i] for k, v in per_prompt.items()},
+                "nll_sampled_sum": sampled["nll"][i],
+                "sampled_tokens": sampled["tokens"][i],
+                "teacher_correct": correct(pr, gens["teacher"][i]),
+                "initial_correct": correct(pr, gens["initial"][i]),
+            }
+        )
+    return rows
 
 
 def evaluate_models(

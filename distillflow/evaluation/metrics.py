@@ -131,7 +131,8 @@ def teacher_forced(
     where: str,
     device: str = "cpu",
     chunk_size: int = 1024,
-) -> dict[str, float]:
+    per_sequence: bool = False,
+) -> dict[str, Any]:
     """Token-mean scores of `student` on fixed responses: its NLL, and with a teacher,
     KL(teacher || student) and the greedy agreement (the share of positions where both
     models' most likely next token is the same: the acceptance rate of greedy
@@ -141,10 +142,13 @@ def teacher_forced(
     logits are made only at response positions, `chunk_size` positions at a time, so
     memory holds two (chunk_size, vocab) tensors, never two (B, T, vocab) ones.
     Responses are re-tokenized from their text, so a response of only special tokens
-    scores nothing; with no token at all this raises, naming `where`."""
+    scores nothing; with no token at all this raises, naming `where`. `per_sequence`
+    adds "per_sequence": each sequence's sums (nll, and with a teacher kl and agree)
+    and its token count, in `seqs` order: what a paired resample of prompts needs."""
     nll = kl = agree = 0.0
     tokens = 0
     checked = False
+    sums = {k: torch.zeros(len(seqs), dtype=torch.float64) for k in ("nll", "kl", "agree", "tokens")}
     for s in range(0, len(seqs), batch_size):
         b = encoding.collate(seqs[s : s + batch_size], tok.pad_token_id)
         mask = b.response_mask.to(device)
@@ -158,25 +162,39 @@ def teacher_forced(
                     models.check_plain_head(model, first, torch.ones_like(first), role)
             checked = True
         targets = b.targets.to(device)[mask]
+        rows = s + mask.nonzero()[:, 0].cpu()  # each response position's sequence
         s_h = response_hidden(student, b, mask, device)
         t_h = response_hidden(teacher, b, mask, device) if teacher is not None else None
         for c in range(0, n, chunk_size):
             s_logits = head_logits(student, s_h[c : c + chunk_size], vocab, "student")
             s_logp = torch.log_softmax(s_logits, dim=-1)
-            nll -= float(s_logp.gather(-1, targets[c : c + chunk_size, None]).sum())
+            token_nll = -s_logp.gather(-1, targets[c : c + chunk_size, None])[:, 0]
+            nll += float(token_nll.sum())
+            at = rows[c : c + chunk_size]
+            if per_sequence:
+                sums["nll"].index_add_(0, at, token_nll.double().cpu())
+                sums["tokens"].index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
             if t_h is not None:
                 t_logits = head_logits(teacher, t_h[c : c + chunk_size], vocab, "teacher")
-                kl += float(losses.forward_kl(s_logits, t_logits, None, reduction="none").sum())
-                agree += float((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
+                token_kl = losses.forward_kl(s_logits, t_logits, None, reduction="none")
+                same = t_logits.argmax(-1) == s_logits.argmax(-1)
+                kl += float(token_kl.sum())
+                agree += float(same.sum())
+                if per_sequence:
+                    sums["kl"].index_add_(0, at, token_kl.double().cpu())
+                    sums["agree"].index_add_(0, at, same.double().cpu())
         tokens += n
     if tokens == 0:
         raise ValueError(
             f"evaluate: {where} have no tokens to score (every response empty and truncated); "
             "raise evaluate.max_new_tokens or check the model"
         )
-    out = {"nll": round(nll / tokens, 6)}
+    out: dict[str, Any] = {"nll": round(nll / tokens, 6)}
     if teacher is not None:
         out |= {"kl_teacher_student": round(kl / tokens, 6), "greedy_agreement": round(agree / tokens, 6)}
+    if per_sequence:
+        keep = ("nll", "kl", "agree") if teacher is not None else ("nll",)
+        out["per_sequence"] = {k: sums[k].tolist() for k in keep} | {"tokens": [int(x) for x in sums["tokens"]]}
     return out
 
 

@@ -18,11 +18,16 @@ from distillflow.base.errors import UsageError
 
 
 def parse_paths(
-    doc: str | None, *names: str, optional: tuple[str, ...] = (), values: dict[str, type] | None = None
+    doc: str | None,
+    *names: str,
+    optional: tuple[str, ...] = (),
+    values: dict[str, type] | None = None,
+    optional_values: dict[str, type] | None = None,
 ) -> argparse.Namespace:
     """Parse `--params PATH` and `--<name> PATH` for each name (required),
-    `--<name> PATH` for each `optional` name (None when absent), and `--<name> VALUE`
-    of the given type for each of `values` (required; e.g. a matrix stage's seed)."""
+    `--<name> PATH` for each `optional` name (None when absent), `--<name> VALUE`
+    of the given type for each of `values` (required; e.g. a matrix stage's seed) and
+    for each of `optional_values` (None when absent)."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     parser.add_argument("--params", type=Path, required=True, help="params file (params.yaml)")
     for name in names:
@@ -31,6 +36,8 @@ def parse_paths(
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, default=None)
     for name, typ in (values or {}).items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, required=True)
+    for name, typ in (optional_values or {}).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A fixed thread count keeps CPU float reductions, and so outputs, repeatable. Only

@@ -14,6 +14,7 @@ writes the same bytes an uninterrupted run writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -60,11 +61,22 @@ class Inputs:
     prompts: list[dict[str, Any]]
 
 
-def inputs(role: str, params_file: Path, prompts_dir: Path, models_dir: Path, previous: Path | None) -> Inputs:
+def inputs(
+    role: str,
+    params_file: Path,
+    prompts_dir: Path,
+    models_dir: Path,
+    previous: Path | None,
+    replicate: int | None = None,
+) -> Inputs:
     """Params, model and prompts of the `role` stage. `previous` samples
     previous/model, a model a train stage wrote, instead of `models.<role>` (the
-    stage's --previous; the round stage samples its previous round itself)."""
+    stage's --previous; the round stage samples its previous round itself).
+    `replicate` (the comparison's bootstraps) samples with that replicate's seed
+    (records.replicate_seed), which the manifest records."""
     used = params.load_sections(params_file, sections(role))
+    if replicate is not None:
+        used[role] = dataclasses.replace(used[role], seed=records.replicate_seed(used[role].seed, replicate))
     if previous is None:
         ref: ModelRef = used[f"models.{role}"].ref()
         model_dir, model_input = models_dir / role, models.lineage_input(ref, models_dir, role)
@@ -166,10 +178,12 @@ def main(role: str, doc: str | None) -> None:
     """`python -m stages.<role> --params P --prompts data/seed --models data/bootstrap --out data/<role>`.
 
     `--previous DIR` samples DIR/model, a model a train stage wrote, instead of
-    `models.<role>`.
+    `models.<role>`; `--replicate B` samples with bootstrap replicate B's seed.
     """
-    args = entry.parse_paths(doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"))
-    i = inputs(role, args.params, args.prompts, args.models, args.previous)
+    args = entry.parse_paths(
+        doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"), optional_values={"replicate": int}
+    )
+    i = inputs(role, args.params, args.prompts, args.models, args.previous, args.replicate)
     w = Writer(out=args.out, module=role, used=i.used, docs=args.docs)
     gates = w.gates()
     # the input, already read by inputs(), checked before any model time is spent

@@ -9,6 +9,7 @@ of its params are ablation switches (`compare.runs.<run>.disable`).
 
     sft        token NLL on the teacher's responses (SeqKD); no teacher signal
     kd         forward KL on the teacher's responses
+    kd_both    forward KL on both responses, equal weights (KD with DistiLLM-2's tokens)
     gkd        generalized JSD(beta) on a lambda-mix of student and teacher responses
     distillm   skew reverse KL(alpha) on both responses, equal weights (DistiLLM v1)
     distillm2  (1 - beta) SKL(alpha_t) on teacher responses + beta SRKL(alpha_s) on
@@ -33,7 +34,8 @@ from distillflow.training.methods.distillm2 import DISTILLM2
 from distillflow.training.methods.dpkd import DPKD
 from distillflow.training.methods.gkd import GKD
 from distillflow.training.methods.kd import KD
+from distillflow.training.methods.kd_both import KD_BOTH
 from distillflow.training.methods.method import Method
 from distillflow.training.methods.sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (DISTILLM2, DISTILLM, GKD, KD, SFT, DPKD)}
+METHODS: dict[str, Method] = {m.name: m for m in (DISTILLM2, DISTILLM, GKD, KD, KD_BOTH, SFT, DPKD)}
