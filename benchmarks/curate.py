@@ -137,6 +137,7 @@ def params_file(folder: Path, source: Path, n: int) -> Path:
         "revision": None,
         "field": "text",
     }
+    p["seed"]["group_by"] = None  # params.yaml's `instance` is the toy source's; these records are ungrouped
     p["seed"]["num_train"] = n
     p["seed"]["num_eval"] = n
     p["curate"]["require_correct_chosen"] = False  # no reference answers in this data

@@ -9,10 +9,12 @@ Sources (params.yaml `seed.source.kind`, distillflow/data/sources.py):
 
 Every prompt is normalised (NFC, whitespace collapsed) and gets a content id. Empty
 prompts, over-long prompts, prompts of the wrong type and duplicates go to
-quarantine.parquet (prompt columns + `reason`, distillflow/base/quarantine.py); the
-split is a hash of the prompt id (records.split_of), the same function bootstrap uses,
-so an eval prompt can never be a training prompt (distillflow/data/split.py). With
-`seed.synthesis.enabled` the teacher adds train prompts (distillflow/data/synthesis.py).
+quarantine.parquet (prompt columns + `reason`, distillflow/base/quarantine.py). The
+split is a hash of the prompt's group (`seed.group_by`: the toy task's instance, or a
+file's group column; ungrouped, the prompt id: records.split_key, split_of), the same
+function bootstrap uses, so no eval prompt, nor another prompt of its group, can be a
+training prompt (distillflow/data/split.py). With `seed.synthesis.enabled` the teacher
+adds train prompts (distillflow/data/synthesis.py).
 Outputs: train.parquet, eval.parquet, quarantine.parquet, manifest.json; counts
 reconcile: read = train + eval + quarantined + unused_over_quota + reserved_for_sft (bootstrap's
 student SFT bucket, toy source only).

@@ -41,6 +41,7 @@ def prompt(i: int) -> dict:
         "category": "add",
         "source": "toy",
         "source_ref": f"toy:{i}",
+        "group": f"add:a={i},b=1",
     }
 
 
@@ -118,14 +119,17 @@ def seed_params(
     num_train: int = 40,
     num_eval: int = 5,
     max_chars: int = 2000,
+    group_by: str | None = None,
 ) -> sources.SeedParams:
-    """Seed params with synthesis off (its default)."""
+    """Seed params with synthesis off (its default); the toy source grouped by instance
+    (its only group_by), a file source by `group_by` (default: ungrouped)."""
     return sources.SeedParams(
         source=sources.SourceParams(kind=kind, path=path, config=None, split=None, revision=None, field=field),
         seed=1,
         num_train=num_train,
         num_eval=num_eval,
         max_prompt_chars=max_chars,
+        group_by=sources.TOY_GROUP if kind == "toy" else group_by,
     )
 
 

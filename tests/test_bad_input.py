@@ -31,7 +31,7 @@ def stage(tmp: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     )  # the exit status is what is tested
 
 
-def write_params(tmp: Path, source: dict | None = None) -> None:
+def write_params(tmp: Path, source: dict | None = None, group_by: str | None = None) -> None:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     if source is not None:
         p["seed"]["source"] = {
@@ -43,6 +43,7 @@ def write_params(tmp: Path, source: dict | None = None) -> None:
             "field": "text",
             **source,
         }
+        p["seed"]["group_by"] = group_by  # a file: ungrouped unless named (params.yaml's `instance` is the toy's)
     p["seed"]["num_train"] = p["seed"]["num_eval"] = 1000
     p["seed"]["max_prompt_chars"] = 2000
     p["quality"]["batch_rows"] = 4
@@ -61,8 +62,8 @@ def assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None
 # --- seed: prompt sources ------------------------------------------------------------
 
 
-def run_seed(tmp: Path, kind: str, path: Path) -> subprocess.CompletedProcess:
-    write_params(tmp, {"kind": kind, "path": str(path)})
+def run_seed(tmp: Path, kind: str, path: Path, group_by: str | None = None) -> subprocess.CompletedProcess:
+    write_params(tmp, {"kind": kind, "path": str(path)}, group_by)
     return stage(tmp, "seed", "--out", str(tmp / "seed"), "--metrics", str(tmp / "seed.json"))
 
 
@@ -131,6 +132,20 @@ def test_seed_quarantines_wrong_types_and_nulls_in_a_parquet_column(tmp_path: Pa
     # both rows are quarantined as not_a_string, and a prompt set with nothing in it stops the stage
     assert_clean_error(done, f"error: {ints}: 0 of 2 rows usable: not_a_string (2)")
     assert not (tmp_path / "ints" / "seed").exists()  # a failed stage leaves no output behind
+
+
+def test_seed_with_a_group_column_null_in_some_rows_names_file_column_and_count(tmp_path: Path) -> None:
+    rows = [{"conv_id": f"c{i // 3}", "text": f"Question {i}?"} for i in range(40)]
+    rows[5]["conv_id"] = None
+    del rows[17]["conv_id"]
+    src = tmp_path / "conv.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_clean_error(
+        run_seed(tmp_path, "jsonl", src, group_by="conv_id"),
+        f"error: {src}: seed.group_by column 'conv_id' is null or missing in 2 of 40 rows read "
+        f"(first at {src}:line=6); every row needs a group",
+    )
+    assert not (tmp_path / "seed").exists()  # nothing half-written
 
 
 # --- curate: pair files ----------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_training_examples_never_include_eval_prompts() -> None:
 
     for ex, _ in zip(toymodels.training_examples(TASK, 0, "teacher"), range(500)):
         pid = records.prompt_id(records.normalise_prompt(ex.prompt))
-        assert records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction) == "train"
+        assert records.split_of(records.split_key(pid, ex.group), TASK.eval_fraction, TASK.sft_fraction) == "train"
 
 
 def test_real_models_are_fingerprinted_not_trained(tmp_path: Path, tiny_models: Path) -> None:
@@ -200,7 +200,9 @@ def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
     student = list(itertools.islice(toymodels.training_examples(STEP_TASK, 1, "student"), 200))
     teacher = list(itertools.islice(toymodels.training_examples(STEP_TASK, 1, "teacher"), 200))
     split_of = lambda e: records.split_of(  # noqa: E731
-        records.prompt_id(records.normalise_prompt(e.prompt)), STEP_TASK.eval_fraction, STEP_TASK.sft_fraction
+        records.split_key(records.prompt_id(records.normalise_prompt(e.prompt)), e.group),
+        STEP_TASK.eval_fraction,
+        STEP_TASK.sft_fraction,
     )
     assert {split_of(e) for e in student} == {"sft"} and {split_of(e) for e in teacher} == {"train", "sft"}
     p = seed_params(num_train=200, num_eval=20)
@@ -209,8 +211,9 @@ def test_the_student_trains_on_its_bucket_which_seed_never_uses() -> None:
     assert counts["read"] == sum(
         counts[k] for k in ("train", "eval", "quarantined", "unused_over_quota", "reserved_for_sft")
     )
-    assert {records.split_of(r["prompt_id"], 0.1, 0.3) for r in train} == {"train"}
+    assert {records.split_of(records.split_key(r["prompt_id"], r["group"]), 0.1, 0.3) for r in train} == {"train"}
     assert {pr.prompt for pr in student}.isdisjoint({r["prompt"] for r in train + evals})
+    assert {pr.group for pr in student}.isdisjoint({r["group"] for r in train + evals})  # nor any phrasing of them
 
 
 def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ def prompt_row(i: int) -> dict:
         "category": None,
         "source": "toy",
         "source_ref": f"toy:{i}",
+        "group": None,
     }
 
 

@@ -66,6 +66,7 @@ def prompt_rows(texts: list[str], answers: list[str | None] | None = None) -> li
             "category": None,
             "source": "hf",
             "source_ref": f"realarch:row={i}",
+            "group": None,
         }
         for i, (t, a) in enumerate(zip(texts, answers, strict=True))
     ]

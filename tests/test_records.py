@@ -31,3 +31,16 @@ def test_split_is_a_pure_function_with_the_requested_fraction() -> None:
     assert 0.09 < share < 0.11
     # A larger eval fraction only moves prompts from train to eval, never back.
     assert all(records.split_of(i, 0.2, 0.0) == "eval" for i, s in zip(ids, splits) if s == "eval")
+
+
+def test_the_split_key_is_the_prompt_id_or_the_group_id() -> None:
+    """Ungrouped, a prompt's split is its id's, as before groups existed; grouped, every
+    prompt of the group has the group's split whatever its own id."""
+    pid = records.prompt_id("Add 2 and 3.")
+    assert records.split_key(pid, None) == pid
+    assert records.split_key(pid, "add:a=2,b=3") == records.content_id("group", "add:a=2,b=3") != pid
+    ids = [records.prompt_id(f"phrasing {i}") for i in range(200)]
+    assert len({records.split_of(i, 0.5, 0.2) for i in ids}) == 3  # ungrouped they scatter
+    assert {records.split_of(records.split_key(i, "conv-7"), 0.5, 0.2) for i in ids} == {
+        records.split_of(records.content_id("group", "conv-7"), 0.5, 0.2)
+    }

@@ -221,7 +221,7 @@ def new_toy_prompts(seen: set[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for ex in toytask.examples(toytask.config_of(TASK), 99):
         pid = records.prompt_id(ex.prompt)
-        split = records.split_of(pid, TASK.eval_fraction, TASK.sft_fraction)
+        split = records.split_of(records.split_key(pid, ex.group), TASK.eval_fraction, TASK.sft_fraction)
         if pid not in seen and split not in found:
             found[split] = ex.prompt
         if len(found) == 2:
@@ -306,8 +306,9 @@ def test_synthesis_keeps_new_train_prompts_and_quarantines_the_rest(tmp_path: Pa
 
 
 def test_parse_toy_prompt_checks_the_task_ranges() -> None:
-    assert tasks.get("toy").parse_prompt("Add 4 and 38.", TASK) == ("add", "42")
-    assert tasks.get("toy").parse_prompt("Reverse the word abc.", TASK) == ("reverse", "cba")
+    assert tasks.get("toy").parse_prompt("Add 4 and 38.", TASK) == ("add", "42", "add:a=4,b=38")
+    assert tasks.get("toy").parse_prompt("What is 4 plus 38?", TASK) == ("add", "42", "add:a=4,b=38")  # one instance
+    assert tasks.get("toy").parse_prompt("Reverse the word abc.", TASK) == ("reverse", "cba", "reverse:w=abc")
     assert tasks.get("toy").parse_prompt("Add 04 and 38.", TASK) is None  # leading zero: not a generator output
     assert tasks.get("toy").parse_prompt("Reverse the word xyz.", TASK) is None  # outside the alphabet
     assert tasks.get("toy").parse_prompt("Reverse the word abc", TASK) is None

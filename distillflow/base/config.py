@@ -54,9 +54,9 @@ class TaskParams:
     max_span: int  # walk: the largest distance climbed
     min_columns: int  # addc's operands: at least this many digits
     max_columns: int  # addc's operands: at most this many digits
-    eval_fraction: float  # share of prompts (by hash) in the eval split, for a source without eval_source
-    # The hash bucket held out for bootstrap's student SFT data: seed never makes a
-    # distillation prompt of it (toy source), so the warm student's data is disjoint.
+    eval_fraction: float  # share of groups (seed.group_by) in the eval split, by hash, for a source without eval_source
+    # The hash bucket (of instances) held out for bootstrap's student SFT data: seed never
+    # makes a distillation prompt of it (toy source), so the warm student's data is disjoint.
     sft_fraction: float
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ def prompt_row(
     prompt_id: str | None = None,
     reference: str | None = None,
     category: str | None = None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """A prompt_quarantine row for a prompt that never became one (no split yet)."""
     record = {
@@ -53,6 +54,7 @@ def prompt_row(
         "category": category,
         "source": source,
         "source_ref": source_ref,
+        "group": group,
     }
     return row(record, reason)
 

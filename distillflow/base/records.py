@@ -6,6 +6,7 @@ same id on any machine:
     prompt_id     = H("prompt", normalised prompt text)
     generation_id = H("generation", prompt_id, model fingerprint, sampling params, sample index)
     pair_id       = H("pair", prompt_id, chosen generation_id, rejected generation_id)
+    group id      = H("group", group key): a prompt's split key when it has a group
 
 Schemas are explicit and versioned (`SCHEMA_VERSION` in each schema's metadata); a
 reader checks that a file's columns and types match before it trusts a single row.
@@ -20,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the prompt record's `group` column
 ID_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any data size
 
 
@@ -79,15 +80,25 @@ def replicate_seed(seed: int, replicate: int | None) -> int:
     return int(content_id("replicate-seed", str(seed), str(replicate))[:8], 16) & 0x7FFFFFFF
 
 
-def split_of(pid: str, eval_fraction: float, sft_fraction: float) -> str:
-    """'eval', 'train' or 'sft', a pure function of the prompt id.
+def split_key(pid: str, group: str | None) -> str:
+    """The key a prompt's split is a function of: its prompt id when it has no group,
+    else its group's id, H("group", group), so every prompt of one group (the phrasings
+    of one toy-task instance, the turns of one conversation: `seed.group_by`) lands in
+    the same split."""
+    return pid if group is None else content_id("group", group)
 
-    Every stage that needs a split (bootstrap's training data, seed's prompt sets)
-    calls this, so evaluation prompts can never appear in any training set. The top
-    `sft_fraction` of the hash range is bootstrap's student SFT data (the embedded
-    task's warm student): seed keeps it out of the distillation prompts.
+
+def split_of(key: str, eval_fraction: float, sft_fraction: float) -> str:
+    """'eval', 'train' or 'sft', a pure function of a split key (`split_key`: the
+    prompt id, or the group's id when the prompt has a group).
+
+    Every stage that needs a split (bootstrap's training data, seed's prompt sets,
+    synthesis) calls this on the same key, so no evaluation prompt, nor any other
+    prompt of its group, can appear in any training set. The top `sft_fraction` of the
+    hash range is bootstrap's student SFT data (the embedded task's warm student): seed
+    keeps it out of the distillation prompts.
     """
-    bucket = int(pid[:8], 16) / 0x100000000
+    bucket = int(key[:8], 16) / 0x100000000
     if bucket < eval_fraction:
         return "eval"
     return "sft" if bucket >= 1.0 - sft_fraction else "train"
@@ -109,6 +120,9 @@ PROMPT_SCHEMA = schema(
         # Where the prompt came from: "toy", "hf", "jsonl" or "parquet", plus the locator.
         pa.field("source", pa.string(), nullable=False),
         pa.field("source_ref", pa.string(), nullable=False),
+        # The prompt's group (seed.group_by: the toy task's instance, a file's group
+        # column), the key of its split; null when prompts are not grouped.
+        pa.field("group", pa.string(), nullable=True),
     ],
 )
 

@@ -2,11 +2,14 @@
 
 Every prompt is normalised (NFC, whitespace collapsed) and gets a content id. Empty
 prompts, over-long prompts, prompts of the wrong type and duplicates go to quarantine
-(distillflow/base/quarantine.py's prompt_quarantine shape) with the reason; the split
-is a hash of the prompt id (records.split_of), the same function bootstrap uses, so an
-eval prompt can never be a training prompt. Counts reconcile:
-read = train + eval + quarantined + unused_over_quota + reserved_for_sft (bootstrap's
-student SFT bucket, toy source only).
+(distillflow/base/quarantine.py's prompt_quarantine shape) with the reason. The split
+is a hash of the prompt's group (seed.group_by: the toy task's instance, a file's group
+column) or, ungrouped, of its prompt id (records.split_key, split_of), the same
+function bootstrap uses, so no eval prompt, nor another phrasing or turn of its group,
+can be a training prompt. Deduplication stays by prompt id. A group is never divided:
+a prompt whose split's quota is full is unused, not moved to the other split. Counts
+reconcile: read = train + eval + quarantined + unused_over_quota + reserved_for_sft
+(bootstrap's student SFT bucket, toy source only).
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ class _Tally:
     eval: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     fields: dict[str, None] = field(default_factory=dict)  # fields of rows missing the prompt field, in order
+    grouped: int = 0  # usable rows with a group (seed.group_by set)
+    ungrouped: int = 0  # usable rows without one: an error once reading stops
+    ungrouped_first: str | None = None  # the first of them (its source_ref)
+    ungrouped_fields: dict[str, None] = field(default_factory=dict)  # the fields those rows have, in order
 
     def reasons_text(self) -> str:
         return ", ".join(f"{k}: {v}" for k, v in self.reasons.most_common(3)) or "no rows"
@@ -84,6 +91,21 @@ class _Tally:
         }
 
 
+def _check_groups(p: SeedParams, t: _Tally) -> None:
+    """With seed.group_by, every usable row read has a group: otherwise the count of rows
+    without one, the first, and when none had it the fields rows do have. Rows
+    quarantined for another reason (invalid JSON, an empty prompt, ...) need none."""
+    if not t.ungrouped:
+        return
+    msg = (
+        f"{p.source.where()}: seed.group_by column {p.group_by!r} is null or missing in {t.ungrouped} of {t.read} "
+        f"rows read (first at {t.ungrouped_first}); every row needs a group"
+    )
+    if not t.grouped:
+        msg += f"; no row read has one; rows have fields: {', '.join(t.ungrouped_fields)}"
+    raise DataError(msg)
+
+
 def _check_not_empty(task: TaskParams, p: SeedParams, t: _Tally) -> None:
     """Both sets need a prompt; when none is usable, say why (top reasons, the fields rows
     have), and for an empty eval set how many prompts the eval fraction needs."""
@@ -97,9 +119,11 @@ def _check_not_empty(task: TaskParams, p: SeedParams, t: _Tally) -> None:
     msg = f"{p.source.where()}: {usable} of {t.read} rows usable, giving {t.train} train and {t.eval} eval prompts; "
     if not t.eval:
         f = task.eval_fraction
+        unit = "prompt" if p.group_by is None else f"group (seed.group_by {p.group_by!r})"
+        units = "usable prompts" if p.group_by is None else "groups"
         msg += (
-            f"task.eval_fraction {f} sends about one prompt in {1 / f:.0f} to eval, so about {math.ceil(3 / f)} "
-            "usable prompts give at least one eval prompt with 95% probability; add prompts, raise "
+            f"task.eval_fraction {f} sends about one {unit} in {1 / f:.0f} to eval, so about {math.ceil(3 / f)} "
+            f"{units} give at least one eval prompt with 95% probability; add prompts, raise "
             "task.eval_fraction, or name a held-out set in seed.eval_source"
         )
     else:
@@ -116,6 +140,7 @@ def _prompt_row(kind: str, r: Raw, pid: str, text: str, split: str) -> dict[str,
         "category": r.category,
         "source": kind,
         "source_ref": r.source_ref,
+        "group": r.group,
     }
 
 
@@ -134,11 +159,13 @@ def stream(
     Memory is the dedup set (16 bytes of id per valid prompt) plus the sinks'
     buffers. Reading stops once both quotas are full; a toy stream is endless, so it
     gives up after 50x the quota with an error instead of looping forever. Each id is
-    kept at most once and its split is a function of the id, so no prompt can be in
-    both sets. With `eval_rows` (seed.eval_source) those are the eval prompts, read
-    first, and every valid row of `rows` is a train prompt unless it is an eval prompt
-    (quarantined as eval_prompt). `pool`, when given, samples the train prompts for
-    synthesis.
+    kept at most once and its split is a function of its group (or, ungrouped, of the
+    id: records.split_key), so no prompt, nor any group, can be in both sets. With
+    seed.group_by set, a usable row without a group is a DataError once reading stops
+    (naming how many; the sinks are left unfinished, so nothing is written). With
+    `eval_rows` (seed.eval_source) those are the eval prompts, read first, and every
+    valid row of `rows` is a train prompt unless it is an eval prompt (quarantined as
+    eval_prompt). `pool`, when given, samples the train prompts for synthesis.
     """
     if (eval_rows is None) != (p.eval_source is None):
         raise ValueError("split.stream: pass eval_rows exactly when seed.eval_source is set")
@@ -168,8 +195,16 @@ def stream(
         if taken is None:
             continue
         pid, text = taken
+        if p.group_by is not None:
+            if r.group is None:
+                t.ungrouped += 1
+                t.ungrouped_first = t.ungrouped_first or r.source_ref
+                t.ungrouped_fields.update(dict.fromkeys(r.fields))
+                continue
+            t.grouped += 1
         sft = task.sft_fraction if p.source.kind == "toy" else 0.0
-        split = "train" if eval_rows is not None else records.split_of(pid, task.eval_fraction, sft)
+        key = records.split_key(pid, r.group)
+        split = "train" if eval_rows is not None else records.split_of(key, task.eval_fraction, sft)
         if split == "sft":
             t.reserved += 1  # bootstrap's student SFT data: never a distillation prompt
             continue
@@ -183,6 +218,7 @@ def stream(
             t.train += 1
             if pool is not None:
                 pool.offer(pid, text)
+    _check_groups(p, t)
     _check_not_empty(task, p, t)
     return SeedResult(t.counts(), seen | held_out, pool)
 
@@ -203,7 +239,8 @@ def _take(
         reason = "duplicate_prompt"
     if reason is not None:
         t.reasons[reason] += 1
-        t.fields.update(dict.fromkeys(r.fields))
+        if reason.startswith("missing_field:"):
+            t.fields.update(dict.fromkeys(r.fields))
         raw_text = r.value if isinstance(r.value, str) else None
         quarantine.write(
             [
@@ -215,6 +252,7 @@ def _take(
                     prompt_id=pid,
                     reference=r.reference,
                     category=r.category,
+                    group=r.group,
                 )
             ]
         )

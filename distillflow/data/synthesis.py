@@ -1,6 +1,8 @@
 """Self-instruct synthesis of train prompts by the teacher (seed.synthesis): few-shot
 train examples in, one new task out per attempt; the valid, new, train-split ones are
-kept (source "synthetic"), the rest quarantined with `synthesis:<reason>`."""
+kept (source "synthetic"), the rest quarantined with `synthesis:<reason>`. A synthetic
+toy prompt's split is its instance's (its group, from the parse), so a new phrasing of
+an eval instance is refused; another source's synthetic prompt is its own group."""
 
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ class Candidate:
     pid: str | None
     reference: str | None = None
     category: str | None = None
+    group: str | None = None  # the toy task's instance (the parse's group); None: the prompt is its own group
 
 
 def judge(
@@ -92,22 +95,23 @@ def judge(
         return Candidate(reason="empty", text=text, pid=None)
     if len(text) > p.max_prompt_chars:
         return Candidate(reason="too_long", text=text, pid=None)
-    reference = category = None
+    reference = category = group = None
     if p.source.kind == "toy":
         parsed = tasks.get("toy").parse_prompt(text, task)
         if parsed is None:
             return Candidate(reason="unparseable", text=text, pid=None)
-        category, reference = parsed
+        category, reference, group = parsed
     pid = records.prompt_id(text)
     key = bytes.fromhex(pid)
     if key in seen:
-        return Candidate(reason="duplicate_of_seed", text=text, pid=pid)
+        return Candidate(reason="duplicate_of_seed", text=text, pid=pid, group=group)
     if key in synthetic:
-        return Candidate(reason="duplicate_of_synthetic", text=text, pid=pid)
-    split = records.split_of(pid, task.eval_fraction, task.sft_fraction if p.source.kind == "toy" else 0.0)
-    if split != "train":
-        return Candidate(reason=f"in_{split}_split", text=text, pid=pid)  # synthetic prompts are train-only
-    return Candidate(reason=None, text=text, pid=pid, reference=reference, category=category)
+        return Candidate(reason="duplicate_of_synthetic", text=text, pid=pid, group=group)
+    sft = task.sft_fraction if p.source.kind == "toy" else 0.0
+    split = records.split_of(records.split_key(pid, group), task.eval_fraction, sft)
+    if split != "train":  # synthetic prompts are train-only
+        return Candidate(reason=f"in_{split}_split", text=text, pid=pid, group=group)
+    return Candidate(reason=None, text=text, pid=pid, reference=reference, category=category, group=group)
 
 
 def attempts(
@@ -137,6 +141,7 @@ def _synthetic_row(c: Candidate, ref: str) -> dict[str, Any]:
         "category": c.category,
         "source": "synthetic",
         "source_ref": ref,
+        "group": c.group,
     }
 
 
@@ -178,7 +183,12 @@ def synthesise(
             if c.reason is not None:
                 reasons[c.reason] += 1
                 row = q.prompt_row(
-                    f"synthesis:{c.reason}", source="synthetic", source_ref=ref, prompt=gen["response"], prompt_id=c.pid
+                    f"synthesis:{c.reason}",
+                    source="synthetic",
+                    source_ref=ref,
+                    prompt=gen["response"],
+                    prompt_id=c.pid,
+                    group=c.group,
                 )
                 quarantine.write([row])
                 continue

@@ -40,15 +40,16 @@ def arch(mp: ToyModelParams) -> models.ToyArch:
 
 
 def _split(ex: toytask.ToyExample, task: TaskParams) -> str:
-    return records.split_of(
-        records.prompt_id(records.normalise_prompt(ex.prompt)), task.eval_fraction, task.sft_fraction
-    )
+    """The example's split: its instance's (ex.group), as seed splits the toy source."""
+    key = records.split_key(records.prompt_id(records.normalise_prompt(ex.prompt)), ex.group)
+    return records.split_of(key, task.eval_fraction, task.sft_fraction)
 
 
 def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytask.ToyExample]:
-    """The toy stream restricted to what `role` may train on: eval prompts never; the
-    teacher every other prompt, the student only the SFT bucket (task.sft_fraction;
-    the train split when that is 0), which seed never makes a distillation prompt."""
+    """The toy stream restricted to what `role` may train on: eval instances never (in
+    any phrasing: the split is by instance); the teacher every other instance, the
+    student only the SFT bucket (task.sft_fraction; the train split when that is 0),
+    which seed never makes a distillation prompt."""
     want = {"train", "sft"} if role == "teacher" or task.sft_fraction == 0.0 else {"sft"}
     for ex in toytask.examples(toytask.config_of(task), seed):
         if _split(ex, task) in want:
@@ -56,7 +57,7 @@ def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytas
 
 
 def heldout_examples(task: TaskParams, seed: int, n: int) -> list[toytask.ToyExample]:
-    """`n` distinct eval-split examples: prompts no model was trained on."""
+    """`n` distinct eval-split examples: prompts of instances no model was trained on."""
     out: dict[str, toytask.ToyExample] = {}
     for ex in toytask.examples(toytask.config_of(task), seed):
         if _split(ex, task) == "eval":

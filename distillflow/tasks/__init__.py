@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from distillflow.base.config import TaskParams
@@ -27,11 +27,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance: the instruction, its ground-truth answer and its category (skill)."""
+    """One task instance: the instruction, its ground-truth answer, its category (skill)
+    and its group: the instance's key, the same for every phrasing of it (the split key,
+    records.split_key, so no instance has prompts in two splits)."""
 
     prompt: str
     answer: str
     skill: str
+    group: str
+
+
+class ParsedPrompt(NamedTuple):
+    """What a task reads from one of its prompts."""
+
+    category: str
+    reference: str  # the ground-truth answer
+    group: str  # the instance's key, as the task's examples give it (Example.group)
 
 
 class Task(Protocol):
@@ -50,9 +61,9 @@ class Task(Protocol):
         """(right steps, steps) of a stepwise response; None for a category without steps."""
         ...
 
-    def parse_prompt(self, text: str, params: TaskParams) -> tuple[str, str] | None:
-        """(category, reference answer) of one of this task's normalised prompts within
-        the configured params; None if the text is not one."""
+    def parse_prompt(self, text: str, params: TaskParams) -> ParsedPrompt | None:
+        """(category, reference answer, group) of one of this task's normalised prompts
+        within the configured params; None if the text is not one."""
         ...
 
 

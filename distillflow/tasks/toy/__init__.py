@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from distillflow.base.config import TaskParams
+from distillflow.tasks import ParsedPrompt
 from distillflow.tasks.toy import parse, toytask
 
 
@@ -22,7 +23,7 @@ class ToyTask:
     def step_score(self, response: str, reference: str, category: str | None) -> tuple[int, int] | None:
         return toytask.step_score(response, reference, category)
 
-    def parse_prompt(self, text: str, params: TaskParams) -> tuple[str, str] | None:
+    def parse_prompt(self, text: str, params: TaskParams) -> ParsedPrompt | None:
         return parse.parse_prompt(text, params)
 
 

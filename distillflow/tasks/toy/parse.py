@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 
 from distillflow.base.config import TaskParams
+from distillflow.tasks import ParsedPrompt
 from distillflow.tasks.toy import toytask
 
 _FIELD_PATTERNS = {
@@ -75,11 +76,14 @@ def _fields_fit(skill: str, fields: dict[str, str], task: TaskParams) -> bool:
     return fields.get("c", task.alphabet[0]) in task.alphabet
 
 
-def parse_prompt(text: str, task: TaskParams) -> tuple[str, str] | None:
-    """(skill, reference answer) of a normalised toy-task prompt; None if it is not one
-    of the configured skills' phrasings with in-range fields."""
+def parse_prompt(text: str, task: TaskParams) -> ParsedPrompt | None:
+    """(skill, reference answer, group) of a normalised toy-task prompt, the group as the
+    generator gives it (toytask.group_of: the skill and its fields, whatever the
+    phrasing); None if it is not one of the configured skills' phrasings with in-range
+    fields."""
     for skill, pattern in _TOY_PATTERNS:
         m = pattern.fullmatch(text)
         if m is not None and skill in task.skills and _fields_fit(skill, m.groupdict(), task):
-            return skill, _ANSWERS[skill](m.groupdict())
+            fields = m.groupdict()
+            return ParsedPrompt(skill, _ANSWERS[skill](fields), toytask.group_of(skill, fields))
     return None

@@ -22,8 +22,11 @@ The short-answer skills of the first toy task stay for fast tests (profiles/smok
 
 The generator is pure: the same `(config, seed, n)` always yields the same examples,
 so bootstrap (which trains the teacher and student) and seed (which makes the
-distillation prompts) can both draw from it, and `split_of` (a hash of the normalised
-prompt) keeps the held-out prompts out of every training set by construction.
+distillation prompts) can both draw from it. Each example carries its group, the
+instance (`group_of`: the skill and its fields, e.g. `minus:d=7,n=38`), the same for
+every phrasing of it; the split is a hash of the group (records.split_key, split_of),
+so the held-out instances, in any phrasing, stay out of every training set by
+construction.
 """
 
 from __future__ import annotations
@@ -56,11 +59,21 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ToyExample:
-    """One task instance: the instruction, its ground-truth answer and its skill."""
+    """One task instance: the instruction, its ground-truth answer, its skill and its
+    group (`group_of`: the instance, whatever the phrasing)."""
 
     prompt: str
     answer: str
     skill: str
+    group: str
+
+
+def group_of(skill: str, fields: dict[str, str]) -> str:
+    """The instance's key: the skill and its fields, names sorted (`minus:d=7,n=38`).
+    Every phrasing of an instance has the same key; walk's and perm's answers are a
+    random choice, not part of it. Fields hold digits, spaces and letters only, so the
+    key is unambiguous."""
+    return f"{skill}:" + ",".join(f"{k}={fields[k]}" for k in sorted(fields))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +242,7 @@ def examples(cfg: ToyTaskConfig, seed: int) -> Iterator[ToyExample]:
         skill = cfg.skills[i % len(cfg.skills)]
         fields, answer = _MAKERS[skill](rng, cfg)
         template = rng.choice(TEMPLATES[skill])
-        yield ToyExample(prompt=template.format(**fields), answer=answer, skill=skill)
+        yield ToyExample(prompt=template.format(**fields), answer=answer, skill=skill, group=group_of(skill, fields))
         i += 1
 
 
