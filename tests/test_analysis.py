@@ -237,3 +237,25 @@ def test_bad_input_is_refused_with_the_key_or_cells() -> None:
         an.estimate({"distillm2": 1.0, "kd": -1.0}, "kl_teacher_student", 0.05)
     with pytest.raises(ValueError, match=r"no cells for \['gkd'\]"):
         an.estimate({"gkd": 1.0}, "exact_match", 0.05)
+
+
+def test_prompts_of_one_group_are_resampled_together() -> None:
+    """With groups (the toy task's instances: two or three phrasings each), a resample
+    draws groups and counts each prompt as often as its group: v_p equals the loop over
+    the same group draws with every member of a drawn group taken."""
+    data = make_data(2)
+    groups = tuple(f"g{i // 3}" if i % 7 else None for i in range(P))  # triples, and some prompts alone
+    rep = replicate(data)
+    grouped = analysis.Replicate(rep.runs, rep.bootstraps, rep.seeds, rep.categories, rep.num, rep.den, groups)
+    contrast = {"distillm2": 1.0, "kd": -1.0}
+    e = analysis.Analysis(grouped, resamples=50, seed=5).estimate(contrast, "exact_match", 0.05)
+    keys: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        keys.setdefault(("prompt", i) if g is None else g, []).append(i)
+    members = list(keys.values())
+    draws = [[i for j in d for i in members[j]] for d in draws_of(len(members), 50, 5)]
+    want = sample_var([naive_D(data, contrast, "exact_match", d)[0] for d in draws])
+    assert e.var_prompts == pytest.approx(want, rel=1e-10)
+    assert e.estimate == pytest.approx(naive_D(data, contrast, "exact_match", list(range(P)))[0], rel=1e-12)
+    ungrouped = analysis.Analysis(rep, resamples=50, seed=5).estimate(contrast, "exact_match", 0.05)
+    assert e.var_prompts != pytest.approx(ungrouped.var_prompts, rel=1e-6)

@@ -72,6 +72,7 @@ def prompt_rows(run: str, b: int, s: int) -> list[dict]:
             {
                 "prompt_id": f"p{i:02d}",
                 "category": cat,
+                "group": f"{cat}:{i // 2}",  # two phrasings per instance
                 "correct": correct if known else None,
                 "steps_right": (steps if correct else rnd.randint(0, steps)) if steps else None,
                 "steps": steps,

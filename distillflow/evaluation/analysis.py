@@ -10,9 +10,11 @@ For a contrast c (a signed sum of runs, `parse_contrast`) and a metric:
 - d_b = mean over seeds of sum_run c_run * metric(run, b, s), the metric over the
   prompts analysed (all eval prompts, or one skill's); D = mean over bootstraps of d_b;
 - s_b² = the sample variance of the d_b (between bootstraps: bootstrap and seed variation);
-- v_p = the variance of D over R paired resamples of the prompts (indices drawn with
-  replacement by a numpy Generator seeded with the resample seed; the same draws for
-  every cell, run, bootstrap and seed; the cells held fixed): the eval-sample variance;
+- v_p = the variance of D over R paired resamples of the prompts (their groups drawn
+  with replacement by a numpy Generator seeded with the resample seed, each prompt
+  counted as often as its group is drawn: the phrasings of one toy-task instance are
+  one draw, not two or three independent ones; the same draws for every cell, run,
+  bootstrap and seed; the cells held fixed): the eval-sample variance;
 - se = sqrt(s_b²/B + v_p); the interval D ± t(1 − α/2, B − 1)·se; the two-sided p from
   D/se on B − 1 degrees of freedom; TOST with margin δ: p_tost = max of the one-sided p's
   of D ≤ −δ and D ≥ +δ (t, B − 1 df), equivalent iff p_tost < α (the 1 − 2α interval
@@ -135,9 +137,14 @@ class Replicate:
     categories: tuple[str | None, ...]  # per prompt
     num: dict[str, np.ndarray]
     den: dict[str, np.ndarray]
+    # per prompt: its group (seed.group_by; the toy task's instance), the unit the prompt
+    # resamples draw, so correlated phrasings of one instance are one draw; None: its own
+    groups: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         shape = (len(self.runs), len(self.bootstraps), len(self.seeds), len(self.categories))
+        if self.groups is not None and len(self.groups) != len(self.categories):
+            raise ValueError(f"Replicate: {len(self.groups)} groups for {len(self.categories)} prompts")
         for metric in self.num:
             if self.num[metric].shape != shape or self.den[metric].shape != shape:
                 raise ValueError(f"Replicate: {metric}: arrays of shape {self.num[metric].shape}, expected {shape}")
@@ -146,13 +153,23 @@ class Replicate:
         """The indices of `category`'s prompts."""
         return np.array([i for i, c in enumerate(self.categories) if c == category], dtype=np.int64)
 
+    def group_index(self, prompts: np.ndarray) -> tuple[np.ndarray, int]:
+        """(each of `prompts`' group as an index 0..G-1 in order of first appearance, G)."""
+        seen: dict[object, int] = {}
+        out = np.empty(len(prompts), dtype=np.int64)
+        for k, i in enumerate(prompts):
+            g = self.groups[i] if self.groups is not None else None
+            key = ("prompt", int(i)) if g is None else ("group", g)
+            out[k] = seen.setdefault(key, len(seen))
+        return out, len(seen)
+
     def skills(self) -> list[str]:
         """The categories, sorted (prompts without one are in no skill)."""
         return sorted({c for c in self.categories if c is not None})
 
 
 def resample_indices(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """R paired resamples of n prompts (indices into them, with replacement), in chunks of
+    """R paired resamples of n prompts or groups (indices into them, with replacement), in chunks of
     CHUNK rows, from one numpy Generator seeded with `seed`: the same draws whoever asks."""
     rng = np.random.default_rng(seed)
     for start in range(0, resamples, CHUNK):
@@ -287,8 +304,9 @@ class Analysis:
             point = np.where(tot > 0, num.sum(axis=0) / np.where(tot > 0, tot, 1.0), np.nan)
         res = np.empty((self.resamples, num.shape[1]))
         row = 0
-        for idx in resample_indices(len(self.prompts), self.resamples, self.seed):
-            c = _counts(idx, len(self.prompts))
+        group, n_groups = self.rep.group_index(self.prompts)
+        for idx in resample_indices(n_groups, self.resamples, self.seed):
+            c = _counts(idx, n_groups)[:, group]  # a prompt is drawn as often as its group
             rn, rd = c @ num, c @ den
             empty = (rd <= 0) & (tot > 0)
             if empty.any():

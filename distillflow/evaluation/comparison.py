@@ -153,7 +153,7 @@ def read_cell_json(f: Path, run: str, bootstrap: int, seed: int) -> dict[str, An
     return cell
 
 
-def read_prompt_scores(f: Path) -> tuple[list[str], list[str | None], dict[str, np.ndarray]]:
+def read_prompt_scores(f: Path) -> tuple[list[str], list[str | None], list[str | None], dict[str, np.ndarray]]:
     """(prompt ids, categories, every other column as floats with nulls as NaN) of a
     cell's prompts file; refused where ids repeat or steps_right and steps disagree on null."""
     if not f.is_file():
@@ -166,13 +166,13 @@ def read_prompt_scores(f: Path) -> tuple[list[str], list[str | None], dict[str, 
     cols = {
         name: np.array([np.nan if v is None else float(v) for v in table.column(name).to_pylist()])
         for name in PROMPT_SCORES_SCHEMA.names
-        if name not in ("prompt_id", "category")
+        if name not in ("prompt_id", "category", "group")
     }
     diff = np.isnan(cols["steps_right"]) != np.isnan(cols["steps"])
     if diff.any():
         row = int(np.argmax(diff))
         raise DataError(f"{f}: row {row}, fields 'steps_right' and 'steps': one is null, the other not")
-    return ids, table.column("category").to_pylist(), cols
+    return ids, table.column("category").to_pylist(), table.column("group").to_pylist(), cols
 
 
 def _nullable(col: np.ndarray) -> list[float | None]:
@@ -206,7 +206,7 @@ def read_cells(cells_dir: Path, p: CompareParams) -> Cells:
     same reference teacher's and initial student's answers."""
     runs, bs, ss = list(p.runs), list(p.bootstraps), list(p.seeds)
     metrics: dict[tuple[str, int, int], dict[str, Any]] = {}
-    first: tuple[Path, list[str], list[str | None]] | None = None
+    first: tuple[Path, list[str], list[str | None], list[str | None]] | None = None
     refs: dict[int, tuple[Path, dict[str, np.ndarray]]] = {}
     cols_of: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
     for run in runs:
@@ -217,12 +217,13 @@ def read_cells(cells_dir: Path, p: CompareParams) -> Cells:
                 f = cells_dir / f"{stem}.prompts.parquet"
                 if not f.is_file():
                     raise _missing(f, run, b, s)
-                ids, cats, cols = read_prompt_scores(f)
+                ids, cats, groups, cols = read_prompt_scores(f)
                 if first is None:
-                    first = (f, ids, cats)
+                    first = (f, ids, cats, groups)
                 why = "every cell is scored on the same eval prompts, in the eval file's order"
                 _same(f, "prompt_id", ids, first[1], first[0], why)
                 _same(f, "category", cats, first[2], first[0], why)
+                _same(f, "group", groups, first[3], first[0], why)
                 if b not in refs:
                     refs[b] = (f, cols)
                 for k in ("teacher_correct", "initial_correct"):
@@ -230,7 +231,7 @@ def read_cells(cells_dir: Path, p: CompareParams) -> Cells:
                     _same(f, k, _nullable(cols[k]), _nullable(refs[b][1][k]), refs[b][0], why)
                 cols_of[(run, b, s)] = cols
     assert first is not None  # CompareParams lists at least one run, bootstrap and seed
-    return Cells(_replicate(p, cols_of, refs, first[2]), metrics, tuple(first[1]))
+    return Cells(_replicate(p, cols_of, refs, first[2], first[3]), metrics, tuple(first[1]))
 
 
 def _replicate(
@@ -238,6 +239,7 @@ def _replicate(
     cols_of: dict[tuple[str, int, int], dict[str, np.ndarray]],
     refs: dict[int, tuple[Path, dict[str, np.ndarray]]],
     categories: list[str | None],
+    groups: list[str | None],
 ) -> analysis.Replicate:
     """The analysis's arrays: the runs', then the reference models' (their exact match
     from each bootstrap's teacher_correct and initial_correct, the same for every seed)."""
@@ -260,5 +262,6 @@ def _replicate(
         seeds=tuple(ss),
         categories=tuple(categories),
         num=num,
+        groups=tuple(groups),
         den=den,
     )

@@ -32,6 +32,9 @@ PROMPT_SCORES = records.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("category", pa.string(), nullable=True),
+        # the prompt's group (seed.group_by: the toy task's instance); the report resamples
+        # groups, so phrasings of one instance count as one draw; null: its own group
+        pa.field("group", pa.string(), nullable=True),
         pa.field("correct", pa.bool_(), nullable=True),  # the student's greedy answer; null: no reference
         pa.field("steps_right", pa.int64(), nullable=True),  # null: not a step skill
         pa.field("steps", pa.int64(), nullable=True),

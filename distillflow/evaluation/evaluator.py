@@ -143,6 +143,7 @@ def prompt_scores(
             {
                 "prompt_id": pr["prompt_id"],
                 "category": pr["category"],
+                "group": pr["group"],
                 "correct": correct(pr, student),
                 "steps_right": None if steps is None else steps[0],
                 "steps": None if steps is None else steps[1],
