@@ -2,7 +2,8 @@
 (`dvc repro`, bootstrap through evaluate and the on-policy rounds) and the method
 comparison (`distillflow run --target comparison/dvc.yaml --jobs 2`, the README's
 command: two cells at once, one torch thread each, `compare.threads`; `--jobs 1` runs
-them in turn, as `dvc repro comparison/dvc.yaml` does), with each comparison cell's cost.
+them in turn, as `dvc repro comparison/dvc.yaml` does), with each comparison stage's cost
+(the bootstraps' stages, the cells, the report).
 
     python benchmarks/pipelines.py [--params params.yaml] [--jobs 2] [--skip-comparison] [--keep DIR]
 
@@ -88,7 +89,7 @@ def main() -> None:
         return
     flow = [sys.executable, "-m", "distillflow.cli", "run", "--target", "comparison/dvc.yaml", "--jobs", str(args.jobs)]
     comparison_s = timed(repo, *flow)
-    cells = [r for r in run_records(repo)[seen:] if r["stage"] in ("compare", "report")]
+    cells = run_records(repo)[seen:]  # the bootstraps' stages, the cells and the report
     print(
         f"comparison pipeline (distillflow run --target comparison/dvc.yaml --jobs {args.jobs}): "
         f"{comparison_s:8.1f} s, {len(cells)} stage runs"

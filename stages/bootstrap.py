@@ -17,7 +17,7 @@ task (distillflow/tasks/):
   and that data size set where it starts.
 With `--replicate B` (comparison/dvc.yaml's bootstraps) the models come from replicate
 B's seed (records.replicate_seed of bootstrap.seed), recorded in the manifest.
-With `--student-from DIR` (comparison/dvc.yaml's plain_bootstrap, a control) it trains
+With `--student-from DIR` (comparison/dvc.yaml's boot_plain, a control) it trains
 only the teacher, with corrupt_share 0, and copies DIR/student: the teacher without
 corrupted prefixes, beside the same warm student.
 Both are saved with save_pretrained (safetensors) in out/teacher and out/student. The

@@ -17,9 +17,11 @@ the cell's method, DistiLLM-2 switches and seed: round 1 trains on the bootstrap
 curated pairs (teacher responses against the initial student's samples); each later
 round is the round stage's round (distillflow/stagekit/rounds.py, `run_round`): it
 samples the student the cell holds (in memory, transformers; the `student` settings
-with a seed of its own per cell seed and round), pairs those samples with the same
-teacher responses, curates, scores (topk signal) and trains, writing each step's folder
-under out/rounds/r<e>/. The controls (cells.RunParams): `rounds: stale` trains every
+with a seed of its own per bootstrap, seed and round), pairs those samples with the
+same teacher responses, curates, scores (topk signal) and trains, writing each step's
+folder under out/rounds/r<e>/. Seeds are nested in bootstraps: the training seed is
+records.replicate_seed(seed, bootstrap), and every run of one (bootstrap, seed) shares
+it and the sampling seeds, so runs are paired within it. The controls (cells.RunParams): `rounds: stale` trains every
 round on round 1's pairs (the same optimizer steps, no fresh samples); `teacher: plain`
 uses the bootstrap's plain teacher, trained without corrupted prefixes, its responses
 and its curated pairs.
@@ -100,20 +102,21 @@ SECTIONS = sections("${item.run}")  # as dvc.yaml's matrix template writes it
 PARAMS = tuple(SECTIONS)
 
 
-def in_memory_sampler(used: dict[str, Any], cell: trainrun.Prepared, name: str, seed: int, e: int) -> rounds.Sampler:
-    """Round `e`'s samples of the student the cell `name` holds, in this process with
-    transformers (the `student` settings, a sampling seed of its own per cell seed and
-    round; the model fingerprint names the cell, so generation ids differ between
-    cells)."""
+def in_memory_sampler(used: dict[str, Any], cell: trainrun.Prepared, args: Any, e: int) -> rounds.Sampler:
+    """Round `e`'s samples of the student the cell holds, in this process with
+    transformers (the `student` settings, a sampling seed of its own per bootstrap, seed
+    and round, the same for every run of that bootstrap and seed; the model fingerprint
+    names the cell, so generation ids differ between cells)."""
     sp: GenerationParams = used["student"]
     if sp.engine != "transformers" or sp.num_samples != 1:
         raise ParamsError(
             "student: a comparison cell samples its rounds in process with engine transformers and num_samples 1; "
             f"got engine {sp.engine}, num_samples {sp.num_samples}"
         )
-    sp = dataclasses.replace(sp, seed=sample_seed(sp.seed, f"cell-seed-{seed}", f"round-{e}"))
+    base = records.replicate_seed(sp.seed, args.bootstrap)
+    sp = dataclasses.replace(sp, seed=sample_seed(base, f"cell-seed-{args.seed}", f"round-{e}"))
 
-    fp = f"{name}-round-{e}"
+    fp = f"{cell_name(args)}-round-{e}"
 
     def generate(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cell.student.eval()
@@ -175,7 +178,7 @@ def train_rounds(
     for e in range(1, p.total_rounds + 1):
         live = args.live if e == p.total_rounds else None  # one DVCLive log: the last round's
         if e > 1 and run.rounds == "fresh":
-            sampler = in_memory_sampler(used, cell, cell_name(args), args.seed, e)
+            sampler = in_memory_sampler(used, cell, args, e)
             folder = args.out / "rounds" / f"r{e}"
             done = rounds.run_round(ri, lambda: cell, p, e, curriculum, folder, sampler, live=live, eval_ids=eval_ids)
             got, pairs, seconds, counts = done.rows, done.pairs, done.seconds, done.counts
@@ -225,11 +228,14 @@ def sampled_nll(
     args: Any, used: dict[str, Any], cell: trainrun.Prepared, fp: str, prompts: list[dict[str, Any]], vocab: int
 ) -> tuple[float | None, dict[str, list[Any]]]:
     """The student's NLL on its own eval responses sampled at the training temperature
-    (the `student` sampling settings, a seed of the cell's own): the measurement of
-    DPKD's collapse in its paper. (token mean or None, per-prompt sums and tokens)."""
+    (the `student` sampling settings, a seed per bootstrap and seed, shared by the runs
+    so their difference is paired): the measurement of DPKD's collapse in its paper.
+    (token mean or None, per-prompt sums and tokens)."""
     ev: EvaluateParams = used["evaluate"]
     sp = dataclasses.replace(
-        used["student"], seed=sample_seed(used["student"].seed, "eval-sample", cell_name(args)), device=ev.device
+        used["student"],
+        seed=sample_seed(records.replicate_seed(used["student"].seed, args.bootstrap), "eval-sample", f"s{args.seed}"),
+        device=ev.device,
     )
     gens = generate_transformers(cell.student, cell.tok_s, prompts, sp, fp, desc="evaluate sampled")
     seqs = metrics_lib.sequences(cell.tok_s, prompts, gens)
@@ -305,6 +311,7 @@ def evaluate_and_write(
         "teacher": run.teacher,
         "bootstrap": args.bootstrap,
         "seed": args.seed,
+        "train_seed": p.seed,
         "train": run_summary(rows, len(pairs), run.method),
         "per_round": per_round,
         "seconds": seconds,
@@ -359,7 +366,8 @@ def main() -> None:
     # how many cells run at once (`distillflow run --jobs 2` runs two on 2 cores).
     torch.set_num_threads(threads)
     run: RunParams = used[f"compare.runs.{args.run}"]
-    p = cell_params(used, run, args.seed)
+    # the training seed, nested in the bootstrap: the same for every run of (bootstrap, seed)
+    p = cell_params(used, run, records.replicate_seed(args.seed, args.bootstrap))
     m, _, pairs_dir, scores_dir = cell_models(args, used, run)
     gens_dir = args.plain_teacher_gens if run.teacher == "plain" else args.teacher_gens
     eval_file = args.prompts / "eval.parquet"

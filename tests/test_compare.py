@@ -152,7 +152,7 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
     assert len((live / "loss.tsv").read_text().splitlines()) == 1 + m["train"]["steps"]
     assert (
         manifest["train_params"]["method"] == "distillm2"
-        and manifest["train_params"]["seed"] == 3
+        and manifest["train_params"]["seed"] == records.replicate_seed(3, 1) == m["train_seed"]
         and "train.lr" in manifest["params"]
     )
     # the cell's thread count is its param, whatever runs beside it (recorded in its lineage)
@@ -229,6 +229,7 @@ def test_a_cell_runs_the_rounds_fresh_or_stale_and_the_plain_teacher(tmp_path: P
     assert [r["pairs"] for r in stale["per_round"]] == [8, 8] and stale["per_round"][1]["steps"] == {}
     assert stale["per_round"][1]["seconds"]["sample"] == 0 and stale["rounds"] == "stale"
     assert stale["train"]["steps"] == m["train"]["steps"]
+    assert stale["train_seed"] == m["train_seed"]  # runs of one (bootstrap, seed) share the training seed
     # the plain-teacher control reads the plain_* inputs: here a folder with other models
     plain = tmp_path / "plain"
     for sub in ("teacher", "curate"):

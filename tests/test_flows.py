@@ -560,8 +560,8 @@ def test_on_policy_rounds_are_foreach_stages_read_as_dvc_resolves_them(
 ) -> None:
     """train.rounds drives dvc.yaml's foreach round stages: with rounds r2 and r3 the
     flow's DAG has round@r2/@r3 and round_evaluate@r2/@r3 wired exactly as `dvc dag`
-    wires them. (The
-    comparison test below runs the real matrix stages compare@<run>-<seed>.)"""
+    wires them. (The comparison test above runs a real matrix stage,
+    compare@<run>-<bootstrap>-<seed>.)"""
     from distillflow.orchestration.dag import load_dag
     from distillflow.orchestration.dvc_ops import apply_overrides
 

@@ -118,10 +118,11 @@ def test_repro_runs_every_stage_and_writes_consistent_outputs(repo: Path) -> Non
     assert all((r["bootstraps"], r["seeds"]) == ("2", "1") for r in table)
     # the report reads only the cells' committed metrics: kd's mean is its cells' mean, in points
     cells = [json.loads((repo / "metrics" / "compare" / f"kd-b{b}-s1.json").read_text()) for b in (1, 2)]
+    scores = [pq.read_table(repo / "metrics" / "compare" / f"kd-b{b}-s1.prompts.parquet") for b in (1, 2)]
+    right = [sum(t.column("correct").to_pylist()) / t.num_rows for t in scores]
+    assert [c["student"]["accuracy"]["exact_match"] for c in cells] == [round(x, 4) for x in right]
     kd = table[[r["run"] for r in table].index("kd")]
-    assert float(kd["exact_match_mean"]) == pytest.approx(
-        100 * sum(c["student"]["accuracy"]["exact_match"] for c in cells) / 2, abs=1e-3
-    )
+    assert float(kd["exact_match_mean"]) == pytest.approx(100 * sum(right) / 2, abs=1e-5)
     assert float(kd["optimizer_steps"]) == sum(c["cost"]["optimizer_steps"] for c in cells) / 2 > 0
     readme = (repo / "reports" / "comparison" / "README.md").read_text()
     assert (repo / "reports" / "comparison" / "exact_match.png").is_file()

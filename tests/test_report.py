@@ -28,7 +28,7 @@ from stages import report
 
 from .conftest import ROOT
 
-BOOTS, SEEDS, P = [1, 2, 3], [1, 2], 30
+BOOTS, SEEDS, P = [1, 2, 3], [1, 2], 60
 CATS = ["add", "sort", "walk"]
 RUNS = {
     "kd": {"method": "kd", "disable": [], "rounds": "fresh", "teacher": "default"},
@@ -55,6 +55,11 @@ COMPARE = {
 PARAMS = build(report.CompareParams, COMPARE, "compare")
 
 
+def group_of(i: int) -> str:
+    """Prompt i's instance: prompts i and i + 3 (same skill) are two phrasings of one for i < 12."""
+    return f"{CATS[i % 3]}:{i // 6}" if i < 12 else f"{CATS[i % 3]}:{i}"
+
+
 def prompt_rows(run: str, b: int, s: int) -> list[dict]:
     """One row per prompt. distillm2_stale is distillm2 with two answers flipped in
     bootstrap 1 (one each way, in its two seeds): an equal pair up to noise."""
@@ -67,20 +72,21 @@ def prompt_rows(run: str, b: int, s: int) -> list[dict]:
         known = i != 7  # prompt 7 has no reference answer
         correct = rnd.random() < SKILL[twin] + 0.05 * b - 0.3 * (cat == "walk")
         tokens = rnd.randint(4, 9)
+        t_tokens = ref.randint(4, 9)  # the reference teacher's response: the same in every cell of the bootstrap
         steps = rnd.randint(2, 4) if cat == "walk" else None
         rows.append(
             {
                 "prompt_id": f"p{i:02d}",
                 "category": cat,
-                "group": f"{cat}:{i // 2}",  # two phrasings per instance
+                "group": group_of(i),
                 "correct": correct if known else None,
                 "steps_right": (steps if correct else rnd.randint(0, steps)) if steps else None,
                 "steps": steps,
                 "rouge_l": rnd.uniform(0.4, 1.0),
-                "kl_sum": tokens * rnd.uniform(0.05, 0.2),
-                "agree_sum": float(rnd.randint(2, tokens)),
-                "nll_teacher_sum": tokens * rnd.uniform(0.1, 0.3),
-                "teacher_tokens": tokens,
+                "kl_sum": t_tokens * rnd.uniform(0.05, 0.2),
+                "agree_sum": float(rnd.randint(2, t_tokens)),
+                "nll_teacher_sum": t_tokens * rnd.uniform(0.1, 0.3),
+                "teacher_tokens": t_tokens,
                 "nll_own_sum": tokens * rnd.uniform(0.05, 0.15),
                 "own_tokens": tokens,
                 "nll_sampled_sum": tokens * (rnd.uniform(2, 4) if run == "dpkd" else rnd.uniform(0.2, 0.4)),
@@ -139,7 +145,14 @@ def naive(rows: dict, contrast: dict, draws: list[list[int]]) -> dict:
 
 
 def draws() -> list[list[int]]:
-    return [list(map(int, row)) for chunk in analysis.resample_indices(P, 200, 4) for row in chunk]
+    """The report's resamples by loops: instances (groups) drawn, each with all its prompts."""
+    members: dict[str, list[int]] = {}
+    for i in range(P):
+        members.setdefault(group_of(i), []).append(i)
+    groups = list(members.values())  # in order of first appearance, as the analysis numbers them
+    assert len(groups) < P  # some instances have two phrasings
+    chunks = analysis.resample_indices(len(groups), 200, 4)
+    return [[i for g in row for i in groups[int(g)]] for chunk in chunks for row in chunk]
 
 
 def table(readme: str, heading: str, header: bool = False) -> list[list[str]]:
@@ -178,7 +191,7 @@ def test_the_primary_line_is_the_analysis_computed_by_loops(made: tuple[Path, di
     )
     verdict = "distillm2 > kd" if want["p"] < 0.05 else "not measured to differ"
     assert line.endswith(f"**{verdict}**")
-    assert "B = 3 bootstraps" in readme and "S = 2 training seeds" in readme and "P = 30 eval prompts" in readme
+    assert "B = 3 bootstraps" in readme and "S = 2 training seeds" in readme and f"P = {P} eval prompts" in readme
     assert "docs/comparison-plan.md" in readme and "The unit of replication is the bootstrap" in readme
 
 

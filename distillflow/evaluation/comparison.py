@@ -136,10 +136,17 @@ def read_cell_json(f: Path, run: str, bootstrap: int, seed: int) -> dict[str, An
     cost and student.kl_initial_final."""
     if not f.is_file():
         raise _missing(f, run, bootstrap, seed)
-    cell = json.loads(f.read_text())
+    try:
+        cell = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{f}: not valid JSON ({exc}); rerun the cell: `dvc repro comparison/dvc.yaml`") from exc
+    if not isinstance(cell, dict):
+        raise DataError(f"{f}: not a JSON object")
     for k in ("run", "bootstrap", "seed", "cost", "student"):
         if k not in cell:
             raise DataError(f"{f}: no field {k!r} (rerun the cell: `dvc repro comparison/dvc.yaml`)")
+    if not isinstance(cell["cost"], dict):
+        raise DataError(f"{f}: field 'cost' is not an object")
     if (cell["run"], cell["bootstrap"], cell["seed"]) != (run, bootstrap, seed):
         raise DataError(
             f"{f}: holds run {cell['run']!r} bootstrap {cell['bootstrap']} seed {cell['seed']}, "
@@ -226,7 +233,8 @@ def read_cells(cells_dir: Path, p: CompareParams) -> Cells:
                 _same(f, "group", groups, first[3], first[0], why)
                 if b not in refs:
                     refs[b] = (f, cols)
-                for k in ("teacher_correct", "initial_correct"):
+                # the reference teacher's answers and its responses' lengths, the initial student's answers
+                for k in ("teacher_correct", "teacher_tokens", "initial_correct"):
                     why = f"every cell of bootstrap {b} is scored against the same reference models"
                     _same(f, k, _nullable(cols[k]), _nullable(refs[b][1][k]), refs[b][0], why)
                 cols_of[(run, b, s)] = cols

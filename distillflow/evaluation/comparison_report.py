@@ -130,8 +130,9 @@ def _ci(low: float, high: float) -> str:
     return f"[{low:+.4f}, {high:+.4f}]"
 
 
-def _p(x: float) -> str:
-    return f"{x:.4g}"
+def _p(x: float | None) -> str:
+    """A p-value; "-" where there is none (a TOST without a margin)."""
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _mean_ci(e: Estimate) -> str:
@@ -193,7 +194,7 @@ def primary_lines(r: Results) -> list[str]:
         f"(t, {e.df} df): **{t.words}**",
         f"- per bootstrap d_b: {', '.join(_num(x) for x in e.per_bootstrap)}; s_b² = {e.var_between:.6g}, "
         f"v_p = {e.var_prompts:.6g}, se = {e.se:.6g}",
-        f"- TOST (δ = {a.margin:g}): p = {_p(e.p_tost or 0.0)}, "
+        f"- TOST (δ = {a.margin:g}): p = {_p(e.p_tost)}, "
         + ("equivalent" if e.equivalent else "equivalence not shown"),
         "",
     ]
@@ -219,7 +220,7 @@ def family_lines(r: Results) -> list[str]:
         e = t.estimate
         lines.append(
             f"| F{i} | {t.label} | {_num(e.estimate)} | {_p(e.p)} | {_p(t.p_claim)} | "
-            f"{_ci(*t.interval)} ({_conf(t.level)}) | {_p(e.p_tost or 0.0)} | {t.words} |"
+            f"{_ci(*t.interval)} ({_conf(t.level)}) | {_p(e.p_tost)} | {t.words} |"
         )
     return [*lines, ""]
 
@@ -316,7 +317,9 @@ def cost_lines(r: Results) -> list[str]:
     lines = [
         "## Cost",
         "",
-        f"Mean per cell over its {len(r.p.bootstraps) * len(r.p.seeds)} cells; KL(initial ‖ final) is how far the "
+        f"Mean per cell over its {len(r.p.bootstraps) * len(r.p.seeds)} cells: optimizer steps, and the sequences "
+        "and tokens the student ran forward on (prompt + response, every response its method reads: GKD reads "
+        "both and puts the loss on one per pair), all rounds; KL(initial ‖ final) is how far the "
         "student moved from the initial student (token-mean, on the reference teacher's eval responses; mean ± std "
         "over cells).",
         "",

@@ -164,6 +164,7 @@ def generate_part(
     part: int,
     parts: int,
     previous: Path | None = None,
+    replicate: int | None = None,
 ) -> None:
     """Generate shards part, part + parts, ... of the stage writing `out`, into its
     work folder, and nothing else: for an orchestrator (e.g. Prefect tasks mapped over
@@ -171,7 +172,8 @@ def generate_part(
     those shards done and only gathers them."""
     if not 0 <= part < parts:
         raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
-    _sample(role, inputs(role, params_file, prompts_dir, models_dir, previous), work_dir(out), part=(part, parts))
+    i = inputs(role, params_file, prompts_dir, models_dir, previous, replicate)
+    _sample(role, i, work_dir(out), part=(part, parts))
 
 
 def main(role: str, doc: str | None) -> None:

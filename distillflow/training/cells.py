@@ -1,4 +1,4 @@
-"""The comparison's cells (params.yaml `compare.runs` x `compare.seeds`): what a cell
+"""The comparison's cells (params.yaml `compare.runs` x `compare.bootstraps` x `compare.seeds`): what a cell
 trains with. Used by stages/compare.py (one cell) and stages/report.py (the table)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class RunParams:
     which rounds and teacher it trains with. The controls: `rounds: stale` trains every
     round on round 1's pairs (one stale round of student samples, the same optimizer
     steps as E fresh ones); `teacher: plain` distils the teacher bootstrap trained
-    without corrupted prefixes (comparison/dvc.yaml's plain_* stages)."""
+    without corrupted prefixes (comparison/dvc.yaml's boot_plain stage, per bootstrap)."""
 
     method: str  # a name in distillflow.training.methods.METHODS
     disable: tuple[str, ...]  # the method's ablation switches turned off (distillm2's); [] = the full method
