@@ -583,6 +583,8 @@ def ref_method(name: str, x: MicroBatch, p: object, alphas: tuple[object, object
         return (nll * n).sum() / n.sum() if red == "token_mean" else nll.mean()
     if name == "kd":
         return ref_loss("forward_kl", sc, tc, c.mask, red)
+    if name == "kd_both":
+        return 0.5 * ref_loss("forward_kl", sc, tc, c.mask, red) + 0.5 * ref_loss("forward_kl", sr, tr, r.mask, red)
     if name == "gkd":  # lmbda 0: every pair on the teacher's response; 1: on the student's
         s, t, m = (sc, tc, c.mask) if p.lmbda == 0.0 else (sr, tr, r.mask)
         return ref_loss("generalized_jsd", s, t, m, red, p.beta)
@@ -614,6 +616,8 @@ def formula(name: str, x: MicroBatch, p: object) -> Tensor:
         return (nll * n).sum() / n.sum().clamp(min=1) if h.reduction == "token_mean" else nll[c.mask.any(1)].mean()
     if name == "kd":
         return L.forward_kl(sc, tc, c.mask, **kw)
+    if name == "kd_both":
+        return 0.5 * L.forward_kl(sc, tc, c.mask, **kw) + 0.5 * L.forward_kl(sr, tr, r.mask, **kw)
     if name == "gkd":  # lmbda 0: weights 1 and 0
         return L.generalized_jsd(sc, tc, c.mask, p.beta, **kw)
     if name == "distillm":

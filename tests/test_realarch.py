@@ -332,7 +332,7 @@ def test_prompts_folder_loads_as_an_hf_dataset_offline(realarch: dict[str, Path]
     assert len(rows) == 200 + len(builder.UNICODE_PROMPTS)
     assert [r["prompt"] for r in rows[-len(builder.UNICODE_PROMPTS) :]] == list(builder.UNICODE_PROMPTS)
     s = sources.SourceParams(kind="hf", path=folder, config=None, split="train", revision=None, field="prompt")
-    raw = list(sources._hf_rows(s))
+    raw = list(sources._hf_rows(s, None))
     assert [r.value for r in raw] == [r["prompt"] for r in rows]
     assert all(r.reference is None and r.error is None for r in raw)  # hf rows carry no reference answer
 
