@@ -151,10 +151,19 @@ def run_flow(args: argparse.Namespace) -> int:
             retries=args.retries,
             retry_delay_s=args.retry_delay,
             retry_stages=args.retry_stages,
+            ray_address=args.ray_address,
+            ray_stages=args.ray_stages,
+            ray_cpus=args.ray_cpus,
+            ray_gpus=args.ray_gpus,
         )
     except PipelineFailed as exc:
-        summary, rc = exc.summary, 1
-        print(f"distillflow run failed: {exc}", file=sys.stderr)
+        summary = exc.summary
+        if exc.signum is None:
+            rc = 1
+            print(f"distillflow run failed: {exc}", file=sys.stderr)
+        else:  # the shell's convention for a process ended by a signal
+            rc = 128 + exc.signum
+            print(f"distillflow run: {exc}", file=sys.stderr)
     except (StageError, KeyError) as exc:  # a bad override or target, a missing dependency: nothing to summarise
         print(f"distillflow run failed: {exc}", file=sys.stderr)
         return 1
@@ -185,6 +194,10 @@ def serve(args: argparse.Namespace) -> int:
         "retries": args.retries,
         "retry_delay_s": args.retry_delay,
         "retry_stages": args.retry_stages,
+        "ray_address": args.ray_address,
+        "ray_stages": args.ray_stages,
+        "ray_cpus": args.ray_cpus,
+        "ray_gpus": args.ray_gpus,
     }
     distill.serve(
         name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled"
@@ -248,6 +261,17 @@ def _flow_commands(sub: Any) -> None:
             metavar="PATTERN",
             help="stages (fnmatch pattern, repeatable) that get retries; default: those that load models",
         )
+        p.add_argument("--ray", dest="ray_address", metavar="ADDRESS", help="run stages on this Ray cluster (or auto)")
+        p.add_argument(
+            "--ray-stage",
+            dest="ray_stages",
+            action="append",
+            metavar="PATTERN",
+            help="with --ray: the stages (fnmatch, repeatable) that run there; default: the comparison's cells "
+            "and bootstrap replicates (compare@*, boot@*, boot_*)",
+        )
+        p.add_argument("--ray-cpus", type=float, default=2.0, help="with --ray: CPUs per stage task (default 2)")
+        p.add_argument("--ray-gpus", type=float, default=0.0, help="with --ray: GPUs per stage task (default 0)")
     r = sub.choices["run"]
     r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
     r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")

@@ -726,6 +726,13 @@ with open(f"out/round{i}.txt", "w") as f:
     f.write(f"{rows[0]}\\n")
     f.flush()
     marker = os.environ.get("FLAKY_MARKER")
+    slow = os.environ.get("SLOW_PIDS")  # the preemption and Ray tests: the first attempt waits
+    if os.environ.get("SLOW_ROUND") == str(i) and not os.path.exists(slow):
+        import subprocess, time
+        cmd = [sys.executable, "-c", "import time; time.sleep(300)"]
+        kids = [subprocess.Popen(cmd).pid] if os.environ.get("SLOW_CHILD") else []
+        open(slow, "w").write(" ".join(map(str, [os.getpid(), *kids])) + "\\n")
+        time.sleep(300)
     if i == p["fail_round"] or (marker and i == 2 and not os.path.exists(marker)):
         if marker:
             open(marker, "w").close()
@@ -745,7 +752,10 @@ json.dump(metrics, open("metrics/report.json", "w"))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
-    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "repo", server)
+
+
+def make_tiny(repo: Path, server: Server) -> Path:
     (repo / "out").mkdir(parents=True)
     (repo / "metrics").mkdir()
     (repo / "dvc.yaml").write_text(TINY_DVC_YAML)
@@ -854,3 +864,142 @@ def test_the_temporary_server_start_up_limit_is_the_clis_unless_the_user_set_one
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "45")
     cli.prefect_startup_timeout()
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "45"
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_running_stage_within_10_s_and_the_next_run_resumes(
+    tiny: Path, tiny_env: dict[str, str], sig: signal.Signals
+) -> None:
+    """A real `distillflow run` process, a real signal: the stage running at that moment
+    (round@2, which waits with a child process) and its child end, its partial output
+    is removed, nothing more starts (report), and the next run resumes from what finished."""
+    scale = 10 + sig  # a params change no other test made: prep is cached, the rounds and report run
+    pids = tiny.parent / f"slow-{sig.name}.pids"
+    summary = tiny.parent / f"summary-{sig.name}.json"
+    cmd = [PY, "-m", "distillflow.cli", "run", "--summary", str(summary), "-S", f"rounds.scale={scale}"]
+    cmd += ["--retry-stage", "round*", "--retry-delay", "1"]  # a stopped stage is not retried all the same
+    env = {**tiny_env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids), "SLOW_CHILD": "1"}
+    log_path = tiny.parent / f"run-{sig.name}.log"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(cmd, cwd=tiny, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        # round@2 waits, round@1 (which does not) has finished
+        while (
+            not pids.is_file()
+            or not pids.read_text().endswith("\n")
+            or "stage round@1: ran" not in log_path.read_text()
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.2)
+        stage, child = (int(p) for p in pids.read_text().split())
+        assert (tiny / "out" / "round2.txt").is_file()  # its partial output, written in place
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+        stopped_in = time.monotonic() - sent
+        out = log_path.read_text()
+    assert rc == 128 + sig, out[-4000:]
+    assert stopped_in < 10, f"the run took {stopped_in:.1f} s to stop"
+    assert not _alive(stage) and not _alive(child), "a stage process outlived the run"
+    assert f"stopped by {sig.name}" in out and "removed its partial output: ['out/round2.txt']" in out
+    assert not (tiny / "out" / "round2.txt").exists()
+    assert "stage round@2: attempt 2" not in out
+    result = outcomes(json.loads(summary.read_text()))
+    assert result.pop("prep") in {"ran", "cached"}  # cached after the module's earlier tests
+    assert result == {"round@1": "ran", "round@2": "stopped", "report": "not-run"}, out[-4000:]
+
+    resumed, _ = run_flow(tiny, tiny_env, "-S", f"rounds.scale={scale}")
+    assert outcomes(resumed) == {"prep": "cached", "round@1": "cached", "round@2": "ran", "report": "ran"}
+    assert (tiny / "out" / "round2.txt").read_text().split() == [str(v * scale * 2) for v in range(5)]
+    assert_dvc_agrees(tiny, tiny_env)
+
+
+# --- Ray ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(server: Server) -> str:
+    """A real local Ray cluster: `ray start --head` on 127.0.0.1 with 2 CPUs (two worker
+    processes for 1-CPU tasks), stopped after the module."""
+    import tempfile
+
+    ray = str(Path(PY).parent / "ray")
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**server.env, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2"]
+    sh(ROOT, env, *start, "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        sh(ROOT, env, ray, "stop", "--force", timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_worker_of(pid: int) -> int:
+    """The Ray worker process above `pid` (its title starts with `ray::`)."""
+    while pid > 1:
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+            return pid
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    raise AssertionError("no Ray worker above the stage process")
+
+
+def test_stages_on_a_ray_cluster_write_the_local_runs_bytes_and_a_killed_worker_is_retried(
+    tmp_path: Path, server: Server, ray_cluster: str
+) -> None:
+    """The same tiny pipeline in two fresh repos: run here, and with its rounds and report
+    on a local Ray cluster, where the Ray worker running round@2 is killed mid-stage.
+    Ray retries the task on another worker; every output's md5 in dvc.lock equals the
+    local run's, and DVC agrees with the Ray run."""
+    local, remote = make_tiny(tmp_path / "local", server), make_tiny(tmp_path / "remote", server)
+    env = {**server.env, "PYTHONPATH": str(ROOT)}
+    summary, _ = run_flow(local, env)
+    assert set(outcomes(summary).values()) == {"ran"}
+
+    pids = tmp_path / "slow.pids"
+    cmd = [PY, "-m", "distillflow.cli", "run", "--summary", str(tmp_path / "summary.json"), "--ray", ray_cluster]
+    cmd += ["--ray-stage", "round@*", "--ray-stage", "report", "--ray-cpus", "1"]
+    log_path = tmp_path / "ray-run.log"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=remote,
+            env={**env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while not pids.is_file() or not pids.read_text().endswith("\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.2)
+        (stage,) = (int(p) for p in pids.read_text().split())
+        worker = ray_worker_of(stage)
+        os.kill(worker, signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    out = log_path.read_text()
+    assert rc == 0, out[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(outcomes(summary).values()) == {"ran"}, out[-4000:]
+    ran_on = re.findall(r"ran on Ray node \S+, worker pid (\d+)", out)
+    assert len(ran_on) == 3 and str(worker) not in ran_on, out[-4000:]  # round@1, round@2 (retried), report
+    deadline = time.monotonic() + 10
+    while _alive(stage) and time.monotonic() < deadline:  # it gets SIGTERM as its worker dies
+        time.sleep(0.1)
+    assert not _alive(stage), "the stage process outlived its Ray worker"
+
+    def outs(repo: Path) -> dict[str, str]:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
+
+    assert outs(remote) == outs(local) and len(outs(local)) == 5
+    assert_dvc_agrees(remote, env)

@@ -29,15 +29,17 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distillflow.orchestration import ray_exec
 from distillflow.orchestration.dvc_adapter import (
     OverrideError,
     Project,
@@ -49,8 +51,10 @@ from distillflow.orchestration.dvc_adapter import (
     stage_env,
 )
 from distillflow.orchestration.dvc_adapter import command_lines as dvc_command_lines
+from distillflow.orchestration.preempt import STOP, ProcessGroup
+from distillflow.orchestration.ray_exec import RayStages
 
-__all__ = ["StageError", "StageCommandFailed"]
+__all__ = ["StageError", "StageCommandFailed", "StageStopped"]
 
 FINGERPRINT_VERSION = 1
 
@@ -68,6 +72,15 @@ class StageCommandFailed(StageError):
         lines = "\n".join(tail)
         super().__init__(f"stage {stage!r}: command {how}: {cmd}\nlast output lines:\n{lines}")
         self.stage, self.cmd, self.returncode = stage, cmd, returncode
+
+
+class StageStopped(StageError):
+    """The run was stopped (SIGTERM or SIGINT to the flow: orchestration/preempt.py)
+    before or while this stage ran; not retried."""
+
+    def __init__(self, stage: str, signum: int):
+        super().__init__(f"stage {stage!r}: stopped by {signal.Signals(signum).name} to the run")
+        self.stage, self.signum = stage, signum
 
 
 @contextmanager
@@ -205,10 +218,18 @@ def clean_failed(root: Path, name: str, outs: tuple[str, ...]) -> list[str]:
 
 
 def run_command(
-    root: Path, name: str, cmd: str | list[str], wdir: str, log: Callable[[str], None]
+    root: Path,
+    name: str,
+    cmd: str | list[str],
+    wdir: str,
+    log: Callable[[str], None],
+    outs: Sequence[str] = (),
+    ray: RayStages | None = None,
 ) -> tuple[float, float]:
-    """Run the stage's command(s) the way `dvc repro` does; stream output lines to
-    `log`. Returns (start, end) wall-clock times. Raises StageCommandFailed."""
+    """Run the stage's command(s) the way `dvc repro` does, here or (`ray`) as a Ray
+    task (ray_exec.py; `outs`: what a retried task clears first); send output lines to
+    `log`. Returns (start, end) wall-clock times. Raises StageCommandFailed, or
+    StageStopped when the run is being stopped."""
     env = stage_env()
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = name
@@ -219,24 +240,45 @@ def run_command(
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     start = time.time()
     for line_cmd in dvc_command_lines(cmd):
+        if STOP.signum is not None:
+            raise StageStopped(name, STOP.signum)
         log(f"> {line_cmd}")
+        if ray is not None:
+            returncode, lines = ray_exec.run(
+                ray, name, shell_argv(line_cmd), Path(root) / wdir, env, [Path(root) / o for o in outs], log
+            )
+            if returncode != 0 and STOP.signum is not None:
+                raise StageStopped(name, STOP.signum)
+            if returncode != 0:
+                raise StageCommandFailed(name, line_cmd, returncode, lines[-40:])
+            continue
         tail: deque[str] = deque(maxlen=40)
+        # A process group of its own, so a stop (preempt.py) reaches every process the
+        # stage starts (its shell, generation and bootstrap workers) and nothing else.
         proc = subprocess.Popen(
             shell_argv(line_cmd),
             cwd=Path(root) / wdir,
             env=env,
             close_fds=True,
+            start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            log(line)
-        returncode = proc.wait()
+        group = ProcessGroup(proc)
+        STOP.register(group)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                log(line)
+            returncode = proc.wait()
+        finally:
+            STOP.unregister(group)
+        if returncode != 0 and STOP.signum is not None:
+            raise StageStopped(name, STOP.signum)
         if returncode != 0:
             raise StageCommandFailed(name, line_cmd, returncode, list(tail))
     return start, time.time()

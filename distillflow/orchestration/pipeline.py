@@ -17,6 +17,9 @@
 - Retries with exponential backoff on stages that load models (generation and
   training: they declare distillflow/base/models.py); a failed attempt leaves no partial
   output; other branches finish; a rerun resumes from what is done.
+- SIGTERM or SIGINT stops the run (distillflow/orchestration/preempt.py): the running
+  stages' processes are ended, their partial outputs removed, nothing more launched;
+  a rerun resumes.
 - Each stage publishes a markdown artifact (outputs, row counts, drops by reason,
   validation, metrics), and the run a table artifact; stage output goes to the run
   logger.
@@ -25,7 +28,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from dataclasses import asdict
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,10 @@ from prefect.runtime import task_run as runtime_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from distillflow.orchestration import artifacts, codedeps, dvc_ops
+from distillflow.orchestration import artifacts, codedeps, dvc_ops, preempt, ray_exec
 from distillflow.orchestration.dag import Dag, StageSpec, load_dag
 from distillflow.orchestration.dvc_adapter import session
+from distillflow.orchestration.ray_exec import RayStages
 
 # Where Prefect keeps task results (the cache records), relative to the repo root.
 # Inside .dvc/tmp: git- and dvc-ignored, and it lives as long as this DVC cache does.
@@ -56,9 +62,11 @@ RETRY_IF_LOADS = (
 
 
 class PipelineFailed(RuntimeError):
-    def __init__(self, message: str, summary: dict[str, Any]):
+    """Stages failed, or (`signum` set) a signal stopped the run."""
+
+    def __init__(self, message: str, summary: dict[str, Any], signum: int | None = None):
         super().__init__(message)
-        self.summary = summary
+        self.summary, self.signum = summary, signum
 
 
 def cache_key(stage: str, fingerprint: str | None) -> str | None:
@@ -73,9 +81,16 @@ def _key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
 
 
 def run_stage(
-    root: str, stage: str, cmd: str | list[str] | None, wdir: str, outs: list[str], fingerprint: str | None
+    root: str,
+    stage: str,
+    cmd: str | list[str] | None,
+    wdir: str,
+    outs: list[str],
+    fingerprint: str | None,
+    ray: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One DVC stage (the body of its task; skipped entirely on a cache hit)."""
+    """One DVC stage (the body of its task; skipped entirely on a cache hit); its
+    command runs on Ray when `ray` (a RayStages as a dict) is given."""
     logger = get_run_logger()
     path = Path(root)
     attempt = runtime_task_run.run_count
@@ -98,7 +113,8 @@ def run_stage(
         dvc_ops.remove_outs(path, stage)  # as `dvc repro` does before running a stage
         ok = False
         try:
-            started, finished = dvc_ops.run_command(path, stage, cmd, wdir, logger.info)
+            on_ray = None if ray is None else RayStages(**{**ray, "patterns": tuple(ray["patterns"])})
+            started, finished = dvc_ops.run_command(path, stage, cmd, wdir, logger.info, outs, on_ray)
             dvc_ops.commit(path, stage)
             ok = True
         finally:
@@ -125,7 +141,17 @@ def run_stage(
     }
 
 
-stage_task = task(run_stage, persist_result=True, result_serializer="json", cache_key_fn=_key_fn)
+def _retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
+    return not preempt.STOP.requested  # a stopped run retries nothing
+
+
+stage_task = task(
+    run_stage,
+    persist_result=True,
+    result_serializer="json",
+    cache_key_fn=_key_fn,
+    retry_condition_fn=_retry_unless_stopped,
+)
 
 
 def loads_models(spec: StageSpec, root: Path) -> bool:
@@ -154,6 +180,7 @@ def _submit(
     retry_delay_s: float,
     retry_stages: list[str] | None,
     refresh: bool,
+    ray: RayStages | None,
 ) -> PrefectFuture:
     spec = dag.stages[name]
     fp = dvc_ops.stage_fingerprint(root, name)
@@ -173,6 +200,7 @@ def _submit(
         spec.wdir,
         list(spec.outs),
         fp,
+        asdict(ray) if ray is not None and ray.matches(name) else None,
         wait_for=[futures[u] for u in sorted(dag.upstream[name])],
     )
 
@@ -185,6 +213,10 @@ def distill(
     retries: int = 2,
     retry_delay_s: float = 10.0,
     retry_stages: list[str] | None = None,
+    ray_address: str | None = None,
+    ray_stages: list[str] | None = None,
+    ray_cpus: float = 2.0,
+    ray_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Run the DVC pipeline (or `target` and its upstream stages) as Prefect tasks.
 
@@ -193,6 +225,9 @@ def distill(
     retries, retry_delay_s: attempts after a failure, and the first delay (doubling).
     retry_stages: fnmatch patterns of the stages that get retries; default: the
     stages that load models (generation and training).
+    ray_address: a Ray cluster (host:port, or auto) that runs the commands of the stages
+    matching `ray_stages` (fnmatch; default ray_exec.DEFAULT_STAGES), each task asking
+    for `ray_cpus` CPUs and `ray_gpus` GPUs (distillflow/orchestration/ray_exec.py).
     """
     flow_started = time.time()
     logger = get_run_logger()
@@ -201,9 +236,18 @@ def distill(
     os.chdir(root_path)  # DVC's API resolves some paths against the working directory
     try:
         # One DVC repo and index for the run (distillflow/orchestration/dvc_adapter.py), as `dvc repro` has.
-        with dvc_ops.run_lock(root_path), session(root_path):
+        ray = None
+        if ray_address is not None:
+            patterns = tuple(ray_stages) if ray_stages else ray_exec.DEFAULT_STAGES
+            ray = RayStages(ray_address, patterns, ray_cpus, ray_gpus)
+        with (
+            dvc_ops.run_lock(root_path),
+            session(root_path),
+            ray_exec.connected(ray),
+            preempt.handling_signals(logger.warning),
+        ):
             return _distill(
-                logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started
+                logger, root_path, target, overrides or [], retries, retry_delay_s, retry_stages, flow_started, ray
             )
     finally:
         os.chdir(previous_cwd)
@@ -218,6 +262,7 @@ def _distill(
     retry_delay_s: float,
     retry_stages: list[str] | None,
     flow_started: float,
+    ray: RayStages | None,
 ) -> dict[str, Any]:
     for change in dvc_ops.apply_overrides(root, overrides) if overrides else []:
         logger.info("params override: %s", change)
@@ -242,12 +287,12 @@ def _distill(
 
     def submit(name: str, refresh: bool = False) -> None:
         submitted_at[name] = time.time()
-        fut = _submit(dag, name, root, results_dir, futures, retries, retry_delay_s, retry_stages, refresh)
+        fut = _submit(dag, name, root, results_dir, futures, retries, retry_delay_s, retry_stages, refresh, ray)
         futures[name] = fut
         running[fut] = name
 
     while pending or running:
-        for name in [n for n in pending if dag.upstream[n] <= done]:
+        for name in [n for n in pending if dag.upstream[n] <= done and not preempt.STOP.requested]:
             pending.remove(name)
             submit(name)
         if not running:
@@ -259,11 +304,11 @@ def _distill(
         if not state.is_completed():
             failed[name] = state.message or state.name
             summary["stages"][name] = {
-                "outcome": "failed",
+                "outcome": "stopped" if dvc_ops.StageStopped.__name__ in failed[name] else "failed",
                 "message": failed[name],
                 "seconds": time.time() - submitted_at[name],
             }
-            logger.error("stage %s failed: %s", name, failed[name])
+            logger.error("stage %s %s: %s", name, summary["stages"][name]["outcome"], failed[name])
             continue
         record = fut.result()
         cached = state.name == "Cached"
@@ -282,7 +327,7 @@ def _distill(
         seconds = time.time() - submitted_at[name]
         summary["stages"][name] = _completed(logger, root, dag.stages[name], fut, record, cached, sync, seconds)
         done.add(name)
-    return _finish(summary, selected, done, failed)
+    return _finish(summary, selected, done, failed, preempt.STOP.signum)
 
 
 def _completed(
@@ -317,11 +362,15 @@ def _completed(
     return entry
 
 
-def _finish(summary: dict[str, Any], selected: list[str], done: set[str], failed: dict[str, str]) -> dict[str, Any]:
-    """The run's summary in DAG order, its table artifact; raises PipelineFailed if a stage failed."""
+def _finish(
+    summary: dict[str, Any], selected: list[str], done: set[str], failed: dict[str, str], signum: int | None
+) -> dict[str, Any]:
+    """The run's summary in DAG order, its table artifact; raises PipelineFailed if a
+    stage failed or a signal (`signum`) stopped the run."""
     not_run = [n for n in selected if n not in done and n not in failed]
+    why = "the run was stopped" if signum is not None else "an upstream stage failed"
     for name in not_run:
-        summary["stages"][name] = {"outcome": "not-run", "message": "an upstream stage failed"}
+        summary["stages"][name] = {"outcome": "not-run", "message": why}
     summary["stages"] = {n: summary["stages"][n] for n in selected}
     create_table_artifact(
         key="distillflow-run",
@@ -336,6 +385,16 @@ def _finish(summary: dict[str, Any], selected: list[str], done: set[str], failed
             for n, e in summary["stages"].items()
         ],
     )
+    if signum is not None:
+        stopped = [n for n in failed if summary["stages"][n]["outcome"] == "stopped"]
+        also = [n for n in failed if n not in stopped]
+        raise PipelineFailed(
+            f"stopped by {signal.Signals(signum).name}: stages stopped (their partial outputs removed): "
+            f"{', '.join(stopped) or 'none'}; failed: {', '.join(also) or 'none'}; "
+            f"not run: {', '.join(not_run) or 'none'}; finished stages are kept: run again to resume",
+            summary,
+            signum,
+        )
     if failed:
         which = ", ".join(f"{n} ({m.splitlines()[0]})" for n, m in failed.items())
         raise PipelineFailed(f"stages failed: {which}; not run: {', '.join(not_run) or 'none'}", summary)
