@@ -51,6 +51,7 @@ from distillflow.training import basics  # noqa: E402
 from stages import bootstrap  # noqa: E402
 
 Batches = list[list[toymodels.Sequence]]
+VARIANTS = ("as bootstrap trains", "length-sorted", "bf16 autocast")
 
 
 def sequences(
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--variant", choices=VARIANTS, action="append", help="only these (default: all)")
     ap.add_argument("--quick", action="store_true", help="3 timed steps, 1 thread: a smoke test")
     args = ap.parse_args()
     if args.quick:
@@ -147,11 +149,15 @@ def main() -> None:
         f"bootstrap {args.role}: {toymodels.arch(mp)}, batch {bs}, {args.steps} timed steps after {args.warmup}; "
         f"making the sequences (examples, corruption, tokenizing): {make_ms:.1f} ms per batch"
     )
-    variants = (
-        ("as bootstrap trains", stream, fp32),
-        ("length-sorted", sorted_batches, fp32),
-        ("bf16 autocast", stream, bf16),
-    )
+    variants = [
+        (name, batches, forward)
+        for name, batches, forward in (
+            ("as bootstrap trains", stream, fp32),
+            ("length-sorted", sorted_batches, fp32),
+            ("bf16 autocast", stream, bf16),
+        )
+        if args.variant is None or name in args.variant
+    ]
     header = (
         f"{'threads':>7}  {'variant':<20} {'collate':>8} {'forward':>8} {'backward':>9} {'optim':>6} "
         f"{'step ms':>8} {'real tok':>9} {'vs bootstrap':>13} {'steps s':>8}"

@@ -712,7 +712,8 @@ stages:
 
 TINY_SCRIPTS = {
     "prep.py": """\
-import yaml
+import os, yaml
+print("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY"))
 n = yaml.safe_load(open("params.yaml"))["prep"]["n"]
 open("out/prep.txt", "w").write("".join(f"{i}\\n" for i in range(n)))
 """,
@@ -720,6 +721,7 @@ open("out/prep.txt", "w").write("".join(f"{i}\\n" for i in range(n)))
     "round.py": """\
 import os, sys, yaml
 i = int(sys.argv[1])
+print("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY"))
 p = yaml.safe_load(open("params.yaml"))["rounds"]
 rows = [int(x) * p["scale"] * i for x in open("out/prep.txt")]
 with open(f"out/round{i}.txt", "w") as f:
@@ -784,9 +786,15 @@ def test_foreach_stages_are_tasks_named_as_dvc_names_them(
     assert list(dag.stages) == ["prep", "round@1", "round@2", "report"]
     assert dag.edges == dvc_dag_edges(tiny, server.env)
     assert dag.closure(["round"]) == ["prep", "round@1", "round@2"]
+    assert dag.side_by_side(list(dag.stages)) == {"round@1", "round@2"}
 
-    env = {**tiny_env, "FLAKY_MARKER": str(tiny.parent / "flaky-marker")}
+    # without a policy of the user's (tests/conftest.py sets one), the flow gives passive
+    # OpenMP waiting to the stages that may run side by side, and only to them
+    env = {k: v for k, v in tiny_env.items() if k != "OMP_WAIT_POLICY"}
+    env["FLAKY_MARKER"] = str(tiny.parent / "flaky-marker")
     summary, out = run_flow(tiny, env, "--retry-stage", "round*")
+    policies = dict(re.findall(r"'(prep|round@\d)' - OMP_WAIT_POLICY (\w+)", out))
+    assert policies == {"prep": "None", "round@1": "PASSIVE", "round@2": "PASSIVE"}, out[-4000:]
     assert outcomes(summary) == {"prep": "ran", "round@1": "ran", "round@2": "ran", "report": "ran"}
     assert summary["stages"]["round@2"]["attempts"] == 2
     assert "round 2 failed on purpose" in out and "removed its partial output: ['out/round2.txt']" in out

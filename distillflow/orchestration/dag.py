@@ -87,6 +87,18 @@ class Dag:
                 todo.extend(self.upstream[name])
         return [n for n in self.stages if n in keep]
 
+    def side_by_side(self, selected: list[str]) -> set[str]:
+        """The selected stages that may run while another selected stage runs: those with
+        a selected stage that is neither upstream nor downstream of them (teacher and
+        student generation; a comparison's cells)."""
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        graph.add_nodes_from(self.stages)
+        graph.add_edges_from(self.edges)
+        chosen = set(selected)
+        return {n for n in selected if chosen - nx.ancestors(graph, n) - nx.descendants(graph, n) - {n}}
+
     def downstream(self, name: str) -> set[str]:
         found: set[str] = set()
         todo = [name]

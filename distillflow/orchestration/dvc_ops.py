@@ -225,14 +225,23 @@ def run_command(
     log: Callable[[str], None],
     outs: Sequence[str] = (),
     ray: RayStages | None = None,
+    passive_threads: bool = False,
 ) -> tuple[float, float]:
     """Run the stage's command(s) the way `dvc repro` does, here or (`ray`) as a Ray
     task (ray_exec.py; `outs`: what a retried task clears first); send output lines to
-    `log`. Returns (start, end) wall-clock times. Raises StageCommandFailed, or
-    StageStopped when the run is being stopped."""
+    `log`. `passive_threads`: the stage may run beside others (OMP_WAIT_POLICY below).
+    Returns (start, end) wall-clock times. Raises StageCommandFailed, or StageStopped
+    when the run is being stopped."""
     env = stage_env()
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = name
+    if passive_threads:
+        # This stage may run beside others, 2 torch threads each: with OpenMP's default
+        # spin-waiting, two such on 2 cores each ran 17x slower than one alone; passive
+        # waiting, 1.9x (benchmarks/omp_wait.py). Alone it costs 1.36x, so only stages
+        # that can overlap get it. It changes how threads wait, not what they compute;
+        # a policy the user set wins.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # `python` in a stage command is this interpreter's, even when its virtualenv is
     # not activated (outputs do not depend on it: the command string is unchanged).
     bindir = str(Path(sys.executable).parent)

@@ -37,6 +37,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
@@ -88,9 +89,11 @@ def run_stage(
     outs: list[str],
     fingerprint: str | None,
     ray: dict[str, Any] | None = None,
+    side_by_side: bool = False,
 ) -> dict[str, Any]:
     """One DVC stage (the body of its task; skipped entirely on a cache hit); its
-    command runs on Ray when `ray` (a RayStages as a dict) is given."""
+    command runs on Ray when `ray` (a RayStages as a dict) is given; `side_by_side`: it
+    may run beside other stages (dvc_ops.run_command's passive_threads)."""
     logger = get_run_logger()
     path = Path(root)
     attempt = runtime_task_run.run_count
@@ -114,7 +117,9 @@ def run_stage(
         ok = False
         try:
             on_ray = None if ray is None else RayStages(**{**ray, "patterns": tuple(ray["patterns"])})
-            started, finished = dvc_ops.run_command(path, stage, cmd, wdir, logger.info, outs, on_ray)
+            started, finished = dvc_ops.run_command(
+                path, stage, cmd, wdir, logger.info, outs, on_ray, passive_threads=side_by_side
+            )
             dvc_ops.commit(path, stage)
             ok = True
         finally:
@@ -181,6 +186,7 @@ def _submit(
     retry_stages: list[str] | None,
     refresh: bool,
     ray: RayStages | None,
+    side_by_side: set[str],
 ) -> PrefectFuture:
     spec = dag.stages[name]
     fp = dvc_ops.stage_fingerprint(root, name)
@@ -201,6 +207,7 @@ def _submit(
         list(spec.outs),
         fp,
         asdict(ray) if ray is not None and ray.matches(name) else None,
+        name in side_by_side,
         wait_for=[futures[u] for u in sorted(dag.upstream[name])],
     )
 
@@ -270,6 +277,7 @@ def _distill(
     selected = dag.closure([target] if target else None)
     logger.info("DAG from DVC: %d stages, %d edges; running %s", len(dag.stages), len(dag.edges), ", ".join(selected))
     results_dir = root / RESULTS_DIR
+    side_by_side = dag.side_by_side(selected) if _parallel_tasks() else set()
 
     summary: dict[str, Any] = {
         "flow_run_id": str(runtime_flow_run.id),
@@ -287,7 +295,9 @@ def _distill(
 
     def submit(name: str, refresh: bool = False) -> None:
         submitted_at[name] = time.time()
-        fut = _submit(dag, name, root, results_dir, futures, retries, retry_delay_s, retry_stages, refresh, ray)
+        fut = _submit(
+            dag, name, root, results_dir, futures, retries, retry_delay_s, retry_stages, refresh, ray, side_by_side
+        )
         futures[name] = fut
         running[fut] = name
 
@@ -328,6 +338,14 @@ def _distill(
         summary["stages"][name] = _completed(logger, root, dag.stages[name], fut, record, cached, sync, seconds)
         done.add(name)
     return _finish(summary, selected, done, failed, preempt.STOP.signum)
+
+
+def _parallel_tasks() -> bool:
+    """Whether this flow run's task runner may run two stages at once (`--jobs` > 1)."""
+    runner = FlowRunContext.get().task_runner
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return runner._max_workers > 1  # Prefect keeps the pool size private
+    return True  # other runners (Dask, Ray) run tasks in parallel
 
 
 def _completed(
