@@ -5,6 +5,7 @@ identity. One place, so no test module imports another."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -385,3 +386,39 @@ SMOKE_COMPARISON = {
         "report",
     )
 }
+
+
+# --- the pipeline tests' helpers (tests/test_pipeline.py, tests/test_pipeline_realarch.py) ---
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@.:/-]+)'", output))
+
+
+def restored(output: str) -> set[str]:
+    """Stages DVC's run-cache restored without running (same command, deps and params as an earlier run)."""
+    return set(re.findall(r"Stage '([\w@.:/-]+)' is cached - skipping run", output))
+
+
+# The smoke profile's comparison, as tests/test_pipeline*.py name it.
+COMPARISON = SMOKE_COMPARISON
+# always_changed (it hashes the model folders): runs on every repro, its output the same bytes
+ALWAYS = {"identify"}
+DAG = {"bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate"} | ALWAYS
+
+
+def check_verified(repo: Path) -> None:
+    """After the README's first command, `dvc repro` (the comparison never ran: copy_repo
+    drops its dvc.lock): `distillflow lineage verify` passes, and lists each comparison
+    stage as never ran here, no stage stale or not checked out."""
+    verified = subprocess.run(
+        [sys.executable, "-m", "distillflow.cli", "lineage", "verify"],
+        cwd=repo,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0 and " 0 mismatches" in verified.stdout, verified.stdout + verified.stderr
+    lines = verified.stdout.splitlines()
+    assert {s for s in COMPARISON if f"never ran here: {s} (no dvc.lock entry)" in lines} == COMPARISON, lines
+    assert lines[-1].endswith(f" 0 mismatches; stages: {len(COMPARISON)} never ran here, 0 not checked out, 0 stale")

@@ -13,6 +13,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["DO_NOT_TRACK"] = "1"
+# The suite runs on 2 pytest-xdist workers (pyproject.toml), so two processes of 2 torch
+# threads each share 2 cores. OpenMP's default spin-waiting then stalls both: a bootstrap
+# step took 17x its time alone, 1.9x with passive waiting (docs/results.md, "Stages side
+# by side"). Waiting changes no arithmetic.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,6 +26,27 @@ from distillflow.base import models  # noqa: E402
 from distillflow.training import basics
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The slowest modules first, so the two xdist workers (`--dist loadfile`: a module's tests
+# share one worker and its module fixtures) do not finish one long module last. From
+# `pytest --durations`, the seconds each module's tests took in one serial run.
+SLOWEST_FIRST = (
+    "test_pipeline.py",
+    "test_flows.py",
+    "test_pipeline_realarch.py",
+    "test_bad_input.py",
+    "test_lineage.py",
+    "test_compare.py",
+    "test_train.py",
+    "test_preflight.py",
+    "test_generation.py",
+    "test_bootstrap.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
 
 
 @pytest.fixture(scope="session")
