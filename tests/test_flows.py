@@ -931,6 +931,50 @@ def test_a_signal_stops_the_running_stage_within_10_s_and_the_next_run_resumes(
     assert_dvc_agrees(tiny, tiny_env)
 
 
+def test_cancelling_a_served_flow_run_stops_its_stage_and_the_next_run_resumes(tmp_path: Path, server: Server) -> None:
+    """A Prefect runner (`distillflow serve`) runs the flow run in a process of its own
+    and, when the run is cancelled through the API, sends that process SIGTERM: the
+    stage running at that moment (round@2, with a child process) ends, its partial
+    output is removed, and a later run resumes from what finished."""
+    repo = make_tiny(tmp_path / "repo", server)
+    pids = tmp_path / "slow.pids"
+    env = {**server.env, "PYTHONPATH": str(ROOT), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    slow = {**env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids), "SLOW_CHILD": "1"}
+    serve = [PY, "-m", "distillflow.cli", "serve", "--name", "tiny-serve", "--cron", "30 4 * * *"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(serve, cwd=repo, env=slow, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dep = wait_deployment(server.url, "distillflow/tiny-serve", proc, log, timeout=120)
+        run = api(server.url, f"/deployments/{dep['id']}/create_flow_run", {})
+        deadline = time.monotonic() + 300
+        while not pids.is_file() or not pids.read_text().endswith("\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        stage, child = (int(p) for p in pids.read_text().split())
+        assert (repo / "out" / "round2.txt").is_file()
+        cancel = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+        api(server.url, f"/flow_runs/{run['id']}/set_state", cancel)
+        cancelled = time.monotonic()
+        deadline = cancelled + 60
+        while (_alive(stage) or _alive(child)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        gone_in = time.monotonic() - cancelled  # an upper bound on the time from SIGTERM
+        final = wait_flow_run(server.url, run["id"], timeout=120)
+    finally:
+        stop(proc)
+    out = log.read_text()
+    assert not _alive(stage) and not _alive(child), f"a stage process outlived the cancelled run:\n{out[-4000:]}"
+    assert gone_in < 10, f"the stage ended {gone_in:.1f} s after the cancel request"
+    assert final["state"]["type"] == "CANCELLED", final["state"]
+    assert "stopped by SIGTERM" in out and "removed its partial output: ['out/round2.txt']" in out, out[-4000:]
+    assert not (repo / "out" / "round2.txt").exists()
+
+    resumed, _ = run_flow(repo, env)
+    assert outcomes(resumed) == {"prep": "cached", "round@1": "cached", "round@2": "ran", "report": "ran"}
+    assert_dvc_agrees(repo, env)
+
+
 # --- Ray ---------------------------------------------------------------------------------
 
 

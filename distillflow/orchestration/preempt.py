@@ -13,7 +13,8 @@ the flow:
   (pipeline.run_stage), so the next run resumes from the stages that finished;
 - then ends, raising pipeline.PipelineFailed with the signal and the summary of what
   finished, what was stopped and what never started (`distillflow run` exits with
-  128 + the signal's number; Prefect records the flow run as failed, "stopped by SIGTERM").
+  128 + the signal's number; Prefect records the flow run as failed, "stopped by
+  SIGTERM", or as cancelled where a Prefect runner sent the signal to cancel it).
 
 A second signal while stopping kills the stage commands at once.
 """
