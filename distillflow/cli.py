@@ -128,6 +128,23 @@ def prefect_startup_timeout() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(TEMP_SERVER_STARTUP_S))
 
 
+def ray_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's ray_* parameters from --ray and the options that need it."""
+    given = [
+        o
+        for o, v in (("--ray-stage", args.ray_stages), ("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus))
+        if v is not None
+    ]
+    if args.ray_address is None and given:
+        raise SystemExit(f"distillflow: {', '.join(given)} need --ray ADDRESS")
+    return {
+        "ray_address": args.ray_address,
+        "ray_stages": args.ray_stages,
+        "ray_cpus": 2.0 if args.ray_cpus is None else args.ray_cpus,
+        "ray_gpus": 0.0 if args.ray_gpus is None else args.ray_gpus,
+    }
+
+
 def run_flow(args: argparse.Namespace) -> int:
     """Run the flow in this process (with PREFECT_API_URL unset Prefect starts a
     temporary local server for the run)."""
@@ -151,10 +168,7 @@ def run_flow(args: argparse.Namespace) -> int:
             retries=args.retries,
             retry_delay_s=args.retry_delay,
             retry_stages=args.retry_stages,
-            ray_address=args.ray_address,
-            ray_stages=args.ray_stages,
-            ray_cpus=args.ray_cpus,
-            ray_gpus=args.ray_gpus,
+            **ray_params(args),
         )
     except PipelineFailed as exc:
         summary = exc.summary
@@ -194,10 +208,7 @@ def serve(args: argparse.Namespace) -> int:
         "retries": args.retries,
         "retry_delay_s": args.retry_delay,
         "retry_stages": args.retry_stages,
-        "ray_address": args.ray_address,
-        "ray_stages": args.ray_stages,
-        "ray_cpus": args.ray_cpus,
-        "ray_gpus": args.ray_gpus,
+        **ray_params(args),
     }
     distill.serve(
         name=args.name, cron=args.cron, parameters=params, description="distillflow: the DVC pipeline, scheduled"
@@ -270,8 +281,8 @@ def _flow_commands(sub: Any) -> None:
             help="with --ray: the stages (fnmatch, repeatable) that run there; default: the comparison's cells "
             "and bootstrap replicates (compare@*, boot@*, boot_*)",
         )
-        p.add_argument("--ray-cpus", type=float, default=2.0, help="with --ray: CPUs per stage task (default 2)")
-        p.add_argument("--ray-gpus", type=float, default=0.0, help="with --ray: GPUs per stage task (default 0)")
+        p.add_argument("--ray-cpus", type=float, help="with --ray: CPUs per stage task (default 2)")
+        p.add_argument("--ray-gpus", type=float, help="with --ray: GPUs per stage task (default 0)")
     r = sub.choices["run"]
     r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
     r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")

@@ -235,7 +235,7 @@ def run_command(
     env = stage_env()
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = name
-    if passive_threads:
+    if passive_threads and ray is None:  # a Ray task has its CPUs to itself
         # This stage may run beside others, 2 torch threads each: with OpenMP's default
         # spin-waiting, two such on 2 cores each ran 17x slower than one alone; passive
         # waiting, 1.9x (benchmarks/omp_wait.py). Alone it costs 1.36x, so only stages
@@ -248,28 +248,24 @@ def run_command(
     if env.get("PATH", "").split(os.pathsep)[0] != bindir:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     start = time.time()
-    for line_cmd in dvc_command_lines(cmd):
+    lines = dvc_command_lines(cmd)
+    if ray is not None:
+        _run_on_ray(ray, root, name, lines, wdir, env, outs, log)
+        return start, time.time()
+    for line_cmd in lines:
         if STOP.signum is not None:
             raise StageStopped(name, STOP.signum)
         log(f"> {line_cmd}")
-        if ray is not None:
-            returncode, lines = ray_exec.run(
-                ray, name, shell_argv(line_cmd), Path(root) / wdir, env, [Path(root) / o for o in outs], log
-            )
-            if returncode != 0 and STOP.signum is not None:
-                raise StageStopped(name, STOP.signum)
-            if returncode != 0:
-                raise StageCommandFailed(name, line_cmd, returncode, lines[-40:])
-            continue
         tail: deque[str] = deque(maxlen=40)
-        # A process group of its own, so a stop (preempt.py) reaches every process the
-        # stage starts (its shell, generation and bootstrap workers) and nothing else.
+        # A process group of its own while the flow handles signals, so a stop
+        # (preempt.py) reaches every process the stage starts (its shell, generation
+        # and bootstrap workers) and nothing else.
         proc = subprocess.Popen(
             shell_argv(line_cmd),
             cwd=Path(root) / wdir,
             env=env,
             close_fds=True,
-            start_new_session=True,
+            start_new_session=STOP.own_groups,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -291,6 +287,29 @@ def run_command(
         if returncode != 0:
             raise StageCommandFailed(name, line_cmd, returncode, list(tail))
     return start, time.time()
+
+
+def _run_on_ray(
+    ray: RayStages,
+    root: Path,
+    name: str,
+    lines: list[str],
+    wdir: str,
+    env: dict[str, str],
+    outs: Sequence[str],
+    log: Callable[[str], None],
+) -> None:
+    """The stage's command lines as one Ray task (a retried task starts the stage over)."""
+    if STOP.signum is not None:
+        raise StageStopped(name, STOP.signum)
+    for line_cmd in lines:
+        log(f"> {line_cmd} (on Ray)")
+    argvs = [shell_argv(line_cmd) for line_cmd in lines]
+    returncode, tail = ray_exec.run(ray, name, argvs, Path(root) / wdir, env, [Path(root) / o for o in outs], log)
+    if returncode != 0 and STOP.signum is not None:
+        raise StageStopped(name, STOP.signum)
+    if returncode != 0:
+        raise StageCommandFailed(name, " && ".join(lines), returncode, tail[-40:])
 
 
 def outs_digests(root: Path, name: str) -> dict[str, str]:

@@ -97,6 +97,8 @@ def run_stage(
     logger = get_run_logger()
     path = Path(root)
     attempt = runtime_task_run.run_count
+    if preempt.STOP.signum is not None:  # queued for a free thread, or waited out a retry delay
+        raise dvc_ops.StageStopped(stage, preempt.STOP.signum)
     logger.info("stage %s: attempt %d, fingerprint %s", stage, attempt, fingerprint)
     reused = dvc_ops.reuse(path, stage)
     started = finished = None
@@ -277,7 +279,9 @@ def _distill(
     selected = dag.closure([target] if target else None)
     logger.info("DAG from DVC: %d stages, %d edges; running %s", len(dag.stages), len(dag.edges), ", ".join(selected))
     results_dir = root / RESULTS_DIR
-    side_by_side = dag.side_by_side(selected) if _parallel_tasks() else set()
+    side_by_side = _crowded(dag.side_by_side(selected))
+    if ray is not None:
+        _log_ray(logger, ray, selected)
 
     summary: dict[str, Any] = {
         "flow_run_id": str(runtime_flow_run.id),
@@ -340,12 +344,23 @@ def _distill(
     return _finish(summary, selected, done, failed, preempt.STOP.signum)
 
 
-def _parallel_tasks() -> bool:
-    """Whether this flow run's task runner may run two stages at once (`--jobs` > 1)."""
+def _log_ray(logger: Any, ray: RayStages, selected: list[str]) -> None:
+    on_ray = [n for n in selected if ray.matches(n)]
+    logger.info("on Ray at %s: %s", ray.address, ", ".join(on_ray) or "no stage")
+    if not on_ray:
+        logger.warning("--ray: no stage of this run matches %s; every stage runs here", ", ".join(ray.patterns))
+
+
+def _crowded(side_by_side: set[str]) -> set[str]:
+    """The stages that may run side by side, where their threads may outnumber the cores:
+    min(--jobs, how many they are) stages of 2 torch threads each (stagekit/entry.py)
+    against os.cpu_count(); none where there are cores to spare (passive waiting then
+    only costs: dvc_ops.run_command)."""
     runner = FlowRunContext.get().task_runner
-    if isinstance(runner, ThreadPoolTaskRunner):
-        return runner._max_workers > 1  # Prefect keeps the pool size private
-    return True  # other runners (Dask, Ray) run tasks in parallel
+    # other runners (Dask, Ray) run every submitted task at once
+    jobs = runner._max_workers if isinstance(runner, ThreadPoolTaskRunner) else len(side_by_side)
+    at_once = min(jobs, len(side_by_side))  # Prefect keeps the pool size private (_max_workers)
+    return side_by_side if at_once > 1 and 2 * at_once > (os.cpu_count() or 1) else set()
 
 
 def _completed(

@@ -1,8 +1,8 @@
-"""Preemption, as clusters do it: SIGTERM (or SIGINT) to a flow run stops it cleanly.
+"""Preemption, as clusters do it: SIGTERM (or SIGINT, SIGHUP) to a flow run stops it cleanly.
 
 A scheduler that reclaims a node (Slurm, Kubernetes, a Prefect worker cancelling a flow
-run) sends SIGTERM and, a grace period later, SIGKILL. On the first SIGTERM or SIGINT
-the flow:
+run) sends SIGTERM and, a grace period later, SIGKILL. On the first SIGTERM, SIGINT or
+SIGHUP (a closed terminal) the flow:
 
 - stops its running stage commands: a local one runs in a process group of its own,
   which gets SIGTERM, then SIGKILL after `GRACE_S`; one on Ray (ray_exec.py) is
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 # outputs atomically, so they need no time to clean up; the flow's 10-second promise
 # (docs/orchestration.md) is this plus the time to remove partial outputs.
 GRACE_S = 5.0
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Handle(Protocol):
@@ -52,6 +52,10 @@ class Stop:
         self._lock = threading.Lock()
         self._running: set[Handle] = set()
         self.signum: int | None = None
+        # Whether stage processes get process groups of their own: only while the
+        # flow's handlers are installed, which then end them (else a terminal's Ctrl-C
+        # and hangup reach them as before)
+        self.own_groups = False
 
     @property
     def requested(self) -> bool:
@@ -112,7 +116,10 @@ class ProcessGroup:
 
     def _signal(self, sig: int) -> None:
         try:
-            os.killpg(self.proc.pid, sig)  # the stage and what it started (workers, shells)
+            if STOP.own_groups:
+                os.killpg(self.proc.pid, sig)  # the stage and what it started (workers, shells)
+            else:
+                self.proc.send_signal(sig)
         except ProcessLookupError:
             pass  # the group is gone: every process in it has exited
 
@@ -133,27 +140,47 @@ class ProcessGroup:
 
 @contextmanager
 def handling_signals(log: Callable[[str], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT stop the run (STOP.request) while the block runs; the handlers
-    that were there before (Prefect's SIGTERM bridge, Python's SIGINT) come back on exit.
-    Signal handlers belong to the main thread: elsewhere (a flow called from a thread)
-    this installs nothing and says so."""
+    """SIGTERM, SIGINT and SIGHUP stop the run (STOP.request) while the block runs; the
+    handlers that were there before (Prefect's SIGTERM bridge, Python's SIGINT) come
+    back on exit. The handler only writes the signal's number to a pipe (a signal may
+    land while the main thread holds a lock the stop needs: the logger's, Stop's); a
+    thread of this block reads it and does the stop. Signal handlers belong to the main
+    thread: elsewhere (a flow called from a thread) this installs nothing, says so, and
+    stage processes stay in the flow's process group, so a terminal's signals still
+    reach them."""
     if threading.current_thread() is not threading.main_thread():
         log("not on the main thread: SIGTERM and SIGINT keep their handlers (no clean preemption)")
         yield
         return
+    read_fd, write_fd = os.pipe()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if STOP.request(signum):
-            log(f"{name}: stopping the running stages and launching no more")
-        else:
-            log(f"{name} again: killing the running stages")
+        os.write(write_fd, bytes([signum]))  # async-signal-safe; the watcher does the rest
+
+    def watch() -> None:
+        while True:
+            signum = os.read(read_fd, 1)[0]
+            if signum == 0:  # the block ended
+                return
+            name = signal.Signals(signum).name
+            if STOP.request(signum):
+                log(f"{name}: stopping the running stages and launching no more")
+            else:
+                log(f"{name} again: killing the running stages")
 
     STOP.reset()
+    watcher = threading.Thread(target=watch, name="distillflow-stop", daemon=True)
+    watcher.start()
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    STOP.own_groups = True
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        STOP.own_groups = False
+        os.write(write_fd, b"\0")
+        watcher.join()
+        os.close(read_fd)
+        os.close(write_fd)
         STOP.reset()

@@ -8,7 +8,7 @@ worker, in the same checkout path, with the flow's environment plus the devices 
 gave the task (`CUDA_VISIBLE_DEVICES`). The cluster's nodes must see the repo at the
 same path (one machine, or a shared filesystem) in the same virtualenv; a node that
 does not is an error naming it. Outputs are what the stage writes, so they equal a
-one-machine run's byte for byte (tests/test_ray.py).
+one-machine run's byte for byte (tests/test_flows.py, on a local cluster).
 
 - A task asks for `--ray-cpus` CPUs (default 2: a stage's torch threads) and
   `--ray-gpus` GPUs (default 0); Ray places it on a node with both free.
@@ -16,9 +16,11 @@ one-machine run's byte for byte (tests/test_ray.py).
   Ray up to `MAX_RETRIES` times; each attempt first removes what an earlier one left
   (the stage's outs and their `.<out>.*.tmp` siblings). A stage that fails on its own
   is not retried by Ray: the flow's retries apply as to a local stage.
-- The stage process dies with its Ray worker (PR_SET_PDEATHSIG), and a stop of the run
-  (preempt.py) cancels the task: its stage gets SIGTERM, then the task is
-  force-cancelled after the grace period.
+- The stage's own process dies with its Ray worker (PR_SET_PDEATHSIG); processes it
+  started itself are not tracked then. A stop of the run (preempt.py) cancels the
+  task: the task ends its stage's process group (SIGTERM, SIGKILL after the grace
+  period), and the flow force-cancels the task after twice that.
+- A task asking for no GPU gets `CUDA_VISIBLE_DEVICES=""`: no GPU, not the flow's.
 - The stage's output comes back when it ends (its last `TAIL` lines), not line by line.
 """
 
@@ -30,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -70,24 +73,47 @@ class RayStages:
 
 @contextmanager
 def connected(cfg: RayStages | None) -> Iterator[None]:
-    """This process connected to the cluster for the block (nothing without `cfg`)."""
+    """This process connected to the cluster for the block (nothing without `cfg`).
+    ray.init installs a SIGTERM handler of its own and never restores the one before:
+    this does, on the main thread."""
     if cfg is None:
         yield
         return
-    import ray
-
-    ray.init(address=cfg.address, log_to_driver=False, logging_level="WARNING")
+    try:
+        import ray
+    except ImportError as exc:
+        raise StageError('--ray needs the ray package: pip install -c constraints/cpu.lock -e ".[ray]"') from exc
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        ray.init(address=cfg.address, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as exc:
+        raise StageError(f"--ray {cfg.address}: no Ray cluster answered there: {exc}") from exc
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def _die_with_parent() -> None:
-    """In the stage process before exec: SIGTERM when the Ray worker that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+def _prctl() -> Callable[..., int]:
+    """libc's prctl, looked up in the parent: the child between fork and exec must not load libraries."""
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with(prctl: Callable[..., int], parent: int) -> Callable[[], None]:
+    """For the stage process before exec: SIGTERM when the Ray worker that started it dies
+    (Linux's parent-death signal reaches this process, not what it starts later)."""
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _clear(outs: Sequence[str]) -> None:
@@ -100,9 +126,24 @@ def _clear(outs: Sequence[str]) -> None:
                 left.unlink()
 
 
-def run_line(argv: list[str] | str, cwd: str, env: dict[str, str], outs: list[str]) -> dict[str, Any]:
-    """The body of the Ray task (on a worker): one stage command line; its return code,
-    last output lines and where it ran."""
+def _end_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the stage's process group; SIGKILL after GRACE_S."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone: every process in it has exited
+
+
+def run_lines(
+    argvs: list[list[str] | str], cwd: str, env: dict[str, str], outs: list[str], num_gpus: float
+) -> dict[str, Any]:
+    """The body of the Ray task (on a worker): a stage's command lines in turn, after
+    clearing what an earlier attempt left; the first failing line's return code (0 when
+    all pass), the last output lines and where it ran."""
     node = socket.gethostname()
     if not Path(cwd).is_dir():
         raise StageError(
@@ -111,33 +152,48 @@ def run_line(argv: list[str] | str, cwd: str, env: dict[str, str], outs: list[st
         )
     _clear(outs)
     env = dict(env)
-    if "CUDA_VISIBLE_DEVICES" in os.environ:  # the GPUs Ray gave this task
+    if num_gpus > 0:  # the GPUs Ray gave this task
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
-    proc = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        close_fds=True,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
+    else:  # none: not the flow machine's, nor every GPU of the node
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    preexec = _die_with(_prctl(), os.getpid())
     tail: deque[str] = deque(maxlen=TAIL)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-        returncode = proc.wait()
-    except KeyboardInterrupt:  # ray.cancel: end the stage's process group, then let Ray finish the task
-        os.killpg(proc.pid, signal.SIGTERM)
+    returncode = 0
+    for argv in argvs:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=preexec,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+
+        def drain(pipe: Any = proc.stdout) -> None:
+            for line in pipe:
+                tail.append(line.rstrip("\n"))
+
+        # The output is read by a thread, so this one waits in short steps, where
+        # ray.cancel's KeyboardInterrupt reaches it at once (not at the stage's next line).
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
         try:
-            proc.wait(timeout=GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+        except KeyboardInterrupt:  # ray.cancel: end the stage's process group, then let Ray finish the task
+            _end_group(proc)
+            raise
+        reader.join()
+        returncode = proc.returncode
+        if returncode != 0:
+            break
     return {"returncode": returncode, "tail": list(tail), "node": node, "worker_pid": os.getpid()}
 
 
@@ -150,7 +206,10 @@ class RayTask:
     def _wait(self, timeout: float) -> None:
         import ray
 
-        ray.wait([self.ref], timeout=timeout)
+        # twice the task's own grace: it ends its stage's group (SIGTERM, SIGKILL after
+        # GRACE_S) before this force-cancels it
+        if ray.is_initialized():
+            ray.wait([self.ref], timeout=2 * timeout)
 
     def terminate(self) -> None:
         import ray
@@ -161,7 +220,8 @@ class RayTask:
     def kill(self) -> None:
         import ray
 
-        ray.cancel(self.ref, force=True)  # the worker process dies; the stage with it (PR_SET_PDEATHSIG)
+        if ray.is_initialized():  # the run may have ended and disconnected meanwhile
+            ray.cancel(self.ref, force=True)  # the worker dies; the stage's own process with it
 
 
 _remote: Any = None
@@ -170,20 +230,20 @@ _remote: Any = None
 def run(
     cfg: RayStages,
     stage: str,
-    argv: list[str] | str,
+    argvs: list[list[str] | str],
     cwd: Path,
     env: dict[str, str],
     outs: list[Path],
     log: Callable[[str], None],
 ) -> tuple[int, list[str]]:
-    """Run one command line of `stage` as a Ray task and wait for it: (return code, last
-    output lines), the lines also sent to `log`. A task cancelled by a stop returns
-    -SIGTERM (the caller sees the stop)."""
+    """Run the command lines of `stage` as one Ray task and wait for it: (return code,
+    last output lines), the lines also sent to `log`. A task cancelled by a stop
+    returns -SIGTERM (the caller sees the stop)."""
     import ray
 
     global _remote
     if _remote is None:
-        _remote = ray.remote(run_line)
+        _remote = ray.remote(run_lines)
     task = _remote.options(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
@@ -191,7 +251,7 @@ def run(
         retry_exceptions=False,
         name=f"distillflow {stage}",
     )
-    ref = task.remote(argv, str(cwd), env, [str(o) for o in outs])
+    ref = task.remote(argvs, str(cwd), env, [str(o) for o in outs], cfg.num_gpus)
     handle = RayTask(ref)
     STOP.register(handle)
     try:
