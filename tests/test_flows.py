@@ -886,6 +886,16 @@ def test_the_temporary_server_start_up_limit_is_the_clis_unless_the_user_set_one
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "45"
 
 
+def slow_pids(pids: Path, proc: subprocess.Popen, log: Path) -> list[int]:
+    """The pids round.py's slow attempt wrote (the stage's, then its child's), once it
+    has; fails with the run's log if the run ended first or 300 s passed."""
+    deadline = time.monotonic() + 300
+    while not pids.is_file() or not pids.read_text().endswith("\n"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    return [int(p) for p in pids.read_text().split()]
+
+
 def _alive(pid: int) -> bool:
     """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
     try:
@@ -913,11 +923,7 @@ def test_a_signal_stops_the_running_stage_within_10_s_and_the_next_run_resumes(
     log_path = tiny.parent / f"run-{sig.name}.log"
     with log_path.open("a") as log:
         proc = subprocess.Popen(cmd, cwd=tiny, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while not pids.is_file() or not pids.read_text().endswith("\n"):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.2)
-        stage, child = (int(p) for p in pids.read_text().split())
+        stage, child = slow_pids(pids, proc, log_path)
         assert (tiny / "out" / "round1.txt").is_file()  # its partial output, written in place
         sent = time.monotonic()
         proc.send_signal(sig)
@@ -958,11 +964,7 @@ def test_cancelling_a_served_flow_run_stops_its_stage_and_the_next_run_resumes(t
     try:
         dep = wait_deployment(server.url, "distillflow/tiny-serve", proc, log, timeout=120)
         run = api(server.url, f"/deployments/{dep['id']}/create_flow_run", {})
-        deadline = time.monotonic() + 300
-        while not pids.is_file() or not pids.read_text().endswith("\n"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        stage, child = (int(p) for p in pids.read_text().split())
+        stage, child = slow_pids(pids, proc, log)
         assert (repo / "out" / "round2.txt").is_file()
         cancel = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
         api(server.url, f"/flow_runs/{run['id']}/set_state", cancel)
@@ -1043,11 +1045,7 @@ def test_stages_on_a_ray_cluster_write_the_local_runs_bytes_and_a_killed_worker_
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 300
-        while not pids.is_file() or not pids.read_text().endswith("\n"):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.2)
-        (stage,) = (int(p) for p in pids.read_text().split())
+        (stage,) = slow_pids(pids, proc, log_path)
         worker = ray_worker_of(stage)
         os.kill(worker, signal.SIGKILL)
         rc = proc.wait(timeout=300)

@@ -51,7 +51,7 @@ from distillflow.orchestration.dvc_adapter import (
     stage_env,
 )
 from distillflow.orchestration.dvc_adapter import command_lines as dvc_command_lines
-from distillflow.orchestration.preempt import STOP, ProcessGroup
+from distillflow.orchestration.preempt import STOP, ProcessGroup, leftovers
 from distillflow.orchestration.ray_exec import RayStages
 
 __all__ = ["StageError", "StageCommandFailed", "StageStopped"]
@@ -205,8 +205,7 @@ def clean_failed(root: Path, name: str, outs: tuple[str, ...]) -> list[str]:
     with project(root) as p:
         removed = p.remove_partial_outs(name)
     for rel in outs:
-        target = Path(root) / rel
-        for left in [*target.parent.glob(f".{target.name}.*.tmp"), target.with_name(f".{target.name}.old")]:
+        for left in leftovers(Path(root) / rel):
             if left.is_dir():
                 shutil.rmtree(left)
             elif left.exists():

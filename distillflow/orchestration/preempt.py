@@ -27,6 +27,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -136,6 +137,13 @@ class ProcessGroup:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+
+def leftovers(target: Path) -> list[Path]:
+    """What a stopped or failed attempt may leave beside an out: the temporary siblings
+    a stage writes before its atomic rename (`.<name>.*.tmp`, `.<name>.old`:
+    distillflow/base/io.py). They may not exist."""
+    return [*target.parent.glob(f".{target.name}.*.tmp"), target.with_name(f".{target.name}.old")]
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.orchestration.dvc_adapter import StageError
-from distillflow.orchestration.preempt import GRACE_S, STOP, after_grace
+from distillflow.orchestration.preempt import GRACE_S, STOP, after_grace, leftovers
 
 # Which stages go to Ray unless `--ray-stage` says otherwise: the comparison's cells
 # and its bootstrap replicates (comparison/dvc.yaml), the runs that are many and alike.
@@ -119,7 +119,7 @@ def _die_with(prctl: Callable[..., int], parent: int) -> Callable[[], None]:
 def _clear(outs: Sequence[str]) -> None:
     """What an earlier attempt of the stage left: its outs and their temporary siblings."""
     for out in map(Path, outs):
-        for left in [out, *out.parent.glob(f".{out.name}.*.tmp"), out.with_name(f".{out.name}.old")]:
+        for left in [out, *leftovers(out)]:
             if left.is_dir() and not left.is_symlink():
                 shutil.rmtree(left)
             elif left.exists() or left.is_symlink():
