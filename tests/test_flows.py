@@ -1041,7 +1041,9 @@ def test_stages_on_a_ray_cluster_write_the_local_runs_bytes_and_a_killed_worker_
         proc = subprocess.Popen(
             cmd,
             cwd=remote,
-            env={**env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids)},
+            # /bin/sh runs the stage lines, as where SHELL is unset: dash does not exec a
+            # line's command, so the stage is its worker's grandchild (stage_guard.py)
+            env={**env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids), "SHELL": "/bin/sh"},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

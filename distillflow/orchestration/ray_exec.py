@@ -16,8 +16,10 @@ one-machine run's byte for byte (tests/test_flows.py, on a local cluster).
   Ray up to `MAX_RETRIES` times; each attempt first removes what an earlier one left
   (the stage's outs and their `.<out>.*.tmp` siblings). A stage that fails on its own
   is not retried by Ray: the flow's retries apply as to a local stage.
-- The stage's own process dies with its Ray worker (PR_SET_PDEATHSIG); processes it
-  started itself are not tracked then. A stop of the run (preempt.py) cancels the
+- A stage dies with its Ray worker: each line runs under `stage_guard.py`, which gets
+  SIGTERM when the worker dies (PR_SET_PDEATHSIG) and ends the line's whole process
+  group (the shell, the stage, what they started), SIGKILL after the grace period.
+  A stop of the run (preempt.py) cancels the
   task: the task ends its stage's process group (SIGTERM, SIGKILL after the grace
   period), and the flow force-cancels the task after twice that.
 - A task asking for no GPU gets `CUDA_VISIBLE_DEVICES=""`: no GPU, not the flow's.
@@ -32,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +53,7 @@ DEFAULT_STAGES = ("compare@*", "boot@*", "boot_*")
 MAX_RETRIES = 3  # attempts after a worker died mid-stage
 TAIL = 400  # output lines a task returns
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+GUARD = Path(__file__).with_name("stage_guard.py")  # the first process of each stage line
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,8 @@ def _prctl() -> Callable[..., int]:
 
 
 def _die_with(prctl: Callable[..., int], parent: int) -> Callable[[], None]:
-    """For the stage process before exec: SIGTERM when the Ray worker that started it dies
-    (Linux's parent-death signal reaches this process, not what it starts later)."""
+    """For the stage's guard before exec: SIGTERM when the Ray worker that started it dies
+    (Linux's parent-death signal reaches this process only; the guard passes it on)."""
 
     def preexec() -> None:
         if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
@@ -161,7 +165,7 @@ def run_lines(
     returncode = 0
     for argv in argvs:
         proc = subprocess.Popen(
-            argv,
+            [sys.executable, "-I", str(GUARD), *([argv] if isinstance(argv, str) else argv)],
             cwd=cwd,
             env=env,
             close_fds=True,
