@@ -26,10 +26,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from distillflow.stagekit import launch  # light: the params loader only
+
+if __name__ == "__main__":  # under train.launcher, before the heavy imports below
+    launch.relaunch("stages.round")
+
 from distillflow.base import models, params
 from distillflow.base.io import write_json
 from distillflow.engines import sampling
 from distillflow.stagekit import curating, entry, genstage, pairstep, rounds, scorestep, trainrun
+from distillflow.training import distributed
 from distillflow.training.train_params import TrainParams
 
 log = logging.getLogger("round")
@@ -89,6 +95,7 @@ def main() -> None:
         load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
         docs=args.docs,
     )
+    distributed.init_from_env(p.device)
     work = genstage.work_dir(args.out / "student")
     done = rounds.run_round(
         ri,
@@ -101,6 +108,10 @@ def main() -> None:
         checkpoint=lambda src: trainrun.checkpoint_for(p, src, m, dtype, args.out / "train"),
         live=args.live,
     )
+    rank, _ = distributed.rank_and_size()
+    distributed.finish()
+    if rank != 0:
+        return  # rank 0 wrote the round's data and writes what it trained
     shutil.rmtree(work)
     trained = trainrun.Trained(
         learner=done.learner,

@@ -22,9 +22,10 @@ weights as an uninterrupted run. The loop, checkpoints and logging live in
 distillflow/training/ (trainer.py, shared with the comparison cells). The distilled
 student is saved with save_pretrained (safetensors) in out/model.
 
-Data parallel: the same command under `torchrun --nproc_per_node=N -m stages.train ...`
-(gloo on CPU, nccl on GPU) gives the loss curve of one process with the same global
-batch (distillflow/training/distributed.py). `bf16_autocast` and `gradient_checkpointing` are
+Several processes: `train.launcher` (python | torchrun | accelerate, processes per node)
+makes this command start itself under that launcher, and `train.parallel` picks DDP or
+FSDP2 (distillflow/training/distributed.py, docs/training.md); the loss curve is one
+process's for the same global batch. `bf16_autocast` and `gradient_checkpointing` are
 for GPUs.
 
 Precision: the student trains with float32 master weights whatever `models.dtype` says
@@ -39,10 +40,15 @@ import logging
 import time
 from typing import Any
 
+from distillflow.stagekit import launch  # light: the params loader only
+
+if __name__ == "__main__":  # under train.launcher, before the heavy imports below
+    launch.relaunch("stages.train")
+
 from distillflow.base import models, params
 from distillflow.base.io import write_json
 from distillflow.stagekit import entry, trainrun
-from distillflow.training import distributed, trainer
+from distillflow.training import distributed
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.train_params import TrainParams
 
@@ -78,7 +84,7 @@ def main() -> None:
     job = trainrun.job(
         run, p, 1, curriculum, pairs=run.pairs, scores=run.scores, checkpoint=run.checkpoint, live=args.live
     )
-    rows = trainer.train(job)
+    rows = trainrun.train(run, job)
     rank, _ = distributed.rank_and_size()
     distributed.finish()
     if rank != 0:

@@ -18,7 +18,7 @@ import torch
 
 from distillflow.audit import lineage
 from distillflow.base import models, records
-from distillflow.base.config import GenerationParams, TaskParams
+from distillflow.base.config import GenerationParams, LauncherParams, TaskParams
 from distillflow.base.io import write_table
 from distillflow.data import curation, sources
 from distillflow.training import trainer
@@ -185,6 +185,8 @@ def tp(**kw: object) -> TrainParams:
         bf16_autocast=False,
         gradient_checkpointing=False,
         checkpoint_every=0,
+        parallel="ddp",
+        launcher=LauncherParams(kind="python", nproc_per_node=1, args=()),
         teacher_signal="online",
         distillm2=D2,
         distillm=DistiLLMParams(0.1),
@@ -327,6 +329,17 @@ def write_stage(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
         cost={"tokens_read": 5},
     )
     return out, manifest
+
+
+def live_rows(folder: Path) -> list[dict[str, float]]:
+    """The per-step rows of a DVCLive folder (one plots/metrics/<name>.tsv per value)."""
+    rows: dict[int, dict[str, float]] = {}
+    for tsv in sorted((folder / "plots" / "metrics").glob("*.tsv")):
+        lines = [ln.split("\t") for ln in tsv.read_text().splitlines()]
+        assert lines[0] == ["step", tsv.stem]
+        for step, value in lines[1:]:
+            rows.setdefault(int(step), {"step": int(step)})[tsv.stem] = float(value)
+    return [rows[k] for k in sorted(rows)]
 
 
 def train_run(

@@ -34,6 +34,7 @@ SLOWEST_FIRST = (
     "test_pipeline.py",
     "test_flows.py",
     "test_pipeline_realarch.py",
+    "test_distributed.py",
     "test_bad_input.py",
     "test_lineage.py",
     "test_compare.py",

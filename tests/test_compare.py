@@ -40,6 +40,7 @@ def test_cell_params_set_method_switches_and_seed_and_keep_the_rounds() -> None:
     assert (p.distillm2.contrastive, p.distillm2.beta_ramp, p.distillm2.adaptive_alpha) == (True, False, False)
     assert p.distillm2.beta == base.distillm2.beta and p.gkd == base.gkd
     assert "train.method" not in cells.SHARED_TRAIN and "train.distillm2.beta_ramp" not in cells.SHARED_TRAIN
+    assert "train.launcher" not in cells.SHARED_TRAIN and (p.parallel, p.launcher.kind) == ("ddp", "python")
     with pytest.raises(ValueError, match="train: lr: must be > 0"):
         cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", (), "fresh", "default"), 1)
 

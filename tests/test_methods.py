@@ -80,14 +80,15 @@ def test_the_trainer_feeds_what_the_method_declares(
 
     monkeypatch.setitem(METHODS, name, replace(method, loss=spy))
     student, teacher, tok_s, tok_t = fresh(tiny_models)
+    # A model per forward of its body: the student's with gradients (StudentForward, not
+    # the pre-flight check of its head, which runs without), the teacher's any.
     ran: list[torch.nn.Module] = []
-    forward = trainer.hidden
 
-    def hidden(model: torch.nn.Module, *args: Any) -> torch.Tensor:
-        ran.append(model)
-        return forward(model, *args)
+    def seen_by(model: torch.nn.Module, grad_only: bool) -> Any:
+        return lambda *_: ran.append(model) if torch.is_grad_enabled() or not grad_only else None
 
-    monkeypatch.setattr(trainer, "hidden", hidden)
+    student.base_model.register_forward_pre_hook(seen_by(student, True))
+    teacher.base_model.register_forward_pre_hook(seen_by(teacher, False))
     p = tp(method=name, epochs=1, batch_size=4, grad_accum_steps=2, teacher_signal=signal)
     online = signal == "online"
     train_run(student, teacher if online else None, tok_s, tok_t, PAIRS, p, scores=None if online else tiny_scores)

@@ -8,18 +8,7 @@ from distillflow.stagekit import rounds
 from distillflow.training.methods.distillm2 import AlphaCurriculum, BetaSchedule
 from distillflow.training.train_params import RoundParams
 
-from .builders import D2, PAIRS, fresh, pair, tp, train_run
-
-
-def live_rows(folder: Path) -> list[dict[str, float]]:
-    """The per-step rows of a DVCLive folder (one plots/metrics/<name>.tsv per value)."""
-    rows: dict[int, dict[str, float]] = {}
-    for tsv in sorted((folder / "plots" / "metrics").glob("*.tsv")):
-        lines = [ln.split("\t") for ln in tsv.read_text().splitlines()]
-        assert lines[0] == ["step", tsv.stem]
-        for step, value in lines[1:]:
-            rows.setdefault(int(step), {"step": int(step)})[tsv.stem] = float(value)
-    return [rows[k] for k in sorted(rows)]
+from .builders import D2, PAIRS, fresh, live_rows, tp, train_run
 
 
 def test_beta_schedule_paper_and_official_shapes() -> None:
@@ -238,75 +227,6 @@ def test_wider_teacher_logits_are_cut_to_the_shared_vocabulary(tiny_models: Path
     assert teacher.config.vocab_size != student.config.vocab_size
     rows = train_run(student, teacher, tok_s, tok_t, PAIRS[:4], tp(epochs=1))
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-
-
-def test_torchrun_two_processes_give_the_single_process_loss_curve(taught_models: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node=2` (gloo, CPU) vs one process, same global batch."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-    from safetensors.torch import load_file
-
-    from distillflow.base import io, records
-
-    from .conftest import ROOT
-
-    pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y", rf="length" if i % 3 else "stop") for i in range(16)]
-    io.write_table(tmp_path / "curate" / "curated.parquet", pairs, records.PAIR_SCHEMA)
-    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
-    params["train"].update(epochs=2, batch_size=4, grad_accum_steps=2, checkpoint_every=0, chunk_size=8)
-    params["train"]["distillm2"]["reference_batches"] = 1
-    params["train"]["gkd"]["lmbda"] = 0.5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    curves, weights = {}, {}
-    for name, launcher in (
-        ("single", [sys.executable, "-m", "stages.train"]),
-        (
-            "torchrun",
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                "--master_port=29517",
-                "-m",
-                "stages.train",
-            ],
-        ),
-    ):
-        out = tmp_path / name
-        cmd = [
-            *launcher,
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--pairs",
-            str(tmp_path / "curate"),
-            "--scores",
-            str(tmp_path / "score"),
-            "--models",
-            str(taught_models),
-            "--out",
-            str(out / "train"),
-            "--metrics",
-            str(out / "m.json"),
-            "--live",
-            str(out / "live"),
-        ]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        curves[name] = live_rows(out / "live")
-        weights[name] = load_file(out / "train" / "model" / "model.safetensors")
-        assert json.loads((out / "m.json").read_text())["steps"] == 4
-    assert len(curves["single"]) == len(curves["torchrun"]) == 4
-    for a, b in zip(curves["single"], curves["torchrun"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["alpha_t_mean"] == pytest.approx(b["alpha_t_mean"], rel=1e-5)
-    for k in weights["single"]:
-        torch.testing.assert_close(weights["single"][k], weights["torchrun"][k], rtol=1e-4, atol=1e-6)
 
 
 def test_previous_round_checks_the_chain_and_carries_the_curriculum(tmp_path: Path) -> None:

@@ -229,3 +229,25 @@ class BootstrapParams:
         check(self.heldout >= 1, "heldout", "must be >= 1")
         check(self.eval_every >= 1, "eval_every", "must be >= 1")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+LAUNCHERS = ("python", "torchrun", "accelerate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherParams:
+    """params.yaml `train.launcher`: how the train and round stages start (distillflow/stagekit/launch.py)."""
+
+    kind: Literal["python", "torchrun", "accelerate"]  # python: one process | torchrun | accelerate launch
+    nproc_per_node: int  # processes per node (1 with python)
+    # more arguments for the launcher, e.g. ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=HOST:29500"]
+    args: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check(self.kind in LAUNCHERS, "launcher.kind", f"{self.kind!r} is not one of {list(LAUNCHERS)}")
+        check(self.nproc_per_node >= 1, "launcher.nproc_per_node", "must be >= 1")
+        check(
+            self.kind != "python" or (self.nproc_per_node == 1 and not self.args),
+            "launcher",
+            "kind python runs one process: nproc_per_node 1 and no args (torchrun or accelerate for more)",
+        )

@@ -42,8 +42,10 @@ def parse_paths(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A fixed thread count keeps CPU float reductions, and so outputs, repeatable. Only
     # stages that run models import torch (the data stages stay light: 1M-row curate).
+    # Under a launcher the node's cores are shared by its LOCAL_WORLD_SIZE ranks.
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(min(2, os.cpu_count() or 1))
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        sys.modules["torch"].set_num_threads(max(1, min(2, (os.cpu_count() or 1) // ranks)))
     return args
 
 

@@ -35,7 +35,7 @@ from distillflow.base.config import GenerationParams
 from distillflow.base.io import DataError, read_rows
 from distillflow.stagekit import curating, genstage, pairstep, scorestep, trainrun
 from distillflow.stagekit.writer import Writer
-from distillflow.training import trainer
+from distillflow.training import distributed, trainer
 from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.train_params import TrainParams
@@ -175,15 +175,18 @@ def run_round(
     (None: no checkpoints); `live`: the DVCLive folder."""
     t0 = time.perf_counter()
     topk = p.teacher_signal == "topk"
-    counts, sample_seconds = round_data(ri, folder, sampler, topk)
+    # Under a launcher rank 0 alone writes the round's data; the others wait, then
+    # every rank trains its share on it.
+    counts, sample_seconds = round_data(ri, folder, sampler, topk) if distributed.rank_and_size()[0] == 0 else ({}, 0.0)
+    distributed.barrier()
     src, scores_dir = folder / "curate" / "curated.parquet", folder / "score"
     pairs, validation = trainrun.gate_inputs(ri.used["quality"], src, scores_dir, p, eval_ids)
     learner = load()
     t1 = time.perf_counter()
     ckpt = checkpoint(src) if checkpoint is not None else None
     scores = trainer.load_scores(p, scores_dir)
-    rows = trainer.train(
-        trainrun.job(learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live)
+    rows = trainrun.train(
+        learner, trainrun.job(learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live)
     )
     seconds = {
         "sample": round(sample_seconds, 1),

@@ -174,6 +174,14 @@ def job(
     )
 
 
+def train(learner: Learner, job: trainer.Job) -> list[dict[str, float]]:
+    """trainer.train; the learner then holds the trained student whole (the gathered
+    model under FSDP2, see distributed.gathered)."""
+    rows = trainer.train(job)
+    learner.student = job.student
+    return rows
+
+
 def lineage_inputs(src: Path, scores_dir: Path | None, m: Models) -> dict[str, Path]:
     """The manifest inputs every training run has: the pairs file `src`, the stored
     scores (scores_dir: the topk signal's folder, else None), the student it started

@@ -44,10 +44,12 @@ class RunParams:
 
 
 # The train settings a cell shares with the train stage: all but what the cell sets
-# itself (method, seed, the ablation switches); train.rounds gives the cell its E rounds.
+# itself (method, seed, the ablation switches, and one process: a cell trains inside
+# its stage, never under train.launcher); train.rounds gives the cell its E rounds.
 # Listing them one by one keeps DVC from rerunning every cell when train.method changes.
 SECTIONS = {m.params_section: m.switches for m in ABLATABLE.values()}  # train.<section>: its switches
-OWN = ("method", "seed", *SECTIONS)
+ONE_PROCESS = {"parallel": "ddp", "launcher": {"kind": "python", "nproc_per_node": 1, "args": []}}
+OWN = ("method", "seed", *ONE_PROCESS, *SECTIONS)
 SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(TrainParams) if f.name not in OWN) + tuple(
     f"train.{section}.{f.name}"
     for section, switches in SECTIONS.items()
@@ -63,6 +65,7 @@ def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> TrainParams:
     raw: dict[str, Any] = {
         "method": run.method,
         "seed": seed,
+        **ONE_PROCESS,  # train.parallel is unused in one process
         **{section: {s: s not in run.disable for s in switches} for section, switches in SECTIONS.items()},
     }
     for key in SHARED_TRAIN:

@@ -1,7 +1,12 @@
 """Resumable training state: saved every `train.checkpoint_every` optimizer steps into
 `<out>.checkpoints/state.pt`, restored only by a run with the same key (params, data and
 both models), removed once the run is complete. A resumed run ends with the weights of
-an uninterrupted one (the batch plan is a pure function of the seed, see train_params.batch_plan)."""
+an uninterrupted one (the batch plan is a pure function of the seed, see train_params.batch_plan).
+
+Under a launcher every rank saves and loads: with DDP rank 0 writes state.pt (every rank
+holds the same weights) and every rank reads it; with FSDP2 the student's and
+optimizer's shards go to `shards-<step>/` (torch.distributed.checkpoint, one file per
+rank) and state.pt, written after them, names that folder."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from distillflow.base import records
 from distillflow.base.io import atomic_path
+from distillflow.training import distributed
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.train_params import TrainParams
 
@@ -80,9 +86,12 @@ class Checkpoint:
                 "train: ignoring checkpoint %s from another configuration (params, data or models changed)", self.file
             )
             return 0, []
-        check_dtypes(self.file, state["student"], student.state_dict())
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
+        if "shards" in state:
+            distributed.load_sharded(self.folder / state["shards"], student, opt)
+        else:
+            check_dtypes(self.file, state["student"], student.state_dict())
+            student.load_state_dict(state["student"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         curriculum.gaps_t, curriculum.gaps_s = state["curriculum"]["gaps_t"], state["curriculum"]["gaps_s"]
         return state["step"], state["log"]
@@ -96,18 +105,23 @@ class Checkpoint:
         curriculum: AlphaCurriculum,
         log_rows: list[dict[str, float]],
     ) -> None:
-        state = {
-            "key": self.key,
-            "step": step,
-            "student": student.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "curriculum": curriculum.state(),
-            "log": log_rows,
-        }
+        """Every rank calls it (see the module docstring)."""
+        state: dict = {"key": self.key, "step": step}
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.file) as tmp:
-            torch.save(state, tmp)
+        if distributed.is_sharded(student):
+            shards = f"shards-{step}"
+            distributed.save_sharded(self.folder / shards, student, opt)
+            state["shards"] = shards
+        elif distributed.rank_and_size()[0] == 0:  # the one writer
+            state.update(student=student.state_dict(), optimizer=opt.state_dict())
+        state.update(scheduler=sched.state_dict(), curriculum=curriculum.state(), log=log_rows)
+        if distributed.rank_and_size()[0] == 0:
+            with atomic_path(self.file) as tmp:
+                torch.save(state, tmp)
+            for old in self.folder.glob("shards-*"):  # an earlier save's
+                if old.name != state.get("shards"):
+                    shutil.rmtree(old)
+        distributed.barrier()
 
     def clear(self) -> None:
         """The run is complete: its resume state is no longer needed."""

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from distillflow.base.config import LauncherParams
 from distillflow.base.params import check
 from distillflow.training.methods import METHODS
 from distillflow.training.methods.distillm import DistiLLMParams
@@ -45,6 +46,9 @@ class TrainParams:
     bf16_autocast: bool
     gradient_checkpointing: bool  # recompute activations in the backward pass (less memory, slower)
     checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
+    # with several processes: ddp (each holds the student) | fsdp (FSDP2 shards it; sharded checkpoints)
+    parallel: Literal["ddp", "fsdp"]
+    launcher: LauncherParams  # how the train and round stages start: one process, torchrun or accelerate
     teacher_signal: Literal["online", "topk"]  # topk: data/score's top-k log-probs, no teacher model
     distillm2: DistiLLM2Params  # DistiLLM-2's settings and ablation switches
     distillm: DistiLLMParams  # DistiLLM's settings
@@ -79,6 +83,7 @@ class TrainParams:
         check(self.lr > 0, "lr", "must be > 0")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.parallel in ("ddp", "fsdp"), "parallel", f"{self.parallel!r} is not ddp or fsdp")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
 
 

@@ -18,7 +18,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,8 @@ class Loop:
     curriculum: AlphaCurriculum
     method: Method
     params: Any  # the method's params section (train.<method.params_section>), or None
-    heads: Heads
+    heads: Heads  # without the student's head: each micro-batch's forward brings it
+    forward: torch.nn.Module  # distributed.StudentForward, under DDP or FSDP2 with a launcher
     rank: int
     world: int
     online_teacher: torch.nn.Module | None  # None unless the method reads the teacher and it runs here
@@ -174,20 +175,23 @@ def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.
 
 
 def side(
-    student: torch.nn.Module,
+    s_hidden: torch.Tensor,
     teacher: torch.nn.Module | None,
     batch: encoding.Batch,
     device: str,
     topk: TopK | None = None,
 ) -> Side:
-    """One batch through the student (with gradients) and the teacher (without), if needed."""
-    s_h = hidden(student, batch, device)
+    """One batch's student hidden states (with gradients) and the teacher's (without), if needed."""
     with torch.no_grad():
         t_h = hidden(teacher, batch, device) if teacher is not None else None
     if topk is not None:
         topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
     return Side(
-        s_hidden=s_h, t_hidden=t_h, mask=batch.response_mask.to(device), targets=batch.targets.to(device), t_topk=topk
+        s_hidden=s_hidden,
+        t_hidden=t_h,
+        mask=batch.response_mask.to(device),
+        targets=batch.targets.to(device),
+        t_topk=topk,
     )
 
 
@@ -270,14 +274,20 @@ def setup(job: Job) -> Loop:
                 f"train: models.{role}: max positions {limit} < the longest pair ({longest} tokens, prompt and "
                 "response); lower curate.max_chosen_tokens / max_rejected_tokens or use a longer-context model"
             )
+    method = METHODS[p.method]
+    online = teacher if method.needs_teacher != "none" else None
+    check_heads(job, encoded[0], online)
+    # The student's head comes with each forward (StudentForward): none held here, where
+    # it would keep FSDP2's unsharded weight alive.
+    heads = replace(heads_of(student, teacher, vocab, p), s_weight=torch.empty(0), s_bias=None)
+    # Before the optimizer: FSDP2 shards the student's parameters in place.
+    forward = distributed.wrap(distributed.StudentForward(student, vocab), p.parallel, p.device)
     seed = round_seed(p.seed, job.round_index)
     steps = batch_plan(len(encoded), p, seed)
     basics.seed_everything(seed)
     opt, sched = basics.optimizer_and_schedule(student, p.lr, p.warmup_steps, len(steps))
     if job.curriculum is None:
         job.curriculum = AlphaCurriculum(p.distillm2)
-    method = METHODS[p.method]
-    heads = heads_of(student, teacher, vocab, p)
     if p.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.train()
@@ -285,7 +295,6 @@ def setup(job: Job) -> Loop:
         teacher.eval()
     rank, world = distributed.rank_and_size()
     autocast = autocast_of(p)
-    online = teacher if method.needs_teacher != "none" else None
     loop = Loop(
         encoded=encoded,
         steps=steps,
@@ -296,6 +305,7 @@ def setup(job: Job) -> Loop:
         method=method,
         params=getattr(p, method.params_section) if method.params_section is not None else None,
         heads=heads,
+        forward=forward,
         rank=rank,
         world=world,
         online_teacher=online,
@@ -307,18 +317,24 @@ def setup(job: Job) -> Loop:
             log.info("train: resuming at step %d of %d from %s", loop.start, loop.total, job.checkpoint.file)
     if world > 1:
         check_world(loop)
-    first = encoding.collate([(encoded[0][0], encoded[0][1])], tok_s.pad_token_id)  # one sequence
-    ids, attn = first.input_ids.to(p.device), first.attention_mask.to(p.device)
-    models.check_plain_head(student, ids, attn, "student")
-    if online is not None:
-        models.check_plain_head(teacher, ids, attn, "teacher")
     return loop
 
 
-def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side]:
-    """This process's pairs `idx` through the models: (chosen, rejected). A side the
-    method does not read is empty, with no forward pass; the teacher signal (online or
-    stored) only for a method that reads it."""
+def check_heads(job: Job, first_pair: tuple[list[int], list[int], list[int]], online: torch.nn.Module | None) -> None:
+    """models.check_plain_head on one sequence, before the student is wrapped (and,
+    under FSDP2, sharded) and before the run's seeding."""
+    first = encoding.collate([(first_pair[0], first_pair[1])], job.tok_s.pad_token_id)
+    ids, attn = first.input_ids.to(job.p.device), first.attention_mask.to(job.p.device)
+    models.check_plain_head(job.student, ids, attn, "student")
+    if online is not None:
+        models.check_plain_head(online, ids, attn, "teacher")
+
+
+def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
+    """This process's pairs `idx` through the models: (chosen, rejected, the heads with
+    the student's from this forward). A side the method does not read is empty, with no
+    forward pass; the teacher signal (online or stored) only for a method that reads it.
+    The student sees one call of `loop.forward` for both sides."""
     method, scores = loop.method, job.scores
     pad, keys = job.tok_s.pad_token_id, [job.pairs[i]["pair_id"] for i in idx]
     batches = {
@@ -332,13 +348,19 @@ def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side]:
         else None
         for name, b in batches.items()
     }
+    dev = job.p.device
+    read = [name for name in batches if needed[name]]
+    s_hiddens, s_weight, s_bias = loop.forward(
+        [(batches[n].input_ids.to(dev), batches[n].attention_mask.to(dev)) for n in read]
+    )
+    s_hidden = dict(zip(read, s_hiddens))
     chosen, rejected = (
-        side(job.student, loop.online_teacher, b, job.p.device, topk[name])
+        side(s_hidden[name], loop.online_teacher, b, dev, topk[name])
         if needed[name]
         else Side(s_hidden=torch.empty(0), t_hidden=None, mask=b.response_mask[:0], targets=b.targets[:0])
         for name, b in batches.items()
     )
-    return chosen, rejected
+    return chosen, rejected, replace(loop.heads, s_weight=s_weight, s_bias=s_bias)
 
 
 def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[int]) -> tuple[float, dict[str, Any]]:
@@ -359,11 +381,14 @@ def micro_batch(job: Job, loop: Loop, step: int, micro: int, global_idx: list[in
         positions=positions,
         global_size=len(global_idx),
     )
-    with loop.autocast:  # one region: forward passes and loss share its cast cache
-        chosen, rejected = sides(job, loop, idx)
-        x = MicroBatch(chosen=chosen, rejected=rejected, heads=loop.heads, at=at, curriculum=loop.curriculum)
-        loss, logs = loop.method.loss(x, loop.params)
-    (loss * share * loop.world).backward()
+    last = micro == len(loop.steps[step]) - 1
+    with distributed.accumulating(loop.forward, last):
+        with loop.autocast:  # one region: forward passes and loss share its cast cache
+            chosen, rejected, heads = sides(job, loop, idx)
+            x = MicroBatch(chosen=chosen, rejected=rejected, heads=heads, at=at, curriculum=loop.curriculum)
+            loss, logs = loop.method.loss(x, loop.params)
+        # DDP and FSDP2 average over ranks: times the world, each rank's share sums to 1.
+        (loss * share * loop.world).backward()
     return share, {"loss": float(loss.detach()), **logs}
 
 
@@ -375,7 +400,6 @@ def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
         share, values = micro_batch(job, loop, step, micro, global_idx)
         for k, v in values.items():
             logged[k] = logged.get(k, 0.0) + v * share
-    distributed.average_gradients(list(job.student.parameters()))
     keys = sorted(logged)
     logged = dict(zip(keys, distributed.sum_floats([logged[k] for k in keys])))
     grad_norm = torch.nn.utils.clip_grad_norm_(job.student.parameters(), job.p.max_grad_norm)
@@ -386,12 +410,13 @@ def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
         "loss": logged.pop("loss"),
         **logged,
         "lr": loop.sched.get_last_lr()[0],
-        "grad_norm": float(grad_norm),
+        "grad_norm": distributed.full_norm(grad_norm),
     }
 
 
 def train(job: Job) -> list[dict[str, float]]:
-    """Train `job.student` in place; returns one log row per optimizer step."""
+    """Train `job.student` in place; returns one log row per optimizer step. Under FSDP2
+    `job.student` is then the gathered model (distributed.gathered)."""
     loop = setup(job)
     p, ckpt = job.p, job.checkpoint
     live = LiveLog(job.live) if job.live is not None and loop.rank == 0 else None
@@ -406,13 +431,14 @@ def train(job: Job) -> list[dict[str, float]]:
         bar.update(1)
         bar.set_postfix(loss=f"{loop.rows[-1]['loss']:.4f}", refresh=False)
         every = p.checkpoint_every
-        if ckpt is not None and loop.rank == 0 and every and (step + 1) % every == 0 and step + 1 < loop.total:
+        if ckpt is not None and every and (step + 1) % every == 0 and step + 1 < loop.total:
             ckpt.save(step + 1, job.student, loop.opt, loop.sched, loop.curriculum, loop.rows)
         if job.on_step is not None:
             job.on_step(step)
     bar.close()
     if p.gradient_checkpointing:
         job.student.gradient_checkpointing_disable()
+    job.student = distributed.gathered(job.student)  # whole again after FSDP2 (on rank 0)
     job.student.eval()
     return loop.rows
 
