@@ -21,7 +21,6 @@ replaced, not wrapped: a stop of the stage (its process group) reaches every ran
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -30,9 +29,6 @@ from pathlib import Path
 from distillflow.base import params
 from distillflow.base.config import LauncherParams
 from distillflow.base.errors import UsageError
-
-log = logging.getLogger("launch")
-
 
 MARK = "DISTILLFLOW_LAUNCHED"  # set in the launcher's environment: a stage relaunches once
 
@@ -54,7 +50,7 @@ def command(lp: LauncherParams, module: str, argv: list[str]) -> list[str] | Non
     if accelerate is None:
         raise UsageError(
             "train.launcher.kind accelerate: no `accelerate` command beside this Python or on PATH; "
-            "pip install accelerate (the `scale` extra), or use kind torchrun"
+            "pip install accelerate (the `accelerate` extra), or use kind torchrun"
         )
     # accelerate's launcher of several processes is --multi_gpu (torchrun's, gloo on CPU)
     # unless the args pick another mode
@@ -80,7 +76,7 @@ def _relaunch(module: str, argv: list[str] | None) -> None:
     if MARK in os.environ:  # relaunched, yet no rank: the launcher ran the stage as one process
         raise UsageError(
             f"train.launcher: {os.environ[MARK]} started this stage without RANK/WORLD_SIZE (one process, not "
-            "several); check its arguments (accelerate on GPUs needs --multi_gpu in train.launcher.args)"
+            "several); check train.launcher.args (accelerate's --cpu, for one, runs a single process)"
         )
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
