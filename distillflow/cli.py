@@ -132,7 +132,13 @@ def ray_params(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's ray_* parameters from --ray and the options that need it."""
     given = [
         o
-        for o, v in (("--ray-stage", args.ray_stages), ("--ray-cpus", args.ray_cpus), ("--ray-gpus", args.ray_gpus))
+        for o, v in (
+            ("--ray-stage", args.ray_stages),
+            ("--ray-cpus", args.ray_cpus),
+            ("--ray-gpus", args.ray_gpus),
+            ("--ray-parts", args.ray_parts),
+            ("--ray-parts-url", args.ray_parts_url),
+        )
         if v is not None
     ]
     if args.ray_address is None and given:
@@ -142,6 +148,8 @@ def ray_params(args: argparse.Namespace) -> dict[str, Any]:
         "ray_stages": args.ray_stages,
         "ray_cpus": 2.0 if args.ray_cpus is None else args.ray_cpus,
         "ray_gpus": 0.0 if args.ray_gpus is None else args.ray_gpus,
+        "ray_parts": 0 if args.ray_parts is None else args.ray_parts,
+        "ray_parts_url": args.ray_parts_url,
     }
 
 
@@ -283,6 +291,19 @@ def _flow_commands(sub: Any) -> None:
         )
         p.add_argument("--ray-cpus", type=float, help="with --ray: CPUs per stage task (default 2)")
         p.add_argument("--ray-gpus", type=float, help="with --ray: GPUs per stage task (default 0)")
+        p.add_argument(
+            "--ray-parts",
+            type=int,
+            metavar="N",
+            help="with --ray: split each generation stage (teacher, student and their replicates) into N parts, "
+            "each a Ray task; the stage then gathers them (default: not split)",
+        )
+        p.add_argument(
+            "--ray-parts-url",
+            metavar="URL",
+            help="with --ray-parts: an fsspec URL (s3://, gs://, file://) where parts leave their shards, for "
+            "nodes that do not share the checkout's filesystem (default: the shared checkout)",
+        )
     r = sub.choices["run"]
     r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")
     r.add_argument("--summary", type=Path, help="also write the per-stage outcome as JSON here")

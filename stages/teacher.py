@@ -15,6 +15,7 @@ from distillflow.stagekit import entry, genstage
 
 SECTIONS = genstage.sections("teacher")
 PARAMS = tuple(SECTIONS)
+PARTS = True  # `distillflow run --ray-parts N` may run it in N parts (--part K/N): engines/parts.py
 
 if __name__ == "__main__":
     entry.run_stage(lambda: genstage.main("teacher", __doc__))

@@ -1068,3 +1068,106 @@ def test_stages_on_a_ray_cluster_write_the_local_runs_bytes_and_a_killed_worker_
 
     assert outs(remote) == outs(local) and len(outs(local)) == 5
     assert_dvc_agrees(remote, env)
+
+
+GEN_DVC_YAML = """\
+stages:
+  teacher:
+    cmd: python -m stages.teacher --params params.yaml --prompts seed --models tiny --out data/teacher --metrics m.json
+    deps: [seed, tiny]
+    params: [teacher]
+    outs: [data/teacher]
+    metrics: [{m.json: {cache: false}}]
+"""
+
+
+def make_gen_repo(repo: Path, server: Server, tiny_models: Path) -> Path:
+    """A repo whose one stage is the real teacher stage on tiny models: 96 prompts in
+    shards of 2 (48 shards)."""
+    from distillflow.base import io, records
+    from stages import seed
+
+    from .builders import TASK, seed_params
+
+    repo.mkdir(parents=True)
+    sp = seed_params(num_train=96, num_eval=1)
+    train = seed.run(TASK, sp, seed.source_rows(TASK, sp))[0]
+    io.write_table(repo / "seed" / "train.parquet", train, records.PROMPT_SCHEMA)
+    shutil.copytree(tiny_models, repo / "tiny")
+    for code in ("stages", "distillflow"):  # the stage module, its PARTS and its imports (codedeps.py)
+        (repo / code).symlink_to(ROOT / code)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["teacher"].update(batch_size=2, shard_size=2, num_samples=2, max_new_tokens=24)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "dvc.yaml").write_text(GEN_DVC_YAML)
+    sh(repo, server.env, "git", "init", "-q")
+    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
+    sh(repo, server.env, "git", "add", "-A")
+    sh(repo, server.env, "git", "commit", "-qm", "gen")
+    return repo
+
+
+def part_process(repo: Path, part: str) -> int | None:
+    """The pid of the teacher stage running `--part PART` in `repo`, if one runs."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if (
+            b"stages.teacher" in argv
+            and argv[argv.index(b"--part") + 1 : 2 + argv.index(b"--part")] == [part.encode()]
+            and cwd == str(repo)
+        ):
+            return int(proc.name)
+    return None
+
+
+def test_generation_parts_on_ray_write_the_local_runs_bytes_and_a_killed_part_resumes(
+    tmp_path: Path, server: Server, ray_cluster: str, tiny_models: Path
+) -> None:
+    """The real teacher stage (48 shards) run here, and in 2 parts on a local Ray
+    cluster with an fsspec URL (file://) between the parts and the flow, the worker
+    running part 0 killed once that part has finished a shard. Ray retries part 0, which
+    resumes from its finished shards; the flow downloads and merges the parts, the stage
+    only gathers, and the output's md5 in dvc.lock equals the local run's."""
+    env = {**server.env, "PYTHONPATH": str(ROOT), "SHELL": "/bin/sh"}
+    local = make_gen_repo(tmp_path / "local", server, tiny_models)
+    remote = make_gen_repo(tmp_path / "remote", server, tiny_models)
+    summary, _ = run_flow(local, env)
+    assert outcomes(summary) == {"teacher": "ran"}
+
+    bucket = tmp_path / "bucket"
+    cmd = [PY, "-m", "distillflow.cli", "run", "--summary", str(tmp_path / "summary.json"), "--ray", ray_cluster]
+    cmd += ["--ray-cpus", "1", "--ray-parts", "2", "--ray-parts-url", f"file://{bucket}"]
+    log_path = tmp_path / "parts-run.log"
+    part_work = remote / "data" / "teacher.shards" / "part-0-of-2"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(cmd, cwd=remote, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(part_work.glob("*.done")):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.005)
+        pid = part_process(remote, "0/2")
+        assert pid is not None, "part 0 finished before it could be killed"
+        os.kill(ray_worker_of(pid), signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    out = log_path.read_text()
+    assert rc == 0, out[-6000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["stages"]["teacher"]["outcome"] == "ran"
+    resumed = re.findall(r"part-0-of-2: (\d+) of 24 shards already done \(skipped\)", out)
+    assert resumed and 1 <= int(resumed[-1]) < 24, out[-6000:]  # the retried part 0 kept its finished shards
+    assert "teacher: 48 shards from 2 parts on Ray" in out, out[-6000:]
+    assert "48 of 48 shards already done (skipped), 0 to generate" in out, out[-6000:]  # the stage only gathered
+    assert len(list(bucket.rglob("*.done"))) == 48
+
+    def outs(repo: Path) -> dict[str, str]:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
+
+    assert outs(remote) == outs(local) and set(outs(local)) == {"data/teacher", "m.json"}
+    assert not (remote / "data" / "teacher.shards").exists()
+    assert_dvc_agrees(remote, env)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from distillflow.base import io, models, records
 from distillflow.base.config import GenerationParams
 from distillflow.base.encoding import prompt_ids
-from distillflow.engines import generation, sampling, shards
+from distillflow.engines import generation, parts, sampling, shards
 from distillflow.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 from distillflow.stagekit import genstage
 from stages import seed
@@ -372,20 +372,34 @@ def stage_setup(tmp_path: Path, tiny_models: Path, **teacher: object) -> list[st
 
 
 def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
-    tmp_path: Path, tiny_models: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny_models: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stage_setup(tmp_path, tiny_models, batch_size=8, shard_size=16, max_new_tokens=4)  # 48 prompts: 3 shards
+    monkeypatch.chdir(tmp_path)  # --out relative to the checkout, as in dvc.yaml (the URL repeats it)
     where = dict(
         params_file=tmp_path / "params.yaml",
         prompts_dir=tmp_path / "seed",
         models_dir=tiny_models,
-        out=tmp_path / "out",
+        out=Path("out"),
     )
     with pytest.raises(ValueError, match="part must be in 0..1, got 2"):
         genstage.generate_part("teacher", part=2, parts=2, **where)
-    for k in (0, 1):
-        genstage.generate_part("teacher", part=k, parts=2, **where)
-    assert len(list((tmp_path / "out.shards").glob("*.done"))) == 3 and not (tmp_path / "out").exists()
+    work = tmp_path / "out.shards"
+    genstage.generate_part("teacher", part=0, parts=2, **where)
+    with pytest.raises(io.DataError, match="parts without a plan.json: part-1-of-2"):
+        parts.merge(work, 2)
+    # part 1 through an fsspec URL, as on a machine without the shared folder
+    genstage.generate_part("teacher", part=1, parts=2, url=f"file://{tmp_path / 'bucket'}", **where)
+    assert [p.name for p in (tmp_path / "bucket").rglob("*.done")] == ["shard-00001.done"]
+    shutil.rmtree(parts.part_dir(work, 1, 2))
+    parts.download(parts.part_url(f"file://{tmp_path / 'bucket'}", Path("out"), 1, 2), parts.part_dir(work, 1, 2))
+    (work / "shard-00007.done").write_text("{}")  # left by a run for another plan: removed by the merge
+    assert parts.merge(work, 2) == 3
+    assert sorted(p.name for p in work.iterdir()) == [
+        "plan.json",
+        *(f"shard-{i:05d}.{ext}" for i in range(3) for ext in ("done", "parquet")),
+    ]
+    assert not (tmp_path / "out").exists()
     i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
     with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         rows = sampling.sample("teacher", i.p, i.ref, i.prompts, i.model_dir, tmp_path / "out.shards", **TOY_KW)

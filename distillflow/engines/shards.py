@@ -37,18 +37,11 @@ import torch
 from distillflow.base import records
 from distillflow.base.io import DataError, atomic_path, digest_path, read_rows, write_table
 from distillflow.engines.generation import Engine, Shard
+from distillflow.engines.parts import PLAN, marker_file, shard_file
 
 log = logging.getLogger(__name__)
 
-PLAN = "plan.json"
-
-
-def shard_file(work: Path, index: int) -> Path:
-    return work / f"shard-{index:05d}.parquet"
-
-
-def marker_file(work: Path, index: int) -> Path:
-    return work / f"shard-{index:05d}.done"
+__all__ = ["PLAN", "shard_file", "marker_file", "prepare", "is_done", "write_shard", "run_shards", "gather"]
 
 
 def prepare(work: Path, key: dict[str, Any]) -> None:

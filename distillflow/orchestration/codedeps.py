@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP = ("stages", "distillflow")
@@ -111,6 +112,18 @@ def stage_module(name: str, cmd: str) -> str:
     if m is None:
         raise ValueError(f"dvc.yaml {name}: command does not run a stages module: {cmd!r}")
     return m.group(1)
+
+
+def constant(root: Path, module: str, name: str) -> Any:
+    """A module-level constant of stage module `stages.<module>` (`NAME = <literal>`),
+    read from its source without importing it; None where it has none."""
+    path = module_file(root, f"stages.{module}")
+    if path is None:
+        raise ValueError(f"no stage module stages.{module} under {root}")
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
 
 
 def sync_text(text: str, root: Path = ROOT) -> tuple[str, list[str]]:

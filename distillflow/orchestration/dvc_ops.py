@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distillflow.engines import parts
 from distillflow.orchestration import ray_exec
 from distillflow.orchestration.dvc_adapter import (
     OverrideError,
@@ -225,16 +227,19 @@ def run_command(
     outs: Sequence[str] = (),
     ray: RayStages | None = None,
     passive_threads: bool = False,
+    split: bool = False,
 ) -> tuple[float, float]:
-    """Run the stage's command(s) the way `dvc repro` does, here or (`ray`) as a Ray
-    task (ray_exec.py; `outs`: what a retried task clears first); send output lines to
-    `log`. `passive_threads`: the stage may run beside others (OMP_WAIT_POLICY below).
+    """Run the stage's command(s) the way `dvc repro` does, here or, when the stage
+    matches `ray`'s patterns, as a Ray task (ray_exec.py; `outs`: what a retried task
+    clears first); `split`: in `ray.parts` parts on Ray first (_run_parts). Output
+    lines go to `log`. `passive_threads`: the stage may run beside others (OMP_WAIT_POLICY below).
     Returns (start, end) wall-clock times. Raises StageCommandFailed, or StageStopped
     when the run is being stopped."""
     env = stage_env()
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = name
-    if passive_threads and ray is None:  # a Ray task has its CPUs to itself
+    whole = ray is not None and ray.matches(name)
+    if passive_threads and not whole:  # a Ray task has its CPUs to itself
         # This stage may run beside others, 2 torch threads each: with OpenMP's default
         # spin-waiting, two such on 2 cores each ran 17x slower than one alone; passive
         # waiting, 1.9x (benchmarks/omp_wait.py). Alone it costs 1.36x, so only stages
@@ -248,7 +253,11 @@ def run_command(
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     start = time.time()
     lines = dvc_command_lines(cmd)
-    if ray is not None:
+    if split:
+        assert ray is not None
+        _run_parts(ray, root, name, lines, wdir, env, log)
+    if whole:
+        assert ray is not None
         _run_on_ray(ray, root, name, lines, wdir, env, outs, log)
         return start, time.time()
     for line_cmd in lines:
@@ -309,6 +318,52 @@ def _run_on_ray(
         raise StageStopped(name, STOP.signum)
     if returncode != 0:
         raise StageCommandFailed(name, " && ".join(lines), returncode, tail[-40:])
+
+
+def _out_arg(name: str, line: str) -> Path:
+    """The `--out` of a generation stage's command: where its shards go."""
+    argv = shlex.split(line)
+    if "--out" not in argv[:-1]:
+        raise StageError(f"stage {name!r}: --ray-parts needs its command's --out, and it has none: {line}")
+    return Path(argv[argv.index("--out") + 1])
+
+
+def _run_parts(
+    ray: RayStages,
+    root: Path,
+    name: str,
+    lines: list[str],
+    wdir: str,
+    env: dict[str, str],
+    log: Callable[[str], None],
+) -> None:
+    """A generation stage's shards in `ray.parts` Ray tasks at once, each its command
+    with `--part K/N` (genstage.generate_part), then moved into the stage's work folder
+    (downloaded first from `ray.parts_url`), where the stage finds them done and only
+    gathers (distillflow/engines/parts.py). A part whose worker dies is retried by Ray
+    and resumes from its finished shards; a part that fails fails the stage."""
+    if len(lines) != 1:
+        raise StageError(f"stage {name!r}: --ray-parts splits a one-line command; it has {len(lines)}")
+    if STOP.signum is not None:
+        raise StageStopped(name, STOP.signum)
+    n, url = ray.parts, ray.parts_url
+    extra = "" if url is None else f" --parts-url {shlex.quote(url)}"
+    part_lines = [f"{lines[0]} --part {k}/{n}{extra}" for k in range(n)]
+    for line in part_lines:
+        log(f"> {line} (on Ray)")
+    tasks = [(f"{name} part {k}/{n}", [shell_argv(line)], []) for k, line in enumerate(part_lines)]
+    results = ray_exec.run_tasks(ray, tasks, Path(root) / wdir, env, log)
+    if STOP.signum is not None:
+        raise StageStopped(name, STOP.signum)
+    for line, (returncode, tail) in zip(part_lines, results, strict=True):
+        if returncode != 0:
+            raise StageCommandFailed(name, line, returncode, tail[-40:])
+    out = _out_arg(name, lines[0])
+    work = parts.work_dir(Path(root) / wdir / out)
+    if url is not None:
+        for k in range(n):
+            parts.download(parts.part_url(url, out, k, n), parts.part_dir(work, k, n))
+    log(f"{name}: {parts.merge(work, n)} shards from {n} parts on Ray, in {work}; the stage gathers them")
 
 
 def outs_digests(root: Path, name: str) -> dict[str, str]:

@@ -90,10 +90,12 @@ def run_stage(
     fingerprint: str | None,
     ray: dict[str, Any] | None = None,
     side_by_side: bool = False,
+    split: bool = False,
 ) -> dict[str, Any]:
-    """One DVC stage (the body of its task; skipped entirely on a cache hit); its
-    command runs on Ray when `ray` (a RayStages as a dict) is given; `side_by_side`: it
-    may run beside other stages (dvc_ops.run_command's passive_threads)."""
+    """One DVC stage (the body of its task; skipped entirely on a cache hit); `ray` (a
+    RayStages as a dict): the command runs on Ray if the stage matches its patterns,
+    and, when `split`, in parts there first; `side_by_side`: it may run beside other
+    stages (dvc_ops.run_command's passive_threads)."""
     logger = get_run_logger()
     path = Path(root)
     attempt = runtime_task_run.run_count
@@ -120,7 +122,7 @@ def run_stage(
         try:
             on_ray = None if ray is None else RayStages(**{**ray, "patterns": tuple(ray["patterns"])})
             started, finished = dvc_ops.run_command(
-                path, stage, cmd, wdir, logger.info, outs, on_ray, passive_threads=side_by_side
+                path, stage, cmd, wdir, logger.info, outs, on_ray, passive_threads=side_by_side, split=split
             )
             dvc_ops.commit(path, stage)
             ok = True
@@ -169,6 +171,14 @@ def loads_models(spec: StageSpec, root: Path) -> bool:
     return any(f in files for f in RETRY_IF_LOADS)
 
 
+def splits(spec: StageSpec, root: Path) -> bool:
+    """Whether `--ray-parts` may split the stage: its module says so (`PARTS = True`:
+    the generation stages, whose command takes `--part K/N`; distillflow/engines/parts.py)."""
+    if not isinstance(spec.cmd, str) or not spec.cmd.strip().startswith("python -m stages."):
+        return False
+    return codedeps.constant(root, codedeps.stage_module(spec.name, spec.cmd), "PARTS") is True
+
+
 def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None, root: Path) -> int:
     """`retries` for a stage matched by a `retry_stages` pattern (fnmatch on its name)
     or, by default, for one that loads models; 0 otherwise."""
@@ -201,6 +211,7 @@ def _submit(
         retries=n,
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if n else 0,
     )
+    split = ray is not None and ray.parts > 0 and splits(spec, root)
     return configured.submit(
         str(root),
         name,
@@ -208,8 +219,9 @@ def _submit(
         spec.wdir,
         list(spec.outs),
         fp,
-        asdict(ray) if ray is not None and ray.matches(name) else None,
+        asdict(ray) if ray is not None and (ray.matches(name) or split) else None,
         name in side_by_side,
+        split,
         wait_for=[futures[u] for u in sorted(dag.upstream[name])],
     )
 
@@ -226,6 +238,8 @@ def distill(
     ray_stages: list[str] | None = None,
     ray_cpus: float = 2.0,
     ray_gpus: float = 0.0,
+    ray_parts: int = 0,
+    ray_parts_url: str | None = None,
 ) -> dict[str, Any]:
     """Run the DVC pipeline (or `target` and its upstream stages) as Prefect tasks.
 
@@ -237,6 +251,9 @@ def distill(
     ray_address: a Ray cluster (host:port, or auto) that runs the commands of the stages
     matching `ray_stages` (fnmatch; default ray_exec.DEFAULT_STAGES), each task asking
     for `ray_cpus` CPUs and `ray_gpus` GPUs (distillflow/orchestration/ray_exec.py).
+    ray_parts: split each generation stage into this many parts, each a Ray task
+    (0: not split); ray_parts_url: an fsspec URL where parts leave their shards, for
+    nodes that do not share the checkout's filesystem (distillflow/engines/parts.py).
     """
     flow_started = time.time()
     logger = get_run_logger()
@@ -248,7 +265,7 @@ def distill(
         ray = None
         if ray_address is not None:
             patterns = tuple(ray_stages) if ray_stages else ray_exec.DEFAULT_STAGES
-            ray = RayStages(ray_address, patterns, ray_cpus, ray_gpus)
+            ray = RayStages(ray_address, patterns, ray_cpus, ray_gpus, ray_parts, ray_parts_url)
         with (
             dvc_ops.run_lock(root_path),
             session(root_path),
@@ -281,7 +298,7 @@ def _distill(
     results_dir = root / RESULTS_DIR
     side_by_side = _crowded(dag.side_by_side(selected))
     if ray is not None:
-        _log_ray(logger, ray, selected)
+        _log_ray(logger, ray, dag, root, selected)
 
     summary: dict[str, Any] = {
         "flow_run_id": str(runtime_flow_run.id),
@@ -344,10 +361,15 @@ def _distill(
     return _finish(summary, selected, done, failed, preempt.STOP.signum)
 
 
-def _log_ray(logger: Any, ray: RayStages, selected: list[str]) -> None:
+def _log_ray(logger: Any, ray: RayStages, dag: Dag, root: Path, selected: list[str]) -> None:
     on_ray = [n for n in selected if ray.matches(n)]
     logger.info("on Ray at %s: %s", ray.address, ", ".join(on_ray) or "no stage")
-    if not on_ray:
+    if ray.parts:
+        split = [n for n in selected if splits(dag.stages[n], root)]
+        logger.info("in %d parts on Ray: %s", ray.parts, ", ".join(split) or "no stage")
+        if not split:
+            logger.warning("--ray-parts: no stage of this run generates in parts")
+    if not on_ray and not ray.parts:
         logger.warning("--ray: no stage of this run matches %s; every stage runs here", ", ".join(ray.patterns))
 
 

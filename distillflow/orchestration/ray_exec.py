@@ -64,12 +64,18 @@ class RayStages:
     patterns: tuple[str, ...] = DEFAULT_STAGES
     num_cpus: float = 2.0
     num_gpus: float = 0.0
+    parts: int = 0  # split each generation stage into this many Ray tasks (0: not split)
+    parts_url: str | None = None  # fsspec URL where parts leave their shards (None: the shared checkout)
 
     def __post_init__(self) -> None:
         if not self.address:
             raise StageError("--ray: give the cluster's address (host:port, or auto)")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise StageError(f"--ray-cpus and --ray-gpus must be >= 0; got {self.num_cpus}, {self.num_gpus}")
+        if self.parts < 0:
+            raise StageError(f"--ray-parts must be >= 0; got {self.parts}")
+        if self.parts_url is not None and not self.parts:
+            raise StageError("--ray-parts-url needs --ray-parts N")
 
     def matches(self, stage: str) -> bool:
         return any(fnmatch(stage, p) for p in self.patterns)
@@ -243,21 +249,47 @@ def run(
     """Run the command lines of `stage` as one Ray task and wait for it: (return code,
     last output lines), the lines also sent to `log`. A task cancelled by a stop
     returns -SIGTERM (the caller sees the stop)."""
+    return run_tasks(cfg, [(stage, argvs, outs)], cwd, env, log)[0]
+
+
+def run_tasks(
+    cfg: RayStages,
+    tasks: Sequence[tuple[str, list[list[str] | str], list[Path]]],
+    cwd: Path,
+    env: dict[str, str],
+    log: Callable[[str], None],
+) -> list[tuple[int, list[str]]]:
+    """Each (name, command lines, outs) as a Ray task, all at once, and wait for all:
+    (return code, last output lines) of each, in order. A Ray error (not a failing
+    command) cancels the others and raises."""
     import ray
 
     global _remote
     if _remote is None:
         _remote = ray.remote(run_lines)
-    task = _remote.options(
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        max_retries=MAX_RETRIES,
-        retry_exceptions=False,
-        name=f"distillflow {stage}",
-    )
-    ref = task.remote(argvs, str(cwd), env, [str(o) for o in outs], cfg.num_gpus)
-    handle = RayTask(ref)
-    STOP.register(handle)
+    refs = []
+    for name, argvs, outs in tasks:
+        task = _remote.options(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            max_retries=MAX_RETRIES,
+            retry_exceptions=False,
+            name=f"distillflow {name}",
+        )
+        refs.append(task.remote(argvs, str(cwd), env, [str(o) for o in outs], cfg.num_gpus))
+    handles = [RayTask(ref) for ref in refs]
+    for handle in handles:
+        STOP.register(handle)
+    try:
+        return [_result(name, ref, refs, log) for (name, _, _), ref in zip(tasks, refs, strict=True)]
+    finally:
+        for handle in handles:
+            STOP.unregister(handle)
+
+
+def _result(name: str, ref: Any, refs: list[Any], log: Callable[[str], None]) -> tuple[int, list[str]]:
+    import ray
+
     try:
         result = ray.get(ref)
     except ray.exceptions.TaskCancelledError:
@@ -265,10 +297,11 @@ def run(
     except ray.exceptions.RayError as exc:
         if STOP.requested:  # force-cancelled after the grace period
             return -signal.SIGTERM, [f"(the Ray task ended: {type(exc).__name__})"]
-        raise StageError(f"stage {stage!r}: its Ray task failed: {exc}") from exc
-    finally:
-        STOP.unregister(handle)
-    log(f"(ran on Ray node {result['node']}, worker pid {result['worker_pid']})")
+        for other in refs:
+            ray.cancel(other)
+        raise StageError(f"stage {name!r}: its Ray task failed: {exc}") from exc
+    who = "" if len(refs) == 1 else f"{name}: "
+    log(f"({who}ran on Ray node {result['node']}, worker pid {result['worker_pid']})")
     for line in result["tail"]:
         log(line)
     return result["returncode"], result["tail"]

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from distillflow.audit import lineage
 from distillflow.base.errors import UsageError
@@ -22,7 +23,7 @@ def parse_paths(
     *names: str,
     optional: tuple[str, ...] = (),
     values: dict[str, type] | None = None,
-    optional_values: dict[str, type] | None = None,
+    optional_values: dict[str, Callable[[str], Any]] | None = None,
 ) -> argparse.Namespace:
     """Parse `--params PATH` and `--<name> PATH` for each name (required),
     `--<name> PATH` for each `optional` name (None when absent), `--<name> VALUE`

@@ -28,13 +28,24 @@ from distillflow.base import models, params, records
 from distillflow.base.config import Dtype, GenerationParams, ModelParams
 from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
 from distillflow.base.models import ModelRef
+from distillflow.engines import parts as genparts
 from distillflow.engines import sampling
 from distillflow.engines.generation import SEEDING, engine_version, sampling_record
+from distillflow.engines.parts import work_dir
 from distillflow.engines.sampling import generation_fingerprint, sample
 from distillflow.stagekit import entry
 from distillflow.stagekit.writer import Writer, ids
 
-__all__ = ["generation_fingerprint", "sample", "sections", "inputs", "write_generations", "generate_part", "main"]
+__all__ = [
+    "generation_fingerprint",
+    "sample",
+    "sections",
+    "inputs",
+    "write_generations",
+    "generate_part",
+    "work_dir",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +156,6 @@ def write_generations(
     return counts
 
 
-def work_dir(out: Path) -> Path:
-    """Where a stage writing `out` keeps its shards: beside it, never inside a DVC out."""
-    return out.with_name(out.name + ".shards")
-
-
 def _sample(role: str, i: Inputs, work: Path, **kwargs: Any) -> list[dict[str, Any]]:
     trust, dtype = i.used["models.trust_remote_code"], i.used["models.dtype"]
     return sample(role, i.p, i.ref, i.prompts, i.model_dir, work, trust_remote_code=trust, dtype=dtype, **kwargs)
@@ -165,15 +171,30 @@ def generate_part(
     parts: int,
     previous: Path | None = None,
     replicate: int | None = None,
+    url: str | None = None,
 ) -> None:
-    """Generate shards part, part + parts, ... of the stage writing `out`, into its
-    work folder, and nothing else: for an orchestrator (e.g. Prefect tasks mapped over
-    `part` on several machines sharing the folder); the stage run afterwards finds
-    those shards done and only gathers them."""
+    """Generate shards part, part + parts, ... of the stage writing `out` into
+    `<out>.shards/part-<part>-of-<parts>/` (engines/parts.py), and nothing else: for an
+    orchestrator running parts on several machines (`distillflow run --ray-parts`);
+    parts.merge then moves them into the stage's work folder, where the stage run
+    afterwards finds them done and only gathers. `url` (fsspec): also upload the
+    part's folder there, for machines that do not share the checkout's filesystem."""
     if not 0 <= part < parts:
         raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
     i = inputs(role, params_file, prompts_dir, models_dir, previous, replicate)
-    _sample(role, i, work_dir(out), part=(part, parts))
+    local = genparts.part_dir(work_dir(out), part, parts)
+    _sample(role, i, local, part=(part, parts))
+    if url is not None:
+        target = genparts.part_url(url, out, part, parts)
+        log.info("%s: uploaded %d shards to %s", local, genparts.upload(local, target), target)
+
+
+def part_arg(text: str) -> tuple[int, int]:
+    """`--part K/N`: part K (from 0) of N."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit()) or not 0 <= int(k) < int(n):
+        raise ValueError(f"--part: expected K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
 
 
 def main(role: str, doc: str | None) -> None:
@@ -181,10 +202,24 @@ def main(role: str, doc: str | None) -> None:
 
     `--previous DIR` samples DIR/model, a model a train stage wrote, instead of
     `models.<role>`; `--replicate B` samples with bootstrap replicate B's seed.
+    `--part K/N` (and `--parts-url URL`) generates only part K of N (generate_part)
+    and writes no output: what `distillflow run --ray-parts N` adds to the command.
     """
     args = entry.parse_paths(
-        doc, "prompts", "models", "out", "metrics", optional=("previous", "docs"), optional_values={"replicate": int}
+        doc,
+        "prompts",
+        "models",
+        "out",
+        "metrics",
+        optional=("previous", "docs"),
+        optional_values={"replicate": int, "part": part_arg, "parts_url": str},
     )
+    if args.part is not None:
+        where = (args.params, args.prompts, args.models, args.out)
+        generate_part(role, *where, *args.part, args.previous, args.replicate, args.parts_url)
+        return
+    if args.parts_url is not None:
+        raise ValueError("--parts-url is for a part (--part K/N)")
     i = inputs(role, args.params, args.prompts, args.models, args.previous, args.replicate)
     w = Writer(out=args.out, module=role, used=i.used, docs=args.docs)
     gates = w.gates()
