@@ -5,18 +5,27 @@ bootstrap's teacher training is most of the default `dvc repro` on 2 cores (READ
 `student`), phase by phase, on the sequences bootstrap trains on (`sft_stream` of
 `training_examples`, each made by `toymodels.sequence`), side by side in one run:
 
-  as bootstrap trains   batches in stream order, float32 (what the pipeline does today)
+  padded                batches in stream order, right-padded, float32 (bootstrap before
+                        packing; bootstrap.packing: false)
   length-sorted         the same sequences, all of them sorted by length, cut into
                         batches, batches shuffled: fewer pad tokens (a grouped sampler
                         sorting within a smaller pool gains less). Batches then group by
                         skill, so the training itself changes: tried in the pipeline,
                         the teacher then failed two skills (benchmarks/README.md)
   bf16 autocast         stream order, forward under torch.autocast(cpu, bfloat16)
+  packed (bootstrap)    stream order, each batch's sequences packed into rows as wide
+                        as its longest (distillflow/base/packing.py): the same
+                        sequences per step, no work on padding; what bootstrap does
+                        (bootstrap.packing: true)
+  packed, compiled      packed, the model under torch.compile (dynamic shapes); its
+                        compilation is in the warmup steps, not timed (not with
+                        --quick unless asked for with --variant)
 
 Making the sequences (drawing examples, corrupting, tokenizing: the same for every
 variant) is timed once and printed in the header. Columns: collating, forward, backward,
 optimizer (clip, AdamW, schedule), the step in all (making the sequences included), the
-share of real tokens in the padded batches, and the step's ratio to bootstrap's at the
+share of real tokens in the positions computed (padded or packed rows), and the step's
+ratio to the padded one's at the
 same thread count. Each
 variant starts from the same freshly built model and optimizer; the first `--warmup` steps
 are not timed. Benchmark on an idle machine: 2-thread torch under other load is 10-35x
@@ -45,13 +54,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from distillflow.base import config, models, params  # noqa: E402
+from distillflow.base import config, models, packing, params  # noqa: E402
 from distillflow.stagekit import toymodels
 from distillflow.training import basics  # noqa: E402
 from stages import bootstrap  # noqa: E402
 
 Batches = list[list[toymodels.Sequence]]
-VARIANTS = ("as bootstrap trains", "length-sorted", "bf16 autocast")
+PAD = models.build_char_tokenizer().pad_token_id
+VARIANTS = ("padded", "length-sorted", "bf16 autocast", "packed (bootstrap)", "packed, compiled")
 
 
 def sequences(
@@ -76,9 +86,12 @@ def time_steps(
     batches: Batches,
     warmup: int,
     forward: Callable[[torch.nn.Module, object], torch.Tensor],
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Mean ms per timed step of each phase, and the share of real tokens."""
     model = models.build_toy_model(toymodels.arch(mp), len(tok), tok, seed, max_positions)
+    if compiled:
+        model = torch.compile(model, dynamic=True)
     opt, sched = basics.optimizer_and_schedule(model, mp.lr, mp.warmup_steps, mp.steps)
     model.train()
     sums = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -99,7 +112,11 @@ def time_steps(
         loss.item()
         t4 = time.perf_counter()
         real += int(b.attention_mask.sum())
-        padded += b.attention_mask.numel()
+        padded += (
+            packing.pack([(b.input_ids, b.attention_mask)], PAD).positions
+            if forward is packed
+            else b.attention_mask.numel()
+        )
         if i >= warmup:
             for k, dt in zip(sums, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 sums[k] += dt
@@ -111,6 +128,13 @@ def time_steps(
 
 def fp32(model: torch.nn.Module, b: object) -> torch.Tensor:
     return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def packed(model: torch.nn.Module, b: object) -> torch.Tensor:
+    """The logits of the packed rows, back in the padded layout (zeros at padding)."""
+    p = packing.pack([(b.input_ids, b.attention_mask)], PAD)
+    (logits,) = p.unpack(p.forward(model).logits)
+    return logits
 
 
 def bf16(model: torch.nn.Module, b: object) -> torch.Tensor:
@@ -152,15 +176,17 @@ def main() -> None:
     variants = [
         (name, batches, forward)
         for name, batches, forward in (
-            ("as bootstrap trains", stream, fp32),
+            ("padded", stream, fp32),
             ("length-sorted", sorted_batches, fp32),
             ("bf16 autocast", stream, bf16),
+            ("packed (bootstrap)", stream, packed),
+            ("packed, compiled", stream, packed),
         )
-        if args.variant is None or name in args.variant
+        if ((name in args.variant) if args.variant else not (args.quick and "compiled" in name))
     ]
     header = (
         f"{'threads':>7}  {'variant':<20} {'collate':>8} {'forward':>8} {'backward':>9} {'optim':>6} "
-        f"{'step ms':>8} {'real tok':>9} {'vs bootstrap':>13} {'steps s':>8}"
+        f"{'step ms':>8} {'real tok':>9} {'vs padded':>13} {'steps s':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -168,7 +194,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         base = None
         for name, batches, forward in variants:
-            r = time_steps(tok, mp, seed, p.max_positions, batches, args.warmup, forward)
+            r = time_steps(tok, mp, seed, p.max_positions, batches, args.warmup, forward, "compiled" in name)
             step = make_ms + r["collate"] + r["forward"] + r["backward"] + r["optimizer"]
             base = step if base is None else base
             print(

@@ -6,7 +6,9 @@ batches, optimizer and loss:
   ours            distillflow.training.trainer.train (the train stage's loop) with
                   `train.method: gkd` (lmbda 0, so every pair trains on the teacher's
                   response) for the generalized JSD, `kd` (forward KL on the teacher's
-                  response) for forward KL
+                  response) for forward KL; sequences packed into rows (train.packing)
+  ours, padded    the same with train.packing off: right-padded batches, the path
+                  before packing (the ratio row is packed over padded)
   TRL GKDTrainer  trl.experimental.gkd.GKDTrainer with generation off: lmbda 0 (never
                   the student's samples), seq_kd off (never the teacher's samples), so it
                   trains on the stored teacher responses of the dataset; beta 0.5 is the
@@ -129,9 +131,14 @@ from distillflow.training.train_params import TrainParams, batch_plan, round_see
 
 LOSSES = {"jsd": 0.5, "fkl": 0.0}  # name -> GKD beta (TRL's convention, and ours)
 OUR_METHOD = {"jsd": "gkd", "fkl": "kd"}
-TRAINERS = ("ours", "gkd", "distillation")
-LABELS = {"ours": "ours", "gkd": "TRL GKDTrainer", "distillation": "TRL DistillationTrainer*"}
-SHORT = {"gkd": "GKD", "distillation": "Distillation*"}  # in the ratio rows
+TRAINERS = ("ours", "ours_padded", "gkd", "distillation")
+LABELS = {
+    "ours": "ours",
+    "ours_padded": "ours, padded",
+    "gkd": "TRL GKDTrainer",
+    "distillation": "TRL DistillationTrainer*",
+}
+SHORT = {"ours_padded": "ours, padded", "gkd": "GKD", "distillation": "Distillation*"}  # in the ratio rows
 TOLERANCE = 1e-3  # the largest per-step loss difference the curves may show
 
 
@@ -224,6 +231,7 @@ def train_params(spec: Spec) -> TrainParams:
         device="cpu",
         bf16_autocast=False,
         gradient_checkpointing=False,
+        packing=spec.trainer != "ours_padded",  # params.yaml's (on) for ours; "ours, padded" turns it off
         checkpoint_every=0,
         teacher_signal="online",
         gkd=GKDParams(beta=LOSSES[spec.loss], lmbda=0.0),
@@ -487,7 +495,7 @@ def profile_text(prof: cProfile.Profile, steps: int, lines: int = 15) -> str:
 def child(spec_file: Path) -> None:
     spec = Spec(**json.loads(spec_file.read_text()))
     torch.set_num_threads(spec.threads)
-    out = run_ours(spec) if spec.trainer == "ours" else run_trl(spec)
+    out = run_ours(spec) if spec.trainer in ("ours", "ours_padded") else run_trl(spec)
     Path(spec.out).write_text(json.dumps(out))
 
 

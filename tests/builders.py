@@ -184,6 +184,7 @@ def tp(**kw: object) -> TrainParams:
         device="cpu",
         bf16_autocast=False,
         gradient_checkpointing=False,
+        packing=True,
         checkpoint_every=0,
         parallel="ddp",
         launcher=LauncherParams(kind="python", nproc_per_node=1, args=()),

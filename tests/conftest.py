@@ -80,6 +80,7 @@ def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=0,
         max_positions=64,
         workers=1,
+        packing=True,
         heldout=8,
         eval_every=40,
         max_new_tokens=8,

@@ -189,6 +189,7 @@ def _sft(model: torch.nn.Module, tok: PreTrainedTokenizerFast, mp: ToyModelParam
         alphabet=TASK.alphabet,
         heldout=toymodels.heldout_examples(TASK, seed, 8),
         eval_every=mp.steps,
+        packing=True,
     )
     with torch.no_grad():
         head[v:] = init

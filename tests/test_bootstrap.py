@@ -37,6 +37,7 @@ def boot(teacher: config.ToyModelParams, student: config.ToyModelParams) -> conf
         seed=0,
         max_positions=64,
         workers=1,
+        packing=True,
         heldout=8,
         eval_every=10,
         max_new_tokens=8,
@@ -242,11 +243,13 @@ def test_step_task_metrics_and_two_workers_are_deterministic(tmp_path: Path) -> 
 
 
 def test_step_benchmark_quick_smoke() -> None:
-    """benchmarks/bootstrap_step.py on the params.yaml teacher: the three variants side by
-    side, ratios against bootstrap's own step, and sorting by length pads no more."""
+    """benchmarks/bootstrap_step.py on the params.yaml teacher: the variants --quick runs
+    side by side, ratios against the padded step, and sorting by length or packing pads
+    no more."""
     out = quick_benchmark("bootstrap_step.py")
     rows = {line[9:29].strip(): line.split() for line in out.splitlines() if line[:9].strip() == "1"}
-    assert set(rows) == {"as bootstrap trains", "length-sorted", "bf16 autocast"}, out
-    assert rows["as bootstrap trains"][-2] == "1.00x", out
+    assert set(rows) == {"padded", "length-sorted", "bf16 autocast", "packed (bootstrap)"}, out
+    assert rows["padded"][-2] == "1.00x", out
     real = {name: float(cols[-3]) for name, cols in rows.items()}
-    assert real["length-sorted"] >= real["as bootstrap trains"] == real["bf16 autocast"], out
+    assert real["length-sorted"] >= real["padded"] == real["bf16 autocast"], out
+    assert real["packed (bootstrap)"] > real["padded"], out

@@ -103,8 +103,8 @@ def test_the_trainer_feeds_what_the_method_declares(
             assert (side.t_hidden is not None) == (needed and reads_teacher and online)
             assert (side.t_topk is not None) == (needed and reads_teacher and not online)
         assert x.heads.topk == (not online) and x.at.total_steps == 1 and x.at.global_size == 4
-    responses = int(method.needs_teacher_samples) + int(method.needs_student_samples)
-    assert ran.count(student) == 2 * responses  # each side it reads, in each micro-batch
+    # packed (train.packing): the sides it reads go through the student in one forward per micro-batch
+    assert p.packing and ran.count(student) == 2
     encoded = [encoding.encode_pair(tok_s, q) for q in PAIRS]
     assert tokens_trained(tok_s, PAIRS, p) == sum(
         (len(pr) + len(c)) * method.needs_teacher_samples + (len(pr) + len(r)) * method.needs_student_samples

@@ -218,6 +218,7 @@ class BootstrapParams:
     seed: int  # seeds the toy models' initialisation and SFT data draws
     max_positions: int  # the toy models' context length (synthesis's few-shot prompts are about 190 tokens)
     workers: int  # 2: teacher and student train at once, one process and one thread each; 1: in turn
+    packing: bool  # SFT batches packed into rows (base/packing.py): the same batches, no work on padding
     heldout: int  # eval-split prompts the models' held-out loss and accuracies are measured on
     eval_every: int  # steps between held-out loss measurements
     max_new_tokens: int  # greedy budget of the accuracy measurements

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from distillflow.base import encoding, models, records
 from distillflow.base.config import BootstrapParams, TaskParams, ToyModelParams
 from distillflow.base.errors import ParamsError
+from distillflow.base.packing import check_model as check_packing
+from distillflow.base.packing import pack
 from distillflow.tasks.toy import steps, toytask
 from distillflow.training import basics
 
@@ -121,6 +123,16 @@ def _batch(tok: Any, seqs: list[Sequence]) -> tuple[encoding.Batch, torch.Tensor
     return b, mask
 
 
+def _logits(model: torch.nn.Module, b: encoding.Batch, pad: int | None) -> torch.Tensor:
+    """The batch's logits (B, T, V): padded, or (`pad`) from its sequences packed into
+    rows and put back in the padded layout (zeros at padding)."""
+    if pad is None:
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    p = pack([(b.input_ids, b.attention_mask)], pad)
+    (logits,) = p.unpack(p.forward(model).logits)
+    return logits
+
+
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, tok: Any, exs: list[toytask.ToyExample]) -> float:
     """Mean token NLL of the right answers of held-out examples."""
@@ -147,9 +159,14 @@ def train_toy(
     alphabet: str,
     heldout: list[toytask.ToyExample],
     eval_every: int,
+    packing: bool,
 ) -> tuple[list[float], list[tuple[int, float]]]:
     """Supervised fine-tuning on (prompt, answer): token NLL on the answer only (wrong
-    steps of corrupted sequences left out). (train losses, [(step, held-out loss)])."""
+    steps of corrupted sequences left out). (train losses, [(step, held-out loss)]).
+    `packing`: each batch's sequences go through the model packed into rows
+    (base/packing.py; the same batches, the same positions scored)."""
+    if packing:
+        check_packing(model.base_model, tok.pad_token_id, "toy")
     opt, sched = basics.optimizer_and_schedule(model, p.lr, p.warmup_steps, p.steps)
     rng = random.Random(seed)
     model.train()
@@ -157,7 +174,7 @@ def train_toy(
     curve: list[tuple[int, float]] = []
     for step in tqdm(range(1, p.steps + 1), desc=desc, unit="step", mininterval=5.0):
         b, mask = _batch(tok, [sequence(tok, e, rng, p, alphabet) for e in itertools.islice(examples, p.batch_size)])
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, T, V)
+        logits = _logits(model, b, tok.pad_token_id if packing else None)  # (B, T, V)
         loss = F.cross_entropy(logits[mask], b.targets[mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,6 +352,7 @@ def build_one(
         alphabet=task.alphabet,
         heldout=heldout,
         eval_every=p.eval_every,
+        packing=p.packing,
     )
     seconds = time.perf_counter() - t0
     acc = accuracies(model, tok, heldout, task.alphabet, seed + 7, p.max_new_tokens)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distillflow.base import models
+from distillflow.base import models, packing
 from distillflow.base.errors import ModelError
 
 Tensor = torch.Tensor
@@ -87,17 +87,22 @@ def sum_floats(values: list[float]) -> list[float]:
 class StudentForward(torch.nn.Module):
     """The student's part of one micro-batch as one module call: the final hidden states
     (after the last norm) of each batch, and the LM head cut to the shared vocabulary
-    (logits = hidden @ weight.T + bias). DDP and FSDP2 act on this call."""
+    (logits = hidden @ weight.T + bias). DDP and FSDP2 act on this call. With `pad`
+    (train.packing) the batches go through the model body as one packed forward
+    (base/packing.py); without, batch by batch, padded."""
 
-    def __init__(self, student: torch.nn.Module, vocab: int) -> None:
+    def __init__(self, student: torch.nn.Module, vocab: int, pad: int | None) -> None:
         super().__init__()
         self.student = student
         self.vocab = vocab
+        self.pad = pad
 
     def forward(self, batches: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], Tensor, Tensor | None]:
         # The head first: autograd then accumulates the tied embedding's gradients in the
         # order it did when the head was cut once, before any forward (same floats).
         weight, bias = models.lm_head(self.student, self.vocab, "student")
+        if self.pad is not None:
+            return packing.hidden_states(self.student.base_model, batches, self.pad), weight, bias
         hiddens = [
             self.student.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
             for ids, attn in batches

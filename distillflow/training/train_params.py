@@ -45,6 +45,9 @@ class TrainParams:
     # compute). No float16 autocast (it needs a gradient scaler): float16 models train like this too.
     bf16_autocast: bool
     gradient_checkpointing: bool  # recompute activations in the backward pass (less memory, slower)
+    # pack each micro-batch's sequences into rows (position ids restart per sequence, attention stays
+    # inside each): the same sequences per step, no work on padding; refused for a model that mixes them
+    packing: bool
     checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
     # with several processes: ddp (each holds the student) | fsdp (FSDP2 shards it; sharded checkpoints)
     parallel: Literal["ddp", "fsdp"]

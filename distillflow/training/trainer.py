@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from distillflow.base import encoding, models, records
+from distillflow.base import encoding, models, packing, records
 from distillflow.base.errors import ModelError
 from distillflow.base.io import DataError, read_table
 from distillflow.training import basics, distributed
@@ -90,6 +90,7 @@ class Loop:
     world: int
     online_teacher: torch.nn.Module | None  # None unless the method reads the teacher and it runs here
     autocast: AbstractContextManager[Any]
+    pad: int | None  # train.packing: the pad id filling packed rows; None: padded batches
     start: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)
 
@@ -166,29 +167,34 @@ def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) 
     return TopK(ids, lps, target)
 
 
-def hidden(model: torch.nn.Module, batch: encoding.Batch, device: str) -> torch.Tensor:
-    """Final hidden states (B, T, H), after the model's last norm: logits = head(hidden)."""
-    out = model.base_model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-    )
-    return out.last_hidden_state
+def teacher_hiddens(
+    teacher: torch.nn.Module | None, batches: list[encoding.Batch], device: str, pad: int | None
+) -> list[torch.Tensor | None]:
+    """The online teacher's final hidden states (B, T, H) of each batch, after its last
+    norm (logits = head(hidden)), without gradients; packed into one forward when `pad`
+    is given (train.packing: base/packing.py), else batch by batch. None without a teacher."""
+    if teacher is None:
+        return [None] * len(batches)
+    pairs = [(b.input_ids.to(device), b.attention_mask.to(device)) for b in batches]
+    with torch.no_grad():
+        if pad is not None:
+            return list(packing.hidden_states(teacher.base_model, pairs, pad))
+        return [teacher.base_model(input_ids=i, attention_mask=a, use_cache=False).last_hidden_state for i, a in pairs]
 
 
 def side(
     s_hidden: torch.Tensor,
-    teacher: torch.nn.Module | None,
+    t_hidden: torch.Tensor | None,
     batch: encoding.Batch,
     device: str,
     topk: TopK | None = None,
 ) -> Side:
-    """One batch's student hidden states (with gradients) and the teacher's (without), if needed."""
-    with torch.no_grad():
-        t_h = hidden(teacher, batch, device) if teacher is not None else None
+    """One batch's student hidden states (with gradients), the teacher's (without) if needed."""
     if topk is not None:
         topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
     return Side(
         s_hidden=s_hidden,
-        t_hidden=t_h,
+        t_hidden=t_hidden,
         mask=batch.response_mask.to(device),
         targets=batch.targets.to(device),
         t_topk=topk,
@@ -281,7 +287,8 @@ def setup(job: Job) -> Loop:
     # it would keep FSDP2's unsharded weight alive.
     heads = replace(heads_of(student, teacher, vocab, p), s_weight=torch.empty(0), s_bias=None)
     # Before the optimizer: FSDP2 shards the student's parameters in place.
-    forward = distributed.wrap(distributed.StudentForward(student, vocab), p.parallel, p.device)
+    pad = tok_s.pad_token_id if p.packing else None
+    forward = distributed.wrap(distributed.StudentForward(student, vocab, pad), p.parallel, p.device)
     seed = round_seed(p.seed, job.round_index)
     steps = batch_plan(len(encoded), p, seed)
     basics.seed_everything(seed)
@@ -310,6 +317,7 @@ def setup(job: Job) -> Loop:
         world=world,
         online_teacher=online,
         autocast=autocast,
+        pad=pad,
     )
     if job.checkpoint is not None:
         loop.start, loop.rows = job.checkpoint.load(p.device, student, opt, sched, job.curriculum)
@@ -321,13 +329,15 @@ def setup(job: Job) -> Loop:
 
 
 def check_heads(job: Job, first_pair: tuple[list[int], list[int], list[int]], online: torch.nn.Module | None) -> None:
-    """models.check_plain_head on one sequence, before the student is wrapped (and,
-    under FSDP2, sharded) and before the run's seeding."""
+    """models.check_plain_head on one sequence and, with train.packing, packing.check_model,
+    before the student is wrapped (and, under FSDP2, sharded) and before the run's seeding."""
     first = encoding.collate([(first_pair[0], first_pair[1])], job.tok_s.pad_token_id)
     ids, attn = first.input_ids.to(job.p.device), first.attention_mask.to(job.p.device)
-    models.check_plain_head(job.student, ids, attn, "student")
-    if online is not None:
-        models.check_plain_head(online, ids, attn, "teacher")
+    for role, model in (("student", job.student), ("teacher", online)):
+        if model is not None:
+            models.check_plain_head(model, ids, attn, role)
+            if job.p.packing:
+                packing.check_model(model.base_model, job.tok_s.pad_token_id, role)
 
 
 def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
@@ -354,8 +364,9 @@ def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
         [(batches[n].input_ids.to(dev), batches[n].attention_mask.to(dev)) for n in read]
     )
     s_hidden = dict(zip(read, s_hiddens))
+    t_hidden = dict(zip(read, teacher_hiddens(loop.online_teacher, [batches[n] for n in read], dev, loop.pad)))
     chosen, rejected = (
-        side(s_hidden[name], loop.online_teacher, b, dev, topk[name])
+        side(s_hidden[name], t_hidden[name], b, dev, topk[name])
         if needed[name]
         else Side(s_hidden=torch.empty(0), t_hidden=None, mask=b.response_mask[:0], targets=b.targets[:0])
         for name, b in batches.items()
