@@ -60,11 +60,8 @@ which ours follows) and forward KL. What is held equal, and how:
 
 What does not line up, printed with the results:
 
-  work        ours with method gkd reads both responses of a pair (needs_student_samples):
-              at lmbda 0 the student's response gets no loss weight, but it still goes
-              through the student and the teacher every step; TRL never sees it. That
-              extra forward (and its zero backward) is our loop's real cost at lmbda 0
-              and stays in the timing; `kd` reads the teacher's response only
+  work        equal: ours with method gkd at lmbda 0 runs the teacher's responses only
+              (Method.reads: the student's would get no loss weight), as TRL does
   logits      ours computes the divergence chunk by chunk from the final hidden states
               (train.logits chunked, params.yaml); GKDTrainer materialises the full
               (B, T, V) logits of both models over every position
@@ -665,11 +662,6 @@ def report(
         f"included; train +MiB: peak during training over the RSS before it; max |dloss|: the largest per-step "
         f"difference from our loss curve over the first {n} steps)"
     )
-    if "jsd" in args.losses:
-        print(
-            "ours with method gkd at lmbda 0 still runs the student's response of every pair through both models "
-            "(no loss weight); TRL trains on the teacher's response alone"
-        )
     if args.distillation:
         print(
             "* DistillationTrainer generates on-policy only; here its private _generate_single_turn hands back the "

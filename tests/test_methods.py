@@ -17,6 +17,7 @@ import torch
 from distillflow.base import encoding
 from distillflow.training import losses, trainer
 from distillflow.training.methods import METHODS
+from distillflow.training.methods.gkd import GKDParams
 from distillflow.training.methods.heads import Term
 from distillflow.training.methods.method import Method, MicroBatch, Result
 from distillflow.training.summary import tokens_trained
@@ -171,3 +172,28 @@ def test_kd_both_is_kd_on_each_response_averaged(tiny_models: Path, monkeypatch:
     on_rejected, _ = METHODS["kd"].loss(replace(x, chosen=x.rejected), None)
     torch.testing.assert_close(total, 0.5 * (on_chosen + on_rejected), rtol=1e-5, atol=1e-7)
     assert float(logged["fkl_chosen"]) > 0 and float(logged["fkl_rejected"]) > 0
+
+
+def test_gkd_at_lmbda_0_runs_only_the_teacher_responses_and_is_kd_at_beta_0(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gkd never weighs the student's responses at lmbda 0, so the trainer does not run
+    them (Method.reads); at beta 0 its loss is forward KL on the teacher's responses: kd's
+    curve."""
+    gkd = METHODS["gkd"]
+    seen: list[MicroBatch] = []
+
+    def spy(x: MicroBatch, p: Any) -> Result:
+        seen.append(x)
+        return gkd.loss(x, p)
+
+    monkeypatch.setitem(METHODS, "gkd", replace(gkd, loss=spy))
+    curves = {}
+    for name in ("gkd", "kd"):
+        student, teacher, tok_s, tok_t = fresh(tiny_models)
+        p = tp(method=name, gkd=GKDParams(beta=0.0, lmbda=0.0))
+        curves[name] = [r["loss"] for r in train_run(student, teacher, tok_s, tok_t, PAIRS, p)]
+        if name == "gkd":
+            assert tokens_trained(tok_s, PAIRS, p) == tokens_trained(tok_s, PAIRS, tp(method="kd"))
+    assert seen and all(x.rejected.s_hidden.numel() == 0 and x.chosen.s_hidden.numel() > 0 for x in seen)
+    assert curves["gkd"] == pytest.approx(curves["kd"], rel=1e-5)

@@ -54,9 +54,10 @@ def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int
     teacher's responses, prompt + rejected for those that read the student's, per pair,
     times epochs."""
     method = METHODS[p.method]
+    reads_chosen, reads_rejected = method.sides(getattr(p, method.params_section) if method.params_section else None)
     total = 0
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
-        total += (len(prompt) + len(chosen)) if method.needs_teacher_samples else 0
-        total += (len(prompt) + len(rejected)) if method.needs_student_samples else 0
+        total += (len(prompt) + len(chosen)) if reads_chosen else 0
+        total += (len(prompt) + len(rejected)) if reads_rejected else 0
     return total * p.epochs

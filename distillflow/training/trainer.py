@@ -351,7 +351,7 @@ def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
         "chosen": encoding.collate([(loop.encoded[i][0], loop.encoded[i][1]) for i in idx], pad),
         "rejected": encoding.collate([(loop.encoded[i][0], loop.encoded[i][2]) for i in idx], pad),
     }
-    needed = {"chosen": method.needs_teacher_samples, "rejected": method.needs_student_samples}
+    needed = dict(zip(("chosen", "rejected"), method.sides(loop.params), strict=True))
     topk = {
         name: topk_of(b, [(k, name) for k in keys], scores)
         if scores is not None and needed[name] and method.needs_teacher != "none"

@@ -30,26 +30,33 @@ def loss(x: MicroBatch, p: GKDParams) -> Result:
     """The share is drawn per pair of the global micro-batch from a generator seeded by
     (seed, step, micro-batch), so reruns, resumed runs and torchrun runs see the same
     mix. Both sides' terms are weighted by their share of the batch, so the total is a
-    mean over all pairs (or all their tokens)."""
+    mean over all pairs (or all their tokens). At lmbda 0 (1) no pair draws the student's
+    (teacher's) response, which then is not run (`reads`) and has no term."""
     at = x.at
     rng = random.Random((at.seed * 1_000_003 + at.step) * 1_009 + at.micro)
     draws = [rng.random() < p.lmbda for _ in range(at.global_size)]
-    on_student = torch.tensor([draws[i] for i in at.positions], device=x.chosen.mask.device)
-    teacher_side = replace(x.chosen, mask=x.chosen.mask & ~on_student[:, None])
-    student_side = replace(x.rejected, mask=x.rejected.mask & on_student[:, None])
+    device = (x.chosen if p.lmbda < 1.0 else x.rejected).mask.device
+    on_student = torch.tensor([draws[i] for i in at.positions], device=device)
+    sides = {}
+    if p.lmbda < 1.0:
+        sides["teacher"] = replace(x.chosen, mask=x.chosen.mask & ~on_student[:, None])
+    if p.lmbda > 0.0:
+        sides["student"] = replace(x.rejected, mask=x.rejected.mask & on_student[:, None])
     if x.heads.reduction == "token_mean":
-        n_t, n_s = float(teacher_side.mask.sum()), float(student_side.mask.sum())
+        counts = {k: float(side.mask.sum()) for k, side in sides.items()}
     else:
-        n_t, n_s = float(teacher_side.mask.any(1).sum()), float(student_side.mask.any(1).sum())
-    n = max(n_t + n_s, 1.0)
+        counts = {k: float(side.mask.any(1).sum()) for k, side in sides.items()}
+    n = max(sum(counts.values()), 1.0)
     kw = {"beta": p.beta}
-    total, (on_t, on_s) = x.heads.divergences(
-        [
-            Term(teacher_side, losses.generalized_jsd, n_t / n, kw),
-            Term(student_side, losses.generalized_jsd, n_s / n, kw),
-        ]
+    total, parts = x.heads.divergences(
+        [Term(side, losses.generalized_jsd, counts[k] / n, kw) for k, side in sides.items()]
     )
-    return total, {"jsd_teacher_data": on_t, "jsd_student_data": on_s, "student_fraction": n_s / n}
+    got = dict(zip(sides, parts, strict=True))
+    return total, {
+        "jsd_teacher_data": got.get("teacher", 0.0),
+        "jsd_student_data": got.get("student", 0.0),
+        "student_fraction": counts.get("student", 0.0) / n,
+    }
 
 
 GKD = Method(
@@ -59,4 +66,5 @@ GKD = Method(
     needs_student_samples=True,
     params_section="gkd",
     loss=loss,
+    reads=lambda p: (p.lmbda < 1.0, p.lmbda > 0.0),
 )

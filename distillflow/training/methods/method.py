@@ -64,8 +64,10 @@ class Method:
     """One distillation method: what the trainer feeds it, and its loss.
 
     A side it does not need reaches the loss empty (no forward pass); with needs_teacher
-    "none" the teacher is never run and no stored signal is read. `switches` are boolean
-    fields of its params section that `compare.runs.<run>.disable` may turn off.
+    "none" the teacher is never run and no stored signal is read. `reads`, when given,
+    narrows the sides by the method's params (gkd at lmbda 0 never weighs the student's
+    responses, so they are not run). `switches` are boolean fields of its params section
+    that `compare.runs.<run>.disable` may turn off.
     """
 
     name: str
@@ -75,6 +77,16 @@ class Method:
     params_section: str | None  # the train.<section> its loss gets as `p`; None: p is None
     loss: Callable[[MicroBatch, Any], Result]
     switches: tuple[str, ...] = ()
+    reads: Callable[[Any], tuple[bool, bool]] | None = None  # (chosen, rejected) for these params
+
+    def sides(self, p: Any) -> tuple[bool, bool]:
+        """Whether the trainer runs (chosen, rejected) for params `p` (its params section)."""
+        declared = (self.needs_teacher_samples, self.needs_student_samples)
+        if self.reads is None:
+            return declared
+        narrowed = self.reads(p)
+        assert any(narrowed) and all(d or not n for d, n in zip(declared, narrowed)), f"{self.name}: reads {narrowed}"
+        return narrowed
 
     def __post_init__(self) -> None:
         assert self.needs_teacher_samples or self.needs_student_samples, f"{self.name} reads no response"
