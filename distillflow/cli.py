@@ -302,7 +302,7 @@ def _flow_commands(sub: Any) -> None:
             "--ray-parts-url",
             metavar="URL",
             help="with --ray-parts: an fsspec URL (s3://, gs://, file://) where parts leave their shards, for "
-            "nodes that do not share the checkout's filesystem (default: the shared checkout)",
+            "nodes with their own copy of the checkout and its inputs at the same path (default: the shared checkout)",
         )
     r = sub.choices["run"]
     r.add_argument("-j", "--jobs", type=int, default=4, help="stages run at the same time at most (default 4)")

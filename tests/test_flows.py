@@ -1117,12 +1117,9 @@ def part_process(repo: Path, part: str) -> int | None:
             cwd = os.readlink(proc / "cwd")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if (
-            b"stages.teacher" in argv
-            and argv[argv.index(b"--part") + 1 : 2 + argv.index(b"--part")] == [part.encode()]
-            and cwd == str(repo)
-        ):
-            return int(proc.name)
+        if b"stages.teacher" in argv and b"--part" in argv[:-1] and cwd == str(repo):
+            if argv[argv.index(b"--part") + 1] == part.encode():
+                return int(proc.name)
     return None
 
 

@@ -396,9 +396,16 @@ def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
     (work / "shard-00007.done").write_text("{}")  # left by a run for another plan: removed by the merge
     assert parts.merge(work, 2) == 3
     assert sorted(p.name for p in work.iterdir()) == [
+        "merged.json",
         "plan.json",
         *(f"shard-{i:05d}.{ext}" for i in range(3) for ext in ("done", "parquet")),
     ]
+    # a part run again finds its shards merged in the work folder, and generates none
+    with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
+        genstage.generate_part("teacher", part=0, parts=2, **where)
+    assert any("0 of 0 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
+    assert parts.merge(work, 2) == 0
+    caplog.clear()
     assert not (tmp_path / "out").exists()
     i = genstage.inputs("teacher", tmp_path / "params.yaml", tmp_path / "seed", tiny_models, None)
     with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):

@@ -90,7 +90,8 @@ def test_the_trainer_feeds_what_the_method_declares(
 
     student.base_model.register_forward_pre_hook(seen_by(student, True))
     teacher.base_model.register_forward_pre_hook(seen_by(teacher, False))
-    p = tp(method=name, epochs=1, batch_size=4, grad_accum_steps=2, teacher_signal=signal)
+    # packed with the online teacher, padded with stored top-k: both paths, every method
+    p = tp(method=name, epochs=1, batch_size=4, grad_accum_steps=2, teacher_signal=signal, packing=signal == "online")
     online = signal == "online"
     train_run(student, teacher if online else None, tok_s, tok_t, PAIRS, p, scores=None if online else tiny_scores)
 
@@ -104,8 +105,9 @@ def test_the_trainer_feeds_what_the_method_declares(
             assert (side.t_hidden is not None) == (needed and reads_teacher and online)
             assert (side.t_topk is not None) == (needed and reads_teacher and not online)
         assert x.heads.topk == (not online) and x.at.total_steps == 1 and x.at.global_size == 4
-    # packed (train.packing): the sides it reads go through the student in one forward per micro-batch
-    assert p.packing and ran.count(student) == 2
+    # each side it reads, in each micro-batch; packed, those sides in one forward
+    responses = int(method.needs_teacher_samples) + int(method.needs_student_samples)
+    assert ran.count(student) == 2 * (1 if p.packing else responses)
     encoded = [encoding.encode_pair(tok_s, q) for q in PAIRS]
     assert tokens_trained(tok_s, PAIRS, p) == sum(
         (len(pr) + len(c)) * method.needs_teacher_samples + (len(pr) + len(r)) * method.needs_student_samples

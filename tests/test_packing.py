@@ -90,14 +90,24 @@ def test_packed_sequences_give_the_padded_per_sequence_losses_and_gradients(tiny
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["distillm2", "gkd", "sft"])
-def test_trainer_packed_equals_padded_step_by_step(tiny_models: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("distillm2", {}),
+        ("gkd", {}),
+        ("sft", {}),
+        ("distillm2", {"logits": "full", "gradient_checkpointing": True}),
+    ],
+)
+def test_trainer_packed_equals_padded_step_by_step(tiny_models: Path, method: str, settings: dict) -> None:
     """The same run packed and padded: per-step losses within 1e-5 relative, the same
-    batches (one loss curve), final weights within float rounding."""
+    batches (one loss curve), final weights within float rounding; also with full logits
+    and gradient checkpointing."""
     runs = []
     for pack in (False, True):
         student, teacher, tok_s, tok_t = fresh(tiny_models)
-        rows = train_run(student, teacher, tok_s, tok_t, PAIRS, tp(method=method, packing=pack, epochs=3))
+        p = tp(method=method, packing=pack, epochs=3, **settings)
+        rows = train_run(student, teacher, tok_s, tok_t, PAIRS, p)
         runs.append((rows, student.state_dict()))
     (padded, w_padded), (packed, w_packed) = runs
     assert len(padded) == len(packed) == 6

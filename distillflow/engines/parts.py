@@ -23,6 +23,7 @@ from pathlib import Path
 from distillflow.base.io import DataError, atomic_path
 
 PLAN = "plan.json"
+MERGED = "merged.json"  # in a work folder whose shards came (also) from parts: shards.prepare then never clears it
 
 
 def shard_file(work: Path, index: int) -> Path:
@@ -105,6 +106,7 @@ def merge(work: Path, parts: int) -> int:
                 f.unlink()
         with atomic_path(own) as tmp:
             tmp.write_text(plan)
+    (work / MERGED).write_text(f'{{"parts": {parts}}}\n')
     moved = 0
     for d in dirs:
         for marker in sorted(d.glob("shard-*.done")):

@@ -122,6 +122,7 @@ def sample(
     dtype: str,
     part: tuple[int, int] | None = None,
     stats: dict[str, Any] | None = None,
+    done_in: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Generate `p.num_samples` responses per prompt with the `role` model, resumably;
     records.GENERATION_SCHEMA rows in prompt order.
@@ -130,6 +131,8 @@ def sample(
     and code) are reused. `part=(k, n)` generates only shards k, k + n, k + 2n, ... and
     returns no records (one of n machines sharing `work`; a full run gathers after).
     `stats`, when given, receives the shard counts (planned, generated, resumed).
+    `done_in` (for a part): another folder whose finished shards for the same plan count
+    as done (the stage's work folder, where earlier parts were merged).
     """
     spec = EngineSpec(
         p=p,
@@ -152,6 +155,9 @@ def sample(
     }
     shards.prepare(work, key)
     mine = planned if part is None else [s for s in planned if s.index % part[1] == part[0]]
+    if done_in is not None:
+        elsewhere = shards.done_for(done_in, key, [s.index for s in mine])
+        mine = [s for s in mine if s.index not in elsewhere]
     gpus = 0 if p.engine == "openai" or (p.engine == "transformers" and p.device == "cpu") else p.tensor_parallel_size
     generated = shards.run_shards(work, mine, prompts, open_engine, spec, p.workers, gpus)
     if stats is not None:

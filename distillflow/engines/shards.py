@@ -37,17 +37,25 @@ import torch
 from distillflow.base import records
 from distillflow.base.io import DataError, atomic_path, digest_path, read_rows, write_table
 from distillflow.engines.generation import Engine, Shard
-from distillflow.engines.parts import PLAN, marker_file, shard_file
+from distillflow.engines.parts import MERGED, PLAN, marker_file, shard_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PLAN", "shard_file", "marker_file", "prepare", "is_done", "write_shard", "run_shards", "gather"]
+__all__ = ["PLAN", "shard_file", "marker_file", "prepare", "done_for", "is_done", "write_shard", "run_shards", "gather"]
 
 
 def prepare(work: Path, key: dict[str, Any]) -> None:
-    """Make `work` hold shards for exactly `key`; shards made for another key are removed."""
+    """Make `work` hold shards for exactly `key`; shards made for another key are removed,
+    unless they were merged there from parts (parts.merge): the parts' machines computed
+    another plan (other code, engine or inputs), which is an error, not work to redo."""
     text = records.canonical_json(key) + "\n"
     plan = work / PLAN
+    if plan.is_file() and plan.read_text() != text and (work / MERGED).is_file():
+        raise DataError(
+            f"{work}: the shards merged from the stage's parts were made for another plan than this "
+            f"machine computes (plan.json: {plan.read_text().strip()}; here: {text.strip()}): the parts' "
+            "nodes need this checkout, its inputs and the same environment; remove the folder to start over"
+        )
     if plan.is_file() and plan.read_text() != text:
         log.warning("%s: its shards were made for other inputs, params or code; removing them and starting over", work)
         shutil.rmtree(work)
@@ -58,6 +66,14 @@ def prepare(work: Path, key: dict[str, Any]) -> None:
         work.mkdir(parents=True, exist_ok=True)
         with atomic_path(plan) as tmp:
             tmp.write_text(text)
+
+
+def done_for(folder: Path, key: dict[str, Any], indices: Sequence[int]) -> set[int]:
+    """Which of `indices` are finished shards in `folder`, if its plan is `key`'s (else none)."""
+    plan = folder / PLAN
+    if not plan.is_file() or plan.read_text() != records.canonical_json(key) + "\n":
+        return set()
+    return {i for i in indices if is_done(folder, i)}
 
 
 def is_done(work: Path, index: int) -> bool:

@@ -239,6 +239,11 @@ def run_command(
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = name
     whole = ray is not None and ray.matches(name)
+    lines = dvc_command_lines(cmd)
+    start = time.time()
+    if split:  # parts are Ray tasks, with their CPUs to themselves: no passive waiting
+        assert ray is not None
+        _run_parts(ray, root, name, lines, wdir, _with_python_first(env), log)
     if passive_threads and not whole:  # a Ray task has its CPUs to itself
         # This stage may run beside others, 2 torch threads each: with OpenMP's default
         # spin-waiting, two such on 2 cores each ran 17x slower than one alone; passive
@@ -246,16 +251,7 @@ def run_command(
         # that can overlap get it. It changes how threads wait, not what they compute;
         # a policy the user set wins.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # `python` in a stage command is this interpreter's, even when its virtualenv is
-    # not activated (outputs do not depend on it: the command string is unchanged).
-    bindir = str(Path(sys.executable).parent)
-    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
-        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    start = time.time()
-    lines = dvc_command_lines(cmd)
-    if split:
-        assert ray is not None
-        _run_parts(ray, root, name, lines, wdir, env, log)
+    env = _with_python_first(env)
     if whole:
         assert ray is not None
         _run_on_ray(ray, root, name, lines, wdir, env, outs, log)
@@ -320,6 +316,15 @@ def _run_on_ray(
         raise StageCommandFailed(name, " && ".join(lines), returncode, tail[-40:])
 
 
+def _with_python_first(env: dict[str, str]) -> dict[str, str]:
+    """`python` in a stage command is this interpreter's, even when its virtualenv is
+    not activated (outputs do not depend on it: the command string is unchanged)."""
+    bindir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] == bindir:
+        return env
+    return {**env, "PATH": bindir + os.pathsep + env.get("PATH", "")}
+
+
 def _out_arg(name: str, line: str) -> Path:
     """The `--out` of a generation stage's command: where its shards go."""
     argv = shlex.split(line)
@@ -355,9 +360,10 @@ def _run_parts(
     results = ray_exec.run_tasks(ray, tasks, Path(root) / wdir, env, log)
     if STOP.signum is not None:
         raise StageStopped(name, STOP.signum)
-    for line, (returncode, tail) in zip(part_lines, results, strict=True):
-        if returncode != 0:
-            raise StageCommandFailed(name, line, returncode, tail[-40:])
+    failed = [(line, rc, tail) for line, (rc, tail) in zip(part_lines, results, strict=True) if rc != 0]
+    if failed:  # the part that failed, not one it ended (cancelled: -SIGTERM)
+        line, returncode, tail = min(failed, key=lambda f: f[1] == -signal.SIGTERM)
+        raise StageCommandFailed(name, line, returncode, tail[-40:])
     out = _out_arg(name, lines[0])
     work = parts.work_dir(Path(root) / wdir / out)
     if url is not None:

@@ -260,8 +260,9 @@ def run_tasks(
     log: Callable[[str], None],
 ) -> list[tuple[int, list[str]]]:
     """Each (name, command lines, outs) as a Ray task, all at once, and wait for all:
-    (return code, last output lines) of each, in order. A Ray error (not a failing
-    command) cancels the others and raises."""
+    (return code, last output lines) of each, in order. The first task that fails (its
+    command, or Ray) ends the others (ray.cancel: each ends its process group; forced
+    after twice the grace period), so none outlives the call; a Ray error then raises."""
     import ray
 
     global _remote
@@ -280,14 +281,37 @@ def run_tasks(
     handles = [RayTask(ref) for ref in refs]
     for handle in handles:
         STOP.register(handle)
+    names = [name for name, _, _ in tasks]
+    results: dict[int, tuple[int, list[str]]] = {}
+    pending = list(refs)
     try:
-        return [_result(name, ref, refs, log) for (name, _, _), ref in zip(tasks, refs, strict=True)]
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            k = refs.index(ref)
+            try:
+                results[k] = _result(names[k], ref, len(refs), log)
+            finally:
+                if pending and (k not in results or results[k][0] != 0):
+                    _end(pending)
+        return [results[k] for k in range(len(refs))]
     finally:
         for handle in handles:
             STOP.unregister(handle)
 
 
-def _result(name: str, ref: Any, refs: list[Any], log: Callable[[str], None]) -> tuple[int, list[str]]:
+def _end(refs: list[Any]) -> None:
+    """Cancel the tasks (each ends its stage's process group) and wait for them; force
+    the ones still running after twice the grace period."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    _, still = ray.wait(refs, num_returns=len(refs), timeout=2 * GRACE_S)
+    for ref in still:
+        ray.cancel(ref, force=True)
+
+
+def _result(name: str, ref: Any, tasks: int, log: Callable[[str], None]) -> tuple[int, list[str]]:
     import ray
 
     try:
@@ -297,10 +321,8 @@ def _result(name: str, ref: Any, refs: list[Any], log: Callable[[str], None]) ->
     except ray.exceptions.RayError as exc:
         if STOP.requested:  # force-cancelled after the grace period
             return -signal.SIGTERM, [f"(the Ray task ended: {type(exc).__name__})"]
-        for other in refs:
-            ray.cancel(other)
         raise StageError(f"stage {name!r}: its Ray task failed: {exc}") from exc
-    who = "" if len(refs) == 1 else f"{name}: "
+    who = "" if tasks == 1 else f"{name}: "
     log(f"({who}ran on Ray node {result['node']}, worker pid {result['worker_pid']})")
     for line in result["tail"]:
         log(line)

@@ -181,11 +181,12 @@ def generate_part(
     part's folder there, for machines that do not share the checkout's filesystem."""
     if not 0 <= part < parts:
         raise ValueError(f"part must be in 0..{parts - 1}, got {part}")
+    target = None if url is None else genparts.part_url(url, out, part, parts)  # a bad --out fails first
     i = inputs(role, params_file, prompts_dir, models_dir, previous, replicate)
-    local = genparts.part_dir(work_dir(out), part, parts)
-    _sample(role, i, local, part=(part, parts))
-    if url is not None:
-        target = genparts.part_url(url, out, part, parts)
+    work = work_dir(out)
+    local = genparts.part_dir(work, part, parts)
+    _sample(role, i, local, part=(part, parts), done_in=work)
+    if target is not None:
         log.info("%s: uploaded %d shards to %s", local, genparts.upload(local, target), target)
 
 
