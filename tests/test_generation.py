@@ -400,10 +400,11 @@ def test_generate_part_from_a_params_file_as_an_orchestrator_calls_it(
         "plan.json",
         *(f"shard-{i:05d}.{ext}" for i in range(3) for ext in ("done", "parquet")),
     ]
-    # a part run again finds its shards merged in the work folder, and generates none
+    # parts run again find their shards merged in the work folder, and generate none
     with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
-        genstage.generate_part("teacher", part=0, parts=2, **where)
-    assert any("0 of 0 shards already done (skipped), 0 to generate" in m for m in caplog.messages)
+        for k in (0, 1):
+            genstage.generate_part("teacher", part=k, parts=2, **where)
+    assert sum("0 of 0 shards already done (skipped), 0 to generate" in m for m in caplog.messages) == 2
     assert parts.merge(work, 2) == 0
     caplog.clear()
     assert not (tmp_path / "out").exists()
