@@ -170,8 +170,7 @@ def train_rounds(
     rounds trained on: their manifests lead back to the samples and prompts)."""
     curriculum = AlphaCurriculum(p.distillm2)
     method = METHODS[p.method]
-    section = getattr(p, method.params_section) if method.params_section else None
-    sides = sum(method.sides(section))  # sequences per pair the trainer runs
+    sides = sum(method.sides(method.section(p)))  # sequences per pair the trainer runs
     read: dict[str, Path] = {}
     rows: list[dict[str, float]] = []
     records_: list[dict[str, Any]] = []

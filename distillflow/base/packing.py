@@ -103,9 +103,14 @@ def pack(batches: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> Packed:
     return Packed(input_ids, position_ids, index, [attn.bool() for _, attn in batches])
 
 
-def hidden_states(base_model: torch.nn.Module, batches: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> list[Tensor]:
-    """The final hidden states of each right-padded batch, (B_k, T_k, H), computed in one
-    packed forward pass of `base_model` (a transformers model body); zeros at padding."""
+def hidden_states(
+    base_model: torch.nn.Module, batches: Sequence[tuple[Tensor, Tensor]], pad_id: int | None
+) -> list[Tensor]:
+    """The final hidden states of each right-padded batch, (B_k, T_k, H), of `base_model`
+    (a transformers model body): with `pad_id`, in one packed forward pass, zeros at
+    padding; without (train.packing off), batch by batch, padded."""
+    if pad_id is None:
+        return [base_model(input_ids=i, attention_mask=a, use_cache=False).last_hidden_state for i, a in batches]
     p = pack(batches, pad_id)
     return p.unpack(p.forward(base_model).last_hidden_state)
 
@@ -126,7 +131,7 @@ def check_model(base_model: torch.nn.Module, pad_id: int, role: str) -> None:
     was = base_model.training
     base_model.eval()
     try:
-        padded = base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        (padded,) = hidden_states(base_model, [(ids, attn)], None)
         (packed,) = hidden_states(base_model, [(ids, attn)], pad_id)
         (changed,) = hidden_states(base_model, [(other, attn)], pad_id)
     finally:

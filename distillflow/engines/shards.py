@@ -41,14 +41,30 @@ from distillflow.engines.parts import MERGED, PLAN, marker_file, shard_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PLAN", "shard_file", "marker_file", "prepare", "done_for", "is_done", "write_shard", "run_shards", "gather"]
+__all__ = [
+    "PLAN",
+    "shard_file",
+    "marker_file",
+    "plan_text",
+    "prepare",
+    "done_for",
+    "is_done",
+    "write_shard",
+    "run_shards",
+    "gather",
+]
+
+
+def plan_text(key: dict[str, Any]) -> str:
+    """What plan.json holds for shards made for `key`."""
+    return records.canonical_json(key) + "\n"
 
 
 def prepare(work: Path, key: dict[str, Any]) -> None:
     """Make `work` hold shards for exactly `key`; shards made for another key are removed,
     unless they were merged there from parts (parts.merge): the parts' machines computed
     another plan (other code, engine or inputs), which is an error, not work to redo."""
-    text = records.canonical_json(key) + "\n"
+    text = plan_text(key)
     plan = work / PLAN
     if plan.is_file() and plan.read_text() != text and (work / MERGED).is_file():
         raise DataError(
@@ -71,7 +87,7 @@ def prepare(work: Path, key: dict[str, Any]) -> None:
 def done_for(folder: Path, key: dict[str, Any], indices: Sequence[int]) -> set[int]:
     """Which of `indices` are finished shards in `folder`, if its plan is `key`'s (else none)."""
     plan = folder / PLAN
-    if not plan.is_file() or plan.read_text() != records.canonical_json(key) + "\n":
+    if not plan.is_file() or plan.read_text() != plan_text(key):
         return set()
     return {i for i in indices if is_done(folder, i)}
 

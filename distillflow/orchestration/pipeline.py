@@ -163,20 +163,24 @@ stage_task = task(
 )
 
 
+def _module(spec: StageSpec) -> str | None:
+    """The stage module its command runs (`python -m stages.X` -> X); None for another command."""
+    if not isinstance(spec.cmd, str) or not spec.cmd.strip().startswith("python -m stages."):
+        return None
+    return codedeps.stage_module(spec.name, spec.cmd)
+
+
 def loads_models(spec: StageSpec, root: Path) -> bool:
     """Whether the stage's module (`python -m stages.X`) loads a model, by its imports."""
-    if not isinstance(spec.cmd, str) or not spec.cmd.strip().startswith("python -m stages."):
-        return False
-    files = codedeps.closure(codedeps.stage_module(spec.name, spec.cmd), root)
-    return any(f in files for f in RETRY_IF_LOADS)
+    module = _module(spec)
+    return module is not None and any(f in codedeps.closure(module, root) for f in RETRY_IF_LOADS)
 
 
 def splits(spec: StageSpec, root: Path) -> bool:
     """Whether `--ray-parts` may split the stage: its module says so (`PARTS = True`:
     the generation stages, whose command takes `--part K/N`; distillflow/engines/parts.py)."""
-    if not isinstance(spec.cmd, str) or not spec.cmd.strip().startswith("python -m stages."):
-        return False
-    return codedeps.constant(root, codedeps.stage_module(spec.name, spec.cmd), "PARTS") is True
+    module = _module(spec)
+    return module is not None and codedeps.constant(root, module, "PARTS") is True
 
 
 def retries_for(spec: StageSpec, retries: int, retry_stages: list[str] | None, root: Path) -> int:

@@ -101,13 +101,7 @@ class StudentForward(torch.nn.Module):
         # The head first: autograd then accumulates the tied embedding's gradients in the
         # order it did when the head was cut once, before any forward (same floats).
         weight, bias = models.lm_head(self.student, self.vocab, "student")
-        if self.pad is not None:
-            return packing.hidden_states(self.student.base_model, batches, self.pad), weight, bias
-        hiddens = [
-            self.student.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-            for ids, attn in batches
-        ]
-        return hiddens, weight, bias
+        return packing.hidden_states(self.student.base_model, batches, self.pad), weight, bias
 
 
 def layers_of(student: torch.nn.Module) -> list[torch.nn.Module]:

@@ -54,7 +54,7 @@ def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int
     teacher's responses, prompt + rejected for those that read the student's, per pair,
     times epochs."""
     method = METHODS[p.method]
-    reads_chosen, reads_rejected = method.sides(getattr(p, method.params_section) if method.params_section else None)
+    reads_chosen, reads_rejected = method.sides(method.section(p))
     total = 0
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)

@@ -177,9 +177,7 @@ def teacher_hiddens(
         return [None] * len(batches)
     pairs = [(b.input_ids.to(device), b.attention_mask.to(device)) for b in batches]
     with torch.no_grad():
-        if pad is not None:
-            return list(packing.hidden_states(teacher.base_model, pairs, pad))
-        return [teacher.base_model(input_ids=i, attention_mask=a, use_cache=False).last_hidden_state for i, a in pairs]
+        return list(packing.hidden_states(teacher.base_model, pairs, pad))
 
 
 def side(
@@ -310,7 +308,7 @@ def setup(job: Job) -> Loop:
         sched=sched,
         curriculum=job.curriculum,
         method=method,
-        params=getattr(p, method.params_section) if method.params_section is not None else None,
+        params=method.section(p),
         heads=heads,
         forward=forward,
         rank=rank,

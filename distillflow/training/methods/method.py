@@ -79,6 +79,10 @@ class Method:
     switches: tuple[str, ...] = ()
     reads: Callable[[Any], tuple[bool, bool]] | None = None  # (chosen, rejected) for these params
 
+    def section(self, train: Any) -> Any:
+        """Its params section of `train` (a TrainParams): train.<params_section>, or None."""
+        return getattr(train, self.params_section) if self.params_section is not None else None
+
     def sides(self, p: Any) -> tuple[bool, bool]:
         """Whether the trainer runs (chosen, rejected) for params `p` (its params section)."""
         declared = (self.needs_teacher_samples, self.needs_student_samples)
