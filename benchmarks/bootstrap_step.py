@@ -88,7 +88,8 @@ def time_steps(
     forward: Callable[[torch.nn.Module, object], torch.Tensor],
     compiled: bool = False,
 ) -> dict[str, float]:
-    """Mean ms per timed step of each phase, and the share of real tokens."""
+    """Mean ms per timed step of each phase, the share of real tokens, and the seconds
+    the warmup steps took in all (where torch.compile compiles)."""
     model = models.build_toy_model(toymodels.arch(mp), len(tok), tok, seed, max_positions)
     if compiled:
         model = torch.compile(model, dynamic=True)
@@ -96,8 +97,11 @@ def time_steps(
     model.train()
     sums = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     real = padded = 0
+    started = time.perf_counter()
     for i, chunk in enumerate(batches):
         t0 = time.perf_counter()
+        if i == warmup:
+            warmup_s = t0 - started
         b, mask = toymodels._batch(tok, chunk)
         t1 = time.perf_counter()
         logits = forward(model, b)
@@ -123,6 +127,7 @@ def time_steps(
     timed = len(batches) - warmup
     out = {k: 1000.0 * v / timed for k, v in sums.items()}
     out["real_tokens"] = real / padded
+    out["warmup_s"] = warmup_s
     return out
 
 
@@ -186,7 +191,7 @@ def main() -> None:
     ]
     header = (
         f"{'threads':>7}  {'variant':<20} {'collate':>8} {'forward':>8} {'backward':>9} {'optim':>6} "
-        f"{'step ms':>8} {'real tok':>9} {'vs padded':>13} {'steps s':>8}"
+        f"{'step ms':>8} {'real tok':>9} {'vs padded':>13} {'warmup s':>9} {'steps s':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -196,15 +201,17 @@ def main() -> None:
         for name, batches, forward in variants:
             r = time_steps(tok, mp, seed, p.max_positions, batches, args.warmup, forward, "compiled" in name)
             step = make_ms + r["collate"] + r["forward"] + r["backward"] + r["optimizer"]
+            warm = r["warmup_s"] + args.warmup * make_ms / 1000.0  # making the sequences included, as in step
             base = step if base is None else base
             print(
                 f"{threads:>7}  {name:<20} {r['collate']:>8.1f} {r['forward']:>8.1f} {r['backward']:>9.1f} "
                 f"{r['optimizer']:>6.1f} {step:>8.1f} {r['real_tokens']:>9.2f} {step / base:>12.2f}x "
-                f"{mp.steps * step / 1000.0:>8.0f}"
+                f"{warm:>9.1f} {warm + (mp.steps - args.warmup) * step / 1000.0:>8.0f}"
             )
     print(
-        f"(step ms: making the sequences + collate + forward + backward + optimizer; steps s: the "
-        f"{mp.steps} steps of params.yaml at that rate, without bootstrap's held-out measurements)"
+        f"(step ms: making the sequences + collate + forward + backward + optimizer; warmup s: the "
+        f"first {args.warmup} steps in all, compilation included; steps s: the {mp.steps} steps of params.yaml, "
+        f"the warmup's then the rest at the step's rate, without bootstrap's held-out measurements)"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 # No hub in tests, ever: everything is built locally.
@@ -25,6 +26,8 @@ import torch  # noqa: E402
 from distillflow.base import models  # noqa: E402
 from distillflow.training import basics
 
+from .flowkit import Server, prefect_server
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The slowest modules first, so the two xdist workers (`--dist loadfile`: a module's tests
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOWEST_FIRST = (
     "test_pipeline.py",
     "test_flows.py",
+    "test_ray.py",
     "test_pipeline_realarch.py",
     "test_distributed.py",
     "test_bad_input.py",
@@ -48,6 +52,13 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real `prefect server start` for the module's flow runs (tests/flowkit.py)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

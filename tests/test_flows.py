@@ -6,9 +6,10 @@ through a sequence of runs (cold, all cached, no server, one training param, one
 teacher param with the teacher killed once, params reverted), then a deployment from
 prefect.yaml run by a worker and `distillflow serve`; the on-policy rounds' foreach
 stages are read (not run) in a second copy. A tiny DVC project with `foreach` stages
-checks stage names with `@`, a stage that fails once, one that always fails and a
-DVC cache that lost outputs. Prefect's state lives in a temporary PREFECT_HOME;
-nothing touches the user's Prefect profile.
+checks stage names with `@`, a stage that fails once, one that always fails, a
+DVC cache that lost outputs, and preemption by signals; Ray runs are tests/test_ray.py.
+Prefect's state lives in a temporary PREFECT_HOME; nothing touches the user's Prefect
+profile. The harness is tests/flowkit.py.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,67 +34,28 @@ from distillflow.orchestration.artifacts import artifact_key
 
 from .builders import SMOKE_COMPARISON
 from .conftest import ROOT, copy_repo
+from .flowkit import (
+    PY,
+    Server,
+    alive,
+    assert_dvc_agrees,
+    base_env,
+    make_tiny,
+    outcomes,
+    run_flow,
+    sh,
+    slow_pids,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 # The issue's nine stages; the tests take the full stage list (and what a param change
 # must rerun) from DVC itself, so stages added to dvc.yaml later are expected too.
 NINE = ("bootstrap", "seed", "teacher", "student", "pairs", "curate", "score", "train", "evaluate")
 # always_changed in dvc.yaml (it hashes the model folders): it runs on every flow run, never a cache hit
 ALWAYS = {"identify"}
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def base_env(home: Path, api_url: str | None) -> dict[str, str]:
-    """This process's environment without any Prefect setting of the user's, plus an
-    isolated PREFECT_HOME and, when given, the server's API URL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        DVC_NO_ANALYTICS="1",
-        DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    env["PATH"] = str(Path(PY).parent) + os.pathsep + env.get("PATH", "")
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-def sh(cwd: Path, env: dict[str, str], *cmd: str, timeout: float = 600) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        )
-    return done.stdout + done.stderr
-
-
-def run_flow(repo: Path, env: dict[str, str], *args: str, expect_rc: int = 0) -> tuple[dict[str, Any], str]:
-    """`distillflow run ARGS` in the repo; returns its JSON summary and its output."""
-    summary = repo.parent / f"summary-{time.monotonic_ns()}.json"
-    cmd = [PY, "-m", "distillflow.cli", "run", "--retry-delay", "1", "--summary", str(summary), *args]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    out = done.stdout + done.stderr
-    if done.returncode != expect_rc or not summary.is_file():
-        raise AssertionError(
-            f"{' '.join(cmd[2:])} exited {done.returncode} (expected {expect_rc}), "
-            f"summary written: {summary.is_file()}:\n{out[-6000:]}"
-        )
-    return json.loads(summary.read_text()), out
-
-
-def outcomes(summary: dict[str, Any]) -> dict[str, str]:
-    return {name: entry["outcome"] for name, entry in summary["stages"].items()}
 
 
 def with_outcome(summary: dict[str, Any], outcome: str) -> set[str]:
@@ -152,26 +111,6 @@ def affected_by(repo: Path, env: dict[str, str], *keys: str) -> set[str]:
     return found
 
 
-def assert_dvc_agrees(repo: Path, env: dict[str, str], pipeline: str = "dvc.yaml") -> None:
-    """After a Prefect run, DVC sees `pipeline` up to date: `dvc status` reports nothing
-    but `always changed` stages (identify: it hashes the model folders on every repro)
-    and `dvc repro` runs only those, leaving their outputs byte-identical. (Checked per
-    pipeline file: a training param change leaves comparison/dvc.yaml stale, as it must.)"""
-    status = json.loads(sh(repo, env, PY, "-m", "dvc", "status", "--json", pipeline).strip().splitlines()[-1])
-    assert all(v == ["always changed"] for v in status.values()), status
-    outs = {p: p.read_bytes() for p in (repo / "data").glob("identity.json")}
-    repro = sh(repo, env, PY, "-m", "dvc", "repro", pipeline)
-    ran = set(re.findall(r"Running stage '([\w@.:/-]+)'", repro))
-    assert ran == set(status) | ({"identify"} & ran), repro  # identify is upstream of both pipelines
-    assert {p: p.read_bytes() for p in outs} == outs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- Prefect's REST API ------------------------------------------------------------
 
 
@@ -221,18 +160,6 @@ def wait_deployment(url: str, name: str, proc: subprocess.Popen, log: Path, time
     raise AssertionError(f"deployment {name} did not appear within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started in its own session (its process group)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def prefect_deploy(repo: Path, env: dict[str, str]) -> str:
     """`prefect deploy --all` from prefect.yaml.
 
@@ -258,46 +185,6 @@ def prefect_deploy(repo: Path, env: dict[str, str]) -> str:
 
 
 # --- fixtures ----------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    url: str
-    env: dict[str, str]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = base_env(home, None)
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prefect server start exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prefect server not healthy after 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield Server(url, base_env(home, url))
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -686,89 +573,10 @@ def test_serve_without_a_server_says_what_is_missing(smoke: Path, tmp_path: Path
 
 # --- a tiny DVC project: foreach stages, a flaky stage, a failing stage ----------------
 
-TINY_DVC_YAML = """\
-stages:
-  prep:
-    cmd: python prep.py
-    deps: [prep.py]
-    params: [prep]
-    outs: [out/prep.txt]
-  round:
-    foreach: [1, 2]
-    do:
-      cmd: python round.py ${item}
-      deps: [round.py, out/prep.txt]
-      params: [rounds]
-      outs:
-        - out/round${item}.txt
-  report:
-    cmd: python report.py
-    deps: [report.py, out/round1.txt, out/round2.txt]
-    outs: [out/report.txt]
-    metrics:
-      - metrics/report.json:
-          cache: false
-"""
-
-TINY_SCRIPTS = {
-    "prep.py": """\
-import os, yaml
-print("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY"))
-n = yaml.safe_load(open("params.yaml"))["prep"]["n"]
-open("out/prep.txt", "w").write("".join(f"{i}\\n" for i in range(n)))
-""",
-    # Writes its output in place, not atomically: a failure leaves a partial file.
-    "round.py": """\
-import os, sys, yaml
-i = int(sys.argv[1])
-print("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY"))
-p = yaml.safe_load(open("params.yaml"))["rounds"]
-rows = [int(x) * p["scale"] * i for x in open("out/prep.txt")]
-with open(f"out/round{i}.txt", "w") as f:
-    f.write(f"{rows[0]}\\n")
-    f.flush()
-    marker = os.environ.get("FLAKY_MARKER")
-    slow = os.environ.get("SLOW_PIDS")  # the preemption and Ray tests: the first attempt waits
-    if os.environ.get("SLOW_ROUND") == str(i) and not os.path.exists(slow):
-        import subprocess, time
-        cmd = [sys.executable, "-c", "import time; time.sleep(300)"]
-        kids = [subprocess.Popen(cmd).pid] if os.environ.get("SLOW_CHILD") else []
-        open(slow, "w").write(" ".join(map(str, [os.getpid(), *kids])) + "\\n")
-        time.sleep(300)
-    if i == p["fail_round"] or (marker and i == 2 and not os.path.exists(marker)):
-        if marker:
-            open(marker, "w").close()
-        sys.exit(f"round {i} failed on purpose")
-    f.write("".join(f"{r}\\n" for r in rows[1:]))
-""",
-    "report.py": """\
-import json
-rows = [int(x) for i in (1, 2) for x in open(f"out/round{i}.txt")]
-odd = sum(r % 2 for r in rows)
-open("out/report.txt", "w").write(f"{sum(rows)}\\n")
-metrics = {"rows": len(rows), "kept": len(rows) - odd, "quarantined": odd, "dropped_by_reason": {"odd": odd}}
-json.dump(metrics, open("metrics/report.json", "w"))
-""",
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, server: Server) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "repo", server)
-
-
-def make_tiny(repo: Path, server: Server) -> Path:
-    (repo / "out").mkdir(parents=True)
-    (repo / "metrics").mkdir()
-    (repo / "dvc.yaml").write_text(TINY_DVC_YAML)
-    (repo / "params.yaml").write_text("prep:\n  n: 5\nrounds:\n  scale: 3\n  fail_round: 0\n")
-    for name, text in TINY_SCRIPTS.items():
-        (repo / name).write_text(text)
-    sh(repo, server.env, "git", "init", "-q")
-    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
-    sh(repo, server.env, "git", "add", "-A")
-    sh(repo, server.env, "git", "commit", "-qm", "tiny")
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -886,25 +694,6 @@ def test_the_temporary_server_start_up_limit_is_the_clis_unless_the_user_set_one
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "45"
 
 
-def slow_pids(pids: Path, proc: subprocess.Popen, log: Path) -> list[int]:
-    """The pids round.py's slow attempt wrote (the stage's, then its child's), once it
-    has; fails with the run's log if the run ended first or 300 s passed."""
-    deadline = time.monotonic() + 300
-    while not pids.is_file() or not pids.read_text().endswith("\n"):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.2)
-    return [int(p) for p in pids.read_text().split()]
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_running_stage_within_10_s_and_the_next_run_resumes(
     tiny: Path, tiny_env: dict[str, str], sig: signal.Signals
@@ -927,7 +716,7 @@ def test_a_signal_stops_the_running_stage_within_10_s_and_the_next_run_resumes(
         assert (tiny / "out" / "round1.txt").is_file()  # its partial output, written in place
         sent = time.monotonic()
         proc.send_signal(sig)
-        while (_alive(stage) or _alive(child)) and time.monotonic() < sent + 60:
+        while (alive(stage) or alive(child)) and time.monotonic() < sent + 60:
             time.sleep(0.1)
         gone_in = time.monotonic() - sent
         rc = proc.wait(timeout=60)
@@ -970,14 +759,14 @@ def test_cancelling_a_served_flow_run_stops_its_stage_and_the_next_run_resumes(t
         api(server.url, f"/flow_runs/{run['id']}/set_state", cancel)
         cancelled = time.monotonic()
         deadline = cancelled + 60
-        while (_alive(stage) or _alive(child)) and time.monotonic() < deadline:
+        while (alive(stage) or alive(child)) and time.monotonic() < deadline:
             time.sleep(0.2)
         gone_in = time.monotonic() - cancelled  # an upper bound on the time from SIGTERM
         final = wait_flow_run(server.url, run["id"], timeout=120)
     finally:
         stop(proc)
     out = log.read_text()
-    assert not _alive(stage) and not _alive(child), f"a stage process outlived the cancelled run:\n{out[-4000:]}"
+    assert not alive(stage) and not alive(child), f"a stage process outlived the cancelled run:\n{out[-4000:]}"
     assert gone_in < 10, f"the stage ended {gone_in:.1f} s after the cancel request"
     assert final["state"]["type"] == "CANCELLED", final["state"]
     assert "stopped by SIGTERM" in out and "removed its partial output: ['out/round2.txt']" in out, out[-4000:]
@@ -986,185 +775,3 @@ def test_cancelling_a_served_flow_run_stops_its_stage_and_the_next_run_resumes(t
     resumed, _ = run_flow(repo, env)
     assert outcomes(resumed) == {"prep": "cached", "round@1": "cached", "round@2": "ran", "report": "ran"}
     assert_dvc_agrees(repo, env)
-
-
-# --- Ray ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(server: Server) -> str:
-    """A real local Ray cluster: `ray start --head` on 127.0.0.1 with 2 CPUs (two worker
-    processes for 1-CPU tasks), stopped after the module."""
-    import tempfile
-
-    ray = str(Path(PY).parent / "ray")
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**server.env, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2"]
-    start += ["--dashboard-agent-listen-port", str(free_port())]  # not its fixed default
-    start += ["--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp]
-    try:
-        sh(ROOT, env, *start, timeout=180)
-        yield f"127.0.0.1:{port}"
-    finally:
-        sh(ROOT, env, ray, "stop", "--force", timeout=120)  # every Ray process of this user: CI runs no other
-        shutil.rmtree(temp)
-
-
-def ray_worker_of(pid: int) -> int:
-    """The Ray worker process above `pid` (its title starts with `ray::`)."""
-    while pid > 1:
-        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
-            return pid
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    raise AssertionError("no Ray worker above the stage process")
-
-
-def test_stages_on_a_ray_cluster_write_the_local_runs_bytes_and_a_killed_worker_is_retried(
-    tmp_path: Path, server: Server, ray_cluster: str
-) -> None:
-    """The same tiny pipeline in two fresh repos: run here, and with its rounds and report
-    on a local Ray cluster, where the Ray worker running round@2 is killed mid-stage.
-    Ray retries the task on another worker; every output's md5 in dvc.lock equals the
-    local run's, and DVC agrees with the Ray run."""
-    local, remote = make_tiny(tmp_path / "local", server), make_tiny(tmp_path / "remote", server)
-    env = {**server.env, "PYTHONPATH": str(ROOT)}
-    summary, _ = run_flow(local, env)
-    assert set(outcomes(summary).values()) == {"ran"}
-
-    pids = tmp_path / "slow.pids"
-    cmd = [PY, "-m", "distillflow.cli", "run", "--summary", str(tmp_path / "summary.json"), "--ray", ray_cluster]
-    cmd += ["--ray-stage", "round@*", "--ray-stage", "report", "--ray-cpus", "1"]
-    log_path = tmp_path / "ray-run.log"
-    with log_path.open("a") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=remote,
-            # /bin/sh runs the stage lines, as where SHELL is unset: dash does not exec a
-            # line's command, so the stage is its worker's grandchild (stage_guard.py)
-            env={**env, "SLOW_ROUND": "2", "SLOW_PIDS": str(pids), "SHELL": "/bin/sh"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        (stage,) = slow_pids(pids, proc, log_path)
-        worker = ray_worker_of(stage)
-        os.kill(worker, signal.SIGKILL)
-        rc = proc.wait(timeout=300)
-    out = log_path.read_text()
-    assert rc == 0, out[-6000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(outcomes(summary).values()) == {"ran"}, out[-4000:]
-    ran_on = re.findall(r"ran on Ray node \S+, worker pid (\d+)", out)
-    assert len(ran_on) == 3 and str(worker) not in ran_on, out[-4000:]  # round@1, round@2 (retried), report
-    deadline = time.monotonic() + 10
-    while _alive(stage) and time.monotonic() < deadline:  # it gets SIGTERM as its worker dies
-        time.sleep(0.1)
-    assert not _alive(stage), "the stage process outlived its Ray worker"
-
-    def outs(repo: Path) -> dict[str, str]:
-        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
-
-    assert outs(remote) == outs(local) and len(outs(local)) == 5
-    assert_dvc_agrees(remote, env)
-
-
-GEN_DVC_YAML = """\
-stages:
-  teacher:
-    cmd: python -m stages.teacher --params params.yaml --prompts seed --models tiny --out data/teacher --metrics m.json
-    deps: [seed, tiny]
-    params: [teacher]
-    outs: [data/teacher]
-    metrics: [{m.json: {cache: false}}]
-"""
-
-
-def make_gen_repo(repo: Path, server: Server, tiny_models: Path) -> Path:
-    """A repo whose one stage is the real teacher stage on tiny models: 96 prompts in
-    shards of 2 (48 shards)."""
-    from distillflow.base import io, records
-    from stages import seed
-
-    from .builders import TASK, seed_params
-
-    repo.mkdir(parents=True)
-    sp = seed_params(num_train=96, num_eval=1)
-    train = seed.run(TASK, sp, seed.source_rows(TASK, sp))[0]
-    io.write_table(repo / "seed" / "train.parquet", train, records.PROMPT_SCHEMA)
-    shutil.copytree(tiny_models, repo / "tiny")
-    for code in ("stages", "distillflow"):  # the stage module, its PARTS and its imports (codedeps.py)
-        (repo / code).symlink_to(ROOT / code)
-    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
-    params["teacher"].update(batch_size=2, shard_size=2, num_samples=2, max_new_tokens=24)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    (repo / "dvc.yaml").write_text(GEN_DVC_YAML)
-    sh(repo, server.env, "git", "init", "-q")
-    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
-    sh(repo, server.env, "git", "add", "-A")
-    sh(repo, server.env, "git", "commit", "-qm", "gen")
-    return repo
-
-
-def part_process(repo: Path, part: str) -> int | None:
-    """The pid of the teacher stage running `--part PART` in `repo`, if one runs."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            cwd = os.readlink(proc / "cwd")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if b"stages.teacher" in argv and b"--part" in argv[:-1] and cwd == str(repo):
-            if argv[argv.index(b"--part") + 1] == part.encode():
-                return int(proc.name)
-    return None
-
-
-def test_generation_parts_on_ray_write_the_local_runs_bytes_and_a_killed_part_resumes(
-    tmp_path: Path, server: Server, ray_cluster: str, tiny_models: Path
-) -> None:
-    """The real teacher stage (48 shards) run here, and in 2 parts on a local Ray
-    cluster with an fsspec URL (file://) between the parts and the flow, the worker
-    running part 0 killed once that part has finished a shard. Ray retries part 0, which
-    resumes from its finished shards; the flow downloads and merges the parts, the stage
-    only gathers, and the output's md5 in dvc.lock equals the local run's."""
-    env = {**server.env, "PYTHONPATH": str(ROOT), "SHELL": "/bin/sh"}
-    local = make_gen_repo(tmp_path / "local", server, tiny_models)
-    remote = make_gen_repo(tmp_path / "remote", server, tiny_models)
-    summary, _ = run_flow(local, env)
-    assert outcomes(summary) == {"teacher": "ran"}
-
-    bucket = tmp_path / "bucket"
-    cmd = [PY, "-m", "distillflow.cli", "run", "--summary", str(tmp_path / "summary.json"), "--ray", ray_cluster]
-    cmd += ["--ray-cpus", "1", "--ray-parts", "2", "--ray-parts-url", f"file://{bucket}"]
-    log_path = tmp_path / "parts-run.log"
-    part_work = remote / "data" / "teacher.shards" / "part-0-of-2"
-    with log_path.open("a") as log:
-        proc = subprocess.Popen(cmd, cwd=remote, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not list(part_work.glob("*.done")):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.005)
-        pid = part_process(remote, "0/2")
-        assert pid is not None, "part 0 finished before it could be killed"
-        os.kill(ray_worker_of(pid), signal.SIGKILL)
-        rc = proc.wait(timeout=300)
-    out = log_path.read_text()
-    assert rc == 0, out[-6000:]
-    assert json.loads((tmp_path / "summary.json").read_text())["stages"]["teacher"]["outcome"] == "ran"
-    resumed = re.findall(r"part-0-of-2: (\d+) of 24 shards already done \(skipped\)", out)
-    assert resumed and 1 <= int(resumed[-1]) < 24, out[-6000:]  # the retried part 0 kept its finished shards
-    assert "teacher: 48 shards from 2 parts on Ray" in out, out[-6000:]
-    assert "48 of 48 shards already done (skipped), 0 to generate" in out, out[-6000:]  # the stage only gathered
-    assert len(list(bucket.rglob("*.done"))) == 48
-
-    def outs(repo: Path) -> dict[str, str]:
-        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
-
-    assert outs(remote) == outs(local) and set(outs(local)) == {"data/teacher", "m.json"}
-    assert not (remote / "data" / "teacher.shards").exists()
-    assert_dvc_agrees(remote, env)

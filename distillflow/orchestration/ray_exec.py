@@ -8,7 +8,7 @@ worker, in the same checkout path, with the flow's environment plus the devices 
 gave the task (`CUDA_VISIBLE_DEVICES`). The cluster's nodes must see the repo at the
 same path (one machine, or a shared filesystem) in the same virtualenv; a node that
 does not is an error naming it. Outputs are what the stage writes, so they equal a
-one-machine run's byte for byte (tests/test_flows.py, on a local cluster).
+one-machine run's byte for byte (tests/test_ray.py, on a local cluster).
 
 - A task asks for `--ray-cpus` CPUs (default 2: a stage's torch threads) and
   `--ray-gpus` GPUs (default 0); Ray places it on a node with both free.
