@@ -1,8 +1,9 @@
-"""Data-parallel training on CPU (gloo, 2 processes) through the real entry point:
-`python -m stages.train` with `train.launcher` naming torchrun, as dvc.yaml runs it.
-DDP and FSDP2 give the single-process run's per-step loss and final weights for the same
-global batch; a killed 2-process run resumes from its checkpoint (sharded under FSDP2)
-to the uninterrupted run's weights."""
+"""Data-parallel training on CPU (gloo, 2 processes) through the real entry points:
+`python -m stages.train` and `python -m stages.round` with `train.launcher` naming
+torchrun, as dvc.yaml runs them. DDP and FSDP2 give the single-process run's per-step
+loss and final weights for the same global batch; a killed 2-process run resumes from
+its checkpoint (sharded under FSDP2) to the uninterrupted run's weights; a round under
+torchrun writes the one-process round's data and trains to its weights."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from distillflow.base import io, records
 from distillflow.base.config import LauncherParams
 from distillflow.stagekit import launch
 
-from .builders import live_rows, pair
+from .builders import gen, live_rows, pair, prompt
 from .conftest import ROOT
 
 PY = sys.executable
@@ -118,6 +119,55 @@ def test_ddp_and_fsdp2_on_two_processes_give_the_single_process_run(runs: Runs) 
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-7, msg=f"{name}: {k}")
         assert json.loads((runs.folder / name / "m.json").read_text())["steps"] == 24
+
+
+def round_cmd(folder: Path, models_dir: Path, name: str, launcher: dict) -> list[str]:
+    """`python -m stages.round ...` as dvc.yaml writes it: round 2 after the module's
+    one-process train run (its --previous), on a params file of its own."""
+    previous = folder / "single" / "train"
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"].update(launcher=launcher, parallel="ddp", rounds={"r2": {"previous": str(previous)}})
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(params))
+    out = folder / name
+    return [
+        *(PY, "-m", "stages.round", "--params", str(folder / f"{name}.yaml")),
+        *("--prompts", str(folder / "seed"), "--teacher", str(folder / "teacher"), "--models", str(models_dir)),
+        *("--previous", str(previous), "--out", str(out / "round"), "--metrics", str(out / "m.json")),
+        *("--live", str(out / "live")),
+    ]
+
+
+def test_the_round_stage_under_torchrun_gives_the_one_process_round(runs: Runs) -> None:
+    """Round 2 after the module's one-process train, run in one process and under
+    torchrun (2 processes, DDP): rank 0 alone samples, pairs, curates and scores, so
+    those folders' tables are the one-process round's bytes; both ranks then train on
+    them, to the one-process round's per-step losses and weights within 1e-5 relative."""
+    f = runs.folder
+    prompts = [prompt(i) for i in range(64)]  # the module's pairs' prompts (builders.pair)
+    io.write_table(f / "seed" / "train.parquet", prompts, records.PROMPT_SCHEMA)
+    io.write_table(f / "seed" / "eval.parquet", [prompt(1000)], records.PROMPT_SCHEMA)
+    teacher = [gen(pr, "teacher", 0, text=pr["reference"]) for pr in prompts]  # right answers: curate keeps them
+    io.write_table(f / "teacher" / "generations.parquet", teacher, records.GENERATION_SCHEMA)
+    run(round_cmd(f, runs.models, "round-one", ONE))
+    done = run(round_cmd(f, runs.models, "round-two", TWO))
+    assert "torch.distributed.run --nproc-per-node 2 --standalone -m stages.round" in done.stderr
+    one, two = f / "round-one" / "round", f / "round-two" / "round"
+    tables = sorted(p.relative_to(one) for p in one.rglob("*.parquet") if p.parts[-3:-1] != ("train", "model"))
+    assert {t.parts[0] for t in tables} >= {"student", "pairs", "curate", "score"}, tables
+    assert tables == sorted(p.relative_to(two) for p in two.rglob("*.parquet") if p.parts[-3:-1] != ("train", "model"))
+    for t in tables:
+        assert (two / t).read_bytes() == (one / t).read_bytes(), t
+    steps = json.loads((f / "round-one" / "m.json").read_text())["train"]["steps"]
+    assert steps > 1 and json.loads((f / "round-two" / "m.json").read_text())["train"]["steps"] == steps
+    a, b = live_rows(f / "round-one" / "live"), live_rows(f / "round-two" / "live")
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    w1 = load_file(one / "train" / "model" / "model.safetensors")
+    w2 = load_file(two / "train" / "model" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def kill_after_checkpoint(cmd: list[str], ckpt: Path) -> str:
