@@ -46,14 +46,19 @@ def setup_run(tmp_path: Path, n_pairs: int, **train: object) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def params_file(folder: Path, name: str, **train: object) -> str:
+    """folder/<name>.yaml: folder/params.yaml with these `train` overrides; its path."""
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"].update(train)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(params))
+    return str(folder / f"{name}.yaml")
+
+
 def train_cmd(tmp_path: Path, models_dir: Path, name: str, launcher: dict, parallel: str) -> list[str]:
     """`python -m stages.train ...` as dvc.yaml writes it, on a params file of its own."""
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["train"].update(launcher=launcher, parallel=parallel)
-    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / name
     return [
-        *(PY, "-m", "stages.train", "--params", str(tmp_path / f"{name}.yaml")),
+        *(PY, "-m", "stages.train", "--params", params_file(tmp_path, name, launcher=launcher, parallel=parallel)),
         *("--pairs", str(tmp_path / "curate"), "--scores", str(tmp_path / "score")),
         *("--models", str(models_dir), "--out", str(out / "train")),
         *("--metrics", str(out / "m.json"), "--live", str(out / "live")),
@@ -125,12 +130,16 @@ def round_cmd(folder: Path, models_dir: Path, name: str, launcher: dict) -> list
     """`python -m stages.round ...` as dvc.yaml writes it: round 2 after the module's
     one-process train run (its --previous), on a params file of its own."""
     previous = folder / "single" / "train"
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["train"].update(launcher=launcher, parallel="ddp", rounds={"r2": {"previous": str(previous)}})
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(params))
+    rounds = {"r2": {"previous": str(previous)}}
     out = folder / name
     return [
-        *(PY, "-m", "stages.round", "--params", str(folder / f"{name}.yaml")),
+        *(
+            PY,
+            "-m",
+            "stages.round",
+            "--params",
+            params_file(folder, name, launcher=launcher, parallel="ddp", rounds=rounds),
+        ),
         *("--prompts", str(folder / "seed"), "--teacher", str(folder / "teacher"), "--models", str(models_dir)),
         *("--previous", str(previous), "--out", str(out / "round"), "--metrics", str(out / "m.json")),
         *("--live", str(out / "live")),
