@@ -247,8 +247,13 @@ def make_tiny(repo: Path, server: Server) -> Path:
     (repo / "params.yaml").write_text("prep:\n  n: 5\nrounds:\n  scale: 3\n  fail_round: 0\n")
     for name, text in TINY_SCRIPTS.items():
         (repo / name).write_text(text)
-    sh(repo, server.env, "git", "init", "-q")
-    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
-    sh(repo, server.env, "git", "add", "-A")
-    sh(repo, server.env, "git", "commit", "-qm", "tiny")
+    return init_repo(repo, server.env, "tiny")
+
+
+def init_repo(repo: Path, env: dict[str, str], message: str) -> Path:
+    """git and DVC initialised in `repo`, its files committed."""
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, PY, "-m", "dvc", "init", "-q")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-qm", message)
     return repo

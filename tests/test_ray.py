@@ -28,6 +28,7 @@ from .flowkit import (
     alive,
     assert_dvc_agrees,
     free_port,
+    init_repo,
     lock_outs,
     make_tiny,
     outcomes,
@@ -142,11 +143,7 @@ def make_gen_repo(repo: Path, server: Server, tiny_models: Path) -> Path:
     params["teacher"].update(batch_size=2, shard_size=2, num_samples=2, max_new_tokens=24)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "dvc.yaml").write_text(GEN_DVC_YAML)
-    sh(repo, server.env, "git", "init", "-q")
-    sh(repo, server.env, PY, "-m", "dvc", "init", "-q")
-    sh(repo, server.env, "git", "add", "-A")
-    sh(repo, server.env, "git", "commit", "-qm", "gen")
-    return repo
+    return init_repo(repo, server.env, "gen")
 
 
 def part_process(repo: Path, part: str) -> int | None:
