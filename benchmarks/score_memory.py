@@ -1,9 +1,9 @@
 """Peak memory of the score stage's output path and train's read-back, new vs old.
 
-New (what stages/score.py and trainer.index_scores do now): scoring.score_batches
+New (what stages/score.py and stored_topk.index_scores do now): scoring.score_batches
 yields one typed Arrow record batch per model batch, scorestep.stream_topk streams them
 into topk.parquet (ParquetSink, row groups of 2 x score.batch_size rows, as main does);
-train reads the file with read_table and trainer.index_scores (zero-copy numpy views at
+train reads the file with read_table and stored_topk.index_scores (zero-copy numpy views at
 the list offsets).
 Old (the code they replaced, reimplemented inline below): full (B, T, V) logits,
 `.tolist()` of every row's top-k, `pa.Table.from_pylist` of all rows, io.write_table;
@@ -49,7 +49,7 @@ from distillflow.base import (  # noqa: E402
 from distillflow.base.io import read_rows, read_table, write_table  # noqa: E402
 from distillflow.engines import scoring  # noqa: E402
 from distillflow.stagekit import scorestep  # noqa: E402
-from distillflow.training import basics, trainer  # noqa: E402
+from distillflow.training import basics, stored_topk  # noqa: E402
 
 BATCH_SIZE = 256
 
@@ -149,7 +149,7 @@ def child(mode: str, work: Path, positions: int, k: int, chars: int) -> None:
         old = old_rows(teacher, tok, pairs, k, BATCH_SIZE)
         rows, scored = write_table(out, old, records.TOPK_SCHEMA), sum(r["positions"] for r in old)
     elif mode == "read-new":
-        index = trainer.index_scores(read_table(work / "write-new.parquet", records.TOPK_SCHEMA))
+        index = stored_topk.index_scores(read_table(work / "write-new.parquet", records.TOPK_SCHEMA))
         rows, scored = len(index), sum(v[1].shape[0] for v in index.values())
     elif mode == "read-old":
         index = old_index(read_rows(work / "write-new.parquet", records.TOPK_SCHEMA))

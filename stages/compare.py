@@ -68,7 +68,7 @@ from distillflow.engines.scoring import ScoreParams
 from distillflow.evaluation import evaluator
 from distillflow.evaluation import metrics as metrics_lib
 from distillflow.evaluation.eval_params import PREDICTION_SCHEMA, PROMPT_SCORES, EvaluateParams
-from distillflow.stagekit import entry, rounds, trainrun
+from distillflow.stagekit import entry, rounds, scorestep, trainrun
 from distillflow.training import basics, trainer
 from distillflow.training.cells import SHARED_TRAIN, RunParams, cell_params
 from distillflow.training.methods import METHODS
@@ -384,8 +384,8 @@ def main() -> None:
         module="compare",
         prompts_dir=args.prompts,
         teacher_file=gens_dir / "generations.parquet",
-        teacher_info=models.describe(m.t_ref, m.t_dir),
-        load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
+        teacher_info=scorestep.teacher_description((m.t_ref, m.t_dir), used["score"]),
+        load_teacher=scorestep.teacher_loader((m.s_ref, m.s_dir), (m.t_ref, m.t_dir), trust, dtype, used["score"]),
     )
     rows, per_round, pairs, round_inputs = train_rounds(args, used, run, p, cell, ri, eval_ids)
     extra_inputs = {

@@ -91,8 +91,8 @@ def main() -> None:
         module="round",
         prompts_dir=args.prompts,
         teacher_file=args.teacher / "generations.parquet",
-        teacher_info=models.describe(t_ref, t_dir),
-        load_teacher=trainrun.teacher_loader(m, trust, dtype, used["score"].device),
+        teacher_info=scorestep.teacher_description((m.t_ref, m.t_dir), used["score"]),
+        load_teacher=scorestep.teacher_loader((m.s_ref, m.s_dir), (m.t_ref, m.t_dir), trust, dtype, used["score"]),
         docs=args.docs,
     )
     distributed.init_from_env(p.device)

@@ -10,6 +10,11 @@ instead of loading the teacher, and compares the student with the teacher over t
 k tokens plus one "everything else" bucket (losses.topk_buckets: the approximation
 error, measured in tests/test_losses_topk.py, shrinks as k grows).
 
+`score.engine: openai` scores with a teacher served behind an OpenAI-compatible completions
+endpoint that returns `prompt_logprobs` (a vLLM server; distillflow/engines/served.py)
+instead of loading models.teacher; the pairs are then encoded with the student's
+tokenizer, which a probe checks the endpoint shares.
+
 `score.k: 0` switches scoring off (the teacher is not loaded; an empty topk.parquet is
 written), for runs that keep the online teacher. Output rows (one per pair and side):
 pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
@@ -29,7 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from distillflow.base import models, params
+from distillflow.base import params
 from distillflow.base.io import write_json
 from distillflow.engines import scoring
 from distillflow.engines.scoring import ScoreParams
@@ -54,14 +59,11 @@ def main() -> None:
     args = entry.parse_paths(__doc__, "pairs", "models", "out", "metrics", optional=("docs",))
     used = params.load_sections(args.params, SECTIONS)
     p: ScoreParams = used["score"]
-    ref, where, trust = used["models.teacher"].ref(), args.models / "teacher", used["models.trust_remote_code"]
-
-    def load() -> tuple[Any, Any]:
-        teacher = models.load_model(ref, where, trust, used["models.dtype"]).to(p.device)
-        return teacher, models.load_tokenizer(ref, where, trust)
-
+    student = (used["models.student"].ref(), args.models / "student")
+    teacher = (used["models.teacher"].ref(), args.models / "teacher")
+    load = scorestep.teacher_loader(student, teacher, used["models.trust_remote_code"], used["models.dtype"], p)
     w = Writer(out=args.out, module="score", used=used, docs=args.docs)
-    info = models.describe(ref, where)
+    info = scorestep.teacher_description(teacher, p)
     counts = scorestep.write_scores(w, args.pairs / "curated.parquet", load if p.k > 0 else None, info)
     write_json(args.metrics, counts)
     log.info("score: k=%d, %d rows, %d positions", p.k, counts["rows"], counts["positions"])

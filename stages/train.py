@@ -4,7 +4,8 @@
         --models data/bootstrap --out data/train --metrics metrics/train.json --live plots/train
 
 `train.method` picks the objective (distillflow/training/methods/): `distillm2` (default),
-`distillm`, `gkd`, `kd`, `sft`, `dpkd`, all on the same pairs with the same loop. The
+`distillm`, `gkd`, `kd`, `kd_both`, `sft`, `dpkd`, `opd`, `minillm`, all on the same pairs with
+the same loop (`train.online` samples the student's responses during the run). The
 DistiLLM-2 objective (docs/METHOD.md), per pair i:
 
     L_i = (1 - beta) * SKL_seq(chosen_i; alpha_t,i) + beta * SRKL_seq(rejected_i; alpha_s,i)

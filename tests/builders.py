@@ -18,15 +18,19 @@ import torch
 
 from distillflow.audit import lineage
 from distillflow.base import models, records
-from distillflow.base.config import GenerationParams, LauncherParams, TaskParams
+from distillflow.base.config import GenerationParams, LauncherParams, OpenAIParams, TaskParams
 from distillflow.base.io import write_table
 from distillflow.data import curation, sources
+from distillflow.engines.scoring import ScoreParams
 from distillflow.training import trainer
 from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.methods.distillm import DistiLLMParams
 from distillflow.training.methods.distillm2 import BetaSchedule, DistiLLM2Params
 from distillflow.training.methods.dpkd import DPKDParams
 from distillflow.training.methods.gkd import GKDParams
+from distillflow.training.methods.minillm import MiniLLMParams
+from distillflow.training.methods.opd import OPDParams
+from distillflow.training.onpolicy import OnlineParams
 from distillflow.training.train_params import TrainParams
 from stages import bootstrap, compare, curate, evaluate, identify, pairs, report, score, seed, student, teacher, train
 from stages import round as round_stage
@@ -168,6 +172,25 @@ D2 = DistiLLM2Params(
 )
 
 
+# No endpoint: `score.openai` as params.yaml has it (engine transformers never reads it).
+NO_ENDPOINT = OpenAIParams(
+    base_url=None,
+    model=None,
+    api_key_env=None,
+    max_concurrency=2,
+    requests_per_second=1000.0,
+    max_retries=0,
+    timeout_s=30.0,
+    cache_dir="unused",
+)
+
+
+def sp(k: int, batch_size: int, device: str = "cpu", **kw: object) -> ScoreParams:
+    """score params: the teacher in this process unless `engine`/`openai` say otherwise."""
+    base = dict(k=k, batch_size=batch_size, device=device, engine="transformers", openai=NO_ENDPOINT)
+    return ScoreParams(**{**base, **kw})  # type: ignore[arg-type]
+
+
 def tp(**kw: object) -> TrainParams:
     base = dict(
         method="distillm2",
@@ -193,6 +216,9 @@ def tp(**kw: object) -> TrainParams:
         distillm=DistiLLMParams(0.1),
         gkd=GKDParams(0.5, 0.5),
         dpkd=DPKDParams(0.1),
+        opd=OPDParams(0.0),
+        minillm=MiniLLMParams(0.2, True),
+        online=OnlineParams(0, 12),
         rounds={},
     )
     return TrainParams(**{**base, **kw})  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
-"""A small, real OpenAI-compatible chat server for tests: a tiny local model behind
-`POST /v1/chat/completions` on 127.0.0.1 (FastAPI + uvicorn, already installed for
-Prefect's server).
+"""A small, real OpenAI-compatible server for tests: a tiny local model behind
+`POST /v1/chat/completions` and `POST /v1/completions` (token-id prompts with vLLM's
+`prompt_logprobs`, what a served teacher's scores need) on 127.0.0.1 (FastAPI + uvicorn,
+already installed for Prefect's server).
 
 Why not `transformers serve`: in transformers 5.23 it always loads models with a
 `device_map`, which needs `accelerate`, not a dependency here; and tests need what no
@@ -44,6 +45,8 @@ class ServerState:
     max_in_flight: int = 0
     starts: list[float] = field(default_factory=list)  # time.monotonic() at each request's arrival
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # /v1/completions: answer vLLM's prompt_logprobs (off: a server without the extension ignores it)
+    prompt_logprobs: bool = True
 
 
 def build_app(model_dir: Path, state: ServerState) -> FastAPI:
@@ -92,6 +95,46 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
                 "total_tokens": ids.shape[1] + len(out),
             },
         }
+
+    def scored(body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's completions with a token-id prompt: one greedy token and, with
+        `prompt_logprobs: k`, per prompt position after the first the k most likely tokens
+        and the token there, each {logprob, rank, decoded_token}."""
+        prompt = body["prompt"]
+        ids = torch.tensor([prompt if isinstance(prompt, list) else tok(prompt, add_special_tokens=False)["input_ids"]])
+        with generate_lock, torch.no_grad():
+            lp = model(input_ids=ids).logits[0, :, : len(tok)].float().log_softmax(-1)  # (T, V)
+        k = body.get("prompt_logprobs")
+        entries: list[dict[str, Any] | None] = [None]
+        for j in range(1, ids.shape[1]):
+            row, ranks = lp[j - 1], lp[j - 1].argsort(descending=True).argsort() + 1
+            keep = [*row.topk(int(k)).indices.tolist(), int(ids[0, j])] if k else [int(ids[0, j])]
+            entries.append(
+                {
+                    str(t): {"logprob": float(row[t]), "rank": int(ranks[t]), "decoded_token": tok.decode([t])}
+                    for t in keep
+                }
+            )
+        choice: dict[str, Any] = {"index": 0, "text": tok.decode([int(lp[-1].argmax())]), "finish_reason": "length"}
+        if k is not None and state.prompt_logprobs:
+            choice["prompt_logprobs"] = entries
+        return {
+            "id": f"cmpl-{state.answered}",
+            "object": "text_completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [choice],
+            "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": 1, "total_tokens": ids.shape[1] + 1},
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> JSONResponse:
+        with state.lock:
+            state.requests += 1
+        answer = await run_in_threadpool(scored, await request.json())
+        with state.lock:
+            state.answered += 1
+        return JSONResponse(answer)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> JSONResponse:

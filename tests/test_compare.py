@@ -15,7 +15,7 @@ from distillflow.base import io, records
 from distillflow.training import cells
 from distillflow.training.train_params import RoundParams
 
-from .builders import gen, pair, prompt, tp
+from .builders import gen, pair, prompt, sp, tp
 from .conftest import ROOT
 
 
@@ -254,7 +254,6 @@ def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path
     """With `teacher_signal: topk`, round 1 reads the score stage's file and each fresh
     round scores its own curated pairs with the teacher (the round's score step)."""
     from distillflow.engines import scoring
-    from distillflow.engines.scoring import ScoreParams
     from distillflow.stagekit import scorestep
 
     from .builders import load
@@ -264,7 +263,7 @@ def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path
     params["score"].update(k=4, batch_size=8, device="cpu")
     teacher, tok = load(taught_models / "teacher")
     pairs = io.read_rows(tmp_path / "curate" / "curated.parquet", records.PAIR_SCHEMA)
-    batches = scoring.score_batches(teacher, tok, pairs, ScoreParams(k=4, batch_size=8, device="cpu"))
+    batches = scoring.score_batches(teacher, tok, pairs, sp(4, 8, "cpu"))
     scorestep.stream_topk(tmp_path / "score" / "topk.parquet", batches, 16)
     done, out = cell(tmp_path, taught_models, "kd", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -226,7 +226,7 @@ def test_greedy_is_argmax_whatever_the_models_generation_config_says(tiny_models
     tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
     ps = prompts(8)
     p = gp(temperature=0.0, num_samples=1, max_new_tokens=10)
-    ends = generation.stop_ids(model, tok)
+    ends = models.stop_ids(model, tok)
     rows = generate_transformers(model, tok, ps, p, "fp")
     by_hand = [argmax_loop(model, prompt_ids(tok, pr["prompt"]), ends, p.max_new_tokens) for pr in ps]
     for r, new in zip(rows, by_hand, strict=True):
@@ -263,7 +263,7 @@ def test_sampling_ignores_the_models_generation_config(tiny_models: Path, tmp_pa
     p = gp(top_p=1.0, max_new_tokens=10)
     torch.manual_seed(p.seed * 1_000_003)
     ids = torch.tensor([prompt_ids(tok, ps[0]["prompt"])] * 4)
-    settings = generation.transformers_settings(p, tok, generation.stop_ids(plain, tok))
+    settings = generation.transformers_settings(p, tok, models.stop_ids(plain, tok))
     drawn = [plain.generate(input_ids=ids, **settings)[:, ids.shape[1] :] for _ in range(2)]
     torch.manual_seed(p.seed * 1_000_003)
     inherited = [opinionated.generate(input_ids=ids, max_new_tokens=10, num_return_sequences=2) for _ in range(2)]

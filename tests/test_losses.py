@@ -21,6 +21,8 @@ from distillflow.training.methods.dpkd import DPKDParams
 from distillflow.training.methods.gkd import GKDParams
 from distillflow.training.methods.heads import Heads, Side
 from distillflow.training.methods.method import MicroBatch, Progress
+from distillflow.training.methods.minillm import MiniLLMParams
+from distillflow.training.methods.opd import OPDParams
 
 from .builders import quick_benchmark
 
@@ -531,7 +533,14 @@ D2 = DistiLLM2Params(
     beta=BetaSchedule(0.5, 1.0, 0.0, 1.0),
     detach_mixture_student=True,
 )
-PARAMS = {"distillm2": D2, "distillm": DistiLLMParams(0.2), "gkd": GKDParams(0.3, 0.0), "dpkd": DPKDParams(0.7)}
+PARAMS = {
+    "distillm2": D2,
+    "distillm": DistiLLMParams(0.2),
+    "gkd": GKDParams(0.3, 0.0),
+    "dpkd": DPKDParams(0.7),
+    "opd": OPDParams(0.5),
+    "minillm": MiniLLMParams(0.2, length_norm=True),
+}
 
 
 def method_batch(reduction: str, chunked: bool, curriculum: AlphaCurriculum | None = None) -> MicroBatch:
@@ -555,7 +564,8 @@ def method_batch(reduction: str, chunked: bool, curriculum: AlphaCurriculum | No
         mask[:, 0] = True
         h_s, h_t = torch.randn(B, length, hs, generator=g), torch.randn(B, length, ht, generator=g)
         y = torch.randint(0, V, (B, length), generator=g)
-        sides.append(Side(s_hidden=h_s.requires_grad_(True), t_hidden=h_t, mask=mask, targets=y))
+        behaviour = -torch.rand(B, length, generator=g) * 3  # a sampler's log-probs (minillm reads them)
+        sides.append(Side(s_hidden=h_s.requires_grad_(True), t_hidden=h_t, mask=mask, targets=y, behaviour=behaviour))
     at = Progress(step=3, total_steps=7, micro=0, round_index=1, rounds=1, seed=0, positions=[0, 1, 2], global_size=B)
     return MicroBatch(
         chosen=sides[0], rejected=sides[1], heads=heads, at=at, curriculum=curriculum or AlphaCurriculum(D2)
@@ -598,9 +608,39 @@ def ref_method(name: str, x: MicroBatch, p: object, alphas: tuple[object, object
         return (1 - beta) * ref_loss("skew_forward_kl", sc, tc, c.mask, red, a_t) + beta * ref_loss(
             "skew_reverse_kl", sr, tr, r.mask, red, a_s
         )
+    if name in ("opd", "minillm"):
+        return ref_on_policy(name, x, p)
     assert name == "dpkd"
     lq_t, lq_s, lp_t, lp_s = (ref_seq_logprob(x, side, t) for t in (False, True) for side in (c, r))
     return -F.logsigmoid(p.beta_d * ((lq_t - lq_s) - (lp_t - lp_s))).mean()
+
+
+def ref_on_policy(name: str, x: MicroBatch, p: object) -> Tensor:
+    """opd and minillm on the student's responses, token by token in float64 (docs/METHOD.md):
+    a response's tokens are its masked positions in order."""
+    r, per_seq = x.rejected, []
+    lq_all = torch.log(ref_softmax(ref_logits(x, r, False)))
+    lp_all = torch.log(ref_softmax(ref_logits(x, r, True)))
+    for b in range(B):
+        pos = [t for t in range(r.mask.shape[1]) if r.mask[b, t]]
+        lq = [lq_all[b, t, r.targets[b, t]] for t in pos]
+        lp = [lp_all[b, t, r.targets[b, t]] for t in pos]
+        cost = [float(a.detach() - c) for a, c in zip(lq, lp)]
+        terms = []
+        for i, t in enumerate(pos):
+            if name == "opd":
+                to_go = sum(p.discount ** (j - i) * cost[j] for j in range(i, len(pos)))
+                terms.append(to_go * lq[i])
+            else:
+                w = math.exp(float(lq[i]) - float(r.behaviour[b, t]))
+                later = [-c for c in cost[i + 1 :]]
+                future = sum(later) / len(later) if later else 0.0
+                kl = (lq_all[b, t].exp() * (lq_all[b, t] - lp_all[b, t])).sum()
+                terms.append(w * kl - w * future * lq[i])
+        per_seq.append(terms)
+    if x.heads.reduction == "token_mean":
+        return sum(sum(ts) for ts in per_seq) / sum(len(ts) for ts in per_seq)
+    return sum(sum(ts) / len(ts) for ts in per_seq if ts) / sum(1 for ts in per_seq if ts)
 
 
 def formula(name: str, x: MicroBatch, p: object) -> Tensor:
@@ -629,6 +669,16 @@ def formula(name: str, x: MicroBatch, p: object) -> Tensor:
         return (1.0 - beta) * L.skew_forward_kl(sc, tc, c.mask, alpha, **kw) + beta * L.skew_reverse_kl(
             sr, tr, r.mask, alpha, detach_mixture_student=True, **kw
         )
+    if name in ("opd", "minillm"):
+        lq, seq = h.token_logprobs(r, teacher=False)
+        lp, _ = h.token_logprobs(r, teacher=True)
+        cost = lq.detach() - lp
+        if name == "opd":
+            return L.reduce_tokens(L.returns_to_go(cost, seq, B, p.discount) * lq, seq, B, h.reduction)
+        w = torch.exp(lq.detach() - r.behaviour[r.mask])
+        future = L.returns_to_go(-cost, seq, B, 1.0, future_mean=True)
+        kl = h.token_reverse_kl(r)  # chunked from the hidden states (its float64 check: ref_on_policy)
+        return L.reduce_tokens(w * kl - w * future * lq, seq, B, h.reduction)
     assert name == "dpkd"
     lq_t, lq_s = h.seq_logprob(c, teacher=False), h.seq_logprob(r, teacher=False)
     return L.dpkd_loss(lq_t, lq_s, h.seq_logprob(c, teacher=True), h.seq_logprob(r, teacher=True), p.beta_d)

@@ -15,20 +15,21 @@ import pytest
 import torch
 
 from distillflow.base import encoding
-from distillflow.training import losses, trainer
+from distillflow.training import losses, stored_topk
 from distillflow.training.methods import METHODS
 from distillflow.training.methods.gkd import GKDParams
 from distillflow.training.methods.heads import Term
 from distillflow.training.methods.method import Method, MicroBatch, Result
+from distillflow.training.onpolicy import OnlineParams
 from distillflow.training.summary import tokens_trained
 from distillflow.training.train_params import TrainParams
 from stages import score
 
-from .builders import PAIRS, fresh, tp, train_run
+from .builders import PAIRS, fresh, sp, tp, train_run
 
 
 def test_each_method_is_one_object_in_its_own_module() -> None:
-    assert set(METHODS) == {"sft", "kd", "kd_both", "gkd", "distillm", "distillm2", "dpkd"}
+    assert set(METHODS) == {"sft", "kd", "kd_both", "gkd", "distillm", "distillm2", "dpkd", "opd", "minillm"}
     hints = get_type_hints(TrainParams)
     for name, method in METHODS.items():
         module = importlib.import_module(f"distillflow.training.methods.{name}")
@@ -44,7 +45,7 @@ def test_each_method_is_one_object_in_its_own_module() -> None:
     assert (
         sections
         == {f.name for f in fields(TrainParams) if f.name in METHODS}
-        == {"distillm2", "distillm", "gkd", "dpkd"}
+        == {"distillm2", "distillm", "gkd", "dpkd", "opd", "minillm"}
     )
     assert METHODS["distillm2"].switches == ("contrastive", "beta_ramp", "adaptive_alpha")
 
@@ -60,17 +61,22 @@ def test_unknown_method_and_unmet_teacher_need_name_the_key(monkeypatch: pytest.
 
 
 @pytest.fixture(scope="module")
-def tiny_scores(tiny_models: Path) -> trainer.Scores:
+def tiny_scores(tiny_models: Path) -> stored_topk.Scores:
     """The tiny teacher's stored top-k signal (k = 4) for PAIRS."""
     _, teacher, _, tok_t = fresh(tiny_models)
-    table = score.run(teacher, tok_t, PAIRS, score.ScoreParams(k=4, batch_size=8, device="cpu"))
-    return trainer.index_scores(table)
+    table = score.run(teacher, tok_t, PAIRS, sp(4, 8, "cpu"))
+    return stored_topk.index_scores(table)
 
 
-@pytest.mark.parametrize("signal", ["online", "topk"])
-@pytest.mark.parametrize("name", sorted(METHODS))
+# every method with the online teacher, and with the stored top-k where it can read that
+FEEDS = [
+    (n, s) for n in sorted(METHODS) for s in ("online", "topk") if s == "online" or METHODS[n].needs_teacher != "online"
+]
+
+
+@pytest.mark.parametrize(("name", "signal"), FEEDS)
 def test_the_trainer_feeds_what_the_method_declares(
-    tiny_models: Path, tiny_scores: trainer.Scores, monkeypatch: pytest.MonkeyPatch, name: str, signal: str
+    tiny_models: Path, tiny_scores: stored_topk.Scores, monkeypatch: pytest.MonkeyPatch, name: str, signal: str
 ) -> None:
     method = METHODS[name]
     seen: list[tuple[MicroBatch, Any]] = []
@@ -91,7 +97,17 @@ def test_the_trainer_feeds_what_the_method_declares(
     student.base_model.register_forward_pre_hook(seen_by(student, True))
     teacher.base_model.register_forward_pre_hook(seen_by(teacher, False))
     # packed with the online teacher, padded with stored top-k: both paths, every method
-    p = tp(method=name, epochs=1, batch_size=4, grad_accum_steps=2, teacher_signal=signal, packing=signal == "online")
+    # minillm trains on responses sampled in the run (train.online)
+    sampled = OnlineParams(1, 6) if name == "minillm" else OnlineParams(0, 6)
+    p = tp(
+        method=name,
+        epochs=1,
+        batch_size=4,
+        grad_accum_steps=2,
+        teacher_signal=signal,
+        packing=signal == "online",
+        online=sampled,
+    )
     online = signal == "online"
     train_run(student, teacher if online else None, tok_s, tok_t, PAIRS, p, scores=None if online else tiny_scores)
 

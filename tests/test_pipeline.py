@@ -125,6 +125,10 @@ def test_teacher_sampling_param_reruns_teacher_and_downstream_only(repo: Path) -
             "train.distillm2.adaptive_alpha=false",
             "train.logits=full",
         ],
+        # on-policy distillation from the stored scores (the teacher's log-prob of each sampled
+        # token, what a served teacher gives), and MiniLLM sampling during training
+        ["train.method=opd", "train.teacher_signal=topk"],
+        ["train.method=minillm", "train.teacher_signal=online", "train.online.every=2"],
     ],
     ids=lambda o: ",".join(o),
 )
@@ -135,6 +139,8 @@ def test_methods_and_ablation_switches_run_end_to_end(repo: Path, overrides: lis
     # `dvc exp run -S` leaves its change in the workspace, so each case names its method.
     method = next(o.split("=")[1] for o in overrides if o.startswith("train.method="))
     assert metrics["method"] == method and metrics["steps"] > 0
+    assert ("sampled_tokens" in metrics) == ("train.online.every=2" in overrides)
+    assert metrics.get("sampled_tokens", 1) > 0
 
 
 def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path) -> None:
@@ -147,6 +153,7 @@ def test_an_on_policy_round_samples_the_latest_student_and_trains_on(repo: Path)
         "train.method=distillm2",
         "train.teacher_signal=online",
         "train.logits=chunked",
+        "train.online.every=0",
         *(f"train.distillm2.{k}=true" for k in ("contrastive", "beta_ramp", "adaptive_alpha")),
     ]
     out = sh(

@@ -9,15 +9,15 @@ import torch
 from benchmarks.score_memory import old_rows  # the replaced list-based scorer, the reference
 from distillflow.base import encoding
 from distillflow.stagekit import scorestep
-from distillflow.training import trainer
+from distillflow.training import stored_topk, trainer
 from stages import score
 
-from .builders import PAIRS, fresh, load, pair, tp, train_run
+from .builders import PAIRS, fresh, load, pair, sp, tp, train_run
 
 
 def scored(folder: Path, k: int, batch_size: int = 5) -> pa.Table:
     student, teacher, tok_s, tok_t = fresh(folder)
-    return score.run(teacher, tok_t, PAIRS, score.ScoreParams(k=k, batch_size=batch_size, device="cpu"))
+    return score.run(teacher, tok_t, PAIRS, sp(k, batch_size, "cpu"))
 
 
 def test_rows_cover_every_response_position_with_sorted_topk(taught_models: Path) -> None:
@@ -66,7 +66,7 @@ def test_topk_signal_at_full_vocabulary_matches_the_online_teacher(taught_models
         tok_t,
         PAIRS,
         tp(method=method, epochs=3, teacher_signal="topk"),
-        scores=trainer.index_scores(rows),
+        scores=stored_topk.index_scores(rows),
     )
     assert [r["loss"] for r in offline] == pytest.approx([r["loss"] for r in online], rel=1e-4, abs=1e-5)
 
@@ -75,7 +75,7 @@ def test_small_k_trains_without_a_teacher_model(taught_models: Path) -> None:
     rows = scored(taught_models, 4)
     student, _, tok_s, tok_t = fresh(taught_models)
     log = train_run(
-        student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=trainer.index_scores(rows)
+        student, None, tok_s, tok_t, PAIRS, tp(epochs=6, teacher_signal="topk"), scores=stored_topk.index_scores(rows)
     )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
@@ -92,7 +92,7 @@ def test_missing_or_misaligned_scores_fail_naming_the_pair(taught_models: Path) 
             tok_t,
             [*PAIRS, pair(99)],
             tp(epochs=1, batch_size=9, teacher_signal="topk"),
-            scores=trainer.index_scores(rows),
+            scores=stored_topk.index_scores(rows),
         )
     with pytest.raises(ValueError, match="set score.k > 0"):
         train_run(student, None, tok_s, tok_t, PAIRS, tp(teacher_signal="topk"), scores={})
@@ -109,7 +109,7 @@ def test_streamed_scores_match_the_old_list_path(
 
     _, teacher, _, tok = fresh(taught_models)
     monkeypatch.setattr(scoring, "HEAD_CHUNK", 7)  # several head chunks per batch, cutting across rows
-    new = score.run(teacher, tok, PAIRS, score.ScoreParams(k=4, batch_size=3, device="cpu"))
+    new = score.run(teacher, tok, PAIRS, sp(4, 3, "cpu"))
     old = pa.Table.from_pylist(old_rows(teacher, tok, PAIRS, 4, 3), schema=records.TOPK_SCHEMA)
     assert new.schema == old.schema == records.TOPK_SCHEMA
     for name in ("pair_id", "side", "positions", "k", "topk_ids"):
@@ -123,7 +123,7 @@ def test_streamed_scores_match_the_old_list_path(
         )
     # The writer: streamed batches give the bytes io.write_table gives for the same rows
     # (one row group), and the same table over several row groups.
-    batches = list(scoring.score_batches(teacher, tok, PAIRS, score.ScoreParams(k=4, batch_size=3, device="cpu")))
+    batches = list(scoring.score_batches(teacher, tok, PAIRS, sp(4, 3, "cpu")))
     io.write_table(tmp_path / "old.parquet", new.to_pylist(), records.TOPK_SCHEMA)
     n, positions = scorestep.stream_topk(tmp_path / "new.parquet", batches, batch_rows=10_000)
     assert (tmp_path / "new.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes()
@@ -131,7 +131,7 @@ def test_streamed_scores_match_the_old_list_path(
     scorestep.stream_topk(tmp_path / "groups.parquet", batches, batch_rows=4)
     assert io.read_table(tmp_path / "groups.parquet", records.TOPK_SCHEMA).equals(new)
     # The reader: tensors from the Arrow columns equal the old ones built from Python lists.
-    arrays = trainer.index_scores(io.read_table(tmp_path / "groups.parquet", records.TOPK_SCHEMA))
+    arrays = stored_topk.index_scores(io.read_table(tmp_path / "groups.parquet", records.TOPK_SCHEMA))
     assert list(arrays) == [(r["pair_id"], r["side"]) for r in new.to_pylist()]
     for r in new.to_pylist():
         k, ids, lps, tgt = arrays[(r["pair_id"], r["side"])]
@@ -152,15 +152,15 @@ def test_index_scores_names_a_row_whose_lists_do_not_fit_its_positions() -> None
     with pytest.raises(
         DataError, match=r"pair p1 \(chosen\), row 0: .* have \(3, 3, 2\) entries, expected \(4, 4, 2\)"
     ):
-        trainer.index_scores(table)
+        stored_topk.index_scores(table)
 
 
 def test_score_device_must_be_where_the_teacher_is(tiny_models: Path) -> None:
     _, teacher, _, tok = fresh(tiny_models)
     with pytest.raises(ValueError, match="score.device is cuda, but the teacher's parameters are on cpu"):
-        score.run(teacher, tok, PAIRS, score.ScoreParams(k=2, batch_size=2, device="cuda"))
+        score.run(teacher, tok, PAIRS, sp(2, 2, "cuda"))
     with pytest.raises(ValueError, match="device"):
-        score.ScoreParams(k=2, batch_size=2, device="tpu")  # type: ignore[arg-type]
+        sp(2, 2, "tpu")  # type: ignore[arg-type]
 
 
 # --- a teacher whose output layer is padded past the tokenizer ----------------------------------------------------
@@ -194,7 +194,7 @@ def test_padded_head_rows_are_never_stored(tiny_models: Path, tmp_path: Path) ->
     with torch.no_grad():
         naive = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[0][b.response_mask[0]]
     assert bool((naive.topk(4, dim=-1).indices >= len(tok)).all())  # what an uncut top-k would store
-    p = score.ScoreParams(k=4, batch_size=3, device="cpu")
+    p = sp(4, 3, "cpu")
     table = score.run(teacher, tok, PAIRS, p)
     ids = table.column("topk_ids").combine_chunks().values.to_numpy()
     assert ids.size == 4 * sum(table.column("positions").to_pylist()) > 0
@@ -261,7 +261,7 @@ def test_score_stage_streams_and_gates_against_the_tokenizer_length(
     main("score")
     got = io.read_table(tmp_path / "score" / "topk.parquet", records.TOPK_SCHEMA)
     loaded, _ = load(tmp_path / "models" / "teacher")
-    assert got.equals(score.run(loaded, tok, PAIRS, score.ScoreParams(k=4, batch_size=3, device="cpu")))
+    assert got.equals(score.run(loaded, tok, PAIRS, sp(4, 3, "cpu")))
     metrics = json.loads((tmp_path / "score.json").read_text())
     assert metrics["rows"] == 2 * len(PAIRS) and metrics["positions"] == sum(got.column("positions").to_pylist())
     assert metrics["gates"]["teacher top-k"]["rows_in"] == 2 * len(PAIRS)

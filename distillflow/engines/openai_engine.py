@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,31 +103,32 @@ class ResponseCache:
             )
 
 
-class OpenAIEngine:
-    """Chat completions from an OpenAI-compatible endpoint, cached per request."""
+class Endpoint:
+    """One OpenAI-compatible endpoint (`<role>.openai`): the client with its retries, the
+    rate limiter, the response cache and the counters every request goes through. The
+    generation engine (chat completions) and the served teacher's scorer (completions,
+    distillflow/engines/served.py) both send through `cached`."""
 
-    def __init__(self, p: GenerationParams) -> None:
+    def __init__(self, o: OpenAIParams | None, role: str) -> None:
         import openai  # optional extra: imported only when chosen
 
-        if p.openai is None or p.openai.base_url is None or p.openai.model is None:
-            raise ValueError("openai: engine openai needs openai.base_url and openai.model")
-        self.p, self.o = p, p.openai
-        self.name = engine_version("openai")
-        self.fingerprint = endpoint_fingerprint(self.o)
-        self.sampling = sampling_record(p)
+        if o is None or o.base_url is None or o.model is None:
+            raise ValueError(f"{role}: engine openai needs openai.base_url and openai.model")
+        self.o = o
+        self.fingerprint = endpoint_fingerprint(o)
         self.openai = openai
-        self.limiter = RateLimiter(self.o.requests_per_second)
-        self.cache = ResponseCache(Path(self.o.cache_dir))
-        self.requests = 0  # sent to the endpoint by this engine, retries included
+        self.limiter = RateLimiter(o.requests_per_second)
+        self.cache = ResponseCache(Path(o.cache_dir))
+        self.requests = 0  # sent to the endpoint, retries included
         self.cache_hits = 0
         self.count_lock = threading.Lock()
         self.failed = threading.Event()  # set when a request gave up: send no more
         self.call = threading.local()  # the request this thread's create() is sending: where, attempts
         self.client = openai.OpenAI(
-            base_url=self.o.base_url,
+            base_url=o.base_url,
             api_key=self.api_key(),
-            max_retries=self.o.max_retries,
-            timeout=self.o.timeout_s,
+            max_retries=o.max_retries,
+            timeout=o.timeout_s,
             # the client's defaults (timeouts, limits, redirects), plus the hook every attempt passes
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [self.on_request]}),
         )
@@ -151,6 +153,54 @@ class OpenAIEngine:
             )
         return key
 
+    def cache_key(self, body: dict[str, Any]) -> str:
+        return hashlib.sha256(records.canonical_json({"base_url": self.o.base_url, "body": body}).encode()).hexdigest()
+
+    def cached(
+        self, where: str, body: dict[str, Any], send: Callable[..., Any], parse: Callable[[Any], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The parsed response to `body`: from the cache, or sent with `send(**body)` (a
+        client method), parsed and cached. `where` names the request in errors."""
+        key = self.cache_key(body)
+        cached = self.cache.get(key)
+        if cached is not None:
+            with self.count_lock:
+                self.cache_hits += 1
+            return cached
+        if self.failed.is_set():
+            raise RuntimeError(f"{where}: not sent, an earlier request failed")
+        response = parse(self.request(where, body, send))
+        self.cache.put(key, {"base_url": self.o.base_url, **body}, response)
+        return response
+
+    def request(self, where: str, body: dict[str, Any], send: Callable[..., Any]) -> Any:
+        self.call.where, self.call.attempts = where, 0
+        try:
+            return send(**body)
+        except self.openai.APIStatusError as exc:
+            self.failed.set()
+            status, attempts = exc.status_code, self.call.attempts
+            if attempts == 1 and not (status in RETRY_STATUS or status >= 500):
+                hint = " (check the key in the variable openai.api_key_env names)" if status in (401, 403) else ""
+                raise RuntimeError(f"{where}: HTTP {status}, not retried{hint}: {exc.message}") from exc
+            raise RuntimeError(self.gave_up(where, attempts, exc)) from exc
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:  # timeouts are both
+            self.failed.set()
+            raise RuntimeError(self.gave_up(where, self.call.attempts, exc)) from exc
+
+    def gave_up(self, where: str, attempts: int, error: Exception) -> str:
+        return f"{where}: failed after {attempts} attempts (openai.max_retries = {self.o.max_retries}): {error}"
+
+
+class OpenAIEngine(Endpoint):
+    """Chat completions from an OpenAI-compatible endpoint, cached per request."""
+
+    def __init__(self, p: GenerationParams) -> None:
+        super().__init__(p.openai, "openai")
+        self.p = p
+        self.name = engine_version("openai")
+        self.sampling = sampling_record(p)
+
     def body(self, prompt: dict[str, Any], k: int) -> dict[str, Any]:
         p = self.p
         body: dict[str, Any] = {
@@ -165,44 +215,12 @@ class OpenAIEngine:
             body["stop"] = list(p.stop)
         return body
 
-    def cache_key(self, body: dict[str, Any]) -> str:
-        return hashlib.sha256(records.canonical_json({"base_url": self.o.base_url, "body": body}).encode()).hexdigest()
-
     def complete(self, prompt: dict[str, Any], k: int) -> dict[str, Any]:
         """The response for (prompt, sample k): from the cache, or from the endpoint."""
-        body = self.body(prompt, k)
-        key = self.cache_key(body)
-        cached = self.cache.get(key)
-        if cached is not None:
-            with self.count_lock:
-                self.cache_hits += 1
-            return cached
-        if self.failed.is_set():
-            raise RuntimeError(
-                f"openai engine: prompt {prompt['prompt_id']}, sample {k}: not sent, an earlier request failed"
-            )
-        response = self.parse(prompt, k, self.request(prompt, k, body))
-        self.cache.put(key, {"base_url": self.o.base_url, **body}, response)
-        return response
-
-    def request(self, prompt: dict[str, Any], k: int, body: dict[str, Any]) -> Any:
         where = f"openai engine ({self.o.base_url}), prompt {prompt['prompt_id']}, sample {k}"
-        self.call.where, self.call.attempts = where, 0
-        try:
-            return self.client.chat.completions.create(**body)
-        except self.openai.APIStatusError as exc:
-            self.failed.set()
-            status, attempts = exc.status_code, self.call.attempts
-            if attempts == 1 and not (status in RETRY_STATUS or status >= 500):
-                hint = " (check the key in the variable openai.api_key_env names)" if status in (401, 403) else ""
-                raise RuntimeError(f"{where}: HTTP {status}, not retried{hint}: {exc.message}") from exc
-            raise RuntimeError(self.gave_up(where, attempts, exc)) from exc
-        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as exc:  # timeouts are both
-            self.failed.set()
-            raise RuntimeError(self.gave_up(where, self.call.attempts, exc)) from exc
-
-    def gave_up(self, where: str, attempts: int, error: Exception) -> str:
-        return f"{where}: failed after {attempts} attempts (openai.max_retries = {self.o.max_retries}): {error}"
+        return self.cached(
+            where, self.body(prompt, k), self.client.chat.completions.create, lambda r: self.parse(prompt, k, r)
+        )
 
     def parse(self, prompt: dict[str, Any], k: int, resp: Any) -> dict[str, Any]:
         where = f"openai engine ({self.o.base_url}), prompt {prompt['prompt_id']}, sample {k}"

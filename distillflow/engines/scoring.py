@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from distillflow.base import encoding, models, records
-from distillflow.base.config import Device
+from distillflow.base.config import Device, OpenAIParams
 from distillflow.base.errors import ParamsError
 from distillflow.base.params import check
 
@@ -40,10 +40,22 @@ class ScoreParams:
     """params.yaml `score`."""
 
     k: int  # 0 = off
-    batch_size: int  # responses per teacher forward pass
-    device: Device  # cpu | cuda: where the teacher runs
+    batch_size: int  # responses per teacher forward pass (transformers); (pair, side) rows per record batch
+    device: Device  # cpu | cuda: where the teacher runs (transformers)
+    # transformers: the teacher model (models.teacher) in this process | openai: a teacher served behind an
+    # OpenAI-compatible completions endpoint that returns prompt_logprobs (vLLM), sharing the student's tokenizer
+    engine: Literal["transformers", "openai"]
+    openai: OpenAIParams  # the served teacher's endpoint (engine openai): distillflow/engines/served.py
 
     def __post_init__(self) -> None:
+        check(
+            self.engine in ("transformers", "openai"), "engine", f"must be transformers or openai, got {self.engine!r}"
+        )
+        check(
+            self.engine != "openai" or (self.openai.base_url is not None and self.openai.model is not None),
+            "openai",
+            "engine openai needs openai.base_url and openai.model (the served teacher's endpoint)",
+        )
         check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")

@@ -4,7 +4,6 @@ greedy agreement, and speculative decoding with the student drafting for the tea
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import defaultdict
 from typing import Any
@@ -198,12 +197,6 @@ def teacher_forced(
     return out
 
 
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The name a model's forward takes its KV cache by (`cache` in newer transformers 5
-    releases, `past_key_values` before)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class Stepper:
     """One model decoding one sequence greedily over the shared vocabulary, with a KV
     cache that can be cut back (to drop rejected draft tokens). `calls` counts forward
@@ -211,7 +204,7 @@ class Stepper:
 
     def __init__(self, model: torch.nn.Module, vocab: int, device: str) -> None:
         self.model, self.vocab, self.device = model, vocab, device
-        self.key = cache_kwarg(model)
+        self.key = models.cache_kwarg(model)
         self.cache: Any = None
         self.seen = 0  # tokens of the sequence the cache holds
         self.calls = 0

@@ -35,7 +35,7 @@ from distillflow.base.config import GenerationParams
 from distillflow.base.io import DataError, read_rows
 from distillflow.stagekit import curating, genstage, pairstep, scorestep, trainrun
 from distillflow.stagekit.writer import Writer
-from distillflow.training import distributed, trainer
+from distillflow.training import distributed, stored_topk
 from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.train_params import TrainParams
@@ -184,7 +184,7 @@ def run_round(
     learner = load()
     t1 = time.perf_counter()
     ckpt = checkpoint(src) if checkpoint is not None else None
-    scores = trainer.load_scores(p, scores_dir)
+    scores = stored_topk.load_scores(p, scores_dir)
     rows = trainrun.train(
         learner, trainrun.job(learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live)
     )

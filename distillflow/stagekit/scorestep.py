@@ -11,21 +11,53 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distillflow.audit import lineage, quality
-from distillflow.base import records
+from distillflow.base import models, records
 from distillflow.base.config import Dtype, ModelParams
 from distillflow.base.io import atomic_dir, read_table
 from distillflow.base.stream import ParquetSink
 from distillflow.engines import scoring
+from distillflow.engines.openai_engine import endpoint_fingerprint
 from distillflow.engines.scoring import ScoreParams
+from distillflow.engines.served import ServedTeacher
 from distillflow.stagekit.writer import Writer
 
 SCORE_SECTIONS: dict[str, Any] = {
     "models.teacher": ModelParams,
+    "models.student": ModelParams,
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
     "score": ScoreParams,
     "quality": quality.QualityParams,
 }
+
+
+def teacher_loader(
+    student: tuple[models.ModelRef, Path],
+    teacher: tuple[models.ModelRef, Path],
+    trust: bool,
+    dtype: str,
+    score: ScoreParams,
+) -> Callable[[], tuple[Any, Any]]:
+    """A function giving (the scorer, its tokenizer) for write_scores: the teacher model
+    (ref, folder) on `score.device` and its tokenizer, or with `score.engine: openai` the
+    served teacher (engines/served.py) and the student's tokenizer, which the endpoint
+    must share."""
+
+    def load() -> tuple[Any, Any]:
+        if score.engine == "openai":
+            tok = models.load_tokenizer(*student, trust)
+            return ServedTeacher(score.openai, tok), tok
+        model = models.load_model(*teacher, trust, dtype).to(score.device)
+        return model, models.load_tokenizer(*teacher, trust)
+
+    return load
+
+
+def teacher_description(teacher: tuple[models.ModelRef, Path], score: ScoreParams) -> dict[str, Any]:
+    """What the score manifest records of the teacher: the local model, or the endpoint."""
+    if score.engine == "openai":
+        return {"endpoint": endpoint_fingerprint(score.openai), "engine": "openai"}
+    return models.describe(*teacher)
 
 
 def stream_topk(path: Path, batches: Iterable[pa.RecordBatch], batch_rows: int) -> tuple[int, int]:
@@ -65,7 +97,8 @@ def write_scores(
     """topk.parquet (records.TOPK_SCHEMA) and the manifest: the teacher's top-k signal on
     every curated pair of `src` (engines/scoring.py), streamed in row groups of
     2 x score.batch_size rows and gated as it is read back. `load` gives (teacher,
-    tokenizer), called once the input passed its gate; None writes an empty file
+    tokenizer), or (a served teacher, the student's tokenizer) with score.engine openai
+    (trainrun.teacher_loader), called once the input passed its gate; None writes an empty file
     (`score.k: 0`, or `skipped`: why a round does not need the signal)."""
     p: ScoreParams = w.used["score"]
     gates = w.gates()
@@ -77,7 +110,10 @@ def write_scores(
     if load is not None:
         teacher, tok = load()
         vocab = len(tok)  # ids past the tokenizer are head padding, never real tokens
-        batches = scoring.score_batches(teacher, tok, pairs, p)
+        if isinstance(teacher, ServedTeacher):  # score.engine: openai
+            batches = teacher.score_batches(pairs, p.k, p.batch_size)
+        else:
+            batches = scoring.score_batches(teacher, tok, pairs, p)
     with atomic_dir(w.out) as tmp:
         n, positions = stream_topk(tmp / "topk.parquet", batches, 2 * p.batch_size)
         gate_topk(gates, tmp / "topk.parquet", w.out / "topk.parquet", vocab, [pr["pair_id"] for pr in pairs])

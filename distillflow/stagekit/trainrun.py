@@ -6,7 +6,6 @@ the curriculum and the manifest."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +18,7 @@ from distillflow.base import models, records
 from distillflow.base.config import Dtype, ModelParams
 from distillflow.base.io import atomic_dir, digest_path, read_table, write_json
 from distillflow.stagekit import modelcard
-from distillflow.training import basics, trainer
+from distillflow.training import basics, stored_topk, trainer
 from distillflow.training.checkpoint import Checkpoint, run_key
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.summary import run_summary, tokens_trained
@@ -136,16 +135,6 @@ def load_learner(p: TrainParams, m: Models, trust: bool, dtype: str) -> Loaded:
     return Loaded(*trainer.load_models(p, m.s_ref, m.s_dir, m.t_ref, m.t_dir, trust, dtype))
 
 
-def teacher_loader(m: Models, trust: bool, dtype: str, device: str) -> Callable[[], tuple[Any, Any]]:
-    """A function loading (teacher on `device`, its tokenizer): for scoring a round's pairs."""
-
-    def load() -> tuple[Any, Any]:
-        teacher = models.load_model(m.t_ref, m.t_dir, trust, dtype).to(device)
-        return teacher, models.load_tokenizer(m.t_ref, m.t_dir, trust)
-
-    return load
-
-
 def job(
     learner: Learner,
     p: TrainParams,
@@ -153,7 +142,7 @@ def job(
     curriculum: AlphaCurriculum,
     *,
     pairs: list[dict[str, Any]],
-    scores: trainer.Scores | None,
+    scores: stored_topk.Scores | None,
     checkpoint: Checkpoint | None,
     live: Path | None,
 ) -> trainer.Job:

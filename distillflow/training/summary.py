@@ -46,6 +46,8 @@ def run_summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict
     for k in ("beta", "alpha_t_mean", "alpha_s_mean"):
         if k in rows[-1]:
             out[f"final_{k}"] = round(rows[-1][k], 6)
+    if "sampled_tokens" in rows[-1]:  # train.online: response tokens the student sampled during the run
+        out["sampled_tokens"] = int(rows[-1]["sampled_tokens"])
     return out
 
 

@@ -13,6 +13,9 @@ from distillflow.training.methods.distillm import DistiLLMParams
 from distillflow.training.methods.distillm2 import DistiLLM2Params
 from distillflow.training.methods.dpkd import DPKDParams
 from distillflow.training.methods.gkd import GKDParams
+from distillflow.training.methods.minillm import MiniLLMParams
+from distillflow.training.methods.opd import OPDParams
+from distillflow.training.onpolicy import OnlineParams
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class TrainParams:
     distillm: DistiLLMParams  # DistiLLM's settings
     gkd: GKDParams  # GKD's settings
     dpkd: DPKDParams  # DPKD's settings
+    opd: OPDParams  # on-policy distillation's settings
+    minillm: MiniLLMParams  # MiniLLM's settings
+    # Online on-policy sampling: every `every` optimizer steps the current student samples a new
+    # response for each pair of the next `every` steps, in place of the pair's stored one (0: off)
+    online: OnlineParams
     # Batched on-policy rounds after the first (Algorithm 1), keyed r2..rE; dvc.yaml's
     # round and round_evaluate stages iterate over it (DVC templates cannot count). Keys are names, not
     # numbers: DVC's foreach silently skips integer keys, and `-S` cannot write quoted ones.
@@ -73,6 +81,30 @@ class TrainParams:
             METHODS[self.method].needs_teacher != "online" or self.teacher_signal == "online",
             "teacher_signal",
             f"{self.method} needs the teacher model itself, not its stored top-k: set teacher_signal: online",
+        )
+        online = self.online.every > 0
+        check(
+            self.method != "minillm" or online,
+            "online",
+            "minillm trains on responses sampled from its teacher-mixed distribution during training: "
+            "set train.online.every > 0",
+        )
+        check(
+            not online or self.teacher_signal == "online",
+            "teacher_signal",
+            "train.online samples new responses that have no stored scores: set teacher_signal: online",
+        )
+        check(
+            not online or METHODS[self.method].needs_student_samples,
+            "online",
+            f"{self.method} does not read the student's responses, so sampling them online changes nothing: "
+            "set train.online.every: 0",
+        )
+        check(
+            not online or self.checkpoint_every % self.online.every == 0,
+            "checkpoint_every",
+            f"must be a multiple of train.online.every ({self.online.every}), so a resumed run samples where an "
+            "uninterrupted one did",
         )
         want = [f"r{e}" for e in range(2, 2 + len(self.rounds))]
         check(

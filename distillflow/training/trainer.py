@@ -8,40 +8,36 @@
 Pieces: `setup` (device, batch plan, seeding, optimizer, heads, resume), `train_step`
 (one optimizer step over its micro-batches), `micro_batch` (the sides the method
 declares, through the models, then its loss: methods.METHODS[train.method]),
-checkpointing (checkpoint.py) and per-step logging (summary.LiveLog). `load_inputs`
+checkpointing (checkpoint.py), per-step logging (summary.LiveLog), the stored top-k
+signal (stored_topk.py) and online sampling (onpolicy.py, `train.online`). `load_inputs`
 reads what a run trains on (distillflow/stagekit/gates.py gates it first).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from distillflow.base import encoding, models, packing, records
+from distillflow.base import encoding, models, packing
 from distillflow.base.errors import ModelError
-from distillflow.base.io import DataError, read_table
-from distillflow.training import basics, distributed
+from distillflow.training import basics, distributed, onpolicy
 from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.methods import METHODS
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.methods.heads import Heads, Side, TopK
 from distillflow.training.methods.method import Method, MicroBatch, Progress
+from distillflow.training.stored_topk import Scores, load_scores, topk_of
 from distillflow.training.summary import LiveLog
 from distillflow.training.train_params import TrainParams, batch_plan, round_seed
 
 log = logging.getLogger("train")
-
-# (pair_id, side) -> (k, top-k ids (positions, k) int32, top-k log-probs (positions, k), target log-probs (positions,))
-Scores = dict[tuple[str, str], tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass(kw_only=True)
@@ -91,7 +87,11 @@ class Loop:
     online_teacher: torch.nn.Module | None  # None unless the method reads the teacher and it runs here
     autocast: AbstractContextManager[Any]
     pad: int | None  # train.packing: the pad id filling packed rows; None: padded batches
+    vocab: int  # the vocabulary both models share
     start: int = 0
+    # train.online: the sampler's log-prob of each token of the responses sampled in this run, by pair
+    behaviour: dict[int, list[float]] = field(default_factory=dict)
+    sampled_tokens: int = 0  # response tokens sampled in this run (train.online)
     rows: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -115,58 +115,6 @@ def heads_of(student: torch.nn.Module, teacher: torch.nn.Module | None, vocab: i
     )
 
 
-def index_scores(table: pa.Table) -> Scores:
-    """The stored top-k signal (records.TOPK_SCHEMA rows) keyed by (pair_id, side), read
-    from the Arrow columns: per record batch, zero-copy numpy views of each flattened list
-    column, and per row tensor views into them at the list offsets (no Python list per
-    entry, no copy of the values). The tensors share the table's read-only buffers: read
-    them, never write into them (topk_of copies them into its batch tensors)."""
-    out: Scores = {}
-    row = 0
-    for batch in table.to_batches():
-        cols = {name: batch.column(name) for name in ("topk_ids", "topk_logprobs", "target_logprob")}
-        flat = {name: col.values.to_numpy(zero_copy_only=True) for name, col in cols.items()}
-        offsets = {name: col.offsets.to_numpy() for name, col in cols.items()}
-        positions, ks = batch.column("positions").to_numpy(), batch.column("k").to_numpy()
-        with warnings.catch_warnings():  # torch warns that the Arrow buffers are not writable
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for i, (pid, side_) in enumerate(
-                zip(batch.column("pair_id").to_pylist(), batch.column("side").to_pylist())
-            ):
-                n, k = int(positions[i]), int(ks[i])
-                lengths = tuple(int(o[i + 1] - o[i]) for o in offsets.values())
-                if lengths != (n * k, n * k, n):
-                    raise DataError(
-                        f"data/score: pair {pid} ({side_}), row {row + i}: topk_ids/topk_logprobs/target_logprob "
-                        f"have {lengths} entries, expected ({n * k}, {n * k}, {n}) for {n} positions at k={k}"
-                    )
-                ids, lps, tgt = (torch.from_numpy(flat[c][offsets[c][i] : offsets[c][i + 1]]) for c in cols)
-                out[(pid, side_)] = (k, ids.view(n, k), lps.view(n, k), tgt)
-        row += batch.num_rows
-    return out
-
-
-def topk_of(batch: encoding.Batch, keys: list[tuple[str, str]], scores: Scores) -> TopK:
-    """The stored teacher signal of a batch, laid out densely over (B, T) positions."""
-    B, T = batch.response_mask.shape
-    k = next(iter(scores.values()))[0]
-    ids = torch.zeros((B, T, k), dtype=torch.long)
-    lps = torch.zeros((B, T, k), dtype=torch.float32)
-    target = torch.zeros((B, T), dtype=torch.float32)
-    for row, key in enumerate(keys):
-        if key not in scores:
-            raise DataError(f"data/score: no teacher scores for pair {key[0]} ({key[1]}); rerun the score stage")
-        _, i, lp, tg = scores[key]
-        m = batch.response_mask[row]
-        if int(m.sum()) != i.shape[0]:
-            raise DataError(
-                f"data/score: pair {key[0]} ({key[1]}) has {i.shape[0]} scored positions, "
-                f"the tokenizer gives {int(m.sum())}"
-            )
-        ids[row, m], lps[row, m], target[row, m] = i.long(), lp, tg
-    return TopK(ids, lps, target)
-
-
 def teacher_hiddens(
     teacher: torch.nn.Module | None, batches: list[encoding.Batch], device: str, pad: int | None
 ) -> list[torch.Tensor | None]:
@@ -186,16 +134,26 @@ def side(
     batch: encoding.Batch,
     device: str,
     topk: TopK | None = None,
+    behaviour: list[list[float]] | None = None,
 ) -> Side:
-    """One batch's student hidden states (with gradients), the teacher's (without) if needed."""
+    """One batch's student hidden states (with gradients), the teacher's (without) if needed;
+    with `behaviour` (per row, the sampler's log-prob of each response token) laid out over
+    the response positions."""
     if topk is not None:
         topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
+    dense = None
+    if behaviour is not None:
+        dense = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+        for row, lps in enumerate(behaviour):
+            dense[row, batch.response_mask[row]] = torch.tensor(lps, dtype=torch.float32)
+        dense = dense.to(device)
     return Side(
         s_hidden=s_hidden,
         t_hidden=t_hidden,
         mask=batch.response_mask.to(device),
         targets=batch.targets.to(device),
         t_topk=topk,
+        behaviour=dense,
     )
 
 
@@ -270,7 +228,8 @@ def setup(job: Job) -> Loop:
     if teacher is not None:
         teacher.to(p.device)
     encoded = [encoding.encode_pair(tok_s, pr) for pr in job.pairs]
-    longest = max(len(e[0]) + max(len(e[1]), len(e[2])) for e in encoded)
+    sampled = p.online.max_new_tokens if p.online.every else 0  # train.online's responses replace the stored ones
+    longest = max(len(e[0]) + max(len(e[1]), len(e[2]), sampled) for e in encoded)
     for role, model in (("student", student), ("teacher", teacher)):
         limit = None if model is None else models.max_positions(model)
         if limit is not None and longest > limit:  # a training sequence is a prompt and a whole response
@@ -316,13 +275,17 @@ def setup(job: Job) -> Loop:
         online_teacher=online,
         autocast=autocast,
         pad=pad,
+        vocab=vocab,
     )
     if job.checkpoint is not None:
         loop.start, loop.rows = job.checkpoint.load(p.device, student, opt, sched, job.curriculum)
         if loop.start:
             log.info("train: resuming at step %d of %d from %s", loop.start, loop.total, job.checkpoint.file)
+            loop.sampled_tokens = int(loop.rows[-1].get("sampled_tokens", 0.0))  # train.online's running count
     if world > 1:
         check_world(loop)
+    if p.online.every and (world > 1 and p.parallel == "fsdp"):
+        raise ValueError("train.online: sampling from an FSDP2-sharded student is not supported; use parallel: ddp")
     return loop
 
 
@@ -363,8 +326,9 @@ def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
     )
     s_hidden = dict(zip(read, s_hiddens))
     t_hidden = dict(zip(read, teacher_hiddens(loop.online_teacher, [batches[n] for n in read], dev, loop.pad)))
+    behaviour = [loop.behaviour[i] for i in idx] if loop.behaviour else None
     chosen, rejected = (
-        side(s_hidden[name], t_hidden[name], b, dev, topk[name])
+        side(s_hidden[name], t_hidden[name], b, dev, topk[name], behaviour if name == "rejected" else None)
         if needed[name]
         else Side(s_hidden=torch.empty(0), t_hidden=None, mask=b.response_mask[:0], targets=b.targets[:0])
         for name, b in batches.items()
@@ -414,13 +378,45 @@ def train_step(job: Job, loop: Loop, step: int) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(job.student.parameters(), job.p.max_grad_norm)
     loop.opt.step()
     loop.sched.step()
+    online = {"sampled_tokens": float(loop.sampled_tokens)} if job.p.online.every else {}
     return {
         "step": step,
         "loss": logged.pop("loss"),
         **logged,
+        **online,
         "lr": loop.sched.get_last_lr()[0],
         "grad_norm": distributed.full_norm(grad_norm),
     }
+
+
+def resample(job: Job, loop: Loop, step: int) -> None:
+    """train.online: a response from the student's current weights (teacher-mixed for
+    minillm) for each pair this process trains on in steps step .. step + K - 1, in place
+    of the pair's stored student response (onpolicy.py)."""
+    p = job.p
+    mine = sorted(
+        {
+            global_idx[i]
+            for st in loop.steps[step : step + p.online.every]
+            for global_idx in st
+            for i in distributed.shard(list(range(len(global_idx))), loop.rank, loop.world)
+        }
+    )
+    mix = p.minillm.teacher_mix if p.method == "minillm" else 0.0
+    sampler = onpolicy.Sampler(
+        vocab=loop.vocab,
+        max_new_tokens=p.online.max_new_tokens,
+        stop=frozenset(models.stop_ids(job.student, job.tok_s)),
+        teacher_mix=mix,
+        device=p.device,
+    )
+    prompts = [loop.encoded[i][0] for i in mine]
+    seeds = [onpolicy.sample_seed(loop.seed, step, i) for i in mine]
+    for i, (ids, lps) in zip(mine, onpolicy.sample(job.student, job.teacher, prompts, seeds, sampler), strict=True):
+        prompt, chosen, _ = loop.encoded[i]
+        loop.encoded[i] = (prompt, chosen, ids)
+        loop.behaviour[i] = lps
+        loop.sampled_tokens += len(ids)
 
 
 def train(job: Job) -> list[dict[str, float]]:
@@ -434,6 +430,8 @@ def train(job: Job) -> list[dict[str, float]]:
             live.log(row)
     bar = tqdm(total=loop.total, initial=loop.start, desc=f"train {p.method}", unit="step", mininterval=5.0)
     for step in range(loop.start, loop.total):
+        if p.online.every and step % p.online.every == 0:
+            resample(job, loop, step)
         loop.rows.append(train_step(job, loop, step))
         if live is not None:
             live.log(loop.rows[-1])
@@ -468,14 +466,6 @@ def load_models(
     student = models.load_model(s_ref, s_dir, trust, basics.MASTER_DTYPE)
     teacher = None if p.teacher_signal == "topk" else models.load_model(t_ref, t_dir, trust, dtype)
     return student, teacher, models.load_tokenizer(s_ref, s_dir, trust), models.load_tokenizer(t_ref, t_dir, trust)
-
-
-def load_scores(p: TrainParams, scores_dir: Path) -> Scores | None:
-    """The teacher's stored top-k signal (scores_dir/topk.parquet) with `teacher_signal:
-    topk`, else None."""
-    if p.teacher_signal != "topk":
-        return None
-    return index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
 
 
 def load_inputs(

@@ -6,7 +6,8 @@
     fused.py        the same divergences from final hidden states and the LM heads,
                     never materialising (N, V) logits (the default training path)
     topk.py         the offline teacher signal: distributions over the teacher's top-k
-    sequence.py     sequence log-probs of given labels, and the DPKD loss
+    sequence.py     sequence log-probs of given labels, the DPKD loss, and per-token
+                    returns (on-policy distillation, MiniLLM)
     chunks.py       the one chunking mechanism every path uses, and ``reduce_tokens``
     checks.py       argument checks and the dtype rule (math in float32, float64 kept)
 
@@ -26,7 +27,7 @@ from distillflow.training.losses.divergences import (
     tvd,
 )
 from distillflow.training.losses.fused import HiddenTerm, chunked_divergences_from_hidden
-from distillflow.training.losses.sequence import dpkd_loss, sequence_logprob, sequence_logprob_sum
+from distillflow.training.losses.sequence import dpkd_loss, returns_to_go, sequence_logprob, sequence_logprob_sum
 from distillflow.training.losses.topk import topk_buckets
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "reduce_tokens",
+    "returns_to_go",
     "reverse_kl",
     "run_chunks",
     "sequence_logprob",

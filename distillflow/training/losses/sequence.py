@@ -127,3 +127,35 @@ def dpkd_loss(
         return zero_loss(student_chosen_lp)
     margin = (sc - sr) - (tc.detach() - tr.detach())
     return -F.logsigmoid(beta_d * margin).mean()
+
+
+def returns_to_go(values: Tensor, seq: Tensor, num_seqs: int, discount: float, *, future_mean: bool = False) -> Tensor:
+    """Per-token returns of per-token values (n,) laid out sequence by sequence, each
+    sequence's tokens contiguous and in order (a mask's row-major order; ``seq`` (n,)
+    names each token's sequence).
+
+    Default: the discounted return from each token on, ``G_t = sum_{s >= t} discount^(s - t) v_s``
+    (on-policy distillation's advantage with the sign of a cost). ``future_mean``: the mean
+    of the values strictly after each token, ``sum_{s > t} v_s / (n_seq - t - 1)``, 0 at a
+    sequence's last token (MiniLLM's length-normalised long-term reward; ``discount`` unused).
+    Sequences are independent: no value crosses from one into another.
+    """
+    n = values.shape[0]
+    if n == 0:
+        return values
+    counts = torch.bincount(seq, minlength=num_seqs)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=values.device) - starts[seq]
+    dense = values.new_zeros(num_seqs, int(counts.max()))
+    dense[seq, pos] = values
+    out = torch.zeros_like(dense)
+    acc = values.new_zeros(num_seqs)
+    gamma = 1.0 if future_mean else discount
+    for t in range(dense.shape[1] - 1, -1, -1):  # positions past a sequence's end hold 0
+        acc = dense[:, t] + gamma * acc
+        out[:, t] = acc
+    inclusive = out[seq, pos]
+    if not future_mean:
+        return inclusive
+    after = (counts[seq] - pos - 1).to(values.dtype)
+    return torch.where(after > 0, (inclusive - values) / after.clamp(min=1), torch.zeros_like(values))

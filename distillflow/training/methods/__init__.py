@@ -16,6 +16,11 @@ of its params are ablation switches (`compare.runs.<run>.disable`).
                student responses, rising beta, adaptive alpha (DistiLLM-2); switches
                contrastive, beta_ramp, adaptive_alpha
     dpkd       -log sigmoid(beta_d [(lq(y_t) - lq(y_s)) - (lp(y_t) - lp(y_s))])
+    opd        on-policy distillation: sum_t G_t log q(y_t) on the student's samples, G_t the
+               (discounted) sum of log q/p from t on; reads only the teacher's log-prob of
+               each sampled token (online or the stored top-k's target)
+    minillm    MiniLLM: single-step exact reverse KL plus the length-normalised long-term
+               policy gradient, importance-weighted, on teacher-mixed samples (train.online)
 
 A loss sees one micro-batch already run through the models (method.MicroBatch: the final
 hidden states of student and teacher on each response it reads, and the two LM heads,
@@ -36,6 +41,8 @@ from distillflow.training.methods.gkd import GKD
 from distillflow.training.methods.kd import KD
 from distillflow.training.methods.kd_both import KD_BOTH
 from distillflow.training.methods.method import Method
+from distillflow.training.methods.minillm import MINILLM
+from distillflow.training.methods.opd import OPD
 from distillflow.training.methods.sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (DISTILLM2, DISTILLM, GKD, KD, KD_BOTH, SFT, DPKD)}
+METHODS: dict[str, Method] = {m.name: m for m in (DISTILLM2, DISTILLM, GKD, KD, KD_BOTH, SFT, DPKD, OPD, MINILLM)}

@@ -52,6 +52,9 @@ class Side:
     mask: Tensor
     targets: Tensor
     t_topk: TopK | None = None
+    # (B, T): the sampler's log-prob of each target token, for responses the trainer sampled
+    # itself (train.online); what MiniLLM's importance weights divide by. None otherwise.
+    behaviour: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,11 @@ class Heads:
         total = sum((t.weight * v for t, v in zip(terms, values)), values[0].new_zeros(()))
         return total, [float(v.detach()) for v in values]
 
-    def seq_logprob(self, side: Side, teacher: bool) -> Tensor:
-        """(B,) mean token log-prob of the side's response under one model.
+    def token_logprobs(self, side: Side, teacher: bool) -> tuple[Tensor, Tensor]:
+        """(N,) log-prob of each response token under one model (the student's with
+        gradients), in the side's mask order (row by row, left to right), and (N,) the
+        sequence of each. The teacher's come from the stored top-k's target log-probs when
+        the signal is offline.
 
         Chunked over the response tokens (each chunk's (c, V) logits recomputed in the
         backward rather than kept), so it is as memory-safe as the divergences.
@@ -151,16 +157,33 @@ class Heads:
         seq = torch.nonzero(side.mask)[:, 0]  # (N,) sequence of each response token
         if teacher and self.topk:
             assert side.t_topk is not None
-            token_lp = side.t_topk.target[side.mask].float()  # stored by the score stage
-        else:
-            hidden = side.t_hidden if teacher else side.s_hidden
-            weight, bias = (self.t_weight, self.t_bias) if teacher else (self.s_weight, self.s_bias)
-            assert hidden is not None and weight is not None
+            return side.t_topk.target[side.mask].float(), seq  # stored by the score stage
+        hidden = side.t_hidden if teacher else side.s_hidden
+        weight, bias = (self.t_weight, self.t_bias) if teacher else (self.s_weight, self.s_bias)
+        assert hidden is not None and weight is not None
 
-            def chunk_lp(h: Tensor, y: Tensor) -> Tensor:
-                logits = F.linear(h, weight, bias).float()
-                return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+        def chunk_lp(h: Tensor, y: Tensor) -> Tensor:
+            logits = F.linear(h, weight, bias).float()
+            return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
 
-            token_lp = losses.run_chunks(chunk_lp, [hidden[side.mask], side.targets[side.mask]], self.chunk_size)
+        return losses.run_chunks(chunk_lp, [hidden[side.mask], side.targets[side.mask]], self.chunk_size), seq
+
+    def seq_logprob(self, side: Side, teacher: bool) -> Tensor:
+        """(B,) mean token log-prob of the side's response under one model."""
+        token_lp, seq = self.token_logprobs(side, teacher)
         total = token_lp.new_zeros(side.mask.shape[0]).index_add(0, seq, token_lp)
         return total / side.mask.sum(1).clamp(min=1).to(token_lp.dtype)
+
+    def token_reverse_kl(self, side: Side) -> Tensor:
+        """(N,) KL(q || p) of the next-token distributions at each response position, in
+        the mask's order, with the student's gradients (the teacher's held fixed): the exact
+        per-step term MiniLLM's single-step decomposition differentiates. Needs the teacher
+        model's hidden states (the stored top-k cannot give the sum over the vocabulary)."""
+        assert side.t_hidden is not None and self.t_weight is not None, "token_reverse_kl needs the online teacher"
+
+        def chunk(h_s: Tensor, h_t: Tensor) -> Tensor:
+            s_logits = F.linear(h_s, self.s_weight, self.s_bias)
+            t_logits = F.linear(h_t, self.t_weight, self.t_bias)
+            return losses.reverse_kl(s_logits, t_logits, None, reduction="none", chunk_size=None)
+
+        return losses.run_chunks(chunk, [side.s_hidden[side.mask], side.t_hidden[side.mask]], self.chunk_size)

@@ -1,0 +1,154 @@
+"""A served teacher's scores: the score stage's top-k signal from an OpenAI-compatible
+completions endpoint (`score.engine: openai`), e.g. a vLLM server, instead of a teacher
+loaded in this process.
+
+    teacher = ServedTeacher(p.openai, tok)   # checks the endpoint's tokenizer on a probe
+    for batch in teacher.score_batches(pairs, p.k, p.batch_size):   # records.TOPK_SCHEMA
+        sink.write(batch)
+
+Each (pair, side) is one request: the prompt and the response as token ids (encoded here
+with `tok`, as the trainer encodes them), with vLLM's `prompt_logprobs: k`:
+
+    {"model": openai.model, "prompt": [ids], "max_tokens": 1, "temperature": 0,
+     "prompt_logprobs": k}
+
+The answer's `choices[0].prompt_logprobs` has, per prompt position j > 0, a dict of token
+id -> {logprob, rank, decoded_token} holding the k most likely tokens and the token at j.
+At each response position that gives the top-k ids and log-probs and the target
+log-prob the train stage reads (`train.teacher_signal: topk`): what opd needs, and what
+the KL methods read through the top-k buckets. Checked on every answer: one entry per
+prompt token, each holding the token we sent (the echoed tokens are ours), k ranked
+entries, finite log-probs. Endpoints that return no `prompt_logprobs` (OpenAI's own
+API, servers without the extension, chat endpoints, which cannot score tokens they did
+not generate) are refused with an error naming the endpoint. Before any pair, a probe
+text's token ids are sent and each echoed `decoded_token` must be the text our tokenizer
+gives that id: a served teacher must share the student's tokenizer.
+
+Requests go through the generation engine's `Endpoint` (openai_engine.py): the same
+concurrency, rate limit, retries and per-request response cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from distillflow.base import encoding
+from distillflow.base.config import OpenAIParams
+from distillflow.base.io import DataError
+from distillflow.engines.openai_engine import Endpoint
+from distillflow.engines.scoring import to_record_batch
+
+PROBE = "Probe: 0123456789 + - * / = ? (a, b) [x] {y} the quick brown fox."
+
+
+class ServedTeacher(Endpoint):
+    """The top-k scores of a teacher behind an OpenAI-compatible completions endpoint."""
+
+    def __init__(self, o: OpenAIParams | None, tok: Any) -> None:
+        super().__init__(o, "score.openai")
+        self.tok = tok
+
+    def where(self, what: str) -> str:
+        return f"score.openai ({self.o.base_url}, model {self.o.model}), {what}"
+
+    def prompt_logprobs(self, ids: list[int], k: int, what: str) -> list[dict[str, Any]]:
+        """Per position 1..len(ids)-1, the endpoint's entries {token id: (logprob, rank,
+        decoded_token)} for the token there: cached, retried, checked."""
+        body = {"model": self.o.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
+        where = self.where(what)
+        answer = self.cached(where, body, self.send, lambda r: self.parse(r, ids, where))
+        return answer["prompt_logprobs"]
+
+    def send(self, prompt_logprobs: int, **body: Any) -> Any:
+        """completions.create, with vLLM's extension in the request's extra body."""
+        return self.client.completions.create(**body, extra_body={"prompt_logprobs": prompt_logprobs})
+
+    def parse(self, resp: Any, ids: list[int], where: str) -> dict[str, Any]:
+        if not resp.choices:
+            raise DataError(f"{where}: the response has no choices")
+        got = (resp.choices[0].model_extra or {}).get("prompt_logprobs")
+        if got is None:
+            raise DataError(
+                f"{where}: the endpoint returned no prompt_logprobs. A served teacher must score the tokens it is "
+                "sent (vLLM's prompt_logprobs); chat endpoints and APIs without it cannot score tokens they did not "
+                "generate"
+            )
+        if len(got) != len(ids):
+            raise DataError(f"{where}: {len(got)} prompt_logprobs entries for {len(ids)} prompt tokens")
+        out = []
+        for j, entry in enumerate(got[1:], start=1):
+            if not isinstance(entry, dict) or str(ids[j]) not in entry:
+                raise DataError(
+                    f"{where}: position {j}: the endpoint's entry does not hold the token we sent ({ids[j]}): "
+                    "the echoed tokens differ from ours"
+                )
+            out.append(
+                {str(t): [float(v["logprob"]), int(v["rank"]), v.get("decoded_token")] for t, v in entry.items()}
+            )
+        return {"prompt_logprobs": out}
+
+    def check_tokenizer(self) -> None:
+        """The probe: each token of PROBE, echoed, decodes to what our tokenizer says."""
+        ids = self.tok(PROBE, add_special_tokens=False)["input_ids"]
+        entries = self.prompt_logprobs(ids, 1, "tokenizer probe")
+        for j, entry in enumerate(entries, start=1):
+            theirs, ours = entry[str(ids[j])][2], self.tok.decode([ids[j]])
+            if theirs is not None and theirs != ours:
+                raise DataError(
+                    self.where(
+                        f"tokenizer probe: token id {ids[j]} is {theirs!r} at the endpoint and {ours!r} here: the "
+                        "served teacher's tokenizer differs from the student's (distilling across tokenizers is not "
+                        "supported)"
+                    )
+                )
+
+    def top_k(self, entries: list[dict[str, Any]], ids: list[int], start: int, k: int, what: str) -> tuple:
+        """(top-k ids (n, k), their log-probs (n, k), target log-probs (n,)) at positions start.. of ids."""
+        n = len(ids) - start
+        top_ids, top_lps, target = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros(n, np.float32)
+        for row, j in enumerate(range(start, len(ids))):
+            entry = entries[j - 1]
+            ranked = sorted(((v[0], int(t)) for t, v in entry.items() if v[1] <= k), reverse=True)
+            values = [lp for lp, _ in ranked] + [entry[str(ids[j])][0]]
+            if len(ranked) != k or not all(math.isfinite(v) for v in values):
+                raise DataError(
+                    self.where(f"{what}, position {j}: {len(ranked)} ranked entries (k = {k}) or a non-finite log-prob")
+                )
+            top_ids[row] = [t for _, t in ranked]
+            top_lps[row] = [lp for lp, _ in ranked]
+            target[row] = entry[str(ids[j])][0]
+        return top_ids, top_lps, target
+
+    def score_one(self, key: tuple[str, str], prompt: list[int], response: list[int], k: int) -> tuple:
+        what = f"pair {key[0]} ({key[1]})"
+        ids = prompt + response
+        return self.top_k(self.prompt_logprobs(ids, k, what), ids, len(prompt), k, what)
+
+    def score_batches(self, pairs: list[dict[str, Any]], k: int, batch_size: int) -> Iterator[pa.RecordBatch]:
+        """records.TOPK_SCHEMA batches of `batch_size` (pair, side) rows, in pair order,
+        chosen before rejected, each row one request (sent `max_concurrency` at a time)."""
+        if k > len(self.tok):
+            raise DataError(f"score.k: {k} is larger than the vocabulary ({len(self.tok)} tokens)")
+        self.check_tokenizer()
+        seqs = []
+        for pr in pairs:
+            prompt, chosen, rejected = encoding.encode_pair(self.tok, pr)
+            seqs += [((pr["pair_id"], "chosen"), prompt, chosen), ((pr["pair_id"], "rejected"), prompt, rejected)]
+        with ThreadPoolExecutor(max_workers=self.o.max_concurrency) as pool:
+            for s in range(0, len(seqs), batch_size):
+                chunk = seqs[s : s + batch_size]
+                scored = list(pool.map(lambda c: self.score_one(c[0], c[1], c[2], k), chunk))
+                yield to_record_batch(
+                    [c[0] for c in chunk],
+                    np.array([len(c[2]) for c in chunk], dtype=np.int32),
+                    k,
+                    np.concatenate([x[0] for x in scored]) if scored else np.zeros((0, k), np.int32),
+                    np.concatenate([x[1] for x in scored]) if scored else np.zeros((0, k), np.float32),
+                    np.concatenate([x[2] for x in scored]) if scored else np.zeros(0, np.float32),
+                )
