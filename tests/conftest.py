@@ -43,6 +43,7 @@ SLOWEST_FIRST = (
     "test_lineage.py",
     "test_compare.py",
     "test_train.py",
+    "test_vllm.py",
     "test_preflight.py",
     "test_generation.py",
     "test_bootstrap.py",

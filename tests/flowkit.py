@@ -115,36 +115,40 @@ class Server:
 
 
 @contextlib.contextmanager
+def service(cmd: list[str], env: dict[str, str], log: Path, health: str, limit_s: float) -> Iterator[None]:
+    """A server process (its own session, output in `log`) until the block ends: up once
+    `health` answers 200, an AssertionError with its log if it exits or is not up within
+    `limit_s`."""
+    name = " ".join(cmd[2:5])
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + limit_s
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(health, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} not up after {limit_s:.0f} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[Server]:
     """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = base_env(home, None)
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prefect server start exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prefect server not healthy after 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+    cmd = [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    with service(cmd, env, home / "server.log", f"{url}/health", 180):
         yield Server(url, base_env(home, url))
-    finally:
-        stop(proc)
 
 
 def slow_pids(pids: Path, proc: subprocess.Popen, log: Path) -> list[int]:

