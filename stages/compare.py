@@ -188,7 +188,17 @@ def train_rounds(
         else:
             t0 = time.perf_counter()
             ckpt = cell.checkpoint if e == 1 else None
-            job = trainrun.job(cell, p, e, curriculum, pairs=cell.pairs, scores=cell.scores, checkpoint=ckpt, live=live)
+            job = trainrun.job(
+                cell,
+                p,
+                e,
+                curriculum,
+                pairs=cell.pairs,
+                scores=cell.scores,
+                checkpoint=ckpt,
+                live=live,
+                score=ri.used["score"],
+            )
             got = trainer.train(job)
             seconds, counts = {"sample": 0.0, "data": 0.0, "train": round(time.perf_counter() - t0, 1)}, {}
         rows += got

@@ -83,7 +83,15 @@ def main() -> None:
     curriculum = AlphaCurriculum(p.distillm2)
     t0 = time.perf_counter()
     job = trainrun.job(
-        run, p, 1, curriculum, pairs=run.pairs, scores=run.scores, checkpoint=run.checkpoint, live=args.live
+        run,
+        p,
+        1,
+        curriculum,
+        pairs=run.pairs,
+        scores=run.scores,
+        checkpoint=run.checkpoint,
+        live=args.live,
+        score=used["score"],
     )
     rows = trainrun.train(run, job)
     rank, _ = distributed.rank_and_size()

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from distillflow.base.config import GenerationParams, LauncherParams, OpenAIPara
 from distillflow.base.io import write_table
 from distillflow.data import curation, sources
 from distillflow.engines.scoring import ScoreParams
-from distillflow.training import trainer
+from distillflow.engines.served import ServedTeacher
+from distillflow.training import stored_topk, trainer
 from distillflow.training.checkpoint import Checkpoint
 from distillflow.training.methods.distillm import DistiLLMParams
 from distillflow.training.methods.distillm2 import BetaSchedule, DistiLLM2Params
@@ -218,7 +220,7 @@ def tp(**kw: object) -> TrainParams:
         dpkd=DPKDParams(0.1),
         opd=OPDParams(0.0),
         minillm=MiniLLMParams(0.2, True),
-        online=OnlineParams(0, 12),
+        online=OnlineParams(0, 12, "model"),
         rounds={},
     )
     return TrainParams(**{**base, **kw})  # type: ignore[arg-type]
@@ -462,3 +464,24 @@ def check_verified(repo: Path) -> None:
     lines = verified.stdout.splitlines()
     assert {s for s in COMPARISON if f"never ran here: {s} (no dvc.lock entry)" in lines} == COMPARISON, lines
     assert lines[-1].endswith(f" 0 mismatches; stages: {len(COMPARISON)} never ran here, 0 not checked out, 0 stale")
+
+
+def online_opd_pair(student_dir: Path, teacher_dir: Path, base_url: str, cache: Path) -> tuple:
+    """Online opd (samples every 2 steps) scored by the teacher in process and by the same
+    teacher served at `base_url`: (rows, weights) of each."""
+    out = []
+    for where in ("model", "served"):
+        student, tok_s = load(student_dir)
+        teacher, tok_t = load(teacher_dir)
+        online = OnlineParams(2, 8, where)
+        if where == "model":
+            p = tp(method="opd", epochs=2, batch_size=4, online=online)
+            rows = train_run(student, teacher, tok_s, tok_t, PAIRS, p)
+        else:
+            p = tp(method="opd", epochs=2, batch_size=4, online=online, teacher_signal="topk")
+            stored = stored_topk.index_scores(score.run(teacher, tok_t, PAIRS, sp(2, 8)))  # the pairs' own scores
+            o = replace(NO_ENDPOINT, base_url=base_url, model="tiny-teacher", cache_dir=str(cache))
+            served = ServedTeacher(o, tok_s)
+            rows = train_run(student, None, tok_s, tok_t, PAIRS, p, scores=stored, score_samples=served.token_logprobs)
+        out.append((rows, [q.detach().clone() for q in student.parameters()]))
+    return out

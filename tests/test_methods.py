@@ -98,7 +98,7 @@ def test_the_trainer_feeds_what_the_method_declares(
     teacher.base_model.register_forward_pre_hook(seen_by(teacher, False))
     # packed with the online teacher, padded with stored top-k: both paths, every method
     # minillm trains on responses sampled in the run (train.online)
-    sampled = OnlineParams(1, 6) if name == "minillm" else OnlineParams(0, 6)
+    sampled = OnlineParams(1, 6, "model") if name == "minillm" else OnlineParams(0, 6, "model")
     p = tp(
         method=name,
         epochs=1,

@@ -202,7 +202,7 @@ def test_online_training_samples_every_k_steps_and_resumes_exactly(
     """train.online: the student samples its responses during the run (the rows count the
     sampled tokens), a rerun is the same run, and a run killed after a checkpoint resumes
     to the uninterrupted run's weights."""
-    p = tp(method=method, epochs=3, batch_size=4, checkpoint_every=2, online=OnlineParams(2, 8))
+    p = tp(method=method, epochs=3, batch_size=4, checkpoint_every=2, online=OnlineParams(2, 8, "model"))
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     before = [q.detach().clone() for q in student.parameters()]
     rows = train_run(student, teacher, tok_s, tok_t, PAIRS, p)
@@ -233,11 +233,11 @@ def test_online_settings_that_cannot_work_name_the_key() -> None:
     with pytest.raises(ValueError, match="online: minillm trains on responses sampled"):
         tp(method="minillm")
     with pytest.raises(ValueError, match="teacher_signal: train.online samples new responses"):
-        tp(method="opd", teacher_signal="topk", online=OnlineParams(2, 8))
+        tp(method="opd", teacher_signal="topk", online=OnlineParams(2, 8, "model"))
     with pytest.raises(ValueError, match="online: kd does not read the student's responses"):
-        tp(method="kd", online=OnlineParams(2, 8))
+        tp(method="kd", online=OnlineParams(2, 8, "model"))
     with pytest.raises(ValueError, match=r"checkpoint_every: must be a multiple of train.online.every \(3\)"):
-        tp(method="opd", checkpoint_every=4, online=OnlineParams(3, 8))
+        tp(method="opd", checkpoint_every=4, online=OnlineParams(3, 8, "model"))
     with pytest.raises(ValueError, match="discount: must be in"):
         OPDParams(1.5)
     with pytest.raises(ValueError, match="teacher_mix: must be in"):

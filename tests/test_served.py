@@ -30,9 +30,10 @@ from distillflow.base.io import DataError, read_table, write_table
 from distillflow.engines.served import ServedTeacher
 from distillflow.stagekit import entry
 from distillflow.training import stored_topk
+from distillflow.training.onpolicy import OnlineParams
 from stages import score, train
 
-from .builders import NO_ENDPOINT, PAIRS, fresh, load, sp, tp, train_run
+from .builders import NO_ENDPOINT, PAIRS, fresh, load, online_opd_pair, sp, tp, train_run
 from .conftest import ROOT
 from .openai_server import Server
 
@@ -153,3 +154,20 @@ def test_the_score_and_train_stages_distil_opd_from_a_served_teacher(
     assert metrics["method"] == "opd" and metrics["steps"] == 2
     trained, _ = load(tmp_path / "train" / "model")
     assert not all(torch.equal(a, b) for a, b in zip(student.parameters(), trained.parameters()))
+
+
+def test_online_opd_from_a_served_teacher_trains_as_from_the_teacher_in_process(
+    served: Server, tiny_models: Path, tmp_path: Path
+) -> None:
+    """train.online.teacher served: the samples drawn during training are scored by the
+    endpoint (the log-prob of each sampled token), and the run matches the one whose
+    teacher sits in the process: the same samples, the same reverse-KL estimates."""
+    (rows_m, weights_m), (rows_s, weights_s) = online_opd_pair(
+        tiny_models / "student", tiny_models / "teacher", served.base_url, tmp_path / "cache"
+    )
+    assert [r["sampled_tokens"] for r in rows_s] == [r["sampled_tokens"] for r in rows_m]
+    assert [r["reverse_kl"] for r in rows_s] == pytest.approx([r["reverse_kl"] for r in rows_m], rel=1e-4, abs=1e-6)
+    for a, b in zip(weights_m, weights_s):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="online: teacher: served scores each sampled token through score.openai"):
+        tp(method="minillm", online=OnlineParams(2, 8, "served"))

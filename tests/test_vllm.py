@@ -31,7 +31,7 @@ from distillflow.engines.served import ServedTeacher
 from distillflow.training import stored_topk
 from stages import bootstrap, score
 
-from .builders import NO_ENDPOINT, PAIRS, load, prompts, sp, tp, train_run
+from .builders import NO_ENDPOINT, PAIRS, load, online_opd_pair, prompts, sp, tp, train_run
 from .builders import task as task_params
 from .conftest import ROOT
 from .flowkit import free_port, service
@@ -186,3 +186,20 @@ def test_the_vllm_engine_generates_what_its_params_say(teacher_dir: Path, tmp_pa
     )
     assert [r["response"] for r in greedy] == [e.split(stop)[0] for e in expected]
     assert greedy[0]["finish_reason"] == "stop" and len(greedy[0]["response"]) < len(expected[0])
+
+
+def test_online_opd_with_the_teacher_served_by_vllm(
+    vllm_url: str, teacher_dir: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    """train.online.teacher served with vLLM as the server: the student's samples drawn
+    during training are scored by vLLM (prompt_logprobs 0: the sampled tokens only), and
+    the run matches the one with the same teacher in the process."""
+    (rows_m, weights_m), (rows_s, weights_s) = online_opd_pair(
+        tiny_models / "student", teacher_dir, vllm_url, tmp_path / "cache"
+    )
+    assert [r["sampled_tokens"] for r in rows_s] == [r["sampled_tokens"] for r in rows_m] and rows_s[-1][
+        "sampled_tokens"
+    ] > 0
+    assert [r["reverse_kl"] for r in rows_s] == pytest.approx([r["reverse_kl"] for r in rows_m], rel=1e-4, abs=1e-5)
+    for a, b in zip(weights_m, weights_s):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

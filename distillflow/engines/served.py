@@ -53,6 +53,7 @@ class ServedTeacher(Endpoint):
     def __init__(self, o: OpenAIParams | None, tok: Any) -> None:
         super().__init__(o, "score.openai")
         self.tok = tok
+        self.probed = False  # token_logprobs probes the tokenizer once
 
     def where(self, what: str) -> str:
         return f"score.openai ({self.o.base_url}, model {self.o.model}), {what}"
@@ -129,6 +130,22 @@ class ServedTeacher(Endpoint):
         what = f"pair {key[0]} ({key[1]})"
         ids = prompt + response
         return self.top_k(self.prompt_logprobs(ids, k, what), ids, len(prompt), k, what)
+
+    def token_logprobs(self, seqs: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """The teacher's log-prob of each token of seqs[i] from starts[i] on (a sampled
+        response after its prompt), one request per sequence (`prompt_logprobs: 0`: the
+        tokens sent only), `max_concurrency` at a time: what online opd trains on
+        (train.online.teacher served). The tokenizer is probed on the first call."""
+        if not self.probed:
+            self.check_tokenizer()
+            self.probed = True
+
+        def one(i: int) -> list[float]:
+            entries = self.prompt_logprobs(seqs[i], 0, f"sample {i} of {len(seqs)} ({len(seqs[i])} tokens)")
+            return [entries[j - 1][str(seqs[i][j])][0] for j in range(starts[i], len(seqs[i]))]
+
+        with ThreadPoolExecutor(max_workers=self.o.max_concurrency) as pool:
+            return list(pool.map(one, range(len(seqs))))
 
     def score_batches(self, pairs: list[dict[str, Any]], k: int, batch_size: int) -> Iterator[pa.RecordBatch]:
         """records.TOPK_SCHEMA batches of `batch_size` (pair, side) rows, in pair order,

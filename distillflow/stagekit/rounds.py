@@ -186,7 +186,10 @@ def run_round(
     ckpt = checkpoint(src) if checkpoint is not None else None
     scores = stored_topk.load_scores(p, scores_dir)
     rows = trainrun.train(
-        learner, trainrun.job(learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live)
+        learner,
+        trainrun.job(
+            learner, p, e, curriculum, pairs=pairs, scores=scores, checkpoint=ckpt, live=live, score=ri.used["score"]
+        ),
     )
     seconds = {
         "sample": round(sample_seconds, 1),

@@ -17,6 +17,8 @@ from distillflow.audit import lineage, quality
 from distillflow.base import models, records
 from distillflow.base.config import Dtype, ModelParams
 from distillflow.base.io import atomic_dir, digest_path, read_table, write_json
+from distillflow.engines.scoring import ScoreParams
+from distillflow.engines.served import ServedTeacher
 from distillflow.stagekit import modelcard
 from distillflow.training import basics, stored_topk, trainer
 from distillflow.training.checkpoint import Checkpoint, run_key
@@ -31,6 +33,7 @@ TRAIN_SECTIONS: dict[str, Any] = {
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
     "train": TrainParams,
+    "score": ScoreParams,  # its endpoint scores online samples with train.online.teacher served
     "quality": quality.QualityParams,
 }
 
@@ -145,10 +148,14 @@ def job(
     scores: stored_topk.Scores | None,
     checkpoint: Checkpoint | None,
     live: Path | None,
+    score: ScoreParams,
 ) -> trainer.Job:
     """The trainer's job for round `round_index` of `learner`'s models on `pairs` (and,
-    with the topk signal, the teacher's stored `scores`)."""
+    with the topk signal, the teacher's stored `scores`); with train.online.teacher
+    served, the teacher behind `score.openai` scores the samples (engines/served.py)."""
+    served = ServedTeacher(score.openai, learner.tok_s) if p.online.every and p.online.teacher == "served" else None
     return trainer.Job(
+        score_samples=served.token_logprobs if served is not None else None,
         student=learner.student,
         teacher=learner.teacher,
         tok_s=learner.tok_s,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -113,7 +114,11 @@ class OnlineParams:
 
     every: int  # K: optimizer steps between samplings from the current student; 0 = off (the pairs' responses)
     max_new_tokens: int  # the longest response sampled
+    # who scores the samples: model, the teacher model in this process | served, the teacher behind
+    # score.openai (the log-prob of each sampled token only: opd, with teacher_signal topk)
+    teacher: Literal["model", "served"]
 
     def __post_init__(self) -> None:
+        check(self.teacher in ("model", "served"), "teacher", f"must be model or served, got {self.teacher!r}")
         check(self.every >= 0, "every", "must be >= 0 (0 = train on the pairs' stored student responses)")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

@@ -81,3 +81,20 @@ def load_scores(p: TrainParams, scores_dir: Path) -> Scores | None:
     if p.teacher_signal != "topk":
         return None
     return index_scores(read_table(scores_dir / "topk.parquet", records.TOPK_SCHEMA))
+
+
+def over_responses(mask: torch.Tensor, rows: list[list[float]]) -> torch.Tensor:
+    """(B, T) float32: row b's values at the response positions of mask[b], 0 elsewhere."""
+    dense = torch.zeros(mask.shape, dtype=torch.float32)
+    for b, values in enumerate(rows):
+        dense[b, mask[b]] = torch.tensor(values, dtype=torch.float32)
+    return dense
+
+
+def served_topk(batch: encoding.Batch, target: list[list[float]]) -> TopK:
+    """The served teacher's log-prob of each sampled token (train.online.teacher served),
+    laid out over the batch's response positions as the stored signal's target; its
+    top-k is empty (k = 0: opd, the one method this feeds, reads only the target)."""
+    B, T = batch.response_mask.shape
+    empty = torch.zeros((B, T, 0))
+    return TopK(empty.long(), empty, over_responses(batch.response_mask, target))

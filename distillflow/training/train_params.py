@@ -89,10 +89,18 @@ class TrainParams:
             "minillm trains on responses sampled from its teacher-mixed distribution during training: "
             "set train.online.every > 0",
         )
+        served = online and self.online.teacher == "served"
         check(
-            not online or self.teacher_signal == "online",
+            not online or served or self.teacher_signal == "online",
             "teacher_signal",
-            "train.online samples new responses that have no stored scores: set teacher_signal: online",
+            "train.online samples new responses that have no stored scores: set teacher_signal: online, or "
+            "online.teacher: served",
+        )
+        check(
+            not served or (self.method == "opd" and self.teacher_signal == "topk"),
+            "online",
+            "teacher: served scores each sampled token through score.openai, which only opd can train on: set "
+            "method: opd and teacher_signal: topk (no teacher model in the process)",
         )
         check(
             not online or METHODS[self.method].needs_student_samples,

@@ -33,7 +33,7 @@ from distillflow.training.methods import METHODS
 from distillflow.training.methods.distillm2 import AlphaCurriculum
 from distillflow.training.methods.heads import Heads, Side, TopK
 from distillflow.training.methods.method import Method, MicroBatch, Progress
-from distillflow.training.stored_topk import Scores, load_scores, topk_of
+from distillflow.training.stored_topk import Scores, load_scores, over_responses, served_topk, topk_of
 from distillflow.training.summary import LiveLog
 from distillflow.training.train_params import TrainParams, batch_plan, round_seed
 
@@ -66,6 +66,9 @@ class Job:
     checkpoint: Checkpoint | None = None
     on_step: Callable[[int], None] | None = None
     live: Path | None = None
+    # train.online.teacher served: (sequences, prompt lengths) -> the served teacher's log-prob of each
+    # response token (stagekit/trainrun.py builds it from score.openai: engines/served.py)
+    score_samples: Callable[[list[list[int]], list[int]], list[list[float]]] | None = None
 
 
 @dataclass(kw_only=True)
@@ -91,6 +94,7 @@ class Loop:
     start: int = 0
     # train.online: the sampler's log-prob of each token of the responses sampled in this run, by pair
     behaviour: dict[int, list[float]] = field(default_factory=dict)
+    served: dict[int, list[float]] = field(default_factory=dict)  # online.teacher served: log p of each sampled token
     sampled_tokens: int = 0  # response tokens sampled in this run (train.online)
     rows: list[dict[str, float]] = field(default_factory=list)
 
@@ -141,12 +145,7 @@ def side(
     the response positions."""
     if topk is not None:
         topk = TopK(topk.ids.to(device), topk.logprobs.to(device), topk.target.to(device))
-    dense = None
-    if behaviour is not None:
-        dense = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        for row, lps in enumerate(behaviour):
-            dense[row, batch.response_mask[row]] = torch.tensor(lps, dtype=torch.float32)
-        dense = dense.to(device)
+    dense = over_responses(batch.response_mask, behaviour).to(device) if behaviour is not None else None
     return Side(
         s_hidden=s_hidden,
         t_hidden=t_hidden,
@@ -315,10 +314,15 @@ def sides(job: Job, loop: Loop, idx: list[int]) -> tuple[Side, Side, Heads]:
     needed = dict(zip(("chosen", "rejected"), method.sides(loop.params), strict=True))
     topk = {
         name: topk_of(b, [(k, name) for k in keys], scores)
-        if scores is not None and needed[name] and method.needs_teacher != "none"
+        if scores is not None
+        and needed[name]
+        and method.needs_teacher != "none"
+        and not (name == "rejected" and loop.served)
         else None
         for name, b in batches.items()
     }
+    if loop.served and needed["rejected"]:  # the served teacher's log-probs of the samples (opd reads only them)
+        topk["rejected"] = served_topk(batches["rejected"], [loop.served[i] for i in idx])
     dev = job.p.device
     read = [name for name in batches if needed[name]]
     s_hiddens, s_weight, s_bias = loop.forward(
@@ -417,6 +421,12 @@ def resample(job: Job, loop: Loop, step: int) -> None:
         loop.encoded[i] = (prompt, chosen, ids)
         loop.behaviour[i] = lps
         loop.sampled_tokens += len(ids)
+    if p.online.teacher == "served":
+        if job.score_samples is None:
+            raise ValueError("train.online.teacher is served, but the run was given no served teacher (score.openai)")
+        seqs = [loop.encoded[i][0] + loop.encoded[i][2] for i in mine]
+        scored = job.score_samples(seqs, [len(loop.encoded[i][0]) for i in mine])
+        loop.served.update(zip(mine, scored, strict=True))
 
 
 def train(job: Job) -> list[dict[str, float]]:
