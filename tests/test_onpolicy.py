@@ -173,17 +173,26 @@ def test_returns_to_go_against_loops() -> None:
 
 def test_the_sampler_mixes_and_reports_the_log_prob_of_what_it_drew(tiny_models: Path) -> None:
     """The sampler's log-prob of each drawn token is log(a p + (1 - a) q) of the models run
-    on the whole sequence without a cache (the KV-cached path agrees), and a response
-    depends on its own seed only, not on the other prompts sampled beside it."""
+    on the whole sequence, unpadded and without a cache (the left-padded, KV-cached batch
+    agrees), and a response depends on its own seed only, not on the other prompts
+    decoded beside it."""
     student, teacher, tok_s, _ = fresh(tiny_models)
     prompts = [[tok_s.bos_token_id or 1, 5, 6, 7], [tok_s.bos_token_id or 1, 8, 9]]
     vocab = len(tok_s)
     s = onpolicy.Sampler(
-        vocab=vocab, max_new_tokens=10, stop=frozenset({tok_s.eos_token_id}), teacher_mix=0.3, device="cpu"
+        vocab=vocab,
+        max_new_tokens=10,
+        stop=frozenset({tok_s.eos_token_id}),
+        teacher_mix=0.3,
+        device="cpu",
+        pad=tok_s.pad_token_id,
+        batch_size=2,
     )
     both = onpolicy.sample(student, teacher, prompts, [11, 12], s)
-    assert onpolicy.sample(student, teacher, prompts[1:], [12], s) == both[1:]
-    assert onpolicy.sample(student, teacher, prompts[1:], [13], s) != both[1:]
+    alone = onpolicy.sample(student, teacher, prompts[1:], [12], s)[0]  # not padded: floats may differ in the last bits
+    assert alone[0] == both[1][0]
+    torch.testing.assert_close(torch.tensor(alone[1]), torch.tensor(both[1][1]), rtol=1e-5, atol=1e-6)
+    assert onpolicy.sample(student, teacher, prompts[1:], [13], s)[0][0] != both[1][0]
     for prompt, (ids, lps) in zip(prompts, both):
         assert 1 <= len(ids) <= 10 and len(lps) == len(ids)
         full = torch.tensor([prompt + ids])

@@ -4,7 +4,7 @@ next K steps train on, and those responses replace the pairs' stored student res
 (the rejected side) for those steps.
 
     samples = sample(student, teacher, prompts, seeds, Sampler(vocab=V, max_new_tokens=64,
-                     stop={eos}, teacher_mix=0.0, device="cpu"))
+                     stop={eos}, teacher_mix=0.0, device="cpu", pad=pad_id, batch_size=32))
     # one (token ids, the sampler's log-prob of each) per prompt
 
 Each response is drawn token by token at temperature 1 from the student's next-token
@@ -14,8 +14,9 @@ behaviour log-prob MiniLLM's importance weights divide by). Each response has it
 generator seeded from (round seed, step, pair), so the draws do not depend on the batch
 composition, the process count or a resume, and a run is reproducible on CPU.
 
-The student samples in this process, one prompt at a time with its KV cache, between
-optimizer steps: generation does not overlap training here. On a GPU machine the same
+The student samples in this process, `batch_size` prompts at a time (left-padded, KV
+cached, position ids counting each row's real tokens), between optimizer steps:
+generation does not overlap training here. On a GPU machine the same
 hook is where a vLLM engine holding the student's weights (reloaded every K steps) would
 take over; that is not built.
 """
@@ -41,6 +42,8 @@ class Sampler:
     stop: frozenset[int]  # token ids that end a response (kept as its last token)
     teacher_mix: float  # MiniLLM's a: the teacher's share of the sampling distribution
     device: str
+    pad: int  # the id filling a left-padded row (masked out)
+    batch_size: int  # prompts decoded at once
 
 
 def sample_seed(seed: int, step: int, pair: int) -> int:
@@ -48,45 +51,74 @@ def sample_seed(seed: int, step: int, pair: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_033 + pair) & 0x7FFFFFFFFFFF
 
 
-def _next_logits(model: torch.nn.Module, ids: Tensor, cache: object | None) -> tuple[Tensor, object]:
-    """The next-token logits after `ids`, fed on top of `cache`, and the grown cache."""
-    key = models.cache_kwarg(model)
-    out = model(input_ids=ids, use_cache=True, **({key: cache} if cache is not None else {}))
-    return out.logits[0, -1].float(), out[key]
+class Stepper:
+    """One model decoding a batch of left-padded prompts with its KV cache: `logits` (B, V)
+    are the next-token logits of each row. Position ids count each row's real tokens, so
+    a row's positions do not depend on the padding the other rows put before it."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], pad: int, device: str) -> None:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            self.mask[row, width - len(p) :] = 1
+        self.model, self.key, self.device, self.cache = model, models.cache_kwarg(model), device, None
+        self.logits = self.feed(ids)
+
+    def feed(self, ids: Tensor) -> Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        kw = {self.key: self.cache} if self.cache is not None else {}
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **kw,
+        )
+        self.cache = out[self.key]
+        return out.logits[:, -1].float().cpu()
+
+    def step(self, tokens: Tensor, live: Tensor) -> None:
+        """Append one token per row (rows no longer `live` get a masked-out one)."""
+        self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)
+        self.logits = self.feed(tokens[:, None])
 
 
 def mixed_logprobs(s_logits: Tensor, t_logits: Tensor | None, mix: float, vocab: int) -> Tensor:
-    """log of the sampling distribution over the shared vocabulary: log q, or
+    """log of the sampling distribution over the shared vocabulary (last dim): log q, or
     log(a p + (1 - a) q) with the teacher's logits."""
-    log_q = s_logits[:vocab].log_softmax(-1)
+    log_q = s_logits[..., :vocab].log_softmax(-1)
     if t_logits is None or mix == 0.0:
         return log_q
-    log_p = t_logits[:vocab].log_softmax(-1)
+    log_p = t_logits[..., :vocab].log_softmax(-1)
     return torch.logaddexp(math.log(mix) + log_p, math.log1p(-mix) + log_q)
 
 
-def sample_one(
-    student: torch.nn.Module, teacher: torch.nn.Module | None, prompt: list[int], seed: int, s: Sampler
-) -> tuple[list[int], list[float]]:
-    """One response to `prompt`: (token ids, the sampler's log-prob of each)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([prompt], device=s.device)
-    s_logits, s_cache = _next_logits(student, ids, None)
-    t_logits, t_cache = _next_logits(teacher, ids, None) if teacher is not None else (None, None)
-    tokens: list[int] = []
-    logprobs: list[float] = []
+def sample_batch(
+    student: torch.nn.Module, teacher: torch.nn.Module | None, prompts: list[list[int]], seeds: list[int], s: Sampler
+) -> list[tuple[list[int], list[float]]]:
+    """One response per prompt, decoded together: (token ids, the sampler's log-prob of
+    each). Each row draws from its own generator, so its tokens depend on its seed only."""
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    steppers = [Stepper(m, prompts, s.pad, s.device) for m in (student, teacher) if m is not None]
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+    live = torch.ones(len(prompts), dtype=torch.bool)
     for _ in range(s.max_new_tokens):
-        log_mix = mixed_logprobs(s_logits, t_logits, s.teacher_mix, s.vocab)
-        token = int(torch.multinomial(log_mix.exp().cpu(), 1, generator=gen))
-        tokens.append(token)
-        logprobs.append(float(log_mix[token]))
-        if token in s.stop:
+        t_logits = steppers[1].logits if len(steppers) > 1 else None
+        log_mix = mixed_logprobs(steppers[0].logits, t_logits, s.teacher_mix, s.vocab)
+        tokens = torch.full((len(prompts),), s.pad, dtype=torch.long)
+        for row in torch.nonzero(live)[:, 0].tolist():
+            token = int(torch.multinomial(log_mix[row].exp(), 1, generator=gens[row]))
+            tokens[row] = token
+            out[row][0].append(token)
+            out[row][1].append(float(log_mix[row, token]))
+            live[row] = token not in s.stop
+        if not live.any():
             break
-        nxt = torch.tensor([[token]], device=s.device)
-        s_logits, s_cache = _next_logits(student, nxt, s_cache)
-        if teacher is not None:
-            t_logits, t_cache = _next_logits(teacher, nxt, t_cache)
-    return tokens, logprobs
+        for stepper in steppers:
+            stepper.step(tokens, live)
+    return out
 
 
 def sample(
@@ -97,15 +129,19 @@ def sample(
     s: Sampler,
 ) -> list[tuple[list[int], list[float]]]:
     """A response per prompt, from the student's current weights (in eval mode, without
-    gradients; its train/eval mode is restored). `teacher` is only run with a teacher mix."""
+    gradients; its train/eval mode is restored), `s.batch_size` prompts decoded at once.
+    `teacher` is only run with a teacher mix."""
     mixing = teacher if s.teacher_mix > 0.0 else None
     was_training = student.training
     student.eval()
+    out: list[tuple[list[int], list[float]]] = []
     try:
         with torch.no_grad():
-            return [sample_one(student, mixing, pr, seed, s) for pr, seed in zip(prompts, seeds, strict=True)]
+            for i in range(0, len(prompts), s.batch_size):
+                out += sample_batch(student, mixing, prompts[i : i + s.batch_size], seeds[i : i + s.batch_size], s)
     finally:
         student.train(was_training)
+    return out
 
 
 @dataclass(frozen=True)

@@ -413,6 +413,8 @@ def resample(job: Job, loop: Loop, step: int) -> None:
         stop=frozenset(models.stop_ids(job.student, job.tok_s)),
         teacher_mix=mix,
         device=p.device,
+        pad=job.tok_s.pad_token_id,
+        batch_size=p.batch_size,
     )
     prompts = [loop.encoded[i][0] for i in mine]
     seeds = [onpolicy.sample_seed(loop.seed, step, i) for i in mine]
