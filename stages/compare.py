@@ -206,7 +206,7 @@ def train_rounds(
         cost = {
             "optimizer_steps": len(got),
             "sequences": len(pairs) * p.epochs * sides,
-            "tokens": tokens_trained(cell.tok_s, pairs, p),
+            "tokens": tokens_trained(cell.tok_s, pairs, p, train.get("sampled_tokens")),
         }
         records_.append(
             {"round": e, "pairs": len(pairs), "steps": counts, "train": train, "cost": cost, "seconds": seconds}
@@ -317,6 +317,7 @@ def evaluate_and_write(
         "run": args.run,
         "method": run.method,
         "disable": list(run.disable),
+        "online": run.online,
         "rounds": run.rounds,
         "teacher": run.teacher,
         "bootstrap": args.bootstrap,

@@ -11,38 +11,40 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from distillflow.base import io, records
+from distillflow.base import encoding, io, records
 from distillflow.training import cells
 from distillflow.training.train_params import RoundParams
 
-from .builders import gen, pair, prompt, sp, tp
+from .builders import gen, load, pair, prompt, sp, tp
 from .conftest import ROOT
 
 
 def test_run_params_name_the_bad_switch() -> None:
-    assert cells.RunParams("distillm2", ("beta_ramp",), "fresh", "default").disable == ("beta_ramp",)
+    assert cells.RunParams("distillm2", ("beta_ramp",), "fresh", "default", 0).disable == ("beta_ramp",)
     with pytest.raises(ValueError, match=r"disable: unknown switch 'beta'"):
-        cells.RunParams("distillm2", ("beta",), "fresh", "default")
+        cells.RunParams("distillm2", ("beta",), "fresh", "default", 0)
     with pytest.raises(ValueError, match="disable: switches belong to distillm2, not kd"):
-        cells.RunParams("kd", ("contrastive",), "fresh", "default")
+        cells.RunParams("kd", ("contrastive",), "fresh", "default", 0)
 
 
 def test_cell_params_set_method_switches_and_seed_and_keep_the_rounds() -> None:
     base = tp(rounds={"r2": RoundParams("data/train")}, lr=0.02)
     used = {
-        k: getattr(base, k.split(".")[1]) if k.count(".") == 1 else getattr(base.distillm2, k.split(".")[2])
+        k: getattr(base, k.split(".")[1])
+        if k.count(".") == 1
+        else getattr(getattr(base, k.split(".")[1]), k.split(".")[2])
         for k in cells.SHARED_TRAIN
     }
     raw = lambda v: asdict(v) if is_dataclass(v) else {k: raw(x) for k, x in v.items()} if isinstance(v, dict) else v  # noqa: E731
     used = {k: raw(v) for k, v in used.items()}
-    p = cells.cell_params(used, cells.RunParams("distillm2", ("beta_ramp", "adaptive_alpha"), "fresh", "default"), 7)
+    p = cells.cell_params(used, cells.RunParams("distillm2", ("beta_ramp", "adaptive_alpha"), "fresh", "default", 0), 7)
     assert (p.method, p.seed, p.rounds, p.lr) == ("distillm2", 7, {"r2": RoundParams("data/train")}, 0.02)
     assert (p.distillm2.contrastive, p.distillm2.beta_ramp, p.distillm2.adaptive_alpha) == (True, False, False)
     assert p.distillm2.beta == base.distillm2.beta and p.gkd == base.gkd
     assert "train.method" not in cells.SHARED_TRAIN and "train.distillm2.beta_ramp" not in cells.SHARED_TRAIN
     assert "train.launcher" not in cells.SHARED_TRAIN and (p.parallel, p.launcher.kind) == ("ddp", "python")
     with pytest.raises(ValueError, match="train: lr: must be > 0"):
-        cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", (), "fresh", "default"), 1)
+        cells.cell_params({**used, "train.lr": 0.0}, cells.RunParams("kd", (), "fresh", "default", 0), 1)
 
 
 def cell(
@@ -94,7 +96,7 @@ def cell(
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True), out
 
 
-SPEC = {"disable": [], "rounds": "fresh", "teacher": "default"}
+SPEC = {"disable": [], "rounds": "fresh", "teacher": "default", "online": 0}
 
 
 def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_path: Path, taught_models: Path) -> None:
@@ -110,6 +112,7 @@ def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_p
         "disable": ["contrastive"],
         "rounds": "fresh",
         "teacher": "default",
+        "online": 0,
     }
     done, out = cell(tmp_path, taught_models, "ablated", 3, params)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -256,8 +259,6 @@ def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path
     from distillflow.engines import scoring
     from distillflow.stagekit import scorestep
 
-    from .builders import load
-
     params = rounds_setup(tmp_path)
     params["train"]["teacher_signal"] = "topk"
     params["score"].update(k=4, batch_size=8, device="cpu")
@@ -271,3 +272,26 @@ def test_fresh_rounds_score_their_own_pairs_with_the_stored_topk_signal(tmp_path
     assert second["steps"]["score"]["k"] == 4 and second["steps"]["score"]["rows"] == 2 * second["pairs"] > 0
     manifest = json.loads((out / "rounds" / "r2" / "score" / "manifest.json").read_text())
     assert manifest["outputs"]["topk.parquet"]["rows"] == 2 * second["pairs"]
+
+
+def test_an_online_opd_cell_samples_during_training_and_counts_what_it_sampled(
+    tmp_path: Path, taught_models: Path
+) -> None:
+    """compare.runs.<run>.online: the cell trains with train.online.every set; its cost
+    counts the sampled responses' tokens, not the stored ones."""
+    train_pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y") for i in range(8)]
+    io.write_table(tmp_path / "curate" / "curated.parquet", train_pairs, records.PAIR_SCHEMA)
+    evals = [{**prompt(100 + i), "split": "eval"} for i in range(4)]
+    io.write_table(tmp_path / "seed" / "eval.parquet", evals, records.PROMPT_SCHEMA)
+    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    params["train"].update(epochs=1, batch_size=4, checkpoint_every=0)
+    params["evaluate"].update(batch_size=4, max_new_tokens=4, speculative_prompts=2, draft_tokens=2)
+    params["compare"]["runs"]["opd_online"] = {**SPEC, "method": "opd", "online": 1}
+    done, _ = cell(tmp_path, taught_models, "opd_online", 1, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics" / "opd_online-b1-s1.json").read_text())
+    assert (m["method"], m["online"], m["train"]["steps"]) == ("opd", 1, 2)
+    sampled = m["train"]["sampled_tokens"]
+    assert sampled > 0  # two samplings of 4 responses each
+    prompts_tokens = sum(len(encoding.encode_pair(load(taught_models / "student")[1], pr)[0]) for pr in train_pairs)
+    assert m["cost"]["tokens"] == prompts_tokens + sampled and m["cost"]["sequences"] == 8

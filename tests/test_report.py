@@ -31,10 +31,10 @@ from .conftest import ROOT
 BOOTS, SEEDS, P = [1, 2, 3], [1, 2], 60
 CATS = ["add", "sort", "walk"]
 RUNS = {
-    "kd": {"method": "kd", "disable": [], "rounds": "fresh", "teacher": "default"},
-    "distillm2": {"method": "distillm2", "disable": [], "rounds": "fresh", "teacher": "default"},
-    "distillm2_stale": {"method": "distillm2", "disable": [], "rounds": "stale", "teacher": "default"},
-    "dpkd": {"method": "dpkd", "disable": [], "rounds": "fresh", "teacher": "default"},
+    "kd": {"method": "kd", "disable": [], "rounds": "fresh", "teacher": "default", "online": 0},
+    "distillm2": {"method": "distillm2", "disable": [], "rounds": "fresh", "teacher": "default", "online": 0},
+    "distillm2_stale": {"method": "distillm2", "disable": [], "rounds": "stale", "teacher": "default", "online": 0},
+    "dpkd": {"method": "dpkd", "disable": [], "rounds": "fresh", "teacher": "default", "online": 0},
 }
 SKILL = {"kd": 0.55, "distillm2": 0.75, "distillm2_stale": 0.75, "dpkd": 0.05}
 COMPARE = {

@@ -114,7 +114,7 @@ def counterpart(p: CompareParams, name: str) -> str | None:
     """The default run a control run differs from only by its control."""
     run = p.runs[name]
     for other, o in p.runs.items():
-        if control_of(o) is None and (o.method, o.disable) == (run.method, run.disable):
+        if control_of(o) is None and (o.method, o.disable, o.online) == (run.method, run.disable, run.online):
             return other
     return None
 

@@ -218,7 +218,8 @@ def write_trained(out: Path, used: dict[str, Any], m: Models, t: Trained, module
         card = modelcard.model_card(used, metrics, t.src, s_info, t_info, t.round_index)
         (tmp / "model" / "README.md").write_text(card)
         write_json(tmp / "curriculum.json", t.curriculum.state())
-        tokens = tokens_trained(tok_s, t.pairs, p)
+        sampled = t.rows[-1].get("sampled_tokens") if t.rows else None  # train.online
+        tokens = tokens_trained(tok_s, t.pairs, p, None if sampled is None else int(sampled))
         lineage.write_manifest(
             tmp,
             "train",

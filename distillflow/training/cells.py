@@ -30,6 +30,7 @@ class RunParams:
     rounds: Literal["fresh", "stale"]
     # default: the bootstrap teacher | plain: the one trained without corrupted prefixes
     teacher: Literal["default", "plain"]
+    online: int  # train.online.every for this run: K > 0 samples the student every K steps in training; 0 = off
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, "method", f"{self.method!r} is not one of {list(METHODS)}")
@@ -38,6 +39,7 @@ class RunParams:
             "disable",
             f"switches belong to {', '.join(ABLATABLE)}, not {self.method}",
         )
+        check(self.online >= 0, "online", "must be >= 0 (train.online.every; 0 = off)")
         for s in self.disable:
             switches = list(METHODS[self.method].switches)
             check(s in switches, "disable", f"unknown switch {s!r}; {self.method}'s switches are {switches}")
@@ -49,24 +51,28 @@ class RunParams:
 # Listing them one by one keeps DVC from rerunning every cell when train.method changes.
 SECTIONS = {m.params_section: m.switches for m in ABLATABLE.values()}  # train.<section>: its switches
 ONE_PROCESS = {"parallel": "ddp", "launcher": {"kind": "python", "nproc_per_node": 1, "args": []}}
-OWN = ("method", "seed", *ONE_PROCESS, *SECTIONS)
+# train.online: the run sets `every` (RunParams.online), the rest is shared
+PARTLY_OWN = {**SECTIONS, "online": ("every",)}
+OWN = ("method", "seed", *ONE_PROCESS, *PARTLY_OWN)
 SHARED_TRAIN = tuple(f"train.{f.name}" for f in fields(TrainParams) if f.name not in OWN) + tuple(
     f"train.{section}.{f.name}"
-    for section, switches in SECTIONS.items()
+    for section, own in PARTLY_OWN.items()
     for f in fields(get_type_hints(TrainParams)[section])
-    if f.name not in switches
+    if f.name not in own
 )
 
 
 def cell_params(used: dict[str, Any], run: RunParams, seed: int) -> TrainParams:
     """TrainParams from the shared train settings (train.rounds included: a cell runs
-    the default pipeline's E rounds) plus this cell's method, switches and seed;
+    the default pipeline's E rounds) plus this cell's method, switches, online sampling
+    (train.online.every) and seed;
     checked as strictly as the train stage's own."""
     raw: dict[str, Any] = {
         "method": run.method,
         "seed": seed,
         **ONE_PROCESS,  # train.parallel is unused in one process
         **{section: {s: s not in run.disable for s in switches} for section, switches in SECTIONS.items()},
+        "online": {"every": run.online},
     }
     for key in SHARED_TRAIN:
         *parents, leaf = key.split(".")[1:]

@@ -51,15 +51,16 @@ def run_summary(rows: list[dict[str, float]], n_pairs: int, method: str) -> dict
     return out
 
 
-def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams) -> int:
+def tokens_trained(tok: Any, pairs: list[dict[str, Any]], p: TrainParams, sampled: int | None = None) -> int:
     """Tokens the student ran forward on: prompt + chosen for the methods that read the
     teacher's responses, prompt + rejected for those that read the student's, per pair,
-    times epochs."""
+    times epochs. With train.online, `sampled` (the run's `sampled_tokens`, all epochs)
+    takes the place of the stored rejected responses' tokens."""
     method = METHODS[p.method]
     reads_chosen, reads_rejected = method.sides(method.section(p))
     total = 0
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
         total += (len(prompt) + len(chosen)) if reads_chosen else 0
-        total += (len(prompt) + len(rejected)) if reads_rejected else 0
-    return total * p.epochs
+        total += (len(prompt) + (len(rejected) if sampled is None else 0)) if reads_rejected else 0
+    return total * p.epochs + (sampled if sampled is not None and reads_rejected else 0)
