@@ -25,6 +25,10 @@ def test_run_params_name_the_bad_switch() -> None:
         cells.RunParams("distillm2", ("beta",), "fresh", "default", 0)
     with pytest.raises(ValueError, match="disable: switches belong to distillm2, not kd"):
         cells.RunParams("kd", ("contrastive",), "fresh", "default", 0)
+    assert cells.RunParams("opd", (), "fresh", "default", 1).label == "opd (online, every 1 steps)"
+    assert cells.RunParams("opd", (), "fresh", "default", 0).label == "opd"
+    with pytest.raises(ValueError, match=r"online: must be >= 0"):
+        cells.RunParams("opd", (), "fresh", "default", -1)
 
 
 def test_cell_params_set_method_switches_and_seed_and_keep_the_rounds() -> None:
@@ -99,14 +103,21 @@ def cell(
 SPEC = {"disable": [], "rounds": "fresh", "teacher": "default", "online": 0}
 
 
-def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_path: Path, taught_models: Path) -> None:
+def cell_inputs(tmp_path: Path, n_evals: int) -> tuple[list[dict], list[dict], dict]:
+    """A cell's curated pairs (8) and eval prompts (`n_evals`) under `tmp_path`, and the
+    smoke params cut to one short epoch: (pairs, eval prompts, params)."""
     train_pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y") for i in range(8)]
     io.write_table(tmp_path / "curate" / "curated.parquet", train_pairs, records.PAIR_SCHEMA)
-    evals = [{**prompt(100 + i), "split": "eval"} for i in range(6)]
+    evals = [{**prompt(100 + i), "split": "eval"} for i in range(n_evals)]
     io.write_table(tmp_path / "seed" / "eval.parquet", evals, records.PROMPT_SCHEMA)
     params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     params["train"].update(epochs=1, batch_size=4, checkpoint_every=0)
     params["evaluate"].update(batch_size=4, max_new_tokens=4, speculative_prompts=2, draft_tokens=2)
+    return train_pairs, evals, params
+
+
+def test_a_cell_trains_and_evaluates_and_refuses_contaminated_eval_prompts(tmp_path: Path, taught_models: Path) -> None:
+    train_pairs, evals, params = cell_inputs(tmp_path, 6)
     params["compare"]["runs"]["ablated"] = {
         "method": "distillm2",
         "disable": ["contrastive"],
@@ -279,13 +290,7 @@ def test_an_online_opd_cell_samples_during_training_and_counts_what_it_sampled(
 ) -> None:
     """compare.runs.<run>.online: the cell trains with train.online.every set; its cost
     counts the sampled responses' tokens, not the stored ones."""
-    train_pairs = [pair(i, chosen=str(i + 1), rejected=f"{i}y") for i in range(8)]
-    io.write_table(tmp_path / "curate" / "curated.parquet", train_pairs, records.PAIR_SCHEMA)
-    evals = [{**prompt(100 + i), "split": "eval"} for i in range(4)]
-    io.write_table(tmp_path / "seed" / "eval.parquet", evals, records.PROMPT_SCHEMA)
-    params = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
-    params["train"].update(epochs=1, batch_size=4, checkpoint_every=0)
-    params["evaluate"].update(batch_size=4, max_new_tokens=4, speculative_prompts=2, draft_tokens=2)
+    train_pairs, _, params = cell_inputs(tmp_path, 4)
     params["compare"]["runs"]["opd_online"] = {**SPEC, "method": "opd", "online": 1}
     done, _ = cell(tmp_path, taught_models, "opd_online", 1, params)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -34,7 +34,6 @@ from distillflow.evaluation.comparison import (
     control_of,
     counterpart,
 )
-from distillflow.training.cells import RunParams
 
 log = logging.getLogger("report")
 PLAN = "docs/comparison-plan.md"
@@ -226,16 +225,11 @@ def family_lines(r: Results) -> list[str]:
     return [*lines, ""]
 
 
-def method_text(rp: RunParams) -> str:
-    """The run's method as the report names it: with train.online, how often it samples."""
-    return f"{rp.method} (online, every {rp.online} steps)" if rp.online else rp.method
-
-
 def _settings(r: Results, run: str) -> list[str]:
     if run not in r.p.runs:
         return [run, "-", "-", "-"]
     rp = r.p.runs[run]
-    return [run, method_text(rp), ", ".join(rp.disable) or "-", control_of(rp) or "-"]
+    return [run, rp.label, ", ".join(rp.disable) or "-", control_of(rp) or "-"]
 
 
 def means_md(r: Results) -> list[str]:
@@ -436,7 +430,7 @@ def table_csv(r: Results) -> str:
             vals += [f"{x:.6f}" for x in (e.estimate, *e.interval())] if e else ["", "", ""]
         cost = [f"{_cell_mean(r, run, lambda c, k=k: c['cost'][k])[0]:.6f}" for k in COST]
         kl = f"{_cell_mean(r, run, lambda c: c['student']['kl_initial_final'])[0]:.6f}"
-        row = [run, method_text(rp), "+".join(rp.disable), control_of(rp) or "", len(r.p.bootstraps), len(r.p.seeds)]
+        row = [run, rp.label, "+".join(rp.disable), control_of(rp) or "", len(r.p.bootstraps), len(r.p.seeds)]
         w.writerow([*row, *vals, *cost, kl])
     return buf.getvalue()
 

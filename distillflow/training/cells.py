@@ -32,6 +32,11 @@ class RunParams:
     teacher: Literal["default", "plain"]
     online: int  # train.online.every for this run: K > 0 samples the student every K steps in training; 0 = off
 
+    @property
+    def label(self) -> str:
+        """The run's method as the report names it: with train.online, how often it samples."""
+        return f"{self.method} (online, every {self.online} steps)" if self.online else self.method
+
     def __post_init__(self) -> None:
         check(self.method in METHODS, "method", f"{self.method!r} is not one of {list(METHODS)}")
         check(
