@@ -485,3 +485,39 @@ def online_opd_pair(student_dir: Path, teacher_dir: Path, base_url: str, cache: 
             rows = train_run(student, None, tok_s, tok_t, PAIRS, p, scores=stored, score_samples=served.token_logprobs)
         out.append((rows, [q.detach().clone() for q in student.parameters()]))
     return out
+
+
+def same_scores(got: pa.Table, teacher: torch.nn.Module, tok: Any) -> None:
+    """`got`, a top-k table (k = 4) of PAIRS from a served or vLLM-scored teacher, against the
+    same teacher scored in process: the same rows and top-k ids, log-probs within 1e-5."""
+    want = score.run(teacher, tok, PAIRS, sp(4, 3))
+    for col in ("pair_id", "side", "positions", "k", "topk_ids"):
+        assert got.column(col).to_pylist() == want.column(col).to_pylist(), col
+    for col in ("topk_logprobs", "target_logprob"):
+        a, b = (torch.tensor(t.column(col).combine_chunks().flatten().to_numpy()) for t in (got, want))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def toy_bootstrap(root: Path, teacher_width: int, teacher_steps: int, max_positions: int) -> Path:
+    """bootstrap's toy teacher (`teacher_width` wide, 2 heads, `teacher_steps` SFT steps on a
+    small toy task) and a student 16 wide (2 steps) under `root`; returns `root`."""
+    from distillflow.base import config
+
+    task_ = task(max_digits=1, min_len=2, max_len=3, alphabet="abc")
+    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2, examples=0, corrupt_share=0.0)
+    p = config.BootstrapParams(
+        seed=0,
+        max_positions=max_positions,
+        workers=1,
+        packing=True,
+        heldout=8,
+        eval_every=40,
+        max_new_tokens=8,
+        teacher=config.ToyModelParams(
+            hidden_size=teacher_width, intermediate_size=2 * teacher_width, steps=teacher_steps, **size
+        ),
+        student=config.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size),
+    )
+    toy = config.ModelParams("toy", None)
+    bootstrap.run(config.ModelsParams(toy, toy, False, "float32", "none"), task_, p, root)
+    return root

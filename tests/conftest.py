@@ -79,29 +79,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def taught_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_models, but the teacher has had 80 SFT steps on the toy task, so it is
     confident on right answers where the student is not (what adaptive alpha reacts to)."""
-    from distillflow.base import config
-    from distillflow.base.config import ModelParams, ModelsParams
-    from stages import bootstrap
+    from .builders import toy_bootstrap
 
-    from .builders import task as task_params
-
-    root = tmp_path_factory.mktemp("taught_models")
-    task = task_params(max_digits=1, min_len=2, max_len=3, alphabet="abc")
-    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2, examples=0, corrupt_share=0.0)
-    p = config.BootstrapParams(
-        seed=0,
-        max_positions=64,
-        workers=1,
-        packing=True,
-        heldout=8,
-        eval_every=40,
-        max_new_tokens=8,
-        teacher=config.ToyModelParams(hidden_size=32, intermediate_size=64, steps=80, **size),
-        student=config.ToyModelParams(hidden_size=16, intermediate_size=32, steps=2, **size),
-    )
-    toy = ModelParams("toy", None)
-    bootstrap.run(ModelsParams(toy, toy, False, "float32", "none"), task, p, root)
-    return root
+    return toy_bootstrap(tmp_path_factory.mktemp("taught_models"), 32, 80, 64)
 
 
 def copy_repo(dst: Path) -> Path:

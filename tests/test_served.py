@@ -33,7 +33,7 @@ from distillflow.training import stored_topk
 from distillflow.training.onpolicy import OnlineParams
 from stages import score, train
 
-from .builders import NO_ENDPOINT, PAIRS, fresh, load, online_opd_pair, sp, tp, train_run
+from .builders import NO_ENDPOINT, PAIRS, fresh, load, online_opd_pair, same_scores, sp, tp, train_run
 from .conftest import ROOT
 from .openai_server import Server
 
@@ -57,12 +57,8 @@ def test_served_scores_are_the_in_process_scores_and_train_opd(
 ) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
     got = table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s))
+    same_scores(got, teacher, tok_t)
     want = score.run(teacher, tok_t, PAIRS, sp(4, 3))
-    for col in ("pair_id", "side", "positions", "k", "topk_ids"):
-        assert got.column(col).to_pylist() == want.column(col).to_pylist(), col
-    for col in ("topk_logprobs", "target_logprob"):
-        a, b = (torch.tensor(t.column(col).combine_chunks().flatten().to_numpy()) for t in (got, want))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     sent = served.state.requests  # the probe and one request per (pair, side)
     assert sent == 1 + 2 * len(PAIRS)
     assert table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s)).equals(got)

@@ -22,17 +22,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distillflow.base import config
 from distillflow.base.encoding import prompt_ids
 from distillflow.engines.served import ServedTeacher
 from distillflow.training import stored_topk
-from stages import bootstrap, score
 
-from .builders import NO_ENDPOINT, PAIRS, load, online_opd_pair, prompts, sp, tp, train_run
-from .builders import task as task_params
+from .builders import (
+    NO_ENDPOINT,
+    PAIRS,
+    load,
+    online_opd_pair,
+    prompts,
+    same_scores,
+    toy_bootstrap,
+    tp,
+    train_run,
+)
 from .conftest import ROOT
 from .flowkit import free_port, service
 
@@ -46,23 +54,7 @@ pytestmark = pytest.mark.skipif(VLLM is None, reason="DISTILLFLOW_VLLM_PYTHON (t
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bootstrap's toy teacher with head_dim 64 (hidden 128, 2 heads), 60 SFT steps on a
     small toy task, so its greedy answers are text rather than one repeated token."""
-    root = tmp_path_factory.mktemp("vllm")
-    task = task_params(max_digits=1, min_len=2, max_len=3, alphabet="abc")
-    size = dict(num_layers=1, num_heads=2, batch_size=32, lr=0.01, warmup_steps=2, examples=0, corrupt_share=0.0)
-    p = config.BootstrapParams(
-        seed=0,
-        max_positions=256,
-        workers=1,
-        packing=True,
-        heldout=8,
-        eval_every=60,
-        max_new_tokens=8,
-        teacher=config.ToyModelParams(hidden_size=128, intermediate_size=256, steps=60, **size),
-        student=config.ToyModelParams(hidden_size=16, intermediate_size=32, steps=1, **size),
-    )
-    toy = config.ModelParams("toy", None)
-    bootstrap.run(config.ModelsParams(toy, toy, False, "float32", "none"), task, p, root)
-    return root / "teacher"
+    return toy_bootstrap(tmp_path_factory.mktemp("vllm"), 128, 60, 256) / "teacher"
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +90,7 @@ def test_a_vllm_served_teacher_scores_as_the_teacher_in_process_and_trains_opd(
     o = replace(NO_ENDPOINT, base_url=vllm_url, model="tiny-teacher", cache_dir=str(tmp_path / "cache"))
     served = ServedTeacher(o, tok)
     got = pa.Table.from_batches(list(served.score_batches(PAIRS, 4, 3)))
-    want = score.run(teacher, tok, PAIRS, sp(4, 3))
-    for col in ("pair_id", "side", "positions", "k", "topk_ids"):
-        assert got.column(col).to_pylist() == want.column(col).to_pylist(), col
-    for col in ("topk_logprobs", "target_logprob"):
-        a, b = (torch.tensor(t.column(col).combine_chunks().flatten().to_numpy()) for t in (got, want))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    same_scores(got, teacher, tok)
     assert served.requests == 1 + 2 * len(PAIRS)  # the tokenizer probe, then one per (pair, side)
 
     student, tok_s = load(tiny_models / "student")  # the toy tokenizer, as the served teacher's
@@ -121,13 +108,9 @@ def test_a_vllm_served_teacher_scores_as_the_teacher_in_process_and_trains_opd(
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
-def vllm_generate(teacher_dir: Path, work: Path, prompts: list[dict], **params: object) -> list[dict]:
-    """GENERATION_SCHEMA rows from distillflow's vLLM engine, run in the vLLM environment."""
-    request, out = work / "request.json", work / "rows.json"
-    fields = {"engine": "vllm", "batch_size": 8, "tensor_parallel_size": 1, "device": "cpu", **params}
-    request.write_text(
-        json.dumps({"model_dir": str(teacher_dir), "params": fields, "prompts": prompts, "fingerprint": "tiny"})
-    )
+def run_worker(request: dict, work: Path, out_name: str) -> Path:
+    """tests/vllm_worker.py on `request` in the vLLM environment; the file it wrote."""
+    (work / "request.json").write_text(json.dumps(request))
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -136,7 +119,7 @@ def vllm_generate(teacher_dir: Path, work: Path, prompts: list[dict], **params: 
         "PYTHONPATH": str(ROOT),
     }
     done = subprocess.run(
-        [str(VLLM), str(ROOT / "tests" / "vllm_worker.py"), str(request), str(out)],
+        [str(VLLM), str(ROOT / "tests" / "vllm_worker.py"), str(work / "request.json"), str(work / out_name)],
         env=env,
         capture_output=True,
         text=True,
@@ -144,7 +127,23 @@ def vllm_generate(teacher_dir: Path, work: Path, prompts: list[dict], **params: 
     )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-4000:])
-    return json.loads(out.read_text())
+    return work / out_name
+
+
+def vllm_generate(teacher_dir: Path, work: Path, prompts: list[dict], **params: object) -> list[dict]:
+    """GENERATION_SCHEMA rows from distillflow's vLLM engine, run in the vLLM environment."""
+    fields = {"engine": "vllm", "batch_size": 8, "tensor_parallel_size": 1, "device": "cpu", **params}
+    request = {"mode": "generate", "model_dir": str(teacher_dir), "params": fields, "prompts": prompts}
+    return json.loads(run_worker(request, work, "rows.json").read_text())
+
+
+def test_vllm_offline_scores_as_the_teacher_in_process(teacher_dir: Path, tmp_path: Path) -> None:
+    """score.engine vllm (engines/vllm_scoring.py): vLLM's offline engine with
+    prompt_logprobs gives the in-process scores (top-k ids equal, log-probs within 1e-5)."""
+    request = {"mode": "score", "model_dir": str(teacher_dir), "pairs": PAIRS, "k": 4, "batch_size": 3}
+    got = pq.read_table(run_worker(request, tmp_path, "topk.parquet"))
+    teacher, tok = load(teacher_dir)
+    same_scores(got, teacher, tok)
 
 
 def test_the_vllm_engine_generates_what_its_params_say(teacher_dir: Path, tmp_path: Path) -> None:

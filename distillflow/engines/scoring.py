@@ -42,15 +42,15 @@ class ScoreParams:
     k: int  # 0 = off
     batch_size: int  # responses per teacher forward pass (transformers); (pair, side) rows per record batch
     device: Device  # cpu | cuda: where the teacher runs (transformers)
-    # transformers: the teacher model (models.teacher) in this process | openai: a teacher served behind an
+    # transformers: the teacher model (models.teacher) in this process | vllm: the same model loaded by vLLM's
+    # offline engine (prompt_logprobs; device: the vLLM build's) | openai: a teacher served behind an
     # OpenAI-compatible completions endpoint that returns prompt_logprobs (vLLM), sharing the student's tokenizer
-    engine: Literal["transformers", "openai"]
+    engine: Literal["transformers", "vllm", "openai"]
     openai: OpenAIParams  # the served teacher's endpoint (engine openai): distillflow/engines/served.py
 
     def __post_init__(self) -> None:
-        check(
-            self.engine in ("transformers", "openai"), "engine", f"must be transformers or openai, got {self.engine!r}"
-        )
+        engines = ("transformers", "vllm", "openai")
+        check(self.engine in engines, "engine", f"must be one of {list(engines)}, got {self.engine!r}")
         check(
             self.engine != "openai" or (self.openai.base_url is not None and self.openai.model is not None),
             "openai",

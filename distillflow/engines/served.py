@@ -80,19 +80,7 @@ class ServedTeacher(Endpoint):
                 "sent (vLLM's prompt_logprobs); chat endpoints and APIs without it cannot score tokens they did not "
                 "generate"
             )
-        if len(got) != len(ids):
-            raise DataError(f"{where}: {len(got)} prompt_logprobs entries for {len(ids)} prompt tokens")
-        out = []
-        for j, entry in enumerate(got[1:], start=1):
-            if not isinstance(entry, dict) or str(ids[j]) not in entry:
-                raise DataError(
-                    f"{where}: position {j}: the endpoint's entry does not hold the token we sent ({ids[j]}): "
-                    "the echoed tokens differ from ours"
-                )
-            out.append(
-                {str(t): [float(v["logprob"]), int(v["rank"]), v.get("decoded_token")] for t, v in entry.items()}
-            )
-        return {"prompt_logprobs": out}
+        return {"prompt_logprobs": checked_entries(got, ids, where)}
 
     def check_tokenizer(self) -> None:
         """The probe: each token of PROBE, echoed, decodes to what our tokenizer says."""
@@ -109,27 +97,10 @@ class ServedTeacher(Endpoint):
                     )
                 )
 
-    def top_k(self, entries: list[dict[str, Any]], ids: list[int], start: int, k: int, what: str) -> tuple:
-        """(top-k ids (n, k), their log-probs (n, k), target log-probs (n,)) at positions start.. of ids."""
-        n = len(ids) - start
-        top_ids, top_lps, target = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros(n, np.float32)
-        for row, j in enumerate(range(start, len(ids))):
-            entry = entries[j - 1]
-            ranked = sorted(((v[0], int(t)) for t, v in entry.items() if v[1] <= k), reverse=True)
-            values = [lp for lp, _ in ranked] + [entry[str(ids[j])][0]]
-            if len(ranked) != k or not all(math.isfinite(v) for v in values):
-                raise DataError(
-                    self.where(f"{what}, position {j}: {len(ranked)} ranked entries (k = {k}) or a non-finite log-prob")
-                )
-            top_ids[row] = [t for _, t in ranked]
-            top_lps[row] = [lp for lp, _ in ranked]
-            target[row] = entry[str(ids[j])][0]
-        return top_ids, top_lps, target
-
     def score_one(self, key: tuple[str, str], prompt: list[int], response: list[int], k: int) -> tuple:
         what = f"pair {key[0]} ({key[1]})"
         ids = prompt + response
-        return self.top_k(self.prompt_logprobs(ids, k, what), ids, len(prompt), k, what)
+        return top_k(self.prompt_logprobs(ids, k, what), ids, len(prompt), k, self.where(what))
 
     def token_logprobs(self, seqs: list[list[int]], starts: list[int]) -> list[list[float]]:
         """The teacher's log-prob of each token of seqs[i] from starts[i] on (a sampled
@@ -153,19 +124,67 @@ class ServedTeacher(Endpoint):
         if k > len(self.tok):
             raise DataError(f"score.k: {k} is larger than the vocabulary ({len(self.tok)} tokens)")
         self.check_tokenizer()
-        seqs = []
-        for pr in pairs:
-            prompt, chosen, rejected = encoding.encode_pair(self.tok, pr)
-            seqs += [((pr["pair_id"], "chosen"), prompt, chosen), ((pr["pair_id"], "rejected"), prompt, rejected)]
+        seqs = pair_sequences(self.tok, pairs)
         with ThreadPoolExecutor(max_workers=self.o.max_concurrency) as pool:
             for s in range(0, len(seqs), batch_size):
                 chunk = seqs[s : s + batch_size]
-                scored = list(pool.map(lambda c: self.score_one(c[0], c[1], c[2], k), chunk))
-                yield to_record_batch(
-                    [c[0] for c in chunk],
-                    np.array([len(c[2]) for c in chunk], dtype=np.int32),
-                    k,
-                    np.concatenate([x[0] for x in scored]) if scored else np.zeros((0, k), np.int32),
-                    np.concatenate([x[1] for x in scored]) if scored else np.zeros((0, k), np.float32),
-                    np.concatenate([x[2] for x in scored]) if scored else np.zeros(0, np.float32),
-                )
+                yield record_batch(chunk, list(pool.map(lambda c: self.score_one(c[0], c[1], c[2], k), chunk)), k)
+
+
+def checked_entries(got: list[Any], ids: list[int], where: str) -> list[dict[str, Any]]:
+    """vLLM's prompt_logprobs of the prompt `ids` (None, then per position a dict of token id
+    -> {logprob, rank, decoded_token}), checked to hold one entry per token and the token
+    sent at each: per position 1.., {str(token id): [logprob, rank, decoded_token]}."""
+    if len(got) != len(ids):
+        raise DataError(f"{where}: {len(got)} prompt_logprobs entries for {len(ids)} prompt tokens")
+    out = []
+    for j, entry in enumerate(got[1:], start=1):
+        if not isinstance(entry, dict) or str(ids[j]) not in entry:
+            raise DataError(
+                f"{where}: position {j}: the entry does not hold the token we sent ({ids[j]}): "
+                "the echoed tokens differ from ours"
+            )
+        out.append({str(t): [float(v["logprob"]), int(v["rank"]), v.get("decoded_token")] for t, v in entry.items()})
+    return out
+
+
+def top_k(entries: list[dict[str, Any]], ids: list[int], start: int, k: int, where: str) -> tuple:
+    """(top-k ids (n, k), their log-probs (n, k), target log-probs (n,)) at positions start..
+    of `ids`, from checked_entries: the k entries ranked 1..k, in descending log-prob."""
+    n = len(ids) - start
+    top_ids, top_lps, target = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros(n, np.float32)
+    for row, j in enumerate(range(start, len(ids))):
+        entry = entries[j - 1]
+        ranked = sorted(((v[0], int(t)) for t, v in entry.items() if v[1] <= k), reverse=True)
+        values = [lp for lp, _ in ranked] + [entry[str(ids[j])][0]]
+        if len(ranked) != k or not all(math.isfinite(v) for v in values):
+            raise DataError(f"{where}, position {j}: {len(ranked)} ranked entries (k = {k}) or a non-finite log-prob")
+        top_ids[row] = [t for _, t in ranked]
+        top_lps[row] = [lp for lp, _ in ranked]
+        target[row] = entry[str(ids[j])][0]
+    return top_ids, top_lps, target
+
+
+Sequence = tuple[tuple[str, str], list[int], list[int]]  # ((pair_id, side), prompt ids, response ids)
+
+
+def pair_sequences(tok: Any, pairs: list[dict[str, Any]]) -> list[Sequence]:
+    """Every (pair, side) to score, in pair order, chosen before rejected, encoded as the
+    trainer encodes them."""
+    seqs: list[Sequence] = []
+    for pr in pairs:
+        prompt, chosen, rejected = encoding.encode_pair(tok, pr)
+        seqs += [((pr["pair_id"], "chosen"), prompt, chosen), ((pr["pair_id"], "rejected"), prompt, rejected)]
+    return seqs
+
+
+def record_batch(chunk: list[Sequence], scored: list[tuple], k: int) -> pa.RecordBatch:
+    """One records.TOPK_SCHEMA batch of the scored sequences (top_k's tuples)."""
+    return to_record_batch(
+        [c[0] for c in chunk],
+        np.array([len(c[2]) for c in chunk], dtype=np.int32),
+        k,
+        np.concatenate([x[0] for x in scored]) if scored else np.zeros((0, k), np.int32),
+        np.concatenate([x[1] for x in scored]) if scored else np.zeros((0, k), np.float32),
+        np.concatenate([x[2] for x in scored]) if scored else np.zeros(0, np.float32),
+    )

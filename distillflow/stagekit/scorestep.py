@@ -19,6 +19,7 @@ from distillflow.engines import scoring
 from distillflow.engines.openai_engine import endpoint_fingerprint
 from distillflow.engines.scoring import ScoreParams
 from distillflow.engines.served import ServedTeacher
+from distillflow.engines.vllm_scoring import VllmTeacher
 from distillflow.stagekit.writer import Writer
 
 SCORE_SECTIONS: dict[str, Any] = {
@@ -39,7 +40,8 @@ def teacher_loader(
     score: ScoreParams,
 ) -> Callable[[], tuple[Any, Any]]:
     """A function giving (the scorer, its tokenizer) for write_scores: the teacher model
-    (ref, folder) on `score.device` and its tokenizer, or with `score.engine: openai` the
+    (ref, folder) on `score.device` and its tokenizer (`score.engine: vllm`: loaded by
+    vLLM's offline engine, engines/vllm_scoring.py), or with `score.engine: openai` the
     served teacher (engines/served.py) and the student's tokenizer, which the endpoint
     must share."""
 
@@ -47,8 +49,11 @@ def teacher_loader(
         if score.engine == "openai":
             tok = models.load_tokenizer(*student, trust)
             return ServedTeacher(score.openai, tok), tok
-        model = models.load_model(*teacher, trust, dtype).to(score.device)
-        return model, models.load_tokenizer(*teacher, trust)
+        tok = models.load_tokenizer(*teacher, trust)
+        if score.engine == "vllm":
+            where, revision = models.resolve(*teacher)
+            return VllmTeacher(where, revision, tok, score.device, dtype, trust), tok
+        return models.load_model(*teacher, trust, dtype).to(score.device), tok
 
     return load
 
@@ -110,7 +115,7 @@ def write_scores(
     if load is not None:
         teacher, tok = load()
         vocab = len(tok)  # ids past the tokenizer are head padding, never real tokens
-        if isinstance(teacher, ServedTeacher):  # score.engine: openai
+        if isinstance(teacher, ServedTeacher | VllmTeacher):  # score.engine: openai or vllm
             batches = teacher.score_batches(pairs, p.k, p.batch_size)
         else:
             batches = scoring.score_batches(teacher, tok, pairs, p)
