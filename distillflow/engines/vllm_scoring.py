@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from distillflow.base.io import DataError
-from distillflow.engines.generation import check_vllm_device
+from distillflow.engines.generation import open_llm
 from distillflow.engines.served import checked_entries, pair_sequences, record_batch, top_k
 
 
@@ -29,20 +29,8 @@ class VllmTeacher:
     """A local teacher scored by vLLM's offline engine."""
 
     def __init__(self, where: str, revision: str | None, tok: Any, device: str, dtype: str, trust: bool) -> None:
-        from vllm import LLM  # optional extra: imported only when chosen
-
-        check_vllm_device(device)
         self.tok, self.where = tok, where
-        self.llm = LLM(
-            model=where,
-            revision=revision,
-            tokenizer=where,
-            tokenizer_revision=revision,
-            dtype=dtype,
-            seed=0,
-            trust_remote_code=trust,
-            generation_config="vllm",
-        )
+        self.llm = open_llm(where, revision, dtype, device, trust, seed=0, tensor_parallel_size=1)
 
     def score_batches(self, pairs: list[dict[str, Any]], k: int, batch_size: int) -> Iterator[pa.RecordBatch]:
         """records.TOPK_SCHEMA batches of `batch_size` (pair, side) rows, in pair order,
