@@ -632,15 +632,14 @@ def ref_on_policy(name: str, x: MicroBatch, p: object) -> Tensor:
                 to_go = sum(p.discount ** (j - i) * cost[j] for j in range(i, len(pos)))
                 terms.append(to_go * lq[i])
             else:
-                w = math.exp(float(lq[i]) - float(r.behaviour[b, t]))
+                w = math.exp(float(lq[i].detach()) - float(r.behaviour[b, t]))
                 later = [-c for c in cost[i + 1 :]]
                 future = sum(later) / len(later) if later else 0.0
                 kl = (lq_all[b, t].exp() * (lq_all[b, t] - lp_all[b, t])).sum()
                 terms.append(w * kl - w * future * lq[i])
         per_seq.append(terms)
-    if x.heads.reduction == "token_mean":
-        return sum(sum(ts) for ts in per_seq) / sum(len(ts) for ts in per_seq)
-    return sum(sum(ts) / len(ts) for ts in per_seq if ts) / sum(1 for ts in per_seq if ts)
+    # a sum per response, a mean over responses, whatever train.reduction says
+    return sum(sum(ts) for ts in per_seq if ts) / sum(1 for ts in per_seq if ts)
 
 
 def formula(name: str, x: MicroBatch, p: object) -> Tensor:
@@ -674,11 +673,11 @@ def formula(name: str, x: MicroBatch, p: object) -> Tensor:
         lp, _ = h.token_logprobs(r, teacher=True)
         cost = lq.detach() - lp
         if name == "opd":
-            return L.reduce_tokens(L.returns_to_go(cost, seq, B, p.discount) * lq, seq, B, h.reduction)
+            return L.reduce_tokens(L.returns_to_go(cost, seq, B, p.discount) * lq, seq, B, "sequence_sum")
         w = torch.exp(lq.detach() - r.behaviour[r.mask])
         future = L.returns_to_go(-cost, seq, B, 1.0, future_mean=True)
         kl = h.token_reverse_kl(r)  # chunked from the hidden states (its float64 check: ref_on_policy)
-        return L.reduce_tokens(w * kl - w * future * lq, seq, B, h.reduction)
+        return L.reduce_tokens(w * kl - w * future * lq, seq, B, "sequence_sum")
     assert name == "dpkd"
     lq_t, lq_s = h.seq_logprob(c, teacher=False), h.seq_logprob(r, teacher=False)
     return L.dpkd_loss(lq_t, lq_s, h.seq_logprob(c, teacher=True), h.seq_logprob(r, teacher=True), p.beta_d)

@@ -28,9 +28,15 @@ from distillflow.training.onpolicy import OnlineParams
 
 from .builders import PAIRS, fresh, tp, train_run
 
-V, L = 3, 3
-SEQS = [list(s) for s in itertools.product(range(V), repeat=L)]
+V, L, EOS = 3, 3, 2
 PREFIXES = [pre for n in range(L) for pre in itertools.product(range(V), repeat=n)]  # every proper prefix
+# every complete response: it ends at EOS, or at L tokens; so lengths 1..L, as sampled responses' are
+SEQS = [
+    list(s)
+    for n in range(1, L + 1)
+    for s in itertools.product(range(V), repeat=n)
+    if EOS not in s[:-1] and (s[-1] == EOS or n == L)
+]
 
 
 def table(seed: int) -> torch.Tensor:
@@ -78,8 +84,8 @@ def batch_of(q: torch.Tensor, p: torch.Tensor, seq: list[int], behaviour: torch.
 def expected_gradient(
     method: str, params: object, q: torch.Tensor, p: torch.Tensor, seqs: list[list[int]], mix: float = 0.0
 ) -> torch.Tensor:
-    """sum over responses y of sampler(y) * d/dq [len(y) * loss(y)]: the method's gradient
-    in expectation over the sampler a p + (1 - a) q (a = mix), token sums per response."""
+    """sum over responses y of sampler(y) * d/dq loss(y): the method's gradient in
+    expectation over the sampler a p + (1 - a) q (a = mix)."""
     with torch.no_grad():
         sampler = (
             torch.logaddexp(math.log(mix) + p.log_softmax(-1), math.log1p(-mix) + q.log_softmax(-1))
@@ -90,7 +96,7 @@ def expected_gradient(
     for seq in seqs:
         behaviour = torch.stack([sampler[PREFIXES.index(tuple(seq[:t])), y] for t, y in enumerate(seq)])
         loss, _ = METHODS[method].loss(batch_of(q, p, seq, behaviour[None].float()), params)
-        total = total + float(behaviour.sum().exp()) * len(seq) * loss
+        total = total + float(behaviour.sum().exp()) * loss
     (grad,) = torch.autograd.grad(total, q)
     return grad
 
@@ -100,11 +106,13 @@ def sequence_reverse_kl(q: torch.Tensor, p: torch.Tensor, seqs: list[list[int]])
 
 
 def stepwise_reverse_kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """sum over prefixes y<t of q(y<t), held fixed, times KL(q(.|y<t) || p(.|y<t))."""
+    """sum over the prefixes y<t a response can have (no EOS in them) of q(y<t), held
+    fixed, times KL(q(.|y<t) || p(.|y<t))."""
     lq, lp = q.log_softmax(-1), p.log_softmax(-1)
     kl = (lq.exp() * (lq - lp)).sum(-1)  # per prefix
     reach = [
-        math.exp(sum(float(lq.detach()[PREFIXES.index(pre[:t]), y]) for t, y in enumerate(pre))) for pre in PREFIXES
+        0.0 if EOS in pre else math.exp(sum(float(lq.detach()[PREFIXES.index(pre[:t]), y]) for t, y in enumerate(pre)))
+        for pre in PREFIXES
     ]
     return sum(w * kl[i] for i, w in enumerate(reach))
 
@@ -142,14 +150,17 @@ def test_minillm_without_mixing_is_the_sequence_reverse_kl_gradient(tables: tupl
     assert not torch.allclose(normalised, want, atol=1e-3)
 
 
-def test_minillm_teacher_mixed_samples_are_reweighted_to_the_student(tables: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Sampled from a p + (1 - a) q and weighted by q / p~, one-token responses (where the
-    single-step weight is the exact sequence ratio) give the reverse-KL gradient."""
+def test_minillm_weighs_each_token_by_the_student_over_the_sampler(tables: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The importance weight of a sampled token is q(y) / p~(y), p~ the sampler's
+    (teacher-mixed) probability: what its logged mean weight is on one-token responses."""
     q, p = tables
-    one = [[y] for y in range(V)]
-    got = expected_gradient("minillm", MiniLLMParams(0.4, length_norm=True), q, p, one, mix=0.4)
-    (want,) = torch.autograd.grad(sequence_reverse_kl(q, p, one), q)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    mix = 0.4
+    sampler = torch.logaddexp(math.log(mix) + p.log_softmax(-1), math.log1p(-mix) + q.log_softmax(-1)).detach()
+    for y in range(V):
+        behaviour = sampler[0, y].reshape(1, 1).float()
+        _, logs = METHODS["minillm"].loss(batch_of(q, p, [y], behaviour), MiniLLMParams(mix, True))
+        want = float(q.detach().log_softmax(-1)[0, y].exp() / sampler[0, y].exp())
+        assert logs["weight"] == pytest.approx(want, rel=1e-6)
 
 
 def test_returns_to_go_against_loops() -> None:

@@ -58,11 +58,13 @@ class ServedTeacher(Endpoint):
     def where(self, what: str) -> str:
         return f"score.openai ({self.o.base_url}, model {self.o.model}), {what}"
 
-    def prompt_logprobs(self, ids: list[int], k: int, what: str) -> list[dict[str, Any]]:
+    def prompt_logprobs(self, ids: list[int], k: int, what: str, cache: bool = True) -> list[dict[str, Any]]:
         """Per position 1..len(ids)-1, the endpoint's entries {token id: (logprob, rank,
-        decoded_token)} for the token there: cached, retried, checked."""
+        decoded_token)} for the token there: retried, checked, and (`cache`) cached."""
         body = {"model": self.o.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
         where = self.where(what)
+        if not cache:
+            return self.parse(self.request(where, body, self.send), ids, where)["prompt_logprobs"]
         answer = self.cached(where, body, self.send, lambda r: self.parse(r, ids, where))
         return answer["prompt_logprobs"]
 
@@ -83,12 +85,19 @@ class ServedTeacher(Endpoint):
         return {"prompt_logprobs": checked_entries(got, ids, where)}
 
     def check_tokenizer(self) -> None:
-        """The probe: each token of PROBE, echoed, decodes to what our tokenizer says."""
+        """The probe: each token of PROBE, echoed, decodes to what our tokenizer says. Sent
+        past the cache, every time: the model behind an endpoint can change."""
         ids = self.tok(PROBE, add_special_tokens=False)["input_ids"]
-        entries = self.prompt_logprobs(ids, 1, "tokenizer probe")
+        entries = self.prompt_logprobs(ids, 1, "tokenizer probe", cache=False)
         for j, entry in enumerate(entries, start=1):
             theirs, ours = entry[str(ids[j])][2], self.tok.decode([ids[j]])
-            if theirs is not None and theirs != ours:
+            if theirs is None:
+                raise DataError(
+                    self.where(
+                        f"tokenizer probe: position {j} has no decoded_token, so the tokenizer cannot be checked"
+                    )
+                )
+            if theirs != ours:
                 raise DataError(
                     self.where(
                         f"tokenizer probe: token id {ids[j]} is {theirs!r} at the endpoint and {ours!r} here: the "
@@ -112,8 +121,12 @@ class ServedTeacher(Endpoint):
             self.probed = True
 
         def one(i: int) -> list[float]:
-            entries = self.prompt_logprobs(seqs[i], 0, f"sample {i} of {len(seqs)} ({len(seqs[i])} tokens)")
-            return [entries[j - 1][str(seqs[i][j])][0] for j in range(starts[i], len(seqs[i]))]
+            what = f"sample {i} of {len(seqs)} ({len(seqs[i])} tokens)"
+            entries = self.prompt_logprobs(seqs[i], 0, what)
+            got = [entries[j - 1][str(seqs[i][j])][0] for j in range(starts[i], len(seqs[i]))]
+            if not all(math.isfinite(v) for v in got):
+                raise DataError(self.where(f"{what}: a non-finite log-prob"))
+            return got
 
         with ThreadPoolExecutor(max_workers=self.o.max_concurrency) as pool:
             return list(pool.map(one, range(len(seqs))))

@@ -12,7 +12,8 @@ distribution q, or with `teacher_mix` a > 0 from MiniLLM's mix a p + (1 - a) q w
 teacher p, and the log-prob of each drawn token under that distribution is kept (the
 behaviour log-prob MiniLLM's importance weights divide by). Each response has its own
 generator seeded from (round seed, step, pair), so the draws do not depend on the batch
-composition, the process count or a resume, and a run is reproducible on CPU.
+composition, the process count or a resume (up to float rounding: left padding changes
+logits in the last bits), and a run is reproducible on CPU.
 
 The student samples in this process, `batch_size` prompts at a time (left-padded, KV
 cached, position ids counting each row's real tokens), between optimizer steps:

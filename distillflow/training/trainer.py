@@ -418,11 +418,13 @@ def resample(job: Job, loop: Loop, step: int) -> None:
     )
     prompts = [loop.encoded[i][0] for i in mine]
     seeds = [onpolicy.sample_seed(loop.seed, step, i) for i in mine]
+    drawn = 0
     for i, (ids, lps) in zip(mine, onpolicy.sample(job.student, job.teacher, prompts, seeds, sampler), strict=True):
         prompt, chosen, _ = loop.encoded[i]
         loop.encoded[i] = (prompt, chosen, ids)
         loop.behaviour[i] = lps
-        loop.sampled_tokens += len(ids)
+        drawn += len(ids)
+    loop.sampled_tokens += int(distributed.sum_floats([float(drawn)])[0])  # every process's samples
     if p.online.teacher == "served":
         if job.score_samples is None:
             raise ValueError("train.online.teacher is served, but the run was given no served teacher (score.openai)")

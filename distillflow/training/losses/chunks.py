@@ -175,8 +175,10 @@ def reduce_tokens(per_token: Tensor, seq_ids: Tensor | None, num_seqs: int, redu
         return per_token
     if reduction == "token_mean":
         return per_token.sum() / per_token.shape[0]
-    assert seq_ids is not None, "sequence_mean needs sequence ids"
+    assert seq_ids is not None, f"{reduction} needs sequence ids"
     sums = per_token.new_zeros(num_seqs).index_add(0, seq_ids, per_token)
     counts = torch.bincount(seq_ids, minlength=num_seqs)
     present = counts > 0
+    if reduction == "sequence_sum":  # a sum per sequence, then a mean over sequences (the policy-gradient losses)
+        return sums[present].mean()
     return (sums[present] / counts[present].to(per_token.dtype)).mean()

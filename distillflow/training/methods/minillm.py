@@ -9,10 +9,13 @@ p~ is the sampler's stored log-prob, `Side.behaviour`), both detached:
     single step:  w_t * KL(q(.|y<t) || p(.|y<t))            exact over the vocabulary
     long term:    -w_t * R_{t+1} * log q(y_t),   R_{t+1} = mean of r_s over s > t
 
-(the long-term reward length-normalised, as the paper's R^Norm). At a = 0 the weights are
-1 and, without the normalisation, the expected gradient is the sequence-level reverse-KL
-gradient: tests/test_onpolicy.py checks that by enumeration. Not included: the paper's
-PPO ratio clipping and its pre-training language-modelling loss L_PT.
+(the long-term reward length-normalised, as the paper's R^Norm), summed over each
+response's tokens and averaged over responses, whatever `train.reduction` says (as
+opd's). At a = 0 the weights are 1 (up to float rounding, dropout and autocast between
+the sampler and the training forward) and, without the normalisation, the expected
+gradient is the sequence-level reverse-KL gradient: tests/test_onpolicy.py checks that
+by enumeration. Not included: the paper's PPO ratio clipping and its pre-training
+language-modelling loss L_PT.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def loss(x: MicroBatch, p: MiniLLMParams) -> Result:
             future = losses.returns_to_go(reward, seq, n_seqs, 1.0) - reward
     step_kl = heads.token_reverse_kl(side)
     per_token = weight * step_kl - weight * future * lq
-    total = losses.reduce_tokens(per_token, seq, n_seqs, heads.reduction)
+    total = losses.reduce_tokens(per_token, seq, n_seqs, "sequence_sum")  # as opd's: a sum per response
     return total, {
-        "reverse_kl": float(losses.reduce_tokens(step_kl.detach(), seq, n_seqs, heads.reduction)),
+        "reverse_kl": float(losses.reduce_tokens(step_kl.detach(), seq, n_seqs, "sequence_sum")),
         "weight": float(weight.mean()),
     }
 

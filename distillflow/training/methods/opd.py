@@ -5,7 +5,10 @@ G_t = sum_{s >= t} discount^(s - t) c_s. Only the teacher's log-prob of each sam
 is read, so the teacher can be the stored top-k's target log-probs (the score stage) as
 well as the model run alongside.
 
-In expectation over y ~ q the gradient is the exact gradient of the per-step reverse KL,
+The loss is a sum over each response's tokens and a mean over responses, whatever
+`train.reduction` says: dividing by a response's own length, which depends on the
+sampled tokens, would bias the gradient. In expectation over y ~ q (responses ending at
+their stop token or at the length limit) the gradient is the exact gradient of the per-step reverse KL,
 sum_t E_{y<t}[KL(q(.|y<t) || p(.|y<t))] with the prefixes' distribution held fixed, at
 discount 0 (the usual on-policy distillation advantage), and of the sequence-level
 KL(q || p) at discount 1 (the REINFORCE reward-to-go); tests/test_onpolicy.py checks both
@@ -42,8 +45,9 @@ def loss(x: MicroBatch, p: OPDParams) -> Result:
         to_go = losses.returns_to_go(cost, seq, side.mask.shape[0], p.discount)
     if lq.shape[0] == 0:
         return side.s_hidden.sum() * 0.0, {"reverse_kl": 0.0}
-    total = losses.reduce_tokens(to_go * lq, seq, side.mask.shape[0], x.heads.reduction)
-    return total, {"reverse_kl": float(losses.reduce_tokens(cost, seq, side.mask.shape[0], x.heads.reduction))}
+    # a sum per response (not a mean: a response's length depends on what was sampled), a mean over responses
+    total = losses.reduce_tokens(to_go * lq, seq, side.mask.shape[0], "sequence_sum")
+    return total, {"reverse_kl": float(losses.reduce_tokens(cost, seq, side.mask.shape[0], "sequence_sum"))}
 
 
 OPD = Method(
