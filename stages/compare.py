@@ -379,6 +379,7 @@ def main() -> None:
     run: RunParams = used[f"compare.runs.{args.run}"]
     # the training seed, nested in the bootstrap: the same for every run of (bootstrap, seed)
     p = cell_params(used, run, records.replicate_seed(args.seed, args.bootstrap))
+    trainrun.check_served(p, used["score"])
     m, _, pairs_dir, scores_dir = cell_models(args, used, run)
     gens_dir = args.plain_teacher_gens if run.teacher == "plain" else args.teacher_gens
     eval_file = args.prompts / "eval.parquet"

@@ -74,6 +74,7 @@ def main() -> None:
     )
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
+    trainrun.check_served(p, used["score"])
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     e, curriculum = rounds.previous_round(args.previous, p)
     t_ref = used["models.teacher"].ref()

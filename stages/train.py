@@ -68,6 +68,7 @@ def main() -> None:
     args = entry.parse_paths(__doc__, "pairs", "scores", "models", "out", "metrics", "live")
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
+    trainrun.check_served(p, used["score"])
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
     m = trainrun.Models(

@@ -28,7 +28,7 @@ from distillflow.base.config import OpenAIParams
 from distillflow.base.errors import ParamsError
 from distillflow.base.io import DataError, read_table, write_table
 from distillflow.engines.served import ServedTeacher
-from distillflow.stagekit import entry
+from distillflow.stagekit import entry, trainrun
 from distillflow.training import stored_topk
 from distillflow.training.onpolicy import OnlineParams
 from stages import score, train
@@ -167,3 +167,10 @@ def test_online_opd_from_a_served_teacher_trains_as_from_the_teacher_in_process(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="online: teacher: served scores each sampled token through score.openai"):
         tp(method="minillm", online=OnlineParams(2, 8, "served"))
+
+
+def test_a_served_online_teacher_without_an_endpoint_is_refused_before_loading() -> None:
+    p = tp(method="opd", teacher_signal="topk", online=OnlineParams(2, 8, "served"))
+    with pytest.raises(ParamsError, match="score.openai: train.online.teacher is served"):
+        trainrun.check_served(p, sp(4, 3))
+    trainrun.check_served(tp(method="opd", online=OnlineParams(2, 8, "model")), sp(4, 3))  # the teacher in process

@@ -16,6 +16,7 @@ import torch
 from distillflow.audit import lineage, quality
 from distillflow.base import models, records
 from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, digest_path, read_table, write_json
 from distillflow.engines.scoring import ScoreParams
 from distillflow.engines.served import ServedTeacher
@@ -136,6 +137,20 @@ def checkpoint_for(p: TrainParams, src: Path, m: Models, dtype: str, out: Path) 
 def load_learner(p: TrainParams, m: Models, trust: bool, dtype: str) -> Loaded:
     """The student and (online signal) the teacher of `m`, with their tokenizers."""
     return Loaded(*trainer.load_models(p, m.s_ref, m.s_dir, m.t_ref, m.t_dir, trust, dtype))
+
+
+def check_served(p: TrainParams, score: ScoreParams) -> None:
+    """train.online.teacher served needs the endpoint in score.openai: refused before any
+    model loads, naming the key."""
+    if (
+        p.online.every
+        and p.online.teacher == "served"
+        and (score.openai.base_url is None or score.openai.model is None)
+    ):
+        raise ParamsError(
+            "score.openai: train.online.teacher is served, so the teacher's endpoint must be set "
+            "(score.openai.base_url and score.openai.model)"
+        )
 
 
 def job(
