@@ -106,6 +106,11 @@ class OpenAIParams:
     timeout_s: float  # seconds per request
     cache_dir: str  # per-request response files (outside any DVC out): a rerun never pays twice
 
+    @property
+    def is_set(self) -> bool:
+        """Whether it names an endpoint: base_url and model both given."""
+        return self.base_url is not None and self.model is not None
+
     def __post_init__(self) -> None:
         check(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         check(self.requests_per_second > 0.0, "requests_per_second", "must be > 0")
@@ -179,7 +184,7 @@ class GenerationParams:
                 "use openai.max_concurrency and workers: 1",
             )
             check(
-                self.openai is not None and self.openai.base_url is not None and self.openai.model is not None,
+                self.openai is not None and self.openai.is_set,
                 "openai",
                 "engine openai needs openai.base_url and openai.model",
             )

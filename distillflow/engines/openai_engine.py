@@ -112,7 +112,7 @@ class Endpoint:
     def __init__(self, o: OpenAIParams | None, role: str) -> None:
         import openai  # optional extra: imported only when chosen
 
-        if o is None or o.base_url is None or o.model is None:
+        if o is None or not o.is_set:
             raise ValueError(f"{role}: engine openai needs openai.base_url and openai.model")
         self.o = o
         self.fingerprint = endpoint_fingerprint(o)

@@ -52,7 +52,7 @@ class ScoreParams:
         engines = ("transformers", "vllm", "openai")
         check(self.engine in engines, "engine", f"must be one of {list(engines)}, got {self.engine!r}")
         check(
-            self.engine != "openai" or (self.openai.base_url is not None and self.openai.model is not None),
+            self.engine != "openai" or self.openai.is_set,
             "openai",
             "engine openai needs openai.base_url and openai.model (the served teacher's endpoint)",
         )

@@ -103,7 +103,7 @@ def write_scores(
     every curated pair of `src` (engines/scoring.py), streamed in row groups of
     2 x score.batch_size rows and gated as it is read back. `load` gives (teacher,
     tokenizer), or (a served teacher, the student's tokenizer) with score.engine openai
-    (trainrun.teacher_loader), called once the input passed its gate; None writes an empty file
+    (teacher_loader), called once the input passed its gate; None writes an empty file
     (`score.k: 0`, or `skipped`: why a round does not need the signal)."""
     p: ScoreParams = w.used["score"]
     gates = w.gates()

@@ -142,11 +142,7 @@ def load_learner(p: TrainParams, m: Models, trust: bool, dtype: str) -> Loaded:
 def check_served(p: TrainParams, score: ScoreParams) -> None:
     """train.online.teacher served needs the endpoint in score.openai: refused before any
     model loads, naming the key."""
-    if (
-        p.online.every
-        and p.online.teacher == "served"
-        and (score.openai.base_url is None or score.openai.model is None)
-    ):
+    if p.online.served and not score.openai.is_set:
         raise ParamsError(
             "score.openai: train.online.teacher is served, so the teacher's endpoint must be set "
             "(score.openai.base_url and score.openai.model)"
@@ -168,7 +164,7 @@ def job(
     """The trainer's job for round `round_index` of `learner`'s models on `pairs` (and,
     with the topk signal, the teacher's stored `scores`); with train.online.teacher
     served, the teacher behind `score.openai` scores the samples (engines/served.py)."""
-    served = ServedTeacher(score.openai, learner.tok_s) if p.online.every and p.online.teacher == "served" else None
+    served = ServedTeacher(score.openai, learner.tok_s) if p.online.served else None
     return trainer.Job(
         score_samples=served.token_logprobs if served is not None else None,
         student=learner.student,

@@ -155,6 +155,11 @@ class OnlineParams:
     # score.openai (the log-prob of each sampled token only: opd, with teacher_signal topk)
     teacher: Literal["model", "served"]
 
+    @property
+    def served(self) -> bool:
+        """Online sampling on, its samples scored by the served teacher (score.openai)."""
+        return self.every > 0 and self.teacher == "served"
+
     def __post_init__(self) -> None:
         check(self.teacher in ("model", "served"), "teacher", f"must be model or served, got {self.teacher!r}")
         check(self.every >= 0, "every", "must be >= 0 (0 = train on the pairs' stored student responses)")

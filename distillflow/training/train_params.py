@@ -89,7 +89,7 @@ class TrainParams:
             "minillm trains on responses sampled from its teacher-mixed distribution during training: "
             "set train.online.every > 0",
         )
-        served = online and self.online.teacher == "served"
+        served = self.online.served
         check(
             not online or served or self.teacher_signal == "online",
             "teacher_signal",

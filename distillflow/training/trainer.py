@@ -425,7 +425,7 @@ def resample(job: Job, loop: Loop, step: int) -> None:
         loop.behaviour[i] = lps
         drawn += len(ids)
     loop.sampled_tokens += int(distributed.sum_floats([float(drawn)])[0])  # every process's samples
-    if p.online.teacher == "served":
+    if p.online.served:
         if job.score_samples is None:
             raise ValueError("train.online.teacher is served, but the run was given no served teacher (score.openai)")
         seqs = [loop.encoded[i][0] + loop.encoded[i][2] for i in mine]
