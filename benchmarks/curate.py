@@ -120,6 +120,7 @@ def write_pairs(seed_dir: Path, path: Path, n: int, seed: int) -> int:
                         "rejected_finish_reason": "stop",
                         "chosen_tokens": len(chosen.split()) + 1,
                         "rejected_tokens": len(rejected.split()) + 1,
+                        "teacher": None,
                     }
                     rows.append(row)
                     last = row

@@ -15,6 +15,8 @@ task (distillflow/tasks/):
   set of `examples` prompts from the bucket seed keeps out of the distillation prompts
   (`task.sft_fraction`), epoch after epoch until the held-out loss is flat; its size
   and that data size set where it starts.
+Toy teachers past the first of `models.teachers` are trained like the teacher, each from
+a seed of its own, into out/teacher-<label>, and each passes the pre-flight gate.
 With `--replicate B` (comparison/dvc.yaml's bootstraps) the models come from replicate
 B's seed (records.replicate_seed of bootstrap.seed), recorded in the manifest.
 With `--student-from DIR` (comparison/dvc.yaml's boot_plain, a control) it trains
@@ -65,17 +67,19 @@ def run(
     `student_from` (the comparison's control): train only the teacher, with
     corrupt_share 0 (no corrupted prefixes), and copy the student from that folder.
     """
-    toy = [m.name == "toy" for m in (models_p.teacher, models_p.student)]
+    extra = models_p.teacher_set().teachers[1:]
+    toy = [m.name == "toy" for m in (models_p.teacher, models_p.student, *(t.ref for t in extra))]
     if any(toy) and not all(toy):
         raise ModelError(
-            "models: teacher and student must both be `toy` or both be real models; the toy tokenizer fits nothing else"
+            "models: teacher and student (and every models.teachers entry) must all be `toy` or all be real models; "
+            "the toy tokenizer fits nothing else"
         )
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     if all(toy):
         from distillflow.stagekit import toymodels  # only for toy models: a real run never loads the toy task
 
-        metrics = toymodels.build(task, p, out, student_from)
+        metrics = toymodels.build(task, p, out, student_from, tuple(t.role for t in extra))
     elif student_from is not None:
         raise ModelError("bootstrap --student-from: the plain-teacher control trains a toy teacher; models are not toy")
     return metrics
@@ -94,6 +98,9 @@ def main() -> None:
         metrics = run(m, sections["task"], sections["bootstrap"], tmp, args.student_from)
         # The pre-flight gate, before any stage generates: its findings go into the manifest.
         gate = models.preflight(m.teacher.ref(), m.student.ref(), tmp, m.trust_remote_code, m.cross_tokenizer)
+        for t in m.teacher_set().teachers[1:]:  # every further teacher against the student too
+            found = models.preflight(t.ref, m.student.ref(), tmp, m.trust_remote_code, m.cross_tokenizer, t.role)
+            gate.setdefault("teachers", {})[t.label] = found["teacher"]
         lineage.write_manifest(
             tmp,
             "bootstrap",

@@ -58,7 +58,7 @@ import torch
 
 from distillflow.audit import lineage, quality
 from distillflow.base import models, params, records
-from distillflow.base.config import Dtype, GenerationParams, ModelParams
+from distillflow.base.config import TEACHER_SECTIONS, Dtype, GenerationParams, ModelParams, teachers_of
 from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
 from distillflow.data.curation import CurateParams
@@ -82,7 +82,7 @@ log = logging.getLogger("compare")
 def sections(run: str) -> dict[str, Any]:
     """The params keys the cell for `run` reads: its own entry, not the other runs'."""
     return {
-        "models.teacher": ModelParams,
+        **TEACHER_SECTIONS,
         "models.student": ModelParams,
         "models.trust_remote_code": bool,
         "models.dtype": Dtype,
@@ -380,6 +380,9 @@ def main() -> None:
     # the training seed, nested in the bootstrap: the same for every run of (bootstrap, seed)
     p = cell_params(used, run, records.replicate_seed(args.seed, args.bootstrap))
     trainrun.check_served(p, used["score"])
+    teachers = teachers_of(used)
+    if teachers.several:
+        raise ParamsError("models.teachers: the comparison distils from models.teacher alone; set models.teachers: []")
     m, _, pairs_dir, scores_dir = cell_models(args, used, run)
     gens_dir = args.plain_teacher_gens if run.teacher == "plain" else args.teacher_gens
     eval_file = args.prompts / "eval.parquet"
@@ -396,8 +399,10 @@ def main() -> None:
         module="compare",
         prompts_dir=args.prompts,
         teacher_file=gens_dir / "generations.parquet",
-        teacher_info=scorestep.teacher_description((m.t_ref, m.t_dir), used["score"]),
-        load_teacher=scorestep.teacher_loader((m.s_ref, m.s_dir), (m.t_ref, m.t_dir), trust, dtype, used["score"]),
+        teacher_info=scorestep.teacher_description(teachers, m.t_dir.parent, used["score"]),
+        load_teacher=scorestep.teacher_loader(
+            (m.s_ref, m.s_dir), teachers, m.t_dir.parent, trust, dtype, used["score"]
+        ),
     )
     rows, per_round, pairs, round_inputs = train_rounds(args, used, run, p, cell, ri, eval_ids)
     extra_inputs = {

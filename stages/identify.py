@@ -19,30 +19,36 @@ from __future__ import annotations
 from typing import Any
 
 from distillflow.base import identity, params
-from distillflow.base.config import ModelParams
+from distillflow.base.config import TEACHER_SECTIONS, ModelParams, teachers_of
+from distillflow.base.identity import ModelRef
 from distillflow.base.io import write_json
 from distillflow.stagekit import entry
 
-SECTIONS: dict[str, Any] = {"models.teacher": ModelParams, "models.student": ModelParams}
+SECTIONS: dict[str, Any] = {**TEACHER_SECTIONS, "models.student": ModelParams}
 PARAMS = tuple(SECTIONS)
 
 
-def fingerprints(teacher: ModelParams, student: ModelParams) -> dict[str, dict[str, Any]]:
-    """{role: {name, revision, fingerprint}}: `toy` models are built later, by bootstrap."""
+def fingerprints(
+    teacher: ModelParams, student: ModelParams, more: tuple[tuple[str, ModelRef], ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """{role: {name, revision, fingerprint}}: `toy` models are built later, by bootstrap.
+    `more`: (folder, ref) of every teacher past the first (models.teachers)."""
+    refs = [("teacher", teacher.ref()), ("student", student.ref()), *more]
     return {
         role: {
             "name": m.name,
             "revision": m.revision,
             "fingerprint": "toy (built by bootstrap)" if m.name == "toy" else identity.fingerprint(m.name, m.revision),
         }
-        for role, m in (("teacher", teacher), ("student", student))
+        for role, m in refs
     }
 
 
 def main() -> None:
     args = entry.parse_paths(__doc__, "out")
     used = params.load_sections(args.params, SECTIONS)
-    write_json(args.out, fingerprints(used["models.teacher"], used["models.student"]))
+    more = tuple((t.role, t.ref) for t in teachers_of(used).teachers[1:])
+    write_json(args.out, fingerprints(used["models.teacher"], used["models.student"], more))
 
 
 if __name__ == "__main__":

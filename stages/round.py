@@ -32,6 +32,7 @@ if __name__ == "__main__":  # under train.launcher, before the heavy imports bel
     launch.relaunch("stages.round")
 
 from distillflow.base import models, params
+from distillflow.base.config import teachers_of
 from distillflow.base.io import write_json
 from distillflow.engines import sampling
 from distillflow.stagekit import curating, entry, genstage, pairstep, rounds, scorestep, trainrun
@@ -75,6 +76,8 @@ def main() -> None:
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trainrun.check_served(p, used["score"])
+    teachers = teachers_of(used)
+    trainrun.check_teachers(p, teachers)
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     e, curriculum = rounds.previous_round(args.previous, p)
     t_ref = used["models.teacher"].ref()
@@ -92,8 +95,8 @@ def main() -> None:
         module="round",
         prompts_dir=args.prompts,
         teacher_file=args.teacher / "generations.parquet",
-        teacher_info=scorestep.teacher_description((m.t_ref, m.t_dir), used["score"]),
-        load_teacher=scorestep.teacher_loader((m.s_ref, m.s_dir), (m.t_ref, m.t_dir), trust, dtype, used["score"]),
+        teacher_info=scorestep.teacher_description(teachers, args.models, used["score"]),
+        load_teacher=scorestep.teacher_loader((m.s_ref, m.s_dir), teachers, args.models, trust, dtype, used["score"]),
         docs=args.docs,
     )
     distributed.init_from_env(p.device)

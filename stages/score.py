@@ -15,6 +15,10 @@ endpoint that returns `prompt_logprobs` (a vLLM server; distillflow/engines/serv
 instead of loading models.teacher; the pairs are then encoded with the student's
 tokenizer, which a probe checks the endpoint shares.
 
+With several teachers (`models.teachers`) the stored signal is their weighted
+mixture's (`models.routing: mix`) or, per pair, its own teacher's (`route`, by the
+pair's `teacher` column): scoring.Mixture, docs/training.md.
+
 `score.k: 0` switches scoring off (the teacher is not loaded; an empty topk.parquet is
 written), for runs that keep the online teacher. Output rows (one per pair and side):
 pair_id, side, positions, k, topk_ids and topk_logprobs (positions x k, flattened),
@@ -35,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 
 from distillflow.base import params
+from distillflow.base.config import teachers_of
 from distillflow.base.io import write_json
 from distillflow.engines import scoring
 from distillflow.engines.scoring import ScoreParams
@@ -60,10 +65,11 @@ def main() -> None:
     used = params.load_sections(args.params, SECTIONS)
     p: ScoreParams = used["score"]
     student = (used["models.student"].ref(), args.models / "student")
-    teacher = (used["models.teacher"].ref(), args.models / "teacher")
-    load = scorestep.teacher_loader(student, teacher, used["models.trust_remote_code"], used["models.dtype"], p)
+    teachers = teachers_of(used)
+    trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
+    load = scorestep.teacher_loader(student, teachers, args.models, trust, dtype, p)
     w = Writer(out=args.out, module="score", used=used, docs=args.docs)
-    info = scorestep.teacher_description(teacher, p)
+    info = scorestep.teacher_description(teachers, args.models, p)
     counts = scorestep.write_scores(w, args.pairs / "curated.parquet", load if p.k > 0 else None, info)
     write_json(args.metrics, counts)
     log.info("score: k=%d, %d rows, %d positions", p.k, counts["rows"], counts["positions"])

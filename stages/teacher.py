@@ -4,7 +4,10 @@
         --out data/teacher --metrics metrics/teacher.json
 
 Reads `models.teacher`, `models.trust_remote_code`, `models.dtype` and the `teacher`
-sampling section; writes data/teacher/generations.parquet and its manifest. The
+sampling section; writes data/teacher/generations.parquet and its manifest. With
+several teachers (`models.teachers`, `models.routing`: docs/training.md) each samples
+its prompts (all of them under mix, its routed ones under route) and each record names
+its teacher in the `teacher` column. The
 shared logic lives in distillflow/stagekit/genstage.py (the student stage is the same with the
 student model).
 """

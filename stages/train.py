@@ -47,6 +47,7 @@ if __name__ == "__main__":  # under train.launcher, before the heavy imports bel
     launch.relaunch("stages.train")
 
 from distillflow.base import models, params
+from distillflow.base.config import teachers_of
 from distillflow.base.io import write_json
 from distillflow.stagekit import entry, trainrun
 from distillflow.training import distributed
@@ -69,6 +70,7 @@ def main() -> None:
     used = params.load_sections(args.params, SECTIONS)
     p: TrainParams = used["train"]
     trainrun.check_served(p, used["score"])
+    trainrun.check_teachers(p, teachers_of(used))
     trust, dtype = used["models.trust_remote_code"], used["models.dtype"]
     s_ref, t_ref = used["models.student"].ref(), used["models.teacher"].ref()
     m = trainrun.Models(

@@ -65,6 +65,7 @@ def gen(pr: dict, model: str, k: int, text: str = "x", finish: str = "stop") -> 
         "model": model,
         "engine": "test",
         "sampling": "{}",
+        "teacher": None,
     }
 
 
@@ -97,6 +98,7 @@ def pair(
         "rejected_finish_reason": rf,
         "chosen_tokens": ct,
         "rejected_tokens": rt,
+        "teacher": None,
     }
 
 

@@ -88,6 +88,20 @@ def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
         ).read_bytes()
 
 
+def test_every_toy_teacher_is_trained_from_a_seed_of_its_own(tmp_path: Path) -> None:
+    """models.teachers: a second toy teacher lands in teacher-<label>, trained like the
+    first from another seed, and passes the pre-flight gate against the student."""
+    second = config.TeacherParams(label="b", name="toy", revision=None, weight=1.0)
+    first = config.TeacherParams(label="a", name="toy", revision=None, weight=1.0)
+    m = dataclasses.replace(toy_models(), teachers=(first, second))
+    metrics = bootstrap.run(m, TASK, boot(tiny(3), tiny(2)), tmp_path)
+    assert set(metrics) == {"teacher", "student", "teacher-b"}
+    a, b = ((tmp_path / r / "model.safetensors").read_bytes() for r in ("teacher", "teacher-b"))
+    assert a != b
+    gate = models.preflight(models.ModelRef("toy", None), m.student.ref(), tmp_path, False, "none", "teacher-b")
+    assert gate["shared_tokenizer"] and gate["teacher"]["name"] == "toy"
+
+
 def test_training_examples_never_include_eval_prompts() -> None:
     from distillflow.base import records
 
@@ -115,7 +129,7 @@ def test_mixed_toy_and_real_models_fail_clearly(tmp_path: Path, tiny_models: Pat
         ModelParams("toy", None), ModelParams(str(tiny_models / "student"), None), False, "float32", "none"
     )
     p = boot(tiny(3), tiny(2))
-    with pytest.raises(ValueError, match="both be `toy` or both be real"):
+    with pytest.raises(ValueError, match="must all be `toy` or all be real"):
         bootstrap.run(mixed, TASK, p, tmp_path)
 
 

@@ -133,7 +133,8 @@ def test_range_checks_name_the_key() -> None:
 
 def test_load_sections_names_the_file_and_missing_dotted_key(tmp_path: Path) -> None:
     f = tmp_path / "p.yaml"
-    f.write_text(yaml.safe_dump({"models": {"teacher": {"name": "toy", "revision": None}}}))
+    teacher = {"teacher": {"name": "toy", "revision": None}, "teachers": [], "routing": "mix"}
+    f.write_text(yaml.safe_dump({"models": teacher}))
     with pytest.raises(ValueError, match=f"{f}: missing key 'models.student'"):
         params.load_sections(f, train.SECTIONS)
 

@@ -120,6 +120,8 @@ def code_digest(stage: str) -> dict[str, str]:
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
+    if isinstance(value, tuple):  # a list of dataclasses (models.teachers)
+        return [_plain(v) for v in value]
     return value
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from distillflow.base.identity import ModelRef
 from distillflow.base.params import check
+from distillflow.base.teachers import Routing, TeacherParams, TeacherSet, teacher_set
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,33 @@ class ModelsParams:
     # Distillation across different tokenizers: "none" (today's only value) makes the
     # pre-flight gate refuse models whose tokenizers differ; a later release adds methods.
     cross_tokenizer: Literal["none"]
+    # Several teachers: [] is models.teacher alone; else a list of {label, name, revision, weight} (weight > 0)
+    # whose first entry is models.teacher (base/teachers.py; docs/training.md#several-teachers-modelsteachers)
+    teachers: tuple[TeacherParams, ...] = ()
+    # several teachers: mix (every teacher samples every prompt; the target is the weighted mixture) | route
+    # (each prompt goes to one teacher, drawn by weight from a hash of its id, and is distilled from it)
+    routing: Routing = "mix"
+
+    def __post_init__(self) -> None:
+        self.teacher_set()  # refuses bad weights, labels, or a first entry that is not models.teacher
+
+    def teacher_set(self) -> TeacherSet:
+        return teacher_set(self.teacher.ref(), self.teachers, self.routing)
+
+
+# What a stage lists to know every teacher (base/teachers.py): teachers_of(used) reads them.
+TEACHER_SECTIONS: dict[str, object] = {
+    "models.teacher": ModelParams,
+    "models.teachers": tuple[TeacherParams, ...],
+    "models.routing": Routing,
+}
+
+
+def teachers_of(used: dict[str, object]) -> TeacherSet:
+    """The teachers of a stage's loaded TEACHER_SECTIONS."""
+    teacher = used["models.teacher"]
+    assert isinstance(teacher, ModelParams)
+    return teacher_set(teacher.ref(), used["models.teachers"], str(used["models.routing"]))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, kw_only=True)

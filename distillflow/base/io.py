@@ -112,15 +112,19 @@ def parquet_file(path: Path) -> pq.ParquetFile:
 def check_columns(path: Path, got: pa.Schema, schema: pa.Schema) -> None:
     """`got` has exactly `schema`'s columns, with its types. Extra columns are an error
     too: a file from another stage or schema version must not pass for this one."""
+    name = schema.metadata[b"distillflow.schema"].decode()
+    version = (got.metadata or {}).get(b"distillflow.schema_version")
+    if version is not None and version != schema.metadata[b"distillflow.schema_version"]:
+        raise DataError(
+            f"{path}: written with {name!r} schema version {version.decode()}, this release reads version "
+            f"{schema.metadata[b'distillflow.schema_version'].decode()}: rerun the stage that wrote it (dvc repro)"
+        )
     have = {f.name: f.type for f in got}
     want = {f.name: f.type for f in schema}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if missing or extra:
-        raise DataError(
-            f"{path}: columns do not match schema {schema.metadata[b'distillflow.schema'].decode()!r}: "
-            f"missing {missing}, unexpected {extra}"
-        )
+        raise DataError(f"{path}: columns do not match schema {name!r}: missing {missing}, unexpected {extra}")
     for name, typ in want.items():
         if have[name] != typ:
             raise DataError(f"{path}: column {name!r} has type {have[name]}, expected {typ}")

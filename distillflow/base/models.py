@@ -217,17 +217,23 @@ CROSS_TOKENIZER = ("none",)  # methods that distil across tokenizers; a later re
 
 
 def preflight(
-    teacher: ModelRef, student: ModelRef, bootstrap_dir: Path, trust_remote_code: bool, cross_tokenizer: str
+    teacher: ModelRef,
+    student: ModelRef,
+    bootstrap_dir: Path,
+    trust_remote_code: bool,
+    cross_tokenizer: str,
+    teacher_role: str = "teacher",
 ) -> dict[str, Any]:
     """The pre-flight compatibility gate: both models' identity and the properties
     token-level distillation needs of them (one tokenizer, a chat template, eos and pad
     ids inside it, logit widths covering it). Returns the findings (bootstrap's
     manifest records them); raises ModelError naming both models and every
     difference. Max positions are checked where the prompts and budgets are known
-    (check_positions)."""
+    (check_positions). `teacher_role`: the teacher's folder under `bootstrap_dir` (a
+    toy teacher past the first of models.teachers: base/teachers.py)."""
     infos, toks = {}, {}
-    for role, ref in (("teacher", teacher), ("student", student)):
-        infos[role], toks[role] = inspect(ref, bootstrap_dir / role, trust_remote_code, role)
+    for role, ref, folder in (("teacher", teacher, teacher_role), ("student", student, "student")):
+        infos[role], toks[role] = inspect(ref, bootstrap_dir / folder, trust_remote_code, role)
     t, s = infos["teacher"], infos["student"]
     names = f"teacher {t['name']!r} and student {s['name']!r}"
     problems: list[str] = []

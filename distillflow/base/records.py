@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 
 SCHEMA_VERSION = "2"  # 2: the prompt record's `group` column
+# Schemas whose version moved past SCHEMA_VERSION; a reader refuses a file of another version.
+GENERATION_VERSION = "3"  # 3: generations' and pairs' `teacher` column (several teachers: base/teachers.py)
 ID_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any data size
 
 
@@ -104,8 +106,8 @@ def split_of(key: str, eval_fraction: float, sft_fraction: float) -> str:
     return "sft" if bucket >= 1.0 - sft_fraction else "train"
 
 
-def schema(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={"distillflow.schema": name, "distillflow.schema_version": SCHEMA_VERSION})
+def schema(name: str, fields: list[pa.Field], version: str = SCHEMA_VERSION) -> pa.Schema:
+    return pa.schema(fields, metadata={"distillflow.schema": name, "distillflow.schema_version": version})
 
 
 PROMPT_SCHEMA = schema(
@@ -139,7 +141,10 @@ GENERATION_SCHEMA = schema(
         pa.field("model", pa.string(), nullable=False),  # model fingerprint
         pa.field("engine", pa.string(), nullable=False),  # e.g. "transformers 5.23.0"
         pa.field("sampling", pa.string(), nullable=False),  # canonical JSON, seed included
+        # The teacher's label (models.teachers) when several teachers sample; null for one teacher or the student.
+        pa.field("teacher", pa.string(), nullable=True),
     ],
+    GENERATION_VERSION,
 )
 
 PAIR_SCHEMA = schema(
@@ -159,14 +164,19 @@ PAIR_SCHEMA = schema(
         pa.field("rejected_finish_reason", pa.string(), nullable=False),
         pa.field("chosen_tokens", pa.int32(), nullable=False),
         pa.field("rejected_tokens", pa.int32(), nullable=False),
+        # The chosen response's teacher (its generation's `teacher`): the teacher a routed pair is distilled from.
+        pa.field("teacher", pa.string(), nullable=True),
     ],
+    GENERATION_VERSION,
 )
 
 
 def with_reason(base: pa.Schema, name: str) -> pa.Schema:
     """The quarantine schema for `base`: every column plus the reason it was dropped.
     Its columns are nullable: a row quarantined for a null field must fit."""
-    return schema(name, [*(f.with_nullable(True) for f in base), pa.field("reason", pa.string(), nullable=False)])
+    version = base.metadata[b"distillflow.schema_version"].decode()
+    fields = [*(f.with_nullable(True) for f in base), pa.field("reason", pa.string(), nullable=False)]
+    return schema(name, fields, version)
 
 
 PAIR_QUARANTINE_SCHEMA = with_reason(PAIR_SCHEMA, "pair_quarantine")

@@ -6,7 +6,10 @@ student response) plus the ids of all three parts and the facts curate needs (fi
 reasons, token counts, the reference answer where there is one).
 
 With n teacher and m student samples for a prompt, pair k (k < max(n, m)) takes teacher
-sample k mod n and student sample k mod m. A prompt without a teacher or a student
+sample k mod n and student sample k mod m. With several teachers (base/teachers.py) a
+prompt's teacher samples are ordered by sample index, then the routed teacher first, so
+one pair per prompt takes a sample of the weighted mixture; each pair keeps its chosen
+response's `teacher`. A prompt without a teacher or a student
 response is quarantined (the prompt's columns + `reason`); a generation whose prompt
 id is not among the prompts is an upstream mismatch and raises DataError.
 """
@@ -22,6 +25,7 @@ from distillflow.base import quarantine as q
 from distillflow.base.params import check
 from distillflow.base import records
 from distillflow.base.io import DataError
+from distillflow.base.teachers import TeacherSet
 
 QUARANTINE_SCHEMA = q.PROMPT_SCHEMA  # a prompt that could not be paired, with the reason
 
@@ -37,7 +41,9 @@ class PairsParams:
         check(self.max_pairs_per_prompt >= 1, "max_pairs_per_prompt", "must be >= 1")
 
 
-def _by_prompt(gens: list[dict[str, Any]], prompt_ids: set[str], file: Path) -> dict[str, list[dict[str, Any]]]:
+def _by_prompt(
+    gens: list[dict[str, Any]], prompt_ids: set[str], file: Path, teachers: TeacherSet | None = None
+) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row, g in enumerate(gens):
         if g["prompt_id"] not in prompt_ids:
@@ -46,8 +52,11 @@ def _by_prompt(gens: list[dict[str, Any]], prompt_ids: set[str], file: Path) -> 
                 "(stale or foreign generations?)"
             )
         grouped[g["prompt_id"]].append(g)
-    for rows in grouped.values():
-        rows.sort(key=lambda g: g["sample_index"])
+    for pid, rows in grouped.items():
+        if teachers is None:
+            rows.sort(key=lambda g: g["sample_index"])
+        else:
+            rows.sort(key=lambda g: (g["sample_index"], teachers.rank(g["teacher"], pid)))
     return grouped
 
 
@@ -68,6 +77,7 @@ def pair_row(pr: dict[str, Any], c: dict[str, Any], r: dict[str, Any]) -> dict[s
         "rejected_finish_reason": r["finish_reason"],
         "chosen_tokens": c["response_tokens"],
         "rejected_tokens": r["response_tokens"],
+        "teacher": c["teacher"],
     }
 
 
@@ -77,11 +87,13 @@ def build_pairs(
     teacher: list[dict[str, Any]],
     student: list[dict[str, Any]],
     files: tuple[Path, Path] = (Path("teacher"), Path("student")),
+    teachers: TeacherSet | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(pairs, quarantine, counts) from prompts and both sides' generations (`files`:
-    the teacher's and the student's, as error messages name them)."""
+    the teacher's and the student's, as error messages name them; `teachers`: several
+    teachers' order, None for one)."""
     ids = {pr["prompt_id"] for pr in prompts}
-    t_by = _by_prompt(teacher, ids, files[0])
+    t_by = _by_prompt(teacher, ids, files[0], teachers if teachers is not None and teachers.several else None)
     s_by = _by_prompt(student, ids, files[1])
     pairs: list[dict] = []
     quarantine: list[dict] = []

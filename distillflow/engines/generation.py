@@ -269,6 +269,7 @@ def record(
         "model": fp,
         "engine": engine,
         "sampling": records.canonical_json(sampling),
+        "teacher": None,  # genstage sets the label when several teachers sample (base/teachers.py)
     }
 
 

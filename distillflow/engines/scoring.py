@@ -18,6 +18,7 @@ Ids past the tokenizer's length are padding rows of the head and are never score
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,9 @@ from tqdm import tqdm
 from distillflow.base import encoding, models, records
 from distillflow.base.config import Device, OpenAIParams
 from distillflow.base.errors import ParamsError
+from distillflow.base.io import DataError
 from distillflow.base.params import check
+from distillflow.base.teachers import TeacherSet
 
 HEAD_CHUNK = 4096  # response positions per LM-head matmul: (HEAD_CHUNK, vocabulary) float32 logits at a time
 
@@ -96,20 +99,53 @@ def to_record_batch(
     )
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Several teachers scored as one (models.teachers, base/teachers.py): `models[k]` is
+    teacher k of `teachers`, on score.device. Under mix each position's target is
+    log sum_k w_k p_k; under route, the pair's teacher's (its `teacher` column)."""
+
+    models: list[torch.nn.Module]
+    teachers: TeacherSet
+
+    def log_weights(self, pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each pair's log weight per teacher (K,): log w_k under mix, 0 for its teacher
+        and -inf for the others under route."""
+        ts = self.teachers
+        if ts.routing == "mix":
+            mixed = torch.tensor([t.weight for t in ts.teachers], dtype=torch.float32).log()
+            return {pr["pair_id"]: mixed for pr in pairs}
+        out = {}
+        for row, pr in enumerate(pairs):
+            if pr["teacher"] is None:
+                raise DataError(
+                    f"curated pairs: row {row}, field 'teacher': null, but models.routing is route over "
+                    f"{ts.labels}: rerun the teacher stage with models.teachers set"
+                )
+            w = torch.full((len(ts.teachers),), -math.inf)
+            w[ts.index(pr["teacher"])] = 0.0
+            out[pr["pair_id"]] = w
+        return out
+
+
 @torch.no_grad()
 def score_batches(
-    teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams
+    teacher: torch.nn.Module | Mixture, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams
 ) -> Iterator[pa.RecordBatch]:
     """Top-k record batches (records.TOPK_SCHEMA), one per model batch of `p.batch_size`
     sequences, for every (pair, side) in pair order, chosen before rejected. `teacher`
-    must already be on `p.device`."""
+    (each of a Mixture's) must already be on `p.device`."""
     vocab = len(tok)
     if p.k > vocab:
         raise ParamsError(f"score.k: {p.k} is larger than the vocabulary ({vocab} tokens)")
-    device = next(teacher.parameters()).device
-    if device.type != p.device:
-        raise ValueError(f"score.device is {p.device}, but the teacher's parameters are on {device}; move it first")
-    weight, bias = models.lm_head(teacher, vocab, "teacher")
+    members = teacher.models if isinstance(teacher, Mixture) else [teacher]
+    logw = teacher.log_weights(pairs) if isinstance(teacher, Mixture) else None
+    device = next(members[0].parameters()).device
+    for m in members:
+        where = next(m.parameters()).device
+        if where.type != p.device:
+            raise ValueError(f"score.device is {p.device}, but the teacher's parameters are on {where}; move it first")
+    heads = [models.lm_head(m, vocab, "teacher") for m in members]
     seqs = []
     for pr in pairs:
         prompt, chosen, rejected = encoding.encode_pair(tok, pr)
@@ -118,22 +154,26 @@ def score_batches(
         chunk = seqs[s : s + p.batch_size]
         b = encoding.collate([c[2] for c in chunk], tok.pad_token_id)
         if s == 0:
-            models.check_plain_head(teacher, b.input_ids[:1].to(device), b.attention_mask[:1].to(device), "teacher")
-        h = teacher.base_model(
-            input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False
-        ).last_hidden_state
+            for m in members:
+                models.check_plain_head(m, b.input_ids[:1].to(device), b.attention_mask[:1].to(device), "teacher")
         mask = b.response_mask.to(device)
-        h = h[mask]  # (N, H): row-major, so sequence by sequence, positions in order
+        positions = b.response_mask.sum(dim=1).numpy().astype(np.int32)
+        w = None if logw is None else torch.stack([logw[c[0]] for c in chunk]).repeat_interleave(mask.sum(1).cpu(), 0)
+        used = [k for k in range(len(members)) if w is None or bool(torch.isfinite(w[:, k]).any())]
+        hs = {
+            k: members[k]
+            .base_model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+            .last_hidden_state[mask]  # (N, H): row-major, so sequence by sequence, positions in order
+            for k in used
+        }
         targets = b.targets.to(device)[mask]
         ids, lps, tgt = [], [], []
-        for c in range(0, h.shape[0], HEAD_CHUNK):
-            logits = torch.nn.functional.linear(h[c : c + HEAD_CHUNK], weight, bias)
-            lp = torch.log_softmax(logits.float(), dim=-1)  # (chunk, vocab)
+        for c in range(0, int(positions.sum()), HEAD_CHUNK):
+            lp = _chunk_logprobs(hs, heads, None if w is None else w[c : c + HEAD_CHUNK].to(device), c)
             top = lp.topk(p.k, dim=-1)
             ids.append(top.indices.to(torch.int32).cpu())
             lps.append(top.values.cpu())
             tgt.append(lp.gather(-1, targets[c : c + HEAD_CHUNK, None]).squeeze(-1).cpu())
-        positions = b.response_mask.sum(dim=1).numpy().astype(np.int32)
         k = p.k
         yield to_record_batch(
             [(c[0], c[1]) for c in chunk],
@@ -145,7 +185,25 @@ def score_batches(
         )
 
 
-def score(teacher: torch.nn.Module, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> pa.Table:
+def _chunk_logprobs(
+    hs: dict[int, torch.Tensor], heads: list[tuple[Any, Any]], w: torch.Tensor | None, c: int
+) -> torch.Tensor:
+    """(chunk, vocab) log-probs at positions c.. of the batch: the one teacher's (`w`
+    None), else log sum_k exp(w[:, k]) p_k, accumulated teacher by teacher (two
+    (chunk, vocab) tensors at a time)."""
+    lp: torch.Tensor | None = None
+    for k, h in hs.items():
+        logits = torch.nn.functional.linear(h[c : c + HEAD_CHUNK], *heads[k])
+        lpk = torch.log_softmax(logits.float(), dim=-1)
+        if w is None:
+            return lpk
+        lpk = lpk + w[:, k, None]
+        lp = lpk if lp is None else torch.logaddexp(lp, lpk)
+    assert lp is not None
+    return lp
+
+
+def score(teacher: torch.nn.Module | Mixture, tok: Any, pairs: list[dict[str, Any]], p: ScoreParams) -> pa.Table:
     """Top-k rows for every (pair, side), in pair order, chosen before rejected, as one
     table (small runs and tests; the stage streams score_batches into a file)."""
     batches = list(score_batches(teacher, tok, pairs, p))

@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from distillflow.audit import lineage, quality
 from distillflow.base import models, params, records
-from distillflow.base.config import Dtype, GenerationParams, ModelParams
+from distillflow.base.config import TEACHER_SECTIONS, Dtype, GenerationParams, ModelParams, teachers_of
+from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, read_rows, write_json, write_table
 from distillflow.base.models import ModelRef
 from distillflow.engines import parts as genparts
@@ -51,9 +52,10 @@ log = logging.getLogger(__name__)
 
 
 def sections(role: str) -> dict[str, Any]:
-    """The params keys the `role` stage reads: its own model, not the other one."""
+    """The params keys the `role` stage reads: its own model, not the other one (the
+    teacher stage: every teacher, base/teachers.py)."""
     return {
-        f"models.{role}": ModelParams,
+        **(TEACHER_SECTIONS if role == "teacher" else {f"models.{role}": ModelParams}),
         "models.trust_remote_code": bool,
         "models.dtype": Dtype,
         role: GenerationParams,
@@ -161,6 +163,47 @@ def _sample(role: str, i: Inputs, work: Path, **kwargs: Any) -> list[dict[str, A
     return sample(role, i.p, i.ref, i.prompts, i.model_dir, work, trust_remote_code=trust, dtype=dtype, **kwargs)
 
 
+def several_teachers(role: str, i: Inputs) -> bool:
+    """Whether the `role` stage samples several teachers (models.teachers), refusing
+    what cannot: one openai endpoint, --previous."""
+    if role != "teacher" or not teachers_of(i.used).several:
+        return False
+    if i.p.engine == "openai":
+        raise ParamsError(
+            "models.teachers: several teachers need local models; teacher.engine openai serves one endpoint"
+        )
+    if i.model_dir == Path():
+        raise ParamsError("models.teachers: --previous samples one trained model, not several teachers")
+    return True
+
+
+def sample_teachers(
+    i: Inputs, work: Path, stats: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Path]]:
+    """Every teacher's generations (models.teachers: all prompts under mix, its routed
+    ones under route), each row labelled with its teacher, with the teachers' model
+    descriptions and lineage inputs. Teacher k > 0 samples with a seed of its own and
+    shards under work/<label>."""
+    ts = teachers_of(i.used)
+    models_dir = i.model_dir.parent
+    rows: list[dict[str, Any]] = []
+    described: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    for k, t in enumerate(ts.teachers):
+        p = dataclasses.replace(i.p, seed=ts.seed(k, i.p.seed))
+        prompts = [pr for pr in i.prompts if ts.samples(k, pr["prompt_id"])]
+        one = dataclasses.replace(i, p=p, ref=t.ref, model_dir=models_dir / t.role, prompts=prompts)
+        got: dict[str, Any] = {}
+        made = _sample("teacher", one, work / t.label, stats=got)
+        rows += [{**r, "teacher": t.label} for r in made]
+        for key, n in got.items():
+            stats[key] = stats.get(key, 0) + n
+        info = sampling.describe_model(p, t.ref, one.model_dir, made)
+        described[t.label] = {**info, "weight": t.weight, "seed": p.seed, "prompts": len(prompts)}
+        files["model" if k == 0 else f"model-{t.label}"] = models.lineage_input(t.ref, models_dir, t.role)
+    return rows, {"teachers": described, "routing": ts.routing}, files
+
+
 def generate_part(
     role: str,
     params_file: Path,
@@ -216,6 +259,8 @@ def main(role: str, doc: str | None) -> None:
         optional_values={"replicate": int, "part": part_arg, "parts_url": str},
     )
     if args.part is not None:
+        if role == "teacher" and teachers_of(params.load_sections(args.params, TEACHER_SECTIONS)).several:
+            raise ParamsError("models.teachers: --part (distillflow run --ray-parts) runs one teacher; set it to []")
         where = (args.params, args.prompts, args.models, args.out)
         generate_part(role, *where, *args.part, args.previous, args.replicate, args.parts_url)
         return
@@ -228,9 +273,12 @@ def main(role: str, doc: str | None) -> None:
     gates.strict("prompts", i.prompt_file, "prompt", pa.Table.from_pylist(i.prompts, schema=records.PROMPT_SCHEMA))
     work = work_dir(args.out)
     stats: dict[str, Any] = {}
-    rows = _sample(role, i, work, stats=stats)
-    model = sampling.describe_model(i.p, i.ref, i.model_dir, rows)
-    files = {"prompts": i.prompt_file, "model": i.model_input}
+    if several_teachers(role, i):
+        rows, model, models_in = sample_teachers(i, work, stats)
+    else:
+        rows = _sample(role, i, work, stats=stats)
+        model, models_in = sampling.describe_model(i.p, i.ref, i.model_dir, rows), {"model": i.model_input}
+    files = {"prompts": i.prompt_file, **models_in}
     counts = write_generations(w, gates, role, i.prompts, rows, files, model, stats)
     write_json(args.metrics, counts)
     shutil.rmtree(work)

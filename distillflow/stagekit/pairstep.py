@@ -10,12 +10,14 @@ import pyarrow as pa
 
 from distillflow.audit import lineage, quality
 from distillflow.base import records
+from distillflow.base.config import TEACHER_SECTIONS, teachers_of
 from distillflow.base.io import atomic_dir, write_table
 from distillflow.data import pairing
 from distillflow.data.pairing import QUARANTINE_SCHEMA, PairsParams
 from distillflow.stagekit.writer import Writer, ids
 
-PAIRS_SECTIONS: dict[str, Any] = {"pairs": PairsParams, "quality": quality.QualityParams}
+# models: several teachers' order among a prompt's pairs (base/teachers.py)
+PAIRS_SECTIONS: dict[str, Any] = {**TEACHER_SECTIONS, "pairs": PairsParams, "quality": quality.QualityParams}
 
 
 def write_pairs(
@@ -41,7 +43,7 @@ def write_pairs(
             **({"truncation": False} if name == "student" else {}),
         )
     pairs, quarantine, counts = pairing.build_pairs(
-        w.used["pairs"], prompts, teacher, student, (files["teacher"], files["student"])
+        w.used["pairs"], prompts, teacher, student, (files["teacher"], files["student"]), teachers_of(w.used)
     )
     # the output: every id resolves upstream (referential integrity), no duplicates beyond the threshold
     refs = {**prompt_ids, "chosen_id": ids(teacher, "generation_id"), "rejected_id": ids(student, "generation_id")}

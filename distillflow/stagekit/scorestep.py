@@ -12,9 +12,11 @@ import pyarrow.compute as pc
 
 from distillflow.audit import lineage, quality
 from distillflow.base import models, records
-from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.config import TEACHER_SECTIONS, Dtype, ModelParams
+from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, read_table
 from distillflow.base.stream import ParquetSink
+from distillflow.base.teachers import TeacherSet
 from distillflow.engines import scoring
 from distillflow.engines.openai_engine import endpoint_fingerprint
 from distillflow.engines.scoring import ScoreParams
@@ -23,7 +25,7 @@ from distillflow.engines.vllm_scoring import VllmTeacher
 from distillflow.stagekit.writer import Writer
 
 SCORE_SECTIONS: dict[str, Any] = {
-    "models.teacher": ModelParams,
+    **TEACHER_SECTIONS,
     "models.student": ModelParams,
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
@@ -34,35 +36,53 @@ SCORE_SECTIONS: dict[str, Any] = {
 
 def teacher_loader(
     student: tuple[models.ModelRef, Path],
-    teacher: tuple[models.ModelRef, Path],
+    teachers: TeacherSet,
+    models_dir: Path,
     trust: bool,
     dtype: str,
     score: ScoreParams,
 ) -> Callable[[], tuple[Any, Any]]:
     """A function giving (the scorer, its tokenizer) for write_scores: the teacher model
-    (ref, folder) on `score.device` and its tokenizer (`score.engine: vllm`: loaded by
-    vLLM's offline engine, engines/vllm_scoring.py), or with `score.engine: openai` the
-    served teacher (engines/served.py) and the student's tokenizer, which the endpoint
-    must share."""
+    (its folder under `models_dir`, bootstrap's output) on `score.device` and its
+    tokenizer (`score.engine: vllm`: loaded by vLLM's offline engine,
+    engines/vllm_scoring.py), or with `score.engine: openai` the served teacher
+    (engines/served.py) and the student's tokenizer, which the endpoint must share.
+    Several teachers (models.teachers): a scoring.Mixture of them all, transformers only."""
+    if teachers.several and score.engine != "transformers":
+        raise ParamsError(
+            f"score.engine: {score.engine} scores one teacher; models.teachers lists {len(teachers.teachers)} "
+            "(mixing or routing them needs score.engine transformers)"
+        )
+    first = teachers.teachers[0]
 
     def load() -> tuple[Any, Any]:
         if score.engine == "openai":
             tok = models.load_tokenizer(*student, trust)
             return ServedTeacher(score.openai, tok), tok
-        tok = models.load_tokenizer(*teacher, trust)
+        tok = models.load_tokenizer(first.ref, models_dir / first.role, trust)
         if score.engine == "vllm":
-            where, revision = models.resolve(*teacher)
+            where, revision = models.resolve(first.ref, models_dir / first.role)
             return VllmTeacher(where, revision, tok, score.device, dtype, trust), tok
-        return models.load_model(*teacher, trust, dtype).to(score.device), tok
+        loaded = [
+            models.load_model(t.ref, models_dir / t.role, trust, dtype).to(score.device) for t in teachers.teachers
+        ]
+        return (scoring.Mixture(loaded, teachers) if teachers.several else loaded[0]), tok
 
     return load
 
 
-def teacher_description(teacher: tuple[models.ModelRef, Path], score: ScoreParams) -> dict[str, Any]:
-    """What the score manifest records of the teacher: the local model, or the endpoint."""
+def teacher_description(teachers: TeacherSet, models_dir: Path, score: ScoreParams) -> dict[str, Any]:
+    """What the score manifest records of the teacher: the local model (each of several,
+    with its weight, and the routing), or the endpoint."""
     if score.engine == "openai":
         return {"endpoint": endpoint_fingerprint(score.openai), "engine": "openai"}
-    return models.describe(*teacher)
+    if teachers.several:
+        described = {
+            t.label: {**models.describe(t.ref, models_dir / t.role), "weight": t.weight} for t in teachers.teachers
+        }
+        return {"teachers": described, "routing": teachers.routing}
+    first = teachers.teachers[0]
+    return models.describe(first.ref, models_dir / first.role)
 
 
 def stream_topk(path: Path, batches: Iterable[pa.RecordBatch], batch_rows: int) -> tuple[int, int]:

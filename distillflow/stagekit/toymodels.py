@@ -52,7 +52,7 @@ def training_examples(task: TaskParams, seed: int, role: str) -> Iterator[toytas
     any phrasing: the split is by instance); the teacher every other instance, the
     student only the SFT bucket (task.sft_fraction; the train split when that is 0),
     which seed never makes a distillation prompt."""
-    want = {"train", "sft"} if role == "teacher" or task.sft_fraction == 0.0 else {"sft"}
+    want = {"train", "sft"} if role.startswith("teacher") or task.sft_fraction == 0.0 else {"sft"}
     for ex in toytask.examples(toytask.config_of(task), seed):
         if _split(ex, task) in want:
             yield ex
@@ -287,10 +287,14 @@ def accuracies(
     }
 
 
-def build(task: TaskParams, p: BootstrapParams, out: Path, student_from: Path | None) -> dict[str, Any]:
+def build(
+    task: TaskParams, p: BootstrapParams, out: Path, student_from: Path | None, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Train the toy teacher and student into `out` (teacher and student folders); their
     metrics. `student_from` (the comparison's control): train only the teacher, with
-    corrupt_share 0 (no corrupted prefixes), and copy the student from that folder."""
+    corrupt_share 0 (no corrupted prefixes), and copy the student from that folder.
+    `extra`: the folders of more toy teachers (models.teachers past the first), each
+    trained like the teacher from a seed of its own."""
     metrics: dict[str, Any] = {}
     tok = models.build_char_tokenizer()
     heldout = heldout_examples(task, p.seed * 100 + 99, p.heldout)
@@ -300,6 +304,7 @@ def build(task: TaskParams, p: BootstrapParams, out: Path, student_from: Path | 
         shutil.copytree(student_from / "student", out / "student")
         return metrics
     jobs = [("teacher", p.teacher, p.seed * 100), ("student", p.student, p.seed * 100 + 1)]
+    jobs += [(role, p.teacher, p.seed * 100 + 10 + k) for k, role in enumerate(extra)]
     if p.workers == 1:
         for role, mp, seed in jobs:
             metrics[role] = build_one(role, mp, seed, tok, task, p, heldout, out / role)

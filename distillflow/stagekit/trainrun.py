@@ -15,9 +15,10 @@ import torch
 
 from distillflow.audit import lineage, quality
 from distillflow.base import models, records
-from distillflow.base.config import Dtype, ModelParams
+from distillflow.base.config import TEACHER_SECTIONS, Dtype, ModelParams
 from distillflow.base.errors import ParamsError
 from distillflow.base.io import atomic_dir, digest_path, read_table, write_json
+from distillflow.base.teachers import TeacherSet
 from distillflow.engines.scoring import ScoreParams
 from distillflow.engines.served import ServedTeacher
 from distillflow.stagekit import modelcard
@@ -29,7 +30,7 @@ from distillflow.training.train_params import TrainParams
 
 # The params sections a trained student's manifest records (the train stage's).
 TRAIN_SECTIONS: dict[str, Any] = {
-    "models.teacher": ModelParams,
+    **TEACHER_SECTIONS,
     "models.student": ModelParams,
     "models.trust_remote_code": bool,
     "models.dtype": Dtype,
@@ -146,6 +147,24 @@ def check_served(p: TrainParams, score: ScoreParams) -> None:
         raise ParamsError(
             "score.openai: train.online.teacher is served, so the teacher's endpoint must be set "
             "(score.openai.base_url and score.openai.model)"
+        )
+
+
+def check_teachers(p: TrainParams, teachers: TeacherSet) -> None:
+    """Several teachers (models.teachers) reach training only through the score stage's
+    stored top-k of their mixture or routing: refused otherwise, before any model loads."""
+    if not teachers.several:
+        return
+    n = len(teachers.teachers)
+    if p.teacher_signal != "topk":
+        raise ParamsError(
+            f"train.teacher_signal: models.teachers lists {n} teachers, which the score stage mixes or routes into "
+            "its stored top-k; set train.teacher_signal: topk"
+        )
+    if p.online.every > 0:
+        raise ParamsError(
+            f"train.online: samples drawn during training are scored by one teacher; models.teachers lists {n} "
+            "(set train.online.every: 0)"
         )
 
 
