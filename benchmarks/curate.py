@@ -121,6 +121,8 @@ def write_pairs(seed_dir: Path, path: Path, n: int, seed: int) -> int:
                         "chosen_tokens": len(chosen.split()) + 1,
                         "rejected_tokens": len(rejected.split()) + 1,
                         "teacher": None,
+                        "chosen_token_ids": None,
+                        "rejected_token_ids": None,
                     }
                     rows.append(row)
                     last = row

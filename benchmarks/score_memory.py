@@ -80,6 +80,8 @@ def pair(i: int, chars: int) -> dict[str, Any]:
         "chosen": text,
         "rejected": text[::-1],
         "chosen_finish_reason": "stop",
+        "chosen_token_ids": None,  # no sampled ids: the text is tokenized
+        "rejected_token_ids": None,
         "rejected_finish_reason": "stop",
     }
 

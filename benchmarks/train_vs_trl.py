@@ -204,6 +204,8 @@ def make_pairs(task: TaskParams, n: int, seed: int) -> list[dict[str, Any]]:
                 "chosen": ex.answer,
                 "rejected": corrupt(ex.answer, rng),
                 "chosen_finish_reason": "stop",
+                "chosen_token_ids": None,  # no sampled ids: the text is tokenized
+                "rejected_token_ids": None,
                 "rejected_finish_reason": "stop",
             }
         )

@@ -66,6 +66,8 @@ def gen(pr: dict, model: str, k: int, text: str = "x", finish: str = "stop") -> 
         "engine": "test",
         "sampling": "{}",
         "teacher": None,
+        "token_ids": None,
+        "token_logprobs": None,
     }
 
 
@@ -99,6 +101,8 @@ def pair(
         "chosen_tokens": ct,
         "rejected_tokens": rt,
         "teacher": None,
+        "chosen_token_ids": None,
+        "rejected_token_ids": None,
     }
 
 
@@ -523,3 +527,21 @@ def toy_bootstrap(root: Path, teacher_width: int, teacher_steps: int, max_positi
     toy = config.ModelParams("toy", None)
     bootstrap.run(config.ModelsParams(toy, toy, False, "float32", "none"), task_, p, root)
     return root
+
+
+def sampler_logprobs(
+    model: torch.nn.Module, prompt: list[int], ids: list[int], temperature: float, top_p: float
+) -> torch.Tensor:
+    """log q(ids[t] | prefix) under the sampler's distribution: logits / temperature,
+    then the smallest set of most likely tokens whose mass reaches top_p (a token is
+    kept while the mass before it is below top_p), renormalised; greedy: the model's."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    if temperature > 0.0:
+        logits = logits / temperature
+        probs = logits.softmax(-1)
+        order = probs.argsort(-1, descending=True)
+        before = probs.gather(-1, order).cumsum(-1) - probs.gather(-1, order)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)

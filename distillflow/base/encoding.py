@@ -1,8 +1,9 @@
 """Turning (prompt, response) text into token ids the same way in every stage.
 
 The prompt is rendered through the tokenizer's chat template with the generation
-prompt opened; the response is the reply's tokens followed by the eos token when the
-reply ended (a response cut off at max_new_tokens gets none). Train,
+prompt opened; the response is the tokens the engine sampled, where its record keeps
+them, else the reply's tokens followed by the eos token when the reply ended (a
+response cut off at max_new_tokens gets none). Train,
 generation and evaluation all call these two functions, so a model is trained on
 exactly the token sequence it is later asked to continue. Batches: right-padded for
 training (`collate`), left-padded for `generate` (`left_pad`).
@@ -28,13 +29,19 @@ def response_ids(tok: PreTrainedTokenizerBase, response: str, eos: bool) -> list
 
 
 def encode_pair(tok: PreTrainedTokenizerBase, pair: dict) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen ids, rejected ids) of a preference pair; eos only where the
-    model stopped. Train and score both call this, so their positions line up."""
-    return (
-        prompt_ids(tok, pair["prompt"]),
-        response_ids(tok, pair["chosen"], eos=pair["chosen_finish_reason"] == "stop"),
-        response_ids(tok, pair["rejected"], eos=pair["rejected_finish_reason"] == "stop"),
-    )
+    """(prompt ids, chosen ids, rejected ids) of a preference pair: each response's
+    sampled token ids where its generation recorded them (`chosen_token_ids`,
+    `rejected_token_ids`: through the eos or stop string that ended it), else its text
+    tokenized, eos only where the model stopped. Train and score both call this, so
+    their positions line up."""
+    return prompt_ids(tok, pair["prompt"]), _response(tok, pair, "chosen"), _response(tok, pair, "rejected")
+
+
+def _response(tok: PreTrainedTokenizerBase, pair: dict, side: str) -> list[int]:
+    stored = pair[f"{side}_token_ids"]
+    if stored is not None:
+        return list(stored)
+    return response_ids(tok, pair[side], eos=pair[f"{side}_finish_reason"] == "stop")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "2"  # 2: the prompt record's `group` column
 # Schemas whose version moved past SCHEMA_VERSION; a reader refuses a file of another version.
-GENERATION_VERSION = "3"  # 3: generations' and pairs' `teacher` column (several teachers: base/teachers.py)
+# 3: generations' and pairs' `teacher` column (several teachers: base/teachers.py); 4: the sampled token ids
+# and the sampler's log-prob of each (generations), the responses' token ids (pairs)
+GENERATION_VERSION = "4"
 ID_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any data size
 
 
@@ -143,6 +145,11 @@ GENERATION_SCHEMA = schema(
         pa.field("sampling", pa.string(), nullable=False),  # canonical JSON, seed included
         # The teacher's label (models.teachers) when several teachers sample; null for one teacher or the student.
         pa.field("teacher", pa.string(), nullable=True),
+        # The tokens the engine sampled (response_tokens of them: through the eos or stop string that ended the
+        # response) and the sampler's log-prob of each (after temperature and top-p); null where the engine gives
+        # no ids (an openai endpoint): the response is then tokenized from its text.
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=True),
+        pa.field("token_logprobs", pa.list_(pa.float32()), nullable=True),
     ],
     GENERATION_VERSION,
 )
@@ -166,6 +173,10 @@ PAIR_SCHEMA = schema(
         pa.field("rejected_tokens", pa.int32(), nullable=False),
         # The chosen response's teacher (its generation's `teacher`): the teacher a routed pair is distilled from.
         pa.field("teacher", pa.string(), nullable=True),
+        # Each response's sampled token ids (its generation's `token_ids`): what training and scoring read instead
+        # of re-tokenizing the text; null where the engine gave none.
+        pa.field("chosen_token_ids", pa.list_(pa.int32()), nullable=True),
+        pa.field("rejected_token_ids", pa.list_(pa.int32()), nullable=True),
     ],
     GENERATION_VERSION,
 )

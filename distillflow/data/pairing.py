@@ -78,6 +78,8 @@ def pair_row(pr: dict[str, Any], c: dict[str, Any], r: dict[str, Any]) -> dict[s
         "chosen_tokens": c["response_tokens"],
         "rejected_tokens": r["response_tokens"],
         "teacher": c["teacher"],
+        "chosen_token_ids": c["token_ids"],
+        "rejected_token_ids": r["token_ids"],
     }
 
 

