@@ -165,7 +165,7 @@ def alive(pid: int) -> bool:
     """Whether the process runs (a zombie, exited but not yet reaped, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, its stat was read (ESRCH)
         return False
     return state != "Z"
 
