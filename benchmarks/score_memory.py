@@ -46,6 +46,7 @@ from distillflow.base import (  # noqa: E402
     models,  # noqa: E402
     records,
 )
+from distillflow.base.config import OpenAIParams  # noqa: E402
 from distillflow.base.io import read_rows, read_table, write_table  # noqa: E402
 from distillflow.engines import scoring  # noqa: E402
 from distillflow.stagekit import scorestep  # noqa: E402
@@ -145,7 +146,15 @@ def child(mode: str, work: Path, positions: int, k: int, chars: int) -> None:
     out = work / f"{mode}.parquet"
     before, start = rss_bytes(), time.perf_counter()
     if mode == "write-new":
-        p = scoring.ScoreParams(k=k, batch_size=BATCH_SIZE, device="cpu")
+        unused = OpenAIParams(None, None, None, 1, 1.0, 0, 1.0, "unused")  # engine transformers: no endpoint
+        p = scoring.ScoreParams(
+            k=k,
+            batch_size=BATCH_SIZE,
+            device="cpu",
+            engine="transformers",
+            openai=unused,
+            logprobs_via="prompt_logprobs",
+        )
         rows, scored = scorestep.stream_topk(out, scoring.score_batches(teacher, tok, pairs, p), 2 * BATCH_SIZE)
     elif mode == "write-old":
         old = old_rows(teacher, tok, pairs, k, BATCH_SIZE)

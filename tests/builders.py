@@ -195,7 +195,14 @@ NO_ENDPOINT = OpenAIParams(
 
 def sp(k: int, batch_size: int, device: str = "cpu", **kw: object) -> ScoreParams:
     """score params: the teacher in this process unless `engine`/`openai` say otherwise."""
-    base = dict(k=k, batch_size=batch_size, device=device, engine="transformers", openai=NO_ENDPOINT)
+    base = dict(
+        k=k,
+        batch_size=batch_size,
+        device=device,
+        engine="transformers",
+        openai=NO_ENDPOINT,
+        logprobs_via="prompt_logprobs",
+    )
     return ScoreParams(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -487,7 +494,7 @@ def online_opd_pair(student_dir: Path, teacher_dir: Path, base_url: str, cache: 
             p = tp(method="opd", epochs=2, batch_size=4, online=online, teacher_signal="topk")
             stored = stored_topk.index_scores(score.run(teacher, tok_t, PAIRS, sp(2, 8)))  # the pairs' own scores
             o = replace(NO_ENDPOINT, base_url=base_url, model="tiny-teacher", cache_dir=str(cache))
-            served = ServedTeacher(o, tok_s)
+            served = ServedTeacher(o, tok_s, "prompt_logprobs")
             rows = train_run(student, None, tok_s, tok_t, PAIRS, p, scores=stored, score_samples=served.token_logprobs)
         out.append((rows, [q.detach().clone() for q in student.parameters()]))
     return out

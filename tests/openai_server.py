@@ -47,6 +47,9 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # /v1/completions: answer vLLM's prompt_logprobs (off: a server without the extension ignores it)
     prompt_logprobs: bool = True
+    # /v1/completions: answer `echo` with `logprobs` in the API's own form (off: no logprobs come back)
+    echo: bool = True
+    echo_shift: int = 0  # echo each prompt token as the id this much higher: a server whose tokens differ
 
 
 def build_app(model_dir: Path, state: ServerState) -> FastAPI:
@@ -118,6 +121,8 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
         choice: dict[str, Any] = {"index": 0, "text": tok.decode([int(lp[-1].argmax())]), "finish_reason": "length"}
         if k is not None and state.prompt_logprobs:
             choice["prompt_logprobs"] = entries
+        if body.get("echo") and body.get("logprobs") is not None and state.echo:
+            choice["logprobs"] = echoed(ids[0].tolist(), lp, int(body["logprobs"]))
         return {
             "id": f"cmpl-{state.answered}",
             "object": "text_completion",
@@ -125,6 +130,25 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
             "model": body["model"],
             "choices": [choice],
             "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": 1, "total_tokens": ids.shape[1] + 1},
+        }
+
+    def echoed(prompt: list[int], lp: torch.Tensor, k: int) -> dict[str, Any]:
+        """The completions API's `logprobs` with `echo`: per prompt token its text, its
+        log-prob and the k most likely tokens' texts and log-probs (None at the first), then
+        the one generated token."""
+        shown = [min(t + state.echo_shift, len(tok) - 1) for t in prompt]
+        texts = [tok.decode([t]) for t in shown]
+        top: list[dict[str, float] | None] = [None]
+        own: list[float | None] = [None]
+        for j in range(1, len(prompt)):
+            top.append({tok.decode([t]): float(lp[j - 1, t]) for t in lp[j - 1].topk(k).indices.tolist()})
+            own.append(float(lp[j - 1, prompt[j]]))
+        nxt = int(lp[-1].argmax())
+        return {
+            "tokens": [*texts, tok.decode([nxt])],
+            "token_logprobs": [*own, float(lp[-1, nxt])],
+            "top_logprobs": [*top, {tok.decode([nxt]): float(lp[-1, nxt])}],
+            "text_offset": list(range(len(prompt) + 1)),
         }
 
     @app.post("/v1/completions")

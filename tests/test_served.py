@@ -56,12 +56,12 @@ def test_served_scores_are_the_in_process_scores_and_train_opd(
     served: Server, tiny_models: Path, tmp_path: Path
 ) -> None:
     student, teacher, tok_s, tok_t = fresh(tiny_models)
-    got = table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s))
+    got = table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "prompt_logprobs"))
     same_scores(got, teacher, tok_t)
     want = score.run(teacher, tok_t, PAIRS, sp(4, 3))
     sent = served.state.requests  # the probe and one request per (pair, side)
     assert sent == 1 + 2 * len(PAIRS)
-    assert table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s)).equals(got)
+    assert table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "prompt_logprobs")).equals(got)
     assert served.state.requests == sent + 1  # a rerun reads the response cache; the probe is sent again
 
     # opd from the served teacher's log-probs trains as from the in-process teacher's
@@ -77,10 +77,42 @@ def test_an_endpoint_without_prompt_logprobs_is_refused(served: Server, tiny_mod
     served.state.prompt_logprobs = False
     try:
         with pytest.raises(DataError, match=r"score.openai \(http://127.0.0.1:\d+/v1, .*returned no prompt_logprobs"):
-            table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s))
+            table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "prompt_logprobs"))
     finally:
         served.state.prompt_logprobs = True
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))  # nothing cached
+
+
+def test_echo_with_logprobs_scores_as_prompt_logprobs_do(served: Server, tiny_models: Path, tmp_path: Path) -> None:
+    """score.logprobs_via echo: the completions API's echo + logprobs (token texts, each
+    mapped to our one id) gives the in-process scores, the table prompt_logprobs gives."""
+    _, teacher, tok_s, tok_t = fresh(tiny_models)
+    echo = table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "echo"))
+    same_scores(echo, teacher, tok_t)
+    assert echo.equals(table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "prompt_logprobs")))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (("echo", False), r"the endpoint returned no logprobs for the echoed prompt"),
+        (
+            ("echo_shift", 1),
+            r"position 1: the endpoint echoed .* where we sent id .*: the echoed tokens differ from ours",
+        ),
+    ],
+)
+def test_an_endpoint_that_does_not_echo_our_tokens_with_logprobs_is_refused(
+    served: Server, tiny_models: Path, tmp_path: Path, setting: tuple[str, object], message: str
+) -> None:
+    _, _, tok_s, _ = fresh(tiny_models)
+    before = getattr(served.state, setting[0])
+    setattr(served.state, setting[0], setting[1])
+    try:
+        with pytest.raises(DataError, match=r"score.openai \(http://127.0.0.1:\d+/v1, .*tokenizer probe: " + message):
+            table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "echo"))
+    finally:
+        setattr(served.state, setting[0], before)
 
 
 def swapped_tokenizer() -> PreTrainedTokenizerFast:
@@ -103,7 +135,7 @@ def test_a_teacher_served_with_another_tokenizer_is_refused(tiny_models: Path, t
     _, _, tok_s, _ = fresh(tiny_models)
     with Server(other) as s:
         with pytest.raises(DataError, match="tokenizer probe: token id .* the served teacher's tokenizer differs"):
-            table_of(ServedTeacher(endpoint(s, tmp_path / "cache"), tok_s))
+            table_of(ServedTeacher(endpoint(s, tmp_path / "cache"), tok_s, "prompt_logprobs"))
         assert s.state.requests == 1  # refused on the probe, before any pair
 
 

@@ -89,7 +89,7 @@ def test_a_vllm_served_teacher_scores_as_the_teacher_in_process_and_trains_opd(
 ) -> None:
     teacher, tok = load(teacher_dir)
     o = replace(NO_ENDPOINT, base_url=vllm_url, model="tiny-teacher", cache_dir=str(tmp_path / "cache"))
-    served = ServedTeacher(o, tok)
+    served = ServedTeacher(o, tok, "prompt_logprobs")
     got = pa.Table.from_batches(list(served.score_batches(PAIRS, 4, 3)))
     same_scores(got, teacher, tok)
     assert served.requests == 1 + 2 * len(PAIRS)  # the tokenizer probe, then one per (pair, side)
@@ -107,6 +107,14 @@ def test_a_vllm_served_teacher_scores_as_the_teacher_in_process_and_trains_opd(
     )
     assert rows and all(torch.isfinite(torch.tensor(r["reverse_kl"])) for r in rows)
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_a_vllm_server_scores_through_echo_with_logprobs(vllm_url: str, teacher_dir: Path, tmp_path: Path) -> None:
+    """score.logprobs_via echo against vLLM's server: the API's echo + logprobs (token
+    texts mapped to our ids) gives the in-process scores too."""
+    teacher, tok = load(teacher_dir)
+    o = replace(NO_ENDPOINT, base_url=vllm_url, model="tiny-teacher", cache_dir=str(tmp_path / "cache"))
+    same_scores(pa.Table.from_batches(list(ServedTeacher(o, tok, "echo").score_batches(PAIRS, 4, 3))), teacher, tok)
 
 
 def run_worker(request: dict, work: Path, out_name: str) -> Path:

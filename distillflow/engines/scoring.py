@@ -50,6 +50,9 @@ class ScoreParams:
     # OpenAI-compatible completions endpoint that returns prompt_logprobs (vLLM), sharing the student's tokenizer
     engine: Literal["transformers", "vllm", "openai"]
     openai: OpenAIParams  # the served teacher's endpoint (engine openai): distillflow/engines/served.py
+    # how the served teacher (engine openai) is asked for log-probs: prompt_logprobs (vLLM's extension: token
+    # ids) | echo (the completions API's echo with logprobs: token texts, each mapped to our one id)
+    logprobs_via: Literal["prompt_logprobs", "echo"]
 
     def __post_init__(self) -> None:
         engines = ("transformers", "vllm", "openai")
@@ -59,6 +62,8 @@ class ScoreParams:
             "openai",
             "engine openai needs openai.base_url and openai.model (the served teacher's endpoint)",
         )
+        vias = ("prompt_logprobs", "echo")
+        check(self.logprobs_via in vias, "logprobs_via", f"must be one of {list(vias)}, got {self.logprobs_via!r}")
         check(self.k >= 0, "k", "must be >= 0 (0 switches scoring off)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")

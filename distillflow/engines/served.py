@@ -2,7 +2,7 @@
 completions endpoint (`score.engine: openai`), e.g. a vLLM server, instead of a teacher
 loaded in this process.
 
-    teacher = ServedTeacher(p.openai, tok)   # checks the endpoint's tokenizer on a probe
+    teacher = ServedTeacher(p.openai, tok, p.logprobs_via)   # checks the endpoint's tokenizer on a probe
     for batch in teacher.score_batches(pairs, p.k, p.batch_size):   # records.TOPK_SCHEMA
         sink.write(batch)
 
@@ -23,6 +23,16 @@ API, servers without the extension, chat endpoints, which cannot score tokens th
 not generate) are refused with an error naming the endpoint. Before any pair, a probe
 text's token ids are sent and each echoed `decoded_token` must be the text our tokenizer
 gives that id: a served teacher must share the student's tokenizer.
+
+`score.logprobs_via: echo` asks instead in the OpenAI completions API's own form, for
+servers without vLLM's extension: `echo: true, logprobs: k, max_tokens: 1`, whose
+`choices[0].logprobs` holds per prompt token its text (`tokens`), its log-prob
+(`token_logprobs`) and the k most likely tokens' texts and log-probs (`top_logprobs`).
+Each echoed token must be ours (its text is what our tokenizer decodes our id to, or
+`token_id:<id>` where the server names ids), and each top token's text must name one id
+of our tokenizer (a text two ids decode to is refused: ask for prompt_logprobs then);
+endpoints that return no logprobs for the echoed prompt are refused naming the
+endpoint. Both forms give the same entries, so everything after the request is shared.
 
 Requests go through the generation engine's `Endpoint` (openai_engine.py): the same
 concurrency, rate limit, retries and per-request response cache.
@@ -48,12 +58,16 @@ PROBE = "Probe: 0123456789 + - * / = ? (a, b) [x] {y} the quick brown fox."
 
 
 class ServedTeacher(Endpoint):
-    """The top-k scores of a teacher behind an OpenAI-compatible completions endpoint."""
+    """The top-k scores of a teacher behind an OpenAI-compatible completions endpoint,
+    asked for through vLLM's `prompt_logprobs` or the API's `echo` (`via`)."""
 
-    def __init__(self, o: OpenAIParams | None, tok: Any) -> None:
+    def __init__(self, o: OpenAIParams | None, tok: Any, via: str) -> None:
         super().__init__(o, "score.openai")
-        self.tok = tok
+        if via not in ("prompt_logprobs", "echo"):
+            raise ValueError(f"score.logprobs_via: must be prompt_logprobs or echo, got {via!r}")
+        self.tok, self.via = tok, via
         self.probed = False  # token_logprobs probes the tokenizer once
+        self.by_text: dict[str, list[int]] | None = None  # echo: our ids by the text each decodes to
 
     def where(self, what: str) -> str:
         return f"score.openai ({self.o.base_url}, model {self.o.model}), {what}"
@@ -61,20 +75,35 @@ class ServedTeacher(Endpoint):
     def prompt_logprobs(self, ids: list[int], k: int, what: str, cache: bool = True) -> list[dict[str, Any]]:
         """Per position 1..len(ids)-1, the endpoint's entries {token id: (logprob, rank,
         decoded_token)} for the token there: retried, checked, and (`cache`) cached."""
-        body = {"model": self.o.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
+        if self.via == "echo":
+            body = {
+                "model": self.o.model,
+                "prompt": ids,
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": k,
+            }
+        else:
+            body = {"model": self.o.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
         where = self.where(what)
         if not cache:
             return self.parse(self.request(where, body, self.send), ids, where)["prompt_logprobs"]
         answer = self.cached(where, body, self.send, lambda r: self.parse(r, ids, where))
         return answer["prompt_logprobs"]
 
-    def send(self, prompt_logprobs: int, **body: Any) -> Any:
-        """completions.create, with vLLM's extension in the request's extra body."""
-        return self.client.completions.create(**body, extra_body={"prompt_logprobs": prompt_logprobs})
+    def send(self, **body: Any) -> Any:
+        """completions.create; vLLM's prompt_logprobs goes in the request's extra body."""
+        if "prompt_logprobs" in body:
+            extra = {"prompt_logprobs": body.pop("prompt_logprobs")}
+            return self.client.completions.create(**body, extra_body=extra)
+        return self.client.completions.create(**body)
 
     def parse(self, resp: Any, ids: list[int], where: str) -> dict[str, Any]:
         if not resp.choices:
             raise DataError(f"{where}: the response has no choices")
+        if self.via == "echo":
+            return {"prompt_logprobs": self.echoed_entries(resp.choices[0].logprobs, ids, where)}
         got = (resp.choices[0].model_extra or {}).get("prompt_logprobs")
         if got is None:
             raise DataError(
@@ -83,6 +112,48 @@ class ServedTeacher(Endpoint):
                 "generate"
             )
         return {"prompt_logprobs": checked_entries(got, ids, where)}
+
+    def echoed_entries(self, got: Any, ids: list[int], where: str) -> list[dict[str, Any]]:
+        """checked_entries' form from the API's echoed `logprobs`: per position 1..,
+        {str(token id): [logprob, rank, text]} for the top tokens and the token sent."""
+        if got is None or not got.tokens or got.token_logprobs is None or got.top_logprobs is None:
+            raise DataError(
+                f"{where}: the endpoint returned no logprobs for the echoed prompt (echo with logprobs); a served "
+                "teacher must score the tokens it is sent"
+            )
+        if len(got.tokens) < len(ids):
+            raise DataError(f"{where}: {len(got.tokens)} echoed tokens for a prompt of {len(ids)}")
+        out = []
+        for j in range(1, len(ids)):
+            if self.id_of(got.tokens[j], where) != ids[j]:
+                raise DataError(
+                    f"{where}: position {j}: the endpoint echoed {got.tokens[j]!r} where we sent id {ids[j]} "
+                    f"({self.tok.decode([ids[j]])!r}): the echoed tokens differ from ours"
+                )
+            top = sorted(
+                ((float(v), self.id_of(t, where), t) for t, v in (got.top_logprobs[j] or {}).items()), reverse=True
+            )
+            entry = {str(t): [lp, rank, text] for rank, (lp, t, text) in enumerate(top, start=1)}
+            if str(ids[j]) not in entry:
+                entry[str(ids[j])] = [float(got.token_logprobs[j]), len(top) + 1, got.tokens[j]]
+            out.append(entry)
+        return out
+
+    def id_of(self, text: str, where: str) -> int:
+        """Our token id of an echoed token: `token_id:<id>`, or the one id whose text it is."""
+        if text.startswith("token_id:") and text[9:].isdigit():
+            return int(text[9:])
+        if self.by_text is None:
+            self.by_text = {}
+            for i in range(len(self.tok)):
+                self.by_text.setdefault(self.tok.decode([i]), []).append(i)
+        found = self.by_text.get(text, [])
+        if len(found) != 1:
+            raise DataError(
+                f"{where}: the echoed token {text!r} is {'no' if not found else len(found)} token(s) of our tokenizer, "
+                "so its id is unknown: set score.logprobs_via: prompt_logprobs (vLLM), which names ids"
+            )
+        return found[0]
 
     def check_tokenizer(self) -> None:
         """The probe: each token of PROBE, echoed, decodes to what our tokenizer says. Sent

@@ -58,7 +58,7 @@ def teacher_loader(
     def load() -> tuple[Any, Any]:
         if score.engine == "openai":
             tok = models.load_tokenizer(*student, trust)
-            return ServedTeacher(score.openai, tok), tok
+            return ServedTeacher(score.openai, tok, score.logprobs_via), tok
         tok = models.load_tokenizer(first.ref, models_dir / first.role, trust)
         if score.engine == "vllm":
             where, revision = models.resolve(first.ref, models_dir / first.role)

@@ -183,7 +183,7 @@ def job(
     """The trainer's job for round `round_index` of `learner`'s models on `pairs` (and,
     with the topk signal, the teacher's stored `scores`); with train.online.teacher
     served, the teacher behind `score.openai` scores the samples (engines/served.py)."""
-    served = ServedTeacher(score.openai, learner.tok_s) if p.online.served else None
+    served = ServedTeacher(score.openai, learner.tok_s, score.logprobs_via) if p.online.served else None
     return trainer.Job(
         score_samples=served.token_logprobs if served is not None else None,
         student=learner.student,
