@@ -9,7 +9,8 @@ held in the same process, and take one optimizer step on them:
                 sampled tokens) and `train.online: {every: 1, teacher: model}`: the
                 student samples the step's prompts batched, left-padded and KV-cached
                 (training/onpolicy.py), temperature 1
-  TRL           trl.DistillationTrainer through its public API: a prompt-only dataset,
+  TRL           trl.DistillationTrainer through its public API (a subclass only counts
+                what its own `_generate_single_turn` returns): a prompt-only dataset,
                 the student generates `max_completion_length` tokens at most with
                 transformers' generate, temperature 1, top-p 1, top-k off; its loss at
                 beta 1 is the per-token reverse KL over the whole vocabulary (from both

@@ -50,7 +50,7 @@ from typing import Any
 from distillflow.audit import lineage
 from distillflow.base import models, params, records
 from distillflow.base.config import BootstrapParams, ModelsParams, TaskParams
-from distillflow.base.errors import ModelError
+from distillflow.base.errors import ModelError, ParamsError
 from distillflow.base.io import atomic_dir, write_json
 from distillflow.stagekit import entry
 
@@ -90,6 +90,8 @@ def main() -> None:
         __doc__, "identity", "out", "metrics", optional=("student_from",), optional_values={"replicate": int}
     )
     sections = params.load_sections(args.params, SECTIONS)
+    if (args.replicate is not None or args.student_from is not None) and sections["models"].teacher_set().several:
+        raise ParamsError("models.teachers: the comparison distils from models.teacher alone; set models.teachers: []")
     if args.replicate is not None:  # a comparison bootstrap: the models from that replicate's seed
         b: BootstrapParams = sections["bootstrap"]
         sections["bootstrap"] = dataclasses.replace(b, seed=records.replicate_seed(b.seed, args.replicate))

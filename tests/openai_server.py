@@ -50,6 +50,7 @@ class ServerState:
     # /v1/completions: answer `echo` with `logprobs` in the API's own form (off: no logprobs come back)
     echo: bool = True
     echo_shift: int = 0  # echo each prompt token as the id this much higher: a server whose tokens differ
+    echo_ids: bool = False  # name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids) instead of their text
 
 
 def build_app(model_dir: Path, state: ServerState) -> FastAPI:
@@ -136,18 +137,22 @@ def build_app(model_dir: Path, state: ServerState) -> FastAPI:
         """The completions API's `logprobs` with `echo`: per prompt token its text, its
         log-prob and the k most likely tokens' texts and log-probs (None at the first), then
         the one generated token."""
+
+        def name(t: int) -> str:
+            return f"token_id:{t}" if state.echo_ids else tok.decode([t])
+
         shown = [min(t + state.echo_shift, len(tok) - 1) for t in prompt]
-        texts = [tok.decode([t]) for t in shown]
+        texts = [name(t) for t in shown]
         top: list[dict[str, float] | None] = [None]
         own: list[float | None] = [None]
         for j in range(1, len(prompt)):
-            top.append({tok.decode([t]): float(lp[j - 1, t]) for t in lp[j - 1].topk(k).indices.tolist()})
+            top.append({name(t): float(lp[j - 1, t]) for t in lp[j - 1].topk(k).indices.tolist()})
             own.append(float(lp[j - 1, prompt[j]]))
         nxt = int(lp[-1].argmax())
         return {
-            "tokens": [*texts, tok.decode([nxt])],
+            "tokens": [*texts, name(nxt)],
             "token_logprobs": [*own, float(lp[-1, nxt])],
-            "top_logprobs": [*top, {tok.decode([nxt]): float(lp[-1, nxt])}],
+            "top_logprobs": [*top, {name(nxt): float(lp[-1, nxt])}],
             "text_offset": list(range(len(prompt) + 1)),
         }
 

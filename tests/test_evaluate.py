@@ -79,7 +79,9 @@ def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
     teacher, tok = load(taught_models / "teacher")  # trained, so its greedy choices differ from a random model's
     student, _ = load(tiny_models / "student")
     ps = [prompt(i) for i in range(5)]
-    seqs = metrics.sequences(tok, ps, [{"response": str(i + 1), "finish_reason": "stop"} for i in range(5)])
+    seqs = metrics.sequences(
+        tok, ps, [{"response": str(i + 1), "finish_reason": "stop", "token_ids": None} for i in range(5)]
+    )
     self_scores = metrics.teacher_forced(teacher, teacher, tok, seqs, len(tok), 2, "x")
     assert self_scores["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6) and self_scores["greedy_agreement"] == 1.0
     other = metrics.teacher_forced(teacher, student, tok, seqs, len(tok), 2, "x")
@@ -93,12 +95,12 @@ def test_teacher_forced_scores(tiny_models: Path, taught_models: Path) -> None:
     assert metrics.teacher_forced(None, student, tok, seqs[:1], len(tok), 2, "x") == {
         "nll": pytest.approx(want, rel=1e-5)
     }
-    empty = metrics.sequences(tok, ps, [{"response": "", "finish_reason": "length"} for _ in ps])
+    empty = metrics.sequences(tok, ps, [{"response": "", "finish_reason": "length", "token_ids": None} for _ in ps])
     with pytest.raises(ValueError, match="x have no tokens to score"):
         metrics.teacher_forced(teacher, student, tok, empty, len(tok), 2, "x")
     # per sequence (the comparison's per-prompt scores): each row is that sequence scored alone
     lengths = [str(10**i) for i in range(5)]  # responses of different lengths, batched 2 at a time
-    varied = metrics.sequences(tok, ps, [{"response": r, "finish_reason": "stop"} for r in lengths])
+    varied = metrics.sequences(tok, ps, [{"response": r, "finish_reason": "stop", "token_ids": None} for r in lengths])
     rows = metrics.teacher_forced(teacher, student, tok, varied, len(tok), 2, "x", per_sequence=True)["per_sequence"]
     for i, seq in enumerate(varied):
         alone = metrics.teacher_forced(teacher, student, tok, [seq], len(tok), 1, "x")

@@ -90,6 +90,12 @@ def test_echo_with_logprobs_scores_as_prompt_logprobs_do(served: Server, tiny_mo
     echo = table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "echo"))
     same_scores(echo, teacher, tok_t)
     assert echo.equals(table_of(ServedTeacher(endpoint(served, tmp_path / "cache"), tok_s, "prompt_logprobs")))
+    served.state.echo_ids = True  # a server naming ids (vLLM's return_tokens_as_token_ids): the same table
+    try:
+        named = table_of(ServedTeacher(endpoint(served, tmp_path / "cache-ids"), tok_s, "echo"))
+    finally:
+        served.state.echo_ids = False
+    assert named.equals(echo)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 `models.teachers` is a weighted list; its first entry is `models.teacher` (the teacher
 evaluation reports against and synthesis writes with). An empty list is the single
-teacher, weight 1: every single-teacher params file keeps working unchanged.
+teacher, weight 1, and `models.teacher` keeps its meaning; a params file from before these
+keys needs `teachers: []` and `routing: mix` added under `models` (the loader names the
+missing key).
 
     teachers = teacher_set(used["models.teacher"], used["models.teachers"], used["models.routing"])
     teachers.routed(prompt_id)        # the index of the teacher a prompt is routed to
@@ -98,7 +100,8 @@ class TeacherSet:
 
     def rank(self, label: str | None, prompt_id: str) -> int:
         """The order of teacher `label`'s responses among a prompt's (pairs): the routed
-        teacher first, then the others in list order. 0 for a single teacher's (None)."""
+        teacher first, then the others cyclically after it in list order (routed to b of
+        a, b, c: b, c, a). 0 for a single teacher's (None)."""
         if label is None:
             return 0
         return (self.index(label) - self.routed(prompt_id)) % len(self.teachers)

@@ -104,9 +104,20 @@ def shard_plan(spec: EngineSpec, prompts: list[dict[str, Any]], lengths: list[in
 def generation_code_digest() -> dict[str, str]:
     """The generation code's files: shards made by other code are not resumed."""
     from distillflow.base import config, encoding, io
-    from distillflow.engines import generation, openai_engine
+    from distillflow.engines import generation, openai_engine, vllm_engine
 
-    mods = [sys.modules[__name__], config, encoding, generation, io, models, openai_engine, records, shards]
+    mods = [
+        sys.modules[__name__],
+        config,
+        encoding,
+        generation,
+        io,
+        models,
+        openai_engine,
+        records,
+        shards,
+        vllm_engine,
+    ]
     return {Path(m.__file__).name: digest_path(Path(m.__file__)) for m in mods if m.__file__ is not None}
 
 

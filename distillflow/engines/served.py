@@ -130,12 +130,15 @@ class ServedTeacher(Endpoint):
                     f"{where}: position {j}: the endpoint echoed {got.tokens[j]!r} where we sent id {ids[j]} "
                     f"({self.tok.decode([ids[j]])!r}): the echoed tokens differ from ours"
                 )
+            ours = self.tok.decode([ids[j]])  # the text the probe compares: ours, also when the server named the id
             top = sorted(
                 ((float(v), self.id_of(t, where), t) for t, v in (got.top_logprobs[j] or {}).items()), reverse=True
             )
             entry = {str(t): [lp, rank, text] for rank, (lp, t, text) in enumerate(top, start=1)}
-            if str(ids[j]) not in entry:
-                entry[str(ids[j])] = [float(got.token_logprobs[j]), len(top) + 1, got.tokens[j]]
+            if str(ids[j]) in entry:
+                entry[str(ids[j])][2] = ours
+            else:
+                entry[str(ids[j])] = [float(got.token_logprobs[j]), len(top) + 1, ours]
             out.append(entry)
         return out
 
@@ -150,8 +153,9 @@ class ServedTeacher(Endpoint):
         found = self.by_text.get(text, [])
         if len(found) != 1:
             raise DataError(
-                f"{where}: the echoed token {text!r} is {'no' if not found else len(found)} token(s) of our tokenizer, "
-                "so its id is unknown: set score.logprobs_via: prompt_logprobs (vLLM), which names ids"
+                f"{where}: the echoed token {text!r} is the text of {len(found)} of our tokenizer's ids, so its id is "
+                "unknown: the endpoint's tokenizer differs from ours, or (a text two ids share) set "
+                "score.logprobs_via: prompt_logprobs (vLLM), which names ids"
             )
         return found[0]
 

@@ -98,7 +98,10 @@ def sequences(
     return [
         (
             encoding.prompt_ids(tok, pr["prompt"]),
-            encoding.response_ids(tok, g["response"], eos=g["finish_reason"] == "stop"),
+            # the ids the engine sampled, as training reads them (encode_pair); the text where it gave none
+            list(g["token_ids"])
+            if g["token_ids"] is not None
+            else encoding.response_ids(tok, g["response"], eos=g["finish_reason"] == "stop"),
         )
         for pr, g in zip(prompts, responses, strict=True)
     ]

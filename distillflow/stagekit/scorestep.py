@@ -48,7 +48,7 @@ def teacher_loader(
     engines/vllm_scoring.py), or with `score.engine: openai` the served teacher
     (engines/served.py) and the student's tokenizer, which the endpoint must share.
     Several teachers (models.teachers): a scoring.Mixture of them all, transformers only."""
-    if teachers.several and score.engine != "transformers":
+    if teachers.several and score.engine != "transformers" and score.k > 0:
         raise ParamsError(
             f"score.engine: {score.engine} scores one teacher; models.teachers lists {len(teachers.teachers)} "
             "(mixing or routing them needs score.engine transformers)"
