@@ -232,33 +232,40 @@ def test_two_teachers_run_end_to_end_routed_then_mixed(repo: Path) -> None:
     """models.teachers: bootstrap trains a second toy teacher, the teacher stage samples
     both (each record says which), the pairs keep the chosen response's teacher, score
     routes each pair to its teacher (then mixes both) into its top-k, and train and the
-    round read that top-k. The last of the smoke repo's runs."""
+    round read that top-k. Routed by category: the teachers are labelled by the smoke
+    profile's skills add and reverse, so those prompts go to them, sort's and upper's by
+    the hash. The last of the smoke repo's runs."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["teachers"] = [
-        {"label": label, "name": "toy", "revision": None, "weight": 1.0} for label in ("a", "b")
+        {"label": label, "name": "toy", "revision": None, "weight": 1.0} for label in ("add", "reverse")
     ]
-    params["models"]["routing"] = "route"
+    params["models"]["routing"] = "category"
     params["train"]["teacher_signal"] = "topk"
     params["train"]["rounds"] = {"r2": {"previous": "data/train"}}  # as the round test leaves it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(repo, "dvc", "repro")
     assert {"bootstrap", "teacher", "pairs", "score", "train", "evaluate", "round@r2"} <= ran(out)
-    assert (repo / "data" / "bootstrap" / "teacher-b" / "model.safetensors").is_file()
+    assert (repo / "data" / "bootstrap" / "teacher-reverse" / "model.safetensors").is_file()
+    skill = {
+        pr["prompt_id"]: pr["category"] for pr in pq.read_table(repo / "data" / "seed" / "train.parquet").to_pylist()
+    }
     gens = pq.read_table(repo / "data" / "teacher" / "generations.parquet").to_pylist()
     by_prompt: dict[str, set[str]] = {}
     for g in gens:
         by_prompt.setdefault(g["prompt_id"], set()).add(g["teacher"])
-    assert all(len(t) == 1 for t in by_prompt.values())  # route: one teacher per prompt
-    assert set().union(*by_prompt.values()) == {"a", "b"} and len({g["model"] for g in gens}) == 2
+    assert all(len(t) == 1 for t in by_prompt.values())  # routed: one teacher per prompt
+    assert all(t == {skill[pid]} for pid, t in by_prompt.items() if skill[pid] in ("add", "reverse"))
+    assert {next(iter(t)) for pid, t in by_prompt.items() if skill[pid] not in ("add", "reverse")} == {"add", "reverse"}
+    assert len({g["model"] for g in gens}) == 2
     pairs = pq.read_table(repo / "data" / "pairs" / "pairs.parquet").to_pylist()
     assert all(p["teacher"] == next(iter(by_prompt[p["prompt_id"]])) for p in pairs)
     score = json.loads((repo / "data" / "score" / "manifest.json").read_text())
-    assert score["teacher"]["routing"] == "route" and set(score["teacher"]["teachers"]) == {"a", "b"}
+    assert score["teacher"]["routing"] == "category" and set(score["teacher"]["teachers"]) == {"add", "reverse"}
     assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] > 0
     out = sh(repo, "dvc", "exp", "run", "-S", "models.routing=mix")
     assert {"teacher", "pairs", "score", "train", "evaluate"} <= ran(out)
     gens = pq.read_table(repo / "data" / "teacher" / "generations.parquet").to_pylist()
-    assert len(gens) == 2 * len(by_prompt) and {g["teacher"] for g in gens} == {"a", "b"}  # mix: both sample all
+    assert len(gens) == 2 * len(by_prompt) and {g["teacher"] for g in gens} == {"add", "reverse"}  # mix: all
     assert json.loads((repo / "data" / "score" / "manifest.json").read_text())["teacher"]["routing"] == "mix"
     verified = sh(repo, sys.executable, "-m", "distillflow.cli", "lineage", "verify")  # the second teacher's too
     assert " 0 mismatches;" in verified, verified

@@ -50,7 +50,7 @@ def test_an_empty_list_is_the_single_teacher() -> None:
         ((entry("a", 1.0), entry("a", 1.0)), "mix", r"labels must be unique, \['a'\] repeat"),
         ((entry("a", 1.0), entry("B/x", 1.0)), "mix", r"models.teachers\[1\].label: 'B/x' must match"),
         ((entry("a", 1.0, "/models/other"), entry("b", 1.0)), "mix", r"models.teachers\[0\]: must be models.teacher"),
-        ((entry("a", 1.0), entry("b", 1.0)), "vote", r"models.routing: must be mix or route"),
+        ((entry("a", 1.0), entry("b", 1.0)), "vote", r"models.routing: must be mix, route or category"),
     ],
 )
 def test_bad_teacher_lists_are_refused_naming_the_key(entries: tuple, routing: str, message: str) -> None:
@@ -73,13 +73,26 @@ def test_a_bad_list_in_a_params_file_names_the_file_and_key(tmp_path: Path) -> N
 def test_routing_follows_the_weights_and_is_a_function_of_the_id() -> None:
     ids = [records.prompt_id(f"prompt {i}") for i in range(4000)]
     route = two("route")
-    picks = [route.routed(pid) for pid in ids]
-    assert picks == [two("route").routed(pid) for pid in ids]  # no state: every stage agrees
+    picks = [route.routed(pid, None) for pid in ids]
+    assert picks == [two("route").routed(pid, None) for pid in ids]  # no state: every stage agrees
     share = sum(picks) / len(picks)
     assert abs(share - 0.75) < 0.03, share  # 4.4 binomial standard deviations
     # route: exactly the routed teacher samples a prompt; mix: every teacher samples every prompt
-    assert all([route.samples(i, pid) for i in range(2)] == [k == 0, k == 1] for pid, k in zip(ids, picks))
-    assert all(two("mix").samples(i, pid) for pid in ids[:50] for i in range(2))
+    assert all([route.samples(i, pid, None) for i in range(2)] == [k == 0, k == 1] for pid, k in zip(ids, picks))
+    assert all(two("mix").samples(i, pid, None) for pid in ids[:50] for i in range(2))
+
+
+def test_category_routing_sends_a_prompt_to_the_teacher_of_its_category() -> None:
+    """routing category: a prompt whose category is a teacher's label goes to it; any
+    other prompt is routed by the hash, as under route."""
+    ts = teacher_set(TOY.ref(), (entry("walk", 1.0), entry("countdown", 1.0)), "category")
+    ids = [records.prompt_id(f"prompt {i}") for i in range(400)]
+    assert all(ts.routed(pid, "walk") == 0 and ts.routed(pid, "countdown") == 1 for pid in ids)
+    hashed = teacher_set(TOY.ref(), (entry("walk", 1.0), entry("countdown", 1.0)), "route")
+    assert [ts.routed(pid, "minus") for pid in ids] == [hashed.routed(pid, "minus") for pid in ids]
+    assert {ts.routed(pid, None) for pid in ids} == {0, 1}
+    assert [ts.samples(i, ids[0], "countdown") for i in range(2)] == [False, True]
+    assert [hashed.routed(pid, "walk") for pid in ids] != [0] * len(ids)  # route ignores the category
 
 
 def labelled(pr: dict, model: str, k: int, teacher: str | None) -> dict:
@@ -92,7 +105,7 @@ def test_a_prompt_pairs_with_its_routed_teacher_first() -> None:
     student = [labelled(pr, "s", 0, None) for pr in prompts]
     ts = two("mix")
     one, _, _ = pairing.build_pairs(pairing.PairsParams(1), prompts, teacher, student, teachers=ts)
-    assert [p["teacher"] for p in one] == [ts.labels[ts.routed(pr["prompt_id"])] for pr in prompts]
+    assert [p["teacher"] for p in one] == [ts.labels[ts.routed(pr["prompt_id"], pr["category"])] for pr in prompts]
     assert {p["teacher"] for p in one} == {"a", "b"}  # both teachers reach the chosen side
     assert all(p["chosen"] == p["teacher"] + "0" for p in one)  # the pair's text is its teacher's
     both, _, _ = pairing.build_pairs(pairing.PairsParams(2), prompts, teacher, student, teachers=ts)

@@ -39,7 +39,8 @@ class ModelsParams:
     # whose first entry is models.teacher (base/teachers.py; docs/training.md#several-teachers-modelsteachers)
     teachers: tuple[TeacherParams, ...] = ()
     # several teachers: mix (every teacher samples every prompt; the target is the weighted mixture) | route
-    # (each prompt goes to one teacher, drawn by weight from a hash of its id, and is distilled from it)
+    # (each prompt goes to one teacher, drawn by weight from a hash of its id, and is distilled from it) |
+    # category (as route, but a prompt whose category is a teacher's label goes to that teacher)
     routing: Routing = "mix"
 
     def __post_init__(self) -> None:

@@ -7,16 +7,20 @@ keys needs `teachers: []` and `routing: mix` added under `models` (the loader na
 missing key).
 
     teachers = teacher_set(used["models.teacher"], used["models.teachers"], used["models.routing"])
-    teachers.routed(prompt_id)        # the index of the teacher a prompt is routed to
+    teachers.routed(prompt_id, category)   # the index of the teacher a prompt is routed to
 
-Two ways to combine them, both a pure function of the prompt id and the weights, so
-every stage (teacher generation, pairs, score) agrees without passing state:
+Three ways to combine them, each a pure function of the prompt (its id and category)
+and the weights, so every stage (teacher generation, pairs, score) agrees without
+passing state:
 - `mix`: every teacher samples every prompt, and the target of the logit-level losses
   is the weighted mixture p(y) = sum_k w_k p_k(y) (the score stage stores its top-k);
 - `route`: each prompt goes to one teacher, drawn with probability w_k by a hash of its
   prompt id; only that teacher samples it, and its pairs are distilled from that
-  teacher alone (the pair's `teacher` column).
-In both, the first pair of a prompt takes the routed teacher's response, so with one
+  teacher alone (the pair's `teacher` column);
+- `category`: routed by the data: a prompt whose `category` column is a teacher's label
+  goes to that teacher (teachers labelled by the domain they know); any other prompt
+  is routed by the hash, as under route.
+In all, the first pair of a prompt takes the routed teacher's response, so with one
 pair per prompt the chosen responses are samples of the weighted mixture.
 
 Toy teachers past the first are trained by bootstrap into `teacher-<label>` folders
@@ -34,7 +38,7 @@ from distillflow.base.errors import ParamsError
 from distillflow.base.identity import ModelRef
 from distillflow.base.records import content_id
 
-Routing = Literal["mix", "route"]
+Routing = Literal["mix", "route", "category"]
 LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
@@ -75,9 +79,13 @@ class TeacherSet:
                 return i
         raise ParamsError(f"models.teachers: no teacher labelled {label!r} (labels: {self.labels})")
 
-    def routed(self, prompt_id: str) -> int:
-        """The teacher prompt `prompt_id` is routed to: teacher k with probability w_k,
-        by a hash of the id (the same on every machine and in every stage)."""
+    def routed(self, prompt_id: str, category: str | None) -> int:
+        """The teacher prompt `prompt_id` (of `category`) is routed to: under `category`
+        routing the teacher labelled with its category, if one is; else teacher k with
+        probability w_k, by a hash of the id (the same on every machine and in every
+        stage)."""
+        if self.routing == "category" and category in self.labels:
+            return self.labels.index(category)
         u = int(content_id("teacher-route", prompt_id)[:13], 16) / 16**13
         total = 0.0
         for i, t in enumerate(self.teachers):
@@ -86,10 +94,10 @@ class TeacherSet:
                 return i
         return len(self.teachers) - 1  # u < 1 = the sum, up to rounding
 
-    def samples(self, i: int, prompt_id: str) -> bool:
+    def samples(self, i: int, prompt_id: str, category: str | None) -> bool:
         """Whether teacher `i` samples prompt `prompt_id`: all prompts under mix, its
-        routed ones under route."""
-        return self.routing == "mix" or self.routed(prompt_id) == i
+        routed ones under route and category."""
+        return self.routing == "mix" or self.routed(prompt_id, category) == i
 
     def seed(self, i: int, seed: int) -> int:
         """The sampling seed of teacher `i`: `seed` for the first, a 31-bit hash of it and
@@ -98,20 +106,20 @@ class TeacherSet:
             return seed
         return int(content_id("teacher-seed", str(seed), self.teachers[i].label)[:8], 16) & 0x7FFFFFFF
 
-    def rank(self, label: str | None, prompt_id: str) -> int:
+    def rank(self, label: str | None, prompt_id: str, category: str | None) -> int:
         """The order of teacher `label`'s responses among a prompt's (pairs): the routed
         teacher first, then the others cyclically after it in list order (routed to b of
         a, b, c: b, c, a). 0 for a single teacher's (None)."""
         if label is None:
             return 0
-        return (self.index(label) - self.routed(prompt_id)) % len(self.teachers)
+        return (self.index(label) - self.routed(prompt_id, category)) % len(self.teachers)
 
 
 def teacher_set(teacher: ModelRef, entries: tuple[TeacherParams, ...], routing: str) -> TeacherSet:
     """The teachers of `models.teacher` (its ref), `models.teachers` and `models.routing`,
     checked: refusals name the key."""
-    if routing not in ("mix", "route"):
-        raise ParamsError(f"models.routing: must be mix or route, got {routing!r}")
+    if routing not in ("mix", "route", "category"):
+        raise ParamsError(f"models.routing: must be mix, route or category, got {routing!r}")
     if not entries:
         return TeacherSet((Teacher("teacher", teacher, 1.0, "teacher"),), "mix")
     labels = [e.label for e in entries]

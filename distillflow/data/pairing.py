@@ -42,8 +42,10 @@ class PairsParams:
 
 
 def _by_prompt(
-    gens: list[dict[str, Any]], prompt_ids: set[str], file: Path, teachers: TeacherSet | None = None
+    gens: list[dict[str, Any]], prompt_ids: dict[str, str | None], file: Path, teachers: TeacherSet | None = None
 ) -> dict[str, list[dict[str, Any]]]:
+    """Each prompt's generations (`prompt_ids`: the prompts' ids to their category), by
+    sample index, then (several teachers) the routed teacher's first."""
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row, g in enumerate(gens):
         if g["prompt_id"] not in prompt_ids:
@@ -56,7 +58,8 @@ def _by_prompt(
         if teachers is None:
             rows.sort(key=lambda g: g["sample_index"])
         else:
-            rows.sort(key=lambda g: (g["sample_index"], teachers.rank(g["teacher"], pid)))
+            cat = prompt_ids[pid]
+            rows.sort(key=lambda g: (g["sample_index"], teachers.rank(g["teacher"], pid, cat)))
     return grouped
 
 
@@ -94,7 +97,7 @@ def build_pairs(
     """(pairs, quarantine, counts) from prompts and both sides' generations (`files`:
     the teacher's and the student's, as error messages name them; `teachers`: several
     teachers' order, None for one)."""
-    ids = {pr["prompt_id"] for pr in prompts}
+    ids = {pr["prompt_id"]: pr["category"] for pr in prompts}
     t_by = _by_prompt(teacher, ids, files[0], teachers if teachers is not None and teachers.several else None)
     s_by = _by_prompt(student, ids, files[1])
     pairs: list[dict] = []

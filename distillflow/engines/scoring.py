@@ -108,14 +108,15 @@ def to_record_batch(
 class Mixture:
     """Several teachers scored as one (models.teachers, base/teachers.py): `models[k]` is
     teacher k of `teachers`, on score.device. Under mix each position's target is
-    log sum_k w_k p_k; under route, the pair's teacher's (its `teacher` column)."""
+    log sum_k w_k p_k; under route and category, the pair's teacher's (its `teacher`
+    column)."""
 
     models: list[torch.nn.Module]
     teachers: TeacherSet
 
     def log_weights(self, pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Each pair's log weight per teacher (K,): log w_k under mix, 0 for its teacher
-        and -inf for the others under route."""
+        and -inf for the others under route and category."""
         ts = self.teachers
         if ts.routing == "mix":
             mixed = torch.tensor([t.weight for t in ts.teachers], dtype=torch.float32).log()
@@ -124,7 +125,7 @@ class Mixture:
         for row, pr in enumerate(pairs):
             if pr["teacher"] is None:
                 raise DataError(
-                    f"curated pairs: row {row}, field 'teacher': null, but models.routing is route over "
+                    f"curated pairs: row {row}, field 'teacher': null, but models.routing is {ts.routing} over "
                     f"{ts.labels}: rerun the teacher stage with models.teachers set"
                 )
             w = torch.full((len(ts.teachers),), -math.inf)

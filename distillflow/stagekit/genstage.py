@@ -191,7 +191,7 @@ def sample_teachers(
     files: dict[str, Path] = {}
     for k, t in enumerate(ts.teachers):
         p = dataclasses.replace(i.p, seed=ts.seed(k, i.p.seed))
-        prompts = [pr for pr in i.prompts if ts.samples(k, pr["prompt_id"])]
+        prompts = [pr for pr in i.prompts if ts.samples(k, pr["prompt_id"], pr["category"])]
         one = dataclasses.replace(i, p=p, ref=t.ref, model_dir=models_dir / t.role, prompts=prompts)
         got: dict[str, Any] = {}
         made = _sample("teacher", one, work / t.label, stats=got)
