@@ -5,6 +5,7 @@ against a naive reference (each model's full log-softmax, mixed by hand)."""
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -155,7 +156,25 @@ def test_mixed_topk_is_the_log_of_the_weighted_mixture(scorers: tuple) -> None:
 def test_a_routed_pair_is_scored_by_its_teacher_alone(scorers: tuple) -> None:
     members, tok = scorers
     pairs = [{**pr, "teacher": "ab"[i % 2]} for i, pr in enumerate(PAIRS)]
-    routed = scoring.score(scoring.Mixture(members, two("route")), tok, pairs, sp(6, 3)).to_pylist()
+
+    def ran(routing: str) -> tuple[list, list[int]]:
+        """The scores, and the sequences each teacher's base model ran on."""
+        seen = [0, 0]
+
+        def count(k: int) -> Any:
+            return lambda mod, args, kw, out: seen.__setitem__(k, seen[k] + len(kw["input_ids"]))
+
+        hooks = [m.base_model.register_forward_hook(count(k), with_kwargs=True) for k, m in enumerate(members)]
+        try:
+            return scoring.score(scoring.Mixture(members, two(routing)), tok, pairs, sp(6, 3)).to_pylist(), seen
+        finally:
+            for h in hooks:
+                h.remove()
+
+    routed, seen = ran("route")
+    _, every = ran("mix")
+    # route runs each teacher on its 4 pairs' 8 sequences only, mix runs both on all 16
+    assert [e - r for e, r in zip(every, seen)] == [len(PAIRS), len(PAIRS)]
     alone = [scoring.score(m, tok, pairs, sp(6, 3)).to_pylist() for m in members]
     for i, row in enumerate(routed):
         own = alone[(i // 2) % 2][i]  # two rows (chosen, rejected) per pair

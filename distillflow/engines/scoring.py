@@ -164,14 +164,10 @@ def score_batches(
                 models.check_plain_head(m, b.input_ids[:1].to(device), b.attention_mask[:1].to(device), "teacher")
         mask = b.response_mask.to(device)
         positions = b.response_mask.sum(dim=1).numpy().astype(np.int32)
-        w = None if logw is None else torch.stack([logw[c[0]] for c in chunk]).repeat_interleave(mask.sum(1).cpu(), 0)
-        used = [k for k in range(len(members)) if w is None or bool(torch.isfinite(w[:, k]).any())]
-        hs = {
-            k: members[k]
-            .base_model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-            .last_hidden_state[mask]  # (N, H): row-major, so sequence by sequence, positions in order
-            for k in used
-        }
+        row_w = None if logw is None else torch.stack([logw[c[0]] for c in chunk])  # (B, K)
+        w = None if row_w is None else row_w.repeat_interleave(mask.sum(1).cpu(), 0)  # (N, K)
+        routed = isinstance(teacher, Mixture) and teacher.teachers.routing != "mix"
+        hs = _hiddens(members, b, mask, device, row_w if routed else None)
         targets = b.targets.to(device)[mask]
         ids, lps, tgt = [], [], []
         for c in range(0, int(positions.sum()), HEAD_CHUNK):
@@ -189,6 +185,34 @@ def score_batches(
             torch.cat(lps).numpy() if lps else np.zeros((0, k), np.float32),
             torch.cat(tgt).numpy() if tgt else np.zeros(0, np.float32),
         )
+
+
+def _hiddens(
+    members: list[torch.nn.Module], b: encoding.Batch, mask: torch.Tensor, device: Any, routed: torch.Tensor | None
+) -> dict[int, torch.Tensor]:
+    """Each teacher's final hidden states (N, H) at the batch's response positions, row
+    major (sequence by sequence, positions in order), by teacher index. With `routed`
+    (the rows' log weights, (B, K): 0 for a row's teacher, -inf for the others) each
+    teacher runs only on its own rows, and its other positions stay zero (their weight
+    is -inf, so they never count); otherwise every teacher runs on every row."""
+    ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
+    if routed is None:
+        return {
+            k: m.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[mask]
+            for k, m in enumerate(members)
+        }
+    out = {}
+    own = torch.isfinite(routed)  # (B, K)
+    positions = own.to(device).repeat_interleave(mask.sum(1), 0)  # (N, K)
+    for k, m in enumerate(members):
+        rows = own[:, k].nonzero().squeeze(1).to(device)
+        if rows.numel() == 0:
+            continue
+        h = m.base_model(input_ids=ids[rows], attention_mask=attn[rows], use_cache=False).last_hidden_state
+        full = h.new_zeros((int(mask.sum()), h.shape[-1]))
+        full[positions[:, k]] = h[mask[rows]]
+        out[k] = full
+    return out
 
 
 def _chunk_logprobs(
