@@ -42,11 +42,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,16 @@ os.environ["TQDM_DISABLE"] = "1"
 
 import torch  # noqa: E402
 
-from benchmarks.train_vs_trl import build_models, load_all, make_pairs, reset_peak_rss, result  # noqa: E402
+from benchmarks.train_vs_trl import (  # noqa: E402
+    build_models,
+    load_all,
+    make_pairs,
+    reset_peak_rss,
+    result,
+    run_child,
+    samples_per_s,
+    trl_config,
+)
 from distillflow.base import params  # noqa: E402
 from distillflow.base.config import BootstrapParams, TaskParams  # noqa: E402
 from distillflow.training import basics, trainer  # noqa: E402
@@ -149,25 +157,11 @@ def run_trl(spec: Spec) -> dict[str, Any]:
             return got
 
     opt, sched = basics.optimizer_and_schedule(student, spec.lr, 0, spec.steps)
-    args = DistillationConfig(
-        output_dir=str(Path(spec.folder) / "trl-online"),
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=spec.steps,
-        learning_rate=spec.lr,
-        max_grad_norm=spec.max_grad_norm,
-        seed=spec.seed,
-        train_sampling_strategy="sequential",
+    args = trl_config(
+        spec,
+        DistillationConfig,
+        str(Path(spec.folder) / "trl-online"),
         shuffle_dataset=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         beta=1.0,
         temperature=1.0,
         top_p=1.0,
@@ -199,25 +193,7 @@ def child(spec_file: Path) -> None:
 
 
 def spawn(spec: Spec, work: Path) -> dict[str, Any]:
-    spec_file = work / f"spec-{spec.side}.json"
-    spec_file.write_text(json.dumps(asdict(spec)))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(spec.threads),
-        "MKL_NUM_THREADS": str(spec.threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"{LABELS[spec.side]} failed with exit code {done.returncode}")
-    return json.loads(Path(spec.out).read_text())
+    return run_child(Path(__file__), spec, work / f"spec-{spec.side}.json", LABELS[spec.side])
 
 
 def main() -> None:
@@ -278,8 +254,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for side, spec in specs.items():
                 r = spawn(spec, work)
-                stamps = r["stamps"]
-                r["rate"] = (len(stamps) - args.warmup) * args.batch_size / (stamps[-1] - stamps[args.warmup - 1])
+                r["rate"] = samples_per_s(r, args.warmup, args.batch_size)
                 if side not in results or r["rate"] > results[side]["rate"]:
                     results[side] = r
     print(f"\n{'':32}{'responses/s':>12}{'tokens/resp':>12}{'peak MiB':>10}{'train +MiB':>11}")

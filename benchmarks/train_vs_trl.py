@@ -334,8 +334,9 @@ def check_same_sequences(batch: dict[str, torch.Tensor], pairs: list[dict[str, A
             raise RuntimeError(f"pair {i}: TRL's collator gives other tokens than ours ({ids} / {scored})")
 
 
-def trl_config(spec: Spec, cls: type, output_dir: str, **kw: Any) -> Any:
-    """The TrainingArguments both TRL trainers share (see the module docstring)."""
+def trl_config(spec: Any, cls: type, output_dir: str, **kw: Any) -> Any:
+    """The TrainingArguments both TRL trainers share (see the module docstring); `spec`
+    gives batch_size, steps, lr, max_grad_norm and seed (also online_vs_trl.py's)."""
     return cls(
         output_dir=output_dir,
         per_device_train_batch_size=spec.batch_size,
@@ -502,7 +503,14 @@ def child(spec_file: Path) -> None:
 
 
 def spawn(spec: Spec, work: Path) -> dict[str, Any]:
-    spec_file = work / f"spec-{spec.trainer}-{spec.loss}.json"
+    label = f"{LABELS[spec.trainer]} ({spec.loss})"
+    return run_child(Path(__file__), spec, work / f"spec-{spec.trainer}-{spec.loss}.json", label)
+
+
+def run_child(script: Path, spec: Any, spec_file: Path, label: str) -> dict[str, Any]:
+    """`script --child spec_file` in a process of its own (its own peak RSS), `spec` (a
+    dataclass with `threads` and `out`) written to `spec_file`: the result it wrote to
+    spec.out. Also benchmarks/online_vs_trl.py's."""
     spec_file.write_text(json.dumps(asdict(spec)))
     env = {
         **os.environ,
@@ -512,14 +520,14 @@ def spawn(spec: Spec, work: Path) -> dict[str, Any]:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_file)],
+        [sys.executable, str(script.resolve()), "--child", str(spec_file)],
         env=env,
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"{LABELS[spec.trainer]} ({spec.loss}) failed with exit code {done.returncode}")
+        raise SystemExit(f"{label} failed with exit code {done.returncode}")
     return json.loads(Path(spec.out).read_text())
 
 
